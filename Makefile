@@ -1,0 +1,31 @@
+# One command for each job; each sets up what it needs (a virtual environment in .venv).
+#   make demo   - render a gallery of a real trained ImageNet model through an embedded server (CPU is fine)
+#   make test   - run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-fast demo bench proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[server,demo,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(VENV)/bin/featureviz demo --out demo-out
+
+proto: setup
+	$(PY) -m featureviz.v1.generate
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

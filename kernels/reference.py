@@ -1,0 +1,119 @@
+"""Torch reference implementations of the two hot paths outside the model.
+
+This file is the specification. The Triton kernels (``featureviz.kernels.fft_image``,
+``featureviz.kernels.affine_resample``) implement exactly these maps; tests, the CPU path and the
+benchmarks import these functions and none copies them.
+
+1. ``spectrum_to_image``: the Fourier / colour-decorrelated parameterization (Olah et al. 2017; lucid
+   ``param/spatial.py`` and ``param/color.py``)::
+
+       X      = complex(spectrum[..., 0], spectrum[..., 1]) * scale          # (B, C, H, W//2+1)
+       t      = irfft2(X, s=(H, W), norm="ortho")                            # (B, C, H, W)
+       rgb    = color @ t        (per pixel, over channels)                  # (B, Co, H, W)
+       image  = sigmoid(rgb)     (when sigmoid=True)
+
+   The half spectrum is *not* required to be Hermitian. The map is defined as the real part of the
+   inverse DFT with Hermitian weights along W (column 0 and, for even W, column W/2 count once, the
+   others twice), i.e.::
+
+       t[h, w] = 1/sqrt(H W) * sum_{k < H} sum_{l <= W//2} c_l * Re(X[k, l] * exp(2 pi i (k h / H + l w / W)))
+
+   which is what ``torch.fft.irfft2`` computes on the CPU (pocketfft takes the real part of the DC and
+   Nyquist columns after the transform along H). cuFFT may differ on non-Hermitian inputs
+   (pytorch/pytorch#154496), so GPU code is tested against this definition, not against cuFFT.
+
+2. ``affine_resample``: pad / jitter / scale / rotate / resize as ONE inverse affine map per image, one
+   bilinear resample with a constant border, then a per-pixel colour map (channel order, grey, mean/std)::
+
+       grid = affine_grid(theta, (B, C, Ho, Wo), align_corners=False)       # output -> input coords in [-1, 1]
+       s    = grid_sample(image - border, grid, bilinear, zeros, align_corners=False) + border
+       out  = matrix @ s + bias  (per pixel, over channels)                  # (B, Co, Ho, Wo)
+
+   Outside the input the sample is exactly ``border`` (a constant pad of value ``border``): the
+   bilinear weights of the in-bounds neighbours multiply ``p - border``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["spectrum_to_image", "affine_resample", "rfft2_freqs"]
+
+
+def rfft2_freqs(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Radial frequency |f| of each bin of an rfft2 half spectrum, shape (H, W//2+1) (lucid ``rfft2d_freqs``)."""
+    fy = torch.fft.fftfreq(height, device=device, dtype=dtype)[:, None]
+    fx = torch.fft.rfftfreq(width, device=device, dtype=dtype)[None, :]
+    return torch.sqrt(fx * fx + fy * fy)
+
+
+def spectrum_to_image(
+    spectrum: torch.Tensor,
+    scale: torch.Tensor,
+    color: torch.Tensor | None,
+    size: tuple[int, int],
+    *,
+    sigmoid: bool = True,
+) -> torch.Tensor:
+    """Half spectrum -> image.
+
+    Args:
+        spectrum: real tensor (B, C, H, W//2+1, 2), real and imaginary parts.
+        scale: real tensor (H, W//2+1), multiplies every bin (the 1/f^decay scaling and any gain).
+        color: (Co, C) matrix applied per pixel after the inverse DFT, or None for the identity.
+        size: (H, W) of the image; W is needed because W//2+1 is the same for W = 2n and 2n+1.
+        sigmoid: apply the logistic sigmoid at the end.
+
+    Returns:
+        (B, Co, H, W) tensor of spectrum's dtype.
+    """
+    height, width = size
+    if spectrum.dim() != 5 or spectrum.shape[-1] != 2:
+        raise ValueError(f"spectrum must be (B, C, H, W//2+1, 2), got {tuple(spectrum.shape)}")
+    if spectrum.shape[2] != height or spectrum.shape[3] != width // 2 + 1:
+        raise ValueError(f"spectrum {tuple(spectrum.shape)} does not match size {size}: want H={height}, "
+                         f"W//2+1={width // 2 + 1}")
+    x = torch.complex(spectrum[..., 0], spectrum[..., 1]) * scale
+    t = torch.fft.irfft2(x, s=(height, width), norm="ortho")
+    if color is not None:
+        t = torch.einsum("oc,bchw->bohw", color.to(t.dtype), t)
+    return torch.sigmoid(t) if sigmoid else t
+
+
+def affine_resample(
+    image: torch.Tensor,
+    theta: torch.Tensor,
+    size: tuple[int, int],
+    *,
+    border: float = 0.5,
+    matrix: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bilinear resample of each image under its own inverse affine map, then a per-pixel colour map.
+
+    Args:
+        image: (B, C, H, W).
+        theta: (B, 2, 3) inverse affine matrices, mapping output coordinates to input coordinates in
+            the normalized [-1, 1] convention of ``F.affine_grid(..., align_corners=False)``. A device
+            tensor: building it needs no host sync.
+        size: (Ho, Wo) of the output.
+        border: the constant value of the image outside its bounds.
+        matrix: (Co, C) colour map applied per pixel after sampling (channel order, grey, 1/std), or None.
+        bias: (Co,) added after ``matrix`` (-mean/std), or None.
+
+    Returns:
+        (B, Co, Ho, Wo).
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
+    b, c = image.shape[:2]
+    if theta.shape != (b, 2, 3):
+        raise ValueError(f"theta must be ({b}, 2, 3), got {tuple(theta.shape)}")
+    grid = F.affine_grid(theta.to(image.dtype), [b, c, size[0], size[1]], align_corners=False)
+    out = F.grid_sample(image - border, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + border
+    if matrix is not None:
+        out = torch.einsum("oc,bchw->bohw", matrix.to(out.dtype), out)
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, 1, 1)
+    return out

@@ -1,0 +1,5 @@
+import sys
+
+from featureviz.cli import main
+
+sys.exit(main())
