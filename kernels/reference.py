@@ -1,7 +1,7 @@
 """Torch reference implementations of the two hot paths outside the model.
 
 This file is the specification. The Triton kernels (``featureviz.kernels.fft_image``,
-``featureviz.kernels.affine_resample``) implement exactly these maps; tests, the CPU path and the
+``featureviz.kernels.resample``) implement exactly these maps; tests, the CPU path and the
 benchmarks import these functions and none copies them.
 
 1. ``spectrum_to_image``: the Fourier / colour-decorrelated parameterization (Olah et al. 2017; lucid
@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["spectrum_to_image", "affine_resample", "rfft2_freqs"]
+__all__ = ["spectrum_to_image", "affine_resample", "rfft2_freqs", "check_spectrum_args", "check_resample_args"]
 
 
 def rfft2_freqs(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -68,12 +68,7 @@ def spectrum_to_image(
     Returns:
         (B, Co, H, W) tensor of spectrum's dtype.
     """
-    height, width = size
-    if spectrum.dim() != 5 or spectrum.shape[-1] != 2:
-        raise ValueError(f"spectrum must be (B, C, H, W//2+1, 2), got {tuple(spectrum.shape)}")
-    if spectrum.shape[2] != height or spectrum.shape[3] != width // 2 + 1:
-        raise ValueError(f"spectrum {tuple(spectrum.shape)} does not match size {size}: want H={height}, "
-                         f"W//2+1={width // 2 + 1}")
+    height, width = check_spectrum_args(spectrum, size)
     x = torch.complex(spectrum[..., 0], spectrum[..., 1]) * scale
     t = torch.fft.irfft2(x, s=(height, width), norm="ortho")
     if color is not None:
@@ -105,11 +100,8 @@ def affine_resample(
     Returns:
         (B, Co, Ho, Wo).
     """
-    if image.dim() != 4:
-        raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
+    check_resample_args(image, theta, size)
     b, c = image.shape[:2]
-    if theta.shape != (b, 2, 3):
-        raise ValueError(f"theta must be ({b}, 2, 3), got {tuple(theta.shape)}")
     grid = F.affine_grid(theta.to(image.dtype), [b, c, size[0], size[1]], align_corners=False)
     out = F.grid_sample(image - border, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + border
     if matrix is not None:
@@ -117,3 +109,30 @@ def affine_resample(
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, -1, 1, 1)
     return out
+
+
+# Argument checks shared by the references and the Triton launchers, so both reject the same inputs the same way.
+
+
+def check_spectrum_args(spectrum: torch.Tensor, size: tuple[int, int]) -> tuple[int, int]:
+    """Raise ValueError unless ``spectrum`` is (B, C, H, W//2+1, 2) for ``size`` = (H, W); return (H, W)."""
+    height, width = int(size[0]), int(size[1])
+    if spectrum.dim() != 5 or spectrum.shape[-1] != 2:
+        raise ValueError(f"spectrum must be (B, C, H, W//2+1, 2), got {tuple(spectrum.shape)}")
+    if spectrum.shape[2] != height or spectrum.shape[3] != width // 2 + 1:
+        raise ValueError(f"spectrum {tuple(spectrum.shape)} does not match size {size}: want H={height}, "
+                         f"W//2+1={width // 2 + 1}")
+    return height, width
+
+
+def check_resample_args(image: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> tuple[int, int]:
+    """Raise ValueError unless ``image`` is (B, C, H, W), ``theta`` is (B, 2, 3) and ``size`` is positive."""
+    if image.dim() != 4:
+        raise ValueError(f"image must be (B, C, H, W), got {tuple(image.shape)}")
+    b = image.shape[0]
+    if theta.shape != (b, 2, 3):
+        raise ValueError(f"theta must be ({b}, 2, 3), got {tuple(theta.shape)}")
+    out_h, out_w = int(size[0]), int(size[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"output size must be positive, got {tuple(size)}")
+    return out_h, out_w
