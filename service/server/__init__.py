@@ -1,1 +1,22 @@
+"""featureviz.server: the gRPC service (models, jobs, info), its scheduler and store.
 
+Knows nothing of torch internals: it calls ``featureviz.importer.import_model`` and ``featureviz.engine``.
+"""
+
+from featureviz.server.app import BackgroundServer
+from featureviz.server.app import FeaturevizServer
+from featureviz.server.app import create_server
+from featureviz.server.app import serve_in_background
+from featureviz.server.config import Limits
+from featureviz.server.config import ServerConfig
+from featureviz.server.config import parse_tokens
+
+__all__ = [
+    "BackgroundServer",
+    "FeaturevizServer",
+    "Limits",
+    "ServerConfig",
+    "create_server",
+    "parse_tokens",
+    "serve_in_background",
+]

@@ -1,0 +1,270 @@
+"""The thin synchronous client: grpcio + protobuf only (PIL optional, for :func:`to_pil`).
+
+    with Client("127.0.0.1:50051") as fv:
+        model = fv.upload("model.onnx")                       # chunked, resumable, deduplicated
+        for layer in fv.layers(model.sha256, spatial_only=True):
+            ...
+        job = fv.submit(model.sha256, {"channel": {"layer": "conv1", "channel": 3}}, steps=64, size=96)
+        for event in fv.watch(job.id):                        # snapshot, progress, ..., result
+            ...
+        pngs = images(fv.job(job.id))
+
+Every failed call raises :class:`FeaturevizClientError` (converted in ``errors.from_rpc_error``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+import uuid
+from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from featureviz.client.convert import spec_to_proto
+from featureviz.client.errors import FeaturevizClientError
+from featureviz.client.errors import from_rpc_error
+from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "images", "to_pil", "file_sha256", "TERMINAL_STATES"]
+
+DEFAULT_CHUNK = 1 << 20
+MESSAGE_BYTES = 64 << 20
+TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+# a stream that broke (server restart, network) can be resumed; anything else is an answer
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+def file_sha256(data: bytes | str | os.PathLike) -> tuple[str, int]:
+    """-> (hex sha256, size) of bytes or a file, read in 1 MiB blocks."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(data).hexdigest(), len(data)
+    digest, size = hashlib.sha256(), 0
+    with open(data, "rb") as f:
+        for block in iter(lambda: f.read(DEFAULT_CHUNK), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def images(job: pb.Job) -> list[bytes]:
+    """The PNG bytes of a finished job, in batch order."""
+    return [image.png for image in sorted(job.result.images, key=lambda i: i.index)]
+
+
+def to_pil(png: bytes):
+    """PNG bytes -> PIL.Image (needs Pillow)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image
+
+
+class Client:
+    """A featureviz server at ``address`` (``host:port``). ``token``: bearer token; ``timeout``: the
+    deadline in seconds of unary calls (streams take their own)."""
+
+    def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 60.0,
+                 channel: grpc.Channel | None = None):
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = channel or grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)])
+        self._models = pb_grpc.ModelServiceStub(self._channel)
+        self._jobs = pb_grpc.JobServiceStub(self._channel)
+        self._info = pb_grpc.InfoServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout: float | None = ...):
+        try:
+            return method(request, timeout=self.timeout if timeout is ... else timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel connects (e.g. a server just started)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise FeaturevizClientError("UNAVAILABLE", f"no server answered at {self.address} within {timeout} s") \
+                from None
+
+    def info(self) -> pb.ServerInfo:
+        return self._call(self._info.GetServerInfo, pb.GetServerInfoRequest())
+
+    # ------------------------------------------------------------------------------------------- models
+
+    def upload(self, source: bytes | str | os.PathLike, *, name: str | None = None, chunk_size: int = DEFAULT_CHUNK,
+               retries: int = 3, preprocess: dict | None = None,
+               progress: Callable[[int, int], None] | None = None) -> pb.Model:
+        """Upload an ONNX file (path or bytes). Identical bytes already on the server are not sent again
+        (``Model.deduplicated``); a broken stream resumes from what the server holds, up to ``retries`` times.
+        ``progress(bytes_sent_or_held, total)`` is called after each chunk."""
+        sha, size = file_sha256(source)
+        if name is None:
+            name = Path(source).name if not isinstance(source, (bytes, bytearray, memoryview)) else ""
+        header = pb.UploadHeader(sha256=sha, size_bytes=size, display_name=name)
+        if preprocess is not None:
+            from featureviz.client.convert import preprocess_to_proto
+
+            header.preprocess.CopyFrom(preprocess_to_proto(preprocess))
+        for attempt in range(retries + 1):
+            status = self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha, size_bytes=size))
+            if status.model_exists:
+                model = self.model(sha)
+                model.deduplicated = True
+                return model
+            try:
+                return self._models.UploadModel(
+                    self._chunks(source, header, status.committed_bytes, chunk_size, progress),
+                    metadata=self._metadata)
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                resumable = err.code() in _RETRYABLE or error.reason == "WRITE_OFFSET_MISMATCH"
+                if not resumable or attempt == retries:
+                    raise error from None
+                time.sleep(min(2.0, 0.2 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _chunks(source, header: pb.UploadHeader, offset: int, chunk_size: int, progress):
+        yield pb.UploadModelRequest(header=header)
+        total = header.size_bytes
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            view = memoryview(source)
+            blocks = (bytes(view[i: i + chunk_size]) for i in range(offset, total, chunk_size))
+        else:
+            blocks = _file_blocks(source, offset, chunk_size)
+        for data in blocks:
+            yield pb.UploadModelRequest(chunk=pb.UploadChunk(write_offset=offset, data=data))
+            offset += len(data)
+            if progress is not None:
+                progress(offset, total)
+
+    def upload_status(self, sha256: str, size: int = 0) -> pb.UploadStatus:
+        return self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha256, size_bytes=size))
+
+    def model(self, model: str) -> pb.Model:
+        return self._call(self._models.GetModel, pb.GetModelRequest(model=model))
+
+    def models(self, *, page_size: int = 0) -> Iterator[pb.Model]:
+        token = None
+        while token != "":
+            page = self._call(self._models.ListModels, pb.ListModelsRequest(page_size=page_size,
+                                                                             page_token=token or ""))
+            yield from page.models
+            token = page.next_page_token
+
+    def delete_model(self, model: str) -> None:
+        self._call(self._models.DeleteModel, pb.DeleteModelRequest(model=model))
+
+    def layers(self, model: str, *, filter: str = "", spatial_only: bool = False,
+               page_size: int = 0) -> Iterator[pb.Layer]:
+        """The layer catalog, fetched page by page as the iterator advances."""
+        token = None
+        while token != "":
+            page = self._call(self._models.ListLayers, pb.ListLayersRequest(
+                model=model, page_size=page_size, page_token=token or "", filter=filter, spatial_only=spatial_only))
+            yield from page.layers
+            token = page.next_page_token
+
+    # ------------------------------------------------------------------------------------------- jobs
+
+    def submit(self, model: str, objective: dict | pb.Objective | None = None, *, spec: pb.JobSpec | None = None,
+               request_id: str | None = None, **options) -> pb.Job:
+        """Queue a render; returns at once. ``options`` are RenderSpec's (steps, lr, size, batch, seed, param,
+        decay, transforms, init_image, preprocess) plus preview_every / preview_max_side. A retry with the
+        same ``request_id`` returns the same job (one is generated when not given)."""
+        if spec is None:
+            spec = spec_to_proto(model, objective, **options)
+        request = pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex)
+        return self._call(self._jobs.CreateJob, request)
+
+    def job(self, job: str) -> pb.Job:
+        return self._call(self._jobs.GetJob, pb.GetJobRequest(job=job))
+
+    def jobs(self, *, state: int = pb.JOB_STATE_UNSPECIFIED, page_size: int = 0) -> Iterator[pb.Job]:
+        token = None
+        while token != "":
+            page = self._call(self._jobs.ListJobs, pb.ListJobsRequest(page_size=page_size, page_token=token or "",
+                                                                      state=state))
+            yield from page.jobs
+            token = page.next_page_token
+
+    def cancel(self, job: str) -> pb.Job:
+        return self._call(self._jobs.CancelJob, pb.CancelJobRequest(job=job))
+
+    def watch(self, job: str, *, from_seq: int = 0, previews: bool = False, timeout: float | None = None,
+              reconnects: int = 5) -> Iterator[pb.JobEvent]:
+        """Events of a job until its result event: a snapshot first, then progress, previews (if asked),
+        heartbeats. A dropped stream is re-attached from the last seq seen, up to ``reconnects`` times in a
+        row. ``timeout``: deadline in seconds for the whole watch (DEADLINE_EXCEEDED after it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seq, failures = from_seq, 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            stream = self._jobs.WatchJob(pb.WatchJobRequest(job=job, from_seq=seq, include_previews=previews),
+                                         timeout=remaining, metadata=self._metadata)
+            try:
+                for event in stream:
+                    failures = 0
+                    seq = max(seq, event.seq)
+                    yield event
+                    if event.HasField("result"):
+                        return
+            except grpc.RpcError as err:
+                failures += 1
+                if err.code() not in _RETRYABLE or failures > reconnects:
+                    raise from_rpc_error(err) from None
+                time.sleep(min(5.0, 0.25 * 2**failures))
+            finally:
+                stream.cancel()  # leaving the loop early must not leave the call open (the job goes on)
+
+    def wait(self, job: str, *, timeout: float | None = None,
+             on_event: Callable[[pb.JobEvent], None] | None = None) -> pb.Job:
+        """Watch until the job finishes; returns the finished job (with its PNG images)."""
+        for event in self.watch(job, timeout=timeout):
+            if on_event is not None:
+                on_event(event)
+            if event.HasField("result"):
+                return self.job(job)
+        raise FeaturevizClientError("UNAVAILABLE", f"the watch of job {job} ended without a result")
+
+    def create_and_watch(self, model: str, objective: dict | pb.Objective | None = None, *,
+                         spec: pb.JobSpec | None = None, request_id: str | None = None, previews: bool = False,
+                         timeout: float | None = None, **options) -> Iterator[pb.JobEvent]:
+        """CreateAndWatchJob: one call that queues the job and streams its events (no re-attach)."""
+        if spec is None:
+            spec = spec_to_proto(model, objective, **options)
+        request = pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
+                                              include_previews=previews)
+        stream = self._jobs.CreateAndWatchJob(request, timeout=timeout, metadata=self._metadata)
+        try:
+            yield from stream
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            stream.cancel()
+
+
+def _file_blocks(path, offset: int, chunk_size: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for block in iter(lambda: f.read(chunk_size), b""):
+            yield block

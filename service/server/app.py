@@ -1,0 +1,154 @@
+"""Assemble the server: servicers, auth, health (Check and Watch) and reflection on one port.
+
+    server, port = create_server(config)      # inside a running event loop; binds the port
+    await server.start()                      # scheduler re-queues unfinished jobs, health SERVING
+    ...
+    await server.stop(grace=5)                # NOT_SERVING, new jobs UNAVAILABLE, running job finishes or re-queues
+
+For embedding (the demo, tests): ``serve_in_background(config)`` runs all of it on its own event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from featureviz.server.auth import BearerAuthInterceptor
+from featureviz.server.auth import TenantResolver
+from featureviz.server.config import ServerConfig
+from featureviz.server.info import InfoServicer
+from featureviz.server.info import describe_device
+from featureviz.server.jobs import JobServicer
+from featureviz.server.models import ModelServicer
+from featureviz.server.scheduler import Scheduler
+from featureviz.server.store import Store
+from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+
+__all__ = ["FeaturevizServer", "create_server", "serve_in_background", "BackgroundServer", "SERVICE_NAMES"]
+
+log = logging.getLogger("featureviz.server")
+
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
+                      for name in ("ModelService", "JobService", "InfoService"))
+
+
+class FeaturevizServer:
+    """The grpc.aio server plus the scheduler and store it owns."""
+
+    def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, store: Store, scheduler: Scheduler,
+                 health_servicer: health.aio.HealthServicer):
+        self.config = config
+        self.grpc_server = grpc_server
+        self.store = store
+        self.scheduler = scheduler
+        self.health = health_servicer
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        await self.grpc_server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await asyncio.to_thread(self.scheduler.stop, grace)  # running job: finish or back to QUEUED
+        await self.grpc_server.stop(grace)
+        self.store.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
+    """Build the server and bind ``config.host:config.port`` (0: a free port). Call inside a running loop."""
+    loop = asyncio.get_running_loop()
+    store = Store(config.store_dir)
+    scheduler = Scheduler(store, loop=loop, device=config.device, model_cache_size=config.model_cache_size,
+                          finished_logs_kept=config.finished_logs_kept)
+    auth = TenantResolver(config.tokens)
+    size = config.limits.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=[BearerAuthInterceptor(auth)],
+        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+    )
+    pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(config, store, scheduler, auth), server)
+    pb_grpc.add_JobServiceServicer_to_server(JobServicer(config, scheduler, auth), server)
+    pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(config, auth, describe_device(config.device)), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
+    port = server.add_insecure_port(f"{host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    return FeaturevizServer(config, server, store, scheduler, health_servicer), port
+
+
+class BackgroundServer:
+    """A server on its own event loop thread. ``address`` is ``host:port``; ``stop()`` blocks until done."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._server: FeaturevizServer | None = None
+        self._thread = threading.Thread(target=self._run, name="featureviz-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "BackgroundServer":
+        if self._thread.is_alive():
+            return self
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        self._server, self.port = create_server(self.config)
+        await self._server.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._server is None or not self._thread.is_alive():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop)
+        future.result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_in_background(config: ServerConfig) -> BackgroundServer:
+    """Start a server on a background thread and return once it listens."""
+    return BackgroundServer(config).start()

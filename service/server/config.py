@@ -1,0 +1,75 @@
+"""Server configuration: where the store lives, the limits published to clients, and the bearer tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+
+from featureviz.errors import InvalidSpec
+
+__all__ = ["Limits", "ServerConfig", "parse_tokens", "LOOPBACK_HOSTS"]
+
+MiB = 1 << 20
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Published through InfoService.GetServerInfo; requests over a limit are rejected before any compute."""
+
+    max_upload_bytes: int = 1024 * MiB
+    max_chunk_bytes: int = 1 * MiB
+    max_image_side: int = 1024
+    max_steps: int = 10_000
+    max_batch: int = 64
+    max_queued_jobs_per_tenant: int = 32
+    # uploads are chunked, so messages stay small; results (PNG batches) are the largest replies
+    max_message_bytes: int = 8 * MiB
+    max_page_size: int = 1000
+    default_page_size: int = 100
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``create_server`` needs. ``tokens`` maps a bearer token to its tenant; empty: no auth."""
+
+    store_dir: str | os.PathLike
+    host: str = "127.0.0.1"
+    port: int = 0
+    tokens: dict[str, str] = field(default_factory=dict)
+    allow_insecure_remote: bool = False  # listen on a non-loopback address without auth
+    limits: Limits = field(default_factory=Limits)
+    heartbeat_seconds: float = 10.0
+    device: str | None = None  # "cuda", "cpu" or None (cuda when available)
+    grace_seconds: float = 5.0  # on stop: how long a running job may finish before it is re-queued
+    model_cache_size: int = 4  # imported models kept in memory
+    finished_logs_kept: int = 256  # event logs of finished jobs kept in memory for re-attaching watchers
+
+    def __post_init__(self) -> None:
+        self.store_dir = Path(self.store_dir)
+        if not self.tokens and self.host not in LOOPBACK_HOSTS and not self.allow_insecure_remote:
+            raise InvalidSpec(
+                "host",
+                f"refusing to listen on {self.host!r} without auth; give bearer tokens "
+                "(--token-file or FEATUREVIZ_TOKENS) or pass --allow-insecure-remote",
+            )
+
+    def replace(self, **changes) -> "ServerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_tokens(text: str) -> dict[str, str]:
+    """``"tok1=tenant-a,tok2=tenant-b"`` or one ``token tenant`` / ``token=tenant`` per line -> {token: tenant}."""
+    tokens: dict[str, str] = {}
+    for raw in text.replace(",", "\n").splitlines():
+        item = raw.split("#", 1)[0].strip()
+        if not item:
+            continue
+        token, sep, tenant = item.replace("=", " ", 1).partition(" ")
+        if not sep or not tenant.strip():
+            raise InvalidSpec("tokens", f"expected 'TOKEN TENANT' or 'TOKEN=TENANT', got {item!r}")
+        tokens[token.strip()] = tenant.strip()
+    return tokens

@@ -1,0 +1,145 @@
+"""The one mapping from featureviz errors to gRPC status codes with google.rpc details.
+
+    FeaturevizError          -> its code below, + ErrorInfo(reason, domain="featureviz")
+     +-- InvalidSpec         -> INVALID_ARGUMENT   + BadRequest(field_violations=[field, description])
+     +-- ModelImportError    -> INVALID_ARGUMENT
+     +-- NotFound            -> NOT_FOUND
+     +-- FailedPrecondition  -> FAILED_PRECONDITION
+     +-- ResourceExhausted   -> RESOURCE_EXHAUSTED + QuotaFailure, RetryInfo
+     +-- Cancelled           -> CANCELLED
+     +-- Unavailable         -> UNAVAILABLE        (server draining)
+     +-- Unauthenticated     -> UNAUTHENTICATED
+    anything else            -> INTERNAL, traceback logged, never sent
+
+Servicer methods are wrapped with :func:`rpc_errors`, so they only raise; admission errors become the RPC's
+status. Errors while a job runs become a :class:`featureviz.v1.JobError` through :func:`job_error`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2
+from google.rpc import error_details_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from featureviz.errors import Cancelled
+from featureviz.errors import FailedPrecondition
+from featureviz.errors import FeaturevizError
+from featureviz.errors import InvalidSpec
+from featureviz.errors import ModelImportError
+from featureviz.errors import NotFound
+from featureviz.errors import ResourceExhausted
+from featureviz.v1 import featureviz_pb2 as pb
+
+__all__ = ["Unavailable", "Unauthenticated", "status_code", "to_status", "rpc_errors", "job_error", "DOMAIN"]
+
+log = logging.getLogger("featureviz.server")
+DOMAIN = "featureviz"
+
+
+class Unavailable(FeaturevizError):
+    reason = "UNAVAILABLE"
+
+
+class Unauthenticated(FeaturevizError):
+    reason = "UNAUTHENTICATED"
+
+
+_CODES: list[tuple[type[FeaturevizError], grpc.StatusCode]] = [
+    (InvalidSpec, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelImportError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+]
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """A grpc.Status carrying google.rpc details in the ``grpc-status-details-bin`` trailer."""
+    code = status_code(exc)
+    if isinstance(exc, FeaturevizError):
+        message, reason = exc.message, exc.reason
+    else:
+        message, reason = "internal error; the server log has the details", "INTERNAL_ERROR"
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    if isinstance(exc, InvalidSpec):
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+        _pack(status, error_details_pb2.BadRequest(field_violations=[violation]))
+    if isinstance(exc, ResourceExhausted):
+        _pack(status, error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=reason, description=message)]))
+        _pack(status, error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=5)))
+    return rpc_status.to_status(status)
+
+
+def _pack(status: status_pb2.Status, detail) -> None:
+    status.details.add().Pack(detail)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str):
+    if not isinstance(exc, FeaturevizError):
+        log.exception("%s failed", method, exc_info=exc)
+    status = to_status(exc)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def rpc_errors(method):
+    """Decorate an async servicer method (unary or streaming) so errors become statuses, in one place."""
+    name = method.__qualname__
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc, name)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, name)
+    return unary
+
+
+def job_error(exc: BaseException) -> pb.JobError:
+    """The error a failed job carries. CUDA out-of-memory becomes RESOURCE_EXHAUSTED / GPU_OOM."""
+    if _is_oom(exc):
+        return pb.JobError(code="RESOURCE_EXHAUSTED", reason="GPU_OOM",
+                           message=f"the device ran out of memory: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                                   "use a smaller size or batch")
+    if isinstance(exc, FeaturevizError):
+        field = exc.field if isinstance(exc, InvalidSpec) else ""
+        return pb.JobError(code=status_code(exc).name, reason=exc.reason, message=exc.message, field=field)
+    return pb.JobError(code="INTERNAL", reason="INTERNAL_ERROR",
+                       message=f"internal error ({type(exc).__name__}); the server log has the traceback")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

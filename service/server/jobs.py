@@ -1,0 +1,166 @@
+"""JobService: admission (limits, engine validation before any compute), watch streams, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from featureviz.client.convert import spec_from_proto
+from featureviz.errors import FailedPrecondition
+from featureviz.errors import InvalidSpec
+from featureviz.errors import ResourceExhausted
+from featureviz.server.auth import TenantResolver
+from featureviz.server.config import ServerConfig
+from featureviz.server.errors import Unavailable
+from featureviz.server.errors import rpc_errors
+from featureviz.server.models import parse_model_name
+from featureviz.server.paging import next_token
+from featureviz.server.paging import page_bounds
+from featureviz.server.scheduler import Scheduler
+from featureviz.server.store import TERMINAL_STATES
+from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+
+__all__ = ["JobServicer", "engine_field"]
+
+
+def _job_id(name: str) -> str:
+    job_id = name.removeprefix("jobs/").strip()
+    if not job_id:
+        raise InvalidSpec("job", "give a job id or 'jobs/<id>'")
+    return job_id
+
+
+def engine_field(path: str) -> str:
+    """An engine spec path (``objective.sum[1].channel.channel``) -> the JobSpec field path
+    (``spec.objective.sum.terms[1].channel.channel``)."""
+    if path.startswith("spec."):
+        return path
+    return "spec." + path.replace("sum[", "sum.terms[")
+
+
+class JobServicer(pb_grpc.JobServiceServicer):
+    def __init__(self, config: ServerConfig, scheduler: Scheduler, auth: TenantResolver):
+        self.config = config
+        self.scheduler = scheduler
+        self.store = scheduler.store
+        self.auth = auth
+
+    @rpc_errors
+    async def CreateJob(self, request: pb.CreateJobRequest, context) -> pb.Job:
+        job_id = await self._create(self.auth.tenant(context), request.spec, request.request_id)
+        return self.scheduler.job(job_id, None)
+
+    @rpc_errors
+    async def CreateAndWatchJob(self, request: pb.CreateAndWatchJobRequest, context):
+        tenant = self.auth.tenant(context)
+        job_id = await self._create(tenant, request.spec, request.request_id)
+        async for event in self._watch(job_id, tenant, 0, request.include_previews):
+            yield event
+
+    @rpc_errors
+    async def WatchJob(self, request: pb.WatchJobRequest, context):
+        if request.from_seq < 0:
+            raise InvalidSpec("from_seq", f"must be >= 0, got {request.from_seq}")
+        async for event in self._watch(_job_id(request.job), self.auth.tenant(context), request.from_seq,
+                                       request.include_previews):
+            yield event
+
+    @rpc_errors
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
+        return self.scheduler.job(_job_id(request.job), self.auth.tenant(context))
+
+    @rpc_errors
+    async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        tenant = self.auth.tenant(context)
+        limits = self.config.limits
+        query = f"jobs|{request.state}"
+        offset, limit = page_bounds(request.page_size, request.page_token, query,
+                                    default=limits.default_page_size, maximum=limits.max_page_size)
+        rows = self.store.list_jobs(tenant, request.state, offset, limit)
+        jobs = [self.scheduler.job(row.id, tenant, with_images=False) for row in rows]
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=next_token(offset, limit, len(jobs), None, query))
+
+    @rpc_errors
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
+        return self.scheduler.cancel(_job_id(request.job), self.auth.tenant(context))
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    async def _create(self, tenant: str, spec: pb.JobSpec, request_id: str) -> str:
+        if self.scheduler.stopping:
+            raise Unavailable("the server is shutting down; retry on another replica or after the restart")
+        if request_id:  # idempotent retry: the job this request id already made
+            existing = self.store.job_by_request(tenant, request_id)
+            if existing is not None:
+                if pb.JobSpec.FromString(existing.spec).objective != spec.objective:
+                    raise InvalidSpec("request_id", f"{request_id!r} was used for a job with another objective; "
+                                                    "use a new request id for a new job")
+                return existing.id
+        sha = parse_model_name(spec.model, "spec.model")
+        model = self.store.get_model(tenant, sha)
+        if model.state != pb.MODEL_STATE_READY:
+            raise FailedPrecondition(f"model {sha} is {pb.ModelState.Name(model.state)}, not READY",
+                                     reason="MODEL_NOT_READY")
+        self._check_limits(spec)
+        spec_from_proto(spec)  # structural errors, with proto field paths
+        queued = self.store.count_jobs(tenant, (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
+        limit = self.config.limits.max_queued_jobs_per_tenant
+        if queued >= limit:
+            raise ResourceExhausted(f"{queued} jobs queued or running, the limit per tenant is {limit}; "
+                                    "wait for some to finish or cancel some", reason="QUEUE_FULL")
+        stored = pb.JobSpec()
+        stored.CopyFrom(spec)
+        stored.model = sha
+        if not stored.HasField("preprocess") and model.input_spec.HasField("preprocess"):
+            stored.preprocess.CopyFrom(model.input_spec.preprocess)  # the job records what it ran with
+        try:
+            await asyncio.to_thread(self.scheduler.validate, sha, stored)
+        except InvalidSpec as exc:
+            raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+        row, created = self.store.create_job(tenant, request_id, stored, sha)
+        if created:
+            self.scheduler.submit(row.id)
+        return row.id
+
+    def _check_limits(self, spec: pb.JobSpec) -> None:
+        limits = self.config.limits
+        if spec.HasField("steps") and not 1 <= spec.steps <= limits.max_steps:
+            raise InvalidSpec("spec.steps", f"{spec.steps}; must be 1 to {limits.max_steps}")
+        if spec.HasField("batch") and not 1 <= spec.batch <= limits.max_batch:
+            raise InvalidSpec("spec.batch", f"{spec.batch}; must be 1 to {limits.max_batch}")
+        side = max(spec.size.height, spec.size.width)
+        if side > limits.max_image_side:
+            raise InvalidSpec("spec.size", f"{spec.size.height}x{spec.size.width}; the largest side allowed is "
+                                           f"{limits.max_image_side}")
+        if spec.preview_every < 0 or spec.preview_max_side < 0:
+            raise InvalidSpec("spec.preview_every", "preview_every and preview_max_side must be >= 0")
+
+    async def _watch(self, job_id: str, tenant: str, from_seq: int, previews: bool):
+        snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
+        events = self.scheduler.log(job_id)
+        yield pb.JobEvent(seq=from_seq, time=_now(), snapshot=snapshot)
+        seq = from_seq
+        heartbeat = self.config.heartbeat_seconds
+        while True:
+            waiter = events.waiter()
+            for event in events.since(seq, previews=previews):
+                yield event
+                seq = event.seq
+                if event.HasField("result"):
+                    return
+            row = self.store.get_job(job_id)
+            if row.state in TERMINAL_STATES:  # finished before this log existed (a restart), or already seen
+                yield pb.JobEvent(seq=max(seq, row.last_seq), time=_now(), result=self.scheduler.job(job_id, tenant))
+                return
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout=heartbeat)
+            except TimeoutError:
+                yield pb.JobEvent(seq=seq, time=_now(), heartbeat=pb.Heartbeat())
+
+
+def _now():
+    event = pb.JobEvent()
+    event.time.GetCurrentTime()
+    return event.time

@@ -1,0 +1,236 @@
+"""ModelService: chunked, resumable, deduplicated uploads; model metadata; the paged layer catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from pathlib import Path
+
+import grpc
+
+from featureviz.errors import FailedPrecondition
+from featureviz.errors import FeaturevizError
+from featureviz.errors import InvalidSpec
+from featureviz.errors import ModelImportError
+from featureviz.server.auth import TenantResolver
+from featureviz.server.config import ServerConfig
+from featureviz.server.errors import rpc_errors
+from featureviz.server.paging import next_token
+from featureviz.server.paging import page_bounds
+from featureviz.server.scheduler import Scheduler
+from featureviz.server.store import Store
+from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+
+__all__ = ["ModelServicer", "parse_model_name", "describe_model"]
+
+log = logging.getLogger("featureviz.server")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_model_name(name: str, field: str = "model") -> str:
+    """``"models/<sha256>"`` or ``"<sha256>"`` -> the sha256."""
+    sha = name.removeprefix("models/").strip().lower()
+    if not _SHA256.fullmatch(sha):
+        raise InvalidSpec(field, f"expected a sha256 hex digest or 'models/<sha256>', got {name!r}")
+    return sha
+
+
+class ModelServicer(pb_grpc.ModelServiceServicer):
+    def __init__(self, config: ServerConfig, store: Store, scheduler: Scheduler, auth: TenantResolver):
+        self.config = config
+        self.store = store
+        self.scheduler = scheduler
+        self.auth = auth
+        self._uploading: set[tuple[str, str]] = set()
+
+    @rpc_errors
+    async def UploadModel(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.Model:
+        tenant = self.auth.tenant(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidSpec("header", "the first message of an upload must be the header (sha256, size_bytes)")
+        header = first.header
+        sha = parse_model_name(header.sha256, "header.sha256")
+        limit = self.config.limits.max_upload_bytes
+        if not 0 < header.size_bytes <= limit:
+            raise InvalidSpec("header.size_bytes", f"{header.size_bytes} bytes; a model must be 1 to {limit} bytes")
+        try:
+            existing = self.store.get_model(tenant, sha)
+        except FeaturevizError:
+            existing = None
+        if existing is not None:
+            existing.deduplicated = True
+            return existing
+        if (tenant, sha) in self._uploading:
+            raise FailedPrecondition(f"an upload of {sha} is already in progress; retry when it ends",
+                                     reason="UPLOAD_IN_PROGRESS")
+        self._uploading.add((tenant, sha))
+        try:
+            return await self._receive(tenant, header, sha, request_iterator)
+        finally:
+            self._uploading.discard((tenant, sha))
+
+    async def _receive(self, tenant: str, header: pb.UploadHeader, sha: str, request_iterator) -> pb.Model:
+        partial = self.store.upload_path(sha, tenant)
+        committed = partial.stat().st_size if partial.exists() else 0
+        if committed > header.size_bytes:
+            partial.unlink()
+            committed = 0
+        max_chunk = self.config.limits.max_chunk_bytes
+        # a broken stream leaves `partial` for GetUpload + resume; a bad upload leaves nothing
+        with open(partial, "ab") as out:
+            async for message in request_iterator:
+                if not message.HasField("chunk"):
+                    _discard(partial)
+                    raise InvalidSpec("header", "only the first message of an upload may be a header")
+                chunk = message.chunk
+                if chunk.write_offset != committed:
+                    raise FailedPrecondition(f"write_offset {chunk.write_offset} but the server holds {committed} "
+                                             f"bytes; resume from {committed}", reason="WRITE_OFFSET_MISMATCH")
+                if len(chunk.data) > max_chunk:
+                    _discard(partial)
+                    raise InvalidSpec("chunk.data", f"{len(chunk.data)} bytes; chunks are at most {max_chunk} bytes")
+                if committed + len(chunk.data) > header.size_bytes:
+                    _discard(partial)
+                    raise InvalidSpec("header.size_bytes", f"received more than the declared {header.size_bytes} "
+                                                           "bytes", reason="SIZE_MISMATCH")
+                out.write(chunk.data)
+                committed += len(chunk.data)
+        if committed != header.size_bytes:
+            _discard(partial)
+            raise InvalidSpec("header.size_bytes", f"declared {header.size_bytes} bytes but the stream ended after "
+                                                   f"{committed}", reason="SIZE_MISMATCH")
+        digest = await asyncio.to_thread(_sha256_file, partial)
+        if digest != sha:
+            _discard(partial)
+            raise InvalidSpec("header.sha256", f"the bytes hash to {digest}, not the declared {sha}",
+                              reason="DIGEST_MISMATCH")
+        known = self.store.any_model(sha)  # the same bytes, uploaded by another tenant: imported already
+        if known is not None:
+            model, layers = known
+        else:
+            imported = await asyncio.to_thread(self._import, partial, header)
+            model, layers = describe_model(imported, sha, header.size_bytes)
+            self.scheduler.models.put(sha, imported)
+        self.store.commit_file(partial, sha)
+        model.display_name = header.display_name or model.display_name
+        if header.HasField("preprocess"):
+            model.input_spec.preprocess.CopyFrom(header.preprocess)
+        model.create_time.GetCurrentTime()
+        self.store.put_model(tenant, model, layers)
+        log.info("model %s uploaded (%d bytes, %d layers) by %s", sha[:12], header.size_bytes, len(layers.layers), tenant)
+        return model
+
+    def _import(self, partial: Path, header: pb.UploadHeader):
+        from featureviz.importer import import_model
+
+        try:
+            return import_model(partial.read_bytes(), cache_dir=str(self.store.root / "cache"))
+        except FeaturevizError:
+            _discard(partial)
+            raise
+        except Exception as exc:  # a converter bug must still leave nothing behind and say what failed
+            _discard(partial)
+            log.exception("importing %s failed", header.display_name or header.sha256)
+            raise ModelImportError(f"the model could not be converted ({type(exc).__name__}: {exc})",
+                                   reason="CONVERSION_FAILED") from exc
+
+    @rpc_errors
+    async def GetUpload(self, request: pb.GetUploadRequest, context) -> pb.UploadStatus:
+        tenant = self.auth.tenant(context)
+        sha = parse_model_name(request.sha256, "sha256")
+        try:
+            self.store.get_model(tenant, sha)
+            return pb.UploadStatus(sha256=sha, committed_bytes=request.size_bytes, model_exists=True)
+        except FeaturevizError:
+            pass
+        partial = self.store.upload_path(sha, tenant)
+        committed = partial.stat().st_size if partial.exists() else 0
+        if request.size_bytes and committed > request.size_bytes:
+            committed = 0
+        return pb.UploadStatus(sha256=sha, committed_bytes=committed)
+
+    @rpc_errors
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:
+        return self.store.get_model(self.auth.tenant(context), parse_model_name(request.model))
+
+    @rpc_errors
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        tenant = self.auth.tenant(context)
+        limits = self.config.limits
+        offset, limit = page_bounds(request.page_size, request.page_token, "models",
+                                    default=limits.default_page_size, maximum=limits.max_page_size)
+        models = self.store.list_models(tenant, offset, limit)
+        return pb.ListModelsResponse(models=models, next_page_token=next_token(offset, limit, len(models), None,
+                                                                               "models"))
+
+    @rpc_errors
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context) -> pb.DeleteModelResponse:
+        sha = parse_model_name(request.model)
+        self.store.delete_model(self.auth.tenant(context), sha)
+        if self.store.any_model(sha) is None:
+            self.scheduler.models.drop(sha)
+        return pb.DeleteModelResponse()
+
+    @rpc_errors
+    async def ListLayers(self, request: pb.ListLayersRequest, context) -> pb.ListLayersResponse:
+        sha = parse_model_name(request.model)
+        layers = self.store.layers(self.auth.tenant(context), sha)
+        needle = request.filter.lower()
+        if needle:
+            layers = [lay for lay in layers if needle in lay.name.lower() or needle in lay.op_type.lower()
+                      or any(needle in alias.lower() for alias in lay.aliases)]
+        if request.spatial_only:
+            layers = [lay for lay in layers if lay.spatial]
+        query = f"{sha}|{needle}|{request.spatial_only}"
+        limits = self.config.limits
+        offset, limit = page_bounds(request.page_size, request.page_token, query,
+                                    default=limits.default_page_size, maximum=limits.max_page_size)
+        page = layers[offset: offset + limit]
+        return pb.ListLayersResponse(layers=page, total_size=len(layers),
+                                     next_page_token=next_token(offset, limit, len(page), len(layers), query))
+
+
+def describe_model(imported, sha: str, size: int) -> tuple[pb.Model, pb.ListLayersResponse]:
+    """An importer.ImportedModel -> the Model message and the whole catalog as a ListLayersResponse."""
+    spec = imported.input_spec
+    pre = spec.preprocess
+    default_h, default_w = spec.default_size
+    input_spec = pb.InputSpec(
+        name=spec.name, layout=spec.layout, channels=spec.channels, height=spec.height or 0,
+        width=spec.width or 0, batch=spec.batch or 0, default_height=default_h, default_width=default_w,
+        preprocess=pb.Preprocess(mean=list(pre.mean), std=list(pre.std), channel_order=pre.channel_order),
+    )
+    check = imported.check
+    report = pb.CheckReport(
+        max_rel_err=float(getattr(check, "max_rel_err", 0.0) or 0.0),
+        max_rel_err_batch=float(getattr(check, "max_rel_err_batch", 0.0) or 0.0),
+        tolerance=float(getattr(check, "tolerance", 0.0) or 0.0),
+        passed=bool(getattr(check, "passed", False)),
+    )
+    layers = [
+        pb.Layer(name=lay.name, aliases=list(lay.aliases), op_type=lay.op_type, shape=list(lay.shape),
+                 channels=lay.channels, spatial=lay.spatial, depth=lay.depth, is_logits=lay.is_logits,
+                 pre_activation_of=lay.pre_activation_of or "")
+        for lay in imported.layers
+    ]
+    model = pb.Model(name=f"models/{sha}", sha256=sha, size_bytes=size, state=pb.MODEL_STATE_READY,
+                     input_spec=input_spec, layer_count=len(layers), logits_layer=imported.logits or "", check=report)
+    model.create_time.FromNanoseconds(int(time.time() * 1e9))
+    return model, pb.ListLayersResponse(layers=layers, total_size=len(layers))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _discard(path: Path) -> None:
+    path.unlink(missing_ok=True)

@@ -1,0 +1,235 @@
+"""The store: content-addressed model files on disk plus model and job metadata in SQLite.
+
+Layout under the store directory::
+
+    models/ab/abcdef....onnx      one file per distinct content (sha256), shared by the tenants that uploaded it
+    uploads/<sha256>.<tenant>.part  a partial upload, kept across broken streams so the client can resume
+    featureviz.sqlite3            tables ``models`` (tenant, sha256 -> Model, catalog) and ``jobs``
+
+Model rows and job rows hold their protos serialized, so the metadata is exactly what the API returns.
+One connection serves the event loop and the scheduler thread behind a lock; every call is a short
+statement (no compute), so the event loop may call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from featureviz.errors import NotFound
+from featureviz.v1 import featureviz_pb2 as pb
+
+__all__ = ["Store", "JobRow", "TERMINAL_STATES"]
+
+TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    tenant TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    model BLOB NOT NULL,          -- featureviz.v1.Model
+    layers BLOB NOT NULL,         -- featureviz.v1.ListLayersResponse holding the whole catalog
+    create_time REAL NOT NULL,
+    PRIMARY KEY (tenant, sha256)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    ord INTEGER PRIMARY KEY AUTOINCREMENT,   -- creation order: the queue order
+    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    spec BLOB NOT NULL,           -- featureviz.v1.JobSpec
+    result BLOB,                  -- featureviz.v1.JobResult
+    error BLOB,                   -- featureviz.v1.JobError
+    create_time REAL NOT NULL,
+    start_time REAL,
+    end_time REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHERE request_id != '';
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+"""
+
+_JOB_COLUMNS = "id, tenant, request_id, model, state, spec, result, error, create_time, start_time, end_time, " \
+               "attempts, last_seq"
+
+
+class JobRow:
+    """One row of ``jobs`` as plain attributes."""
+
+    __slots__ = tuple(c.strip() for c in _JOB_COLUMNS.split(","))
+
+    def __init__(self, *values):
+        for name, value in zip(self.__slots__, values):
+            setattr(self, name, value)
+
+    def to_proto(self, *, with_images: bool = True) -> pb.Job:
+        job = pb.Job(id=self.id, name=f"jobs/{self.id}", request_id=self.request_id, state=self.state,
+                     attempts=self.attempts, last_seq=self.last_seq)
+        job.spec.ParseFromString(self.spec)
+        job.steps = job.spec.steps if job.spec.HasField("steps") else 0
+        job.create_time.FromNanoseconds(int(self.create_time * 1e9))
+        if self.start_time:
+            job.start_time.FromNanoseconds(int(self.start_time * 1e9))
+        if self.end_time:
+            job.end_time.FromNanoseconds(int(self.end_time * 1e9))
+        if self.result:
+            job.result.ParseFromString(self.result)
+            job.step = job.result.steps_done
+            job.objective.extend(image.objective_end for image in job.result.images)
+            if not with_images:
+                for image in job.result.images:
+                    image.ClearField("png")
+        if self.error:
+            job.error.ParseFromString(self.error)
+        return job
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        (self.root / "models").mkdir(parents=True, exist_ok=True)
+        (self.root / "uploads").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "featureviz.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, params=()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # ------------------------------------------------------------------------------------------- files
+
+    def model_path(self, sha256: str) -> Path:
+        return self.root / "models" / sha256[:2] / f"{sha256}.onnx"
+
+    def upload_path(self, sha256: str, tenant: str) -> Path:
+        tenant_key = hashlib.sha256(tenant.encode()).hexdigest()[:16]  # tenant names never reach the file system
+        return self.root / "uploads" / f"{sha256}.{tenant_key}.part"
+
+    def commit_file(self, partial: Path, sha256: str) -> Path:
+        """Move a verified upload into the content-addressed tree (atomic; identical content may already be there)."""
+        final = self.model_path(sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            partial.unlink(missing_ok=True)
+        else:
+            os.replace(partial, final)
+        return final
+
+    # ------------------------------------------------------------------------------------------- models
+
+    def put_model(self, tenant: str, model: pb.Model, layers: pb.ListLayersResponse) -> None:
+        self._run("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                  (tenant, model.sha256, model.SerializeToString(), layers.SerializeToString(), time.time()))
+
+    def get_model(self, tenant: str, sha256: str) -> pb.Model:
+        rows = self._run("SELECT model FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
+        if not rows:
+            raise NotFound(f"model {sha256!r} not found; upload it first (featureviz models upload FILE.onnx)",
+                           reason="MODEL_NOT_FOUND")
+        return pb.Model.FromString(rows[0][0])
+
+    def any_model(self, sha256: str) -> tuple[pb.Model, pb.ListLayersResponse] | None:
+        """Metadata of these bytes as imported for any tenant (dedup: identical bytes are imported once)."""
+        rows = self._run("SELECT model, layers FROM models WHERE sha256 = ? LIMIT 1", (sha256,))
+        if not rows:
+            return None
+        return pb.Model.FromString(rows[0][0]), pb.ListLayersResponse.FromString(rows[0][1])
+
+    def list_models(self, tenant: str, offset: int, limit: int) -> list[pb.Model]:
+        rows = self._run("SELECT model FROM models WHERE tenant = ? ORDER BY create_time, sha256 LIMIT ? OFFSET ?",
+                         (tenant, limit, offset))
+        return [pb.Model.FromString(r[0]) for r in rows]
+
+    def layers(self, tenant: str, sha256: str) -> list[pb.Layer]:
+        rows = self._run("SELECT layers FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
+        if not rows:
+            raise NotFound(f"model {sha256!r} not found", reason="MODEL_NOT_FOUND")
+        return list(pb.ListLayersResponse.FromString(rows[0][0]).layers)
+
+    def delete_model(self, tenant: str, sha256: str) -> None:
+        """Drop the tenant's row; the file goes when no tenant and no unfinished job references it."""
+        self.get_model(tenant, sha256)
+        with self._lock:
+            self._db.execute("DELETE FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
+            users = self._db.execute("SELECT COUNT(*) FROM models WHERE sha256 = ?", (sha256,)).fetchone()[0]
+            pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND state IN (?, ?)",
+                                       (sha256, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)).fetchone()[0]
+        if users == 0 and pending == 0:
+            self.model_path(sha256).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------- jobs
+
+    def create_job(self, tenant: str, request_id: str, spec: pb.JobSpec, model_sha: str) -> tuple[JobRow, bool]:
+        """Insert a QUEUED job; with a request id already used by this tenant return that job. -> (row, created)."""
+        with self._lock:
+            if request_id:
+                row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?",
+                                       (tenant, request_id)).fetchone()
+                if row:
+                    return JobRow(*row), False
+            job_id = uuid.uuid4().hex[:16]
+            self._db.execute(
+                "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, tenant, request_id, model_sha, pb.JOB_STATE_QUEUED, spec.SerializeToString(), time.time()),
+            )
+            row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRow(*row), True
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRow:
+        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        if not rows or (tenant is not None and rows[0][1] != tenant):
+            raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
+        return JobRow(*rows[0])
+
+    def job_by_request(self, tenant: str, request_id: str) -> JobRow | None:
+        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?", (tenant, request_id))
+        return JobRow(*rows[0]) if rows else None
+
+    def list_jobs(self, tenant: str, state: int, offset: int, limit: int) -> list[JobRow]:
+        where, params = "tenant = ?", [tenant]
+        if state:
+            where, params = where + " AND state = ?", params + [state]
+        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {where} ORDER BY ord DESC LIMIT ? OFFSET ?",
+                         (*params, limit, offset))
+        return [JobRow(*r) for r in rows]
+
+    def count_jobs(self, tenant: str, states: tuple[int, ...]) -> int:
+        marks = ", ".join("?" * len(states))
+        return self._run(f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ({marks})", (tenant, *states))[0][0]
+
+    def unfinished_jobs(self) -> list[JobRow]:
+        """QUEUED and RUNNING jobs in creation order (what a restarted scheduler re-queues)."""
+        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN (?, ?) ORDER BY ord",
+                         (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
+        return [JobRow(*r) for r in rows]
+
+    def mark_running(self, job_id: str) -> None:
+        self._run("UPDATE jobs SET state = ?, start_time = ?, attempts = attempts + 1 WHERE id = ?",
+                  (pb.JOB_STATE_RUNNING, time.time(), job_id))
+
+    def mark_queued(self, job_id: str) -> None:
+        self._run("UPDATE jobs SET state = ? WHERE id = ?", (pb.JOB_STATE_QUEUED, job_id))
+
+    def finish_job(self, job_id: str, state: int, *, result: pb.JobResult | None = None,
+                   error: pb.JobError | None = None) -> None:
+        self._run("UPDATE jobs SET state = ?, result = ?, error = ?, end_time = ? WHERE id = ?",
+                  (state, result.SerializeToString() if result is not None else None,
+                   error.SerializeToString() if error is not None else None, time.time(), job_id))
+
+    def set_last_seq(self, job_id: str, seq: int) -> None:
+        self._run("UPDATE jobs SET last_seq = ? WHERE id = ?", (seq, job_id))
