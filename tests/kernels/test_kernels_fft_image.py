@@ -66,9 +66,9 @@ def test_reference_is_the_documented_map(height, width):
 @pytest.mark.parametrize("height, width", [(4, 6), (5, 5)])
 def test_reference_gradcheck(height, width):
     spectrum, scale, color = _inputs(2, 3, 3, height, width, seed=7, device="cpu")
-    spectrum, scale, color = (t.double().requires_grad_(True) for t in (spectrum, scale, color), fast_mode=True)
-    assert torch.autograd.gradcheck(
-        lambda s, sc, c: reference.spectrum_to_image(s, sc, c, (height, width)), (spectrum, scale, color), fast_mode=True)
+    spectrum, scale, color = (t.double().requires_grad_(True) for t in (spectrum, scale, color))
+    assert torch.autograd.gradcheck(lambda s, sc, c: reference.spectrum_to_image(s, sc, c, (height, width)),
+                                    (spectrum, scale, color), fast_mode=True)
 
 
 # (batch, C, Co, H, W, sigmoid, color): even and odd H and W, batch 1 and several, identity and grey->RGB colour,
