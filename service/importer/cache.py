@@ -1,0 +1,59 @@
+"""A local cache of imported models keyed by the sha256 of the file's bytes.
+
+Directory: the ``cache_dir`` argument, else ``$FEATUREVIZ_CACHE``, else ``~/.cache/featureviz/models``. One
+file per model, ``<sha256>.pt`` (a ``torch.save`` of the converted module and its metadata, written to a
+temporary name and renamed, so readers never see half a file). Entries from another importer version are
+ignored, so a fix to the pipeline is not hidden by stale files. A file that cannot be read is a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["ModelCache", "default_cache_dir", "CACHE_FORMAT"]
+
+# Bump when the pipeline changes what it produces for the same bytes.
+CACHE_FORMAT = 1
+
+_LOG = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FEATUREVIZ_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "featureviz" / "models"
+
+
+class ModelCache:
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory is not None else default_cache_dir()
+
+    def path(self, sha256: str) -> Path:
+        return self.directory / f"{sha256}.pt"
+
+    def get(self, sha256: str):
+        path = self.path(sha256)
+        if not path.is_file():
+            return None
+        try:
+            payload = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as exc:  # a stale or damaged entry is a miss, never an error
+            _LOG.warning("ignoring unreadable cache entry %s: %s", path, exc)
+            return None
+        if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+            return None
+        return payload["model"]
+
+    def put(self, sha256: str, model) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            os.close(fd)
+            torch.save({"format": CACHE_FORMAT, "model": model}, tmp)
+            os.replace(tmp, self.path(sha256))
+        except OSError as exc:  # a read-only or full disk must not fail the import
+            _LOG.warning("cannot write the model cache in %s: %s", self.directory, exc)

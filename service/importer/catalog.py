@@ -1,0 +1,179 @@
+"""The layer catalog: every tensor of the converted model that can be a visualization target.
+
+One :class:`LayerInfo` per output tensor of a converted ONNX node that depends on the image input and is a
+float tensor of rank >= 2, in topological order. Names:
+
+- ``name`` is the ONNX node name (unique; nodes without one get ``<OpType>_<index>``). For a node with
+  several outputs (``Split``) there is one entry per output, named by the output tensor.
+- ``aliases`` are every other string that resolves to it: the output tensor name, the torch module name
+  onnx2torch gives the node (dots become slashes) and, for a pre-activation tensor, ``"<activation>:pre"``.
+- Pre-activation tensors (the input of a ``Relu``, ``Clip``, ``Sigmoid`` ...) are the outputs of the node
+  before the activation; their entry says which activation they feed in ``pre_activation_of`` and answers
+  to ``"<activation node>:pre"``, so ``"conv1/Relu:pre"`` is the conv output before the ReLU.
+- ``is_logits`` marks the model's first output, or the input of its final ``Softmax``/``LogSoftmax``.
+
+Channels are on axis 1 for rank 2 and rank 4 (NCHW) tensors and on the last axis for rank 3 token tensors
+(N, tokens, C) of vision transformers: :attr:`LayerInfo.channel_axis`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from dataclasses import field
+
+import onnx
+import torch
+from torch import fx
+
+from featureviz.errors import NotFound
+
+__all__ = ["LayerInfo", "Target", "ACTIVATIONS", "build_catalog", "name_index", "resolve", "record_outputs"]
+
+ACTIVATIONS = frozenset({
+    "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Tanh",
+    "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Softmax", "LogSoftmax",
+})
+_SOFTMAX = ("Softmax", "LogSoftmax")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a catalog tensor comes from in the fx graph: the node and, for tuple outputs, the index."""
+
+    node: str
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    aliases: tuple[str, ...]
+    op_type: str
+    shape: tuple[int, ...]  # at the default input size, batch 1
+    channels: int
+    spatial: bool  # rank 4 (N, C, H, W)
+    depth: int  # topological index in the catalog
+    is_logits: bool = False
+    pre_activation_of: str | None = None
+    target: Target = field(default=Target(""), repr=False, compare=False)
+
+    @property
+    def channel_axis(self) -> int:
+        return len(self.shape) - 1 if len(self.shape) == 3 else 1
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "op_type": self.op_type,
+            "shape": list(self.shape),
+            "channels": self.channels,
+            "spatial": self.spatial,
+            "depth": self.depth,
+            "is_logits": self.is_logits,
+            "pre_activation_of": self.pre_activation_of,
+        }
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        self.values[n.name] = value
+        return value
+
+
+@torch.no_grad()
+def record_outputs(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, object]:
+    """Run ``gm`` on ``x`` and return every fx node's output by node name."""
+    recorder = _Recorder(gm)
+    recorder.run(x)
+    return recorder.values
+
+
+def module_name(node_name: str) -> str:
+    """The torch module name onnx2torch gives an ONNX node (dots are not allowed in module names)."""
+    return node_name.replace(".", "/").lstrip("/")
+
+
+def _input_dependent(gm: fx.GraphModule) -> set[str]:
+    dependent: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a.name in dependent for a in n.all_input_nodes):
+            dependent.add(n.name)
+    return dependent
+
+
+def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Tensor) -> list[LayerInfo]:
+    """List the target tensors of ``gm`` (converted from the cleaned, named ``model``), shapes from ``example``."""
+    values = record_outputs(gm, example)
+    dependent = _input_dependent(gm)
+    onnx_nodes = {module_name(node.name): node for node in model.graph.node}
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    # pre-activation: the tensor an activation node reads
+    pre_of: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ACTIVATIONS and node.input and node.input[0] in producer:
+            pre_of.setdefault(node.input[0], node.name)
+
+    logits_tensor = model.graph.output[0].name if model.graph.output else None
+    head = producer.get(logits_tensor)
+    if head is not None and head.op_type in _SOFTMAX:
+        logits_tensor = head.input[0]
+
+    layers: list[LayerInfo] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or n.name not in dependent or n.target not in onnx_nodes:
+            continue
+        onnx_node = onnx_nodes[n.target]
+        value = values.get(n.name)
+        outputs = value if isinstance(value, (tuple, list)) else (value,)
+        multi = len(onnx_node.output) > 1
+        for index, (tensor_name, out) in enumerate(zip(onnx_node.output, outputs)):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 2:
+                continue
+            name = tensor_name if multi else onnx_node.name
+            aliases = [tensor_name] if not multi else [f"{onnx_node.name}:{index}"]
+            if n.target != name:
+                aliases.append(n.target)
+            pre = pre_of.get(tensor_name)
+            if pre is not None:
+                aliases.append(f"{pre}:pre")
+            shape = tuple(int(s) for s in out.shape)
+            layers.append(LayerInfo(
+                name=name,
+                aliases=tuple(dict.fromkeys(a for a in aliases if a != name)),
+                op_type=onnx_node.op_type,
+                shape=shape,
+                channels=shape[-1] if len(shape) == 3 else shape[1],
+                spatial=len(shape) == 4,
+                depth=len(layers),
+                is_logits=tensor_name == logits_tensor,
+                pre_activation_of=pre,
+                target=Target(n.name, index if isinstance(value, (tuple, list)) else None),
+            ))
+    return layers
+
+
+def name_index(layers: list[LayerInfo]) -> dict[str, LayerInfo]:
+    """Every name and alias -> its layer; canonical names win over aliases."""
+    index = {layer.name: layer for layer in layers}
+    for layer in layers:
+        for alias in layer.aliases:
+            index.setdefault(alias, layer)
+    return index
+
+
+def resolve(index: dict[str, LayerInfo], name: str) -> LayerInfo:
+    try:
+        return index[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(index), n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise NotFound(f"unknown layer {name!r} (the model has {len(set(index.values()))} layers{hint})",
+                       reason="LAYER_NOT_FOUND") from None

@@ -1,0 +1,171 @@
+"""``import_model``: ONNX bytes -> :class:`ImportedModel` (frozen torch module, input spec, catalog, check).
+
+    read -> parse (NOT_ONNX, EXTERNAL_DATA) -> onnx.checker, inline functions, custom domains (INVALID_MODEL,
+    CUSTOM_DOMAIN) -> input spec (UNSUPPORTED_INPUT) -> opset upgrade -> NHWC front -> simplify -> batch
+    rewrite -> onnx2torch with our converters (UNSUPPORTED_OP, CONVERSION_FAILED) -> verify against
+    onnxruntime (VERIFICATION_FAILED) -> catalog -> cache
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import replace
+
+import torch
+from torch import fx
+
+from featureviz.errors import ModelImportError
+from featureviz.importer import clean
+from featureviz.importer import load
+from featureviz.importer.cache import ModelCache
+from featureviz.importer.catalog import LayerInfo
+from featureviz.importer.catalog import build_catalog
+from featureviz.importer.catalog import name_index
+from featureviz.importer.catalog import resolve
+from featureviz.importer.converters import convert
+from featureviz.importer.spec import InputSpec
+from featureviz.importer.spec import Preprocess
+from featureviz.importer.spec import detect_input
+from featureviz.importer.truncate import freeze
+from featureviz.importer.truncate import truncate_graph
+from featureviz.importer.verify import DEFAULT_TOLERANCE
+from featureviz.importer.verify import CheckReport
+from featureviz.importer.verify import verify
+
+__all__ = ["ImportedModel", "import_model"]
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportedModel:
+    sha256: str
+    input_spec: InputSpec
+    layers: list[LayerInfo]
+    check: CheckReport
+    module: fx.GraphModule
+    logits: str | None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per import phase; {"cache": t} on a hit
+    _index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._index = name_index(self.layers)
+
+    def layer(self, name: str) -> LayerInfo:
+        """The catalog entry for a node name, tensor name or alias; NotFound lists close matches."""
+        return resolve(self._index, name)
+
+    def truncate(self, names: list[str]) -> fx.GraphModule:
+        """A frozen module whose ``forward(x)`` returns ``{name: activation}`` computing only what they need."""
+        if isinstance(names, str):
+            names = [names]
+        targets = {name: self.layer(name) for name in names}
+        return truncate_graph(self.module, targets)
+
+    def with_preprocess(self, preprocess: Preprocess) -> "ImportedModel":
+        spec = replace(self.input_spec, preprocess=preprocess.for_channels(self.input_spec.channels))
+        return replace(self, input_spec=spec)
+
+    def to_dict(self) -> dict:
+        return {
+            "sha256": self.sha256,
+            "input": self.input_spec.to_dict(),
+            "check": self.check.to_dict(),
+            "logits": self.logits,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+
+def import_model(
+    source: bytes | str | os.PathLike,
+    *,
+    verify: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    cache_dir: str | os.PathLike | None = None,
+    preprocess: Preprocess | None = None,
+    use_cache: bool = True,
+) -> ImportedModel:
+    """Import an ONNX vision model. Raises :class:`featureviz.errors.ModelImportError` naming the problem."""
+    data, base_dir = load.read_source(source)
+    sha = load.sha256_of(data)
+    cache = ModelCache(cache_dir) if use_cache else None
+    start = time.perf_counter()
+    cached = cache.get(sha) if cache is not None else None
+    if cached is not None:
+        imported = cached
+        imported.timings = {"cache": time.perf_counter() - start}
+        if verify and not imported.check.verified:
+            original = load.check_model(load.parse_model(data, base_dir))
+            imported.check = _verify(imported.module, original, imported.input_spec, tolerance,
+                                     imported.check.batch_rewritten)
+            cache.put(sha, imported)
+        elif verify:
+            imported.check = imported.check.with_tolerance(tolerance)
+            if not imported.check.passed:
+                raise ModelImportError(
+                    f"verification failed: max relative difference from onnxruntime {imported.check.max_rel_err:.3g}"
+                    f" is above the tolerance {tolerance:g}",
+                    reason="VERIFICATION_FAILED",
+                )
+    else:
+        imported = _import(data, base_dir, sha, verify=verify, tolerance=tolerance)
+        if cache is not None:
+            cache.put(sha, imported)
+    if preprocess is not None:
+        imported = imported.with_preprocess(preprocess)
+    return imported
+
+
+def _verify(module, original, spec, tolerance, rewritten) -> CheckReport:
+    return verify(module, original, spec, tolerance=tolerance, batch_rewritten=rewritten)
+
+
+def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) -> ImportedModel:
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = now - t
+        t = now
+
+    original = load.check_model(load.parse_model(data, base_dir))
+    spec = detect_input(original)
+    if spec.batch not in (None, 1):
+        raise ModelImportError(
+            f"input {spec.name!r} has a fixed batch of {spec.batch}; re-export with batch 1 or a dynamic batch",
+            reason="UNSUPPORTED_INPUT",
+        )
+    lap("parse")
+    model = clean.upgrade_opset(original)
+    model = clean.nhwc_to_nchw(model, spec)
+    lap("upgrade")
+    model = clean.simplify(model)
+    lap("simplify")
+    model, rewritten = clean.make_batch_dynamic(model, spec)
+    model = clean.name_nodes(clean.infer_shapes(model))
+    lap("batch")
+    module = freeze(convert(model))
+    lap("convert")
+    if verify:
+        check = _verify(module, original, spec, tolerance, rewritten)
+    else:
+        check = CheckReport.skipped(tolerance, rewritten)
+    lap("verify")
+    example = torch.zeros(1, spec.channels, *spec.default_size)
+    try:
+        layers = build_catalog(module, model, example)
+    except RuntimeError as exc:
+        raise ModelImportError(
+            f"the converted model fails at its default size {spec.default_size}: {str(exc).strip().splitlines()[0]}",
+            reason="CONVERSION_FAILED",
+        ) from exc
+    lap("catalog")
+    logits = next((layer.name for layer in layers if layer.is_logits), None)
+    return ImportedModel(sha256=sha, input_spec=spec, layers=layers, check=check, module=module, logits=logits,
+                         timings=timings)

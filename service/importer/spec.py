@@ -1,0 +1,152 @@
+"""What the model takes: :class:`InputSpec` (name, layout, channels, sizes) and :class:`Preprocess`.
+
+The imported module always takes NCHW float32 in the model's own value range. ``Preprocess`` says how an image
+in [0, 1] becomes that input; the engine applies it:
+
+    model_input[c] = (image01[order[c]] - mean[c]) / std[c]        (1-channel models: luminance first)
+
+It defaults to the identity (mean 0, std 1, RGB): the importer cannot know a model's training normalization,
+unless it is baked into the graph, in which case the identity is right. The user sets it otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field
+
+import onnx
+
+from featureviz.errors import InvalidSpec
+from featureviz.errors import ModelImportError
+
+__all__ = ["InputSpec", "Preprocess", "detect_input", "graph_inputs", "DEFAULT_SIZE"]
+
+# Used for a dynamic height or width: the ImageNet size most vision models are trained at.
+DEFAULT_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image in [0, 1] becomes model input. ``mean``/``std`` are per model channel, in [0, 1] units."""
+
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"
+
+    def __post_init__(self):
+        if self.channel_order not in ("RGB", "BGR"):
+            raise InvalidSpec("preprocess.channel_order", f"must be 'RGB' or 'BGR', got {self.channel_order!r}")
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
+            raise InvalidSpec("preprocess", f"mean and std need 1 or 3 values each, got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise InvalidSpec("preprocess.std", f"must be > 0, got {self.std}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @classmethod
+    def identity(cls, channels: int = 3) -> "Preprocess":
+        return cls(mean=(0.0,) * channels, std=(1.0,) * channels)
+
+    def for_channels(self, channels: int) -> "Preprocess":
+        """The same preprocessing with ``channels`` values (a 1-channel model takes the first mean/std)."""
+        if len(self.mean) == channels:
+            return self
+        if channels == 1:
+            return Preprocess(mean=self.mean[:1], std=self.std[:1], channel_order=self.channel_order)
+        return Preprocess(mean=self.mean * channels, std=self.std * channels, channel_order=self.channel_order)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model's image input. ``height``/``width``/``batch`` are None when dynamic in the file."""
+
+    name: str
+    layout: str  # "NCHW" | "NHWC" as in the file; the imported module always takes NCHW
+    channels: int  # 1 | 3
+    height: int | None
+    width: int | None
+    batch: int | None
+    default_size: tuple[int, int]
+    preprocess: Preprocess = field(default_factory=Preprocess)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "batch": self.batch,
+            "default_size": list(self.default_size),
+            "preprocess": {
+                "mean": list(self.preprocess.mean),
+                "std": list(self.preprocess.std),
+                "channel_order": self.preprocess.channel_order,
+            },
+        }
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: old exporters (IR 3) also list every initializer as a graph input."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in value.type.tensor_type.shape.dim]
+
+
+def _starts_with_nhwc_transpose(model: onnx.ModelProto, name: str) -> bool:
+    for node in model.graph.node:
+        if name in node.input and node.op_type == "Transpose":
+            perm = [a.ints for a in node.attribute if a.name == "perm"]
+            if perm and list(perm[0]) == [0, 3, 1, 2]:
+                return True
+    return False
+
+
+def detect_input(model: onnx.ModelProto) -> InputSpec:
+    """Find the one image input and its layout; refuse what the engine cannot drive."""
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs) or "none"
+        raise ModelImportError(
+            f"the model needs exactly one image input, it has {len(inputs)} ({names})", reason="UNSUPPORTED_INPUT"
+        )
+    value = inputs[0]
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
+        raise ModelImportError(
+            f"input {value.name!r} is {dtype}; only float32 image inputs are supported", reason="UNSUPPORTED_INPUT"
+        )
+    if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) != 4:
+        rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else "unknown"
+        raise ModelImportError(
+            f"input {value.name!r} has rank {rank}; an image input has rank 4 (NCHW or NHWC)",
+            reason="UNSUPPORTED_INPUT",
+        )
+    n, d1, d2, d3 = _dims(value)
+    if _starts_with_nhwc_transpose(model, value.name) or (d1 not in (1, 3) and d3 in (1, 3)):
+        layout, channels, height, width = "NHWC", d3, d1, d2
+    else:
+        layout, channels, height, width = "NCHW", d1, d2, d3
+    if channels not in (1, 3):
+        shown = [d if d is not None else "?" for d in (n, d1, d2, d3)]
+        raise ModelImportError(
+            f"input {value.name!r} of shape {shown} ({layout}) has {channels if channels else 'dynamic'} channels; "
+            "only 1 (grayscale) or 3 (colour) channel images are supported",
+            reason="UNSUPPORTED_INPUT",
+        )
+    default = (height or DEFAULT_SIZE, width or DEFAULT_SIZE)
+    return InputSpec(
+        name=value.name,
+        layout=layout,
+        channels=channels,
+        height=height,
+        width=width,
+        batch=n,
+        default_size=default,
+        preprocess=Preprocess.identity(channels),
+    )
