@@ -1,0 +1,199 @@
+#!/usr/bin/env node
+'use strict';
+/**
+ * featureviz-node: a tiny command line over the Node client. It only parses arguments and calls the Client.
+ *
+ *     featureviz-node [--server HOST:PORT] [--token TOKEN] COMMAND ...
+ *       info                                  server version, device, limits
+ *       upload FILE.onnx [--name NAME]        upload a model, print its sha256
+ *       layers MODEL [--filter S] [--spatial] the layer catalog: name, op, shape, channels
+ *       render MODEL LAYER:C [--steps N] [--size S] [--seed N] [--batch N] [--param fft|pixel|maco]
+ *              [--out DIR]                    optimise an image for channel C of LAYER, write PNGs to DIR
+ *
+ * MODEL is a sha256 or a path to an .onnx file (uploaded first). --server defaults to $FEATUREVIZ_SERVER or
+ * 127.0.0.1:50051, --token to $FEATUREVIZ_TOKEN. Errors end with one line on stderr and exit status 1 (2 for
+ * usage errors); Ctrl-C during a render cancels the job.
+ */
+
+const fs = require('node:fs');
+const path = require('node:path');
+const { parseArgs } = require('node:util');
+const grpc = require('@grpc/grpc-js');
+const { Client, FeaturevizError } = require('./index');
+
+const USAGE = `usage: featureviz-node [--server HOST:PORT] [--token TOKEN] COMMAND ...
+
+commands:
+  info                                    server version, device and limits
+  upload FILE.onnx [--name NAME]          upload a model and print its sha256
+  layers MODEL [--filter S] [--spatial]   list the layer catalog
+  render MODEL LAYER:C [--steps N] [--size S] [--seed N] [--batch N] [--param fft|pixel|maco] [--out DIR]
+                                          render channel C of LAYER and write PNGs to DIR (default .)
+
+MODEL is a sha256 or a path to an .onnx file (uploaded first).
+--server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.`;
+
+const OPTIONS = {
+  server: { type: 'string' },
+  token: { type: 'string' },
+  name: { type: 'string' },
+  filter: { type: 'string' },
+  spatial: { type: 'boolean' },
+  steps: { type: 'string' },
+  size: { type: 'string' },
+  seed: { type: 'string' },
+  batch: { type: 'string' },
+  param: { type: 'string' },
+  out: { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+};
+
+class UsageError extends Error {}
+
+function integer(value, flag) {
+  if (value === undefined) return undefined;
+  if (!/^\d+$/.test(value)) throw new UsageError(`--${flag} expects a non-negative integer, got ${JSON.stringify(value)}`);
+  return Number(value);
+}
+
+function positionals(args, count, usage) {
+  if (args.length !== count) throw new UsageError(`expected: ${usage}`);
+  return args;
+}
+
+/** "LAYER:C" -> {layer, channel}; the last colon splits, so layer names may contain colons. */
+function parseTarget(text) {
+  const at = text.lastIndexOf(':');
+  if (at <= 0 || !/^\d+$/.test(text.slice(at + 1))) {
+    throw new UsageError(`expected LAYER:CHANNEL (e.g. /conv1/Conv:3), got ${JSON.stringify(text)}`);
+  }
+  return { layer: text.slice(0, at), channel: Number(text.slice(at + 1)) };
+}
+
+async function resolveModel(fv, model) {
+  if (fs.existsSync(model) && fs.statSync(model).isFile()) return (await fv.uploadModel(model)).sha256;
+  return model;
+}
+
+const COMMANDS = {
+  async info(fv, args) {
+    positionals(args, 0, 'info');
+    const info = await fv.serverInfo();
+    const { limits, device } = info;
+    console.log(`featureviz ${info.version} (api ${info.apiVersion}) at ${fv.address}, tenant ${info.tenant}`);
+    console.log(`device: ${device.kind} ${device.name}, kernels ${device.kernels}`);
+    console.log(`limits: image side ${limits.maxImageSide}, steps ${limits.maxSteps}, batch ${limits.maxBatch}, ` +
+      `upload ${limits.maxUploadBytes} bytes`);
+  },
+
+  async upload(fv, args, opts) {
+    const [file] = positionals(args, 1, 'upload FILE.onnx [--name NAME]');
+    const model = await fv.uploadModel(file, { name: opts.name });
+    const { inputSpec } = model;
+    const note = model.deduplicated ? ' (already stored)' : '';
+    console.error(`${model.displayName || file}: ${model.layerCount} layers, input ${inputSpec.layout} ` +
+      `${inputSpec.channels}x${inputSpec.defaultHeight}x${inputSpec.defaultWidth}${note}`);
+    console.log(model.sha256);
+  },
+
+  async layers(fv, args, opts) {
+    const [model] = positionals(args, 1, 'layers MODEL [--filter S] [--spatial]');
+    const sha = await resolveModel(fv, model);
+    for await (const layer of fv.listLayers(sha, { filter: opts.filter || '', spatialOnly: Boolean(opts.spatial) })) {
+      console.log([layer.name, layer.opType, `[${layer.shape.join(',')}]`, layer.channels].join('\t'));
+    }
+  },
+
+  async render(fv, args, opts) {
+    const [model, target] = positionals(args, 2, 'render MODEL LAYER:C [--steps N] [--size S] [--out DIR]');
+    const { layer, channel } = parseTarget(target);
+    const size = integer(opts.size, 'size');
+    const sha = await resolveModel(fv, model);
+    const job = await fv.createJob({
+      model: sha,
+      objective: { channel: { layer, channel } },
+      steps: integer(opts.steps, 'steps'),
+      size,
+      seed: integer(opts.seed, 'seed'),
+      batch: integer(opts.batch, 'batch'),
+      param: opts.param,
+    });
+    const onInterrupt = () => {
+      process.stderr.write(`\ncancelling job ${job.id}\n`);
+      fv.cancelJob(job).catch(() => {}).finally(() => process.exit(130));
+    };
+    process.once('SIGINT', onInterrupt);
+    try {
+      const done = await fv.waitJob(job, {
+        onEvent(event) {
+          if (event.event === 'progress') {
+            const { step, steps, objective } = event.progress;
+            process.stderr.write(`\rjob ${job.id}: step ${step}/${steps} objective ${objective.map((v) => v.toFixed(4))}`);
+          }
+        },
+      });
+      process.stderr.write('\n');
+      if (done.state !== 'JOB_STATE_SUCCEEDED') {
+        const why = done.error && done.error.message ? `: ${done.error.code} ${done.error.message}` : '';
+        const codeName = (done.error && done.error.code) || 'CANCELLED';
+        throw new FeaturevizError(grpc.status[codeName] ?? grpc.status.UNKNOWN, codeName,
+          `job ${job.id} ended ${done.state.replace('JOB_STATE_', '')}${why}`);
+      }
+      const outDir = opts.out || '.';
+      fs.mkdirSync(outDir, { recursive: true });
+      const stem = `${layer.replace(/[^A-Za-z0-9._-]+/g, '_').replace(/^_+|_+$/g, '')}_${channel}`;
+      for (const image of done.result.images) {
+        const file = path.join(outDir, `${stem}_${image.index}.png`);
+        fs.writeFileSync(file, image.png);
+        console.log(file);
+      }
+    } finally {
+      process.removeListener('SIGINT', onInterrupt);
+    }
+  },
+};
+
+async function main(argv) {
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
+  } catch (err) {
+    console.error(`featureviz-node: error: ${err.message}\n\n${USAGE}`);
+    return 2;
+  }
+  const { values: opts, positionals: args } = parsed;
+  const [command, ...rest] = args;
+  if (opts.help || !command) {
+    console.log(USAGE);
+    return command || opts.help ? 0 : 2;
+  }
+  if (!COMMANDS[command]) {
+    console.error(`featureviz-node: error: unknown command ${JSON.stringify(command)}\n\n${USAGE}`);
+    return 2;
+  }
+  const address = opts.server || process.env.FEATUREVIZ_SERVER || '127.0.0.1:50051';
+  let fv;
+  try {
+    fv = new Client(address, { token: opts.token || process.env.FEATUREVIZ_TOKEN });
+    await COMMANDS[command](fv, rest, opts);
+    return 0;
+  } catch (err) {
+    if (err instanceof UsageError) {
+      console.error(`featureviz-node ${command}: error: ${err.message}`);
+      return 2;
+    }
+    if (err instanceof FeaturevizError || err.code === 'ENOENT' || err.code === 'EACCES') {
+      console.error(`featureviz-node ${command}: error: ${err.message}`);
+      return 1;
+    }
+    throw err;
+  } finally {
+    if (fv) fv.close();
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then((code) => { process.exitCode = code; });
+}
+
+module.exports = { main, parseTarget };

@@ -1,0 +1,422 @@
+'use strict';
+/**
+ * featureviz-client: a thin Node.js client for the featureviz gRPC service (featureviz.v1).
+ *
+ *     const { Client } = require('featureviz-client');
+ *     const fv = new Client('127.0.0.1:50051', { token: process.env.FEATUREVIZ_TOKEN });
+ *     const model = await fv.uploadModel('resnet18.onnx');
+ *     for await (const layer of fv.listLayers(model, { spatialOnly: true })) console.log(layer.name);
+ *     const job = await fv.createJob({ model, objective: { channel: { layer: 'conv1', channel: 3 } }, steps: 64 });
+ *     for await (const event of fv.watchJob(job)) if (event.event === 'result') console.log(event.result.state);
+ *     fv.close();
+ *
+ * The contract (protos/featureviz/v1/featureviz.proto) is loaded at run time with @grpc/proto-loader, so no
+ * generated code is committed. Messages are plain objects with camelCase fields (sizeBytes, layerCount), enums
+ * as names ("JOB_STATE_SUCCEEDED"), bytes as Buffers, int64 as Numbers and a virtual property naming the set
+ * member of each oneof (JobEvent.event === "progress"). Every failed call rejects with a FeaturevizError.
+ */
+
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const { FeaturevizError, fromGrpcError, invalidArgument } = require('./errors');
+
+const PROTO_FILE = 'featureviz/v1/featureviz.proto';
+const DEFAULT_CHUNK_BYTES = 1 << 20; // the server's default Limits.max_chunk_bytes
+const LOOPBACK = new Set(['127.0.0.1', 'localhost', '::1', '[::1]']);
+const TERMINAL_STATES = new Set(['JOB_STATE_SUCCEEDED', 'JOB_STATE_FAILED', 'JOB_STATE_CANCELLED']);
+const PARAMS = { fft: 'PARAMETERIZATION_FFT', pixel: 'PARAMETERIZATION_PIXEL', maco: 'PARAMETERIZATION_MACO' };
+const TRANSFORMS = { standard: 'TRANSFORMS_STANDARD', none: 'TRANSFORMS_NONE' };
+const LOADER_OPTIONS = { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true };
+
+// ----------------------------------------------------------------------------------------------- the contract
+
+/**
+ * Where featureviz.proto lives: `protoPath` (the file), else $FEATUREVIZ_PROTO, else the copy `npm pack` puts in
+ * this package (protos/), else the repository's protos/ next to clients/node.
+ */
+function findProto(protoPath) {
+  const candidates = [
+    protoPath,
+    process.env.FEATUREVIZ_PROTO,
+    path.join(__dirname, '..', 'protos', PROTO_FILE),
+    path.join(__dirname, '..', '..', '..', 'protos', PROTO_FILE),
+  ].filter(Boolean);
+  for (const file of candidates) {
+    if (fs.existsSync(file)) return path.resolve(file);
+  }
+  throw new Error(`featureviz.proto not found (looked in: ${candidates.join(', ')}); ` +
+    'pass {protoPath} or set FEATUREVIZ_PROTO to the file');
+}
+
+const loaded = new Map();
+
+/** The featureviz.v1 package (grpc-js service constructors), loaded once per proto file. */
+function loadContract(protoPath) {
+  const file = findProto(protoPath);
+  if (!loaded.has(file)) {
+    // includeDirs: the folder above featureviz/v1/, so the file's own imports resolve as protoc would
+    const root = path.resolve(path.dirname(file), '..', '..');
+    const definition = protoLoader.loadSync(file, { ...LOADER_OPTIONS, includeDirs: [root] });
+    loaded.set(file, grpc.loadPackageDefinition(definition).featureviz.v1);
+  }
+  return loaded.get(file);
+}
+
+// ---------------------------------------------------------------------------------------------- request shapes
+
+/** A Model, "models/<sha>" or "<sha>" -> the string the server parses. */
+function modelRef(model, field = 'model') {
+  if (typeof model === 'string' && model) return model;
+  if (model && typeof model.sha256 === 'string' && model.sha256) return model.sha256;
+  throw invalidArgument(field, `expected a Model or its sha256, got ${JSON.stringify(model)}`);
+}
+
+/** A Job, "jobs/<id>" or "<id>" -> the string the server parses. */
+function jobRef(job) {
+  if (typeof job === 'string' && job) return job;
+  if (job && typeof job.id === 'string' && job.id) return job.id;
+  throw invalidArgument('job', `expected a Job or its id, got ${JSON.stringify(job)}`);
+}
+
+/**
+ * An objective in the engine's JSON form (docs/ARCHITECTURE.md: `{sum: [A, B]}`, `{tv: {}}`) or the proto's
+ * (`{sum: {terms: [A, B]}}`) -> the proto's. Only the composite kinds differ.
+ */
+function toObjective(objective, field = 'spec.objective') {
+  if (!objective || typeof objective !== 'object' || Array.isArray(objective)) {
+    throw invalidArgument(field, `an objective is an object with one kind key, got ${JSON.stringify(objective)}`);
+  }
+  const kinds = Object.keys(objective).filter((key) => objective[key] !== undefined && key !== 'kind');
+  if (kinds.length !== 1) {
+    throw invalidArgument(field, `an objective has exactly one kind key, got ${JSON.stringify(kinds)}`);
+  }
+  const kind = kinds[0];
+  const body = objective[kind] == null ? {} : objective[kind];
+  const sub = `${field}.${kind}`;
+  if (kind === 'sum') {
+    const terms = Array.isArray(body) ? body : body.terms;
+    if (!Array.isArray(terms)) throw invalidArgument(sub, 'sum takes a list of objectives');
+    return { sum: { terms: terms.map((term, i) => toObjective(term, `${sub}.terms[${i}]`)) } };
+  }
+  if (kind === 'interpolate') {
+    return { interpolate: { a: toObjective(body.a, `${sub}.a`), b: toObjective(body.b, `${sub}.b`) } };
+  }
+  if (kind === 'scale' || kind === 'batch') {
+    return { [kind]: { ...body, objective: toObjective(body.objective, `${sub}.objective`) } };
+  }
+  return { [kind]: body };
+}
+
+function enumName(table, value, field) {
+  if (value === undefined || value === null) return undefined;
+  if (Object.values(table).includes(value)) return value;
+  if (table[value]) return table[value];
+  throw invalidArgument(field, `unknown value ${JSON.stringify(value)}; known: ${Object.keys(table).join(', ')}`);
+}
+
+/**
+ * A JobSpec from friendly input: `model` may be a Model, `objective` the engine's JSON form, `size` a number,
+ * [height, width] or {height, width}, `param` "fft" | "pixel" | "maco", `transforms` "standard" | "none".
+ * Everything else is passed through as the proto's JobSpec fields (steps, lr, batch, seed, decay, ...).
+ */
+function toJobSpec(spec) {
+  if (!spec || typeof spec !== 'object') throw invalidArgument('spec', 'expected a JobSpec object');
+  const out = { ...spec, model: modelRef(spec.model, 'spec.model'), objective: toObjective(spec.objective) };
+  if (typeof spec.size === 'number') out.size = { height: spec.size, width: spec.size };
+  else if (Array.isArray(spec.size)) out.size = { height: spec.size[0], width: spec.size[1] };
+  if (spec.param !== undefined) out.param = enumName(PARAMS, spec.param, 'spec.param');
+  if (spec.transforms !== undefined) out.transforms = enumName(TRANSFORMS, spec.transforms, 'spec.transforms');
+  if (spec.initImage !== undefined && !Buffer.isBuffer(spec.initImage)) {
+    throw invalidArgument('spec.initImage', 'expected a Buffer of PNG or JPEG bytes');
+  }
+  for (const key of Object.keys(out)) if (out[key] === undefined) delete out[key];
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------ client
+
+class Client {
+  /**
+   * @param {string} address  "host:port"
+   * @param {object} [options]
+   * @param {string} [options.token]  bearer token, sent as `authorization: Bearer <token>` on every call
+   * @param {boolean} [options.insecure]  plaintext instead of TLS; default: plaintext only for loopback hosts
+   * @param {Buffer} [options.rootCerts]  PEM roots for TLS (default: the system's)
+   * @param {number} [options.timeoutMs]  deadline of unary calls (uploads and watches have none)
+   * @param {string} [options.protoPath]  featureviz.proto to load (default: see findProto)
+   * @param {object} [options.channelOptions]  extra grpc-js channel options
+   */
+  constructor(address, { token, insecure, rootCerts, timeoutMs, protoPath, channelOptions } = {}) {
+    if (typeof address !== 'string' || !address.includes(':')) {
+      throw invalidArgument('address', `expected "host:port", got ${JSON.stringify(address)}`);
+    }
+    const host = address.slice(0, address.lastIndexOf(':'));
+    const plaintext = insecure === undefined ? LOOPBACK.has(host) : Boolean(insecure);
+    const credentials = plaintext ? grpc.credentials.createInsecure() : grpc.credentials.createSsl(rootCerts);
+    const v1 = loadContract(protoPath);
+    const options = { 'grpc.max_receive_message_length': 64 << 20, ...channelOptions };
+    this.address = address;
+    this.timeoutMs = timeoutMs;
+    this._token = token;
+    this._models = new v1.ModelService(address, credentials, options);
+    // one channel for all three services
+    const shared = { ...options, channelOverride: this._models.getChannel() };
+    this._jobs = new v1.JobService(address, credentials, shared);
+    this._info = new v1.InfoService(address, credentials, shared);
+    this._serverInfo = null;
+  }
+
+  close() {
+    this._models.close();
+  }
+
+  // ------------------------------------------------------------------------------------------------ info
+
+  /** ServerInfo: version, limits, device, whether auth is required, the caller's tenant, objective kinds. */
+  async serverInfo() {
+    this._serverInfo = await this._unary(this._info, 'getServerInfo', {});
+    return this._serverInfo;
+  }
+
+  // ---------------------------------------------------------------------------------------------- models
+
+  /**
+   * Upload an ONNX file (a path or a Buffer) in chunks and return the imported Model (state READY).
+   * The file is hashed first; when the server already has the model no bytes are sent (`deduplicated`), and
+   * when it holds the prefix of an interrupted upload of the same bytes the upload resumes from there.
+   * @param {string|Buffer} source
+   * @param {{name?: string, chunkSize?: number, preprocess?: object}} [options]
+   */
+  async uploadModel(source, { name, chunkSize, preprocess } = {}) {
+    const { sha256, sizeBytes } = await digest(source);
+    if (sizeBytes === 0) throw invalidArgument('source', 'the model file is empty');
+    const displayName = name || (typeof source === 'string' ? path.basename(source) : '');
+    const limit = chunkSize || await this._maxChunkBytes();
+    const status = await this._unary(this._models, 'getUpload', { sha256, sizeBytes });
+    const start = status.modelExists ? sizeBytes : status.committedBytes;
+    const header = { sha256, sizeBytes, displayName, ...(preprocess ? { preprocess } : {}) };
+    return this._upload(header, chunks(source, start, limit));
+  }
+
+  /** How many bytes of an interrupted upload the server holds: UploadStatus {committedBytes, modelExists}. */
+  async getUpload(sha256, sizeBytes = 0) {
+    return this._unary(this._models, 'getUpload', { sha256, sizeBytes });
+  }
+
+  async getModel(model) {
+    return this._unary(this._models, 'getModel', { model: modelRef(model) });
+  }
+
+  /** Every model of the caller's tenant; pages are fetched as the iterator advances. */
+  async *listModels({ pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._models, 'listModels', { pageSize, pageToken });
+      yield* page.models;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  async deleteModel(model) {
+    await this._unary(this._models, 'deleteModel', { model: modelRef(model) });
+  }
+
+  /**
+   * The layer catalog in topological order; pages are fetched as the iterator advances.
+   * @param {object} [options] filter (substring of name, alias or op type), spatialOnly, pageSize
+   */
+  async *listLayers(model, { filter = '', spatialOnly = false, pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this.listLayersPage(model, { filter, spatialOnly, pageSize, pageToken });
+      yield* page.layers;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** One page of the catalog: ListLayersResponse {layers, nextPageToken, totalSize}. */
+  async listLayersPage(model, { filter = '', spatialOnly = false, pageSize = 0, pageToken = '' } = {}) {
+    return this._unary(this._models, 'listLayers', { model: modelRef(model), filter, spatialOnly, pageSize,
+      pageToken });
+  }
+
+  // ------------------------------------------------------------------------------------------------ jobs
+
+  /**
+   * Queue a render; returns the QUEUED Job at once. Bad specs reject with INVALID_ARGUMENT before any compute,
+   * `details.field` naming the JobSpec field. See toJobSpec for the accepted shapes.
+   * @param {object} spec
+   * @param {{requestId?: string}} [options]  idempotency key: the same id returns the same job
+   */
+  async createJob(spec, { requestId = '' } = {}) {
+    return this._unary(this._jobs, 'createJob', { spec: toJobSpec(spec), requestId });
+  }
+
+  /**
+   * The job's events: a snapshot first, then state changes, progress, previews (when asked), heartbeats and a
+   * final `result` (the finished Job), after which the iterator ends. A stream dropped with UNAVAILABLE is
+   * re-attached from the last seq seen, up to `reconnects` times. Leaving the loop early cancels the watch,
+   * never the job.
+   * @param {object|string} job
+   * @param {{fromSeq?: number, includePreviews?: boolean, reconnects?: number}} [options]
+   */
+  async *watchJob(job, { fromSeq = 0, includePreviews = false, reconnects = 3 } = {}) {
+    const request = { job: jobRef(job), fromSeq, includePreviews };
+    let retries = 0;
+    for (;;) {
+      const call = this._jobs.watchJob(request, this._metadata());
+      try {
+        for await (const event of call) {
+          retries = 0;
+          if (event.event !== 'snapshot' && event.event !== 'heartbeat') request.fromSeq = event.seq;
+          yield event;
+          if (event.event === 'result') return;
+        }
+        return;
+      } catch (err) {
+        if (err.code !== grpc.status.UNAVAILABLE || retries >= reconnects) throw fromGrpcError(err);
+        retries += 1;
+        await sleep(200 * 2 ** retries);
+      } finally {
+        call.cancel();
+      }
+    }
+  }
+
+  /** Watch until the job finishes and return the finished Job; `onEvent` sees every event on the way. */
+  async waitJob(job, { onEvent, includePreviews = false } = {}) {
+    for await (const event of this.watchJob(job, { includePreviews })) {
+      if (onEvent) onEvent(event);
+      if (event.event === 'result') return event.result;
+    }
+    throw new FeaturevizError(grpc.status.UNKNOWN, 'UNKNOWN', 'the watch ended without a result event', {});
+  }
+
+  async getJob(job) {
+    return this._unary(this._jobs, 'getJob', { job: jobRef(job) });
+  }
+
+  /** Stop a queued or running job; returns the Job (CANCELLED once the scheduler has stopped it). */
+  async cancelJob(job) {
+    return this._unary(this._jobs, 'cancelJob', { job: jobRef(job) });
+  }
+
+  /** The caller's jobs, newest first; `state` filters, e.g. "JOB_STATE_RUNNING". No image bytes. */
+  async *listJobs({ state = 'JOB_STATE_UNSPECIFIED', pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._jobs, 'listJobs', { state, pageSize, pageToken });
+      yield* page.jobs;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  // --------------------------------------------------------------------------------------------- helpers
+
+  _metadata() {
+    const metadata = new grpc.Metadata();
+    if (this._token) metadata.set('authorization', `Bearer ${this._token}`);
+    return metadata;
+  }
+
+  _callOptions() {
+    return this.timeoutMs ? { deadline: Date.now() + this.timeoutMs } : {};
+  }
+
+  _unary(stub, method, request) {
+    return new Promise((resolve, reject) => {
+      stub[method](request, this._metadata(), this._callOptions(), (err, reply) => {
+        if (err) reject(fromGrpcError(err));
+        else resolve(reply);
+      });
+    });
+  }
+
+  async _maxChunkBytes() {
+    if (!this._serverInfo) await this.serverInfo();
+    return this._serverInfo.limits.maxChunkBytes || DEFAULT_CHUNK_BYTES;
+  }
+
+  /** Client-streaming UploadModel: the header, then chunks with their write offsets, honouring backpressure. */
+  async _upload(header, chunkIterator) {
+    let settled = false;
+    let call;
+    const reply = new Promise((resolve, reject) => {
+      call = this._models.uploadModel(this._metadata(), (err, model) => {
+        settled = true;
+        if (err) reject(fromGrpcError(err));
+        else resolve(model);
+      });
+    });
+    const replied = reply.then(() => true, () => true);
+    const send = async (message) => {
+      if (!call.write(message)) {
+        await Promise.race([new Promise((resolve) => call.once('drain', resolve)), replied]);
+      }
+    };
+    try {
+      await send({ header });
+      for await (const chunk of chunkIterator) {
+        if (settled) break; // the server answered early (a rejected upload): its status is the answer
+        await send({ chunk });
+      }
+      call.end();
+    } catch (err) {
+      call.cancel();
+      throw err;
+    }
+    return reply;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ byte sources
+
+async function digest(source) {
+  const hash = crypto.createHash('sha256');
+  let sizeBytes = 0;
+  if (Buffer.isBuffer(source) || source instanceof Uint8Array) {
+    hash.update(source);
+    sizeBytes = source.length;
+  } else if (typeof source === 'string') {
+    for await (const block of fs.createReadStream(source)) {
+      hash.update(block);
+      sizeBytes += block.length;
+    }
+  } else {
+    throw invalidArgument('source', 'expected a file path or a Buffer of ONNX bytes');
+  }
+  return { sha256: hash.digest('hex'), sizeBytes };
+}
+
+/** UploadChunk messages {writeOffset, data} of at most `limit` bytes, from byte `start` on. */
+async function* chunks(source, start, limit) {
+  let offset = start;
+  if (typeof source === 'string') {
+    for await (const block of fs.createReadStream(source, { start, highWaterMark: limit })) {
+      for (let at = 0; at < block.length; at += limit) {
+        const data = block.subarray(at, at + limit);
+        yield { writeOffset: offset, data };
+        offset += data.length;
+      }
+    }
+    return;
+  }
+  const bytes = Buffer.from(source.buffer, source.byteOffset, source.length);
+  for (; offset < bytes.length; offset += limit) {
+    yield { writeOffset: offset, data: bytes.subarray(offset, Math.min(offset + limit, bytes.length)) };
+  }
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** True when a Job (or its state name) has finished: SUCCEEDED, FAILED or CANCELLED. */
+function isTerminal(jobOrState) {
+  return TERMINAL_STATES.has(typeof jobOrState === 'string' ? jobOrState : jobOrState && jobOrState.state);
+}
+
+module.exports = { Client, FeaturevizError, fromGrpcError, toJobSpec, toObjective, isTerminal, loadContract };

@@ -1,0 +1,230 @@
+'use strict';
+// The Node client and the featureviz-node CLI against a REAL `featureviz serve` on a free port.
+
+const assert = require('node:assert/strict');
+const { execFile } = require('node:child_process');
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const { after, before, describe, it } = require('node:test');
+
+const { Client, FeaturevizError } = require('../../clients/node/src');
+const { PNG_SIGNATURE, exportTinyOnnx, startServer, tempDir } = require('./support');
+
+const CLI = path.join(__dirname, '..', '..', 'clients', 'node', 'src', 'cli.js');
+const TIMEOUT = { timeout: 180_000 };
+
+async function rejection(promise) {
+  try {
+    await promise;
+  } catch (err) {
+    return err;
+  }
+  assert.fail('expected the call to fail');
+}
+
+function runCli(args, env = {}) {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, timeout: 120_000 },
+      (err, stdout, stderr) => resolve({ code: err ? err.code : 0, stdout, stderr }));
+  });
+}
+
+describe('featureviz Node client against a real server', () => {
+  let server;
+  let fv;
+  let work;
+  let onnxPath;
+  let model;
+  let spatialLayer;
+
+  before(async () => {
+    work = tempDir('work');
+    [server, onnxPath] = await Promise.all([startServer(), exportTinyOnnx(work, 0)]);
+    fv = new Client(server.address, { timeoutMs: 120_000 });
+  }, TIMEOUT);
+
+  after(async () => {
+    if (fv) fv.close();
+    if (server) await server.stop();
+    if (work) fs.rmSync(work, { recursive: true, force: true });
+  });
+
+  it('reports the server info and its limits', async () => {
+    const info = await fv.serverInfo();
+    assert.equal(info.apiVersion, 'v1');
+    assert.equal(info.authRequired, false);
+    assert.equal(info.tenant, 'default');
+    assert.ok(info.limits.maxChunkBytes > 0);
+    assert.ok(info.objectiveKinds.includes('channel'), info.objectiveKinds.join(','));
+  });
+
+  it('uploads a real ONNX export in several chunks and imports it', TIMEOUT, async () => {
+    const bytes = fs.readFileSync(onnxPath);
+    const sha256 = crypto.createHash('sha256').update(bytes).digest('hex');
+    model = await fv.uploadModel(onnxPath, { chunkSize: 1024 }); // ~7 KiB: 8 chunks
+    assert.ok(bytes.length > 4 * 1024, `the export is only ${bytes.length} bytes`);
+    assert.equal(model.sha256, sha256);
+    assert.equal(model.name, `models/${sha256}`);
+    assert.equal(model.sizeBytes, bytes.length);
+    assert.equal(model.displayName, path.basename(onnxPath));
+    assert.equal(model.state, 'MODEL_STATE_READY');
+    assert.equal(model.deduplicated, false);
+    assert.equal(model.inputSpec.channels, 3);
+    assert.equal(model.layerCount, 6); // conv, relu, conv, relu, mean, gemm
+    assert.equal(model.check.passed, true);
+  });
+
+  it('recognises the same bytes and sends nothing twice', async () => {
+    const again = await fv.uploadModel(fs.readFileSync(onnxPath), { name: 'again.onnx' });
+    assert.equal(again.sha256, model.sha256);
+    assert.equal(again.deduplicated, true);
+    const status = await fv.getUpload(model.sha256, model.sizeBytes);
+    assert.equal(status.modelExists, true);
+    const got = await fv.getModel(`models/${model.sha256}`);
+    assert.equal(got.layerCount, model.layerCount);
+    const listed = [];
+    for await (const m of fv.listModels({ pageSize: 1 })) listed.push(m.sha256);
+    assert.deepEqual(listed, [model.sha256]);
+  });
+
+  it('lists the layer catalog across pages, in topological order', async () => {
+    const layers = [];
+    for await (const layer of fv.listLayers(model, { pageSize: 2 })) layers.push(layer);
+    assert.equal(layers.length, model.layerCount);
+    assert.deepEqual(layers.map((l) => l.depth), [...layers.map((l) => l.depth)].sort((a, b) => a - b));
+    assert.equal(layers[0].opType, 'Conv');
+    assert.equal(layers[0].channels, 8);
+    assert.equal(layers.at(-1).isLogits, true);
+    const page = await fv.listLayersPage(model, { spatialOnly: true, pageSize: 1 });
+    assert.equal(page.layers.length, 1);
+    assert.equal(page.totalSize, 4); // two convs, two relus
+    assert.notEqual(page.nextPageToken, '');
+    const convs = [];
+    for await (const layer of fv.listLayers(model, { filter: 'conv' })) convs.push(layer.name);
+    assert.equal(convs.length, 2, convs.join(','));
+    spatialLayer = layers.find((l) => l.spatial && l.opType === 'Conv' && l.channels === 16).name;
+  });
+
+  it('rejects corrupt bytes with INVALID_ARGUMENT and keeps nothing', TIMEOUT, async () => {
+    const corrupt = Buffer.concat([fs.readFileSync(onnxPath).subarray(0, 2000), Buffer.from('not the rest')]);
+    const err = await rejection(fv.uploadModel(corrupt, { name: 'corrupt.onnx' }));
+    assert.ok(err instanceof FeaturevizError, String(err));
+    assert.equal(err.codeName, 'INVALID_ARGUMENT');
+    assert.equal(err.code, 3);
+    assert.equal(err.details.domain, 'featureviz');
+    assert.ok(err.reason, 'the server names a reason');
+    const sha = crypto.createHash('sha256').update(corrupt).digest('hex');
+    const status = await fv.getUpload(sha, corrupt.length);
+    assert.equal(status.modelExists, false);
+    assert.equal(status.committedBytes, 0);
+  });
+
+  it('names the bad JobSpec field before any compute', async () => {
+    const err = await rejection(fv.createJob({ model, objective: { channel: { layer: spatialLayer, channel: 99 } },
+      steps: 2, size: 32 }));
+    assert.equal(err.codeName, 'INVALID_ARGUMENT');
+    assert.equal(err.details.field, 'spec.objective.channel.channel');
+    assert.match(err.message, /99/);
+    const local = await rejection(fv.createJob({ model, objective: { channel: { layer: spatialLayer, channel: 0 } },
+      param: 'wavelet' }));
+    assert.equal(local.codeName, 'INVALID_ARGUMENT');
+    assert.equal(local.details.field, 'spec.param');
+  });
+
+  it('answers NOT_FOUND for unknown jobs and models', async () => {
+    assert.equal((await rejection(fv.getJob('no-such-job'))).codeName, 'NOT_FOUND');
+    assert.equal((await rejection(fv.getModel('0'.repeat(64)))).codeName, 'NOT_FOUND');
+  });
+
+  it('runs a short job and streams progress and PNG results', TIMEOUT, async () => {
+    const job = await fv.createJob({
+      model, objective: { sum: [{ channel: { layer: spatialLayer, channel: 3 } }, { scale: { factor: -0.01,
+        objective: { tv: {} } } }] },
+      steps: 6, size: [32, 40], batch: 2, seed: 7, param: 'fft',
+    }, { requestId: 'node-short-job' });
+    assert.ok(['JOB_STATE_QUEUED', 'JOB_STATE_RUNNING'].includes(job.state), job.state);
+    const events = [];
+    for await (const event of fv.watchJob(job)) events.push(event);
+    assert.equal(events[0].event, 'snapshot');
+    const result = events.at(-1);
+    assert.equal(result.event, 'result');
+    const steps = events.filter((e) => e.event === 'progress').map((e) => e.progress.step);
+    assert.deepEqual(steps, [1, 2, 3, 4, 5, 6]);
+    const seqs = events.slice(1).map((e) => e.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
+    const done = result.result;
+    assert.equal(done.state, 'JOB_STATE_SUCCEEDED', JSON.stringify(done.error));
+    assert.equal(done.result.stepsDone, 6);
+    assert.equal(done.result.images.length, 2);
+    for (const image of done.result.images) {
+      assert.ok(image.png.subarray(0, 8).equals(PNG_SIGNATURE), 'PNG signature');
+      assert.equal(image.png.readUInt32BE(16), 40); // IHDR width
+      assert.equal(image.png.readUInt32BE(20), 32); // IHDR height
+      assert.deepEqual([image.width, image.height], [40, 32]);
+    }
+    // the same request id is the same job; re-attaching after the end replays only what follows fromSeq
+    const same = await fv.createJob({ model, objective: { sum: [{ channel: { layer: spatialLayer, channel: 3 } },
+      { scale: { factor: -0.01, objective: { tv: {} } } }] }, steps: 6 }, { requestId: 'node-short-job' });
+    assert.equal(same.id, job.id);
+    const from = seqs.at(-3);
+    const replay = [];
+    for await (const event of fv.watchJob(job.id, { fromSeq: from })) replay.push(event);
+    assert.equal(replay[0].event, 'snapshot');
+    assert.ok(replay.slice(1).every((e) => e.seq > from), JSON.stringify(replay.map((e) => e.seq)));
+    assert.equal(replay.at(-1).event, 'result');
+    const fetched = await fv.getJob(`jobs/${job.id}`);
+    assert.ok(fetched.result.images[0].png.equals(done.result.images[0].png));
+  });
+
+  it('cancels a running job and keeps its partial image', TIMEOUT, async () => {
+    const info = await fv.serverInfo();
+    const job = await fv.createJob({ model, objective: { channel: { layer: spatialLayer, channel: 1 } },
+      steps: info.limits.maxSteps, size: 32 });
+    let cancelled = null;
+    for await (const event of fv.watchJob(job)) {
+      if (event.event === 'progress' && !cancelled) cancelled = await fv.cancelJob(job);
+      if (event.event === 'result') {
+        assert.equal(event.result.state, 'JOB_STATE_CANCELLED');
+        assert.ok(event.result.step < info.limits.maxSteps, `stopped at step ${event.result.step}`);
+      }
+    }
+    assert.ok(cancelled, 'saw progress before the end');
+    const final = await fv.getJob(job);
+    assert.equal(final.state, 'JOB_STATE_CANCELLED');
+    assert.ok(final.result.images.length === 0 || final.result.images[0].png.subarray(0, 8).equals(PNG_SIGNATURE));
+    const cancelledJobs = [];
+    for await (const j of fv.listJobs({ state: 'JOB_STATE_CANCELLED' })) cancelledJobs.push(j.id);
+    assert.deepEqual(cancelledJobs, [job.id]);
+  });
+
+  it('featureviz-node uploads, lists layers and renders PNG files', TIMEOUT, async () => {
+    const env = { FEATUREVIZ_SERVER: server.address };
+    const upload = await runCli(['upload', onnxPath], env);
+    assert.equal(upload.code, 0, upload.stderr);
+    assert.equal(upload.stdout.trim(), model.sha256);
+    const layers = await runCli(['layers', model.sha256, '--spatial'], env);
+    assert.equal(layers.code, 0, layers.stderr);
+    assert.equal(layers.stdout.trim().split('\n').length, 4);
+    assert.match(layers.stdout, new RegExp(`^${spatialLayer.replace(/[/.]/g, '\\$&')}\\tConv\\t`, 'm'));
+    const out = path.join(work, 'renders');
+    const render = await runCli(['render', model.sha256, `${spatialLayer}:5`, '--steps', '3', '--size', '24',
+      '--out', out], env);
+    assert.equal(render.code, 0, render.stderr);
+    const files = render.stdout.trim().split('\n');
+    assert.equal(files.length, 1);
+    const png = fs.readFileSync(files[0]);
+    assert.ok(png.subarray(0, 8).equals(PNG_SIGNATURE));
+    assert.equal(png.readUInt32BE(16), 24);
+    const bad = await runCli(['render', model.sha256, `${spatialLayer}:500`, '--steps', '3'], env);
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /INVALID_ARGUMENT.*500/);
+    const usage = await runCli(['render', model.sha256, 'no-channel'], env);
+    assert.equal(usage.code, 2);
+  });
+
+  it('deletes the model', async () => {
+    await fv.deleteModel(model);
+    assert.equal((await rejection(fv.getModel(model))).codeName, 'NOT_FOUND');
+  });
+});
