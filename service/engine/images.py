@@ -1,0 +1,82 @@
+"""Images out: tensors in [0, 1] -> PNG bytes, a grid of a batch, files on disk."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["to_uint8", "png_bytes", "grid", "save_images", "load_image"]
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (1, H, W) float in [0, 1] -> (H, W, 3) or (H, W) uint8 array (rounded, clipped)."""
+    if image.dim() != 3:
+        raise ValueError(f"image must be (C, H, W), got {tuple(image.shape)}")
+    array = (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    return array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """PNG file bytes of one (C, H, W) image in [0, 1]."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grid(images: torch.Tensor, *, columns: int | None = None, pad: int = 2, value: float = 1.0) -> torch.Tensor:
+    """(B, C, H, W) -> one (C, H', W') image: rows of ``columns`` images (default: about square), ``pad`` pixels
+    of ``value`` between them."""
+    b, c, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / columns)
+    out = torch.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), value, dtype=images.dtype)
+    for i in range(b):
+        r, k = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        out[:, top:top + h, left:left + w] = images[i].detach().cpu()
+    return out
+
+
+def save_images(images: torch.Tensor, out: str | os.PathLike, *, as_grid: bool = False) -> list[Path]:
+    """Write a batch as PNG files: ``out`` itself for one image or a grid, else ``stem_0.png``, ``stem_1.png`` ...
+    Returns the paths written."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        out = out.with_suffix(out.suffix + ".png") if out.suffix else out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if as_grid and images.shape[0] > 1:
+        out.write_bytes(png_bytes(grid(images)))
+        return [out]
+    if images.shape[0] == 1:
+        out.write_bytes(png_bytes(images[0]))
+        return [out]
+    paths = []
+    for i in range(images.shape[0]):
+        path = out.with_name(f"{out.stem}_{i}{out.suffix}")
+        path.write_bytes(png_bytes(images[i]))
+        paths.append(path)
+    return paths
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as a (3, H, W) float tensor in [0, 1], resized (bicubic) to ``size`` = (H, W) if given."""
+    from PIL import Image
+
+    from featureviz.errors import InvalidSpec
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BICUBIC)
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise InvalidSpec("init_image", f"cannot read image {str(path)!r}: {exc}") from exc
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())

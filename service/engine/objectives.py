@@ -1,0 +1,532 @@
+"""Objectives: small values that map the activations of one batch to one number per image, to be maximised.
+
+An :class:`Objective` is evaluated on an :class:`Activations` (the truncated model's outputs plus the image
+before transforms) and returns a tensor (B,): image i's value. The render loop maximises the sum over the batch
+and reports the per-image values. Objectives compose like numbers (lucid's algebra): ``a + b``, ``a - b``,
+``-a``, ``2 * a``, ``a / 4``, :meth:`Objective.sum` of many (one flat :class:`Sum`, no deep recursion), and
+:class:`Batch` restricts one to a single image of the batch. Every objective has a JSON-able ``spec()``
+(docs/ARCHITECTURE.md) and :func:`build` turns a spec back into objects; ``str()`` is a derived description.
+
+Kinds (lucid optvis/objectives.py unless noted): neuron, channel, layer (DeepDream), logit, prob (new),
+direction and neuron_direction (with lucid's cosine power), interpolate, diversity (Gram-matrix cosine, as a
+value to maximise: minus the mean similarity to the other images), alignment; image regularizers l1, l2, tv
+and blur measure the image (per-pixel means; lucid sums) and are meant to be subtracted: ``-0.05 * l1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from featureviz import spec as specs
+
+__all__ = [
+    "Activations",
+    "Objective",
+    "Neuron",
+    "Channel",
+    "Layer",
+    "Logit",
+    "Prob",
+    "Direction",
+    "NeuronDirection",
+    "Interpolate",
+    "Diversity",
+    "Alignment",
+    "L1",
+    "L2",
+    "TotalVariation",
+    "Blur",
+    "Sum",
+    "Scale",
+    "Batch",
+    "build",
+]
+
+LOGITS = None  # layer key of the model's logits (resolved by the render loop)
+
+
+class Activations:
+    """What objectives read: ``acts[layer]`` (catalog name or :data:`LOGITS`) and ``image`` (B, 3, H, W) in [0, 1]
+    before transforms."""
+
+    def __init__(self, acts: dict, image: torch.Tensor | None, logits: str | None = None):
+        self._acts = acts
+        self.image = image
+        self.logits = logits
+        self.batch = image.shape[0] if image is not None else next(iter(acts.values())).shape[0]
+
+    def __getitem__(self, layer: str | None) -> torch.Tensor:
+        return self._acts[self.logits if layer is None else layer]
+
+
+def _positions(z: torch.Tensor) -> torch.Tensor:
+    """Activations as (B, C, P): rank 4 (B, C, H, W) -> P = H*W; rank 3 tokens (B, N, C) -> P = N; rank 2 -> P = 1."""
+    if z.dim() == 4:
+        return z.flatten(2)
+    if z.dim() == 3:
+        return z.transpose(1, 2)
+    if z.dim() == 2:
+        return z.unsqueeze(-1)
+    return z.reshape(z.shape[0], -1).unsqueeze(-1)
+
+
+def _at(z: torch.Tensor, x: int | None, y: int | None) -> torch.Tensor:
+    """(B, C) activations at column x, row y (default: the centre) of a (B, C, H, W) map; other ranks: the mean."""
+    if z.dim() != 4:
+        return _positions(z).mean(-1)
+    h, w = z.shape[2:]
+    x = w // 2 if x is None else x
+    y = h // 2 if y is None else y
+    if not (0 <= x < w and 0 <= y < h):
+        from featureviz.errors import InvalidSpec
+        raise InvalidSpec("objective", f"position x={x}, y={y} is outside the {w}x{h} activation map at this "
+                                       f"image size; use 0 <= x < {w}, 0 <= y < {h}")
+    return z[:, :, y, x]
+
+
+def _dot_cossim(z: torch.Tensor, vector: torch.Tensor, cossim_pow: float) -> torch.Tensor:
+    """(B, C, P) . (C,) -> (B, P): dot product, times max(cos, 0.1) ** cossim_pow when cossim_pow > 0 (lucid)."""
+    dot = torch.einsum("bcp,c->bp", z, vector)
+    if cossim_pow == 0:
+        return dot
+    eps = 1e-4
+    cos = dot / (eps + z.norm(dim=1)) / (eps + vector.norm())
+    return dot * torch.clamp(cos, min=0.1) ** cossim_pow
+
+
+class Objective:
+    """Base class: ``obj(acts) -> (B,)``. Subclasses set ``kind`` and implement ``__call__``, ``spec`` and
+    ``layers``."""
+
+    kind = ""
+
+    def __call__(self, acts: Activations) -> torch.Tensor:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> tuple:
+        """Layer keys this objective reads (None = the logits)."""
+        return ()
+
+    @property
+    def needs_image(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return specs.format_objective(self.spec())
+
+    def __repr__(self) -> str:
+        return f"<Objective {self}>"
+
+    # algebra
+    def __add__(self, other):
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Sum([self, other])
+
+    def __radd__(self, other):
+        if other == 0:  # sum([...]) starts from 0
+            return self
+        return NotImplemented
+
+    def __sub__(self, other):
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Sum([self, Scale(-1.0, other)])
+
+    def __neg__(self):
+        return Scale(-1.0, self)
+
+    def __mul__(self, factor):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            return NotImplemented
+        return Scale(float(factor), self)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, factor):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            return NotImplemented
+        return Scale(1.0 / factor, self)
+
+    @staticmethod
+    def sum(objectives) -> "Sum":
+        """One flat :class:`Sum` of any number of objectives."""
+        return Sum(list(objectives))
+
+
+class _LayerObjective(Objective):
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    @property
+    def layers(self):
+        return (self.layer,)
+
+
+class Neuron(_LayerObjective):
+    kind = "neuron"
+
+    def __init__(self, layer, channel, x=None, y=None):
+        super().__init__(layer)
+        self.channel, self.x, self.y = channel, x, y
+
+    def __call__(self, acts):
+        return _at(acts[self.layer], self.x, self.y)[:, self.channel]
+
+    def spec(self):
+        return {"neuron": {"layer": self.layer, "channel": self.channel, "x": self.x, "y": self.y}}
+
+
+class Channel(_LayerObjective):
+    kind = "channel"
+
+    def __init__(self, layer, channel):
+        super().__init__(layer)
+        self.channel = channel
+
+    def __call__(self, acts):
+        return _positions(acts[self.layer])[:, self.channel].mean(-1)
+
+    def spec(self):
+        return {"channel": {"layer": self.layer, "channel": self.channel}}
+
+
+class Layer(_LayerObjective):
+    """DeepDream: mean of the squared activations of the whole layer."""
+
+    kind = "layer"
+
+    def __call__(self, acts):
+        z = acts[self.layer]
+        return z.pow(2).reshape(z.shape[0], -1).mean(-1)
+
+    def spec(self):
+        return {"layer": {"layer": self.layer}}
+
+
+class Logit(Objective):
+    kind = "logit"
+
+    def __init__(self, index):
+        self.index = index
+
+    @property
+    def layers(self):
+        return (LOGITS,)
+
+    def __call__(self, acts):
+        return acts[LOGITS].reshape(acts.batch, -1)[:, self.index]
+
+    def spec(self):
+        return {"logit": {"index": self.index}}
+
+
+class Prob(Logit):
+    """Softmax probability of class ``index`` (the softmax of the logits)."""
+
+    kind = "prob"
+
+    def __call__(self, acts):
+        return torch.softmax(acts[LOGITS].reshape(acts.batch, -1), dim=-1)[:, self.index]
+
+    def spec(self):
+        return {"prob": {"index": self.index}}
+
+
+class Direction(_LayerObjective):
+    """Mean over positions of z . vector (times the floored cosine similarity ** cossim_pow)."""
+
+    kind = "direction"
+
+    def __init__(self, layer, vector, cossim_pow=0.0):
+        super().__init__(layer)
+        self.vector, self.cossim_pow = list(vector), float(cossim_pow)
+
+    def _vector(self, z):
+        return torch.as_tensor(self.vector, dtype=z.dtype, device=z.device)
+
+    def __call__(self, acts):
+        z = _positions(acts[self.layer])
+        return _dot_cossim(z, self._vector(z), self.cossim_pow).mean(-1)
+
+    def spec(self):
+        return {"direction": {"layer": self.layer, "vector": self.vector, "cossim_pow": self.cossim_pow}}
+
+
+class NeuronDirection(Direction):
+    kind = "neuron_direction"
+
+    def __init__(self, layer, vector, x=None, y=None, cossim_pow=0.0):
+        super().__init__(layer, vector, cossim_pow)
+        self.x, self.y = x, y
+
+    def __call__(self, acts):
+        z = _at(acts[self.layer], self.x, self.y).unsqueeze(-1)
+        return _dot_cossim(z, self._vector(z), self.cossim_pow)[:, 0]
+
+    def spec(self):
+        return {"neuron_direction": {"layer": self.layer, "vector": self.vector, "x": self.x, "y": self.y,
+                                     "cossim_pow": self.cossim_pow}}
+
+
+class Interpolate(Objective):
+    """Image i of N maximises (1 - t_i) a + t_i b with t_i = i / (N - 1)."""
+
+    kind = "interpolate"
+
+    def __init__(self, a: Objective, b: Objective):
+        self.a, self.b = a, b
+
+    @property
+    def layers(self):
+        return self.a.layers + self.b.layers
+
+    @property
+    def needs_image(self):
+        return self.a.needs_image or self.b.needs_image
+
+    def __call__(self, acts):
+        a, b = self.a(acts), self.b(acts)
+        n = a.shape[0]
+        t = torch.arange(n, device=a.device, dtype=a.dtype) / max(n - 1, 1)
+        return (1 - t) * a + t * b
+
+    def spec(self):
+        return {"interpolate": {"a": self.a.spec(), "b": self.b.spec()}}
+
+
+class Diversity(_LayerObjective):
+    """Minus the Gram-matrix cosine similarity to the other images: image i gets -sum_{j != i} cos(G_i, G_j) / N,
+    with G_i = Z_i Z_i^T over channels (lucid ``diversity`` with the sign for maximisation). Add it with a weight:
+    ``channel + 100 * diversity``."""
+
+    kind = "diversity"
+
+    def __call__(self, acts):
+        z = _positions(acts[self.layer])  # (B, C, P)
+        n = z.shape[0]
+        grams = torch.bmm(z, z.transpose(1, 2)).reshape(n, -1)
+        grams = F.normalize(grams, dim=-1, eps=1e-10)
+        sim = grams @ grams.T
+        off_diagonal = sim.sum(-1) - sim.diagonal()
+        return -off_diagonal / n
+
+    def spec(self):
+        return {"diversity": {"layer": self.layer}}
+
+
+class Alignment(_LayerObjective):
+    """Minus mean((z_i - z_{i+d})^2) / decay^d over neighbours d = 1..4 in the batch (lucid ``alignment``); each
+    pair's term is split between its two images."""
+
+    kind = "alignment"
+
+    def __init__(self, layer, decay=2.0):
+        super().__init__(layer)
+        self.decay = float(decay)
+
+    def __call__(self, acts):
+        z = acts[self.layer]
+        z = z.reshape(z.shape[0], -1)
+        out = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        for d in range(1, min(4, z.shape[0] - 1) + 1):
+            term = (z[:-d] - z[d:]).pow(2).mean(-1) / self.decay ** d
+            out = out - F.pad(term, (0, d)) / 2 - F.pad(term, (d, 0)) / 2
+        return out
+
+    def spec(self):
+        return {"alignment": {"layer": self.layer, "decay": self.decay}}
+
+
+class _ImageObjective(Objective):
+    @property
+    def needs_image(self):
+        return True
+
+
+class L1(_ImageObjective):
+    """mean |image - constant| per image."""
+
+    kind = "l1"
+
+    def __init__(self, constant=0.5):
+        self.constant = float(constant)
+
+    def __call__(self, acts):
+        return (acts.image - self.constant).abs().flatten(1).mean(-1)
+
+    def spec(self):
+        return {"l1": {"constant": self.constant}}
+
+
+class L2(L1):
+    """sqrt(mean (image - constant)^2) per image (lucid's L2 is the norm)."""
+
+    kind = "l2"
+
+    def __call__(self, acts):
+        return ((acts.image - self.constant).pow(2).flatten(1).mean(-1) + 1e-12).sqrt()
+
+    def spec(self):
+        return {"l2": {"constant": self.constant}}
+
+
+class TotalVariation(_ImageObjective):
+    """mean |dx| + mean |dy| of the image, per image."""
+
+    kind = "tv"
+
+    def __call__(self, acts):
+        x = acts.image
+        dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(-1)
+        dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(-1)
+        return dx + dy
+
+    def spec(self):
+        return {"tv": {}}
+
+
+class Blur(_ImageObjective):
+    """0.5 * mean (image - stopgrad(blur3x3(image)))^2 (lucid ``blur_input_each_step``); subtracting it pulls the
+    image towards its own blur."""
+
+    kind = "blur"
+
+    def __call__(self, acts):
+        x = acts.image
+        c = x.shape[1]
+        kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], device=x.device, dtype=x.dtype)
+        kernel = (kernel / kernel.sum()).expand(c, 1, 3, 3)
+        with torch.no_grad():
+            blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
+        return 0.5 * (x - blurred).pow(2).flatten(1).mean(-1)
+
+    def spec(self):
+        return {"blur": {}}
+
+
+class Sum(Objective):
+    """A flat sum: adding to a Sum makes a new flat Sum, so long sums never nest."""
+
+    kind = "sum"
+
+    def __init__(self, terms):
+        flat = []
+        for term in terms:
+            if isinstance(term, Sum):
+                flat.extend(term.terms)
+            elif isinstance(term, Objective):
+                flat.append(term)
+            else:
+                raise TypeError(f"can only sum objectives, got {type(term).__name__}")
+        if not flat:
+            raise ValueError("an empty sum has no objective")
+        self.terms = flat
+
+    @property
+    def layers(self):
+        return tuple(layer for term in self.terms for layer in term.layers)
+
+    @property
+    def needs_image(self):
+        return any(term.needs_image for term in self.terms)
+
+    def __call__(self, acts):
+        total = self.terms[0](acts)
+        for term in self.terms[1:]:
+            total = total + term(acts)
+        return total
+
+    def spec(self):
+        return {"sum": [term.spec() for term in self.terms]}
+
+
+class Scale(Objective):
+    kind = "scale"
+
+    def __init__(self, factor: float, objective: Objective):
+        if isinstance(objective, Scale):  # k * (m * a) = (k m) * a
+            factor, objective = factor * objective.factor, objective.objective
+        self.factor, self.objective = float(factor), objective
+
+    @property
+    def layers(self):
+        return self.objective.layers
+
+    @property
+    def needs_image(self):
+        return self.objective.needs_image
+
+    def __call__(self, acts):
+        return self.factor * self.objective(acts)
+
+    def spec(self):
+        return {"scale": {"factor": self.factor, "objective": self.objective.spec()}}
+
+
+class Batch(Objective):
+    """``objective`` for image ``index`` of the batch only (0 for the others)."""
+
+    kind = "batch"
+
+    def __init__(self, index: int, objective: Objective):
+        self.index, self.objective = index, objective
+
+    @property
+    def layers(self):
+        return self.objective.layers
+
+    @property
+    def needs_image(self):
+        return self.objective.needs_image
+
+    def __call__(self, acts):
+        values = self.objective(acts)
+        mask = torch.zeros_like(values)
+        mask[self.index] = 1.0
+        return values * mask
+
+    def spec(self):
+        return {"batch": {"index": self.index, "objective": self.objective.spec()}}
+
+
+_LEAVES = {
+    "neuron": lambda b: Neuron(b["layer"], b["channel"], b["x"], b["y"]),
+    "channel": lambda b: Channel(b["layer"], b["channel"]),
+    "layer": lambda b: Layer(b["layer"]),
+    "logit": lambda b: Logit(b["index"]),
+    "prob": lambda b: Prob(b["index"]),
+    "direction": lambda b: Direction(b["layer"], b["vector"], b["cossim_pow"]),
+    "neuron_direction": lambda b: NeuronDirection(b["layer"], b["vector"], b["x"], b["y"], b["cossim_pow"]),
+    "diversity": lambda b: Diversity(b["layer"]),
+    "alignment": lambda b: Alignment(b["layer"], b["decay"]),
+    "l1": lambda b: L1(b["constant"]),
+    "l2": lambda b: L2(b["constant"]),
+    "tv": lambda b: TotalVariation(),
+    "blur": lambda b: Blur(),
+}
+
+
+def build(spec: dict | Objective, path: str = "objective") -> Objective:
+    """An objective from a spec dict (checked with :func:`featureviz.spec.normalize_objective`) or an Objective."""
+    if isinstance(spec, Objective):
+        return spec
+    return _build(specs.normalize_objective(spec, path))
+
+
+def _build(spec: dict) -> Objective:
+    (kind, body), = spec.items()
+    if kind == "sum":
+        return Sum([_build(term) for term in body])
+    if kind == "scale":
+        return Scale(body["factor"], _build(body["objective"]))
+    if kind == "batch":
+        return Batch(body["index"], _build(body["objective"]))
+    if kind == "interpolate":
+        return Interpolate(_build(body["a"]), _build(body["b"]))
+    return _LEAVES[kind](body)

@@ -1,0 +1,196 @@
+"""Image parameterizations: what the optimizer changes, and how it becomes an RGB image in [0, 1].
+
+Each builder returns ``(params, image_fn)`` (lucid's convention): ``params`` is the list of leaf tensors for
+the optimizer, ``image_fn()`` renders the current (B, 3, H, W) image. Random initial values come from an
+explicit ``torch.Generator``, so the same seed on the same device gives the same start.
+
+- ``pixel``: the image itself in decorrelated colour space, N(0, 0.01), then colour matrix and sigmoid.
+- ``fft``: a half spectrum scaled by 1/f^decay (Olah et al. 2017; lucid ``param/spatial.py``), N(0, 0.01) for
+  real and imaginary parts, inverse DFT, colour matrix, sigmoid; ``featureviz.kernels.spectrum_to_image``.
+- ``maco``: only the phase is optimised; the magnitude is a fixed natural-image template 1/f^decay
+  (Fel et al. 2023, MaCo; Horama). Phase and image are standardised per image before the colour matrix.
+
+Any of them can start from a given image (:func:`image_to_pixel`, :func:`image_to_spectrum`): the inverse of
+sigmoid, colour matrix and DFT, so rendering the parameters back gives the image (for ``maco`` only the
+phase is taken from the image; the magnitude stays the template).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from featureviz.errors import InvalidSpec
+from featureviz.kernels import rfft2_freqs
+from featureviz.kernels import spectrum_to_image
+
+__all__ = [
+    "PARAMS",
+    "COLOR_CORRELATION_SVD_SQRT",
+    "MAX_NORM_SVD_SQRT",
+    "color_matrix",
+    "fft_scale",
+    "make_param",
+    "image_to_pixel",
+    "image_to_spectrum",
+]
+
+PARAMS = ("fft", "pixel", "maco")
+
+# Square root of the colour correlation of ImageNet, from its SVD (lucid param/color.py, lucent, captum):
+# rgb = (C / max column norm) @ t decorrelates the optimised channels.
+COLOR_CORRELATION_SVD_SQRT = ((0.26, 0.09, 0.02),
+                              (0.27, 0.00, -0.05),
+                              (0.27, -0.09, 0.03))
+MAX_NORM_SVD_SQRT = 0.4619524  # largest column L2 norm of the matrix above (lucid's constant)
+
+# lucid and lucent divide the inverse DFT by 4 ("TODO: is that a magic constant?"): it keeps the initial
+# image near grey after the sigmoid. We fold it into the spectrum scale so the kernel applies one scale.
+FFT_IMAGE_GAIN = 0.25
+INIT_SD = 0.01  # lucid's initial standard deviation for pixel and spectrum parameters
+MACO_DEFAULT_DECAY = 1.4  # log-log magnitude slope of natural images at low frequencies (xplique's template)
+_EPS_SIGMOID = 1e-4  # images are clipped to [eps, 1 - eps] before the inverse sigmoid
+
+
+def color_matrix(*, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The (3, 3) decorrelation matrix ``C / 0.4619524`` applied per pixel: rgb = color_matrix() @ t."""
+    return torch.tensor(COLOR_CORRELATION_SVD_SQRT, device=device, dtype=dtype) / MAX_NORM_SVD_SQRT
+
+
+def fft_scale(height: int, width: int, decay: float = 1.0, *, gain: float = FFT_IMAGE_GAIN,
+              device=None, dtype=torch.float32) -> torch.Tensor:
+    """Per-bin spectrum scale (H, W//2+1): ``gain / max(|f|, 1/max(H, W)) ** decay`` (lucid ``fft_image``).
+
+    With an orthonormal inverse DFT this gives every frequency the same learning rate relative to its natural
+    energy (1/f), and pixel-like step sizes overall; the floor keeps the DC bin finite.
+    """
+    freqs = rfft2_freqs(height, width, device=device, dtype=dtype)
+    return gain / torch.clamp(freqs, min=1.0 / max(height, width)) ** decay
+
+
+def _check(batch: int, size: tuple[int, int]):
+    if batch < 1:
+        raise InvalidSpec("batch", f"must be >= 1, got {batch}")
+    if min(size) < 2:
+        raise InvalidSpec("size", f"must be at least 2x2, got {size}")
+
+
+def _to_rgb(t: torch.Tensor, color: torch.Tensor | None, sigmoid: bool) -> torch.Tensor:
+    if color is not None:
+        t = torch.einsum("oc,bchw->bohw", color, t)
+    if sigmoid:
+        return torch.sigmoid(t)
+    # lucid's to_valid_rgb(sigmoid=False): clamp to [0, 1], letting the gradient through the clamp
+    return t + 0.5 + (torch.clamp(t + 0.5, 0.0, 1.0) - (t + 0.5)).detach()
+
+
+def _inverse_rgb(image: torch.Tensor, color: torch.Tensor | None, sigmoid: bool) -> torch.Tensor:
+    if sigmoid:
+        image = image.clamp(_EPS_SIGMOID, 1.0 - _EPS_SIGMOID)
+        t = torch.log(image) - torch.log1p(-image)
+    else:
+        t = image - 0.5
+    if color is not None:
+        t = torch.einsum("oc,bchw->bohw", torch.linalg.inv(color), t)
+    return t
+
+
+def image_to_pixel(image: torch.Tensor, *, decorrelate: bool = True, sigmoid: bool = True) -> torch.Tensor:
+    """Pixel parameters (B, 3, H, W) that render to ``image`` (B, 3, H, W) in [0, 1] (clipped to [1e-4, 1-1e-4])."""
+    color = color_matrix(device=image.device, dtype=image.dtype) if decorrelate else None
+    return _inverse_rgb(image, color, sigmoid)
+
+
+def image_to_spectrum(image: torch.Tensor, scale: torch.Tensor, *, decorrelate: bool = True,
+                      sigmoid: bool = True) -> torch.Tensor:
+    """Spectrum parameters (B, 3, H, W//2+1, 2) that render to ``image`` through ``spectrum_to_image``:
+    inverse sigmoid, inverse colour matrix, ``rfft2(norm="ortho")``, divide by ``scale``."""
+    t = image_to_pixel(image, decorrelate=decorrelate, sigmoid=sigmoid)
+    spectrum = torch.fft.rfft2(t, norm="ortho") / scale
+    return torch.view_as_real(spectrum).contiguous()
+
+
+def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch.Generator,
+               decay: float | None = None, init: torch.Tensor | None = None, decorrelate: bool = True,
+               sigmoid: bool = True, device=None):
+    """Build a parameterization. Returns ``(params, image_fn)``.
+
+    Args:
+        kind: ``"fft"``, ``"pixel"`` or ``"maco"``.
+        batch, size: B and (H, W) of the image.
+        generator: draws the initial values (must live on ``device``).
+        decay: spectrum exponent; default 1.0 for ``fft`` (lucid) and 1.4 for ``maco``.
+        init: optional (3, H, W) or (B, 3, H, W) image in [0, 1] to start from.
+        decorrelate, sigmoid: the colour matrix and the final sigmoid (both on in lucid's defaults).
+    """
+    _check(batch, size)
+    device = torch.device(device) if device is not None else generator.device
+    height, width = size
+    color = color_matrix(device=device) if decorrelate else None
+    if init is not None:
+        init = init.to(device=device, dtype=torch.float32)
+        if init.dim() == 3:
+            init = init.unsqueeze(0)
+        if init.shape[1:] != (3, height, width) or init.shape[0] not in (1, batch):
+            raise InvalidSpec("init_image", f"must be (3, {height}, {width}) or ({batch}, 3, {height}, {width}), "
+                                            f"got {tuple(init.shape)}")
+        init = init.expand(batch, 3, height, width)
+
+    if kind == "pixel":
+        if init is None:
+            pixels = torch.randn(batch, 3, height, width, generator=generator, device=device) * INIT_SD
+        else:
+            pixels = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid)
+        pixels.requires_grad_(True)
+        return [pixels], lambda: _to_rgb(pixels, color, sigmoid)
+
+    if kind == "fft":
+        scale = fft_scale(height, width, 1.0 if decay is None else decay, device=device)
+        if init is None:
+            shape = (batch, 3, height, width // 2 + 1, 2)
+            spectrum = torch.randn(shape, generator=generator, device=device) * INIT_SD
+        else:
+            spectrum = image_to_spectrum(init, scale, decorrelate=decorrelate, sigmoid=sigmoid)
+        spectrum.requires_grad_(True)
+        if sigmoid:
+            return [spectrum], lambda: spectrum_to_image(spectrum, scale, color, size, sigmoid=True)
+        return [spectrum], lambda: _to_rgb(spectrum_to_image(spectrum, scale, None, size, sigmoid=False), color,
+                                           False)
+
+    if kind == "maco":
+        magnitude = fft_scale(height, width, MACO_DEFAULT_DECAY if decay is None else decay, gain=1.0, device=device)
+        if init is None:
+            phase = torch.randn(batch, 3, height, width // 2 + 1, generator=generator, device=device)
+        else:
+            t = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid)
+            phase = torch.angle(torch.fft.rfft2(t, norm="ortho"))
+        phase.requires_grad_(True)
+
+        def image_fn():
+            p = _standardize(phase)
+            unit = torch.stack([torch.cos(p), torch.sin(p)], dim=-1)
+            t = spectrum_to_image(unit, magnitude, None, size, sigmoid=False)
+            return _to_rgb(_standardize(t) * _MACO_STD, color, sigmoid)
+
+        return [phase], image_fn
+
+    raise InvalidSpec("param", f"unknown parameterization {kind!r}; use one of {', '.join(PARAMS)}")
+
+
+# Standard deviation of the standardised MaCo image before the sigmoid: with the colour matrix this keeps most
+# pixels inside the sigmoid's responsive range (Horama standardises to unit variance, then recorrelates).
+_MACO_STD = 1.0
+
+
+def _standardize(t: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(1, t.dim()))
+    mean = t.mean(dim=dims, keepdim=True)
+    std = t.std(dim=dims, keepdim=True)
+    return (t - mean) / (std + 1e-6)
+
+
+def describe(kind: str, decay: float | None) -> str:
+    if kind == "pixel":
+        return "pixel"
+    default = 1.0 if kind == "fft" else MACO_DEFAULT_DECAY
+    return f"{kind} (1/f^{default if decay is None else decay:g})"
+

@@ -1,0 +1,246 @@
+"""Robustness transforms and model preprocessing as ONE affine resample per image.
+
+lucid's ``standard_transforms`` (pad 12, jitter 8, random scale 0.90..1.10, random rotation -10..10 degrees,
+jitter 4) followed by the resize to the model's input size are all affine maps, so they compose into one inverse
+affine matrix per image, built on the device from an explicit ``torch.Generator`` (independent draws per image,
+no host sync), and one bilinear resample (``featureviz.kernels.affine_resample``). A constant pad is exact as the
+resample's constant border; a reflect pad is applied to the image first. The model's preprocessing (channel
+order, grey for 1-channel models, mean and std) is a per-pixel affine colour map folded into the same call.
+
+Coordinates: the forward map of each step acts on centred pixel coordinates of the padded canvas (x right,
+y down); a positive rotation turns the picture counter-clockwise as displayed. The output grid covers the
+padded canvas, resized to the model's input size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from featureviz.errors import InvalidSpec
+from featureviz.kernels import affine_resample
+
+__all__ = [
+    "Pad",
+    "Jitter",
+    "RandomScale",
+    "RandomRotate",
+    "STANDARD_TRANSFORMS",
+    "TRANSFORMS",
+    "Transforms",
+    "parse_transforms",
+    "preprocess_map",
+]
+
+# ITU-R BT.601 luma weights: how a 1-channel model sees an RGB image
+LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class Pad:
+    """Pad ``width`` pixels on each side: ``mode="constant"`` with ``value`` (image units) or ``"reflect"``."""
+
+    width: int = 12
+    mode: str = "constant"
+    value: float = 0.5
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """Shift by a whole number of pixels, drawn uniformly per image and axis from ``-pixels//2 .. pixels - pixels//2``
+    (lucid's random crop of ``pixels`` less, centred)."""
+
+    pixels: int
+
+    def inverse(self, batch, generator, device):
+        shift = torch.randint(0, self.pixels + 1, (batch, 2), generator=generator, device=device)
+        shift = (shift - self.pixels // 2).to(torch.float32)
+        return _translation(-shift)
+
+
+@dataclass(frozen=True)
+class RandomScale:
+    """Zoom about the centre by a factor drawn per image from ``factors``."""
+
+    factors: tuple[float, ...]
+
+    def inverse(self, batch, generator, device):
+        factors = torch.tensor(self.factors, dtype=torch.float32, device=device)
+        s = factors[torch.randint(0, len(self.factors), (batch,), generator=generator, device=device)]
+        out = torch.zeros(batch, 3, 3, device=device)
+        out[:, 0, 0] = 1.0 / s
+        out[:, 1, 1] = 1.0 / s
+        out[:, 2, 2] = 1.0
+        return out
+
+
+@dataclass(frozen=True)
+class RandomRotate:
+    """Rotate about the centre by an angle in degrees drawn per image from ``degrees``."""
+
+    degrees: tuple[float, ...]
+
+    def inverse(self, batch, generator, device):
+        degrees = torch.tensor(self.degrees, dtype=torch.float32, device=device)
+        angle = degrees[torch.randint(0, len(self.degrees), (batch,), generator=generator, device=device)]
+        return _rotation(-angle * (math.pi / 180.0))
+
+
+def _translation(shift):
+    out = torch.eye(3, device=shift.device).repeat(shift.shape[0], 1, 1)
+    out[:, :2, 2] = shift
+    return out
+
+
+def _rotation(radians):
+    # forward rotation by +a, counter-clockwise on screen with y down: [[cos, sin], [-sin, cos]]
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    out = torch.zeros(radians.shape[0], 3, 3, device=radians.device)
+    out[:, 0, 0] = cos
+    out[:, 0, 1] = sin
+    out[:, 1, 0] = -sin
+    out[:, 1, 1] = cos
+    out[:, 2, 2] = 1.0
+    return out
+
+
+# lucid optvis/transform.py standard_transforms; scales 1 + (i - 5) / 50, angles -10..10 plus five extra zeros
+STANDARD_TRANSFORMS = (
+    Pad(12, "constant", 0.5),
+    Jitter(8),
+    RandomScale(tuple(1 + (i - 5) / 50 for i in range(11))),
+    RandomRotate(tuple(float(a) for a in range(-10, 11)) + (0.0,) * 5),
+    Jitter(4),
+)
+TRANSFORMS = {"standard": STANDARD_TRANSFORMS, "none": ()}
+
+
+def parse_transforms(spec, path: str = "transforms") -> tuple:
+    """``"standard"``, ``"none"``, or a list of ``{"pad": {...}}``, ``{"jitter": {"pixels": N}}``,
+    ``{"scale": {"factors": [...]}}``, ``{"rotate": {"degrees": [...]}}`` dicts, or transform objects."""
+    if isinstance(spec, str):
+        if spec not in TRANSFORMS:
+            raise InvalidSpec(path, f"unknown transform stack {spec!r}; use one of {', '.join(TRANSFORMS)} "
+                                    f"or a list of steps")
+        return TRANSFORMS[spec]
+    if not isinstance(spec, (list, tuple)):
+        raise InvalidSpec(path, f"must be 'standard', 'none' or a list of steps, got {spec!r}")
+    steps = []
+    for i, step in enumerate(spec):
+        here = f"{path}[{i}]"
+        if isinstance(step, (Pad, Jitter, RandomScale, RandomRotate)):
+            steps.append(step)
+            continue
+        if not isinstance(step, dict) or len(step) != 1:
+            raise InvalidSpec(here, "must be an object with one key: pad, jitter, scale or rotate")
+        (kind, body), = step.items()
+        body = body or {}
+        if kind == "pad":
+            width, mode, value = body.get("width", 12), body.get("mode", "constant"), body.get("value", 0.5)
+            if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+                raise InvalidSpec(f"{here}.pad.width", f"must be an integer >= 0, got {width!r}")
+            if mode not in ("constant", "reflect"):
+                raise InvalidSpec(f"{here}.pad.mode", f"must be 'constant' or 'reflect', got {mode!r}")
+            steps.append(Pad(width, mode, float(value)))
+        elif kind == "jitter":
+            pixels = body.get("pixels")
+            if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+                raise InvalidSpec(f"{here}.jitter.pixels", f"must be an integer >= 0, got {pixels!r}")
+            steps.append(Jitter(pixels))
+        elif kind in ("scale", "rotate"):
+            key = "factors" if kind == "scale" else "degrees"
+            values = body.get(key)
+            if not isinstance(values, (list, tuple)) or not values or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise InvalidSpec(f"{here}.{kind}.{key}", "must be a non-empty list of finite numbers")
+            if kind == "scale" and min(values) <= 0:
+                raise InvalidSpec(f"{here}.scale.factors", f"must be > 0, got {min(values)}")
+            steps.append(RandomScale(tuple(map(float, values))) if kind == "scale"
+                         else RandomRotate(tuple(map(float, values))))
+        else:
+            raise InvalidSpec(here, f"unknown transform {kind!r}; use pad, jitter, scale or rotate")
+    _check_order(steps, path)
+    return tuple(steps)
+
+
+def _check_order(steps, path):
+    seen_other = False
+    values = set()
+    for i, step in enumerate(steps):
+        if isinstance(step, Pad):
+            if seen_other:
+                raise InvalidSpec(f"{path}[{i}]", "pads must come before jitter, scale and rotate")
+            if step.mode == "constant" and step.width:
+                values.add(step.value)
+        else:
+            seen_other = True
+    if len(values) > 1:
+        raise InvalidSpec(path, f"constant pads must share one value, got {sorted(values)}")
+
+
+def preprocess_map(preprocess, channels: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(matrix (Co, 3), bias (Co,))`` with model_input = matrix @ rgb01 + bias per pixel.
+
+    ``model_input[c] = (image01[order[c]] - mean[c]) / std[c]``; a 1-channel model sees luminance
+    (ITU-R BT.601) first. ``preprocess`` has ``mean``, ``std`` (1 or 3 values) and ``channel_order``.
+    """
+    mean = list(preprocess.mean)
+    std = list(preprocess.std)
+    if len(mean) != channels:
+        mean, std = (mean[:1], std[:1]) if channels == 1 else (mean * channels, std * channels)
+    if channels == 1:
+        matrix = torch.tensor([LUMA], dtype=torch.float32) / std[0]
+    elif channels == 3:
+        order = (2, 1, 0) if preprocess.channel_order == "BGR" else (0, 1, 2)
+        matrix = torch.zeros(3, 3)
+        for c in range(3):
+            matrix[c, order[c]] = 1.0 / std[c]
+    else:
+        raise InvalidSpec("model.input.channels", f"models with {channels} input channels are not supported "
+                                                  f"(1 or 3)")
+    bias = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+    return matrix.to(device), bias.to(device)
+
+
+class Transforms:
+    """The transform stack of one render: image (B, 3, H, W) in [0, 1] -> model input (B, Co, Ho, Wo).
+
+    Calling it draws one random affine map per image from ``generator`` and resamples once.
+    """
+
+    def __init__(self, steps, image_size: tuple[int, int], model_size: tuple[int, int], preprocess,
+                 channels: int = 3, *, device=None):
+        self.steps = tuple(steps)
+        self.image_size = tuple(image_size)
+        self.model_size = tuple(model_size)
+        self.device = torch.device(device or "cpu")
+        pads = [s for s in self.steps if isinstance(s, Pad)]
+        self.random_steps = [s for s in self.steps if not isinstance(s, Pad)]
+        self.reflect = sum(p.width for p in pads if p.mode == "reflect")
+        constant = sum(p.width for p in pads if p.mode == "constant")
+        self.border = next((p.value for p in pads if p.mode == "constant" and p.width), 0.5)
+        h, w = self.image_size
+        src_h, src_w = h + 2 * self.reflect, w + 2 * self.reflect  # what affine_resample samples
+        canvas_h, canvas_w = src_h + 2 * constant, src_w + 2 * constant
+        # output normalised [-1, 1] -> canvas centred pixels; source centred pixels -> source normalised
+        self._out_to_canvas = torch.diag(torch.tensor([canvas_w / 2, canvas_h / 2, 1.0])).to(self.device)
+        self._src_from_canvas = torch.diag(torch.tensor([2 / src_w, 2 / src_h, 1.0])).to(self.device)
+        self.matrix, self.bias = preprocess_map(preprocess, channels, device=self.device)
+
+    def theta(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, 2, 3) inverse affine maps, output -> source normalised coordinates."""
+        inv = self._src_from_canvas.expand(batch, 3, 3)
+        for step in self.random_steps:  # forward M = S_n ... S_1, so M^-1 = S_1^-1 ... S_n^-1
+            inv = torch.bmm(inv, step.inverse(batch, generator, self.device))
+        inv = torch.matmul(inv, self._out_to_canvas)
+        return inv[:, :2, :]
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.reflect:
+            image = F.pad(image, [self.reflect] * 4, mode="reflect")
+        theta = self.theta(image.shape[0], generator)
+        return affine_resample(image, theta, self.model_size, border=self.border, matrix=self.matrix,
+                               bias=self.bias)
