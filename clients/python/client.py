@@ -152,7 +152,8 @@ class Client:
         else:
             blocks = _file_blocks(source, offset, chunk_size)
         for data in blocks:
-            yield pb.UploadModelRequest(chunk=pb.UploadChunk(write_offset=offset, data=data))
+            last = offset + len(data) >= total
+            yield pb.UploadModelRequest(chunk=pb.UploadChunk(write_offset=offset, data=data, finish_write=last))
             offset += len(data)
             if progress is not None:
                 progress(offset, total)

@@ -70,17 +70,19 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                                      reason="UPLOAD_IN_PROGRESS")
         self._uploading.add((tenant, sha))
         try:
-            return await self._receive(tenant, header, sha, request_iterator)
+            return await self._receive(tenant, header, sha, request_iterator, context)
         finally:
             self._uploading.discard((tenant, sha))
 
-    async def _receive(self, tenant: str, header: pb.UploadHeader, sha: str, request_iterator) -> pb.Model:
+    async def _receive(self, tenant: str, header: pb.UploadHeader, sha: str, request_iterator,
+                       context: grpc.aio.ServicerContext) -> pb.Model:
         partial = self.store.upload_path(sha, tenant)
         committed = partial.stat().st_size if partial.exists() else 0
         if committed > header.size_bytes:
             partial.unlink()
             committed = 0
         max_chunk = self.config.limits.max_chunk_bytes
+        finished = False
         # a broken stream leaves `partial` for GetUpload + resume; a bad upload leaves nothing
         with open(partial, "ab") as out:
             async for message in request_iterator:
@@ -99,7 +101,14 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                     raise InvalidSpec("header.size_bytes", f"received more than the declared {header.size_bytes} "
                                                            "bytes", reason="SIZE_MISMATCH")
                 out.write(chunk.data)
+                out.flush()  # what GetUpload reports is on disk
                 committed += len(chunk.data)
+                if chunk.finish_write:
+                    finished = True
+                    break
+        if not finished:  # the stream broke (the client went away): keep the prefix for GetUpload + resume
+            raise FailedPrecondition(f"the stream ended after {committed} of {header.size_bytes} bytes without "
+                                     f"finish_write; resume from {committed}", reason="UPLOAD_INCOMPLETE")
         if committed != header.size_bytes:
             _discard(partial)
             raise InvalidSpec("header.size_bytes", f"declared {header.size_bytes} bytes but the stream ended after "

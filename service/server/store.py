@@ -26,6 +26,7 @@ from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["Store", "JobRow", "TERMINAL_STATES"]
 
+UPLOAD_TTL_SECONDS = 24 * 3600
 TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
 _SCHEMA = """
@@ -102,6 +103,14 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._purge_stale_uploads()
+
+    def _purge_stale_uploads(self) -> None:
+        """Partial uploads nobody resumed within UPLOAD_TTL_SECONDS are dropped at start."""
+        cutoff = time.time() - UPLOAD_TTL_SECONDS
+        for partial in (self.root / "uploads").glob("*.part"):
+            if partial.stat().st_mtime < cutoff:
+                partial.unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:

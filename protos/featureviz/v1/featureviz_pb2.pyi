@@ -69,12 +69,14 @@ class UploadHeader(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., display_name: _Optional[str] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
-    __slots__ = ("write_offset", "data")
+    __slots__ = ("write_offset", "data", "finish_write")
     WRITE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    FINISH_WRITE_FIELD_NUMBER: _ClassVar[int]
     write_offset: int
     data: bytes
-    def __init__(self, write_offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    finish_write: bool
+    def __init__(self, write_offset: _Optional[int] = ..., data: _Optional[bytes] = ..., finish_write: _Optional[bool] = ...) -> None: ...
 
 class UploadModelRequest(_message.Message):
     __slots__ = ("header", "chunk")

@@ -81,7 +81,7 @@ class ModelServiceServicer:
         """Client-streaming upload: the first message is a header (sha256, size, display name), then chunks of at
         most ServerInfo.limits.max_chunk_bytes with their write offsets. The server checks size and digest and
         imports the model before answering; identical bytes already stored return the existing model.
-        A broken stream keeps the received prefix: GetUpload tells where to resume.
+        A stream that ends without finish_write keeps the received prefix: GetUpload tells where to resume.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

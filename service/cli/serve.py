@@ -1,0 +1,78 @@
+"""``featureviz serve``: the gRPC service on grpc.aio (models, jobs, info, health, reflection on one port)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["register", "run"]
+
+DEFAULT_PORT = 50051
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the gRPC service",
+                              description="Run the featureviz gRPC service. Stop with Ctrl-C or SIGTERM: the "
+                                          "running job finishes within --grace seconds or is re-queued.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: a free one; default: %(default)s)")
+    p.add_argument("--store", default=os.environ.get("FEATUREVIZ_STORE", "featureviz-store"),
+                   help="store directory: model files and the SQLite metadata (default: %(default)s)")
+    p.add_argument("--token-file", help="bearer tokens, one 'TOKEN TENANT' per line (or FEATUREVIZ_TOKENS="
+                                        "'tok=tenant,...'); without tokens there is no auth")
+    p.add_argument("--allow-insecure-remote", action="store_true",
+                   help="allow a non-loopback --host without auth")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats on idle watch streams")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds a running job may finish on shutdown")
+    p.add_argument("--max-upload-mb", type=int, default=1024, help="largest model upload (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):
+    from featureviz.server import Limits
+    from featureviz.server import ServerConfig
+    from featureviz.server import parse_tokens
+
+    text = os.environ.get("FEATUREVIZ_TOKENS", "")
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            text += "\n" + f.read()
+    return ServerConfig(
+        store_dir=args.store, host=args.host, port=args.port, tokens=parse_tokens(text),
+        allow_insecure_remote=args.allow_insecure_remote, device=args.device, heartbeat_seconds=args.heartbeat,
+        grace_seconds=args.grace, limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _config(args)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config) -> int:
+    import asyncio
+    import signal
+
+    from featureviz.server import create_server
+
+    server, port = create_server(config)
+    await server.start()
+    print(f"featureviz serve: listening on {config.host}:{port} (store {config.store_dir}, "
+          f"auth {'on' if config.tokens else 'off'})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("featureviz serve: stopping", file=sys.stderr, flush=True)
+        await server.stop()
+    return 0
