@@ -106,7 +106,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 if chunk.finish_write:
                     finished = True
                     break
-        if not finished:  # the stream broke (the client went away): keep the prefix for GetUpload + resume
+        if not finished and committed < header.size_bytes:  # the stream broke: keep the prefix for resuming
             raise FailedPrecondition(f"the stream ended after {committed} of {header.size_bytes} bytes without "
                                      f"finish_write; resume from {committed}", reason="UPLOAD_INCOMPLETE")
         if committed != header.size_bytes:
