@@ -1,0 +1,191 @@
+"""``featureviz render MODEL.onnx OBJECTIVE [options]``: optimise images for an objective, write PNGs.
+
+Runs the engine locally (CUDA when available, CPU otherwise), or on a featureviz server with ``--server ADDR``
+(same options, same ``--json``). The objective syntax and its quoting rule are in ``featureviz.spec``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+__all__ = ["register", "run", "parse_floats", "ProgressBar"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_OBJECTIVE_HELP = """\
+objective syntax (maximised):
+  LAYER:C        channel C of LAYER          LAYER:C@X,Y   neuron at column X, row Y
+  LAYER          DeepDream on LAYER          logit:K / prob:K   class K
+  diversity:LAYER, alignment:LAYER, l1, l2, tv, blur   (regularizers, e.g. '- 0.05*tv')
+  -OBJ, 2*OBJ, OBJ / 4, A + B, A - 0.5*B, (A + B) * 2, or a JSON objective spec {...}
+quoting: bare names may contain letters, digits and _ . / - # ~ [ ]; quote any other name in '...' or "..."
+  (e.g. names with ':'), with \\ escaping a quote: 'conv1/Relu:0':5. Set '+', '-' and '/' between objectives
+  off with spaces: 'A:1 - B:2' (A:1-B is not a subtraction when B is a name).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "render",
+        help="optimise images that maximise a neuron, channel, layer or class of an ONNX model",
+        description="Feature visualization by optimization: optimise images so that OBJECTIVE is maximal, and "
+        "write them as PNG.",
+        epilog=_OBJECTIVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="path of the ONNX file")
+    parser.add_argument("objective", metavar="OBJECTIVE", help="what to maximise (syntax below)")
+    parser.add_argument("--steps", type=int, default=512, help="optimisation steps (default 512)")
+    parser.add_argument("--size", type=_size, default=None, metavar="S",
+                        help="image size S or HxW (default: the model's input size)")
+    parser.add_argument("--batch", type=int, default=1, metavar="B", help="images optimised together (default 1)")
+    parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
+    parser.add_argument("--param", choices=("fft", "pixel", "maco"), default="fft",
+                        help="image parameterization (default fft)")
+    parser.add_argument("--decay", type=float, default=None,
+                        help="spectrum exponent 1/f^decay (default 1.0 for fft, 1.4 for maco)")
+    parser.add_argument("--lr", type=float, default=0.05, metavar="X", help="Adam learning rate (default 0.05)")
+    parser.add_argument("--transforms", choices=("standard", "none"), default="standard",
+                        help="robustness transforms (default standard: pad, jitter, scale, rotate)")
+    parser.add_argument("--init", default=None, metavar="IMAGE", help="start from this image file")
+    parser.add_argument("--mean", type=parse_floats, default=None, metavar="R,G,B",
+                        help=f"model preprocessing mean for images in [0, 1] (default ImageNet's "
+                             f"{','.join(map(str, IMAGENET_MEAN))})")
+    parser.add_argument("--std", type=parse_floats, default=None, metavar="R,G,B",
+                        help=f"model preprocessing std (default ImageNet's {','.join(map(str, IMAGENET_STD))})")
+    parser.add_argument("--bgr", action="store_true", help="the model takes BGR channel order")
+    parser.add_argument("--out", default="featureviz.png", metavar="OUT.png",
+                        help="output file; a batch writes OUT_0.png, OUT_1.png ... unless --grid")
+    parser.add_argument("--grid", action="store_true", help="write a batch as one grid image")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: objective_start, objective_end, seconds_per_step, files ...")
+    parser.add_argument("--server", default=None, metavar="ADDR",
+                        help="render on a featureviz server (host:port) instead of locally")
+    parser.set_defaults(func=run)
+
+
+def _size(text: str):
+    try:
+        if "x" in text:
+            h, w = text.lower().split("x")
+            return int(h), int(w)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be S or HxW with integers, got {text!r}") from None
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    """``"0.5,0.5,0.5"`` -> (0.5, 0.5, 0.5); one value or three."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got {text!r}") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got {len(values)}")
+    return values
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal stream, redrawn at most ten times a second."""
+
+    def __init__(self, stream=None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.width = width
+        self.started = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, step: int, total: int, value: float | None = None) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if step < total and now - self._last < 0.1:
+            return
+        self._last = now
+        filled = round(self.width * step / max(total, 1))
+        rate = (now - self.started) / max(step, 1)
+        eta = rate * (total - step)
+        text = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
+        if value is not None:
+            text += f"  objective {value:.4g}"
+        text += f"  {rate:.3f} s/step  eta {eta:.0f} s "
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _preprocess(args):
+    from featureviz.importer import Preprocess
+
+    mean = args.mean if args.mean is not None else IMAGENET_MEAN
+    std = args.std if args.std is not None else IMAGENET_STD
+    if len(mean) != len(std):
+        if len(mean) == 1:
+            mean = mean * len(std)
+        elif len(std) == 1:
+            std = std * len(mean)
+    return Preprocess(mean=mean, std=std, channel_order="BGR" if args.bgr else "RGB")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.server:
+        from featureviz.cli.remote import render_remote
+
+        return render_remote(args)
+
+    from featureviz.engine import RenderSpec
+    from featureviz.engine import load_image
+    from featureviz.engine import render
+    from featureviz.engine import save_images
+    from featureviz.engine import validate
+    from featureviz.importer import import_model
+    from featureviz.spec import parse_objective
+
+    objective = parse_objective(args.objective)  # syntax errors before the (slow) import
+    preprocess = _preprocess(args)
+    model = import_model(args.model)
+    model = model.with_preprocess(preprocess)
+    size = args.size if args.size is not None else tuple(model.input_spec.default_size)
+    init = None
+    if args.init:
+        hw = (size, size) if isinstance(size, int) else size
+        init = load_image(args.init, hw)
+    spec = RenderSpec(objective=objective, steps=args.steps, lr=args.lr, size=size, batch=args.batch, seed=args.seed,
+                      param=args.param, decay=args.decay, transforms=args.transforms, init_image=init,
+                      preprocess=model.input_spec.preprocess, device=args.device)
+    validate(model, spec)
+
+    bar = ProgressBar()
+    try:
+        result = render(model, spec, progress=lambda step, total, values: bar.update(
+            step, total, float(values.mean()) if bar.enabled else None))
+    finally:
+        bar.close()
+    files = save_images(result.images, args.out, as_grid=args.grid)
+    if args.json:
+        print(json.dumps({
+            "objective": result.objective,
+            "objective_start": result.objective_start,
+            "objective_end": result.objective_end,
+            "seconds_per_step": result.seconds_per_step,
+            "phase_seconds": result.phase_seconds,
+            "steps": result.steps_done,
+            "size": list(result.images.shape[-2:]),
+            "batch": result.images.shape[0],
+            "seed": args.seed,
+            "files": [str(p) for p in files],
+        }))
+    else:
+        for i, (a, b) in enumerate(zip(result.objective_start, result.objective_end)):
+            print(f"image {i}: objective {a:.4g} -> {b:.4g}")
+        print(f"{result.steps_done} steps, {result.seconds_per_step:.3f} s/step; wrote {', '.join(map(str, files))}")
+    return 0
