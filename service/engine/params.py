@@ -164,9 +164,11 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
             t = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid)
             phase = torch.angle(torch.fft.rfft2(t, norm="ortho"))
         phase.requires_grad_(True)
+        # MaCo standardises a random phase; an image's phase is kept as it is (standardising would change it)
+        standardize_phase = init is None
 
         def image_fn():
-            p = _standardize(phase)
+            p = _standardize(phase) if standardize_phase else phase
             unit = torch.stack([torch.cos(p), torch.sin(p)], dim=-1)
             t = spectrum_to_image(unit, magnitude, None, size, sigmoid=False)
             return _to_rgb(_standardize(t) * _MACO_STD, color, sigmoid)

@@ -1,0 +1,127 @@
+"""Transform geometry: one inverse affine map per image, exact on known images."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from featureviz.engine.transforms import STANDARD_TRANSFORMS
+from featureviz.engine.transforms import Jitter
+from featureviz.engine.transforms import Pad
+from featureviz.engine.transforms import RandomRotate
+from featureviz.engine.transforms import RandomScale
+from featureviz.engine.transforms import Transforms
+from featureviz.engine.transforms import parse_transforms
+from featureviz.engine.transforms import preprocess_map
+from featureviz.errors import InvalidSpec
+from featureviz.importer import Preprocess
+
+IDENTITY = Preprocess.identity()
+
+
+def image(b=1, c=3, h=6, w=6, seed=0):
+    return torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("size", [(6, 6), (7, 7)])
+def test_rotation_by_90_degrees_is_rot90(size):
+    img = image(h=size[0], w=size[1])
+    out = Transforms([RandomRotate((90.0,))], size, size, IDENTITY)(img, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, torch.rot90(img, 1, (2, 3)), atol=1e-5, rtol=0)  # counter-clockwise
+    out = Transforms([RandomRotate((-90.0,))], size, size, IDENTITY)(img, torch.Generator())
+    torch.testing.assert_close(out, torch.rot90(img, -1, (2, 3)), atol=1e-5, rtol=0)
+
+
+def test_pure_jitter_is_an_integer_shift_with_the_border_value():
+    img = image(b=4, h=8, w=9)
+    t = Transforms([Pad(0), Jitter(6)], (8, 9), (8, 9), IDENTITY)
+    theta = t.theta(4, torch.Generator().manual_seed(3))
+    out = t(img, torch.Generator().manual_seed(3))
+    for i in range(4):
+        # theta maps output to input: x_in = x_out + b, so the picture moves by -b (in pixels: -b * size / 2)
+        dx = -theta[i, 0, 2].item() * 9 / 2
+        dy = -theta[i, 1, 2].item() * 8 / 2
+        assert dx == pytest.approx(round(dx), abs=1e-5) and dy == pytest.approx(round(dy), abs=1e-5)
+        dx, dy = round(dx), round(dy)
+        assert -3 <= dx <= 3 and -3 <= dy <= 3
+        want = torch.full_like(img[i], 0.5)
+        src = img[i][:, max(0, -dy):8 - max(0, dy), max(0, -dx):9 - max(0, dx)]
+        want[:, max(0, dy):max(0, dy) + src.shape[1], max(0, dx):max(0, dx) + src.shape[2]] = src
+        torch.testing.assert_close(out[i], want, atol=1e-5, rtol=0)
+    # the four images got independent draws
+    assert len({tuple(theta[i, :, 2].tolist()) for i in range(4)}) > 1
+
+
+def test_constant_pad_fills_the_border_and_keeps_the_image():
+    img = image(h=6, w=5)
+    out = Transforms([Pad(3, "constant", 0.25)], (6, 5), (12, 11), IDENTITY)(img, None)
+    torch.testing.assert_close(out[:, :, 3:9, 3:8], img, atol=1e-5, rtol=0)
+    border = torch.ones(12, 11, dtype=torch.bool)
+    border[3:9, 3:8] = False
+    assert torch.allclose(out[0][:, border], torch.tensor(0.25))
+
+
+def test_reflect_pad_matches_torch():
+    img = image(h=6, w=7)
+    out = Transforms([Pad(2, "reflect")], (6, 7), (10, 11), IDENTITY)(img, None)
+    torch.testing.assert_close(out, F.pad(img, [2, 2, 2, 2], mode="reflect"), atol=1e-5, rtol=0)
+
+
+def test_scale_zooms_about_the_centre():
+    img = image(h=8, w=8)
+    out = Transforms([RandomScale((2.0,))], (8, 8), (8, 8), IDENTITY)(img, torch.Generator())
+    want = F.interpolate(img[:, :, 2:6, 2:6], size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out[:, :, 1:7, 1:7], want[:, :, 1:7, 1:7], atol=1e-5, rtol=0)
+
+
+def test_resize_to_the_model_size_without_transforms():
+    img = image(h=8, w=8)
+    out = Transforms((), (8, 8), (16, 16), IDENTITY)(img, None)
+    want = F.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)
+    # inside, the same bilinear resize; the outermost half pixel blends with the constant border (0.5)
+    torch.testing.assert_close(out[:, :, 1:15, 1:15], want[:, :, 1:15, 1:15], atol=1e-5, rtol=0)
+
+
+def test_standard_stack_draws_per_image_and_follows_the_seed():
+    t = Transforms(STANDARD_TRANSFORMS, (64, 64), (96, 96), IDENTITY)
+    a = t.theta(16, torch.Generator().manual_seed(7))
+    b = t.theta(16, torch.Generator().manual_seed(7))
+    c = t.theta(16, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(m.flatten().tolist()) for m in a}) > 8  # independent draws per image
+    # the linear part is (1/s) R(-angle) scaled by canvas/image = 88/64: recover s and the angle
+    lin = a[:, :, :2] / (88 / 64)
+    s = 1 / torch.sqrt(torch.det(lin))
+    angle = torch.atan2(lin[:, 0, 1], lin[:, 0, 0]) * 180 / math.pi
+    assert ((s > 0.899) & (s < 1.101)).all()
+    assert (angle.abs() < 10.001).all()
+
+
+def test_preprocess_map_folds_order_grey_and_normalisation():
+    rgb = torch.tensor([0.2, 0.5, 0.9])
+    pre = Preprocess(mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.2), channel_order="BGR")
+    matrix, bias = preprocess_map(pre, 3)
+    want = torch.tensor([(0.9 - 0.1) / 0.5, (0.5 - 0.2) / 0.25, (0.2 - 0.3) / 0.2])
+    torch.testing.assert_close(matrix @ rgb + bias, want)
+    grey = Preprocess(mean=(0.5,), std=(0.25,))
+    matrix, bias = preprocess_map(grey, 1)
+    torch.testing.assert_close(matrix @ rgb + bias, torch.tensor([(0.299 * 0.2 + 0.587 * 0.5 + 0.114 * 0.9 - 0.5)
+                                                                   / 0.25]))
+    out = Transforms((), (4, 4), (4, 4), grey, channels=1)(image(h=4, w=4), None)
+    assert out.shape == (1, 1, 4, 4)
+
+
+def test_parse_transforms_specs_and_errors():
+    assert parse_transforms("standard") == STANDARD_TRANSFORMS
+    assert parse_transforms("none") == ()
+    steps = parse_transforms([{"pad": {"width": 4, "mode": "reflect"}}, {"jitter": {"pixels": 2}},
+                              {"rotate": {"degrees": [0, 45]}}])
+    assert steps == (Pad(4, "reflect"), Jitter(2), RandomRotate((0.0, 45.0)))
+    for bad, field in [("fancy", "transforms"), ([{"jitter": {"pixels": -1}}], "transforms[0].jitter.pixels"),
+                       ([{"scale": {"factors": [0]}}], "transforms[0].scale.factors"),
+                       ([{"jitter": {"pixels": 1}}, {"pad": {}}], "transforms[1]"),
+                       ([{"warp": {}}], "transforms[0]")]:
+        with pytest.raises(InvalidSpec) as err:
+            parse_transforms(bad)
+        assert err.value.field == field
