@@ -35,12 +35,13 @@ describe('featureviz Node client against a real server', () => {
   let fv;
   let work;
   let onnxPath;
+  let otherPath;
   let model;
   let spatialLayer;
 
   before(async () => {
     work = tempDir('work');
-    [server, onnxPath] = await Promise.all([startServer(), exportTinyOnnx(work, 0)]);
+    [server, [onnxPath, otherPath]] = await Promise.all([startServer(), exportTinyOnnx(work, 2)]);
     fv = new Client(server.address, { timeoutMs: 120_000 });
   }, TIMEOUT);
 
@@ -118,6 +119,28 @@ describe('featureviz Node client against a real server', () => {
     const status = await fv.getUpload(sha, corrupt.length);
     assert.equal(status.modelExists, false);
     assert.equal(status.committedBytes, 0);
+  });
+
+  it('resumes an interrupted upload from the bytes the server holds', TIMEOUT, async () => {
+    const other = fs.readFileSync(otherPath); // other weights: other bytes
+    const sha256 = crypto.createHash('sha256').update(other).digest('hex');
+    const header = { sha256, sizeBytes: other.length, displayName: 'other.onnx' };
+    // the first attempt breaks after one chunk: the stream ends short of size_bytes without finish_write
+    const broken = (async function* () {
+      yield { writeOffset: 0, data: other.subarray(0, 1000), finishWrite: false };
+    })();
+    const err = await rejection(fv._upload(header, broken));
+    assert.equal(err.codeName, 'FAILED_PRECONDITION');
+    assert.equal(err.reason, 'UPLOAD_INCOMPLETE');
+    assert.equal((await fv.getUpload(sha256, other.length)).committedBytes, 1000);
+    // a restart from 0 would be refused (write_offset 0, the server holds 1000): success means it resumed
+    const resumed = await fv.uploadModel(other, { name: 'other.onnx', chunkSize: 1000 });
+    assert.equal(resumed.sha256, sha256);
+    assert.equal(resumed.state, 'MODEL_STATE_READY');
+    assert.equal(resumed.deduplicated, false);
+    assert.deepEqual(await fv.getUpload(sha256, other.length), { sha256, committedBytes: other.length,
+      modelExists: true });
+    await fv.deleteModel(resumed);
   });
 
   it('names the bad JobSpec field before any compute', async () => {

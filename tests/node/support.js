@@ -94,20 +94,21 @@ class TinyNet(torch.nn.Module):
         x = torch.relu(self.conv2(x))
         return self.fc(x.mean(dim=(2, 3)))
 
-torch.manual_seed(int(sys.argv[2]))
-net = TinyNet().eval()
-torch.onnx.export(net, torch.rand(1, 3, 32, 32), sys.argv[1], input_names=["image"], output_names=["logits"],
-                  dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}}, opset_version=17, dynamo=False)
+for seed, path in enumerate(sys.argv[1:]):
+    torch.manual_seed(seed)
+    net = TinyNet().eval()
+    torch.onnx.export(net, torch.rand(1, 3, 32, 32), path, input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}}, opset_version=17, dynamo=False)
 `;
 
-/** Export TinyNet (weights from `seed`) to `<dir>/tiny-<seed>.onnx` and return the path. */
-function exportTinyOnnx(dir, seed = 0) {
-  const file = path.join(dir, `tiny-${seed}.onnx`);
+/** Export `count` TinyNets (weights from seeds 0, 1, ...: other bytes each) into `dir`; resolves to their paths. */
+function exportTinyOnnx(dir, count = 1) {
+  const files = Array.from({ length: count }, (_, seed) => path.join(dir, `tiny-${seed}.onnx`));
   return new Promise((resolve, reject) => {
-    execFile(PYTHON, ['-W', 'ignore', '-c', EXPORT_SCRIPT, file, String(seed)], { timeout: 180_000 },
+    execFile(PYTHON, ['-W', 'ignore', '-c', EXPORT_SCRIPT, ...files], { timeout: 180_000 },
       (err, stdout, stderr) => {
         if (err) reject(new Error(`torch.onnx.export failed: ${err.message}\n${stderr}`));
-        else resolve(file);
+        else resolve(files);
       });
   });
 }

@@ -198,7 +198,7 @@ class Client {
     const status = await this._unary(this._models, 'getUpload', { sha256, sizeBytes });
     const start = status.modelExists ? sizeBytes : status.committedBytes;
     const header = { sha256, sizeBytes, displayName, ...(preprocess ? { preprocess } : {}) };
-    return this._upload(header, chunks(source, start, limit));
+    return this._upload(header, chunks(source, start, sizeBytes, limit));
   }
 
   /** How many bytes of an interrupted upload the server holds: UploadStatus {committedBytes, modelExists}. */
@@ -391,22 +391,27 @@ async function digest(source) {
   return { sha256: hash.digest('hex'), sizeBytes };
 }
 
-/** UploadChunk messages {writeOffset, data} of at most `limit` bytes, from byte `start` on. */
-async function* chunks(source, start, limit) {
+/**
+ * UploadChunk messages {writeOffset, data, finishWrite} of at most `limit` bytes, from byte `start` to `size`.
+ * finishWrite marks the last one: a stream that ends without it broke, and the server keeps the prefix.
+ */
+async function* chunks(source, start, size, limit) {
   let offset = start;
+  const chunk = (data) => {
+    const message = { writeOffset: offset, data, finishWrite: offset + data.length >= size };
+    offset += data.length;
+    return message;
+  };
   if (typeof source === 'string') {
     for await (const block of fs.createReadStream(source, { start, highWaterMark: limit })) {
-      for (let at = 0; at < block.length; at += limit) {
-        const data = block.subarray(at, at + limit);
-        yield { writeOffset: offset, data };
-        offset += data.length;
-      }
+      for (let at = 0; at < block.length; at += limit) yield chunk(block.subarray(at, at + limit));
     }
-    return;
+  } else {
+    const bytes = Buffer.from(source.buffer, source.byteOffset, source.length);
+    while (offset < size) yield chunk(bytes.subarray(offset, Math.min(offset + limit, size)));
   }
-  const bytes = Buffer.from(source.buffer, source.byteOffset, source.length);
-  for (; offset < bytes.length; offset += limit) {
-    yield { writeOffset: offset, data: bytes.subarray(offset, Math.min(offset + limit, bytes.length)) };
+  if (offset !== size) {
+    throw invalidArgument('source', `the file changed while uploading: ${offset} bytes read, ${size} hashed`);
   }
 }
 
