@@ -244,13 +244,21 @@ def _precision() -> str:
     return value
 
 
-def _rows_per_program(batch: int, height: int, device: torch.device) -> int:
-    """64-row bands halve the L2 re-reads of the input; 32 (then 16) when that leaves SMs idle at small batch."""
+# Launch configurations, checked by compiling for sm_90 without a GPU (bench/compile_check.py, Triton 3.9):
+# 64-row bands halve the L2 re-reads of the input against 32-row ones and use wgmma; 8 warps and 2 stages fit
+# them in 255 registers with 8 bytes of spill (4 warps spill ~1.7 KB per thread). 16-row bands (168 registers,
+# mma, no spill) keep the SMs busy at small batch. Backward, 8 warps, 1 stage: 214-238 registers, no spill.
+FORWARD_CONFIGS = {
+    64: dict(BLOCK_H=64, BLOCK_K=32, BLOCK_L=32, BLOCK_W=64, num_warps=8, num_stages=2),
+    16: dict(BLOCK_H=16, BLOCK_K=32, BLOCK_L=32, BLOCK_W=64, num_warps=4, num_stages=1),
+}
+BACKWARD_CONFIG = dict(BLOCK_L=32, BLOCK_H=32, BLOCK_W=64, BLOCK_K=64, num_warps=8, num_stages=1)
+
+
+def _forward_config(batch: int, height: int, device: torch.device) -> dict:
+    """64-row bands when they give at least one program per SM, else 16-row bands."""
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    for rows in (64, 32):
-        if batch * triton.cdiv(height, rows) >= n_sm:
-            return rows
-    return 16
+    return FORWARD_CONFIGS[64 if batch * triton.cdiv(height, 64) >= n_sm else 16]
 
 
 def spectrum_to_image_forward(spectrum, scale, color, size, *, sigmoid=True):
@@ -269,12 +277,11 @@ def spectrum_to_image_forward(spectrum, scale, color, size, *, sigmoid=True):
     ch, sh, cw, nsw, _, _ = _dft_matrices(height, width, spectrum.device)
     scratch = torch.empty_like(spectrum)
     out = torch.empty(batch, out_channels, height, width, device=spectrum.device, dtype=torch.float32)
-    rows = _rows_per_program(batch, height, spectrum.device)
-    _spectrum_to_image_forward_kernel[(batch, triton.cdiv(height, rows))](
+    config = _forward_config(batch, height, spectrum.device)
+    _spectrum_to_image_forward_kernel[(batch, triton.cdiv(height, config["BLOCK_H"]))](
         spectrum, scale, color, ch, sh, cw, nsw, scratch, out,
         height, width, wf,
-        C=channels, CO=out_channels, SIGMOID=sigmoid,
-        BLOCK_H=rows, BLOCK_K=32, BLOCK_L=32, BLOCK_W=64, PRECISION=_precision(), num_warps=4,
+        C=channels, CO=out_channels, SIGMOID=sigmoid, PRECISION=_precision(), **config,
     )
     return out
 
@@ -286,16 +293,15 @@ def spectrum_to_image_backward(grad_image, image, spectrum, scale, color, size, 
     if color is None:
         color = torch.eye(channels, device=spectrum.device)
     grad_image, color = grad_image.float().contiguous(), color.float().contiguous()
-    _, _, _, _, cwt, nswt = _dft_matrices(height, width, spectrum.device)
-    ch, sh = _dft_matrices(height, width, spectrum.device)[:2]
+    ch, sh, _, _, cwt, nswt = _dft_matrices(height, width, spectrum.device)
     scratch = torch.empty(batch, color.shape[0], height, wf, 2, device=spectrum.device, dtype=torch.float32)
     grad_spectrum = torch.empty_like(spectrum)
     partial = torch.empty(batch, height, wf, device=spectrum.device, dtype=torch.float32) if scale_grad else scratch
-    _spectrum_to_image_backward_kernel[(batch, triton.cdiv(wf, 32))](
+    _spectrum_to_image_backward_kernel[(batch, triton.cdiv(wf, BACKWARD_CONFIG["BLOCK_L"]))](
         grad_image, image, spectrum, scale, color, ch, sh, cwt, nswt, scratch, grad_spectrum, partial,
         height, width, wf,
-        C=channels, CO=color.shape[0], SIGMOID=sigmoid, SCALE_GRAD=scale_grad,
-        BLOCK_L=32, BLOCK_H=32, BLOCK_W=64, BLOCK_K=64, PRECISION=_precision(), num_warps=4,
+        C=channels, CO=color.shape[0], SIGMOID=sigmoid, SCALE_GRAD=scale_grad, PRECISION=_precision(),
+        **BACKWARD_CONFIG,
     )
     return grad_spectrum, (partial.sum(0) if scale_grad else None)
 

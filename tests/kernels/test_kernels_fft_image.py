@@ -71,20 +71,22 @@ def test_reference_gradcheck(height, width):
                                     (spectrum, scale, color), fast_mode=True)
 
 
-# (batch, C, Co, H, W, sigmoid, color): even and odd H and W, batch 1 and several, identity and grey->RGB colour,
-# and one size spanning several tiles in every direction (H > 64 rows, W//2+1 > 32 columns, W > 64).
+# (batch, C, Co, H, W, sigmoid, color, rows): even and odd H and W, batch 1 and several, identity and grey->RGB
+# colour, both forward band heights, and sizes spanning several tiles in every direction (H > 64 rows or > 16 rows,
+# W//2+1 > 32 columns, W > 64).
 CASES = [
-    (1, 3, 3, 16, 16, True, True),
-    (3, 3, 3, 9, 13, True, True),
-    (2, 3, 3, 12, 7, False, False),
-    (2, 1, 3, 11, 20, True, True),
-    (1, 3, 3, 67, 66, True, True),
+    (1, 3, 3, 16, 16, True, True, 64),
+    (3, 3, 3, 9, 13, True, True, 16),
+    (2, 3, 3, 12, 7, False, False, 64),
+    (2, 1, 3, 35, 20, True, True, 16),
+    (1, 3, 3, 67, 66, True, True, 64),
 ]
 
 
-@pytest.mark.parametrize("batch, channels, out_channels, height, width, sigmoid, color", CASES)
-def test_kernel_matches_float64_reference(batch, channels, out_channels, height, width, sigmoid, color,
-                                          kernel_device, assert_close):
+@pytest.mark.parametrize("batch, channels, out_channels, height, width, sigmoid, color, rows", CASES)
+def test_kernel_matches_float64_reference(batch, channels, out_channels, height, width, sigmoid, color, rows,
+                                          kernel_device, assert_close, monkeypatch):
+    monkeypatch.setattr(fft_image, "_forward_config", lambda *args: fft_image.FORWARD_CONFIGS[rows])
     spectrum, scale, mix = _inputs(batch, channels, out_channels, height, width, seed=height * width + batch,
                                    device=kernel_device, color=color)
     spectrum.requires_grad_(True)
