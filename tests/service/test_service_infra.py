@@ -1,0 +1,114 @@
+"""Health (Check and Watch), reflection, server info, bearer-token auth with tenants, queue limits."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from featureviz.client import Client
+from featureviz.client import FeaturevizClientError
+from featureviz.client import pb
+from featureviz.server import Limits
+from featureviz.server import ServerConfig
+from featureviz.server import serve_in_background
+from featureviz.server.app import SERVICE_NAMES
+
+CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
+
+
+def test_health_check_and_watch(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", *SERVICE_NAMES):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        stream = stub.Watch(health_pb2.HealthCheckRequest(service="featureviz.v1.JobService"), timeout=10)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        stream.cancel()
+
+
+def test_reflection_lists_and_describes_the_services(server):
+    with grpc.insecure_channel(server.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {*SERVICE_NAMES, "grpc.health.v1.Health"} <= services
+        descriptor = database.FindFileContainingSymbol("featureviz.v1.JobService")
+        assert descriptor.package == "featureviz.v1"
+        methods = {m.name for s in descriptor.service if s.name == "JobService" for m in s.method}
+        assert methods == {"CreateJob", "WatchJob", "CreateAndWatchJob", "GetJob", "ListJobs", "CancelJob"}
+
+
+def test_server_info(client):
+    info = client.info()
+    assert info.api_version == "v1" and info.version
+    assert info.limits.max_chunk_bytes == 1 << 20 and info.limits.max_image_side > 0
+    assert info.device.kind in ("cpu", "cuda") and not info.auth_required and info.tenant == "default"
+    assert "channel" in info.objective_kinds and "neuron_direction" in info.objective_kinds
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    config = ServerConfig(tmp_path_factory.mktemp("secured"), tokens={"tok-alice": "alice", "tok-bob": "bob"},
+                          limits=Limits(max_queued_jobs_per_tenant=2))
+    running = serve_in_background(config)
+    yield running
+    running.stop(grace=0)
+
+
+def test_auth_rejects_missing_and_wrong_tokens_on_every_service(secured):
+    for token in (None, "tok-mallory"):
+        with Client(secured.address, token=token) as fv:
+            for call in (fv.info, lambda: list(fv.models()), lambda: list(fv.jobs()),
+                         lambda: fv.upload(b"onnx bytes"), lambda: list(fv.watch("x"))):
+                with pytest.raises(FeaturevizClientError) as err:
+                    call()
+                assert err.value.code == "UNAUTHENTICATED"
+    with grpc.insecure_channel(secured.address) as channel:  # health stays open for probes
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tenants_see_only_their_own_models_and_jobs(secured, tiny_onnx):
+    with Client(secured.address, token="tok-alice") as alice, Client(secured.address, token="tok-bob") as bob:
+        assert alice.info().tenant == "alice" and alice.info().auth_required
+        model = alice.upload(tiny_onnx)
+        job = alice.submit(model.sha256, CHANNEL, steps=2, size=32)
+        for call in (lambda: bob.model(model.sha256), lambda: list(bob.layers(model.sha256)),
+                     lambda: bob.submit(model.sha256, CHANNEL), lambda: bob.job(job.id),
+                     lambda: bob.cancel(job.id)):
+            with pytest.raises(FeaturevizClientError) as err:
+                call()
+            assert err.value.code == "NOT_FOUND"
+        assert list(bob.models()) == [] and list(bob.jobs()) == []
+        # bob proves he has the bytes by sending them; the stored file is shared, not imported again
+        sent = []
+        mine = bob.upload(tiny_onnx, progress=lambda done, total: sent.append(done))
+        assert sent and mine.sha256 == model.sha256 and mine.layer_count == model.layer_count
+        assert alice.wait(job.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_queue_limit_per_tenant(secured, tiny_onnx):
+    with Client(secured.address, token="tok-alice") as alice:
+        model = alice.upload(tiny_onnx)
+        jobs = [alice.submit(model.sha256, CHANNEL, steps=5000, size=32) for _ in range(2)]
+        with pytest.raises(FeaturevizClientError) as err:
+            alice.submit(model.sha256, CHANNEL, steps=5000, size=32)
+        assert err.value.code == "RESOURCE_EXHAUSTED" and err.value.reason == "QUEUE_FULL"
+        assert err.value.retry_after and err.value.retry_after > 0
+        for job in jobs:
+            alice.cancel(job.id)
+        assert all(alice.wait(j.id, timeout=120).state == pb.JOB_STATE_CANCELLED for j in jobs)
+
+
+def test_non_loopback_without_auth_is_refused(tmp_path):
+    from featureviz.errors import InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="without auth"):
+        ServerConfig(tmp_path, host="0.0.0.0")
+    assert ServerConfig(tmp_path, host="0.0.0.0", allow_insecure_remote=True).host == "0.0.0.0"

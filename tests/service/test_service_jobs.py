@@ -1,0 +1,213 @@
+"""JobService against a real server: a full job with progress, previews and PNG results; re-attach after a
+dropped stream; cancel mid-run; deadlines; idempotent create; admission errors before any compute; a job
+that fails while running."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import export_onnx
+from featureviz.client import FeaturevizClientError
+from featureviz.client import images
+from featureviz.client import pb
+from featureviz.client import to_pil
+
+CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
+
+
+def _kinds(events):
+    return [e.WhichOneof("event") for e in events]
+
+
+def test_full_job_streams_progress_previews_and_pngs(client, tiny_model):
+    job = client.submit(tiny_model.sha256, CHANNEL, steps=12, size=32, batch=2, seed=5, preview_every=6,
+                        preview_max_side=16)
+    assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) and job.spec.model == tiny_model.sha256
+    events = list(client.watch(job.id, previews=True, timeout=120))
+    kinds = _kinds(events)
+    assert kinds[0] == "snapshot" and kinds[-1] == "result"
+    logged = [e for e in events if e.WhichOneof("event") not in ("snapshot", "heartbeat")]
+    assert [e.seq for e in logged] == list(range(logged[0].seq, logged[0].seq + len(logged)))  # no gaps
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert [p.step for p in progress] == list(range(1, 13)) and {p.steps for p in progress} == {12}
+    assert all(len(p.objective) == 2 and all(math.isfinite(v) for v in p.objective) for p in progress)
+    previews = [e.preview for e in events if e.HasField("preview")]
+    assert [p.step for p in previews] == [6, 12]
+    assert all(len(p.images) == 2 and all(max(to_pil(i.png).size) == 16 for i in p.images) for p in previews)
+
+    done = client.job(job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempts == 1 and done.result.steps_done == 12
+    pngs = images(done)
+    assert len(pngs) == 2
+    for png, meta in zip(pngs, done.result.images):
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and image.size == (32, 32) and image.mode == "RGB"
+        assert (meta.width, meta.height) == (32, 32)
+        assert math.isfinite(meta.objective_start) and math.isfinite(meta.objective_end)
+    assert pngs[0] != pngs[1]  # two images of a batch differ
+    assert set(done.result.phase_seconds) >= {"model", "optimizer"} and done.result.seconds_per_step > 0
+    # without previews asked, none are sent
+    assert "preview" not in _kinds(client.watch(job.id))
+
+
+def test_same_seed_same_images(client, tiny_model):
+    a = client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=6, size=32, seed=11).id, timeout=120)
+    b = client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=6, size=32, seed=11).id, timeout=120)
+    c = client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=6, size=32, seed=12).id, timeout=120)
+    assert images(a) == images(b) != images(c)
+
+
+def test_reattach_after_a_dropped_stream(client, tiny_model):
+    job = client.submit(tiny_model.sha256, CHANNEL, steps=60, size=32)
+    seen = []
+    for event in client.watch(job.id, timeout=120):  # leaving the loop cancels the stream, not the job
+        seen.append(event)
+        if len([e for e in seen if e.HasField("progress")]) == 5:
+            break
+    last = seen[-1].seq
+    rest = list(client.watch(job.id, from_seq=last, timeout=120))
+    assert rest[0].HasField("snapshot") and rest[0].snapshot.state != pb.JOB_STATE_CANCELLED
+    logged = [e for e in rest[1:] if not e.HasField("heartbeat")]
+    assert [e.seq for e in logged] == list(range(last + 1, last + 1 + len(logged)))  # nothing lost or repeated
+    steps = [e.progress.step for e in seen + rest if e.HasField("progress")]
+    assert steps == list(range(1, 61))
+    assert rest[-1].HasField("result") and rest[-1].result.state == pb.JOB_STATE_SUCCEEDED
+    # re-attaching to a finished job still ends with its result
+    again = list(client.watch(job.id, from_seq=rest[-1].seq))
+    assert _kinds(again) == ["snapshot", "result"] and again[-1].result.result.steps_done == 60
+
+
+def test_cancel_mid_run_stops_within_a_few_steps(client, tiny_model):
+    job = client.submit(tiny_model.sha256, CHANNEL, steps=5000, size=64)
+    step_at_cancel = None
+    for event in client.watch(job.id, timeout=300):
+        if event.HasField("progress") and event.progress.step >= 3 and step_at_cancel is None:
+            step_at_cancel = event.progress.step
+            client.cancel(job.id)
+        if event.HasField("result"):
+            break
+    done = client.job(job.id)
+    assert done.state == pb.JOB_STATE_CANCELLED
+    assert step_at_cancel <= done.result.steps_done <= step_at_cancel + 50
+    assert len(images(done)) == 1  # the partial image is kept
+    assert client.cancel(job.id).state == pb.JOB_STATE_CANCELLED  # cancelling again is harmless
+
+
+def test_cancel_a_queued_job_and_a_finished_one(client, tiny_model):
+    blocker = client.submit(tiny_model.sha256, CHANNEL, steps=5000, size=32)
+    queued = client.submit(tiny_model.sha256, CHANNEL, steps=5, size=32)
+    assert client.job(queued.id).state == pb.JOB_STATE_QUEUED
+    assert client.cancel(queued.id).state == pb.JOB_STATE_CANCELLED
+    client.cancel(blocker.id)
+    assert client.wait(blocker.id, timeout=120).state == pb.JOB_STATE_CANCELLED
+    finished = client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=2, size=32).id, timeout=120)
+    with pytest.raises(FeaturevizClientError) as err:
+        client.cancel(finished.id)
+    assert err.value.code == "FAILED_PRECONDITION" and err.value.reason == "JOB_FINISHED"
+
+
+def test_client_deadline_ends_the_watch_not_the_job(client, tiny_model):
+    job = client.submit(tiny_model.sha256, CHANNEL, steps=5000, size=32)
+    with pytest.raises(FeaturevizClientError) as err:
+        for _ in client.watch(job.id, timeout=0.5):
+            pass
+    assert err.value.code == "DEADLINE_EXCEEDED"
+    assert client.job(job.id).state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout=120).state == pb.JOB_STATE_CANCELLED
+
+
+def test_create_is_idempotent_on_request_id(client, tiny_model):
+    first = client.submit(tiny_model.sha256, CHANNEL, steps=3, size=32, request_id="req-1")
+    second = client.submit(tiny_model.sha256, CHANNEL, steps=3, size=32, request_id="req-1")
+    assert first.id == second.id
+    with pytest.raises(FeaturevizClientError) as err:
+        client.submit(tiny_model.sha256, {"layer": {"layer": "/Relu"}}, request_id="req-1")
+    assert err.value.code == "INVALID_ARGUMENT" and err.value.field_violations[0][0] == "request_id"
+    client.wait(first.id, timeout=120)
+
+
+@pytest.mark.parametrize("objective, field, words", [
+    ({"channel": {"layer": "/nope", "channel": 0}}, "spec.objective.channel.layer", "unknown layer"),
+    ({"channel": {"layer": "/Relu_1", "channel": 16}}, "spec.objective.channel.channel", "out of range"),
+    ({"sum": [{"tv": {}}, {"neuron": {"layer": "/Relu", "channel": 99}}]},
+     "spec.objective.sum.terms[1].neuron.channel", "out of range"),
+    ({"logit": {"index": 10}}, "spec.objective.logit.index", "out of range"),
+])
+def test_bad_objective_is_rejected_before_any_compute(client, tiny_model, objective, field, words):
+    before = len(list(client.jobs()))
+    with pytest.raises(FeaturevizClientError) as err:
+        client.submit(tiny_model.sha256, objective, steps=3, size=32)
+    assert err.value.code == "INVALID_ARGUMENT"
+    assert [f for f, _ in err.value.field_violations] == [field]
+    assert words in err.value.message
+    assert len(list(client.jobs())) == before  # no job was made
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"steps": 10**6}, "spec.steps"),
+    ({"batch": 0}, "spec.batch"),
+    ({"size": 4096}, "spec.size"),
+])
+def test_limits_are_enforced_at_admission(client, tiny_model, options, field):
+    with pytest.raises(FeaturevizClientError) as err:
+        client.submit(tiny_model.sha256, CHANNEL, **options)
+    assert err.value.code == "INVALID_ARGUMENT" and err.value.field_violations[0][0] == field
+
+
+def test_unknown_model_and_job(client):
+    with pytest.raises(FeaturevizClientError) as err:
+        client.submit("0" * 64, CHANNEL)
+    assert err.value.code == "NOT_FOUND"
+    for call in (client.job, client.cancel, lambda j: list(client.watch(j))):
+        with pytest.raises(FeaturevizClientError) as err:
+            call("no-such-job")
+        assert err.value.code == "NOT_FOUND" and err.value.reason == "JOB_NOT_FOUND"
+
+
+class FixedReshape(torch.nn.Module):
+    """Imports and verifies at its default size, but its Reshape is fixed to 224x224 inputs: a render at
+    another size fails inside the model, while running."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.avg_pool2d(torch.relu(self.conv(x)), 8)
+        return self.fc(x.reshape(-1, 4 * 28 * 28))
+
+
+def test_a_job_failing_while_running_ends_failed_and_the_server_keeps_serving(client, tiny_model):
+    torch.manual_seed(0)
+    model = client.upload(export_onnx(FixedReshape(), size=224), name="fixed-reshape.onnx")
+    job = client.submit(model.sha256, {"logit": {"index": 1}}, steps=3, size=32)
+    done = client.wait(job.id, timeout=120)
+    assert done.state == pb.JOB_STATE_FAILED
+    assert done.error.code == "INTERNAL" and done.error.reason == "INTERNAL_ERROR"
+    assert "Traceback" not in done.error.message
+    ok = client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=2, size=32).id, timeout=120)
+    assert ok.state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_create_and_watch(client, tiny_model):
+    events = list(client.create_and_watch(tiny_model.sha256, CHANNEL, steps=4, size=32, timeout=120))
+    assert _kinds(events)[0] == "snapshot" and events[-1].HasField("result")
+    assert events[-1].result.state == pb.JOB_STATE_SUCCEEDED
+    assert len(events[-1].result.result.images) == 1 and events[-1].result.result.images[0].png
+
+
+def test_list_jobs_pages_and_filters(client, tiny_model):
+    for _ in range(3):
+        client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=1, size=32).id, timeout=120)
+    everything = list(client.jobs())
+    assert len(list(client.jobs(page_size=2))) == len(everything) >= 3
+    succeeded = list(client.jobs(state=pb.JOB_STATE_SUCCEEDED))
+    assert succeeded and all(j.state == pb.JOB_STATE_SUCCEEDED for j in succeeded)
+    assert all(not image.png for j in everything for image in j.result.images)  # listings carry no bytes

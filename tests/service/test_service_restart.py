@@ -1,0 +1,105 @@
+"""Jobs survive the server: ``featureviz serve`` as a real subprocess, killed (SIGKILL) with one job running
+and one queued, then stopped gracefully (SIGTERM) mid-job; each restart on the same store re-queues the
+unfinished jobs, which finish with the same images as an uninterrupted run of the same seed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from featureviz.client import Client
+from featureviz.client import images
+from featureviz.client import pb
+
+CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 5}}
+
+
+class ServeProcess:
+    def __init__(self, store):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(store), "--heartbeat", "0.5",
+             "--grace", "0", "--log-level", "WARNING"],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.lines: list[str] = []
+        self._port = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._port.wait(180):
+            self.proc.kill()
+            raise AssertionError("featureviz serve did not start:\n" + "".join(self.lines))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                self._port.set()
+
+    def stop(self, sig) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(60)
+
+
+def _wait_for_step(fv: Client, job_id: str, step: int) -> int:
+    last = 0
+    for event in fv.watch(job_id, timeout=120):
+        last = max(last, event.seq)
+        if event.HasField("progress") and event.progress.step >= step:
+            return last
+    raise AssertionError(f"job {job_id} ended before step {step}")
+
+
+@pytest.mark.slow
+def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
+    store = tmp_path / "store"
+    first = ServeProcess(store)
+    try:
+        with Client(first.address) as fv:
+            model = fv.upload(tiny_onnx)
+            running = fv.submit(model.sha256, CHANNEL, steps=60, size=32, seed=7)
+            queued = fv.submit(model.sha256, CHANNEL, steps=10, size=32, seed=8)
+            seen_seq = _wait_for_step(fv, running.id, 5)
+            assert fv.job(queued.id).state == pb.JOB_STATE_QUEUED
+    finally:
+        first.stop(signal.SIGKILL)  # a crash: the job stays RUNNING in the store
+
+    second = ServeProcess(store)
+    try:
+        with Client(second.address) as fv:
+            rest = list(fv.watch(running.id, from_seq=seen_seq, timeout=240))
+            assert all(e.seq > seen_seq for e in rest[1:])  # sequence numbers keep growing across restarts
+            done = fv.job(running.id)
+            assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempts == 2 and done.result.steps_done == 60
+            other = fv.wait(queued.id, timeout=240)
+            assert other.state == pb.JOB_STATE_SUCCEEDED and other.attempts == 1
+            # an uninterrupted run of the same spec gives the same bytes
+            reference = fv.wait(fv.submit(model.sha256, CHANNEL, steps=60, size=32, seed=7).id, timeout=240)
+            assert images(reference) == images(done)
+
+            long = fv.submit(model.sha256, CHANNEL, steps=10_000, size=32, seed=9)
+            _wait_for_step(fv, long.id, 3)
+    finally:
+        assert second.stop(signal.SIGTERM) == 0  # graceful: the running job goes back to QUEUED
+
+    third = ServeProcess(store)
+    try:
+        with Client(third.address) as fv:
+            again = fv.job(long.id)
+            assert again.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)
+            _wait_for_step(fv, long.id, 1)
+            assert fv.job(long.id).attempts == 2
+            fv.cancel(long.id)
+            assert fv.wait(long.id, timeout=120).state == pb.JOB_STATE_CANCELLED
+            assert len(list(fv.jobs())) == 4
+    finally:
+        third.stop(signal.SIGTERM)
