@@ -125,8 +125,114 @@ def write_images(job, out_dir: str | os.PathLike, stem: str) -> list[str]:
     return paths
 
 
+def _remote_preprocess(args: argparse.Namespace) -> dict:
+    """The preprocessing the local command would use (its defaults: ImageNet mean and std), torch-free."""
+    from featureviz.cli.render import IMAGENET_MEAN
+    from featureviz.cli.render import IMAGENET_STD
+
+    mean = tuple(args.mean) if args.mean is not None else IMAGENET_MEAN
+    std = tuple(args.std) if args.std is not None else IMAGENET_STD
+    if len(mean) != len(std):
+        if len(mean) == 1:
+            mean = mean * len(std)
+        elif len(std) == 1:
+            std = std * len(mean)
+    return {"mean": list(mean), "std": list(std), "channel_order": "BGR" if args.bgr else "RGB"}
+
+
+def _write_outputs(job, out: str, as_grid: bool) -> list[Path]:
+    """The files the local command writes: OUT.png for one image or a grid, else OUT_0.png, OUT_1.png ..."""
+    from featureviz.client import images
+
+    pngs = images(job)
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if len(pngs) == 1:
+        path.write_bytes(pngs[0])
+        return [path]
+    if as_grid:
+        path.write_bytes(_grid_png(pngs))
+        return [path]
+    paths = []
+    for i, png in enumerate(pngs):
+        target = path.with_name(f"{path.stem}_{i}{path.suffix}")
+        target.write_bytes(png)
+        paths.append(target)
+    return paths
+
+
+def _grid_png(pngs: list[bytes], pad: int = 2) -> bytes:
+    """An about-square grid with ``pad`` white pixels between images, as the local command draws (needs Pillow)."""
+    import io
+    import math
+
+    from featureviz.client import to_pil
+
+    tiles = [to_pil(png).convert("RGB") for png in pngs]
+    w, h = tiles[0].size
+    columns = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    from PIL import Image
+
+    sheet = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        r, k = divmod(i, columns)
+        sheet.paste(tile, (pad + k * (w + pad), pad + r * (h + pad)))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @client_command
 def render_remote(args: argparse.Namespace) -> int:
-    """``featureviz render MODEL.onnx OBJECTIVE ... --server ADDR``: upload the model unless the server has it,
-    submit the job, draw progress, write the PNGs; ``--json`` prints the same fields as the local command."""
-    raise NotImplementedError  # replaced below once the local render command's options are known
+    """``featureviz render MODEL.onnx OBJECTIVE ... --server ADDR``: the local render command's job run by a
+    server. Uploads the model unless the server has its bytes, submits, draws progress, writes the same files
+    and prints the same ``--json`` fields (plus ``job`` and ``model``). ``--device`` is the server's business."""
+    from featureviz.client import pb
+    from featureviz.client.convert import spec_to_proto
+    from featureviz.errors import InvalidSpec
+    from featureviz.spec import parse_objective
+
+    objective = parse_objective(args.objective)  # syntax errors before any upload
+    if not os.path.isfile(args.model):
+        raise InvalidSpec("MODEL.onnx", f"no such file: {args.model!r}")
+    init_image = Path(args.init).read_bytes() if args.init else None
+    with connect(args) as fv:
+        model = fv.upload(args.model)
+        spec = spec_to_proto(model.sha256, objective, steps=args.steps, lr=args.lr, size=args.size, batch=args.batch,
+                             seed=args.seed, param=args.param, decay=args.decay, transforms=args.transforms,
+                             init_image=init_image, preprocess=_remote_preprocess(args))
+        job = fv.submit(model.sha256, spec=spec)
+        job = watch_with_progress(fv, job.id, label=f"render {Path(args.model).name}",
+                                  quiet=not sys.stderr.isatty())
+    if job.state != pb.JOB_STATE_SUCCEEDED:
+        print(f"featureviz render: error: {job_failure(job)}", file=sys.stderr)
+        return 1
+    files = _write_outputs(job, args.out, args.grid)
+    result = job.result
+    ordered = sorted(result.images, key=lambda image: image.index)
+    starts = [image.objective_start for image in ordered]
+    ends = [image.objective_end for image in ordered]
+    if args.json:
+        print(json.dumps({
+            "objective": result.objective_description,
+            "objective_start": starts,
+            "objective_end": ends,
+            "seconds_per_step": result.seconds_per_step,
+            "phase_seconds": dict(result.phase_seconds),
+            "steps": result.steps_done,
+            "size": [ordered[0].height, ordered[0].width],
+            "batch": len(ordered),
+            "seed": args.seed,
+            "files": [str(p) for p in files],
+            "job": job.id,
+            "model": model.sha256,
+        }))
+    else:
+        for i, (a, b) in enumerate(zip(starts, ends)):
+            print(f"image {i}: objective {a:.4g} -> {b:.4g}")
+        print(f"{result.steps_done} steps, {result.seconds_per_step:.3f} s/step on the server; "
+              f"wrote {', '.join(map(str, files))}")
+    return 0

@@ -455,7 +455,7 @@ class RenderedImage(_message.Message):
     def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., objective_start: _Optional[float] = ..., objective_end: _Optional[float] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds")
+    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -467,11 +467,13 @@ class JobResult(_message.Message):
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[RenderedImage]
     steps_done: int
     seconds_per_step: float
     phase_seconds: _containers.ScalarMap[str, float]
-    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    objective_description: str
+    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "reason", "message", "field")
