@@ -1,5 +1,7 @@
 'use strict';
-// The Node client and the featureviz-node CLI against a REAL `featureviz serve` on a free port.
+// The Node client and the featureviz-node CLI against a REAL `featureviz serve` on a free port, with bearer
+// tokens on. One server for the whole file (it imports torch: ~10 s to start); the restart test stops it and
+// starts it again on the same port and store.
 
 const assert = require('node:assert/strict');
 const { execFile } = require('node:child_process');
@@ -30,10 +32,34 @@ function runCli(args, env = {}) {
   });
 }
 
+const TOKENS = 'tok-alice=alice,tok-bob=bob';
+
+async function codeOf(promise) {
+  try {
+    await promise;
+  } catch (err) {
+    return err.codeName;
+  }
+  return 'OK';
+}
+
+async function drain(iterator) {
+  const events = [];
+  for await (const event of iterator) events.push(event);
+  return events;
+}
+
 describe('featureviz Node client against a real server', () => {
   let server;
   let fv;
   let work;
+  let store;
+  const clients = [];
+  const client = (options) => {
+    const other = new Client(server.address, { timeoutMs: 60_000, ...options });
+    clients.push(other);
+    return other;
+  };
   let onnxPath;
   let otherPath;
   let model;
@@ -41,21 +67,23 @@ describe('featureviz Node client against a real server', () => {
 
   before(async () => {
     work = tempDir('work');
-    [server, [onnxPath, otherPath]] = await Promise.all([startServer(), exportTinyOnnx(work, 2)]);
-    fv = new Client(server.address, { timeoutMs: 120_000 });
+    store = tempDir('store');
+    const env = { FEATUREVIZ_TOKENS: TOKENS };
+    [server, [onnxPath, otherPath]] = await Promise.all([startServer({ store, env }), exportTinyOnnx(work, 2)]);
+    fv = new Client(server.address, { token: 'tok-alice', timeoutMs: 120_000 });
   }, TIMEOUT);
 
   after(async () => {
-    if (fv) fv.close();
+    for (const other of [fv, ...clients]) if (other) other.close();
     if (server) await server.stop();
-    if (work) fs.rmSync(work, { recursive: true, force: true });
+    for (const dir of [work, store]) if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
   it('reports the server info and its limits', async () => {
     const info = await fv.serverInfo();
     assert.equal(info.apiVersion, 'v1');
-    assert.equal(info.authRequired, false);
-    assert.equal(info.tenant, 'default');
+    assert.equal(info.authRequired, true);
+    assert.equal(info.tenant, 'alice');
     assert.ok(info.limits.maxChunkBytes > 0);
     assert.ok(info.objectiveKinds.includes('channel'), info.objectiveKinds.join(','));
   });
@@ -222,7 +250,7 @@ describe('featureviz Node client against a real server', () => {
   });
 
   it('featureviz-node uploads, lists layers and renders PNG files', TIMEOUT, async () => {
-    const env = { FEATUREVIZ_SERVER: server.address };
+    const env = { FEATUREVIZ_SERVER: server.address, FEATUREVIZ_TOKEN: 'tok-alice' };
     const upload = await runCli(['upload', onnxPath], env);
     assert.equal(upload.code, 0, upload.stderr);
     assert.equal(upload.stdout.trim(), model.sha256);
@@ -244,6 +272,57 @@ describe('featureviz Node client against a real server', () => {
     assert.match(bad.stderr, /INVALID_ARGUMENT.*500/);
     const usage = await runCli(['render', model.sha256, 'no-channel'], env);
     assert.equal(usage.code, 2);
+  });
+
+  it('maps each bearer token to its tenant, whose models are its own', async () => {
+    const bob = client({ token: 'tok-bob' });
+    assert.equal((await bob.serverInfo()).tenant, 'bob');
+    assert.equal(await codeOf(bob.getModel(model)), 'NOT_FOUND');
+    assert.deepEqual(await drain(bob.listModels()), []);
+  });
+
+  it('refuses unary, streaming and client-streaming calls without a known token', async () => {
+    for (const anonymous of [client({}), client({ token: 'tok-mallory' })]) {
+      assert.equal(await codeOf(anonymous.serverInfo()), 'UNAUTHENTICATED');
+      assert.equal(await codeOf(anonymous.getModel(model)), 'UNAUTHENTICATED');
+      assert.equal(await codeOf(drain(anonymous.watchJob('some-job'))), 'UNAUTHENTICATED');
+      assert.equal(await codeOf(anonymous.uploadModel(Buffer.from('onnx?'), { chunkSize: 1024 })), 'UNAUTHENTICATED');
+      assert.equal(await codeOf(anonymous._upload({ sha256: model.sha256, sizeBytes: model.sizeBytes },
+        (async function* () {})())), 'UNAUTHENTICATED');
+    }
+    const noToken = await runCli(['layers', model.sha256], { FEATUREVIZ_SERVER: server.address, FEATUREVIZ_TOKEN: '' });
+    assert.equal(noToken.code, 1);
+    assert.match(noToken.stderr, /UNAUTHENTICATED/);
+  });
+
+  it('re-attaches a watch across a server restart and keeps streaming the same job', TIMEOUT, async () => {
+    const info = await fv.serverInfo();
+    const job = await fv.createJob({ model, objective: { channel: { layer: spatialLayer, channel: 2 } },
+      steps: info.limits.maxSteps, size: 32 });
+    const snapshots = [];
+    const seqs = [];
+    let restarted = false;
+    let result = null;
+    for await (const event of fv.watchJob(job)) {
+      if (event.event === 'snapshot') snapshots.push(event.snapshot);
+      else if (event.event !== 'heartbeat') seqs.push(event.seq);
+      if (event.event === 'result') result = event.result;
+      if (event.event !== 'progress') continue;
+      if (!restarted && event.progress.step >= 3) {
+        restarted = true;
+        await server.stop(); // SIGTERM: the running job goes back to the queue after --grace
+        server = await startServer({ store, port: server.port, env: { FEATUREVIZ_TOKENS: TOKENS } });
+      } else if (restarted && snapshots.length === 2) {
+        await fv.cancelJob(job);
+      }
+    }
+    assert.ok(restarted, 'the job made progress before the restart');
+    assert.equal(snapshots.length, 2, 'one snapshot per server lifetime');
+    assert.equal(snapshots[0].attempts, 1);
+    assert.equal(snapshots[1].attempts, 2, 'the restarted server ran the job again');
+    assert.deepEqual(seqs, [...new Set(seqs)].sort((a, b) => a - b), 'no event twice, none out of order');
+    assert.equal(result.state, 'JOB_STATE_CANCELLED');
+    assert.equal((await fv.getJob(job)).state, 'JOB_STATE_CANCELLED');
   });
 
   it('deletes the model', async () => {

@@ -32,12 +32,13 @@ function tempDir(prefix) {
 }
 
 /**
- * Start `featureviz serve --port 0` and resolve once it reports the port it bound.
+ * Start `featureviz serve` (on `port`, default 0: a free one) and resolve once it reports the port it bound.
+ * The store is `store` when given (kept on stop, for restarts), else a temporary folder removed on stop.
  * @returns {Promise<{address: string, port: number, store: string, log: () => string, stop: () => Promise<void>}>}
  */
-function startServer({ env = {}, args = [] } = {}) {
-  const store = tempDir('store');
-  const child = spawn(FEATUREVIZ, ['serve', '--host', '127.0.0.1', '--port', '0', '--store', store,
+function startServer({ env = {}, args = [], store: given, port: wanted = 0 } = {}) {
+  const store = given || tempDir('store');
+  const child = spawn(FEATUREVIZ, ['serve', '--host', '127.0.0.1', '--port', String(wanted), '--store', store,
     '--heartbeat', '0.5', '--grace', '2', ...args], {
     env: { ...process.env, FEATUREVIZ_CACHE: path.join(store, 'cache'), ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -52,7 +53,7 @@ function startServer({ env = {}, args = [] } = {}) {
       await exited;
       clearTimeout(timer);
     }
-    fs.rmSync(store, { recursive: true, force: true });
+    if (!given) fs.rmSync(store, { recursive: true, force: true });
   };
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {

@@ -25,6 +25,10 @@ const { FeaturevizError, fromGrpcError, invalidArgument } = require('./errors');
 
 const PROTO_FILE = 'featureviz/v1/featureviz.proto';
 const DEFAULT_CHUNK_BYTES = 1 << 20; // the server's default Limits.max_chunk_bytes
+// re-attaching a dropped watch: backoff 250 ms doubling to 2 s, for up to 60 s (a server restart imports torch)
+const DEFAULT_RECONNECT_MS = 60_000;
+const RECONNECT_FIRST_MS = 250;
+const RECONNECT_MAX_MS = 2_000;
 const LOOPBACK = new Set(['127.0.0.1', 'localhost', '::1', '[::1]']);
 const TERMINAL_STATES = new Set(['JOB_STATE_SUCCEEDED', 'JOB_STATE_FAILED', 'JOB_STATE_CANCELLED']);
 const PARAMS = { fft: 'PARAMETERIZATION_FFT', pixel: 'PARAMETERIZATION_PIXEL', maco: 'PARAMETERIZATION_MACO' };
@@ -257,29 +261,32 @@ class Client {
 
   /**
    * The job's events: a snapshot first, then state changes, progress, previews (when asked), heartbeats and a
-   * final `result` (the finished Job), after which the iterator ends. A stream dropped with UNAVAILABLE is
-   * re-attached from the last seq seen, up to `reconnects` times. Leaving the loop early cancels the watch,
-   * never the job.
+   * final `result` (the finished Job), after which the iterator ends. A stream that drops (UNAVAILABLE: a
+   * network break or a server restart) is re-attached from the last seq seen, retrying with backoff for up to
+   * `reconnectMs` after the drop. Leaving the loop early cancels the watch, never the job.
    * @param {object|string} job
-   * @param {{fromSeq?: number, includePreviews?: boolean, reconnects?: number}} [options]
+   * @param {{fromSeq?: number, includePreviews?: boolean, reconnectMs?: number}} [options]
    */
-  async *watchJob(job, { fromSeq = 0, includePreviews = false, reconnects = 3 } = {}) {
+  async *watchJob(job, { fromSeq = 0, includePreviews = false, reconnectMs = DEFAULT_RECONNECT_MS } = {}) {
     const request = { job: jobRef(job), fromSeq, includePreviews };
-    let retries = 0;
+    let droppedAt = null;
+    let delay = 0;
     for (;;) {
       const call = this._jobs.watchJob(request, this._metadata());
       try {
         for await (const event of call) {
-          retries = 0;
+          droppedAt = null;
+          delay = 0;
           if (event.event !== 'snapshot' && event.event !== 'heartbeat') request.fromSeq = event.seq;
           yield event;
           if (event.event === 'result') return;
         }
         return;
       } catch (err) {
-        if (err.code !== grpc.status.UNAVAILABLE || retries >= reconnects) throw fromGrpcError(err);
-        retries += 1;
-        await sleep(200 * 2 ** retries);
+        droppedAt = droppedAt ?? Date.now();
+        if (err.code !== grpc.status.UNAVAILABLE || Date.now() - droppedAt >= reconnectMs) throw fromGrpcError(err);
+        delay = Math.min(Math.max(2 * delay, RECONNECT_FIRST_MS), RECONNECT_MAX_MS);
+        await sleep(delay);
       } finally {
         call.cancel();
       }
