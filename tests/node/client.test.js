@@ -192,12 +192,18 @@ describe('featureviz Node client against a real server', () => {
     const job = await fv.createJob({
       model, objective: { sum: [{ channel: { layer: spatialLayer, channel: 3 } }, { scale: { factor: -0.01,
         objective: { tv: {} } } }] },
-      steps: 6, size: [32, 40], batch: 2, seed: 7, param: 'fft',
+      steps: 6, size: [32, 40], batch: 2, seed: 7, param: 'fft', previewEvery: 3, previewMaxSide: 20,
     }, { requestId: 'node-short-job' });
     assert.ok(['JOB_STATE_QUEUED', 'JOB_STATE_RUNNING'].includes(job.state), job.state);
     const events = [];
-    for await (const event of fv.watchJob(job)) events.push(event);
+    for await (const event of fv.watchJob(job, { includePreviews: true })) events.push(event);
     assert.equal(events[0].event, 'snapshot');
+    const previews = events.filter((e) => e.event === 'preview').map((e) => e.preview);
+    assert.deepEqual(previews.map((p) => p.step), [3, 6]);
+    for (const image of previews.flatMap((p) => p.images)) {
+      assert.ok(image.png.subarray(0, 8).equals(PNG_SIGNATURE), 'preview PNG signature');
+      assert.deepEqual([image.png.readUInt32BE(16), image.png.readUInt32BE(20)], [20, 16]); // 40x32 -> 20x16
+    }
     const result = events.at(-1);
     assert.equal(result.event, 'result');
     const steps = events.filter((e) => e.event === 'progress').map((e) => e.progress.step);
@@ -223,6 +229,7 @@ describe('featureviz Node client against a real server', () => {
     for await (const event of fv.watchJob(job.id, { fromSeq: from })) replay.push(event);
     assert.equal(replay[0].event, 'snapshot');
     assert.ok(replay.slice(1).every((e) => e.seq > from), JSON.stringify(replay.map((e) => e.seq)));
+    assert.ok(replay.every((e) => e.event !== 'preview'), 'previews only when asked');
     assert.equal(replay.at(-1).event, 'result');
     const fetched = await fv.getJob(`jobs/${job.id}`);
     assert.ok(fetched.result.images[0].png.equals(done.result.images[0].png));
