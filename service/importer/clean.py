@@ -103,6 +103,27 @@ def nhwc_to_nchw(model: onnx.ModelProto, spec: InputSpec) -> onnx.ModelProto:
     return model
 
 
+def drop_dropout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove inference-time Dropout (an identity); old zoos give it a mask output onnx2torch mishandles."""
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        mask_used = len(node.output) > 1 and node.output[1] and node.output[1] in used
+        if node.op_type == "Dropout" and not mask_used and node.output[0] not in {v.name for v in graph.output}:
+            rename[node.output[0]] = node.input[0]
+            continue
+        keep.append(node)
+    if rename:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return model
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -125,11 +146,13 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
     if len(keep) != len(model.graph.input):
         del model.graph.input[:]
         model.graph.input.extend(keep)
+        # IR < 4 requires every initializer to be an input; IR 7 is what opset 13 (our upgrade target) pairs with
+        model.ir_version = max(model.ir_version, 7)
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, identity/dropout elimination and shape inference (onnxsim; onnxscript as fallback)."""
-    model = _copy(model)
+    model = drop_dropout(_copy(model))
     _drop_initializer_inputs(model)
     try:
         import onnxsim
@@ -235,35 +258,53 @@ def _batch_axis_out(node, in_axis: int, in_rank: int, out_rank: int | None, cons
     return None
 
 
-def _reshape_target(in_shape: list[int], in_axis: int, target: np.ndarray, allowzero: int = 0
-                    ) -> tuple[np.ndarray, int] | None:
-    """Rewrite a batch-1 Reshape target so the batch axis is inferred (-1); return it and the output batch axis."""
+def _reshape_target(in_shape: list[int], where: tuple[int, int], target: np.ndarray, allowzero: int = 0
+                    ) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Rewrite a batch-1 Reshape target so that the batch is inferred (-1).
+
+    ``where = (axis, inner)``: the batch is a factor of ``axis`` with ``inner`` elements of that axis inside it
+    (a ViT's ``[B * heads, ...]`` has inner = heads). A reshape keeps row-major order, so the batch sits at
+    the same flat position ``P`` (elements before it, in units of the part after it) in the output; it lands in
+    the output axis spanning P. When P falls on an axis boundary either neighbour is a valid view; the batch
+    then goes into the following axis (batch-major, as torch code writes ``[B * heads, ...]``) unless that is
+    the last axis, which holds features (``view(tokens * B, dim)`` in attention).
+    """
     if any(d is None for d in in_shape):
         return None
+    axis, inner = where
     total = math.prod(in_shape)
     target = target.astype(np.int64).copy()
-    # resolve 0 (copy) and -1 (infer) into the concrete batch-1 sizes
-    for i, v in enumerate(target):
+    for i, v in enumerate(target):  # resolve 0 (copy) and -1 (infer) into the batch-1 sizes
         if v == 0 and not allowzero:
             target[i] = in_shape[i]
     if (target == -1).sum() == 1:
         known = math.prod(int(v) for v in target if v != -1)
         target[target == -1] = total // max(known, 1)
-    before = math.prod(in_shape[:in_axis])
-    prefix = 1
-    axis = None
-    for j, v in enumerate(target):
-        if prefix == before:
-            axis = j
-            break
-        if prefix * int(v) > before:
-            axis = j  # the batch merges with earlier axes into this one
-            break
-        prefix *= int(v)
-    if axis is None:
+    if math.prod(int(v) for v in target) != total or in_shape[axis] % inner:
         return None
-    target[axis] = -1
-    return target, axis
+    position = math.prod(in_shape[:axis]) * (in_shape[axis] // inner)
+    cut = 1
+    for j, v in enumerate(target):
+        v = int(v)
+        if cut == position:  # on the boundary before axis j
+            if j == len(target) - 1 and j > 0:
+                j, new_inner = j - 1, 1
+            else:
+                new_inner = v
+            break
+        if cut * v > position:  # strictly inside axis j
+            outer = position // cut
+            if position % cut or v % outer:
+                return None
+            new_inner = v // outer
+            break
+        cut *= v
+    else:
+        if cut != position or not len(target):
+            return None
+        j, new_inner = len(target) - 1, 1  # the batch is the innermost factor of the last axis
+    target[j] = -1
+    return target, (j, new_inner)
 
 
 def make_batch_dynamic(model: onnx.ModelProto, spec: InputSpec) -> tuple[onnx.ModelProto, bool]:
@@ -281,7 +322,7 @@ def make_batch_dynamic(model: onnx.ModelProto, spec: InputSpec) -> tuple[onnx.Mo
         for name in node.input:
             use_count[name] = use_count.get(name, 0) + 1
 
-    batch_axis = {spec.name: 0}
+    batch_axis: dict[str, tuple[int, int]] = {spec.name: (0, 1)}
     new_nodes: list[onnx.NodeProto] = []
     changed = False
     for node in graph.node:
@@ -289,18 +330,20 @@ def make_batch_dynamic(model: onnx.ModelProto, spec: InputSpec) -> tuple[onnx.Mo
         if data is None:
             new_nodes.append(node)
             continue
-        in_name, in_axis = data
+        in_name, (in_axis, inner) = data
         in_shape = shapes.get(in_name)
         out_shape = shapes.get(node.output[0]) if node.output else None
         in_rank = len(in_shape) if in_shape else None
         out_rank = len(out_shape) if out_shape else None
         out_axis: int | None
         if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in consts and in_shape:
-            rewritten = _reshape_target(in_shape, in_axis, consts[node.input[1]], _attr(node, "allowzero", 0))
+            rewritten = _reshape_target(in_shape, (in_axis, inner), consts[node.input[1]],
+                                        _attr(node, "allowzero", 0))
             if rewritten is None:
                 out_axis = None
+                _LOG.info("batch rewrite: cannot place the batch in Reshape %s", node.name)
             else:
-                target, out_axis = rewritten
+                target, (out_axis, inner) = rewritten
                 name = node.input[1]
                 if use_count.get(name, 0) > 1:  # shared constant: give this node its own copy
                     name = f"{name}__batch_{node.name or len(new_nodes)}"
@@ -315,16 +358,20 @@ def make_batch_dynamic(model: onnx.ModelProto, spec: InputSpec) -> tuple[onnx.Mo
             out_axis = in_axis
             if axis != in_axis:
                 for i, name in enumerate(node.input):
-                    if name in consts and consts[name].ndim == in_rank and consts[name].shape[in_axis] == 1:
+                    if (inner == 1 and name in consts and consts[name].ndim == in_rank
+                            and consts[name].shape[in_axis] == 1):
                         node.input[i] = _expand_to_batch(new_nodes, name, in_name, in_axis, in_rank, node.name, i)
                         changed = True
         elif in_rank is None:
             out_axis = None
         else:
             out_axis = _batch_axis_out(node, in_axis, in_rank, out_rank, consts)
+            if node.op_type == "Flatten" and out_axis is not None:  # the axes after the batch merge inside it
+                cut = _attr(node, "axis", 1) % max(in_rank, 1)
+                inner *= math.prod(d or 1 for d in in_shape[in_axis + 1 : cut if out_axis == 0 else in_rank])
         if out_axis is not None:
             for out in node.output:
-                batch_axis[out] = out_axis
+                batch_axis[out] = (out_axis, inner)
         new_nodes.append(node)
 
     del graph.node[:]
@@ -333,7 +380,7 @@ def make_batch_dynamic(model: onnx.ModelProto, spec: InputSpec) -> tuple[onnx.Mo
     _set_dim_param(next(v for v in graph.input if v.name == spec.name), 0)
     for value in graph.output:
         if value.name in batch_axis:
-            _set_dim_param(value, batch_axis[value.name])
+            _set_dim_param(value, batch_axis[value.name][0])
     del graph.value_info[:]
     return model, changed
 
