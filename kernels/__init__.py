@@ -45,6 +45,7 @@ def spectrum_to_image(
     unsupported = _first_unsupported({
         "inputs other than float32": _not_fp32(spectrum, scale),
         "a gradient for color": _grad(color),
+        "a scale per image or channel": any(n != 1 for n in scale.shape[:-2]),
     })
     if _dispatch.use_triton("spectrum_to_image", (spectrum, scale, color), unsupported):
         from . import fft_image

@@ -329,5 +329,10 @@ class SpectrumToImageFunction(torch.autograd.Function):
 def spectrum_to_image(spectrum, scale, color, size, *, sigmoid=True):
     """The Triton path of ``reference.spectrum_to_image`` (same arguments; scale broadcasts to (H, W//2+1))."""
     height, width = check_spectrum_args(spectrum, size)
+    if scale.dim() > 2:  # (1, 1, H, Wf) and the like: one scale shared by every image and channel
+        if any(n != 1 for n in scale.shape[:-2]):
+            raise ValueError(f"the Triton kernel takes one scale for all images and channels, broadcastable to "
+                             f"({height}, {width // 2 + 1}); got {tuple(scale.shape)}")
+        scale = scale.reshape(scale.shape[-2:])
     scale = scale.expand(height, width // 2 + 1)
     return SpectrumToImageFunction.apply(spectrum, scale, color, (height, width), sigmoid)

@@ -66,6 +66,8 @@ def test_triton_mode_refuses_what_the_kernel_does_not_cover(monkeypatch):
     spectrum, scale, color, size = _spectrum_args()
     with pytest.raises(ValueError, match="does not support a gradient for color"):
         kernels.spectrum_to_image(spectrum, scale, color.requires_grad_(True), size)
+    with pytest.raises(ValueError, match="does not support a scale per image or channel"):
+        kernels.spectrum_to_image(spectrum, scale.expand(2, 3, 6, 4), color.detach(), size)
     image, theta, size = _resample_args()
     with pytest.raises(ValueError, match="does not support a gradient for theta"):
         kernels.affine_resample(image, theta.requires_grad_(True), size)

@@ -118,9 +118,9 @@ def test_kernel_without_scale_gradient(kernel_device, assert_close):
     assert_close(spectrum.grad, ref_spectrum.grad, _tolerance(spectrum.device), "d spectrum")
 
 
-def test_kernel_broadcasts_a_scalar_scale(kernel_device, assert_close):
+def test_kernel_broadcasts_a_shared_scale(kernel_device, assert_close):
     spectrum, _, mix = _inputs(1, 3, 3, 8, 8, seed=5, device=kernel_device)
-    gain = torch.tensor(0.3, device=kernel_device, requires_grad=True)
+    gain = torch.full((1, 1, 1, 1), 0.3, device=kernel_device, requires_grad=True)
     image = fft_image.spectrum_to_image(spectrum, gain, mix, (8, 8))
     (grad_gain,) = torch.autograd.grad(image.sum(), gain)
     ref_gain = gain.detach().cpu().double().requires_grad_(True)
