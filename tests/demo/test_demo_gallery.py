@@ -1,0 +1,96 @@
+"""The README's main job, ``featureviz demo``, in its quick mode: a real embedded gRPC server on 127.0.0.1, the real
+trained EfficientNet-Lite0 uploaded through featureviz.client, every panel rendered as a job, PNGs and an
+index.html written. Plus: the full gallery's objectives are valid for that model (no compute)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+
+from featureviz.cli import main
+from featureviz.demo import gallery
+
+pytestmark = pytest.mark.slow  # one quick demo through the service: import + 4 short jobs, about a minute on 2 cores
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-out")
+    assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def _expected_files():
+    return sorted(f"{p.key}-{i}.png" for p in gallery(quick=True) for i in range(p.batch))
+
+
+def test_writes_every_png_and_an_index_that_shows_each(demo_out):
+    files = sorted(p.name for p in demo_out.glob("*.png"))
+    assert files == _expected_files()
+    page = (demo_out / "index.html").read_text(encoding="utf-8")
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == files
+    assert page.count("<figcaption>") == len(files)
+    # every panel has its section, and the settings used are on the page
+    for panel in gallery(quick=True):
+        assert f'<section id="{panel.key}">' in page
+    assert "embedded" in page and "EfficientNet-Lite0" in page
+
+
+def test_images_are_real_distinct_renders(demo_out):
+    from PIL import Image
+    import numpy as np
+
+    arrays = {}
+    for name in _expected_files():
+        image = Image.open(io.BytesIO((demo_out / name).read_bytes()))
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (64, 64)
+        a = np.asarray(image, dtype=np.float32)
+        assert a.std() > 2.0, f"{name} is (nearly) constant: std {a.std():.2f} of 255"
+        arrays[name] = a
+    names = sorted(arrays)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert np.abs(arrays[a] - arrays[b]).mean() > 1.0, f"{a} and {b} are the same image"
+
+
+def test_gallery_json_has_values_and_class_predictions(demo_out):
+    summary = json.loads((demo_out / "gallery.json").read_text())
+    images = {r["file"]: r for r in summary["images"]}
+    assert sorted(images) == _expected_files()
+    assert summary["settings"]["steps"] == 6 and summary["model"]["sha256"]
+    page = (demo_out / "index.html").read_text(encoding="utf-8")
+    for record in images.values():
+        assert record["objective"] in page.replace("&#x27;", "'")
+        if record["panel"] in ("early", "late"):
+            # channel objectives of a trained network rise even in a few steps
+            assert record["objective_end"] > record["objective_start"], record
+        if record["panel"] == "classes":
+            predicted = record["predicted"]
+            assert 0 <= predicted["class"] < 1000 and 0 < predicted["probability"] <= 1
+            assert f"model says: {predicted['name']} ({predicted['class']})" in page
+            assert record["objective_end"] > record["objective_start"], record
+
+
+def test_full_gallery_is_valid_for_the_model():
+    """The full gallery's layers, channels and classes exist in the model's catalog (engine.validate: no
+    compute), so `make demo` cannot fail on a renamed layer."""
+    from featureviz import zoo
+    from featureviz.engine import RenderSpec
+    from featureviz.engine import validate
+    from featureviz.importer import Preprocess
+    from featureviz.importer import import_model
+
+    from featureviz.demo import DemoSettings
+
+    model = import_model(zoo.efficientnet_lite0(), preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
+    settings = DemoSettings()
+    panels = gallery(class_names=zoo.imagenet_class_names())
+    assert [p.batch for p in panels] == [4, 4, 4, 4]
+    for panel in panels:
+        validate(model, RenderSpec(objective=panel.objective, batch=panel.batch, steps=settings.steps,
+                                   size=settings.size, seed=settings.seed, param=settings.param,
+                                   transforms=settings.transforms))
+    assert "goldfish" in panels[2].labels[0]
