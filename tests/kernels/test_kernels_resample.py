@@ -33,7 +33,8 @@ def _theta(batch, *, gen, scale=(0.8, 1.25), degrees=15.0, shift=0.2):
 def _run_both(image, theta, size, *, border, matrix, bias, device):
     """Kernel output and image gradient, and the float64 reference's, for one random output gradient."""
     image = image.to(device).requires_grad_(True)
-    colour = {"matrix": None if matrix is None else matrix.to(device), "bias": None if bias is None else bias.to(device)}
+    colour = {"matrix": matrix, "bias": bias}
+    colour = {k: None if v is None else v.to(device) for k, v in colour.items()}
     out = resample.affine_resample(image, theta.to(device), size, border=border, **colour)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(11)).to(device)
     (grad_image,) = torch.autograd.grad(out, image, grad_out)
