@@ -149,6 +149,16 @@ describe('featureviz Node client against a real server', () => {
     assert.equal(status.committedBytes, 0);
   });
 
+  it('stops sending when the server refuses an upload mid-stream', async () => {
+    const info = await fv.serverInfo();
+    const limit = info.limits.maxChunkBytes;
+    const bytes = crypto.randomBytes(6 * limit); // chunks of twice the limit: the first one is refused
+    const err = await rejection(fv.uploadModel(bytes, { chunkSize: 2 * limit }));
+    assert.equal(err.codeName, 'INVALID_ARGUMENT');
+    assert.equal(err.details.field, 'chunk.data');
+    assert.match(err.message, new RegExp(`at most ${limit} bytes`));
+  });
+
   it('resumes an interrupted upload from the bytes the server holds', TIMEOUT, async () => {
     const other = fs.readFileSync(otherPath); // other weights: other bytes
     const sha256 = crypto.createHash('sha256').update(other).digest('hex');
@@ -233,6 +243,16 @@ describe('featureviz Node client against a real server', () => {
     assert.equal(replay.at(-1).event, 'result');
     const fetched = await fv.getJob(`jobs/${job.id}`);
     assert.ok(fetched.result.images[0].png.equals(done.result.images[0].png));
+  });
+
+  it('leaving a watch early stops the stream, not the job', TIMEOUT, async () => {
+    const job = await fv.createJob({ model, objective: { layer: { layer: spatialLayer } }, steps: 12, size: 32 });
+    for await (const event of fv.watchJob(job)) {
+      if (event.event === 'progress') break;
+    }
+    const done = await fv.waitJob(job);
+    assert.equal(done.state, 'JOB_STATE_SUCCEEDED');
+    assert.equal(done.step, 12);
   });
 
   it('cancels a running job and keeps its partial image', TIMEOUT, async () => {
