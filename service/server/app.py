@@ -75,10 +75,10 @@ def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
     scheduler = Scheduler(store, loop=loop, device=config.device, model_cache_size=config.model_cache_size,
                           finished_logs_kept=config.finished_logs_kept)
     auth = TenantResolver(config.tokens)
-    size = config.limits.max_message_bytes
     server = grpc.aio.server(
         interceptors=[BearerAuthInterceptor(auth)],
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)],
+        options=[("grpc.max_receive_message_length", config.limits.max_message_bytes),
+                 ("grpc.max_send_message_length", config.limits.max_reply_bytes)],
     )
     pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(config, store, scheduler, auth), server)
     pb_grpc.add_JobServiceServicer_to_server(JobServicer(config, scheduler, auth), server)

@@ -26,8 +26,9 @@ class Limits:
     max_steps: int = 10_000
     max_batch: int = 64
     max_queued_jobs_per_tenant: int = 32
-    # uploads are chunked, so messages stay small; results (PNG batches) are the largest replies
+    # requests: uploads are chunked, so they stay small; replies: a finished job carries its PNG batch
     max_message_bytes: int = 8 * MiB
+    max_reply_bytes: int = 64 * MiB
     max_page_size: int = 1000
     default_page_size: int = 100
 

@@ -211,3 +211,19 @@ def test_list_jobs_pages_and_filters(client, tiny_model):
     succeeded = list(client.jobs(state=pb.JOB_STATE_SUCCEEDED))
     assert succeeded and all(j.state == pb.JOB_STATE_SUCCEEDED for j in succeeded)
     assert all(not image.png for j in everything for image in j.result.images)  # listings carry no bytes
+
+
+def test_heartbeats_keep_an_idle_stream_alive(client, tiny_model):
+    blocker = client.submit(tiny_model.sha256, CHANNEL, steps=10_000, size=32)
+    next(e for e in client.watch(blocker.id, timeout=120) if e.HasField("progress"))  # it runs
+    waiting = client.submit(tiny_model.sha256, CHANNEL, steps=2, size=32)
+    beats, snapshot = 0, None
+    for event in client.watch(waiting.id, timeout=120):  # the server fixture beats every 0.5 s
+        if event.HasField("snapshot"):
+            snapshot = event.snapshot
+        beats += event.HasField("heartbeat")
+        if beats == 2:
+            break
+    assert snapshot.state == pb.JOB_STATE_QUEUED and snapshot.queue_position == 0
+    client.cancel(blocker.id)
+    assert client.wait(waiting.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
