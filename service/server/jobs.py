@@ -121,7 +121,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
-            self.scheduler.submit(row.id)
+            self.scheduler.submit(row.id, tenant)
         return row.id
 
     def _check_limits(self, spec: pb.JobSpec) -> None:

@@ -1,6 +1,8 @@
 """The scheduler: one worker thread owns the device and runs the engine, one job at a time.
 
-- Jobs come from the store (SQLite rows); the queue is their creation order. On start the scheduler
+- Jobs come from the store (SQLite rows). The next job is the oldest queued job of the tenant served least
+  recently, so one tenant's burst does not starve the others (round robin across tenants, FIFO within
+  one). On start the scheduler
   re-queues every job it finds QUEUED or RUNNING (a crash or a stop left them so): with the job's seed the
   rerun gives the same images.
 - Each job has a :class:`JobLog`: events with sequence numbers, appended by the worker thread and read by
@@ -131,7 +133,10 @@ class Scheduler:
         self._loop = loop
         self._device = device
         self._cv = threading.Condition()
-        self._queue: collections.deque[str] = collections.deque()
+        self._queue: collections.deque[str] = collections.deque()  # arrival order
+        self._tenant_of: dict[str, str] = {}
+        self._served: dict[str, int] = {}  # tenant -> turn it was last served
+        self._turn = 0
         self._logs: collections.OrderedDict[str, JobLog] = collections.OrderedDict()
         self._finished_logs_kept = finished_logs_kept
         self._running: str | None = None
@@ -151,6 +156,7 @@ class Scheduler:
                 self.log(row.id).append(state=pb.JOB_STATE_QUEUED)
                 log.info("re-queued job %s (was running when the server stopped)", row.id)
             self._queue.append(row.id)
+            self._tenant_of[row.id] = row.tenant
         self._thread.start()
 
     def stop(self, grace: float) -> None:
@@ -170,10 +176,24 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------- requests
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, tenant: str) -> None:
         with self._cv:
             self._queue.append(job_id)
+            self._tenant_of[job_id] = tenant
             self._cv.notify()
+
+    def _next(self) -> str:
+        """Pop the oldest job of the tenant served least recently (call with the lock held)."""
+        firsts: dict[str, str] = {}
+        for job_id in self._queue:
+            firsts.setdefault(self._tenant_of.get(job_id, ""), job_id)
+        tenant = min(firsts, key=lambda t: self._served.get(t, -1))
+        job_id = firsts[tenant]
+        self._queue.remove(job_id)
+        self._tenant_of.pop(job_id, None)
+        self._turn += 1
+        self._served[tenant] = self._turn
+        return job_id
 
     def queued(self) -> int:
         with self._cv:
@@ -186,6 +206,7 @@ class Scheduler:
                 self._cancel.set()
             elif job_id in self._queue:
                 self._queue.remove(job_id)
+                self._tenant_of.pop(job_id, None)
                 self.store.finish_job(job_id, pb.JOB_STATE_CANCELLED)
                 self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
             elif row.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED):
@@ -238,7 +259,7 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     return
-                job_id = self._queue.popleft()
+                job_id = self._next()
                 self._running = job_id
                 self._cancel.clear()
             try:

@@ -112,3 +112,19 @@ def test_non_loopback_without_auth_is_refused(tmp_path):
     with pytest.raises(InvalidSpec, match="without auth"):
         ServerConfig(tmp_path, host="0.0.0.0")
     assert ServerConfig(tmp_path, host="0.0.0.0", allow_insecure_remote=True).host == "0.0.0.0"
+
+
+def test_tenants_are_served_round_robin(secured, tiny_onnx):
+    with Client(secured.address, token="tok-alice") as alice, Client(secured.address, token="tok-bob") as bob:
+        sha = alice.upload(tiny_onnx).sha256
+        bob.upload(tiny_onnx)
+        blocker = alice.submit(sha, CHANNEL, steps=10_000, size=32)
+        next(e for e in alice.watch(blocker.id, timeout=120) if e.HasField("progress"))  # alice is being served
+        a1 = alice.submit(sha, CHANNEL, steps=2, size=32)
+        b1 = bob.submit(sha, CHANNEL, steps=2, size=32)
+        b2 = bob.submit(sha, CHANNEL, steps=2, size=32)
+        alice.cancel(blocker.id)
+        done = {"a1": alice.wait(a1.id, timeout=120), "b1": bob.wait(b1.id, timeout=120),
+                "b2": bob.wait(b2.id, timeout=120)}
+        order = sorted(done, key=lambda k: done[k].start_time.ToNanoseconds())
+        assert order == ["b1", "a1", "b2"]  # arrival order would be a1, b1, b2
