@@ -57,7 +57,8 @@ function startServer({ env = {}, args = [], store: given, port: wanted = 0 } = {
   };
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
-      stop().finally(() => reject(new Error(`featureviz serve did not report a port within ${START_TIMEOUT_MS} ms:\n${output}`)));
+      const err = new Error(`featureviz serve did not report a port within ${START_TIMEOUT_MS} ms:\n${output}`);
+      stop().finally(() => reject(err));
     }, START_TIMEOUT_MS);
     const onData = (data) => {
       output += data.toString();
@@ -70,7 +71,10 @@ function startServer({ env = {}, args = [], store: given, port: wanted = 0 } = {
     };
     child.stdout.on('data', onData);
     child.stderr.on('data', onData);
-    child.once('error', (err) => { clearTimeout(timer); reject(new Error(`cannot run ${FEATUREVIZ}: ${err.message}`)); });
+    child.once('error', (err) => {
+      clearTimeout(timer);
+      reject(new Error(`cannot run ${FEATUREVIZ}: ${err.message}`));
+    });
     exited.then(({ code, signal }) => {
       clearTimeout(timer);
       reject(new Error(`featureviz serve exited (${code ?? signal}) before listening:\n${output}`));

@@ -52,7 +52,9 @@ class UsageError extends Error {}
 
 function integer(value, flag) {
   if (value === undefined) return undefined;
-  if (!/^\d+$/.test(value)) throw new UsageError(`--${flag} expects a non-negative integer, got ${JSON.stringify(value)}`);
+  if (!/^\d+$/.test(value)) {
+    throw new UsageError(`--${flag} expects a non-negative integer, got ${JSON.stringify(value)}`);
+  }
   return Number(value);
 }
 
@@ -128,7 +130,8 @@ const COMMANDS = {
         onEvent(event) {
           if (event.event === 'progress') {
             const { step, steps, objective } = event.progress;
-            process.stderr.write(`\rjob ${job.id}: step ${step}/${steps} objective ${objective.map((v) => v.toFixed(4))}`);
+            const values = objective.map((v) => v.toFixed(4)).join(' ');
+            process.stderr.write(`\rjob ${job.id}: step ${step}/${steps} objective ${values}`);
           }
         },
       });
