@@ -217,7 +217,8 @@ describe('featureviz Node client against a real server', () => {
     const result = events.at(-1);
     assert.equal(result.event, 'result');
     const steps = events.filter((e) => e.event === 'progress').map((e) => e.progress.step);
-    assert.deepEqual(steps, [1, 2, 3, 4, 5, 6]);
+    assert.ok(steps.length > 0 && steps.every((step, i) => i === 0 || step > steps[i - 1]), steps.join(','));
+    assert.equal(steps.at(-1), 6);
     const seqs = events.slice(1).map((e) => e.seq);
     assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
     const done = result.result;
@@ -346,9 +347,9 @@ describe('featureviz Node client against a real server', () => {
     assert.ok(restarted, 'the job made progress before the restart');
     assert.equal(snapshots.length, 2, 'one snapshot per server lifetime');
     assert.equal(snapshots[0].attempts, 1);
-    assert.equal(snapshots[1].attempts, 2, 'the restarted server ran the job again');
     assert.deepEqual(seqs, [...new Set(seqs)].sort((a, b) => a - b), 'no event twice, none out of order');
     assert.equal(result.state, 'JOB_STATE_CANCELLED');
+    assert.equal(result.attempts, 2, 'the restarted server ran the job again');
     assert.equal((await fv.getJob(job)).state, 'JOB_STATE_CANCELLED');
   });
 
