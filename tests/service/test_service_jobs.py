@@ -227,3 +227,26 @@ def test_heartbeats_keep_an_idle_stream_alive(client, tiny_model):
     assert snapshot.state == pb.JOB_STATE_QUEUED and snapshot.queue_position == 0
     client.cancel(blocker.id)
     assert client.wait(waiting.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_async_client_twin(server, tiny_model, tiny_onnx):
+    import asyncio
+
+    from featureviz.client import AsyncClient
+
+    async def scenario():
+        async with AsyncClient(server.address) as fv:
+            model = await fv.upload(tiny_onnx)
+            assert model.deduplicated  # the module's server holds these bytes already
+            names = [layer.name async for layer in fv.layers(model.sha256, page_size=2)]
+            assert "/Relu_1" in names
+            job = await fv.submit(model.sha256, CHANNEL, steps=3, size=16)
+            steps = [e.progress.step async for e in fv.watch(job.id, timeout=120) if e.HasField("progress")]
+            done = await fv.job(job.id)
+            with pytest.raises(FeaturevizClientError) as err:
+                await fv.submit(model.sha256, {"channel": {"layer": "/Relu_1", "channel": 99}})
+            return steps, done, err.value
+
+    steps, done, error = asyncio.run(scenario())
+    assert steps == [1, 2, 3] and done.state == pb.JOB_STATE_SUCCEEDED and len(images(done)) == 1
+    assert error.code == "INVALID_ARGUMENT" and error.field_violations[0][0] == "spec.objective.channel.channel"

@@ -1,0 +1,167 @@
+"""The asyncio twin of :class:`featureviz.client.Client` (grpc.aio): same methods, awaited or async-iterated.
+
+    async with AsyncClient("127.0.0.1:50051") as fv:
+        model = await fv.upload("model.onnx")
+        job = await fv.submit(model.sha256, {"channel": {"layer": "conv1", "channel": 3}}, steps=64)
+        async for event in fv.watch(job.id):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from featureviz.client.client import _RETRYABLE
+from featureviz.client.client import DEFAULT_CHUNK
+from featureviz.client.client import MESSAGE_BYTES
+from featureviz.client.client import Client
+from featureviz.client.client import file_sha256
+from featureviz.client.convert import spec_to_proto
+from featureviz.client.errors import FeaturevizClientError
+from featureviz.client.errors import from_rpc_error
+from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 60.0):
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)])
+        self._models = pb_grpc.ModelServiceStub(self._channel)
+        self._jobs = pb_grpc.JobServiceStub(self._channel)
+        self._info = pb_grpc.InfoServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def info(self) -> pb.ServerInfo:
+        return await self._call(self._info.GetServerInfo, pb.GetServerInfoRequest())
+
+    async def upload(self, source: bytes | str | os.PathLike, *, name: str | None = None,
+                     chunk_size: int = DEFAULT_CHUNK, retries: int = 3, progress=None) -> pb.Model:
+        """As :meth:`Client.upload`: skipped when the server holds the bytes, resumed after a broken stream."""
+        sha, size = await asyncio.to_thread(file_sha256, source)
+        if name is None:
+            name = Path(source).name if not isinstance(source, (bytes, bytearray, memoryview)) else ""
+        header = pb.UploadHeader(sha256=sha, size_bytes=size, display_name=name)
+        for attempt in range(retries + 1):
+            status = await self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha, size_bytes=size))
+            if status.model_exists:
+                model = await self.model(sha)
+                model.deduplicated = True
+                return model
+            requests = Client._chunks(source, header, status.committed_bytes, chunk_size, progress)
+            try:
+                return await self._models.UploadModel(_aiter(requests), metadata=self._metadata)
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+                if (err.code() not in _RETRYABLE and error.reason != "WRITE_OFFSET_MISMATCH") or attempt == retries:
+                    raise error from None
+                await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    async def model(self, model: str) -> pb.Model:
+        return await self._call(self._models.GetModel, pb.GetModelRequest(model=model))
+
+    async def models(self, *, page_size: int = 0) -> AsyncIterator[pb.Model]:
+        token = None
+        while token != "":
+            page = await self._call(self._models.ListModels, pb.ListModelsRequest(page_size=page_size,
+                                                                                   page_token=token or ""))
+            for model in page.models:
+                yield model
+            token = page.next_page_token
+
+    async def delete_model(self, model: str) -> None:
+        await self._call(self._models.DeleteModel, pb.DeleteModelRequest(model=model))
+
+    async def layers(self, model: str, *, filter: str = "", spatial_only: bool = False,
+                     page_size: int = 0) -> AsyncIterator[pb.Layer]:
+        token = None
+        while token != "":
+            page = await self._call(self._models.ListLayers, pb.ListLayersRequest(
+                model=model, page_size=page_size, page_token=token or "", filter=filter, spatial_only=spatial_only))
+            for layer in page.layers:
+                yield layer
+            token = page.next_page_token
+
+    async def submit(self, model: str, objective: dict | pb.Objective | None = None, *,
+                     spec: pb.JobSpec | None = None, request_id: str | None = None, **options) -> pb.Job:
+        if spec is None:
+            spec = spec_to_proto(model, objective, **options)
+        request = pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex)
+        return await self._call(self._jobs.CreateJob, request)
+
+    async def job(self, job: str) -> pb.Job:
+        return await self._call(self._jobs.GetJob, pb.GetJobRequest(job=job))
+
+    async def jobs(self, *, state: int = pb.JOB_STATE_UNSPECIFIED, page_size: int = 0) -> AsyncIterator[pb.Job]:
+        token = None
+        while token != "":
+            page = await self._call(self._jobs.ListJobs, pb.ListJobsRequest(page_size=page_size,
+                                                                            page_token=token or "", state=state))
+            for job in page.jobs:
+                yield job
+            token = page.next_page_token
+
+    async def cancel(self, job: str) -> pb.Job:
+        return await self._call(self._jobs.CancelJob, pb.CancelJobRequest(job=job))
+
+    async def watch(self, job: str, *, from_seq: int = 0, previews: bool = False, timeout: float | None = None,
+                    reconnects: int = 5) -> AsyncIterator[pb.JobEvent]:
+        """As :meth:`Client.watch`: re-attaches from the last seq after a dropped stream."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seq, failures = from_seq, 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = self._jobs.WatchJob(pb.WatchJobRequest(job=job, from_seq=seq, include_previews=previews),
+                                       timeout=remaining, metadata=self._metadata)
+            try:
+                async for event in call:
+                    failures = 0
+                    seq = max(seq, event.seq)
+                    yield event
+                    if event.HasField("result"):
+                        return
+            except grpc.RpcError as err:
+                failures += 1
+                if err.code() not in _RETRYABLE or failures > reconnects:
+                    raise from_rpc_error(err) from None
+                await asyncio.sleep(min(5.0, 0.25 * 2**failures))
+            finally:
+                call.cancel()
+
+    async def wait(self, job: str, *, timeout: float | None = None) -> pb.Job:
+        async for event in self.watch(job, timeout=timeout):
+            if event.HasField("result"):
+                return await self.job(job)
+        raise FeaturevizClientError("UNAVAILABLE", f"the watch of job {job} ended without a result")
+
+
+async def _aiter(iterable):
+    for item in iterable:
+        yield item
