@@ -45,6 +45,9 @@ function startServer({ env = {}, args = [], store: given, port: wanted = 0 } = {
   });
   let output = '';
   const log = () => output;
+  const orphan = () => child.kill('SIGKILL'); // the test process ends (a crash, a timeout): take the server along
+  process.once('exit', orphan);
+  child.once('exit', () => process.removeListener('exit', orphan));
   const exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
   const stop = async () => {
     if (child.exitCode === null && child.signalCode === null) {
