@@ -108,9 +108,12 @@ def _input_dependent(gm: fx.GraphModule) -> set[str]:
     return dependent
 
 
-def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Tensor) -> list[LayerInfo]:
-    """List the target tensors of ``gm`` (converted from the cleaned, named ``model``), shapes from ``example``."""
-    values = record_outputs(gm, example)
+def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Tensor,
+                  values: dict[str, object] | None = None) -> list[LayerInfo]:
+    """List the target tensors of ``gm`` (converted from the cleaned, named ``model``), shapes from ``example``
+    (or from ``values``, the recorded outputs of a batch-1 run at the default size)."""
+    if not values:
+        values = record_outputs(gm, example)
     dependent = _input_dependent(gm)
     onnx_nodes = {module_name(node.name): node for node in model.graph.node}
     producer = {out: node for node in model.graph.node for out in node.output}

@@ -120,8 +120,8 @@ def import_model(
     return imported
 
 
-def _verify(module, original, spec, tolerance, rewritten) -> CheckReport:
-    return verify(module, original, spec, tolerance=tolerance, batch_rewritten=rewritten)
+def _verify(module, original, spec, tolerance, rewritten, recorded=None) -> CheckReport:
+    return verify(module, original, spec, tolerance=tolerance, batch_rewritten=rewritten, recorded=recorded)
 
 
 def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) -> ImportedModel:
@@ -152,14 +152,15 @@ def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) 
     lap("batch")
     module = freeze(convert(model))
     lap("convert")
+    recorded: dict = {}
     if verify:
-        check = _verify(module, original, spec, tolerance, rewritten)
+        check = _verify(module, original, spec, tolerance, rewritten, recorded)
     else:
         check = CheckReport.skipped(tolerance, rewritten)
     lap("verify")
     example = torch.zeros(1, spec.channels, *spec.default_size)
     try:
-        layers = build_catalog(module, model, example)
+        layers = build_catalog(module, model, example, recorded)
     except RuntimeError as exc:
         raise ModelImportError(
             f"the converted model fails at its default size {spec.default_size}: {str(exc).strip().splitlines()[0]}",

@@ -17,11 +17,12 @@ import onnx
 import torch
 
 from featureviz.errors import ModelImportError
+from featureviz.importer.catalog import record_outputs
 from featureviz.importer.spec import InputSpec
 
 __all__ = ["CheckReport", "verify", "CHECK_BATCH", "DEFAULT_TOLERANCE"]
 
-CHECK_BATCH = 3
+CHECK_BATCH = 2
 DEFAULT_TOLERANCE = 1e-3
 _SEED = 20171107  # Distill "Feature Visualization" publication date: any fixed seed would do
 
@@ -110,8 +111,12 @@ def verify(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
     batch_rewritten: bool = False,
+    recorded: dict | None = None,
 ) -> CheckReport:
-    """Compare ``module`` (NCHW) with onnxruntime running ``reference`` (the file as uploaded)."""
+    """Compare ``module`` (NCHW) with onnxruntime running ``reference`` (the file as uploaded).
+
+    ``recorded``, when given, receives every fx node's output of the batch-1 run (the catalog's shapes).
+    """
     import onnxruntime as ort
 
     try:
@@ -135,7 +140,14 @@ def verify(
         ) from exc
 
     try:
-        err1 = _rel_err(_torch_outputs(module, x[:1]), per_image[0])
+        if recorded is not None:
+            recorded.update(record_outputs(module, x[:1]))
+            result = next(n for n in module.graph.nodes if n.op == "output").args[0]
+            result = result if isinstance(result, (tuple, list)) else (result,)
+            got1 = [recorded[node.name].numpy() for node in result]
+        else:
+            got1 = _torch_outputs(module, x[:1])
+        err1 = _rel_err(got1, per_image[0])
     except Exception as exc:  # a converter that builds a module which cannot run
         raise ModelImportError(
             f"the converted model fails to run: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}",
