@@ -290,6 +290,7 @@ describe('featureviz Node client against a real server', () => {
     const render = await runCli(['render', model.sha256, `${spatialLayer}:5`, '--steps', '3', '--size', '24',
       '--out', out], env);
     assert.equal(render.code, 0, render.stderr);
+    assert.match(render.stderr, /: -?\d+\.\d+ -> -?\d+\.\d+ \(3 steps, /);
     const files = render.stdout.trim().split('\n');
     assert.equal(files.length, 1);
     const png = fs.readFileSync(files[0]);

@@ -142,10 +142,14 @@ const COMMANDS = {
         throw new FeaturevizError(grpc.status[codeName] ?? grpc.status.UNKNOWN, codeName,
           `job ${job.id} ended ${done.state.replace('JOB_STATE_', '')}${why}`);
       }
+      const { images, objectiveDescription, secondsPerStep } = done.result;
+      const change = images.map((i) => `${i.objectiveStart.toFixed(4)} -> ${i.objectiveEnd.toFixed(4)}`).join(', ');
+      process.stderr.write(`${objectiveDescription || 'objective'}: ${change} ` +
+        `(${done.result.stepsDone} steps, ${(1000 * secondsPerStep).toFixed(1)} ms/step)\n`);
       const outDir = opts.out || '.';
       fs.mkdirSync(outDir, { recursive: true });
       const stem = `${layer.replace(/[^A-Za-z0-9._-]+/g, '_').replace(/^_+|_+$/g, '')}_${channel}`;
-      for (const image of done.result.images) {
+      for (const image of images) {
         const file = path.join(outDir, `${stem}_${image.index}.png`);
         fs.writeFileSync(file, image.png);
         console.log(file);
