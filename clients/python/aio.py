@@ -22,6 +22,7 @@ from featureviz.client.client import _RETRYABLE
 from featureviz.client.client import DEFAULT_CHUNK
 from featureviz.client.client import MESSAGE_BYTES
 from featureviz.client.client import Client
+from featureviz.client.client import channel_credentials
 from featureviz.client.client import file_sha256
 from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
@@ -33,12 +34,16 @@ __all__ = ["AsyncClient"]
 
 
 class AsyncClient:
-    def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 60.0):
+    def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 60.0,
+                 tls: bool | str | os.PathLike | None = None, client_cert: str | os.PathLike | None = None,
+                 client_key: str | os.PathLike | None = None):
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)])
+        options = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)]
+        credentials = channel_credentials(tls, client_cert, client_key)
+        self._channel = (grpc.aio.insecure_channel(address, options=options) if credentials is None
+                         else grpc.aio.secure_channel(address, credentials, options=options))
         self._models = pb_grpc.ModelServiceStub(self._channel)
         self._jobs = pb_grpc.JobServiceStub(self._channel)
         self._info = pb_grpc.InfoServiceStub(self._channel)

@@ -67,17 +67,36 @@ def to_pil(png: bytes):
     return image
 
 
+def channel_credentials(tls: bool | str | os.PathLike | None, client_cert=None, client_key=None):
+    """grpc.ChannelCredentials, or None for plaintext. ``tls``: True (system roots) or a PEM CA file; the
+    client certificate and key (PEM files) are for servers that require mTLS."""
+    if not tls and client_cert is None:
+        return None
+    roots = Path(tls).read_bytes() if isinstance(tls, (str, os.PathLike)) else None
+    chain = Path(client_cert).read_bytes() if client_cert is not None else None
+    key = Path(client_key).read_bytes() if client_key is not None else None
+    return grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+
+
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)]
+
+
 class Client:
     """A featureviz server at ``address`` (``host:port``). ``token``: bearer token; ``timeout``: the
-    deadline in seconds of unary calls (streams take their own)."""
+    deadline in seconds of unary calls (streams take their own); ``tls``: True or a PEM CA file for a TLS
+    server, with ``client_cert``/``client_key`` PEM files when it requires client certificates."""
 
     def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 60.0,
-                 channel: grpc.Channel | None = None):
+                 tls: bool | str | os.PathLike | None = None, client_cert: str | os.PathLike | None = None,
+                 client_key: str | os.PathLike | None = None, channel: grpc.Channel | None = None):
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = channel or grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)])
+        credentials = channel_credentials(tls, client_cert, client_key)
+        if channel is None:
+            channel = (grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) if credentials is None
+                       else grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS))
+        self._channel = channel
         self._models = pb_grpc.ModelServiceStub(self._channel)
         self._jobs = pb_grpc.JobServiceStub(self._channel)
         self._info = pb_grpc.InfoServiceStub(self._channel)

@@ -23,12 +23,17 @@ def add_connection_args(parser: argparse.ArgumentParser, *, server_default: bool
                         else None, metavar="ADDR", help="host:port of a featureviz server (env FEATUREVIZ_SERVER)")
     parser.add_argument("--token", default=os.environ.get("FEATUREVIZ_TOKEN"),
                         help="bearer token (env FEATUREVIZ_TOKEN)")
+    parser.add_argument("--tls-ca", default=os.environ.get("FEATUREVIZ_TLS_CA"), metavar="PEM",
+                        help="connect with TLS, trusting this CA (env FEATUREVIZ_TLS_CA)")
 
 
 def connect(args: argparse.Namespace):
     from featureviz.client import Client
 
-    return Client(args.server, token=getattr(args, "token", None))
+    # `featureviz render --server` has no --token/--tls-ca options: the environment serves it
+    token = getattr(args, "token", None) or os.environ.get("FEATUREVIZ_TOKEN")
+    tls_ca = getattr(args, "tls_ca", None) or os.environ.get("FEATUREVIZ_TLS_CA")
+    return Client(args.server, token=token, tls=tls_ca)
 
 
 def client_command(func):

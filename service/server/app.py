@@ -87,7 +87,11 @@ def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
-    port = server.add_insecure_port(f"{host}:{config.port}")
+    credentials = config.server_credentials()
+    if credentials is None:
+        port = server.add_insecure_port(f"{host}:{config.port}")
+    else:
+        port = server.add_secure_port(f"{host}:{config.port}", credentials)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     return FeaturevizServer(config, server, store, scheduler, health_servicer), port

@@ -46,17 +46,42 @@ class ServerConfig:
     heartbeat_seconds: float = 10.0
     device: str | None = None  # "cuda", "cpu" or None (cuda when available)
     grace_seconds: float = 5.0  # on stop: how long a running job may finish before it is re-queued
+    tls_cert: str | os.PathLike | None = None  # PEM certificate chain: serve TLS instead of plaintext
+    tls_key: str | os.PathLike | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | os.PathLike | None = None  # PEM CA: require client certificates signed by it (mTLS)
     model_cache_size: int = 4  # imported models kept in memory
     finished_logs_kept: int = 256  # event logs of finished jobs kept in memory for re-attaching watchers
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
-        if not self.tokens and self.host not in LOOPBACK_HOSTS and not self.allow_insecure_remote:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidSpec("tls_key", "give both the TLS certificate and its private key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidSpec("tls_client_ca", "client certificates (mTLS) need TLS: give tls_cert and tls_key")
+        authenticated = bool(self.tokens) or self.tls_client_ca is not None
+        if not authenticated and self.host not in LOOPBACK_HOSTS and not self.allow_insecure_remote:
             raise InvalidSpec(
                 "host",
                 f"refusing to listen on {self.host!r} without auth; give bearer tokens "
-                "(--token-file or FEATUREVIZ_TOKENS) or pass --allow-insecure-remote",
+                "(--token-file or FEATUREVIZ_TOKENS) or client certificates (--tls-client-ca), "
+                "or pass --allow-insecure-remote",
             )
+
+    def server_credentials(self):
+        """grpc.ServerCredentials for TLS (mTLS with ``tls_client_ca``), or None for plaintext."""
+        if self.tls_cert is None:
+            return None
+        import grpc
+
+        def read(path) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise InvalidSpec("tls", f"cannot read {path}: {exc.strerror}") from exc
+
+        client_ca = read(self.tls_client_ca) if self.tls_client_ca is not None else None
+        return grpc.ssl_server_credentials([(read(self.tls_key), read(self.tls_cert))],
+                                           root_certificates=client_ca, require_client_auth=client_ca is not None)
 
     def replace(self, **changes) -> "ServerConfig":
         return dataclasses.replace(self, **changes)
