@@ -107,18 +107,24 @@ def drop_dropout(model: onnx.ModelProto) -> onnx.ModelProto:
     """Remove inference-time Dropout (an identity); old zoos give it a mask output onnx2torch mishandles."""
     graph = model.graph
     used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    outputs = {v.name for v in graph.output}
     rename: dict[str, str] = {}
     keep = []
+    changed = False
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
         mask_used = len(node.output) > 1 and node.output[1] and node.output[1] in used
-        if node.op_type == "Dropout" and not mask_used and node.output[0] not in {v.name for v in graph.output}:
-            rename[node.output[0]] = node.input[0]
+        if node.op_type == "Dropout" and not mask_used:
+            if node.output[0] in outputs:  # a graph output keeps its name: an Identity then
+                keep.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+            else:
+                rename[node.output[0]] = node.input[0]
+            changed = True
             continue
         keep.append(node)
-    if rename:
+    if changed:
         del graph.node[:]
         graph.node.extend(keep)
     return model
