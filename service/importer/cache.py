@@ -18,7 +18,7 @@ import torch
 __all__ = ["ModelCache", "default_cache_dir", "CACHE_FORMAT"]
 
 # Bump when the pipeline changes what it produces for the same bytes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 _LOG = logging.getLogger(__name__)
 

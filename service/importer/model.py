@@ -30,6 +30,7 @@ from featureviz.importer.converters import convert
 from featureviz.importer.spec import InputSpec
 from featureviz.importer.spec import Preprocess
 from featureviz.importer.spec import detect_input
+from featureviz.importer.truncate import PerImage
 from featureviz.importer.truncate import freeze
 from featureviz.importer.truncate import truncate_graph
 from featureviz.importer.verify import DEFAULT_TOLERANCE
@@ -47,7 +48,7 @@ class ImportedModel:
     input_spec: InputSpec
     layers: list[LayerInfo]
     check: CheckReport
-    module: fx.GraphModule
+    module: torch.nn.Module  # the fx graph, or PerImage(graph) when check.batch_mode == "per-image"
     logits: str | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per import phase; {"cache": t} on a hit
     _index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
@@ -59,12 +60,18 @@ class ImportedModel:
         """The catalog entry for a node name, tensor name or alias; NotFound lists close matches."""
         return resolve(self._index, name)
 
-    def truncate(self, names: list[str]) -> fx.GraphModule:
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The converted fx graph (``module`` itself, or what it runs image by image)."""
+        return self.module.inner if isinstance(self.module, PerImage) else self.module
+
+    def truncate(self, names: list[str]) -> torch.nn.Module:
         """A frozen module whose ``forward(x)`` returns ``{name: activation}`` computing only what they need."""
         if isinstance(names, str):
             names = [names]
         targets = {name: self.layer(name) for name in names}
-        return truncate_graph(self.module, targets)
+        truncated = truncate_graph(self.graph_module, targets)
+        return freeze(PerImage(truncated)) if isinstance(self.module, PerImage) else truncated
 
     def with_preprocess(self, preprocess: Preprocess) -> "ImportedModel":
         spec = replace(self.input_spec, preprocess=preprocess.for_channels(self.input_spec.channels))
@@ -102,6 +109,8 @@ def import_model(
             original = load.check_model(load.parse_model(data, base_dir))
             imported.check = _verify(imported.module, original, imported.input_spec, tolerance,
                                      imported.check.batch_rewritten)
+            if imported.check.per_image and not isinstance(imported.module, PerImage):
+                imported.module = freeze(PerImage(imported.module))
             cache.put(sha, imported)
         elif verify:
             imported.check = imported.check.with_tolerance(tolerance)
@@ -121,7 +130,11 @@ def import_model(
 
 
 def _verify(module, original, spec, tolerance, rewritten, recorded=None) -> CheckReport:
-    return verify(module, original, spec, tolerance=tolerance, batch_rewritten=rewritten, recorded=recorded)
+    if isinstance(module, PerImage):
+        module = module.inner
+    fallback = (lambda m: freeze(PerImage(m))) if spec.batch == 1 else None
+    return verify(module, original, spec, tolerance=tolerance, batch_rewritten=rewritten, recorded=recorded,
+                  per_image_fallback=fallback)
 
 
 def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) -> ImportedModel:
@@ -157,6 +170,8 @@ def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) 
         check = _verify(module, original, spec, tolerance, rewritten, recorded)
     else:
         check = CheckReport.skipped(tolerance, rewritten)
+    if check.per_image:
+        _LOG.warning("model %s: the batch rewrite left batch-specific constants; running it image by image", sha)
     lap("verify")
     example = torch.zeros(1, spec.channels, *spec.default_size)
     try:
@@ -168,5 +183,6 @@ def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) 
         ) from exc
     lap("catalog")
     logits = next((layer.name for layer in layers if layer.is_logits), None)
-    return ImportedModel(sha256=sha, input_spec=spec, layers=layers, check=check, module=module, logits=logits,
+    runnable = freeze(PerImage(module)) if check.per_image else module
+    return ImportedModel(sha256=sha, input_spec=spec, layers=layers, check=check, module=runnable, logits=logits,
                          timings=timings)

@@ -9,12 +9,34 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx
 from torch import nn
 
 from featureviz.importer.catalog import LayerInfo
 
-__all__ = ["truncate_graph", "freeze"]
+__all__ = ["truncate_graph", "freeze", "PerImage"]
+
+
+class PerImage(nn.Module):
+    """Runs a graph image by image and concatenates the results along the batch axis.
+
+    The fallback for a fixed-batch export whose batch-specific constants the rewrite could not free
+    (``CheckReport.batch_mode == "per-image"``): always correct, slower on a GPU.
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor):
+        outs = [self.inner(x[i : i + 1]) for i in range(x.shape[0])]
+        first = outs[0]
+        if isinstance(first, dict):
+            return {key: torch.cat([out[key] for out in outs]) for key in first}
+        if isinstance(first, (tuple, list)):
+            return type(first)(torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from importer_models import tiny_conv_model
 from onnx import helper
+from onnx import numpy_helper
 
 from featureviz.importer import import_model
 from featureviz.importer.clean import _reshape_target
@@ -55,3 +57,19 @@ def test_old_opset_is_upgraded_and_dropout_dropped():
     imported = import_model(model.SerializeToString(), use_cache=False)
     assert imported.check.passed
     assert "Dropout" not in {layer.op_type for layer in imported.layers}
+
+
+def test_batch_specific_graph_falls_back_to_per_image():
+    # x[0:1] on the batch axis: a fixed-batch graph no constant rewrite can free
+    node = helper.make_node("Slice", ["y", "starts", "ends", "axes"], ["z"], name="first_image")
+    model = tiny_conv_model(extra_node=node)
+    for name, value in (("starts", 0), ("ends", 1), ("axes", 0)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    imported = import_model(model.SerializeToString(), use_cache=False)
+    assert imported.check.batch_mode == "per-image" and imported.check.passed
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        out = imported.module(x)
+        acts = imported.truncate(["conv"])(x)["conv"]
+    assert out.shape == (3, 4, 8, 8) and acts.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(out, acts)
