@@ -171,11 +171,11 @@ class Client:
         else:
             blocks = _file_blocks(source, offset, chunk_size)
         for data in blocks:
-            last = offset + len(data) >= total
-            yield pb.UploadModelRequest(chunk=pb.UploadChunk(write_offset=offset, data=data, finish_write=last))
+            chunk = pb.UploadChunk(write_offset=offset, data=data, finish_write=offset + len(data) >= total)
             offset += len(data)
-            if progress is not None:
+            if progress is not None:  # before the yield: after the last chunk the server may answer at once
                 progress(offset, total)
+            yield pb.UploadModelRequest(chunk=chunk)
 
     def upload_status(self, sha256: str, size: int = 0) -> pb.UploadStatus:
         return self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha256, size_bytes=size))
