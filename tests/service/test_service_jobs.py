@@ -250,3 +250,17 @@ def test_async_client_twin(server, tiny_model, tiny_onnx):
     steps, done, error = asyncio.run(scenario())
     assert steps == [1, 2, 3] and done.state == pb.JOB_STATE_SUCCEEDED and len(images(done)) == 1
     assert error.code == "INVALID_ARGUMENT" and error.field_violations[0][0] == "spec.objective.channel.channel"
+
+
+def test_init_image_is_decoded_resized_and_used(client, tiny_model):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (230, 20, 20)).save(buffer, format="PNG")
+    job = client.submit(tiny_model.sha256, CHANNEL, steps=1, size=16, param="pixel", transforms="none",
+                        init_image=buffer.getvalue())
+    done = client.wait(job.id, timeout=120)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    red, green, blue = to_pil(images(done)[0]).resize((1, 1)).getpixel((0, 0))
+    assert red > 180 and green < 70 and blue < 70  # one small step away from the red start
+    with pytest.raises(FeaturevizClientError) as err:
+        client.submit(tiny_model.sha256, CHANNEL, steps=1, size=16, init_image=b"not an image")
+    assert err.value.code == "INVALID_ARGUMENT" and err.value.field_violations[0][0] == "spec.init_image"
