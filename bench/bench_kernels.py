@@ -76,14 +76,15 @@ def measure_ceilings(device: torch.device, *, reps: int) -> dict[str, float]:
 # --- cost models of the fused kernels (compulsory HBM traffic; the DFT as the matmuls the kernels run) --------------
 
 def fft_cost(batch, channels, size, direction) -> tuple[float, float]:
-    """(FLOPs, bytes). Per channel, the H pass is 4 real (H x H) @ (H x Wf) matmuls, the W pass 2 (H x Wf) @ (Wf x W).
+    """(FLOPs, bytes) of the mirror-folded DFT matmuls the kernels run, per channel (Hh = H//2+1, Wh = W//2+1):
+    forward 4 (Hh x Hh) @ (Hh x Wf) and 2 (H x Wf) @ (Wf x Wh); backward 2 (H x Wh) @ (Wh x Wf) and 4 as forward.
 
     Forward reads the spectrum and writes the image; backward reads dL/dimage and the image and writes
     dL/dspectrum. Scale, colour and DFT matrices are small and L2-resident; the scratch band stays in L2.
     """
     h = w = size
-    wf = w // 2 + 1
-    flops = batch * channels * (4 * 2 * h * h * wf + 2 * 2 * h * wf * w)
+    wf, hh, wh = w // 2 + 1, h // 2 + 1, w // 2 + 1
+    flops = batch * channels * (4 * 2 * hh * hh * wf + 2 * 2 * h * wf * wh)
     spectrum = batch * channels * h * wf * 2 * F32
     image = batch * channels * h * w * F32
     return flops, (spectrum + image if direction == "forward" else spectrum + 2 * image)

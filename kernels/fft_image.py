@@ -19,6 +19,11 @@ Backward (the adjoint; CH and SH are symmetric), from g_o = dL/dimage_o * y_o (1
     dXr_c = CH dYr_c + SH dYi_c,  dXi_c = CH dYi_c - SH dYr_c
     dSr_c = scale * dXr_c,  dSi_c = scale * dXi_c,  dscale = sum_{b,c} (dXr_c Sr_c + dXi_c Si_c)
 
+Mirror folding: cos is even and sin odd in every index, so with E = X[k] + X[H-k], O = X[k] - X[H-k] over
+k <= H/2, P = CH E and Q = SH O give both Y[h] = P + iQ and Y[H-h] = P - iQ, and along W, with A = Y'r CW and
+B = Y'i NSW over w <= W/2, t[w] = A + B and t[W-w] = A - B. The H pass costs a quarter of the plain matmuls,
+the W pass half, a third in all (4.4 GFLOP forward at batch 64, 224x224, RGB); the backward folds the same way.
+
 Each program owns a band of rows (forward) or of spectrum columns (backward) of one image for all its
 channels: the first phase writes its band of Y (dY) to a private scratch buffer, a CTA barrier, the second
 phase reads it back. Every output depends on every input, so a band needs the whole input image; reading it
@@ -57,70 +62,99 @@ def _spectrum_to_image_forward_kernel(
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    HH = H // 2 + 1  # rows (and spectrum rows) 0..H//2; the others are their mirrors H - h
+    WH = W // 2 + 1  # columns 0..W//2; the others are their mirrors W - w
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = h < H
+    h_mask = h < HH
+    hm_mask = (h >= 1) & (2 * h < H)  # h has a mirror row H - h distinct from itself
     plane = H * WF * 2  # floats per (image, channel) of the spectrum and of the scratch
 
-    # phase 1: Y_c[h, l] for this program's rows, every channel and column, to the scratch buffer
+    # phase 1: Y_c rows h and H - h, every channel and column, to the scratch buffer
     for c in tl.static_range(C):
         x_base = X_ptr + (b * C + c) * plane
         y_base = Y_ptr + (b * C + c) * plane
         for l0 in range(0, WF, BLOCK_L):
             l = l0 + tl.arange(0, BLOCK_L)
             l_mask = l < WF
-            yr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
-            yi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
+            pr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+            pi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+            qr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+            qi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+            for k0 in range(0, HH, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                hk_mask = h_mask[:, None] & (k[None, :] < H)
+                k_mask = k < HH
+                km_mask = (k >= 1) & (2 * k < H)
+                hk_mask = h_mask[:, None] & k_mask[None, :]
                 ch = tl.load(CH_ptr + h[:, None] * H + k[None, :], mask=hk_mask, other=0.0)
                 sh = tl.load(SH_ptr + h[:, None] * H + k[None, :], mask=hk_mask, other=0.0)
                 kl = k[:, None] * WF + l[None, :]
-                kl_mask = (k[:, None] < H) & l_mask[None, :]
-                # the 1/f scale is applied on load: it commutes with nothing else, so here it is free
+                kl_mask = k_mask[:, None] & l_mask[None, :]
+                mkl = (H - k)[:, None] * WF + l[None, :]
+                mkl_mask = km_mask[:, None] & l_mask[None, :]
+                # load data: spectrum rows k and H - k, times the 1/f scale
                 s = tl.load(Scale_ptr + kl, mask=kl_mask, other=0.0)
+                sm = tl.load(Scale_ptr + mkl, mask=mkl_mask, other=0.0)
                 xr = tl.load(x_base + kl * 2, mask=kl_mask, other=0.0) * s
                 xi = tl.load(x_base + kl * 2 + 1, mask=kl_mask, other=0.0) * s
-                yr = tl.dot(ch, xr, yr, input_precision=PRECISION)
-                yr = tl.dot(sh, -xi, yr, input_precision=PRECISION)
-                yi = tl.dot(sh, xr, yi, input_precision=PRECISION)
-                yi = tl.dot(ch, xi, yi, input_precision=PRECISION)
+                mr = tl.load(x_base + mkl * 2, mask=mkl_mask, other=0.0) * sm
+                mi = tl.load(x_base + mkl * 2 + 1, mask=mkl_mask, other=0.0) * sm
+                # cos is even and sin odd in k: P = CH (X[k] + X[H-k]), Q = SH (X[k] - X[H-k])
+                pr = tl.dot(ch, xr + mr, pr, input_precision=PRECISION)
+                pi = tl.dot(ch, xi + mi, pi, input_precision=PRECISION)
+                qr = tl.dot(sh, xr - mr, qr, input_precision=PRECISION)
+                qi = tl.dot(sh, xi - mi, qi, input_precision=PRECISION)
+            # and in h: Y[h] = P + iQ, Y[H - h] = P - iQ
             hl = h[:, None] * WF + l[None, :]
+            mhl = (H - h)[:, None] * WF + l[None, :]
             hl_mask = h_mask[:, None] & l_mask[None, :]
-            tl.store(y_base + hl * 2, yr, mask=hl_mask)
-            tl.store(y_base + hl * 2 + 1, yi, mask=hl_mask)
+            mhl_mask = hm_mask[:, None] & l_mask[None, :]
+            tl.store(y_base + hl * 2, pr - qi, mask=hl_mask)
+            tl.store(y_base + hl * 2 + 1, pi + qr, mask=hl_mask)
+            tl.store(y_base + mhl * 2, pr + qi, mask=mhl_mask)
+            tl.store(y_base + mhl * 2 + 1, pi - qr, mask=mhl_mask)
     # the scratch rows written above are read back below by other threads of this program
     tl.debug_barrier()
 
-    # phase 2: colour mix while loading Y, real DFT along W, sigmoid, one store per pixel
-    for o in tl.static_range(CO):
-        out_base = Out_ptr + (b * CO + o) * H * W
-        for w0 in range(0, W, BLOCK_W):
-            w = w0 + tl.arange(0, BLOCK_W)
-            w_mask = w < W
-            acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
-            for l0 in range(0, WF, BLOCK_L):
-                l = l0 + tl.arange(0, BLOCK_L)
-                l_mask = l < WF
-                hl = h[:, None] * WF + l[None, :]
-                hl_mask = h_mask[:, None] & l_mask[None, :]
-                yr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
-                yi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
-                for c in tl.static_range(C):
-                    m = tl.load(Color_ptr + o * C + c)
-                    y_base = Y_ptr + (b * C + c) * plane
-                    yr += m * tl.load(y_base + hl * 2, mask=hl_mask, other=0.0)
-                    yi += m * tl.load(y_base + hl * 2 + 1, mask=hl_mask, other=0.0)
-                lw = l[:, None] * W + w[None, :]
-                lw_mask = l_mask[:, None] & w_mask[None, :]
-                cw = tl.load(CW_ptr + lw, mask=lw_mask, other=0.0)
-                nsw = tl.load(NSW_ptr + lw, mask=lw_mask, other=0.0)
-                acc = tl.dot(yr, cw, acc, input_precision=PRECISION)
-                acc = tl.dot(yi, nsw, acc, input_precision=PRECISION)
-            if SIGMOID:
-                acc = tl.sigmoid(acc)
-            tl.store(out_base + h[:, None] * W + w[None, :], acc, mask=h_mask[:, None] & w_mask[None, :])
+    # phase 2, for rows h then their mirrors: colour mix while loading Y, real DFT along W, sigmoid, store
+    for half in range(2):  # a runtime loop: one copy of the code, half the registers of an unrolled one
+        rows = h + half * (H - 2 * h)
+        r_mask = (h_mask & (half == 0)) | (hm_mask & (half == 1))
+        for o in range(CO):
+            out_base = Out_ptr + (b * CO + o) * H * W
+            for w0 in range(0, WH, BLOCK_W):
+                w = w0 + tl.arange(0, BLOCK_W)
+                w_mask = w < WH
+                wm_mask = (w >= 1) & (2 * w < W)
+                even = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+                odd = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+                for l0 in range(0, WF, BLOCK_L):
+                    l = l0 + tl.arange(0, BLOCK_L)
+                    l_mask = l < WF
+                    rl = rows[:, None] * WF + l[None, :]
+                    rl_mask = r_mask[:, None] & l_mask[None, :]
+                    yr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+                    yi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+                    for c in tl.static_range(C):
+                        m = tl.load(Color_ptr + o * C + c)
+                        y_base = Y_ptr + (b * C + c) * plane
+                        yr += m * tl.load(y_base + rl * 2, mask=rl_mask, other=0.0)
+                        yi += m * tl.load(y_base + rl * 2 + 1, mask=rl_mask, other=0.0)
+                    lw = l[:, None] * W + w[None, :]
+                    lw_mask = l_mask[:, None] & w_mask[None, :]
+                    cw = tl.load(CW_ptr + lw, mask=lw_mask, other=0.0)
+                    nsw = tl.load(NSW_ptr + lw, mask=lw_mask, other=0.0)
+                    even = tl.dot(yr, cw, even, input_precision=PRECISION)
+                    odd = tl.dot(yi, nsw, odd, input_precision=PRECISION)
+                # cos even, sin odd in w: t[w] = even + odd, t[W - w] = even - odd
+                t = even + odd
+                tm = even - odd
+                if SIGMOID:
+                    t = tl.sigmoid(t)
+                    tm = tl.sigmoid(tm)
+                tl.store(out_base + rows[:, None] * W + w[None, :], t, mask=r_mask[:, None] & w_mask[None, :])
+                tl.store(out_base + rows[:, None] * W + (W - w)[None, :], tm,
+                         mask=r_mask[:, None] & wm_mask[None, :])
 
 
 @triton.jit
@@ -136,12 +170,14 @@ def _spectrum_to_image_backward_kernel(
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    HH = H // 2 + 1
+    WH = W // 2 + 1
     b = tl.program_id(0).to(tl.int64)
     l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     l_mask = l < WF
     plane = H * WF * 2
 
-    # phase 1: dY'_o[h, l] = g_o CW^T (real part), g_o NSW^T (imaginary part) for this program's columns l
+    # phase 1: dY'_o[h, l] = (g_o CW^T, g_o NSW^T) for this program's columns l, folding columns w and W - w
     for o in tl.static_range(CO):
         g_base = (b * CO + o) * H * W
         dy_base = DY_ptr + (b * CO + o) * plane
@@ -150,67 +186,95 @@ def _spectrum_to_image_backward_kernel(
             h_mask = h < H
             dyr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
             dyi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
-            for w0 in range(0, W, BLOCK_W):
+            for w0 in range(0, WH, BLOCK_W):
                 w = w0 + tl.arange(0, BLOCK_W)
+                w_mask = w < WH
+                hw_mask = h_mask[:, None] & w_mask[None, :]
+                hwm_mask = h_mask[:, None] & ((w >= 1) & (2 * w < W))[None, :]
                 hw = h[:, None] * W + w[None, :]
-                hw_mask = h_mask[:, None] & (w[None, :] < W)
+                hwm = h[:, None] * W + (W - w)[None, :]
                 g = tl.load(G_ptr + g_base + hw, mask=hw_mask, other=0.0)
+                gm = tl.load(G_ptr + g_base + hwm, mask=hwm_mask, other=0.0)
                 if SIGMOID:
                     # sigmoid' from the saved output: y (1 - y), no recomputation
                     y = tl.load(Img_ptr + g_base + hw, mask=hw_mask, other=0.0)
+                    ym = tl.load(Img_ptr + g_base + hwm, mask=hwm_mask, other=0.0)
                     g = g * y * (1.0 - y)
+                    gm = gm * ym * (1.0 - ym)
                 wl = w[:, None] * WF + l[None, :]
-                wl_mask = (w[:, None] < W) & l_mask[None, :]
+                wl_mask = w_mask[:, None] & l_mask[None, :]
                 cwt = tl.load(CWT_ptr + wl, mask=wl_mask, other=0.0)
                 nswt = tl.load(NSWT_ptr + wl, mask=wl_mask, other=0.0)
-                dyr = tl.dot(g, cwt, dyr, input_precision=PRECISION)
-                dyi = tl.dot(g, nswt, dyi, input_precision=PRECISION)
+                dyr = tl.dot(g + gm, cwt, dyr, input_precision=PRECISION)
+                dyi = tl.dot(g - gm, nswt, dyi, input_precision=PRECISION)
             hl = h[:, None] * WF + l[None, :]
             hl_mask = h_mask[:, None] & l_mask[None, :]
             tl.store(dy_base + hl * 2, dyr, mask=hl_mask)
             tl.store(dy_base + hl * 2 + 1, dyi, mask=hl_mask)
     tl.debug_barrier()
 
-    # phase 2: transposed colour mix on load, adjoint DFT along H, times the scale
-    for k0 in range(0, H, BLOCK_K):
+    # phase 2: transposed colour mix on load, adjoint DFT along H folded in h and k, times the scale
+    for k0 in range(0, HH, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < H
+        k_mask = k < HH
         kl = k[:, None] * WF + l[None, :]
+        mkl = (H - k)[:, None] * WF + l[None, :]
         kl_mask = k_mask[:, None] & l_mask[None, :]
+        mkl_mask = ((k >= 1) & (2 * k < H))[:, None] & l_mask[None, :]
         s = tl.load(Scale_ptr + kl, mask=kl_mask, other=0.0)
+        sm = tl.load(Scale_ptr + mkl, mask=mkl_mask, other=0.0)
         ds = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
+        dsm = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
         for c in tl.static_range(C):
-            dxr = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
-            dxi = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
-            for h0 in range(0, H, BLOCK_H):
+            ur = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
+            ui = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
+            vr = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
+            vi = tl.zeros((BLOCK_K, BLOCK_L), dtype=tl.float32)
+            for h0 in range(0, HH, BLOCK_H):
                 h = h0 + tl.arange(0, BLOCK_H)
-                h_mask = h < H
+                h_mask = h < HH
                 kh_mask = k_mask[:, None] & h_mask[None, :]
                 ch = tl.load(CH_ptr + k[:, None] * H + h[None, :], mask=kh_mask, other=0.0)
                 sh = tl.load(SH_ptr + k[:, None] * H + h[None, :], mask=kh_mask, other=0.0)
                 hl = h[:, None] * WF + l[None, :]
+                mhl = (H - h)[:, None] * WF + l[None, :]
                 hl_mask = h_mask[:, None] & l_mask[None, :]
-                dyr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
-                dyi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+                mhl_mask = ((h >= 1) & (2 * h < H))[:, None] & l_mask[None, :]
+                er = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)  # dY_c[h] + dY_c[H - h]
+                ei = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
+                odr = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)  # dY_c[h] - dY_c[H - h]
+                odi = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
                 for o in tl.static_range(CO):
                     m = tl.load(Color_ptr + o * C + c)
                     dy_base = DY_ptr + (b * CO + o) * plane
-                    dyr += m * tl.load(dy_base + hl * 2, mask=hl_mask, other=0.0)
-                    dyi += m * tl.load(dy_base + hl * 2 + 1, mask=hl_mask, other=0.0)
-                dxr = tl.dot(ch, dyr, dxr, input_precision=PRECISION)
-                dxr = tl.dot(sh, dyi, dxr, input_precision=PRECISION)
-                dxi = tl.dot(ch, dyi, dxi, input_precision=PRECISION)
-                dxi = tl.dot(sh, -dyr, dxi, input_precision=PRECISION)
+                    ar = tl.load(dy_base + hl * 2, mask=hl_mask, other=0.0)
+                    ai = tl.load(dy_base + hl * 2 + 1, mask=hl_mask, other=0.0)
+                    br = tl.load(dy_base + mhl * 2, mask=mhl_mask, other=0.0)
+                    bi = tl.load(dy_base + mhl * 2 + 1, mask=mhl_mask, other=0.0)
+                    er += m * (ar + br)
+                    ei += m * (ai + bi)
+                    odr += m * (ar - br)
+                    odi += m * (ai - bi)
+                ur = tl.dot(ch, er, ur, input_precision=PRECISION)
+                ui = tl.dot(ch, ei, ui, input_precision=PRECISION)
+                vr = tl.dot(sh, odr, vr, input_precision=PRECISION)
+                vi = tl.dot(sh, odi, vi, input_precision=PRECISION)
+            # dX[k] = (Ur + Vi, Ui - Vr), dX[H - k] = (Ur - Vi, Ui + Vr)
             dx_base = DX_ptr + (b * C + c) * plane
-            tl.store(dx_base + kl * 2, dxr * s, mask=kl_mask)
-            tl.store(dx_base + kl * 2 + 1, dxi * s, mask=kl_mask)
+            tl.store(dx_base + kl * 2, (ur + vi) * s, mask=kl_mask)
+            tl.store(dx_base + kl * 2 + 1, (ui - vr) * s, mask=kl_mask)
+            tl.store(dx_base + mkl * 2, (ur - vi) * sm, mask=mkl_mask)
+            tl.store(dx_base + mkl * 2 + 1, (ui + vr) * sm, mask=mkl_mask)
             if SCALE_GRAD:
                 x_base = X_ptr + (b * C + c) * plane
-                ds += dxr * tl.load(x_base + kl * 2, mask=kl_mask, other=0.0)
-                ds += dxi * tl.load(x_base + kl * 2 + 1, mask=kl_mask, other=0.0)
+                ds += (ur + vi) * tl.load(x_base + kl * 2, mask=kl_mask, other=0.0)
+                ds += (ui - vr) * tl.load(x_base + kl * 2 + 1, mask=kl_mask, other=0.0)
+                dsm += (ur - vi) * tl.load(x_base + mkl * 2, mask=mkl_mask, other=0.0)
+                dsm += (ui + vr) * tl.load(x_base + mkl * 2 + 1, mask=mkl_mask, other=0.0)
         if SCALE_GRAD:
             # one partial sum per image; the launcher reduces over the batch in a fixed order (deterministic)
             tl.store(DScale_ptr + b * H * WF + kl, ds, mask=kl_mask)
+            tl.store(DScale_ptr + b * H * WF + mkl, dsm, mask=mkl_mask)
 
 
 @functools.lru_cache(maxsize=32)
@@ -244,21 +308,21 @@ def _precision() -> str:
     return value
 
 
-# Launch configurations, checked by compiling for sm_90 without a GPU (bench/compile_check.py, Triton 3.9):
-# 64-row bands halve the L2 re-reads of the input against 32-row ones and use wgmma; 8 warps and 2 stages fit
-# them in 255 registers with 8 bytes of spill (4 warps spill ~1.7 KB per thread). 16-row bands (168 registers,
-# mma, no spill) keep the SMs busy at small batch. Backward, 8 warps, 1 stage: 214-238 registers, no spill.
+# Launch configurations, checked by compiling for sm_90 without a GPU (bench/compile_check.py, Triton 3.9).
+# Forward, 64-row bands (wgmma): 8 warps, 2 stages, 16-column spectrum tiles: 255 registers, 24 bytes of spill
+# (32-column tiles spill 280 bytes, 4 warps more). 16-row bands (mma, no spill) keep the SMs busy at small batch.
+# Backward, 8 warps, 1 stage, 16 spectrum columns per program: up to 251 registers, no spill.
 FORWARD_CONFIGS = {
-    64: dict(BLOCK_H=64, BLOCK_K=32, BLOCK_L=32, BLOCK_W=64, num_warps=8, num_stages=2),
+    64: dict(BLOCK_H=64, BLOCK_K=32, BLOCK_L=16, BLOCK_W=64, num_warps=8, num_stages=2),
     16: dict(BLOCK_H=16, BLOCK_K=32, BLOCK_L=32, BLOCK_W=64, num_warps=4, num_stages=1),
 }
-BACKWARD_CONFIG = dict(BLOCK_L=32, BLOCK_H=32, BLOCK_W=64, BLOCK_K=64, num_warps=8, num_stages=1)
+BACKWARD_CONFIG = dict(BLOCK_L=16, BLOCK_H=32, BLOCK_W=64, BLOCK_K=64, num_warps=8, num_stages=1)
 
 
 def _forward_config(batch: int, height: int, device: torch.device) -> dict:
     """64-row bands when they give at least one program per SM, else 16-row bands."""
     n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return FORWARD_CONFIGS[64 if batch * triton.cdiv(height, 64) >= n_sm else 16]
+    return FORWARD_CONFIGS[64 if batch * triton.cdiv(height // 2 + 1, 64) >= n_sm else 16]
 
 
 def spectrum_to_image_forward(spectrum, scale, color, size, *, sigmoid=True):
@@ -278,7 +342,7 @@ def spectrum_to_image_forward(spectrum, scale, color, size, *, sigmoid=True):
     scratch = torch.empty_like(spectrum)
     out = torch.empty(batch, out_channels, height, width, device=spectrum.device, dtype=torch.float32)
     config = _forward_config(batch, height, spectrum.device)
-    _spectrum_to_image_forward_kernel[(batch, triton.cdiv(height, config["BLOCK_H"]))](
+    _spectrum_to_image_forward_kernel[(batch, triton.cdiv(height // 2 + 1, config["BLOCK_H"]))](
         spectrum, scale, color, ch, sh, cw, nsw, scratch, out,
         height, width, wf,
         C=channels, CO=out_channels, SIGMOID=sigmoid, PRECISION=_precision(), **config,
