@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mTLS)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; default: off)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats on idle watch streams")
     p.add_argument("--grace", type=float, default=5.0, help="seconds a running job may finish on shutdown")
@@ -46,7 +48,7 @@ def _config(args: argparse.Namespace):
     return ServerConfig(
         store_dir=args.store, host=args.host, port=args.port, tokens=parse_tokens(text),
         allow_insecure_remote=args.allow_insecure_remote, device=args.device, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, heartbeat_seconds=args.heartbeat,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port, heartbeat_seconds=args.heartbeat,
         grace_seconds=args.grace, limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 
@@ -71,6 +73,9 @@ async def _serve(config) -> int:
     tls = "mTLS" if config.tls_client_ca else ("TLS" if config.tls_cert else "plaintext")
     print(f"featureviz serve: listening on {config.host}:{port} ({tls}, store {config.store_dir}, "
           f"token auth {'on' if config.tokens else 'off'})", file=sys.stderr, flush=True)
+    if server.metrics_port is not None:
+        print(f"featureviz serve: metrics on http://{config.host}:{server.metrics_port}/metrics", file=sys.stderr,
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -25,6 +25,7 @@ from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.info import InfoServicer
 from featureviz.server.info import describe_device
+from featureviz.server.metrics import Metrics
 from featureviz.server.jobs import JobServicer
 from featureviz.server.models import ModelServicer
 from featureviz.server.scheduler import Scheduler
@@ -44,14 +45,18 @@ class FeaturevizServer:
     """The grpc.aio server plus the scheduler and store it owns."""
 
     def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, store: Store, scheduler: Scheduler,
-                 health_servicer: health.aio.HealthServicer):
+                 health_servicer: health.aio.HealthServicer, metrics: Metrics | None):
         self.config = config
         self.grpc_server = grpc_server
         self.store = store
         self.scheduler = scheduler
         self.health = health_servicer
+        self.metrics = metrics
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         self.scheduler.start()
         await self.grpc_server.start()
         for name in ("", *SERVICE_NAMES):
@@ -62,6 +67,8 @@ class FeaturevizServer:
         await self.health.enter_graceful_shutdown()
         await asyncio.to_thread(self.scheduler.stop, grace)  # running job: finish or back to QUEUED
         await self.grpc_server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.store.close()
 
     async def wait_for_termination(self) -> None:
@@ -74,13 +81,17 @@ def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
     store = Store(config.store_dir)
     scheduler = Scheduler(store, loop=loop, device=config.device, model_cache_size=config.model_cache_size,
                           finished_logs_kept=config.finished_logs_kept)
+    metrics = None
+    if config.metrics_port is not None:
+        metrics = Metrics(queue_depth=scheduler.queued, models_loaded=lambda: len(scheduler.models))
+        scheduler.metrics = metrics
     auth = TenantResolver(config.tokens)
     server = grpc.aio.server(
         interceptors=[BearerAuthInterceptor(auth)],
         options=[("grpc.max_receive_message_length", config.limits.max_message_bytes),
                  ("grpc.max_send_message_length", config.limits.max_reply_bytes)],
     )
-    pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(config, store, scheduler, auth), server)
+    pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(config, store, scheduler, auth, metrics), server)
     pb_grpc.add_JobServiceServicer_to_server(JobServicer(config, scheduler, auth), server)
     pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(config, auth, describe_device(config.device)), server)
     health_servicer = health.aio.HealthServicer()
@@ -94,7 +105,7 @@ def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
         port = server.add_secure_port(f"{host}:{config.port}", credentials)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
-    return FeaturevizServer(config, server, store, scheduler, health_servicer), port
+    return FeaturevizServer(config, server, store, scheduler, health_servicer, metrics), port
 
 
 class BackgroundServer:
@@ -103,6 +114,7 @@ class BackgroundServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.port = 0
+        self.metrics_port: int | None = None
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -136,6 +148,7 @@ class BackgroundServer:
     async def _start(self) -> None:
         self._server, self.port = create_server(self.config)
         await self._server.start()
+        self.metrics_port = self._server.metrics_port
 
     def stop(self, grace: float | None = None) -> None:
         if self._server is None or not self._thread.is_alive():

@@ -49,6 +49,7 @@ class ServerConfig:
     tls_cert: str | os.PathLike | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key: str | os.PathLike | None = None  # PEM private key of tls_cert
     tls_client_ca: str | os.PathLike | None = None  # PEM CA: require client certificates signed by it (mTLS)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one; None: off), same host
     model_cache_size: int = 4  # imported models kept in memory
     finished_logs_kept: int = 256  # event logs of finished jobs kept in memory for re-attaching watchers
 

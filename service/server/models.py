@@ -40,11 +40,13 @@ def parse_model_name(name: str, field: str = "model") -> str:
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, config: ServerConfig, store: Store, scheduler: Scheduler, auth: TenantResolver):
+    def __init__(self, config: ServerConfig, store: Store, scheduler: Scheduler, auth: TenantResolver,
+                 metrics=None):
         self.config = config
         self.store = store
         self.scheduler = scheduler
         self.auth = auth
+        self.metrics = metrics
         self._uploading: set[tuple[str, str]] = set()
 
     @rpc_errors
@@ -64,15 +66,25 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             existing = None
         if existing is not None:
             existing.deduplicated = True
+            self._count("deduplicated")
             return existing
         if (tenant, sha) in self._uploading:
             raise FailedPrecondition(f"an upload of {sha} is already in progress; retry when it ends",
                                      reason="UPLOAD_IN_PROGRESS")
         self._uploading.add((tenant, sha))
         try:
-            return await self._receive(tenant, header, sha, request_iterator, context)
+            model = await self._receive(tenant, header, sha, request_iterator, context)
+        except FeaturevizError:
+            self._count("rejected")
+            raise
         finally:
             self._uploading.discard((tenant, sha))
+        self._count("stored")
+        return model
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.uploads.labels(outcome).inc()
 
     async def _receive(self, tenant: str, header: pb.UploadHeader, sha: str, request_iterator,
                        context: grpc.aio.ServicerContext) -> pb.Model:

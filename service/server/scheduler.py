@@ -120,6 +120,9 @@ class ModelCache:
             self.put(sha256, model)
             return model
 
+    def __len__(self) -> int:
+        return len(self._models)
+
     def drop(self, sha256: str) -> None:
         with self._lock:
             self._models.pop(sha256, None)
@@ -145,6 +148,7 @@ class Scheduler:
         self._stopping = False
         self._shutdown = threading.Event()  # stop the running job now and leave it QUEUED
         self._thread = threading.Thread(target=self._work, name="featureviz-scheduler", daemon=True)
+        self.metrics = None  # a featureviz.server.metrics.Metrics, when the server exports metrics
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -209,6 +213,8 @@ class Scheduler:
                 self._tenant_of.pop(job_id, None)
                 self.store.finish_job(job_id, pb.JOB_STATE_CANCELLED)
                 self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+                if self.metrics is not None:
+                    self.metrics.jobs.labels("cancelled").inc()
             elif row.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED):
                 raise FailedPrecondition(f"job {job_id} already finished ({pb.JobState.Name(row.state)}); "
                                          "nothing to cancel", reason="JOB_FINISHED")
@@ -280,6 +286,18 @@ class Scheduler:
         events.append(state=pb.JOB_STATE_RUNNING)
         spec = pb.JobSpec.FromString(row.spec)
         started = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.queue_seconds.observe(max(0.0, time.time() - row.create_time))
+        outcome = self._execute(job_id, row, spec, events)
+        if self.metrics is not None:
+            self.metrics.jobs.labels(outcome).inc()
+            self.metrics.run_seconds.observe(time.perf_counter() - started)
+        log.info("job %s %s in %.1f s", job_id, outcome, time.perf_counter() - started)
+        if outcome != "requeued":
+            events.append(result=self.store.get_job(job_id).to_proto())
+
+    def _execute(self, job_id: str, row, spec: pb.JobSpec, events: JobLog) -> str:
+        """Run one job and store how it ended; -> outcome: succeeded, failed, cancelled or requeued."""
         try:
             model = self.models.get(row.model)
             render_spec = _render_spec(model, spec, self._device)
@@ -291,15 +309,16 @@ class Scheduler:
             if error.reason == "GPU_OOM":
                 _empty_device_cache()
             self.store.finish_job(job_id, pb.JOB_STATE_FAILED, error=error)
-        else:
-            if result.cancelled and self._shutdown.is_set():
-                self.store.mark_queued(job_id)  # the next start runs it again from step 0
-                events.append(state=pb.JOB_STATE_QUEUED)
-                return
-            state = pb.JOB_STATE_CANCELLED if result.cancelled else pb.JOB_STATE_SUCCEEDED
-            self.store.finish_job(job_id, state, result=_job_result(result))
-        log.info("job %s finished in %.1f s", job_id, time.perf_counter() - started)
-        events.append(result=self.store.get_job(job_id).to_proto())
+            if self.metrics is not None:
+                self.metrics.failures.labels(error.reason).inc()
+            return "failed"
+        if result.cancelled and self._shutdown.is_set():
+            self.store.mark_queued(job_id)  # the next start runs it again from step 0
+            events.append(state=pb.JOB_STATE_QUEUED)
+            return "requeued"
+        state = pb.JOB_STATE_CANCELLED if result.cancelled else pb.JOB_STATE_SUCCEEDED
+        self.store.finish_job(job_id, state, result=_job_result(result))
+        return "cancelled" if result.cancelled else "succeeded"
 
     def _render(self, job_id: str, model, render_spec, spec: pb.JobSpec, events: JobLog):
         steps = render_spec.steps
@@ -314,6 +333,8 @@ class Scheduler:
                 self._progress[job_id] = (step, steps, values)
             events.append(progress=pb.Progress(step=step, steps=total, objective=values,
                                                seconds_per_step=now - last[0]))
+            if self.metrics is not None:
+                self.metrics.step_seconds.observe(now - last[0])
             last[0] = now
 
         def snapshot(step: int, images) -> None:

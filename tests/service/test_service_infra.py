@@ -166,3 +166,22 @@ def test_tls_and_client_certificates(tmp_path, certs):
                 with pytest.raises(FeaturevizClientError) as err:
                     fv.info()
                 assert err.value.code == "UNAVAILABLE"
+
+
+def test_prometheus_metrics(tmp_path, tiny_onnx):
+    import urllib.request
+
+    with serve_in_background(ServerConfig(tmp_path, metrics_port=0)) as running, Client(running.address) as fv:
+        model = fv.upload(tiny_onnx)
+        fv.upload(tiny_onnx)
+        with pytest.raises(FeaturevizClientError):
+            fv.upload(b"not onnx")
+        fv.wait(fv.submit(model.sha256, CHANNEL, steps=3, size=16).id, timeout=120)
+        url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    lines = set(text.splitlines())
+    assert 'featureviz_jobs_total{outcome="succeeded"} 1.0' in lines
+    assert {'featureviz_uploads_total{outcome="stored"} 1.0', 'featureviz_uploads_total{outcome="rejected"} 1.0'} \
+        <= lines
+    assert "featureviz_step_seconds_count 3.0" in lines and "featureviz_models_loaded 1.0" in lines
+    assert "featureviz_queue_depth 0.0" in lines

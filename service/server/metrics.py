@@ -1,0 +1,59 @@
+"""Prometheus metrics (text format over HTTP on ``--metrics-port``): jobs by outcome, queue and run seconds,
+step seconds, uploads by outcome, queue depth, models in memory, CUDA memory. One registry per server, so
+several servers in one process (tests, the demo) do not share counters."""
+
+from __future__ import annotations
+
+__all__ = ["Metrics"]
+
+_SECONDS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+_STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self, *, queue_depth, models_loaded):
+        from prometheus_client import CollectorRegistry
+        from prometheus_client import Counter
+        from prometheus_client import Gauge
+        from prometheus_client import Histogram
+
+        self.registry = registry = CollectorRegistry()
+        self.jobs = Counter("featureviz_jobs", "Jobs that ended, by outcome (succeeded, failed, cancelled, "
+                                               "requeued on shutdown)", ["outcome"], registry=registry)
+        self.failures = Counter("featureviz_job_failures", "Failed jobs by reason", ["reason"], registry=registry)
+        self.uploads = Counter("featureviz_uploads", "Model uploads by outcome (stored, deduplicated, rejected)",
+                               ["outcome"], registry=registry)
+        self.queue_seconds = Histogram("featureviz_job_queue_seconds", "Seconds from create to start",
+                                       buckets=_SECONDS, registry=registry)
+        self.run_seconds = Histogram("featureviz_job_run_seconds", "Seconds a job ran", buckets=_SECONDS,
+                                     registry=registry)
+        self.step_seconds = Histogram("featureviz_step_seconds", "Seconds per optimisation step",
+                                      buckets=_STEP_SECONDS, registry=registry)
+        Gauge("featureviz_queue_depth", "Jobs waiting for the device", registry=registry).set_function(queue_depth)
+        Gauge("featureviz_models_loaded", "Imported models held in memory",
+              registry=registry).set_function(models_loaded)
+        Gauge("featureviz_cuda_memory_allocated_bytes", "torch.cuda.memory_allocated() (0 without CUDA)",
+              registry=registry).set_function(_cuda_allocated)
+        self._http = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (``/metrics``) on its own thread; returns the bound port."""
+        from prometheus_client import start_http_server
+
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def _cuda_allocated() -> float:
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just for a scrape
+    if torch is None or not torch.cuda.is_available():
+        return 0.0
+    return float(torch.cuda.memory_allocated())
