@@ -80,6 +80,8 @@ CASES = [
     (2, 3, 3, 12, 7, False, False, 64),
     (2, 1, 3, 35, 20, True, True, 16),
     (1, 3, 3, 67, 66, True, True, 64),
+    (2, 3, 3, 2, 1, True, True, 16),  # degenerate sizes: no mirror rows or columns at all
+    (1, 3, 3, 1, 4, False, True, 64),
 ]
 
 
@@ -138,8 +140,10 @@ def test_kernel_rejects_a_spectrum_of_the_wrong_width(kernel_device):
 
 
 @pytest.mark.gpu
-def test_kernel_at_224_on_gpu(assert_close):
-    """The production size, compiled: tiles, masks and TF32 on real hardware."""
+@pytest.mark.parametrize("rows", sorted(fft_image.FORWARD_CONFIGS))
+def test_kernel_at_224_on_gpu(rows, assert_close, monkeypatch):
+    """The production size, compiled: tiles, masks and TF32 on real hardware, both forward band heights."""
+    monkeypatch.setattr(fft_image, "_forward_config", lambda *args: fft_image.FORWARD_CONFIGS[rows])
     spectrum, scale, mix = _inputs(4, 3, 3, 224, 224, seed=224, device="cuda")
     spectrum.requires_grad_(True)
     image = fft_image.spectrum_to_image(spectrum, scale, mix, (224, 224))
