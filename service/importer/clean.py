@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper
 from onnx import numpy_helper
+from onnx import shape_inference
+from onnx import version_converter
 
 from featureviz.errors import ModelImportError
 from featureviz.importer.spec import InputSpec
@@ -61,14 +63,14 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     version = _opset(model)
     if version > MAX_OPSET:
         try:
-            return onnx.version_converter.convert_version(model, MAX_OPSET)
+            return version_converter.convert_version(model, MAX_OPSET)
         except Exception as exc:  # keep the newer opset; our converters cover the common ops there
             _LOG.info("cannot convert opset %d down to %d: %s", version, MAX_OPSET, exc)
             return model
     if version >= MIN_OPSET:
         return model
     try:
-        upgraded = onnx.version_converter.convert_version(model, TARGET_OPSET)
+        upgraded = version_converter.convert_version(model, TARGET_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors and ValueErrors
         raise ModelImportError(
             f"cannot upgrade opset {version} to {TARGET_OPSET}: {str(exc).strip().splitlines()[0]}",
@@ -138,7 +140,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
+        return shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
     except Exception as exc:
         if strict:
             raise

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
+from onnx import inliner
 
 from featureviz.errors import ModelImportError
 
@@ -112,7 +113,7 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelImportError(f"invalid ONNX model (onnx.checker): {first}", reason="INVALID_MODEL") from exc
     if model.functions:
-        model = onnx.inliner.inline_local_functions(model)
+        model = inliner.inline_local_functions(model)
     for node in model.graph.node:
         if node.domain not in _STANDARD_DOMAINS:
             raise ModelImportError(

@@ -1,7 +1,7 @@
 """Test models of the importer tests: real ONNX files exported with torch.onnx, and the ONNX zoo layouts.
 
-The fixtures (conftest.py) export each once per session (``tmp_path_factory``); torchvision models use ``weights=None`` (random
-weights are enough to compare a conversion with onnxruntime) and small inputs. The nine "light" zoo models
+The fixtures (conftest.py) export each once per session (``tmp_path_factory``); torchvision models use
+``weights=None`` (random weights are enough to compare a conversion with onnxruntime) and small inputs. The nine "light" zoo models
 that ship inside the onnx package compute their weights with ``ConstantOfShape`` (all 0.02), which makes
 every output uniform and any comparison trivially exact; :func:`randomized_light_model` replaces those
 weights with seeded random ones so that the check means something.
@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnx import shape_inference
 from torch import nn
 
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -46,7 +47,7 @@ def randomized_light_model(path: Path, seed: int = 0) -> bytes:
     # random weights saturate the Softmax (exact 0/1 on both sides): expose the logits so they are compared too
     softmax = [node for node in model.graph.node if node.op_type == "Softmax"]
     if softmax:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = shape_inference.infer_shapes(model)
         logits = next(v for v in inferred.graph.value_info if v.name == softmax[-1].input[0])
         model.graph.output.append(logits)
     return model.SerializeToString()

@@ -84,3 +84,16 @@ def test_verification_refuses_above_tolerance_with_the_figure(exported):
         import_model(exported("resnet18_legacy_op11"), tolerance=1e-12, use_cache=False)
     assert info.value.reason == "VERIFICATION_FAILED"
     assert "above the tolerance 1e-12" in str(info.value)
+
+
+def test_model_local_functions_are_inlined():
+    # exporters may wrap blocks in model-local functions of their own domain
+    body = [helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Neg", ["r"], ["b"])]
+    function = helper.make_function("local.blocks", "ReluNeg", ["a"], ["b"], body,
+                                    opset_imports=[helper.make_opsetid("", 13)])
+    node = helper.make_node("ReluNeg", ["y"], ["z"], name="block", domain="local.blocks")
+    model = tiny_conv_model(extra_node=node, extra_opsets={"local.blocks": 1})
+    model.functions.append(function)
+    imported = import_model(model.SerializeToString(), use_cache=False)
+    assert imported.check.passed
+    assert {"Relu", "Neg"} <= {layer.op_type for layer in imported.layers}
