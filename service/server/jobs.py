@@ -116,9 +116,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if not stored.HasField("preprocess") and model.input_spec.HasField("preprocess"):
             stored.preprocess.CopyFrom(model.input_spec.preprocess)  # the job records what it ran with
         try:
-            await asyncio.to_thread(self.scheduler.validate, sha, stored)
+            render_spec = await asyncio.to_thread(self.scheduler.validate, sha, stored)
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+        for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
+            if not stored.HasField(key):
+                setattr(stored, key, getattr(render_spec, key))
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
             self.scheduler.submit(row.id, tenant)

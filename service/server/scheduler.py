@@ -251,10 +251,13 @@ class Scheduler:
         for job_id in finished[: max(0, len(finished) - self._finished_logs_kept)]:
             del self._logs[job_id]
 
-    def validate(self, model_sha: str, spec: pb.JobSpec) -> None:
-        """Everything the engine can check before compute (unknown layer, channel range ...). Blocking."""
+    def validate(self, model_sha: str, spec: pb.JobSpec):
+        """Everything the engine can check before compute (unknown layer, channel range ...). Blocking.
+        Returns the engine's RenderSpec (with its defaults filled in)."""
         model = self.models.get(model_sha)
-        _engine().validate(model, _render_spec(model, spec, self._device))
+        render_spec = _render_spec(model, spec, self._device)
+        _engine().validate(model, render_spec)
+        return render_spec
 
     # ------------------------------------------------------------------------------------------- worker
 

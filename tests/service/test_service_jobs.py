@@ -264,3 +264,10 @@ def test_init_image_is_decoded_resized_and_used(client, tiny_model):
     with pytest.raises(FeaturevizClientError) as err:
         client.submit(tiny_model.sha256, CHANNEL, steps=1, size=16, init_image=b"not an image")
     assert err.value.code == "INVALID_ARGUMENT" and err.value.field_violations[0][0] == "spec.init_image"
+
+
+def test_engine_defaults_are_recorded_in_the_job(client, tiny_model):
+    job = client.submit(tiny_model.sha256, CHANNEL, size=16)  # no steps, batch or seed given
+    assert (job.steps, job.spec.steps, job.spec.batch, job.spec.seed) == (512, 512, 1, 0)
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout=120).state == pb.JOB_STATE_CANCELLED
