@@ -81,6 +81,13 @@ def test_auto_mode_gives_constants_their_gradient_through_the_reference(monkeypa
     assert color.grad is not None and color.grad.abs().sum() > 0
 
 
+def test_unknown_dot_precision_is_refused(monkeypatch):
+    monkeypatch.setenv("FEATUREVIZ_KERNELS", "triton")
+    monkeypatch.setenv("FEATUREVIZ_KERNELS_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="FEATUREVIZ_KERNELS_PRECISION='bf16' is not one of tf32, tf32x3, ieee"):
+        kernels.spectrum_to_image(*_spectrum_args())
+
+
 def test_a_gpu_compiled_kernel_on_cpu_tensors_says_how_to_enable_the_interpreter():
     from triton.runtime.jit import JITFunction
 
