@@ -13,5 +13,5 @@ from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["AsyncClient", "Client", "FeaturevizClientError", "TERMINAL_STATES", "file_sha256", "from_rpc_error", "images", "pb",
-           "to_pil"]
+__all__ = ["AsyncClient", "Client", "FeaturevizClientError", "TERMINAL_STATES", "file_sha256", "from_rpc_error",
+           "images", "pb", "to_pil"]

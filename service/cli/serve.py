@@ -48,8 +48,9 @@ def _config(args: argparse.Namespace):
     return ServerConfig(
         store_dir=args.store, host=args.host, port=args.port, tokens=parse_tokens(text),
         allow_insecure_remote=args.allow_insecure_remote, device=args.device, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port, heartbeat_seconds=args.heartbeat,
-        grace_seconds=args.grace, limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
+        heartbeat_seconds=args.heartbeat, grace_seconds=args.grace,
+        limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "Scale",
     "Batch",
     "build",
+    "walk",
 ]
 
 LOGITS = None  # layer key of the model's logits (resolved by the render loop)
@@ -227,12 +228,15 @@ class Logit(Objective):
 
 
 class Prob(Logit):
-    """Softmax probability of class ``index`` (the softmax of the logits)."""
+    """Softmax probability p of class ``index``. Its value is p; its gradient is that of log p (the same maximiser):
+    the gradient of p itself vanishes with p, and starting near 1/1000 it leaves Adam's sign-like first steps
+    to the noise (at lr 0.05, p falls instead of rising)."""
 
     kind = "prob"
 
     def __call__(self, acts):
-        return torch.softmax(acts[LOGITS].reshape(acts.batch, -1), dim=-1)[:, self.index]
+        log_p = torch.log_softmax(acts[LOGITS].reshape(acts.batch, -1), dim=-1)[:, self.index]
+        return log_p.exp().detach() + (log_p - log_p.detach())
 
     def spec(self):
         return {"prob": {"index": self.index}}
@@ -493,6 +497,20 @@ class Batch(Objective):
 
     def spec(self):
         return {"batch": {"index": self.index, "objective": self.objective.spec()}}
+
+
+def walk(objective: Objective):
+    """Every node of an objective tree, parents before children (iterative: long sums are fine)."""
+    stack = [objective]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, Sum):
+            stack.extend(reversed(node.terms))
+        elif isinstance(node, (Scale, Batch)):
+            stack.append(node.objective)
+        elif isinstance(node, Interpolate):
+            stack.extend([node.b, node.a])
 
 
 _LEAVES = {

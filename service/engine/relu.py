@@ -50,39 +50,48 @@ class _RedirectedClamp(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         low, high = ctx.bounds
-        inside = torch.ones_like(x, dtype=torch.bool)
-        keep = torch.ones_like(x, dtype=torch.bool)
-        if low is not None:
-            inside &= x > low
-            keep &= ~((x <= low) & (grad > 0))
-        if high is not None:
-            inside &= x < high
-            keep &= ~((x >= high) & (grad < 0))
-        ordinary = grad * inside
-        redirected = grad * keep
+        below = x <= low if low is not None else None
+        above = x >= high if high is not None else None
+        outside = below if above is None else above if below is None else below | above
+        ordinary = grad.masked_fill(outside, 0)
         if x.dim() < 2:
             return ordinary, None, None
-        passes = ordinary.reshape(x.shape[0], -1).abs().amax(dim=1) > 0
+        passes = ordinary.reshape(x.shape[0], -1).ne(0).any(dim=1)
+        if bool(passes.all()):  # the common case once units are on: nothing to redirect
+            return ordinary, None, None
+        blocked = torch.zeros_like(outside)
+        if below is not None:
+            blocked |= below & (grad > 0)
+        if above is not None:
+            blocked |= above & (grad < 0)
+        redirected = grad.masked_fill(blocked, 0)
         passes = passes.view(-1, *([1] * (x.dim() - 1)))
         return torch.where(passes, ordinary, redirected), None, None
 
 
 @contextlib.contextmanager
 def redirected_relu_grad(module: nn.Module, enabled: bool = True):
-    """Within the block, every clamp-like submodule of ``module`` back-propagates the redirected gradient."""
-    handles = []
+    """Within the block, every clamp-like submodule of ``module`` back-propagates the redirected gradient.
+
+    The submodules' ``forward`` is replaced for the duration (an instance attribute, removed on exit), so the
+    clamp is computed once."""
+    patched = []
     if enabled:
         for sub in module.modules():
             bounds = clamp_bounds(sub)
-            if bounds is None:
+            if bounds is None or "forward" in vars(sub):
                 continue
-
-            def hook(mod, inputs, output, bounds=bounds):
-                return _RedirectedClamp.apply(inputs[0], *bounds)
-
-            handles.append(sub.register_forward_hook(hook))
+            sub.forward = _redirected_forward(*bounds)
+            patched.append(sub)
     try:
-        yield len(handles)
+        yield len(patched)
     finally:
-        for handle in handles:
-            handle.remove()
+        for sub in patched:
+            del sub.forward
+
+
+def _redirected_forward(low, high):
+    def forward(x):
+        return _RedirectedClamp.apply(x, low, high)
+
+    return forward

@@ -68,8 +68,8 @@ class RenderSpec:
 @dataclass
 class RenderResult:
     images: torch.Tensor  # (B, 3, H, W) float in [0, 1], CPU
-    objective_start: list[float]  # per image, before the first step (no random transforms)
-    objective_end: list[float]  # per image, after the last step (no random transforms)
+    objective_start: list[float]  # per image, before the first step (pads and resize, no random transforms)
+    objective_end: list[float]  # per image, after the last step (pads and resize, no random transforms)
     seconds_per_step: float
     phase_seconds: dict[str, float] = field(default_factory=dict)  # param, transforms, model, optimizer
     steps_done: int = 0
@@ -275,9 +275,11 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         init = torch.as_tensor(spec.init_image, dtype=torch.float32).to(device)
     params, image_fn = make_param(spec.param, spec.batch, image_size, generator=generator, decay=spec.decay,
                                   init=init, device=device)
+    # alignment compares images position by position: they must see the same transform (lucid draws one per batch)
+    shared = any(isinstance(node, objs.Alignment) for node in objs.walk(objective))
     transforms = Transforms(parse_transforms(spec.transforms), image_size, model_size, preprocess, channels,
-                            device=device)
-    plain = Transforms((), image_size, model_size, preprocess, channels, device=device)
+                            device=device, shared=shared)
+    plain = transforms.centred()
     optimizer = torch.optim.Adam(params, lr=spec.lr)
 
     def activations(x, image):

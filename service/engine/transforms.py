@@ -208,12 +208,15 @@ def preprocess_map(preprocess, channels: int, *, device=None) -> tuple[torch.Ten
 class Transforms:
     """The transform stack of one render: image (B, 3, H, W) in [0, 1] -> model input (B, Co, Ho, Wo).
 
-    Calling it draws one random affine map per image from ``generator`` and resamples once.
+    Calling it draws one random affine map per image (or one for the batch when ``shared``) from ``generator``
+    and resamples once.
     """
 
     def __init__(self, steps, image_size: tuple[int, int], model_size: tuple[int, int], preprocess,
-                 channels: int = 3, *, device=None):
+                 channels: int = 3, *, device=None, shared: bool = False):
         self.steps = tuple(steps)
+        self.shared = shared  # one random draw for the whole batch (objectives comparing images position-wise)
+        self._preprocess, self._channels = preprocess, channels
         self.image_size = tuple(image_size)
         self.model_size = tuple(model_size)
         self.device = torch.device(device or "cpu")
@@ -231,12 +234,20 @@ class Transforms:
         self.matrix, self.bias = preprocess_map(preprocess, channels, device=self.device)
 
     def theta(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
-        """(B, 2, 3) inverse affine maps, output -> source normalised coordinates."""
-        inv = self._src_from_canvas.expand(batch, 3, 3)
+        """(B, 2, 3) inverse affine maps, output -> source normalised coordinates; with ``shared`` one draw
+        serves the whole batch."""
+        draws = 1 if self.shared else batch
+        inv = self._src_from_canvas.expand(draws, 3, 3)
         for step in self.random_steps:  # forward M = S_n ... S_1, so M^-1 = S_1^-1 ... S_n^-1
-            inv = torch.bmm(inv, step.inverse(batch, generator, self.device))
+            inv = torch.bmm(inv, step.inverse(draws, generator, self.device))
         inv = torch.matmul(inv, self._out_to_canvas)
-        return inv[:, :2, :]
+        return inv[:, :2, :].expand(batch, 2, 3)
+
+    def centred(self) -> "Transforms":
+        """The deterministic part of this stack: the pads and the resize, without random steps (the geometry the
+        model sees on average; used to measure objectives before and after a render)."""
+        return Transforms([s for s in self.steps if isinstance(s, Pad)], self.image_size, self.model_size,
+                          self._preprocess, self._channels, device=self.device)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.reflect:

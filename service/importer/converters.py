@@ -13,6 +13,7 @@ Our converters replace onnx2torch's entries for the same (op, version) keys:
 from __future__ import annotations
 
 import re
+import threading
 
 import onnx
 import torch
@@ -25,6 +26,7 @@ from featureviz.errors import ModelImportError
 __all__ = ["convert"]
 
 _REGISTERED = False
+_REGISTER_LOCK = threading.Lock()
 
 
 class AsymmetricAvgPool2d(nn.Module):
@@ -57,6 +59,11 @@ class ReshapeAllowZero(nn.Module):
 
 
 def _register() -> None:
+    with _REGISTER_LOCK:
+        _register_once()
+
+
+def _register_once() -> None:
     global _REGISTERED
     if _REGISTERED:
         return

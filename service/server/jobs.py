@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
-
 from featureviz.client.convert import spec_from_proto
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec

@@ -143,7 +143,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             model.input_spec.preprocess.CopyFrom(header.preprocess)
         model.create_time.GetCurrentTime()
         self.store.put_model(tenant, model, layers)
-        log.info("model %s uploaded (%d bytes, %d layers) by %s", sha[:12], header.size_bytes, len(layers.layers), tenant)
+        log.info("model %s uploaded (%d bytes, %d layers) by %s", sha[:12], header.size_bytes, len(layers.layers),
+                 tenant)
         return model
 
     def _import(self, partial: Path, header: pb.UploadHeader):

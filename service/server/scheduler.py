@@ -421,7 +421,8 @@ def _job_result(result) -> pb.JobResult:
         _rendered(i, image, start=float(result.objective_start[i]), end=float(result.objective_end[i]))
         for i, image in enumerate(result.images)
     ]
-    out = pb.JobResult(images=images, steps_done=int(result.steps_done), seconds_per_step=float(result.seconds_per_step),
+    out = pb.JobResult(images=images, steps_done=int(result.steps_done),
+                       seconds_per_step=float(result.seconds_per_step),
                        objective_description=str(getattr(result, "objective", "") or ""))
     for key, value in (result.phase_seconds or {}).items():
         out.phase_seconds[key] = float(value)

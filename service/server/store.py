@@ -193,7 +193,8 @@ class Store:
                     return JobRow(*row), False
             job_id = uuid.uuid4().hex[:16]
             self._db.execute(
-                "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, tenant, request_id, model_sha, pb.JOB_STATE_QUEUED, spec.SerializeToString(), time.time()),
             )
             row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
