@@ -3,7 +3,8 @@
 /**
  * featureviz-node: a tiny command line over the Node client. It only parses arguments and calls the Client.
  *
- *     featureviz-node [--server HOST:PORT] [--token TOKEN] COMMAND ...
+ *     featureviz-node [--server HOST:PORT] [--token TOKEN] [--tls-ca PEM [--client-cert PEM --client-key PEM]]
+ *                     COMMAND ...
  *       info                                  server version, device, limits
  *       upload FILE.onnx [--name NAME]        upload a model, print its sha256
  *       layers MODEL [--filter S] [--spatial] the layer catalog: name, op, shape, channels
@@ -11,7 +12,8 @@
  *              [--out DIR]                    optimise an image for channel C of LAYER, write PNGs to DIR
  *
  * MODEL is a sha256 or a path to an .onnx file (uploaded first). --server defaults to $FEATUREVIZ_SERVER or
- * 127.0.0.1:50051, --token to $FEATUREVIZ_TOKEN. Errors end with one line on stderr and exit status 1 (2 for
+ * 127.0.0.1:50051, --token to $FEATUREVIZ_TOKEN, --tls-ca to $FEATUREVIZ_TLS_CA (a PEM CA: use TLS; client
+ * certificates for mTLS servers). Errors end with one line on stderr and exit status 1 (2 for
  * usage errors); Ctrl-C during a render cancels the job.
  */
 
@@ -21,7 +23,8 @@ const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
 const { Client, FeaturevizError } = require('./index');
 
-const USAGE = `usage: featureviz-node [--server HOST:PORT] [--token TOKEN] COMMAND ...
+const USAGE = `usage: featureviz-node [--server HOST:PORT] [--token TOKEN]
+                       [--tls-ca PEM [--client-cert PEM --client-key PEM]] COMMAND ...
 
 commands:
   info                                    server version, device and limits
@@ -31,11 +34,16 @@ commands:
                                           render channel C of LAYER and write PNGs to DIR (default .)
 
 MODEL is a sha256 or a path to an .onnx file (uploaded first).
---server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.`;
+--server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.
+--tls-ca (default $FEATUREVIZ_TLS_CA) connects with TLS, verifying the server against that CA; add
+--client-cert and --client-key for servers that require client certificates (mTLS).`;
 
 const OPTIONS = {
   server: { type: 'string' },
   token: { type: 'string' },
+  'tls-ca': { type: 'string' },
+  'client-cert': { type: 'string' },
+  'client-key': { type: 'string' },
   name: { type: 'string' },
   filter: { type: 'string' },
   spatial: { type: 'boolean' },
@@ -181,7 +189,12 @@ async function main(argv) {
   const address = opts.server || process.env.FEATUREVIZ_SERVER || '127.0.0.1:50051';
   let fv;
   try {
-    fv = new Client(address, { token: opts.token || process.env.FEATUREVIZ_TOKEN });
+    fv = new Client(address, {
+      token: opts.token || process.env.FEATUREVIZ_TOKEN,
+      rootCerts: opts['tls-ca'] || process.env.FEATUREVIZ_TLS_CA || undefined,
+      clientCert: opts['client-cert'],
+      clientKey: opts['client-key'],
+    });
     await COMMANDS[command](fv, rest, opts);
     return 0;
   } catch (err) {
@@ -200,6 +213,8 @@ async function main(argv) {
 }
 
 if (require.main === module) {
+  // grpc-js sets the TLS server name to the address even when it is an IP (DEP0123): noise for CLI users
+  process.noDeprecation = true;
   main(process.argv.slice(2)).then((code) => { process.exitCode = code; });
 }
 

@@ -140,6 +140,21 @@ function toJobSpec(spec) {
   return out;
 }
 
+/** Plaintext or TLS (mTLS with a client certificate) credentials for `address`. */
+function channelCredentials(address, { insecure, rootCerts, clientCert, clientKey }) {
+  const host = address.slice(0, address.lastIndexOf(':'));
+  const tls = Boolean(rootCerts || clientCert || clientKey);
+  if (insecure && tls) {
+    throw invalidArgument('insecure', 'TLS certificates were given with insecure: true; drop one or the other');
+  }
+  if (Boolean(clientCert) !== Boolean(clientKey)) {
+    throw invalidArgument(clientCert ? 'clientKey' : 'clientCert', 'mTLS needs both clientCert and clientKey');
+  }
+  if (insecure ?? (!tls && LOOPBACK.has(host))) return grpc.credentials.createInsecure();
+  const pem = (value) => (value == null || Buffer.isBuffer(value) ? value || null : fs.readFileSync(value));
+  return grpc.credentials.createSsl(pem(rootCerts), pem(clientKey), pem(clientCert));
+}
+
 // ------------------------------------------------------------------------------------------------------ client
 
 class Client {
@@ -147,19 +162,21 @@ class Client {
    * @param {string} address  "host:port"
    * @param {object} [options]
    * @param {string} [options.token]  bearer token, sent as `authorization: Bearer <token>` on every call
-   * @param {boolean} [options.insecure]  plaintext instead of TLS; default: plaintext only for loopback hosts
-   * @param {Buffer} [options.rootCerts]  PEM roots for TLS (default: the system's)
+   * @param {boolean} [options.insecure]  plaintext instead of TLS; default: plaintext for loopback hosts given
+   *     no certificates, TLS otherwise
+   * @param {Buffer|string} [options.rootCerts]  PEM CA (bytes or a file) to verify the server (default: the system's)
+   * @param {Buffer|string} [options.clientCert]  PEM client certificate chain, for servers that require mTLS
+   * @param {Buffer|string} [options.clientKey]  its PEM private key
    * @param {number} [options.timeoutMs]  deadline of unary calls (uploads and watches have none)
    * @param {string} [options.protoPath]  featureviz.proto to load (default: see findProto)
    * @param {object} [options.channelOptions]  extra grpc-js channel options
    */
-  constructor(address, { token, insecure, rootCerts, timeoutMs, protoPath, channelOptions } = {}) {
+  constructor(address, { token, insecure, rootCerts, clientCert, clientKey, timeoutMs, protoPath,
+    channelOptions } = {}) {
     if (typeof address !== 'string' || !address.includes(':')) {
       throw invalidArgument('address', `expected "host:port", got ${JSON.stringify(address)}`);
     }
-    const host = address.slice(0, address.lastIndexOf(':'));
-    const plaintext = insecure === undefined ? LOOPBACK.has(host) : Boolean(insecure);
-    const credentials = plaintext ? grpc.credentials.createInsecure() : grpc.credentials.createSsl(rootCerts);
+    const credentials = channelCredentials(address, { insecure, rootCerts, clientCert, clientKey });
     const v1 = loadContract(protoPath);
     const options = { 'grpc.max_receive_message_length': 64 << 20, ...channelOptions };
     this.address = address;
