@@ -185,3 +185,30 @@ def test_prometheus_metrics(tmp_path, tiny_onnx):
         <= lines
     assert "featureviz_step_seconds_count 3.0" in lines and "featureviz_models_loaded 1.0" in lines
     assert "featureviz_queue_depth 0.0" in lines
+
+
+def test_graceful_stop_drains(tmp_path, tiny_onnx):
+    import threading
+
+    from featureviz.server.store import Store
+
+    running = serve_in_background(ServerConfig(tmp_path, grace_seconds=5.0))
+    with Client(running.address) as fv, grpc.insecure_channel(running.address) as channel:
+        model = fv.upload(tiny_onnx)
+        job = fv.submit(model.sha256, CHANNEL, steps=10_000, size=32)
+        next(e for e in fv.watch(job.id, timeout=120) if e.HasField("progress"))
+        stopper = threading.Thread(target=running.stop)
+        stopper.start()
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving:
+            pass  # the stop has begun when health says NOT_SERVING
+        with pytest.raises(FeaturevizClientError) as err:
+            fv.submit(model.sha256, CHANNEL, steps=2, size=16)
+        assert err.value.code == "UNAVAILABLE"
+        stopper.join()
+    store = Store(tmp_path)
+    try:  # the running job did not finish within the grace period: it waits for the next start
+        assert store.get_job(job.id).state == pb.JOB_STATE_QUEUED
+    finally:
+        store.close()
