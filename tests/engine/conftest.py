@@ -3,11 +3,6 @@ the importer, exactly as a user's upload would be."""
 
 import pytest
 
-# layers of EfficientNet-Lite0 used across the tests (catalog names of the zoo's ONNX export)
-MID = "/_blocks.4/_swish/Clip"  # 240 channels, 28 x 28 at 224 (ReLU6 output)
-MID_PRE = "/_blocks.4/_expand_conv/Conv"  # its pre-activation (BatchNorm folded into the conv)
-EARLY = "/_blocks.2/_swish/Clip"  # 144 channels, 56 x 56 at 224
-
 
 @pytest.fixture(scope="session")
 def lite0():
