@@ -1,0 +1,60 @@
+"""``featureviz render`` end to end on the real model: JSON output, PNG files, errors as one line."""
+
+import json
+
+import pytest
+
+from featureviz.cli import main
+
+MID = "/_blocks.4/_swish/Clip"
+
+
+@pytest.fixture(scope="module")
+def model_path(lite0):
+    from featureviz import zoo
+
+    return str(zoo.efficientnet_lite0(dynamic_size=True))  # imported once by lite0: the CLI hits the cache
+
+
+def test_render_json_and_one_png_per_image(model_path, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "viz.png"
+    rc = main(["render", model_path, f"{MID}:5 - 0.05*tv", "--steps", "4", "--size", "48", "--batch", "2",
+               "--seed", "3", "--mean", "0.498", "--std", "0.502", "--out", str(out), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["objective_start"]) == len(report["objective_end"]) == 2
+    assert all(e > s for s, e in zip(report["objective_start"], report["objective_end"]))
+    assert report["seconds_per_step"] > 0 and report["steps"] == 4 and report["size"] == [48, 48]
+    assert report["objective"] == f"{MID}:5 - 0.05*tv"
+    assert report["files"] == [str(tmp_path / "viz_0.png"), str(tmp_path / "viz_1.png")]
+    for path in report["files"]:
+        with Image.open(path) as img:
+            assert img.size == (48, 48) and img.mode == "RGB"
+
+
+def test_render_grid_and_init_image(model_path, tmp_path, capsys):
+    from PIL import Image
+
+    init = tmp_path / "start.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(init)
+    out = tmp_path / "grid.png"
+    rc = main(["render", model_path, "logit:1", "--steps", "1", "--lr", "1e-6", "--size", "32", "--batch", "3",
+               "--transforms", "none", "--param", "pixel", "--init", str(init), "--grid", "--out", str(out)])
+    assert rc == 0
+    assert "image 2: objective" in capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 x 2 grid of 32 px images, 2 px gaps
+        assert img.getpixel((10, 10)) == pytest.approx((200, 30, 30), abs=2)  # started from the red image
+
+
+@pytest.mark.parametrize("objective, needle", [
+    ("nope:1", "objective.channel.layer: unknown layer 'nope'"),
+    (f"{MID}:999", "channel 999 is out of range"),
+    (f"{MID}:1 *", "at column"),
+])
+def test_bad_objectives_end_with_one_line(model_path, capsys, objective, needle):
+    assert main(["render", model_path, objective, "--steps", "1", "--size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
