@@ -122,13 +122,13 @@ def run_lucent(lucent, model, key: str, channel: int, steps: int, size: int, see
     import numpy as np
 
     np.random.seed(seed)  # lucent draws its transforms from numpy's global generator
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     images = lucent.render.render_vis(
         model.module, lucent.objectives.channel(key, channel), param_f=lambda: lucent.param.image(size),
         transforms=transforms, thresholds=(steps,), preprocess=False, progress=False, show_image=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     image = torch.from_numpy(images[-1]).permute(0, 3, 1, 2).contiguous()
-    return {"seconds": seconds, "image": image}
+    return {"seconds": seconds, "cpu_seconds": cpu, "image": image}
 
 
 def run_featureviz(model, layer: str, channel: int, steps: int, size: int, seed: int) -> dict:
@@ -136,10 +136,10 @@ def run_featureviz(model, layer: str, channel: int, steps: int, size: int, seed:
 
     spec = RenderSpec(objective={"channel": {"layer": layer, "channel": channel}}, steps=steps, size=size,
                       seed=seed, param="fft", transforms="standard", device="cpu")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = render(model, spec)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "image": result.images, "phase_seconds": dict(result.phase_seconds),
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_seconds": cpu, "image": result.images, "phase_seconds": dict(result.phase_seconds),
             "objective_end": float(result.objective_end[0])}
 
 
@@ -163,37 +163,43 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
-def summarize(runs: dict, args, lucent_versions: str) -> dict:
+def summarize(runs: dict, args, lucent_versions: str, load: tuple[float, float]) -> dict:
     luc, fv = runs["lucent"], runs["featureviz"]
     phases = {k: _median([r["phase_seconds"][k] for r in fv]) for k in fv[0]["phase_seconds"]}
+    figures = {}
+    for name, rs in (("lucent", luc), ("featureviz", fv)):
+        figures[name] = {"seconds": [r["seconds"] for r in rs], "cpu_seconds": [r["cpu_seconds"] for r in rs],
+                         "activation": [r["activation"] for r in rs]}
+    med = {name: {k: _median(v) for k, v in f.items()} for name, f in figures.items()}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "lucent": lucent_versions,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} torch threads",
+        "load_average_1min": {"start": load[0], "end": load[1]},
+        "lucent_versions": lucent_versions,
         "model": "EfficientNet-Lite0 (zoo ONNX -> featureviz.importer)",
         "layer": args.layer, "channel": args.channel, "steps": args.steps, "size": args.size, "runs": args.runs,
-        "lucent_seconds": [r["seconds"] for r in luc],
-        "featureviz_seconds": [r["seconds"] for r in fv],
-        "lucent_activation": [r["activation"] for r in luc],
-        "featureviz_activation": [r["activation"] for r in fv],
-        "speedup": _median([r["seconds"] for r in luc]) / _median([r["seconds"] for r in fv]),
+        **figures,
+        "speedup_wall": med["lucent"]["seconds"] / med["featureviz"]["seconds"],
+        "speedup_cpu": med["lucent"]["cpu_seconds"] / med["featureviz"]["cpu_seconds"],
+        "activation_ratio": med["featureviz"]["activation"] / med["lucent"]["activation"],
         "featureviz_phase_seconds": phases,
     }
 
 
 def print_report(s: dict) -> None:
-    lt, ft = _median(s["lucent_seconds"]), _median(s["featureviz_seconds"])
-    la, fa = _median(s["lucent_activation"]), _median(s["featureviz_activation"])
     print(f"{s['model']}, layer {s['layer']} channel {s['channel']}, {s['steps']} steps, {s['size']} px, "
-          f"median of {s['runs']} runs; {s['machine']}; {s['lucent']}")
-    print("| tool | wall s (median) | s/step | final activation (median) | runs (s) |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, t, a, all_t in (("lucent", lt, la, s["lucent_seconds"]), ("featureviz", ft, fa, s["featureviz_seconds"])):
-        runs = ", ".join(f"{x:.1f}" for x in all_t)
-        print(f"| {name} | {t:.1f} | {t / s['steps']:.3f} | {a:.3f} | {runs} |")
-    print(f"speedup (lucent / featureviz wall time): {s['speedup']:.2f}x; activation ratio (featureviz / lucent): "
-          f"{fa / la if la else float('nan'):.2f}")
+          f"median of {s['runs']} runs; {s['machine']}; load average {s['load_average_1min']['start']:.1f} -> "
+          f"{s['load_average_1min']['end']:.1f}; {s['lucent_versions']}")
+    print("| tool | wall s | s/step | CPU s | final activation | wall s of each run |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in ("lucent", "featureviz"):
+        f = s[name]
+        t, c, a = _median(f["seconds"]), _median(f["cpu_seconds"]), _median(f["activation"])
+        each = ", ".join(f"{x:.1f}" for x in f["seconds"])
+        print(f"| {name} | {t:.1f} | {t / s['steps']:.3f} | {c:.1f} | {a:.3f} | {each} |")
+    print(f"speedup lucent/featureviz: wall {s['speedup_wall']:.2f}x, CPU {s['speedup_cpu']:.2f}x; "
+          f"final activation featureviz/lucent: {s['activation_ratio']:.2f}")
     total = sum(s["featureviz_phase_seconds"].values())
     print("featureviz phases (median s per run): " + ", ".join(
         f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in s["featureviz_phase_seconds"].items()))
@@ -226,6 +232,7 @@ def main(argv=None) -> int:
     for fn in tools.values():  # warm-up: first-call allocations, thread pools, lazy imports
         fn(args.seed + 1000, 4)
     runs = {name: [] for name in ("lucent", "featureviz")}
+    load_start = os.getloadavg()[0]
     for i in range(args.runs):
         for name, fn in tools.items():
             r = fn(args.seed + i, args.steps)
@@ -236,7 +243,7 @@ def main(argv=None) -> int:
         for r in runs[args.only]:
             print(json.dumps({k: v for k, v in r.items()}))
         return 0
-    summary = summarize(runs, args, lucent.versions)
+    summary = summarize(runs, args, lucent.versions, (load_start, os.getloadavg()[0]))
     print_report(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
