@@ -63,14 +63,14 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     version = _opset(model)
     if version > MAX_OPSET:
         try:
-            return version_converter.convert_version(model, MAX_OPSET)
+            return structural(lambda m: version_converter.convert_version(m, MAX_OPSET), model)
         except Exception as exc:  # keep the newer opset; our converters cover the common ops there
             _LOG.info("cannot convert opset %d down to %d: %s", version, MAX_OPSET, exc)
             return model
     if version >= MIN_OPSET:
         return model
     try:
-        upgraded = version_converter.convert_version(model, TARGET_OPSET)
+        upgraded = structural(lambda m: version_converter.convert_version(m, TARGET_OPSET), model)
     except Exception as exc:  # the converter raises bare RuntimeErrors and ValueErrors
         raise ModelImportError(
             f"cannot upgrade opset {version} to {TARGET_OPSET}: {str(exc).strip().splitlines()[0]}",
@@ -130,6 +130,40 @@ def drop_dropout(model: onnx.ModelProto) -> onnx.ModelProto:
         del graph.node[:]
         graph.node.extend(keep)
     return model
+
+
+# Initializers above this size travel around the structural passes (opset conversion, shape inference), which
+# copy and re-serialize the whole model but read only the dims of weight tensors: VGG-19 carries 548 MB.
+_BIG_TENSOR = 1 << 16
+
+
+def _strip_weights(model: onnx.ModelProto) -> dict[str, bytes]:
+    """Move the raw data of large initializers out of ``model`` (in place); dims and types stay."""
+    taken = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > _BIG_TENSOR:
+            taken[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    return taken
+
+
+def _restore_weights(model: onnx.ModelProto, taken: dict[str, bytes]) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name in taken and not tensor.raw_data:
+            tensor.raw_data = taken[tensor.name]
+
+
+def structural(fn, model: onnx.ModelProto, *, restore: bool = True):
+    """``fn(model)`` run while the large weights are out of ``model``; they go back into it and, with
+    ``restore``, into a new model ``fn`` returns."""
+    taken = _strip_weights(model)
+    try:
+        result = fn(model)
+    finally:
+        _restore_weights(model, taken)
+    if restore and isinstance(result, onnx.ModelProto) and result is not model:
+        _restore_weights(result, taken)
+    return result
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -319,9 +353,9 @@ def make_batch_dynamic(model: onnx.ModelProto, spec: InputSpec) -> tuple[onnx.Mo
     """Make a model exported at batch 1 run any batch. Returns the model and whether anything was rewritten."""
     if spec.batch != 1:
         return model, False
-    shaped = infer_shapes(model)
+    shaped = structural(infer_shapes, model, restore=False)
     shapes = {v.name: _shape_of(v) for v in (*shaped.graph.value_info, *shaped.graph.input, *shaped.graph.output)}
-    model = _copy(model)
+    # rewritten in place: the model is the simplifier's fresh output
     graph = model.graph
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     init_by_name = {t.name: t for t in graph.initializer}

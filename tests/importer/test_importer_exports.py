@@ -29,7 +29,7 @@ def _ort_per_image(path, spec, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: feed[i : i + 1]})[0] for i in range(len(x))])
 
 
-@pytest.mark.parametrize("spec", _params())
+@pytest.mark.parametrize("spec", list(_params()))
 def test_export_imports_matches_and_runs_batch_4(spec, exported, cache_dir):
     path = exported(spec.key)
     model = import_model(path, cache_dir=cache_dir)
@@ -61,6 +61,7 @@ def test_export_imports_matches_and_runs_batch_4(spec, exported, cache_dir):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_dynamic_spatial_model_runs_other_sizes(exported, cache_dir):
     model = import_model(exported("resnet18_dynamo_dynamic"), cache_dir=cache_dir)
     assert (model.input_spec.height, model.input_spec.width) == (None, None)
