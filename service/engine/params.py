@@ -189,10 +189,3 @@ def _standardize(t: torch.Tensor) -> torch.Tensor:
     std = t.std(dim=dims, keepdim=True)
     return (t - mean) / (std + 1e-6)
 
-
-def describe(kind: str, decay: float | None) -> str:
-    if kind == "pixel":
-        return "pixel"
-    default = 1.0 if kind == "fft" else MACO_DEFAULT_DECAY
-    return f"{kind} (1/f^{default if decay is None else decay:g})"
-

@@ -6,8 +6,8 @@ every ReLU during the first 16 steps: where the ordinary gradient of an image is
 part of the incoming gradient that pushes the unit back into its active range (and still blocks the part that
 would push it further out). Once units are on, the ordinary gradient takes over.
 
-:func:`redirected_relu_grad` installs this as forward hooks on the clamp-like modules of a module and removes
-them on exit.
+:func:`redirected_relu_grad` swaps the ``forward`` of the clamp-like submodules of a module (ReLU, ReLU6, Hardtanh,
+onnx2torch's Clip) for this one and restores them on exit.
 """
 
 from __future__ import annotations
