@@ -94,3 +94,22 @@ def test_full_gallery_is_valid_for_the_model():
                                    size=settings.size, seed=settings.seed, param=settings.param,
                                    transforms=settings.transforms))
     assert "goldfish" in panels[2].labels[0]
+
+
+def test_demo_uses_the_server_it_is_given(tmp_path):
+    """``--server ADDR``: the model is uploaded to that server and every panel is one of its jobs."""
+    from featureviz.client import Client
+    from featureviz.client import pb
+    from featureviz.server import ServerConfig
+    from featureviz.server import serve_in_background
+
+    out = tmp_path / "out"
+    with serve_in_background(ServerConfig(tmp_path / "store")) as server, Client(server.address) as fv:
+        assert main(["demo", "--quick", "--quiet", "--steps", "1", "--server", server.address, "--out", str(out)]) == 0
+        models = list(fv.models())
+        jobs = list(fv.jobs())
+    assert len(models) == 1 and models[0].display_name == "efficientnet_lite0.onnx"
+    assert len(jobs) == len(gallery(quick=True))
+    assert all(job.state == pb.JOB_STATE_SUCCEEDED and job.spec.steps == 1 for job in jobs)
+    assert sorted(p.name for p in out.glob("*.png")) == _expected_files()
+    assert server.address in (out / "index.html").read_text(encoding="utf-8")
