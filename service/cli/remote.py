@@ -30,10 +30,7 @@ def add_connection_args(parser: argparse.ArgumentParser, *, server_default: bool
 def connect(args: argparse.Namespace):
     from featureviz.client import Client
 
-    # `featureviz render --server` has no --token/--tls-ca options: the environment serves it
-    token = getattr(args, "token", None) or os.environ.get("FEATUREVIZ_TOKEN")
-    tls_ca = getattr(args, "tls_ca", None) or os.environ.get("FEATUREVIZ_TLS_CA")
-    return Client(args.server, token=token, tls=tls_ca)
+    return Client(args.server, token=args.token, tls=args.tls_ca)
 
 
 def client_command(func):

@@ -64,8 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: objective_start, objective_end, seconds_per_step, files ...")
-    parser.add_argument("--server", default=None, metavar="ADDR",
-                        help="render on a featureviz server (host:port) instead of locally")
+    from featureviz.cli.remote import add_connection_args
+
+    # --server ADDR renders on a featureviz server instead of locally; --token and --tls-ca go with it
+    add_connection_args(parser, server_default=False)
     parser.set_defaults(func=run)
 
 
