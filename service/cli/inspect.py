@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-3, help="max relative difference (default 1e-3)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the model cache")
-    parser.add_argument("--cache-dir", default=None, help="cache folder (default $FEATUREVIZ_CACHE or "
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default $FEATUREVIZ_CACHE/models or "
                         "~/.cache/featureviz/models)")
     parser.set_defaults(func=run)
 

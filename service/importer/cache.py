@@ -1,6 +1,6 @@
 """A local cache of imported models keyed by the sha256 of the file's bytes.
 
-Directory: the ``cache_dir`` argument, else ``$FEATUREVIZ_CACHE``, else ``~/.cache/featureviz/models``. One
+Directory: the ``cache_dir`` argument, else ``$FEATUREVIZ_CACHE/models``, else ``~/.cache/featureviz/models``. One
 file per model, ``<sha256>.pt`` (a ``torch.save`` of the converted module and its metadata, written to a
 temporary name and renamed, so readers never see half a file). Entries from another importer version are
 ignored, so a fix to the pipeline is not hidden by stale files. A file that cannot be read is a miss.
@@ -24,8 +24,8 @@ _LOG = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("FEATUREVIZ_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "featureviz" / "models"
+    root = os.environ.get("FEATUREVIZ_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "featureviz") / "models"
 
 
 class ModelCache:
