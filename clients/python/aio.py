@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 
-from featureviz.client.client import _RETRYABLE
 from featureviz.client.client import DEFAULT_CHUNK
 from featureviz.client.client import MESSAGE_BYTES
 from featureviz.client.client import Client
@@ -26,7 +25,9 @@ from featureviz.client.client import channel_credentials
 from featureviz.client.client import file_sha256
 from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
+from featureviz.client.errors import RETRYABLE
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.errors import reconnect_delay
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -84,7 +85,7 @@ class AsyncClient:
                 return await self._models.UploadModel(_aiter(requests), metadata=self._metadata)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-                if (err.code() not in _RETRYABLE and error.reason != "WRITE_OFFSET_MISMATCH") or attempt == retries:
+                if (err.code() not in RETRYABLE and error.reason != "WRITE_OFFSET_MISMATCH") or attempt == retries:
                     raise error from None
                 await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
         raise AssertionError("unreachable")
@@ -154,9 +155,7 @@ class AsyncClient:
                         return
             except grpc.RpcError as err:
                 failures += 1
-                if err.code() not in _RETRYABLE or failures > reconnects:
-                    raise from_rpc_error(err) from None
-                await asyncio.sleep(min(5.0, 0.25 * 2**failures))
+                await asyncio.sleep(reconnect_delay(err, failures, reconnects))
             finally:
                 call.cancel()
 

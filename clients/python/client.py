@@ -27,7 +27,9 @@ import grpc
 
 from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
+from featureviz.client.errors import RETRYABLE
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.errors import reconnect_delay
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -36,9 +38,6 @@ __all__ = ["Client", "images", "to_pil", "file_sha256", "TERMINAL_STATES"]
 DEFAULT_CHUNK = 1 << 20
 MESSAGE_BYTES = 64 << 20
 TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-# a stream that broke (server restart, network) can be resumed; anything else is an answer
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 
 
 def file_sha256(data: bytes | str | os.PathLike) -> tuple[str, int]:
@@ -155,7 +154,7 @@ class Client:
                     metadata=self._metadata)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-                resumable = err.code() in _RETRYABLE or error.reason == "WRITE_OFFSET_MISMATCH"
+                resumable = err.code() in RETRYABLE or error.reason == "WRITE_OFFSET_MISMATCH"
                 if not resumable or attempt == retries:
                     raise error from None
                 time.sleep(min(2.0, 0.2 * 2**attempt))
@@ -250,9 +249,7 @@ class Client:
                         return
             except grpc.RpcError as err:
                 failures += 1
-                if err.code() not in _RETRYABLE or failures > reconnects:
-                    raise from_rpc_error(err) from None
-                time.sleep(min(5.0, 0.25 * 2**failures))
+                time.sleep(reconnect_delay(err, failures, reconnects))
             finally:
                 stream.cancel()  # leaving the loop early must not leave the call open (the job goes on)
 

@@ -70,3 +70,16 @@ def from_rpc_error(err: grpc.RpcError) -> FeaturevizClientError:
                 details["retry_after"] = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     return FeaturevizClientError(name, message or "", details)
+
+
+# a stream that broke (server restart, network) can be resumed; anything else is an answer
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+def reconnect_delay(err: grpc.RpcError, failures: int, reconnects: int) -> float:
+    """Seconds to wait before re-attaching a watch after its ``failures``-th broken stream (exponential, at most
+    5 s); raises the converted error when the code is not retryable or ``reconnects`` are used up."""
+    if err.code() not in RETRYABLE or failures > reconnects:
+        raise from_rpc_error(err) from None
+    return min(5.0, 0.25 * 2**failures)
