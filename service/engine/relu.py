@@ -64,7 +64,7 @@ class _RedirectedClamp(torch.autograd.Function):
             ordinary = grad.masked_fill(x >= high, 0)
         if x.dim() < 2:
             return ordinary, None, None
-        passes = torch.count_nonzero(ordinary.reshape(x.shape[0], -1), dim=1) > 0
+        passes = torch.count_nonzero(ordinary, dim=tuple(range(1, x.dim()))) > 0  # any layout, no copy
         if bool(passes.all()):  # the common case once units are on: nothing to redirect
             return ordinary, None, None
         blocked = torch.zeros_like(x, dtype=torch.bool)

@@ -19,6 +19,7 @@ from dataclasses import field
 import torch
 
 from featureviz import spec as specs
+from featureviz.engine import layout as layouts
 from featureviz.engine import objectives as objs
 from featureviz.engine.params import PARAMS
 from featureviz.engine.params import make_param
@@ -46,6 +47,8 @@ class RenderSpec:
     maco). ``init_image``: (3, H, W) or (B, 3, H, W) tensor in [0, 1] to start from. ``preprocess``: an object
     with ``mean``, ``std``, ``channel_order`` (default: the model's). ``relu_warmup``: steps of redirected ReLU
     gradient at the start. ``profile``: synchronise CUDA at phase boundaries so ``phase_seconds`` is exact.
+    ``memory_format``: ``auto`` (channels_last on the CPU when the model has convolutions and passes the probe
+    of :mod:`featureviz.engine.layout`), ``channels_last`` (the same probe, on any device) or ``contiguous``.
     """
 
     objective: object
@@ -63,6 +66,7 @@ class RenderSpec:
     device: str | None = None
     relu_warmup: int = RELU_WARMUP_STEPS
     profile: bool = False
+    memory_format: str = "auto"
 
 
 @dataclass
@@ -75,6 +79,7 @@ class RenderResult:
     steps_done: int = 0
     cancelled: bool = False
     objective: str = ""  # description
+    memory_format: str = "contiguous"  # the layout the model ran in: channels_last or contiguous
 
 
 def _size(spec_size, model) -> tuple[int, int]:
@@ -103,6 +108,8 @@ def validate(model, spec: RenderSpec) -> None:
     _int(spec.batch, "batch", 1, MAX_BATCH)
     _int(spec.seed, "seed", 0, 2**63 - 1)
     _int(spec.relu_warmup, "relu_warmup", 0, MAX_STEPS)
+    if spec.memory_format not in layouts.LAYOUTS:
+        raise InvalidSpec("memory_format", f"must be one of {', '.join(layouts.LAYOUTS)}, got {spec.memory_format!r}")
     if isinstance(spec.lr, bool) or not isinstance(spec.lr, (int, float)) or not (math.isfinite(spec.lr)
                                                                                   and spec.lr > 0):
         raise InvalidSpec("lr", f"must be a finite number > 0, got {spec.lr!r}")
@@ -281,6 +288,10 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
                             device=device, shared=shared)
     plain = transforms.centred()
     optimizer = torch.optim.Adam(params, lr=spec.lr)
+    layout = layouts.choose(spec.memory_format, device, truncated)
+    if layout == "channels_last":
+        with torch.no_grad():
+            layout = layouts.adopt(truncated, plain(image_fn()))
 
     def activations(x, image):
         out = truncated(x) if truncated is not None else {}
@@ -289,7 +300,7 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
     def evaluate():
         with torch.no_grad():
             image = image_fn()
-            return objective(activations(plain(image), image)).float().cpu(), image
+            return objective(activations(layouts.to_layout(plain(image), layout), image)).float().cpu(), image
 
     snapshots = set(spec.snapshot_steps)
     start_values, image = evaluate()
@@ -308,7 +319,7 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         image_in = image.detach().requires_grad_(True)  # cut: the parameterization's graph ends here
         clock.lap("param")
         x = transforms(image_in, generator)
-        x_in = x.detach().requires_grad_(True)  # cut: the transforms' graph ends here
+        x_in = layouts.to_layout(x.detach(), layout).requires_grad_(True)  # cut: the transforms' graph ends here
         clock.lap("transforms")
         with redirected_relu_grad(truncated, enabled=truncated is not None and step < spec.relu_warmup):
             values = objective(activations(x_in, image_in))
@@ -341,4 +352,5 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         steps_done=steps_done,
         cancelled=cancelled,
         objective=str(objective),
+        memory_format=layout,
     )
