@@ -152,7 +152,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 if event.HasField("result"):
                     return
             row = self.store.get_job(job_id)
-            if row.state in TERMINAL_STATES:  # finished before this log existed (a restart), or already seen
+            # The worker stores the end of a job before it appends the result event: while it is between the
+            # two, the event is on its way (the waiter wakes us), and making one up here would repeat a seq.
+            if row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id):
+                if events.since(seq, previews=previews):
+                    continue  # the result event was appended since we looked: deliver it from the log
+                # finished before this log existed (a restart), or already seen
                 yield pb.JobEvent(seq=max(seq, row.last_seq), time=_now(), result=self.scheduler.job(job_id, tenant))
                 return
             try:

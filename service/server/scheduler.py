@@ -199,6 +199,11 @@ class Scheduler:
         self._served[tenant] = self._turn
         return job_id
 
+    def is_running(self, job_id: str) -> bool:
+        """Whether the worker holds this job (from pick-up until its result event is in the log)."""
+        with self._cv:
+            return self._running == job_id
+
     def queued(self) -> int:
         with self._cv:
             return len(self._queue)
