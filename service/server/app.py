@@ -64,6 +64,7 @@ class FeaturevizServer:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
+        self.scheduler.stop_accepting()  # before health says NOT_SERVING: no job is admitted after that
         await self.health.enter_graceful_shutdown()
         await asyncio.to_thread(self.scheduler.stop, grace)  # running job: finish or back to QUEUED
         await self.grpc_server.stop(grace)

@@ -163,11 +163,15 @@ class Scheduler:
             self._tenant_of[row.id] = row.tenant
         self._thread.start()
 
-    def stop(self, grace: float) -> None:
-        """Blocking: let the running job finish for ``grace`` seconds, then stop it (it stays QUEUED)."""
+    def stop_accepting(self) -> None:
+        """From now on ``stopping`` is True (new jobs are refused) and the worker starts no other job."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
+
+    def stop(self, grace: float) -> None:
+        """Blocking: let the running job finish for ``grace`` seconds, then stop it (it stays QUEUED)."""
+        self.stop_accepting()
         self._thread.join(timeout=max(0.0, grace))
         if self._thread.is_alive():
             self._shutdown.set()
