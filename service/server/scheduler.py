@@ -231,10 +231,11 @@ class Scheduler:
 
     def job(self, job_id: str, tenant: str | None, *, with_images: bool = True) -> pb.Job:
         """The stored job with the live progress of a running one and the queue position of a queued one."""
+        with self._cv:  # progress before the row: a job that ends in between reads as finished, not as step 0
+            progress = self._progress.get(job_id)
         row = self.store.get_job(job_id, tenant)
         job = row.to_proto(with_images=with_images)
         with self._cv:
-            progress = self._progress.get(job_id)
             if job.state == pb.JOB_STATE_QUEUED and job_id in self._queue:
                 job.queue_position = self._queue.index(job_id)
         if progress is not None and job.state == pb.JOB_STATE_RUNNING:
