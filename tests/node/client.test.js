@@ -204,7 +204,8 @@ describe('featureviz Node client against a real server', () => {
         objective: { tv: {} } } }] },
       steps: 6, size: [32, 40], batch: 2, seed: 7, param: 'fft', previewEvery: 3, previewMaxSide: 20,
     }, { requestId: 'node-short-job' });
-    assert.ok(['JOB_STATE_QUEUED', 'JOB_STATE_RUNNING'].includes(job.state), job.state);
+    // the worker may pick the job up, or even finish its 6 short steps, before createJob reads it back
+    assert.ok(['JOB_STATE_QUEUED', 'JOB_STATE_RUNNING', 'JOB_STATE_SUCCEEDED'].includes(job.state), job.state);
     const events = [];
     for await (const event of fv.watchJob(job, { includePreviews: true })) events.push(event);
     assert.equal(events[0].event, 'snapshot');
@@ -347,7 +348,9 @@ describe('featureviz Node client against a real server', () => {
     }
     assert.ok(restarted, 'the job made progress before the restart');
     assert.equal(snapshots.length, 2, 'one snapshot per server lifetime');
-    assert.equal(snapshots[0].attempts, 1);
+    // The first snapshot may come before the scheduler picked the job up (attempts 0) or after (1).
+    assert.ok(snapshots[0].attempts <= 1, `first lifetime's snapshot: attempts ${snapshots[0].attempts}`);
+    assert.ok(snapshots[1].attempts >= 1, `second lifetime's snapshot: attempts ${snapshots[1].attempts}`);
     assert.deepEqual(seqs, [...new Set(seqs)].sort((a, b) => a - b), 'no event twice, none out of order');
     assert.equal(result.state, 'JOB_STATE_CANCELLED');
     assert.equal(result.attempts, 2, 'the restarted server ran the job again');
