@@ -27,7 +27,9 @@ def _kinds(events):
 def test_full_job_streams_progress_previews_and_pngs(client, tiny_model):
     job = client.submit(tiny_model.sha256, CHANNEL, steps=12, size=32, batch=2, seed=5, preview_every=6,
                         preview_max_side=16)
-    assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) and job.spec.model == tiny_model.sha256
+    # the worker may pick the job up, or even finish its 12 short steps, before CreateJob reads it back
+    assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED)
+    assert job.spec.model == tiny_model.sha256
     events = list(client.watch(job.id, previews=True, timeout=120))
     kinds = _kinds(events)
     assert kinds[0] == "snapshot" and kinds[-1] == "result"
@@ -84,16 +86,20 @@ def test_reattach_after_a_dropped_stream(client, tiny_model):
 
 def test_cancel_mid_run_stops_within_a_few_steps(client, tiny_model):
     job = client.submit(tiny_model.sha256, CHANNEL, steps=5000, size=64)
-    step_at_cancel = None
+    step_at_cancel, reply = None, None
     for event in client.watch(job.id, timeout=300):
         if event.HasField("progress") and event.progress.step >= 3 and step_at_cancel is None:
             step_at_cancel = event.progress.step
-            client.cancel(job.id)
+            reply = client.cancel(job.id)
         if event.HasField("result"):
             break
     done = client.job(job.id)
     assert done.state == pb.JOB_STATE_CANCELLED
-    assert step_at_cancel <= done.result.steps_done <= step_at_cancel + 50
+    # The job runs on while the event travels to us and the cancel back, so the bound is taken from the
+    # cancel's reply: the step the job had reached once the flag was set. Only the step then in flight may
+    # still complete (the flag is checked before every step).
+    assert reply.state in (pb.JOB_STATE_RUNNING, pb.JOB_STATE_CANCELLED)
+    assert step_at_cancel <= reply.step <= done.result.steps_done <= reply.step + 1
     assert len(images(done)) == 1  # the partial image is kept
     assert client.cancel(job.id).state == pb.JOB_STATE_CANCELLED  # cancelling again is harmless
 
@@ -269,5 +275,12 @@ def test_init_image_is_decoded_resized_and_used(client, tiny_model):
 def test_engine_defaults_are_recorded_in_the_job(client, tiny_model):
     job = client.submit(tiny_model.sha256, CHANNEL, size=16)  # no steps, batch or seed given
     assert (job.steps, job.spec.steps, job.spec.batch, job.spec.seed) == (512, 512, 1, 0)
-    client.cancel(job.id)
-    assert client.wait(job.id, timeout=120).state == pb.JOB_STATE_CANCELLED
+    try:  # only to save time: a fast machine may have run the 512 steps already
+        client.cancel(job.id)
+    except FeaturevizClientError as err:
+        assert err.code == "FAILED_PRECONDITION" and err.reason == "JOB_FINISHED"
+    done = client.wait(job.id, timeout=120)
+    if done.state == pb.JOB_STATE_SUCCEEDED:
+        assert done.result.steps_done == 512
+    else:
+        assert done.state == pb.JOB_STATE_CANCELLED and done.result.steps_done < 512
