@@ -19,6 +19,9 @@ from featureviz.client import pb
 from featureviz.server.store import Store
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 5}}
+# long enough that the job is still running when the test, having seen step 5, kills the server: the job runs
+# on while that event reaches the test (seconds of margin on a loaded 2-core machine)
+RUN_STEPS = 120
 
 
 class ServeProcess:
@@ -66,12 +69,19 @@ def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
     try:
         with Client(first.address) as fv:
             model = fv.upload(tiny_onnx)
-            running = fv.submit(model.sha256, CHANNEL, steps=60, size=32, seed=7)
+            running = fv.submit(model.sha256, CHANNEL, steps=RUN_STEPS, size=32, seed=7)
             queued = fv.submit(model.sha256, CHANNEL, steps=10, size=32, seed=8)
             seen_seq = _wait_for_step(fv, running.id, 5)
-            assert fv.job(queued.id).state == pb.JOB_STATE_QUEUED
     finally:
         first.stop(signal.SIGKILL)  # a crash: the job stays RUNNING in the store
+
+    # what the crash left (read after the kill, so no job can move on in between): one job mid-run, one queued
+    rows = Store(store)
+    try:
+        assert rows.get_job(running.id).state == pb.JOB_STATE_RUNNING, "the job finished before the kill"
+        assert rows.get_job(queued.id).state == pb.JOB_STATE_QUEUED
+    finally:
+        rows.close()
 
     second = ServeProcess(store)
     try:
@@ -79,11 +89,11 @@ def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
             rest = list(fv.watch(running.id, from_seq=seen_seq, timeout=240))
             assert all(e.seq > seen_seq for e in rest[1:])  # sequence numbers keep growing across restarts
             done = fv.job(running.id)
-            assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempts == 2 and done.result.steps_done == 60
+            assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempts == 2 and done.result.steps_done == RUN_STEPS
             other = fv.wait(queued.id, timeout=240)
             assert other.state == pb.JOB_STATE_SUCCEEDED and other.attempts == 1
             # an uninterrupted run of the same spec gives the same bytes
-            reference = fv.wait(fv.submit(model.sha256, CHANNEL, steps=60, size=32, seed=7).id, timeout=240)
+            reference = fv.wait(fv.submit(model.sha256, CHANNEL, steps=RUN_STEPS, size=32, seed=7).id, timeout=240)
             assert images(reference) == images(done)
 
             long = fv.submit(model.sha256, CHANNEL, steps=10_000, size=32, seed=9)
