@@ -162,7 +162,8 @@ def test_tls_and_client_certificates(tmp_path, certs):
                     client_key=certs / "client.key") as fv:
             assert fv.info().api_version == "v1"
         for kwargs in ({}, {"tls": certs / "ca.pem"}):  # plaintext, or TLS without a client certificate
-            with Client(running.address, timeout=5, **kwargs) as fv:
+            # the refused handshake fails the call at once; a short deadline could expire first on a slow machine
+            with Client(running.address, timeout=60, **kwargs) as fv:
                 with pytest.raises(FeaturevizClientError) as err:
                     fv.info()
                 assert err.value.code == "UNAVAILABLE"
