@@ -4,7 +4,8 @@ Both tools get the same model, layer, channel, steps and image size:
 
 - the model is the zoo's EfficientNet-Lite0 (ImageNet, a real trained network) exported to ONNX once and
   imported once with :func:`featureviz.importer.import_model`; featureviz renders the ``ImportedModel``,
-  lucent gets its ``module`` (the onnx2torch ``GraphModule``) as a plain torch model;
+  lucent gets a copy of its ``module`` (the onnx2torch ``GraphModule``) as a plain torch model, in the NCHW
+  layout it is imported in (featureviz renders channels_last on the CPU, see featureviz.engine.layout);
 - both use their defaults otherwise: an FFT image with colour decorrelation and sigmoid, Adam at lr 0.05,
   the standard transform stack, the model's preprocessing (lucent's ``preprocess=False`` plus an explicit
   ``(x - mean) / std`` transform, because its built-in one is torchvision's ImageNet normalisation), and the
@@ -31,6 +32,7 @@ machine hits both alike; the medians are reported. Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -113,7 +115,7 @@ def lucent_layer_key(model, layer: str) -> str:
 # one run of each tool
 
 
-def run_lucent(lucent, model, key: str, channel: int, steps: int, size: int, seed: int) -> dict:
+def run_lucent(lucent, model, module, key: str, channel: int, steps: int, size: int, seed: int) -> dict:
     mean, std = model.input_spec.preprocess.mean, model.input_spec.preprocess.std
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, -1, 1, 1)
@@ -124,7 +126,7 @@ def run_lucent(lucent, model, key: str, channel: int, steps: int, size: int, see
     np.random.seed(seed)  # lucent draws its transforms from numpy's global generator
     t0, c0 = time.perf_counter(), time.process_time()
     images = lucent.render.render_vis(
-        model.module, lucent.objectives.channel(key, channel), param_f=lambda: lucent.param.image(size),
+        module, lucent.objectives.channel(key, channel), param_f=lambda: lucent.param.image(size),
         transforms=transforms, thresholds=(steps,), preprocess=False, progress=False, show_image=False)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     image = torch.from_numpy(images[-1]).permute(0, 3, 1, 2).contiguous()
@@ -224,8 +226,11 @@ def main(argv=None) -> int:
     model = load_model()
     model.layer(args.layer)  # fail early with the importer's message (close matches) on a typo
     key = lucent_layer_key(model, args.layer)
+    # lucent runs its own copy, NCHW as a user hands it over: featureviz converts the weights of the model it renders
+    # to channels_last in place (featureviz.engine.layout), and oneDNN would then run lucent's convolutions NHWC too
+    lucent_module = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
 
-    tools = {"lucent": lambda seed, steps: run_lucent(lucent, model, key, args.channel, steps, args.size, seed),
+    tools = {"lucent": lambda seed, steps: run_lucent(lucent, model, lucent_module, key, args.channel, steps, args.size, seed),
              "featureviz": lambda seed, steps: run_featureviz(model, args.layer, args.channel, steps, args.size, seed)}
     if args.only:
         tools = {args.only: tools[args.only]}

@@ -64,7 +64,7 @@ class _RedirectedClamp(torch.autograd.Function):
             ordinary = grad.masked_fill(x >= high, 0)
         if x.dim() < 2:
             return ordinary, None, None
-        passes = torch.count_nonzero(ordinary, dim=tuple(range(1, x.dim()))) > 0  # any layout, no copy
+        passes = torch.count_nonzero(_per_image(ordinary), dim=1) > 0
         if bool(passes.all()):  # the common case once units are on: nothing to redirect
             return ordinary, None, None
         blocked = torch.zeros_like(x, dtype=torch.bool)
@@ -75,6 +75,16 @@ class _RedirectedClamp(torch.autograd.Function):
         redirected = grad.masked_fill(blocked, 0)
         passes = passes.view(-1, *([1] * (x.dim() - 1)))
         return torch.where(passes, ordinary, redirected), None, None
+
+
+def _per_image(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (N, rest) without a copy when each image is one dense block of memory (NCHW or NHWC alike); the
+    order inside a row is the memory order, which is all a per-image count needs."""
+    n = t.shape[0]
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    if dense and n and t.stride(0) * n == t.numel():
+        return t.as_strided((n, t.numel() // n), (t.stride(0), 1))
+    return t.reshape(n, -1)
 
 
 @contextlib.contextmanager
