@@ -241,6 +241,34 @@ class _Clock:
             self._t = now
 
 
+class _Progress:
+    """Calls ``progress(step, total, values)``. On CUDA, reading a step's objective values on the host would
+    wait for the whole step and leave the GPU idle while the next one is queued, so each step's values are
+    copied asynchronously and handed over one step later (CPU tensors); :meth:`flush` hands over the last."""
+
+    def __init__(self, fn, device: torch.device):
+        self.fn, self.lag, self.pending = fn, device.type == "cuda", None
+
+    def __call__(self, step: int, total: int, values: torch.Tensor) -> None:
+        if self.fn is None:
+            return
+        if not self.lag:
+            self.fn(step, total, values.detach())
+            return
+        host = values.detach().to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.flush()
+        self.pending = (step, total, host, done)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            step, total, host, done = self.pending
+            self.pending = None
+            done.synchronize()
+            self.fn(step, total, host)
+
+
 def _is_cancelled(cancel) -> bool:
     if cancel is None:
         return False
@@ -253,8 +281,9 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
     """Optimise ``spec.batch`` images to maximise ``spec.objective`` on ``model`` (an ImportedModel).
 
     Args:
-        progress: ``progress(step, total, values)`` after every step; ``values`` is the (B,) objective of that
-            step (with its random transforms) as a detached tensor on the device.
+        progress: ``progress(step, total, values)`` for every step, in order; ``values`` is the (B,) objective
+            of that step (with its random transforms) as a detached tensor. On CUDA it is a CPU tensor handed
+            over one step late (no host sync per step), the last step's before ``render`` returns.
         snapshot: ``snapshot(step, images)`` at each of ``spec.snapshot_steps`` (0 = the initial image), with
             images (B, 3, H, W) on the CPU.
         cancel: a ``threading.Event`` or a callable returning True to stop; checked before every step. A
@@ -308,6 +337,7 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         snapshot(0, image.detach().cpu())
 
     clock = _Clock(device, spec.profile)
+    report = _Progress(progress, device)
     steps_done, cancelled = 0, False
     began = time.perf_counter()
     for step in range(spec.steps):
@@ -336,11 +366,11 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         optimizer.zero_grad(set_to_none=True)
         clock.lap("optimizer")
         steps_done = step + 1
-        if progress is not None:
-            progress(steps_done, spec.steps, values.detach())
+        report(steps_done, spec.steps, values)
         if snapshot is not None and steps_done in snapshots:
             with torch.no_grad():
                 snapshot(steps_done, image_fn().cpu())
+    report.flush()
     elapsed = time.perf_counter() - began
     end_values, image = evaluate()
     return RenderResult(

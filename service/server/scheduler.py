@@ -341,7 +341,7 @@ class Scheduler:
 
         def progress(step: int, total: int, objective) -> None:
             now = time.perf_counter()
-            values = [float(v) for v in objective]
+            values = objective.tolist()  # a CPU tensor on CUDA too (the engine copies it without a sync)
             with self._cv:
                 self._progress[job_id] = (step, steps, values)
             events.append(progress=pb.Progress(step=step, steps=total, objective=values,

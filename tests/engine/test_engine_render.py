@@ -157,6 +157,23 @@ def test_callbacks_snapshots_cancel_and_phases(lite0):
     assert result.seconds_per_step > 0
 
 
+@pytest.mark.gpu
+def test_cuda_progress_comes_for_every_step_in_order_as_cpu_values(lite0):
+    seen = []
+    stop = threading.Event()
+
+    def progress(step, total, values):
+        seen.append((step, total, values.device.type, tuple(values.shape)))
+        if step == 5:
+            stop.set()
+
+    result = render(lite0, RenderSpec(objective=chan(MID, 3), steps=12, size=SIZE, batch=2, device="cuda"),
+                    progress=progress, cancel=stop)
+    # handed over one step late: the step-5 callback comes after step 6 was queued, so the cancel lands at 6
+    assert result.cancelled and result.steps_done == 6
+    assert seen == [(k, 12, "cpu", (2,)) for k in range(1, 7)]
+
+
 def test_init_image_is_the_start(lite0):
     image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
     result = render(lite0, RenderSpec(objective=chan(MID, 3), steps=1, lr=1e-6, size=SIZE, init_image=image,
