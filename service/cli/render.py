@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="output file; a batch writes OUT_0.png, OUT_1.png ... unless --grid")
     parser.add_argument("--grid", action="store_true", help="write a batch as one grid image")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--threads", type=_positive, default=None, metavar="N",
+                        help="CPU threads for a local render (default: torch's, one per core); on a busy machine "
+                             "fewer threads than cores is often faster")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: objective_start, objective_end, seconds_per_step, files ...")
     from featureviz.cli.remote import add_connection_args
@@ -69,6 +72,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # --server ADDR renders on a featureviz server instead of locally; --token and --tls-ca go with it
     add_connection_args(parser, server_default=False)
     parser.set_defaults(func=run)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _size(text: str):
@@ -142,7 +155,13 @@ def run(args: argparse.Namespace) -> int:
     if args.server:
         from featureviz.cli.remote import render_remote
 
+        if args.threads is not None:
+            print("featureviz render: --threads applies to a local render; a server sets its own "
+                  "(featureviz serve --threads)", file=sys.stderr)
+            return 2
         return render_remote(args)
+
+    import torch
 
     from featureviz.engine import RenderSpec
     from featureviz.engine import load_image
@@ -153,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     from featureviz.spec import parse_objective
 
     objective = parse_objective(args.objective)  # syntax errors before the (slow) import
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     preprocess = _preprocess(args)
     model = import_model(args.model)
     model = model.with_preprocess(preprocess)
@@ -184,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
             "size": list(result.images.shape[-2:]),
             "batch": result.images.shape[0],
             "seed": args.seed,
+            "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            "threads": torch.get_num_threads(),
+            "memory_format": result.memory_format,
             "files": [str(p) for p in files],
         }))
     else:

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; default: off)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the compute worker (default: torch's, one per core)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats on idle watch streams")
     p.add_argument("--grace", type=float, default=5.0, help="seconds a running job may finish on shutdown")
     p.add_argument("--max-upload-mb", type=int, default=1024, help="largest model upload (default: %(default)s)")
@@ -59,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"featureviz serve: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = _config(args)
     return asyncio.run(_serve(config))
 

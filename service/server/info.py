@@ -25,7 +25,9 @@ def describe_device(requested: str | None) -> pb.Device:
     if kind.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(kind))
         return pb.Device(kind="cuda", name=props.name, memory_bytes=props.total_memory, kernels=kernels)
-    return pb.Device(kind="cpu", name=f"{os.cpu_count()} CPU cores", kernels=kernels)
+    threads = torch.get_num_threads()
+    return pb.Device(kind="cpu", name=f"{os.cpu_count()} CPU cores, {threads} torch thread{'s' * (threads != 1)}",
+                     kernels=kernels)
 
 
 class InfoServicer(pb_grpc.InfoServiceServicer):

@@ -34,6 +34,34 @@ def test_render_json_and_one_png_per_image(model_path, tmp_path, capsys):
             assert img.size == (48, 48) and img.mode == "RGB"
 
 
+def test_render_threads_and_layout_in_json(model_path, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        rc = main(["render", model_path, f"{MID}:5", "--steps", "2", "--size", "32", "--threads", "1",
+                   "--device", "cpu", "--out", str(tmp_path / "t.png"), "--json"])
+        assert rc == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["threads"] == 1 and torch.get_num_threads() == 1
+        assert report["device"] == "cpu" and report["memory_format"] == "channels_last"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--threads", "0"], "must be a positive integer"),
+    (["--threads", "2", "--server", "127.0.0.1:1"], "--threads applies to a local render"),
+])
+def test_render_threads_misuse_is_a_usage_error(model_path, tmp_path, capsys, argv, needle):
+    try:
+        rc = main(["render", model_path, f"{MID}:5", "--out", str(tmp_path / "t.png"), *argv])
+    except SystemExit as exit:
+        rc = exit.code
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
 def test_render_grid_and_init_image(model_path, tmp_path, capsys):
     from PIL import Image
 

@@ -25,11 +25,11 @@ RUN_STEPS = 120
 
 
 class ServeProcess:
-    def __init__(self, store):
+    def __init__(self, store, *extra):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(store), "--heartbeat", "0.5",
-             "--grace", "0", "--log-level", "WARNING"],
+             "--grace", "0", "--log-level", "WARNING", *extra],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
         self._port = threading.Event()
@@ -83,9 +83,10 @@ def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
     finally:
         rows.close()
 
-    second = ServeProcess(store)
+    second = ServeProcess(store, "--threads", "1")
     try:
         with Client(second.address) as fv:
+            assert fv.info().device.name.endswith(", 1 torch thread")  # --threads reached the compute worker
             rest = list(fv.watch(running.id, from_seq=seen_seq, timeout=240))
             assert all(e.seq > seen_seq for e in rest[1:])  # sequence numbers keep growing across restarts
             done = fv.job(running.id)
