@@ -38,6 +38,29 @@ def test_leaf_formulas():
           + (IMAGE[..., 1:, :] - IMAGE[..., :-1, :]).abs().mean((1, 2, 3)))
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 30), (4, 64, 9), (2, 1, 5)])  # P > C, B P < C, one channel
+def test_gram_routes_agree_with_explicit_normalised_grams_in_value_and_gradient(shape):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(*shape, generator=g, dtype=torch.float64)
+    z[-1] = 0.0  # an all-zero image: cosine 0, finite gradient
+    explicit = torch.nn.functional.normalize(torch.bmm(z, z.transpose(1, 2)).flatten(1), dim=-1, eps=1e-10)
+    expected = explicit @ explicit.T
+    weights = torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64)
+    grads = {}
+    for route in ("gram", "kernel"):
+        zz = z.clone().requires_grad_(True)
+        got = O.gram_cosines(zz, route)
+        torch.testing.assert_close(got, expected)
+        (got * weights).sum().backward()
+        assert torch.isfinite(zz.grad).all()
+        grads[route] = zz.grad
+    reference = z.clone().requires_grad_(True)
+    ref = torch.nn.functional.normalize(torch.bmm(reference, reference.transpose(1, 2)).flatten(1), dim=-1, eps=1e-10)
+    ((ref @ ref.T) * weights).sum().backward()
+    torch.testing.assert_close(grads["gram"], reference.grad)
+    torch.testing.assert_close(grads["kernel"], reference.grad)
+
+
 def test_direction_cosine_power_follows_lucid():
     v = torch.tensor([1.0, 0.0, 0.0, 0.0])
     got = value({"direction": {"layer": "z", "vector": v.tolist(), "cossim_pow": 2.0}})
