@@ -72,6 +72,9 @@ def adopt(module: nn.Module, probe: torch.Tensor) -> str:
     layout changes strides, never values, and it is idempotent.
     """
     with torch.no_grad():
+        # the reference runs NCHW weights too: weights shared with a module adopted earlier may be NHWC already,
+        # and oneDNN follows the weights' layout, so this forward could otherwise hit the NHWC-unsafe op itself
+        module.to(memory_format=torch.contiguous_format)
         reference = _outputs(module(to_layout(probe, "contiguous")))
         module.to(memory_format=torch.channels_last)
         try:

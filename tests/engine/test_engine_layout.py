@@ -81,6 +81,17 @@ def test_adopt_puts_back_a_module_that_breaks_or_changes_under_channels_last(cls
     torch.testing.assert_close(net(probe)["out"], before)
 
 
+def test_adopt_checks_again_when_the_shared_weights_are_already_nhwc():
+    # two truncations of one model share their weights: the first converts them, the second has an unsafe op
+    torch.manual_seed(0)
+    safe, probe = ConvNet().eval(), torch.rand(2, 3, 9, 9)
+    assert layout.adopt(safe, probe) == "channels_last"
+    unsafe = ViewsNCHW().eval()
+    unsafe.conv = safe.conv
+    assert layout.adopt(unsafe, probe) == "contiguous"
+    assert unsafe(probe)["out"].shape == (2, 8 * 9 * 9)
+
+
 def test_render_runs_the_real_model_channels_last_on_cpu_with_the_same_result(lite0, monkeypatch):
     monkeypatch.delenv("FEATUREVIZ_MEMORY_FORMAT", raising=False)
     objective = {"channel": {"layer": LAYER, "channel": 3}}
