@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["LAYOUTS", "choose", "adopt"]
+__all__ = ["LAYOUTS", "choose", "adopt", "prepare", "to_layout"]
 
 LAYOUTS = ("auto", "channels_last", "contiguous")
 _FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -85,3 +85,18 @@ def adopt(module: nn.Module, probe: torch.Tensor) -> str:
         if not same:
             module.to(memory_format=torch.contiguous_format)
     return "channels_last" if same else "contiguous"
+
+
+def prepare(module: nn.Module | None, request: str | None, device: torch.device, probe) -> str:
+    """Put ``module`` in the layout a render should run it in and return that layout's name.
+
+    ``probe()`` gives the probe batch (only called when channels_last is tried). A ``contiguous`` outcome also
+    converts the weights back: they are shared with the imported model, so an earlier render may have left
+    them NHWC, and oneDNN follows the weights' layout whatever the input's.
+    """
+    layout = choose(request, device, module)
+    if layout == "channels_last":
+        return adopt(module, probe())
+    if module is not None:
+        module.to(memory_format=torch.contiguous_format)
+    return "contiguous"

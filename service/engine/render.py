@@ -317,10 +317,8 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
                             device=device, shared=shared)
     plain = transforms.centred()
     optimizer = torch.optim.Adam(params, lr=spec.lr)
-    layout = layouts.choose(spec.memory_format, device, truncated)
-    if layout == "channels_last":
-        with torch.no_grad():
-            layout = layouts.adopt(truncated, plain(image_fn()))
+    with torch.no_grad():
+        layout = layouts.prepare(truncated, spec.memory_format, device, lambda: plain(image_fn()))
 
     def activations(x, image):
         out = truncated(x) if truncated is not None else {}

@@ -92,12 +92,23 @@ def test_adopt_checks_again_when_the_shared_weights_are_already_nhwc():
     assert unsafe(probe)["out"].shape == (2, 8 * 9 * 9)
 
 
+def test_prepare_contiguous_undoes_an_earlier_conversion_of_shared_weights(monkeypatch):
+    monkeypatch.delenv("FEATUREVIZ_MEMORY_FORMAT", raising=False)
+    net, probe = ConvNet().eval(), torch.rand(2, 3, 9, 9)
+    cpu = torch.device("cpu")
+    assert layout.prepare(net, "auto", cpu, lambda: probe) == "channels_last"
+    assert _all_in(net, torch.channels_last) and not net.conv.weight.is_contiguous()
+    assert layout.prepare(net, "contiguous", cpu, lambda: 1 / 0) == "contiguous"  # no probe needed
+    assert _all_in(net, torch.contiguous_format)
+    assert layout.prepare(None, "auto", cpu, lambda: 1 / 0) == "contiguous"
+
+
 def test_render_runs_the_real_model_channels_last_on_cpu_with_the_same_result(lite0, monkeypatch):
     monkeypatch.delenv("FEATUREVIZ_MEMORY_FORMAT", raising=False)
     objective = {"channel": {"layer": LAYER, "channel": 3}}
     results = {fmt: render(lite0, RenderSpec(objective=objective, steps=6, size=48, batch=2, seed=1, device="cpu",
                                              memory_format=fmt))
-               for fmt in ("contiguous", "auto")}
+               for fmt in ("auto", "contiguous")}
     assert results["contiguous"].memory_format == "contiguous"
     assert results["auto"].memory_format == "channels_last"
     a, b = results["auto"], results["contiguous"]
