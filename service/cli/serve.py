@@ -19,8 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: a free one; default: %(default)s)")
     p.add_argument("--store", default=os.environ.get("FEATUREVIZ_STORE", "featureviz-store"),
                    help="store directory: model files and the SQLite metadata (default: %(default)s)")
-    p.add_argument("--token-file", help="bearer tokens, one 'TOKEN TENANT' per line (or FEATUREVIZ_TOKENS="
-                                        "'tok=tenant,...'); without tokens there is no auth")
+    p.add_argument("--token-file", help="bearer tokens, one 'TOKEN TENANT [read|write]' per line (or "
+                                        "FEATUREVIZ_TOKENS='tok=tenant,tok2=tenant read,...'); read: a read-only "
+                                        "token; without tokens there is no auth")
     p.add_argument("--allow-insecure-remote", action="store_true",
                    help="allow a non-loopback --host without auth")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
@@ -47,8 +48,9 @@ def _config(args: argparse.Namespace):
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             text += "\n" + f.read()
+    tokens, read_only = parse_tokens(text)
     return ServerConfig(
-        store_dir=args.store, host=args.host, port=args.port, tokens=parse_tokens(text),
+        store_dir=args.store, host=args.host, port=args.port, tokens=tokens, read_only=read_only,
         allow_insecure_remote=args.allow_insecure_remote, device=args.device, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace,

@@ -86,7 +86,7 @@ def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
     if config.metrics_port is not None:
         metrics = Metrics(queue_depth=scheduler.queued, models_loaded=lambda: len(scheduler.models))
         scheduler.metrics = metrics
-    auth = TenantResolver(config.tokens)
+    auth = TenantResolver(config.tokens, config.read_only)
     server = grpc.aio.server(
         interceptors=[BearerAuthInterceptor(auth)],
         options=[("grpc.max_receive_message_length", config.limits.max_message_bytes),

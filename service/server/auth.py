@@ -3,6 +3,7 @@
 The tenant comes from the token (``ServerConfig.tokens``), never from a client-sent header. Health and
 reflection stay open (load balancers and grpcurl probe them without credentials). With no tokens
 configured every caller is the tenant ``default`` (the config refuses that on a non-loopback address).
+A read-only token (``ServerConfig.read_only``) gets PERMISSION_DENIED on the RPCs in :data:`WRITE_METHODS`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,22 @@ from __future__ import annotations
 import grpc
 
 from featureviz.server.errors import Unauthenticated
+from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["BearerAuthInterceptor", "TenantResolver", "DEFAULT_TENANT"]
+__all__ = ["BearerAuthInterceptor", "TenantResolver", "DEFAULT_TENANT", "WRITE_METHODS"]
 
 DEFAULT_TENANT = "default"
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _methods(service: str, *names: str) -> frozenset[str]:
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    return frozenset(f"/{descriptor.full_name}/{descriptor.methods_by_name[name].name}" for name in names)
+
+
+# the RPCs that change state: a rename in the .proto fails here, at import, not silently at run time
+WRITE_METHODS = (_methods("ModelService", "UploadModel", "DeleteModel")
+                 | _methods("JobService", "CreateJob", "CreateAndWatchJob", "CancelJob"))
 
 
 def _bearer(metadata) -> str | None:
@@ -27,8 +39,9 @@ def _bearer(metadata) -> str | None:
 class TenantResolver:
     """Maps a call to its tenant from the validated bearer token."""
 
-    def __init__(self, tokens: dict[str, str]):
+    def __init__(self, tokens: dict[str, str], read_only: frozenset[str] = frozenset()):
         self._tokens = dict(tokens)
+        self._read_only = frozenset(read_only)
 
     @property
     def required(self) -> bool:
@@ -38,6 +51,9 @@ class TenantResolver:
         if not self._tokens:
             return DEFAULT_TENANT
         return self._tokens.get(_bearer(metadata) or "")
+
+    def may_write(self, metadata) -> bool:
+        return _bearer(metadata) not in self._read_only
 
     def tenant(self, context: grpc.aio.ServicerContext) -> str:
         tenant = self.tenant_of_metadata(context.invocation_metadata())
@@ -54,19 +70,26 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not self._resolver.required or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
-        if self._resolver.tenant_of_metadata(handler_call_details.invocation_metadata) is not None:
-            return handler
-        return _denied(handler, "missing or invalid bearer token; send 'authorization: Bearer <token>'")
+        metadata = handler_call_details.invocation_metadata
+        if self._resolver.tenant_of_metadata(metadata) is None:
+            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
+                           "missing or invalid bearer token; send 'authorization: Bearer <token>'")
+        method = handler_call_details.method
+        if method in WRITE_METHODS and not self._resolver.may_write(metadata):
+            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
+                           f"this token is read-only; {method.rsplit('/', 1)[-1]} changes state and needs a "
+                           "read-write token")
+        return handler
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
+def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that aborts with ``code``."""
 
     async def abort_unary(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def abort_stream(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     serdes = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}

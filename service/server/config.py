@@ -35,12 +35,15 @@ class Limits:
 
 @dataclass
 class ServerConfig:
-    """Everything ``create_server`` needs. ``tokens`` maps a bearer token to its tenant; empty: no auth."""
+    """Everything ``create_server`` needs. ``tokens`` maps a bearer token to its tenant; empty: no auth.
+    ``read_only``: tokens among them that may read (get, list, watch, layers, info) but not upload, submit,
+    cancel or delete."""
 
     store_dir: str | os.PathLike
     host: str = "127.0.0.1"
     port: int = 0
     tokens: dict[str, str] = field(default_factory=dict)
+    read_only: frozenset[str] = frozenset()
     allow_insecure_remote: bool = False  # listen on a non-loopback address without auth
     limits: Limits = field(default_factory=Limits)
     heartbeat_seconds: float = 10.0
@@ -55,6 +58,10 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
+        self.read_only = frozenset(self.read_only)
+        unknown = sorted(self.read_only - set(self.tokens))
+        if unknown:
+            raise InvalidSpec("read_only", f"{len(unknown)} read-only token(s) are not among the tokens")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidSpec("tls_key", "give both the TLS certificate and its private key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -88,15 +95,32 @@ class ServerConfig:
         return dataclasses.replace(self, **changes)
 
 
-def parse_tokens(text: str) -> dict[str, str]:
-    """``"tok1=tenant-a,tok2=tenant-b"`` or one ``token tenant`` / ``token=tenant`` per line -> {token: tenant}."""
+SCOPES = ("write", "read")  # write (the default) may also read
+
+
+def parse_tokens(text: str) -> tuple[dict[str, str], frozenset[str]]:
+    """Token table -> ({token: tenant}, read-only tokens).
+
+    ``"tok1=tenant-a,tok2=tenant-b read"`` or one ``TOKEN TENANT [SCOPE]`` / ``TOKEN=TENANT [SCOPE]`` per line;
+    SCOPE is ``write`` (the default: everything) or ``read`` (get, list, watch, layers and info only). The
+    secret itself never appears in an error message.
+    """
     tokens: dict[str, str] = {}
-    for raw in text.replace(",", "\n").splitlines():
+    read_only: set[str] = set()
+    for number, raw in enumerate(text.replace(",", "\n").splitlines(), 1):
         item = raw.split("#", 1)[0].strip()
         if not item:
             continue
-        token, sep, tenant = item.replace("=", " ", 1).partition(" ")
-        if not sep or not tenant.strip():
-            raise InvalidSpec("tokens", f"expected 'TOKEN TENANT' or 'TOKEN=TENANT', got {item!r}")
-        tokens[token.strip()] = tenant.strip()
-    return tokens
+        fields = item.replace("=", " ", 1).split()
+        if len(fields) not in (2, 3):
+            raise InvalidSpec("tokens", f"entry {number}: expected 'TOKEN TENANT [read|write]' or "
+                                        f"'TOKEN=TENANT [read|write]', got {len(fields)} field(s)")
+        token, tenant, scope = fields[0], fields[1], fields[2] if len(fields) == 3 else "write"
+        if scope not in SCOPES:
+            raise InvalidSpec("tokens", f"entry {number} (tenant {tenant!r}): scope must be read or write, "
+                                        f"got {scope!r}")
+        tokens[token] = tenant
+        read_only.discard(token)
+        if scope == "read":
+            read_only.add(token)
+    return tokens, frozenset(read_only)

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from featureviz.client import Client
 from featureviz.client import FeaturevizClientError
 from featureviz.client import pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 from featureviz.server import Limits
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
@@ -54,8 +55,9 @@ def test_server_info(client):
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    config = ServerConfig(tmp_path_factory.mktemp("secured"), tokens={"tok-alice": "alice", "tok-bob": "bob"},
-                          limits=Limits(max_queued_jobs_per_tenant=2))
+    config = ServerConfig(tmp_path_factory.mktemp("secured"),
+                          tokens={"tok-alice": "alice", "tok-bob": "bob", "tok-viewer": "alice"},
+                          read_only={"tok-viewer"}, limits=Limits(max_queued_jobs_per_tenant=2))
     running = serve_in_background(config)
     yield running
     running.stop(grace=0)
@@ -91,6 +93,58 @@ def test_tenants_see_only_their_own_models_and_jobs(secured, tiny_onnx):
         mine = bob.upload(tiny_onnx, progress=lambda done, total: sent.append(done))
         assert sent and mine.sha256 == model.sha256 and mine.layer_count == model.layer_count
         assert alice.wait(job.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_a_read_only_token_reads_its_tenant_and_changes_nothing(secured, tiny_onnx):
+    with Client(secured.address, token="tok-alice") as alice, Client(secured.address, token="tok-viewer") as viewer:
+        model = alice.upload(tiny_onnx)
+        job = alice.wait(alice.submit(model.sha256, CHANNEL, steps=2, size=32).id, timeout=120)
+        # reads: the viewer is alice's tenant
+        assert viewer.info().tenant == "alice"
+        assert viewer.model(model.sha256).sha256 == model.sha256
+        assert [m.sha256 for m in viewer.models()] == [m.sha256 for m in alice.models()]
+        assert len(list(viewer.layers(model.sha256))) == model.layer_count
+        assert viewer.job(job.id).state == pb.JOB_STATE_SUCCEEDED
+        assert any(e.HasField("result") for e in viewer.watch(job.id, timeout=60))
+        # writes: PERMISSION_DENIED naming the RPC, on unary, client-streaming and server-streaming calls
+        # (the same bytes again would be a read: the client finds them stored and sends nothing)
+        writes = {"UploadModel": lambda: viewer.upload(b"bytes this tenant has not stored yet"),
+                  "CreateJob": lambda: viewer.submit(model.sha256, CHANNEL, steps=2, size=32),
+                  "CancelJob": lambda: viewer.cancel(job.id),
+                  "DeleteModel": lambda: viewer.delete_model(model.sha256)}
+        for rpc, call in writes.items():
+            with pytest.raises(FeaturevizClientError) as err:
+                call()
+            assert err.value.code == "PERMISSION_DENIED", rpc
+            assert "read-only" in err.value.message and rpc in err.value.message
+        stub_call = grpc.insecure_channel(secured.address)
+        try:
+            stream = pb_grpc.JobServiceStub(stub_call).CreateAndWatchJob(
+                pb.CreateAndWatchJobRequest(), metadata=[("authorization", "Bearer tok-viewer")], timeout=30)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stream)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            stub_call.close()
+        # nothing changed
+        assert alice.model(model.sha256).sha256 == model.sha256
+        assert [j.id for j in alice.jobs()].count(job.id) == 1 and len(list(alice.jobs())) == len(list(viewer.jobs()))
+
+
+def test_token_table_syntax():
+    from featureviz.errors import InvalidSpec
+    from featureviz.server import parse_tokens
+
+    text = "# tokens\ntok-a alice\ntok-b=bob read\ntok-c carol write  # comment\n"
+    assert parse_tokens(text) == ({"tok-a": "alice", "tok-b": "bob", "tok-c": "carol"}, frozenset({"tok-b"}))
+    assert parse_tokens("t1=alice,t2=bob read") == ({"t1": "alice", "t2": "bob"}, frozenset({"t2"}))
+    for bad, needle in (("secret-token", "got 1 field"), ("secret-token alice admin", "scope must be read or write"),
+                        ("secret-token alice read extra", "got 4 field")):
+        with pytest.raises(InvalidSpec, match=needle) as err:
+            parse_tokens(bad)
+        assert "secret-token" not in str(err.value)  # the secret is never echoed
+    with pytest.raises(InvalidSpec, match="read-only token"):
+        ServerConfig("unused-store", tokens={"a": "alice"}, read_only={"b"})
 
 
 def test_queue_limit_per_tenant(secured, tiny_onnx):
