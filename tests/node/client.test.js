@@ -32,7 +32,7 @@ function runCli(args, env = {}) {
   });
 }
 
-const TOKENS = 'tok-alice=alice,tok-bob=bob';
+const TOKENS = 'tok-alice=alice,tok-bob=bob,tok-viewer=alice read';
 
 async function codeOf(promise) {
   try {
@@ -309,6 +309,20 @@ describe('featureviz Node client against a real server', () => {
     assert.equal((await bob.serverInfo()).tenant, 'bob');
     assert.equal(await codeOf(bob.getModel(model)), 'NOT_FOUND');
     assert.deepEqual(await drain(bob.listModels()), []);
+  });
+
+  it('lets a read-only token read its tenant and refuses every change with PERMISSION_DENIED', async () => {
+    const viewer = client({ token: 'tok-viewer' });
+    assert.equal((await viewer.serverInfo()).tenant, 'alice');
+    assert.equal((await viewer.getModel(model)).sha256, model.sha256);
+    const refused = await rejection(viewer.deleteModel(model));
+    assert.equal(refused.codeName, 'PERMISSION_DENIED');
+    assert.match(refused.message, /read-only.*DeleteModel/);
+    assert.equal(await codeOf(viewer.createJob({ model, objective: { channel: { layer: spatialLayer, channel: 0 } },
+      steps: 2, size: 32 })), 'PERMISSION_DENIED');
+    assert.equal(await codeOf(viewer.uploadModel(Buffer.from('bytes alice has not stored'), { chunkSize: 1024 })),
+      'PERMISSION_DENIED');
+    assert.equal((await fv.getModel(model)).sha256, model.sha256, 'the model is still there');
   });
 
   it('refuses unary, streaming and client-streaming calls without a known token', async () => {
