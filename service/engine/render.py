@@ -257,7 +257,7 @@ class _Progress:
             return
         host = values.detach().to("cpu", non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(values.device))  # the render's device, not the current one
         self.flush()
         self.pending = (step, total, host, done)
 
