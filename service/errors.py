@@ -6,6 +6,7 @@ names the bad value, the limit and the fix. The gRPC layer maps them to status c
 
     FeaturevizError
      +-- InvalidSpec          a request field is wrong             -> INVALID_ARGUMENT (+ BadRequest field violation)
+     |    +-- Diverged        the optimisation went non-finite (lr) -> a job FAILED with reason DIVERGED
      +-- ModelImportError     the ONNX file cannot be imported     -> INVALID_ARGUMENT (+ ErrorInfo reason)
      +-- NotFound             unknown model / job / layer id       -> NOT_FOUND
      +-- FailedPrecondition   the resource is not in a usable state -> FAILED_PRECONDITION
@@ -18,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "FeaturevizError",
     "InvalidSpec",
+    "Diverged",
     "ModelImportError",
     "NotFound",
     "FailedPrecondition",
@@ -50,6 +52,18 @@ class InvalidSpec(FeaturevizError):
         super().__init__(f"{field}: {description}", reason=reason)
         self.field = field
         self.description = description
+
+
+class Diverged(InvalidSpec):
+    """The objective or its gradient became non-finite (NaN or infinite) at ``step``: the learning rate is too
+    high for this objective. Raised by the render loop, which stops there instead of returning a black image."""
+
+    reason = "DIVERGED"
+
+    def __init__(self, step: int, what: str, lr: float):
+        super().__init__("lr", f"the optimisation diverged at step {step}: {what} became non-finite (NaN or "
+                               f"infinite) with lr={lr:g}; use a lower learning rate, e.g. --lr {lr / 10:.3g}")
+        self.step = step
 
 
 class ModelImportError(FeaturevizError):

@@ -26,6 +26,7 @@ from featureviz.engine.params import make_param
 from featureviz.engine.relu import redirected_relu_grad
 from featureviz.engine.transforms import Transforms
 from featureviz.engine.transforms import parse_transforms
+from featureviz.errors import Diverged
 from featureviz.errors import InvalidSpec
 from featureviz.errors import NotFound
 
@@ -242,31 +243,47 @@ class _Clock:
 
 
 class _Progress:
-    """Calls ``progress(step, total, values)``. On CUDA, reading a step's objective values on the host would
-    wait for the whole step and leave the GPU idle while the next one is queued, so each step's values are
-    copied asynchronously and handed over one step later (CPU tensors); :meth:`flush` hands over the last."""
+    """Calls ``progress(step, total, values)`` and stops a diverging render (:class:`Diverged`).
 
-    def __init__(self, fn, device: torch.device):
-        self.fn, self.lag, self.pending = fn, device.type == "cuda", None
+    Each step hands over its objective values and a flag saying whether they and the parameters' gradients are
+    all finite. On the CPU both are read at once. On CUDA, reading them on the host would wait for the whole step
+    and leave the GPU idle while the next one is queued, so each step's values are copied asynchronously and
+    handed over (and checked) one step later (CPU tensors); :meth:`flush` hands over the last."""
 
-    def __call__(self, step: int, total: int, values: torch.Tensor) -> None:
-        if self.fn is None:
-            return
+    def __init__(self, fn, device: torch.device, lr: float):
+        self.fn, self.lag, self.lr, self.pending = fn, device.type == "cuda", lr, None
+
+    def __call__(self, step: int, total: int, values: torch.Tensor, finite: torch.Tensor) -> None:
         if not self.lag:
-            self.fn(step, total, values.detach())
+            self._hand_over(step, total, values.detach(), finite)
             return
         host = values.detach().to("cpu", non_blocking=True)
+        finite = finite.to("cpu", non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(values.device))  # the render's device, not the current one
         self.flush()
-        self.pending = (step, total, host, done)
+        self.pending = (step, total, host, finite, done)
 
     def flush(self) -> None:
         if self.pending is not None:
-            step, total, host, done = self.pending
+            step, total, host, finite, done = self.pending
             self.pending = None
             done.synchronize()
-            self.fn(step, total, host)
+            self._hand_over(step, total, host, finite)
+
+    def _hand_over(self, step, total, values, finite) -> None:
+        if not bool(finite):
+            what = "the objective" if not bool(torch.isfinite(values).all()) else "the gradient"
+            raise Diverged(step, what, self.lr)
+        if self.fn is not None:
+            self.fn(step, total, values)
+
+
+def _all_finite(values: torch.Tensor, params) -> torch.Tensor:
+    """One boolean tensor: the objective values and every parameter gradient are finite."""
+    flags = [torch.isfinite(values.detach()).all()]
+    flags += [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return torch.stack(flags).all()
 
 
 def _is_cancelled(cancel) -> bool:
@@ -335,7 +352,7 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         snapshot(0, image.detach().cpu())
 
     clock = _Clock(device, spec.profile)
-    report = _Progress(progress, device)
+    report = _Progress(progress, device, spec.lr)
     steps_done, cancelled = 0, False
     began = time.perf_counter()
     for step in range(spec.steps):
@@ -360,11 +377,15 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         if image_in.grad is not None:
             image.backward(image_in.grad)
         clock.lap("param")
+        finite = _all_finite(values, params)  # a device flag: no host sync here
+        if device.type != "cuda":
+            report(step + 1, spec.steps, values, finite)  # raises Diverged before a non-finite update
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.lap("optimizer")
         steps_done = step + 1
-        report(steps_done, spec.steps, values)
+        if device.type == "cuda":
+            report(steps_done, spec.steps, values, finite)  # checked one step late
         if snapshot is not None and steps_done in snapshots:
             with torch.no_grad():
                 snapshot(steps_done, image_fn().cpu())

@@ -86,3 +86,12 @@ def test_bad_objectives_end_with_one_line(model_path, capsys, objective, needle)
     assert main(["render", model_path, objective, "--steps", "1", "--size", "32"]) == 1
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_diverging_render_fails_with_one_line_naming_the_step(model_path, tmp_path, capsys):
+    out = tmp_path / "nan.png"
+    assert main(["render", model_path, f"{MID}:3", "--steps", "10", "--size", "32", "--lr", "1e308",
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "diverged at step" in err and "lower learning rate" in err and err.count("\n") == 1
+    assert not out.exists()  # no black image written as if it had worked

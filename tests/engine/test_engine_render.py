@@ -10,6 +10,7 @@ from featureviz.engine import RenderSpec
 from featureviz.engine import render
 from featureviz.engine import validate
 from featureviz.engine.transforms import Transforms
+from featureviz.errors import Diverged
 from featureviz.errors import InvalidSpec
 
 # layers of EfficientNet-Lite0 (catalog names of the zoo's ONNX export)
@@ -45,7 +46,6 @@ KINDS = {
     "blur": ({"blur": {}}, 2),
 }
 OVERRIDES = {"prob": dict(size=96, steps=24)}  # at 64 px the standard pad leaves ~47 px of picture: too little
-INCREASES = {}  # kind -> (start, end) means, printed at the end of the module for the notes
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in OVERRIDES else k for k in KINDS])
@@ -57,7 +57,6 @@ def test_each_objective_kind_increases(lite0, kind):
     options = dict(steps=8, size=SIZE, batch=batch, seed=1, init_image=init) | OVERRIDES.get(kind, {})
     result = render(lite0, RenderSpec(objective=objective, **options))
     start, end = torch.tensor(result.objective_start), torch.tensor(result.objective_end)
-    INCREASES[kind] = (start.mean().item(), end.mean().item())
     print(f"{kind}: {start.tolist()} -> {end.tolist()}")
     assert result.steps_done == options["steps"] and not result.cancelled
     assert result.images.shape == (batch, 3, options["size"], options["size"])
@@ -153,8 +152,7 @@ def test_callbacks_snapshots_cancel_and_phases(lite0):
     assert seen == [(1, 10, (2,)), (2, 10, (2,)), (3, 10, (2,))]
     assert sorted(snaps) == [0, 2] and snaps[2].shape == (2, 3, SIZE, SIZE)
     assert set(result.phase_seconds) == {"param", "transforms", "model", "optimizer"}
-    assert all(v > 0 for v in result.phase_seconds.values())
-    assert result.seconds_per_step > 0
+    assert all(v >= 0 for v in result.phase_seconds.values())  # measured, not asserted to be any size
 
 
 @pytest.mark.gpu
@@ -221,7 +219,13 @@ def test_validate_names_the_field(lite0, changes, field, needle):
     assert needle in str(err.value)
 
 
-def test_zz_report_increases():
-    """Not a check: prints the per-kind objective means for the notes (run with -s)."""
-    for kind, (start, end) in INCREASES.items():
-        print(f"INCREASE {kind:18s} {start:+.4f} -> {end:+.4f}")
+@pytest.mark.parametrize("param", ["fft", "pixel"])
+def test_a_diverging_render_stops_at_the_first_non_finite_step(lite0, param):
+    seen = []
+    with pytest.raises(Diverged) as err:
+        render(lite0, RenderSpec(objective=chan(MID, 3), steps=20, lr=1e308, size=SIZE, param=param),
+               progress=lambda step, total, values: seen.append(step))
+    assert err.value.reason == "DIVERGED" and err.value.field == "lr"
+    step = err.value.step
+    assert 1 <= step < 20 and seen == list(range(1, step))  # every finite step was reported, none after
+    assert f"at step {step}" in str(err.value) and "lower learning rate" in str(err.value)

@@ -202,6 +202,15 @@ def test_a_job_failing_while_running_ends_failed_and_the_server_keeps_serving(cl
     assert ok.state == pb.JOB_STATE_SUCCEEDED
 
 
+def test_a_diverging_job_ends_failed_naming_the_step(client, tiny_model):
+    job = client.submit(tiny_model.sha256, CHANNEL, steps=20, size=32, lr=1e308)
+    done = client.wait(job.id, timeout=120)
+    assert done.state == pb.JOB_STATE_FAILED, done
+    assert done.error.code == "INVALID_ARGUMENT" and done.error.reason == "DIVERGED" and done.error.field == "lr"
+    assert "diverged at step" in done.error.message and "lower learning rate" in done.error.message
+    assert not done.result.images  # no black PNG reported as a result
+
+
 def test_create_and_watch(client, tiny_model):
     events = list(client.create_and_watch(tiny_model.sha256, CHANNEL, steps=4, size=32, timeout=120))
     assert _kinds(events)[0] == "snapshot" and events[-1].HasField("result")
