@@ -27,3 +27,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def first_step():
+    """``first_step(model, spec) -> (values, grads)``: the render loop's step 0, run by ``render`` itself.
+
+    Comparing two numerically different paths (layouts, kernels, batch-mates) after several Adam steps tests
+    chaos: Adam's first updates move each coefficient by about +-lr whatever its gradient's size, so rounding-level
+    differences in near-zero gradients flip updates and the trajectories part. What two such paths must agree on
+    is the step itself: the objective values (forward, with the step's random transforms) and the gradient
+    with respect to the image parameters. This runs one step through the real loop and captures both at the
+    optimizer, which is told not to move anything.
+    """
+    import torch
+
+    def run(model, spec, **kwargs):
+        from featureviz.engine import render
+
+        captured = {}
+
+        def capture(self, closure=None):
+            captured.setdefault("grads", [p.grad.detach().clone() for group in self.param_groups
+                                          for p in group["params"] if p.grad is not None])
+
+        values = []
+        spec.steps = 1
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.optim.Adam, "step", capture)
+            render(model, spec, progress=lambda step, total, v: values.append(v.clone()), **kwargs)
+        return values[0], captured["grads"]
+
+    return run
+
+
+def assert_close_in_norm(got, expected, rtol):
+    """``|got - expected| <= rtol * |expected|`` in the L2 norm over all tensors: robust to the isolated elements
+    that rounding moves across a ReLU's or a clip's kink, strict about anything systematic."""
+    import torch
+
+    got = torch.cat([torch.view_as_real(g).flatten() if g.is_complex() else g.flatten() for g in got])
+    expected = torch.cat([torch.view_as_real(e).flatten() if e.is_complex() else e.flatten() for e in expected])
+    error, scale = (got - expected).norm().item(), expected.norm().item()
+    assert scale > 0 and error <= rtol * scale, f"relative L2 error {error / max(scale, 1e-30):.3g} > {rtol}"
+
+
+@pytest.fixture()
+def close_in_norm():
+    return assert_close_in_norm

@@ -103,19 +103,23 @@ def test_prepare_contiguous_undoes_an_earlier_conversion_of_shared_weights(monke
     assert layout.prepare(None, "auto", cpu, lambda: 1 / 0) == "contiguous"
 
 
-def test_render_runs_the_real_model_channels_last_on_cpu_with_the_same_result(lite0, monkeypatch):
+def test_render_runs_the_real_model_channels_last_on_cpu_with_the_same_step(lite0, monkeypatch, first_step,
+                                                                           close_in_norm):
+    # the same first step (forward with its random transforms, and the gradient) in both layouts; later steps are
+    # not compared: Adam makes rounding-level differences grow into different images (see tests/conftest.py)
     monkeypatch.delenv("FEATUREVIZ_MEMORY_FORMAT", raising=False)
     objective = {"channel": {"layer": LAYER, "channel": 3}}
-    results = {fmt: render(lite0, RenderSpec(objective=objective, steps=6, size=48, batch=2, seed=1, device="cpu",
-                                             memory_format=fmt))
-               for fmt in ("auto", "contiguous")}
-    assert results["contiguous"].memory_format == "contiguous"
-    assert results["auto"].memory_format == "channels_last"
+    steps = {fmt: first_step(lite0, RenderSpec(objective=objective, size=48, batch=2, seed=1, device="cpu",
+                                               memory_format=fmt))
+             for fmt in ("auto", "contiguous")}
+    (values_nhwc, grads_nhwc), (values_nchw, grads_nchw) = steps["auto"], steps["contiguous"]
+    torch.testing.assert_close(values_nhwc, values_nchw, rtol=1e-4, atol=1e-6)
+    close_in_norm(grads_nhwc, grads_nchw, rtol=1e-3)
+    results = {fmt: render(lite0, RenderSpec(objective=objective, steps=2, size=48, seed=1, device="cpu",
+                                             memory_format=fmt)) for fmt in ("auto", "contiguous")}
+    assert results["auto"].memory_format == "channels_last" and results["contiguous"].memory_format == "contiguous"
     a, b = results["auto"], results["contiguous"]
-    assert a.objective_start == pytest.approx(b.objective_start, rel=1e-4, abs=1e-5)
-    assert a.objective_end == pytest.approx(b.objective_end, rel=2e-2)
-    assert all(e > s for e, s in zip(a.objective_end, a.objective_start))
-    assert (a.images - b.images).abs().max() < 2e-2
+    assert a.objective_start == pytest.approx(b.objective_start, rel=1e-4, abs=1e-5)  # the same forward
 
 
 def test_render_refuses_an_unknown_memory_format(lite0):

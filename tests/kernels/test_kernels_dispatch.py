@@ -130,16 +130,17 @@ def tiny_model(tmp_path_factory):
     return importer.import_model(buffer.getvalue(), cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
-@pytest.mark.slow  # ~20 s on 2 cores: the interpreter runs 3 steps of both kernels, forward and backward
-def test_short_render_with_triton_matches_torch(tiny_model, monkeypatch):
+@pytest.mark.slow  # ~10 s on 2 cores: the interpreter runs one step of both kernels, forward and backward
+def test_a_render_step_with_triton_matches_torch(tiny_model, monkeypatch, first_step, close_in_norm):
     try:
         from featureviz.engine.render import RenderSpec
-        from featureviz.engine.render import render
     except ImportError as exc:
         pytest.skip(f"featureviz.engine.render is not importable yet: {exc}")
     layer = tiny_model.layers[-1].name
-    spec = RenderSpec(objective={"channel": {"layer": layer, "channel": 3}}, steps=3, size=24, batch=2, seed=5,
-                      param="fft", transforms="standard", device="cpu")
+
+    def spec():
+        return RenderSpec(objective={"channel": {"layer": layer, "channel": 3}}, size=24, batch=2, seed=5,
+                          param="fft", transforms="standard", device="cpu")
 
     calls = {"fft": 0, "resample": 0}
     for module, name, key in ((fft_image, "spectrum_to_image_forward", "fft"),
@@ -153,16 +154,15 @@ def test_short_render_with_triton_matches_torch(tiny_model, monkeypatch):
         monkeypatch.setattr(module, name, counted)
 
     monkeypatch.setenv("FEATUREVIZ_KERNELS", "torch")
-    expected = render(tiny_model, spec)
+    expected_values, expected_grads = first_step(tiny_model, spec())
     assert calls == {"fft": 0, "resample": 0}
     monkeypatch.setenv("FEATUREVIZ_KERNELS", "triton")
-    got = render(tiny_model, spec)
-    assert calls["fft"] >= spec.steps and calls["resample"] >= spec.steps, calls
+    values, grads = first_step(tiny_model, spec())
+    assert calls["fft"] >= 1 and calls["resample"] >= 1, calls
 
-    # Three Adam steps from identical starts: the kernels differ from the references by ~1e-6 relative per
-    # evaluation, and Adam's normalized update keeps that relative size, so the images agree to well under
-    # one 8-bit level (1/255 = 3.9e-3); a wrong kernel moves pixels by the learning rate's order (~1e-2).
-    assert got.images.shape == expected.images.shape == (2, 3, 24, 24)
-    torch.testing.assert_close(got.images, expected.images, rtol=0, atol=1e-4)
-    torch.testing.assert_close(torch.tensor(got.objective_end), torch.tensor(expected.objective_end),
-                               rtol=1e-3, atol=1e-4)
+    # One step, compared where the two paths must agree: the objective with the step's random transforms
+    # (the forward of both kernels) and the gradient on the spectrum (both backwards). The kernels differ from
+    # the references by ~1e-6 relative; a wrong kernel is off by O(1). No Adam steps are compared: rounding
+    # decides their trajectories (tests/conftest.py).
+    torch.testing.assert_close(values, expected_values, rtol=1e-4, atol=1e-6)
+    close_in_norm(grads, expected_grads, rtol=1e-4)
