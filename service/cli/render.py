@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL.onnx", help="path of the ONNX file")
-    parser.add_argument("objective", metavar="OBJECTIVE", help="what to maximise (syntax below)")
+    parser.add_argument("objective", metavar="OBJECTIVE",
+                        help="what to maximise (syntax below); it may start with '-' (a negated objective)")
+    parser.dash_positionals = True  # featureviz.cli.main lets OBJECTIVE start with '-' ("-LAYER:5")
     parser.add_argument("--steps", type=int, default=512, help="optimisation steps (default 512)")
     parser.add_argument("--size", type=_size, default=None, metavar="S",
                         help="image size S or HxW (default: the model's input size)")

@@ -95,3 +95,15 @@ def test_a_diverging_render_fails_with_one_line_naming_the_step(model_path, tmp_
     err = capsys.readouterr().err
     assert "diverged at step" in err and "lower learning rate" in err and err.count("\n") == 1
     assert not out.exists()  # no black image written as if it had worked
+
+
+@pytest.mark.parametrize("form", ["plain", "after --", "options first"])
+def test_a_negated_objective_works_in_the_positional_place(model_path, tmp_path, capsys, form):
+    objective = f"-'{MID}:pre':3"  # the README's form: minimise a channel through its pre-activation
+    options = ["--steps", "2", "--size", "32", "--json", "--out", str(tmp_path / "neg.png")]
+    argv = {"plain": ["render", model_path, objective, *options],
+            "after --": ["render", model_path, "--", objective, *options],
+            "options first": ["render", *options, model_path, objective]}[form]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["objective"] == objective and report["steps"] == 2 and report["size"] == [32, 32]

@@ -63,6 +63,14 @@ def test_no_server_is_a_clear_error(capsys, tiny_file):
     assert code == 1 and "UNAVAILABLE" in err
 
 
+def test_a_negated_objective_renders_through_the_server(server, capsys, tiny_file, tmp_path):
+    code, out, err = _run(capsys, "render", str(tiny_file), "-/Relu_1:3", "--steps", "2", "--size", "24",
+                          "--out", str(tmp_path / "neg.png"), "--json", "--server", server.address)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["steps"] == 2 and report["objective"].startswith("-")
+
+
 def test_render_through_the_server(server, capsys, tiny_file, tmp_path):
     out_png = tmp_path / "out" / "chan.png"
     code, out, err = _run(capsys, "render", str(tiny_file), "/Relu_1:3 - 0.05*tv", "--steps", "6", "--size", "24x32",
