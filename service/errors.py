@@ -25,7 +25,22 @@ __all__ = [
     "FailedPrecondition",
     "ResourceExhausted",
     "Cancelled",
+    "echo",
+    "ECHO_CHARS",
 ]
+
+ECHO_CHARS = 100  # the most of a client-sent value an error message repeats
+
+
+def echo(value, limit: int = ECHO_CHARS) -> str:
+    """A client-sent value as an error message quotes it: its repr (ASCII), cut to ``limit`` characters with an
+    ellipsis and the full length, so a hostile or mistaken 20 kB string never travels back in full."""
+    text = ascii(value)
+    if len(text) <= limit:
+        return text
+    unit = "characters" if isinstance(value, (str, bytes)) else "values"
+    size = len(value) if hasattr(value, "__len__") else len(text)
+    return f"{text[:limit]}… ({size} {unit})"
 
 
 class FeaturevizError(Exception):

@@ -32,6 +32,7 @@ import math
 import re
 
 from featureviz.errors import InvalidSpec
+from featureviz.errors import echo
 
 __all__ = [
     "KINDS",
@@ -58,13 +59,13 @@ _REQUIRED = object()
 
 def _layer(value, path):
     if not isinstance(value, str) or not value:
-        raise InvalidSpec(path, f"must be a non-empty layer name (string), got {value!r}")
+        raise InvalidSpec(path, f"must be a non-empty layer name (string), got {echo(value)}")
     return value
 
 
 def _index(value, path):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidSpec(path, f"must be an integer >= 0, got {value!r}")
+        raise InvalidSpec(path, f"must be an integer >= 0, got {echo(value)}")
     return value
 
 
@@ -74,7 +75,7 @@ def _opt_index(value, path):
 
 def _number(value, path):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidSpec(path, f"must be a finite number, got {value!r}")
+        raise InvalidSpec(path, f"must be a finite number, got {echo(value)}")
     return float(value)
 
 
@@ -144,7 +145,7 @@ def _normalize(spec, path, depth):
             raise InvalidSpec(here, "must be a non-empty list of objectives")
         return {"sum": [_normalize(term, f"{here}[{i}]", depth + 1) for i, term in enumerate(body)]}
     if kind not in _FIELDS and kind not in _COMPOSITE:
-        raise InvalidSpec(path, f"unknown objective kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        raise InvalidSpec(path, f"unknown objective kind {echo(kind)}; known kinds: {', '.join(KINDS)}")
     if not isinstance(body, dict):
         raise InvalidSpec(here, f"must be an object of fields, got {_short(body)}")
     if kind == "scale":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from featureviz.errors import InvalidSpec
+from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = [
@@ -41,15 +42,15 @@ _CONSTANT_KINDS = ("l1", "l2")
 def objective_to_proto(spec: dict, field: str = "objective") -> pb.Objective:
     """An engine objective dict (``{"channel": {"layer": "conv1", "channel": 3}}``) -> ``pb.Objective``."""
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise InvalidSpec(field, f"an objective is a dict with exactly one kind key, got {spec!r}")
+        raise InvalidSpec(field, f"an objective is a dict with exactly one kind key, got {echo(spec)}")
     ((kind, body),) = spec.items()
     if kind not in OBJECTIVE_KINDS:
-        raise InvalidSpec(field, f"unknown objective kind {kind!r}; known: {', '.join(OBJECTIVE_KINDS)}")
+        raise InvalidSpec(field, f"unknown objective kind {echo(kind)}; known: {', '.join(OBJECTIVE_KINDS)}")
     sub = f"{field}.{kind}"
     out = pb.Objective()
     if kind == "sum":
         if not isinstance(body, (list, tuple)):
-            raise InvalidSpec(sub, f"sum takes a list of objectives, got {body!r}")
+            raise InvalidSpec(sub, f"sum takes a list of objectives, got {echo(body)}")
         out.sum.terms.extend(objective_to_proto(term, f"{sub}[{i}]") for i, term in enumerate(body))
         return out
     body = _body(body, sub)
@@ -195,7 +196,7 @@ def _body(body: Any, field: str) -> dict:
     if body is None:
         return {}
     if not isinstance(body, dict):
-        raise InvalidSpec(field, f"expected a dict of arguments, got {body!r}")
+        raise InvalidSpec(field, f"expected a dict of arguments, got {echo(body)}")
     return body
 
 
@@ -209,4 +210,4 @@ def _enum_value(names: dict[int, str], name: str, field: str) -> int:
     for value, known in names.items():
         if known == name:
             return value
-    raise InvalidSpec(field, f"unknown value {name!r}; known: {', '.join(names.values())}")
+    raise InvalidSpec(field, f"unknown value {echo(name)}; known: {', '.join(names.values())}")

@@ -45,6 +45,9 @@ def _state_name(state: int) -> str:
 def _objective_text(job) -> str:
     from featureviz.client.convert import objective_from_proto
 
+    if job.objective_text:  # a listing carries the text, not the objective
+        return job.objective_text
+
     try:
         return json.dumps(objective_from_proto(job.spec.objective), separators=(",", ":"))
     except Exception:  # an odd stored spec must not break the listing

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["to_uint8", "png_bytes", "grid", "save_images", "load_image"]
+__all__ = ["to_uint8", "png_bytes", "grid", "save_images", "load_image", "decode_image", "image_size"]
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -65,18 +65,70 @@ def save_images(images: torch.Tensor, out: str | os.PathLike, *, as_grid: bool =
     return paths
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """An image file as a (3, H, W) float tensor in [0, 1], resized (bicubic) to ``size`` = (H, W) if given."""
+MAX_IMAGE_SIDE = 4096  # the largest side decode_image accepts unless told a smaller one
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+def image_size(data: bytes, *, field: str = "init_image") -> tuple[int, int]:
+    """(width, height) of PNG or JPEG bytes, read from the header: no pixel is decoded."""
+    with _open(data, field) as img:
+        return img.size
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None = None, *, max_side: int = MAX_IMAGE_SIDE,
+                 field: str = "init_image", formats: tuple[str, ...] | None = IMAGE_FORMATS) -> torch.Tensor:
+    """PNG or JPEG bytes -> a (3, H, W) float tensor in [0, 1], resized (bicubic) to ``size`` = (H, W) if given.
+
+    The size is read from the header and checked against ``max_side`` before any pixel is decoded, so a small
+    file that declares a huge image costs nothing. Errors are :class:`InvalidSpec` on ``field``. ``formats``:
+    the formats accepted (None: any Pillow reads)."""
     from PIL import Image
 
     from featureviz.errors import InvalidSpec
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BICUBIC)
-            array = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise InvalidSpec("init_image", f"cannot read image {str(path)!r}: {exc}") from exc
+    with _open(data, field, formats) as img:
+        width, height = img.size
+        if max(width, height) > max_side:
+            raise InvalidSpec(field, f"the image is {width}x{height} pixels; the largest side allowed is {max_side}",
+                              reason="IMAGE_TOO_LARGE")
+        try:
+            img.load()
+            rgb = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+            raise InvalidSpec(field, f"the {img.format} image could not be decoded ({type(exc).__name__}: truncated "
+                                     "or corrupt data)") from None
+    if size is not None and rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    array = np.asarray(rgb, dtype=np.float32) / 255.0
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def _open(data: bytes, field: str, formats: tuple[str, ...] | None = IMAGE_FORMATS):
+    """PIL's lazy open (header only); InvalidSpec naming the problem, never an object repr."""
+    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    from featureviz.errors import InvalidSpec
+
+    if not data:
+        raise InvalidSpec(field, "the image is empty; send PNG or JPEG bytes")
+    try:
+        img = Image.open(io.BytesIO(data), formats=formats)
+    except UnidentifiedImageError:
+        wanted = " or ".join(formats) if formats else "an image"
+        raise InvalidSpec(field, f"not a {wanted} image ({len(data)} bytes in no format it reads)") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise InvalidSpec(field, f"the image header could not be read ({type(exc).__name__}: truncated or corrupt "
+                                 "data)") from None
+    return img
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A PNG or JPEG file as a (3, H, W) float tensor in [0, 1], resized (bicubic) to ``size`` = (H, W) if given."""
+    from featureviz.errors import InvalidSpec
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidSpec("init_image", f"cannot read image {str(path)!r}: {exc.strerror or exc}") from exc
+    return decode_image(data, size, formats=None)

@@ -29,6 +29,7 @@ from featureviz.engine.transforms import parse_transforms
 from featureviz.errors import Diverged
 from featureviz.errors import InvalidSpec
 from featureviz.errors import NotFound
+from featureviz.errors import echo
 
 __all__ = ["RenderSpec", "RenderResult", "render", "validate", "MAX_STEPS", "MAX_BATCH", "MAX_SIZE"]
 
@@ -145,9 +146,9 @@ def validate(model, spec: RenderSpec) -> None:
         for name in ("mean", "std"):
             values = getattr(spec.preprocess, name, None)
             if values is None or len(values) not in (1, 3):
-                raise InvalidSpec(f"preprocess.{name}", f"needs 1 or 3 values, got {values!r}")
+                raise InvalidSpec(f"preprocess.{name}", f"needs 1 or 3 values, got {echo(values)}")
         if any(s <= 0 for s in spec.preprocess.std):
-            raise InvalidSpec("preprocess.std", f"must be > 0, got {spec.preprocess.std}")
+            raise InvalidSpec("preprocess.std", f"must be > 0, got {echo(spec.preprocess.std)}")
     if isinstance(spec.objective, objs.Objective):
         objective_spec = specs.normalize_objective(spec.objective.spec())
     else:

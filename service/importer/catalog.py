@@ -26,7 +26,9 @@ import onnx
 import torch
 from torch import fx
 
+from featureviz.errors import ECHO_CHARS
 from featureviz.errors import NotFound
+from featureviz.errors import echo
 
 __all__ = ["LayerInfo", "Target", "ACTIVATIONS", "build_catalog", "name_index", "resolve", "record_outputs"]
 
@@ -176,7 +178,8 @@ def resolve(index: dict[str, LayerInfo], name: str) -> LayerInfo:
     try:
         return index[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), list(index), n=5, cutoff=0.5)
+        close = difflib.get_close_matches(str(name)[:ECHO_CHARS * 2], list(index), n=5, cutoff=0.5)
+        close = [c if len(c) <= ECHO_CHARS else c[:ECHO_CHARS] + "\u2026" for c in close]
         hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise NotFound(f"unknown layer {name!r} (the model has {len(set(index.values()))} layers{hint})",
+        raise NotFound(f"unknown layer {echo(name)} (the model has {len(set(index.values()))} layers{hint})",
                        reason="LAYER_NOT_FOUND") from None

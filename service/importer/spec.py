@@ -18,6 +18,7 @@ import onnx
 
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ModelImportError
+from featureviz.errors import echo
 
 __all__ = ["InputSpec", "Preprocess", "detect_input", "graph_inputs", "DEFAULT_SIZE"]
 
@@ -35,11 +36,11 @@ class Preprocess:
 
     def __post_init__(self):
         if self.channel_order not in ("RGB", "BGR"):
-            raise InvalidSpec("preprocess.channel_order", f"must be 'RGB' or 'BGR', got {self.channel_order!r}")
+            raise InvalidSpec("preprocess.channel_order", f"must be 'RGB' or 'BGR', got {echo(self.channel_order)}")
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
-            raise InvalidSpec("preprocess", f"mean and std need 1 or 3 values each, got {self.mean} and {self.std}")
+            raise InvalidSpec("preprocess", f"mean and std need 1 or 3 values each, got {echo(self.mean)} and {echo(self.std)}")
         if any(s <= 0 for s in self.std):
-            raise InvalidSpec("preprocess.std", f"must be > 0, got {self.std}")
+            raise InvalidSpec("preprocess.std", f"must be > 0, got {echo(self.std)}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from featureviz.server.auth import BearerAuthInterceptor
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
+from featureviz.server.decoding import DecodeGuardInterceptor
 from featureviz.server.info import InfoServicer
 from featureviz.server.info import describe_device
 from featureviz.server.metrics import Metrics
@@ -88,7 +89,7 @@ def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
         scheduler.metrics = metrics
     auth = TenantResolver(config.tokens, config.read_only)
     server = grpc.aio.server(
-        interceptors=[BearerAuthInterceptor(auth)],
+        interceptors=[BearerAuthInterceptor(auth), DecodeGuardInterceptor(config.limits.max_objective_depth)],
         options=[("grpc.max_receive_message_length", config.limits.max_message_bytes),
                  ("grpc.max_send_message_length", config.limits.max_reply_bytes)],
     )

@@ -31,6 +31,13 @@ class Limits:
     max_reply_bytes: int = 64 * MiB
     max_page_size: int = 1000
     default_page_size: int = 100
+    # an objective is a tree: nodes cost compute every step, and deep nesting overflows decoders
+    max_objective_nodes: int = 512
+    max_objective_depth: int = 16
+    min_image_side: int = 8  # the engine's smallest render side
+    # unfinished uploads kept for resuming: bytes per tenant, and how long one may wait for its next chunk
+    max_partial_upload_bytes: int = 2048 * MiB
+    partial_upload_ttl_seconds: int = 24 * 3600
 
 
 @dataclass
@@ -55,6 +62,7 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one; None: off), same host
     model_cache_size: int = 4  # imported models kept in memory
     finished_logs_kept: int = 256  # event logs of finished jobs kept in memory for re-attaching watchers
+    upload_idle_timeout_seconds: float = 60.0  # an upload stream silent this long is ended and its lock released
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)

@@ -11,6 +11,10 @@
      +-- Unauthenticated     -> UNAUTHENTICATED
     anything else            -> INTERNAL, traceback logged, never sent
 
+Every text sent back is capped (:data:`MAX_TEXT_CHARS`): client values are quoted through
+:func:`featureviz.errors.echo` (100 characters) where messages are built, and this map cuts whatever is
+still too long, so an error always fits the default 8 KB metadata limit of a gRPC client.
+
 Servicer methods are wrapped with :func:`rpc_errors`, so they only raise; admission errors become the RPC's
 status. Errors while a job runs become a :class:`featureviz.v1.JobError` through :func:`job_error`.
 """
@@ -37,10 +41,17 @@ from featureviz.errors import NotFound
 from featureviz.errors import ResourceExhausted
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Unavailable", "Unauthenticated", "status_code", "to_status", "rpc_errors", "job_error", "DOMAIN"]
+__all__ = ["Unavailable", "Unauthenticated", "status_code", "to_status", "rpc_errors", "job_error", "abort", "cap",
+           "DOMAIN"]
 
 log = logging.getLogger("featureviz.server")
 DOMAIN = "featureviz"
+MAX_TEXT_CHARS = 1000  # a status message or a detail's description, at most
+
+
+def cap(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis (the safety net behind ``echo``)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 class Unavailable(FeaturevizError):
@@ -74,13 +85,14 @@ def to_status(exc: BaseException) -> grpc.Status:
     """A grpc.Status carrying google.rpc details in the ``grpc-status-details-bin`` trailer."""
     code = status_code(exc)
     if isinstance(exc, FeaturevizError):
-        message, reason = exc.message, exc.reason
+        message, reason = cap(exc.message), exc.reason
     else:
         message, reason = "internal error; the server log has the details", "INTERNAL_ERROR"
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     _pack(status, error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
     if isinstance(exc, InvalidSpec):
-        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=cap(exc.field, 200),
+                                                              description=cap(exc.description))
         _pack(status, error_details_pb2.BadRequest(field_violations=[violation]))
     if isinstance(exc, ResourceExhausted):
         _pack(status, error_details_pb2.QuotaFailure(
@@ -96,6 +108,11 @@ def _pack(status: status_pb2.Status, detail) -> None:
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str):
     if not isinstance(exc, FeaturevizError):
         log.exception("%s failed", method, exc_info=exc)
+    await abort(context, exc)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException):
+    """End the call with ``exc``'s status (raises grpc.aio.AbortError)."""
     status = to_status(exc)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -129,12 +146,13 @@ def rpc_errors(method):
 def job_error(exc: BaseException) -> pb.JobError:
     """The error a failed job carries. CUDA out-of-memory becomes RESOURCE_EXHAUSTED / GPU_OOM."""
     if _is_oom(exc):
+        first = str(exc).splitlines()[0] if str(exc) else ""
         return pb.JobError(code="RESOURCE_EXHAUSTED", reason="GPU_OOM",
-                           message=f"the device ran out of memory: {str(exc).splitlines()[0] if str(exc) else ''}; "
-                                   "use a smaller size or batch")
+                           message=cap(f"the device ran out of memory: {first}; use a smaller size or batch"))
     if isinstance(exc, FeaturevizError):
         field = exc.field if isinstance(exc, InvalidSpec) else ""
-        return pb.JobError(code=status_code(exc).name, reason=exc.reason, message=exc.message, field=field)
+        return pb.JobError(code=status_code(exc).name, reason=exc.reason, message=cap(exc.message),
+                           field=cap(field, 200))
     return pb.JobError(code="INTERNAL", reason="INTERNAL_ERROR",
                        message=f"internal error ({type(exc).__name__}); the server log has the traceback")
 

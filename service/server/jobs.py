@@ -8,6 +8,7 @@ from featureviz.client.convert import spec_from_proto
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
+from featureviz.errors import echo
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.errors import Unavailable
@@ -77,7 +78,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         offset, limit = page_bounds(request.page_size, request.page_token, query,
                                     default=limits.default_page_size, maximum=limits.max_page_size)
         rows = self.store.list_jobs(tenant, request.state, offset, limit)
-        jobs = [self.scheduler.job(row.id, tenant, with_images=False) for row in rows]
+        jobs = [_summary(self.scheduler.job(row.id, tenant, with_images=False), self.config.limits) for row in rows]
         return pb.ListJobsResponse(jobs=jobs, next_page_token=next_token(offset, limit, len(jobs), None, query))
 
     @rpc_errors
@@ -93,7 +94,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             existing = self.store.job_by_request(tenant, request_id)
             if existing is not None:
                 if pb.JobSpec.FromString(existing.spec).objective != spec.objective:
-                    raise InvalidSpec("request_id", f"{request_id!r} was used for a job with another objective; "
+                    raise InvalidSpec("request_id", f"{echo(request_id)} was used for a job with another objective; "
                                                     "use a new request id for a new job")
                 return existing.id
         sha = parse_model_name(spec.model, "spec.model")
@@ -127,14 +128,32 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     def _check_limits(self, spec: pb.JobSpec) -> None:
         limits = self.config.limits
+        nodes, depth = objective_size(spec.objective, limits.max_objective_nodes, limits.max_objective_depth)
+        if nodes > limits.max_objective_nodes:
+            raise InvalidSpec("spec.objective", f"more than {limits.max_objective_nodes} objectives (sum terms, "
+                                                "scales, batches, interpolations and leaves all count); the limit is "
+                                                f"max_objective_nodes = {limits.max_objective_nodes}",
+                              reason="OBJECTIVE_TOO_LARGE")
+        if depth > limits.max_objective_depth:
+            raise InvalidSpec("spec.objective", f"nested more than {limits.max_objective_depth} levels deep; the "
+                                                f"limit is max_objective_depth = {limits.max_objective_depth}",
+                              reason="OBJECTIVE_TOO_DEEP")
         if spec.HasField("steps") and not 1 <= spec.steps <= limits.max_steps:
             raise InvalidSpec("spec.steps", f"{spec.steps}; must be 1 to {limits.max_steps}")
         if spec.HasField("batch") and not 1 <= spec.batch <= limits.max_batch:
             raise InvalidSpec("spec.batch", f"{spec.batch}; must be 1 to {limits.max_batch}")
-        side = max(spec.size.height, spec.size.width)
-        if side > limits.max_image_side:
-            raise InvalidSpec("spec.size", f"{spec.size.height}x{spec.size.width}; the largest side allowed is "
-                                           f"{limits.max_image_side}")
+        low, high = limits.min_image_side, limits.max_image_side
+        if spec.HasField("size") and not all(low <= side <= high for side in (spec.size.height, spec.size.width)):
+            raise InvalidSpec("spec.size", f"{spec.size.height}x{spec.size.width}; each side must be {low} to {high} "
+                                           "pixels (min_image_side, max_image_side); leave size unset for the "
+                                           "model's default")
+        if spec.init_image:  # the header's size, before any pixel is decoded
+            from featureviz.engine.images import image_size
+
+            width, height = image_size(spec.init_image, field="spec.init_image")
+            if max(width, height) > high:
+                raise InvalidSpec("spec.init_image", f"the image is {width}x{height} pixels; the largest side "
+                                                     f"allowed is {high} (max_image_side)", reason="IMAGE_TOO_LARGE")
         if spec.preview_every < 0 or spec.preview_max_side < 0:
             raise InvalidSpec("spec.preview_every", "preview_every and preview_max_side must be >= 0")
 
@@ -164,6 +183,50 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 await asyncio.wait_for(waiter.wait(), timeout=heartbeat)
             except TimeoutError:
                 yield pb.JobEvent(seq=seq, time=_now(), heartbeat=pb.Heartbeat())
+
+
+def objective_size(objective: pb.Objective, max_nodes: int, max_depth: int) -> tuple[int, int]:
+    """(nodes, depth) of an objective tree; stops counting once past either limit (a hostile tree is not walked
+    to its end)."""
+    nodes, depth = 0, 0
+    stack = [(objective, 1)]
+    while stack and nodes <= max_nodes and depth <= max_depth:
+        message, level = stack.pop()
+        nodes, depth = nodes + 1, max(depth, level)
+        kind = message.WhichOneof("kind")
+        if kind == "sum":
+            children = message.sum.terms
+        elif kind in ("scale", "batch"):
+            children = (getattr(message, kind).objective,)
+        elif kind == "interpolate":
+            children = (message.interpolate.a, message.interpolate.b)
+        else:
+            children = ()
+        stack.extend((child, level + 1) for child in children)
+    return nodes, depth
+
+
+SUMMARY_CHARS = 200
+
+
+def _summary(job: pb.Job, limits) -> pb.Job:
+    """A job as ListJobs returns it: the objective as capped text instead of the objective tree and no init
+    image, so a page of jobs stays small whatever their specs hold (GetJob carries the whole spec)."""
+    from featureviz.client.convert import objective_from_proto
+    from featureviz.spec import format_objective
+
+    nodes, depth = objective_size(job.spec.objective, limits.max_objective_nodes, limits.max_objective_depth)
+    if nodes > limits.max_objective_nodes or depth > limits.max_objective_depth:
+        text = f"(an objective of more than {min(nodes, limits.max_objective_nodes)} parts)"
+    else:
+        try:
+            text = format_objective(objective_from_proto(job.spec.objective))
+        except Exception:  # an odd stored spec must not break the listing
+            text = "?"
+    job.objective_text = text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "\u2026"
+    job.spec.ClearField("objective")
+    job.spec.ClearField("init_image")
+    return job
 
 
 def _now():

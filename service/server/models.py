@@ -15,6 +15,7 @@ from featureviz.errors import FailedPrecondition
 from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ModelImportError
+from featureviz.errors import echo
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.errors import rpc_errors
@@ -35,7 +36,7 @@ def parse_model_name(name: str, field: str = "model") -> str:
     """``"models/<sha256>"`` or ``"<sha256>"`` -> the sha256."""
     sha = name.removeprefix("models/").strip().lower()
     if not _SHA256.fullmatch(sha):
-        raise InvalidSpec(field, f"expected a sha256 hex digest or 'models/<sha256>', got {name!r}")
+        raise InvalidSpec(field, f"expected a sha256 hex digest or 'models/<sha256>', got {echo(name)}")
     return sha
 
 

@@ -392,20 +392,9 @@ def _render_spec(model, spec: pb.JobSpec, device: str | None):
 
 def _decode_image(data: bytes, size: tuple[int, int]):
     """PNG/JPEG bytes -> float tensor (3, H, W) in [0, 1], resized to the render size (H, W)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from PIL import UnidentifiedImageError
+    from featureviz.engine.images import decode_image
 
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidSpec("spec.init_image", f"not a PNG or JPEG image ({exc})") from exc
-    height, width = size
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return decode_image(data, size, field="spec.init_image")
 
 
 def _png(image, max_side: int | None = None) -> tuple[bytes, int, int]:

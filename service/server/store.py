@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from featureviz.errors import NotFound
+from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["Store", "JobRow", "TERMINAL_STATES"]
@@ -148,7 +149,7 @@ class Store:
     def get_model(self, tenant: str, sha256: str) -> pb.Model:
         rows = self._run("SELECT model FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
         if not rows:
-            raise NotFound(f"model {sha256!r} not found; upload it first (featureviz models upload FILE.onnx)",
+            raise NotFound(f"model {echo(sha256)} not found; upload it first (featureviz models upload FILE.onnx)",
                            reason="MODEL_NOT_FOUND")
         return pb.Model.FromString(rows[0][0])
 
@@ -167,7 +168,7 @@ class Store:
     def layers(self, tenant: str, sha256: str) -> list[pb.Layer]:
         rows = self._run("SELECT layers FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
         if not rows:
-            raise NotFound(f"model {sha256!r} not found", reason="MODEL_NOT_FOUND")
+            raise NotFound(f"model {echo(sha256)} not found", reason="MODEL_NOT_FOUND")
         return list(pb.ListLayersResponse.FromString(rows[0][0]).layers)
 
     def delete_model(self, tenant: str, sha256: str) -> None:
@@ -203,7 +204,7 @@ class Store:
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRow:
         rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         if not rows or (tenant is not None and rows[0][1] != tenant):
-            raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND")
+            raise NotFound(f"job {echo(job_id)} not found", reason="JOB_NOT_FOUND")
         return JobRow(*rows[0])
 
     def job_by_request(self, tenant: str, request_id: str) -> JobRow | None:

@@ -149,7 +149,7 @@ class CheckReport(_message.Message):
     def __init__(self, max_rel_err: _Optional[float] = ..., max_rel_err_batch: _Optional[float] = ..., tolerance: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "sha256", "size_bytes", "display_name", "state", "input_spec", "layer_count", "logits_layer", "check", "create_time", "deduplicated")
+    __slots__ = ("name", "sha256", "size_bytes", "display_name", "state", "input_spec", "layer_count", "logits_layer", "check", "create_time", "deduplicated", "failure_reason", "failure_message")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,8 @@ class Model(_message.Message):
     CHECK_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_REASON_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     size_bytes: int
@@ -172,7 +174,9 @@ class Model(_message.Message):
     check: CheckReport
     create_time: _timestamp_pb2.Timestamp
     deduplicated: bool
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., input_spec: _Optional[_Union[InputSpec, _Mapping]] = ..., layer_count: _Optional[int] = ..., logits_layer: _Optional[str] = ..., check: _Optional[_Union[CheckReport, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deduplicated: _Optional[bool] = ...) -> None: ...
+    failure_reason: str
+    failure_message: str
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., input_spec: _Optional[_Union[InputSpec, _Mapping]] = ..., layer_count: _Optional[int] = ..., logits_layer: _Optional[str] = ..., check: _Optional[_Union[CheckReport, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deduplicated: _Optional[bool] = ..., failure_reason: _Optional[str] = ..., failure_message: _Optional[str] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -488,7 +492,7 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "name", "request_id", "state", "spec", "step", "steps", "objective", "create_time", "start_time", "end_time", "result", "error", "attempts", "last_seq", "queue_position")
+    __slots__ = ("id", "name", "request_id", "state", "spec", "step", "steps", "objective", "create_time", "start_time", "end_time", "result", "error", "attempts", "last_seq", "queue_position", "objective_text")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -505,6 +509,7 @@ class Job(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_TEXT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     request_id: str
@@ -521,7 +526,8 @@ class Job(_message.Message):
     attempts: int
     last_seq: int
     queue_position: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., objective: _Optional[_Iterable[float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., last_seq: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    objective_text: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., objective: _Optional[_Iterable[float]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., attempts: _Optional[int] = ..., last_seq: _Optional[int] = ..., queue_position: _Optional[int] = ..., objective_text: _Optional[str] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
     __slots__ = ("spec", "request_id")
@@ -630,7 +636,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -638,6 +644,12 @@ class Limits(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_JOBS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_OBJECTIVE_NODES_FIELD_NUMBER: _ClassVar[int]
+    MAX_OBJECTIVE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARTIAL_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_UPLOAD_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -645,7 +657,13 @@ class Limits(_message.Message):
     max_batch: int
     max_queued_jobs_per_tenant: int
     max_message_bytes: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_objective_nodes: int
+    max_objective_depth: int
+    max_partial_upload_bytes: int
+    partial_upload_ttl_seconds: int
+    upload_idle_timeout_seconds: float
+    min_image_side: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")
