@@ -1,13 +1,17 @@
 """A local cache of imported models keyed by the sha256 of the file's bytes.
 
 Directory: the ``cache_dir`` argument, else ``$FEATUREVIZ_CACHE/models``, else ``~/.cache/featureviz/models``. One
-file per model, ``<sha256>.pt`` (a ``torch.save`` of the converted module and its metadata, written to a
-temporary name and renamed, so readers never see half a file). Entries from another importer version are
-ignored, so a fix to the pipeline is not hidden by stale files. A file that cannot be read is a miss.
+file per model, ``<sha256>.pt``: a header line ``featureviz-cache <format> <sha256 of the payload>`` and the
+payload, a ``torch.save`` of the converted module and its metadata, written to a temporary name and renamed, so
+readers never see half a file. The payload is checked against its digest before it is loaded: a damaged entry
+(a flipped weight, a truncated file) is a miss, never a model with wrong weights. Entries from another importer
+version are ignored, so a fix to the pipeline is not hidden by stale files. A file that cannot be read is a miss.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -18,7 +22,8 @@ import torch
 __all__ = ["ModelCache", "default_cache_dir", "CACHE_FORMAT"]
 
 # Bump when the pipeline changes what it produces for the same bytes.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
+_MAGIC = b"featureviz-cache"
 
 _LOG = logging.getLogger(__name__)
 
@@ -40,7 +45,15 @@ class ModelCache:
         if not path.is_file():
             return None
         try:
-            payload = torch.load(path, weights_only=False, map_location="cpu")
+            data = path.read_bytes()
+            header, _, body = data.partition(b"\n")
+            magic, version, digest = header.split(b" ")
+            if magic != _MAGIC or int(version) != CACHE_FORMAT:
+                return None  # another importer version's entry
+            if hashlib.sha256(body).hexdigest().encode() != digest:
+                _LOG.warning("ignoring damaged cache entry %s: its payload does not match its digest", path)
+                return None
+            payload = torch.load(io.BytesIO(body), weights_only=False, map_location="cpu")
         except Exception as exc:  # a stale or damaged entry is a miss, never an error
             _LOG.warning("ignoring unreadable cache entry %s: %s", path, exc)
             return None
@@ -51,9 +64,18 @@ class ModelCache:
     def put(self, sha256: str, model) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            torch.save({"format": CACHE_FORMAT, "model": model}, buffer)
+            body = buffer.getvalue()
+            header = b"%s %d %s\n" % (_MAGIC, CACHE_FORMAT, hashlib.sha256(body).hexdigest().encode())
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            os.close(fd)
-            torch.save({"format": CACHE_FORMAT, "model": model}, tmp)
-            os.replace(tmp, self.path(sha256))
-        except OSError as exc:  # a read-only or full disk must not fail the import
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(header)
+                    out.write(body)
+                os.replace(tmp, self.path(sha256))
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:  # a read-only or full disk must not fail the import (nor leave a partial file)
             _LOG.warning("cannot write the model cache in %s: %s", self.directory, exc)

@@ -99,6 +99,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 return existing.id
         sha = parse_model_name(spec.model, "spec.model")
         model = self.store.get_model(tenant, sha)
+        if model.state == pb.MODEL_STATE_FAILED and model.failure_reason:  # its file is missing or corrupt
+            raise FailedPrecondition(model.failure_message, reason=model.failure_reason)
         if model.state != pb.MODEL_STATE_READY:
             raise FailedPrecondition(f"model {sha} is {pb.ModelState.Name(model.state)}, not READY",
                                      reason="MODEL_NOT_READY")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
@@ -23,6 +22,7 @@ from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
 from featureviz.server.scheduler import Scheduler
 from featureviz.server.store import Store
+from featureviz.server.store import file_sha256
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -61,10 +61,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         limit = self.config.limits.max_upload_bytes
         if not 0 < header.size_bytes <= limit:
             raise InvalidSpec("header.size_bytes", f"{header.size_bytes} bytes; a model must be 1 to {limit} bytes")
-        try:
-            existing = self.store.get_model(tenant, sha)
-        except FeaturevizError:
-            existing = None
+        existing = await self._stored(tenant, sha)
         if existing is not None:
             existing.deduplicated = True
             self._count("deduplicated")
@@ -81,6 +78,17 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         finally:
             self._uploading.discard((tenant, sha))
         self._count("stored")
+        return model
+
+    async def _stored(self, tenant: str, sha: str) -> pb.Model | None:
+        """The tenant's model of these bytes when it is usable: READY with its file intact. Otherwise (no model,
+        or its file missing or corrupt) None, and an upload of the bytes stores (restores) the file."""
+        try:
+            model = self.store.get_model(tenant, sha)
+        except FeaturevizError:
+            return None
+        if model.state != pb.MODEL_STATE_READY or not await asyncio.to_thread(self.store.file_intact, sha):
+            return None
         return model
 
     def _count(self, outcome: str) -> None:
@@ -126,7 +134,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             _discard(partial)
             raise InvalidSpec("header.size_bytes", f"declared {header.size_bytes} bytes but the stream ended after "
                                                    f"{committed}", reason="SIZE_MISMATCH")
-        digest = await asyncio.to_thread(_sha256_file, partial)
+        digest = await asyncio.to_thread(file_sha256, partial)
         if digest != sha:
             _discard(partial)
             raise InvalidSpec("header.sha256", f"the bytes hash to {digest}, not the declared {sha}",
@@ -139,6 +147,10 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             model, layers = describe_model(imported, sha, header.size_bytes)
             self.scheduler.models.put(sha, imported)
         self.store.commit_file(partial, sha)
+        self.store.restore_model(sha)  # other tenants' rows of these bytes, if the file was missing or corrupt
+        model.state = pb.MODEL_STATE_READY
+        model.ClearField("failure_reason")
+        model.ClearField("failure_message")
         model.display_name = header.display_name or model.display_name
         if header.HasField("preprocess"):
             model.input_spec.preprocess.CopyFrom(header.preprocess)
@@ -166,11 +178,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def GetUpload(self, request: pb.GetUploadRequest, context) -> pb.UploadStatus:
         tenant = self.auth.tenant(context)
         sha = parse_model_name(request.sha256, "sha256")
-        try:
-            self.store.get_model(tenant, sha)
+        if await self._stored(tenant, sha) is not None:
             return pb.UploadStatus(sha256=sha, committed_bytes=request.size_bytes, model_exists=True)
-        except FeaturevizError:
-            pass
         partial = self.store.upload_path(sha, tenant)
         committed = partial.stat().st_size if partial.exists() else 0
         if request.size_bytes and committed > request.size_bytes:
@@ -245,14 +254,6 @@ def describe_model(imported, sha: str, size: int) -> tuple[pb.Model, pb.ListLaye
                      input_spec=input_spec, layer_count=len(layers), logits_layer=imported.logits or "", check=report)
     model.create_time.FromNanoseconds(int(time.time() * 1e9))
     return model, pb.ListLayersResponse(layers=layers, total_size=len(layers))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _discard(path: Path) -> None:

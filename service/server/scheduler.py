@@ -112,11 +112,8 @@ class ModelCache:
                     return self._models[sha256]
             from featureviz.importer import import_model
 
-            path = self._store.model_path(sha256)
-            if not path.exists():
-                raise FailedPrecondition(f"the file of model {sha256} is missing from the store; upload it again",
-                                         reason="MODEL_FILE_MISSING")
-            model = import_model(path, cache_dir=str(self._store.root / "cache"))
+            data = self._store.read_model_file(sha256)  # checked against its sha256: MODEL_CORRUPT, MODEL_FILE_MISSING
+            model = import_model(data, cache_dir=str(self._store.root / "cache"))
             self.put(sha256, model)
             return model
 

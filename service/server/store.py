@@ -21,11 +21,12 @@ import time
 import uuid
 from pathlib import Path
 
+from featureviz.errors import FailedPrecondition
 from featureviz.errors import NotFound
 from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Store", "JobRow", "TERMINAL_STATES"]
+__all__ = ["Store", "JobRow", "TERMINAL_STATES", "file_sha256"]
 
 UPLOAD_TTL_SECONDS = 24 * 3600
 TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
@@ -100,6 +101,7 @@ class Store:
         (self.root / "models").mkdir(parents=True, exist_ok=True)
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._intact: dict[str, tuple[int, int, int]] = {}  # sha256 -> stat signature of the file last found intact
         self._db = sqlite3.connect(self.root / "featureviz.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -131,14 +133,76 @@ class Store:
         return self.root / "uploads" / f"{sha256}.{tenant_key}.part"
 
     def commit_file(self, partial: Path, sha256: str) -> Path:
-        """Move a verified upload into the content-addressed tree (atomic; identical content may already be there)."""
+        """Move a verified upload into the content-addressed tree (atomic). It replaces what is there: identical
+        content, or a missing or corrupt file this upload restores."""
         final = self.model_path(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            partial.unlink(missing_ok=True)
-        else:
-            os.replace(partial, final)
+        os.replace(partial, final)
+        self._remember_intact(sha256, final)
         return final
+
+    def read_model_file(self, sha256: str) -> bytes:
+        """The stored file's bytes, checked against their sha256: every read to import goes through here. A
+        missing or corrupt file marks the model FAILED for every tenant until the same bytes are uploaded again
+        (:meth:`restore_model`), and raises FailedPrecondition (MODEL_FILE_MISSING, MODEL_CORRUPT)."""
+        path = self.model_path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise self._unusable(sha256, "MODEL_FILE_MISSING") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise self._unusable(sha256, "MODEL_CORRUPT")
+        self._remember_intact(sha256, path)
+        return data
+
+    def file_intact(self, sha256: str) -> bool:
+        """Whether the stored file exists and hashes to ``sha256``. It is hashed again only when its inode, size or
+        mtime changed since it was last found intact; a damaged file marks the model FAILED."""
+        path = self.model_path(sha256)
+        try:
+            signature = _signature(path)
+        except FileNotFoundError:
+            self._unusable(sha256, "MODEL_FILE_MISSING")
+            return False
+        with self._lock:
+            if self._intact.get(sha256) == signature:
+                return True
+        if file_sha256(path) != sha256:
+            self._unusable(sha256, "MODEL_CORRUPT")
+            return False
+        self._remember_intact(sha256, path)
+        return True
+
+    def _remember_intact(self, sha256: str, path: Path) -> None:
+        with self._lock:
+            self._intact[sha256] = _signature(path)
+
+    def _unusable(self, sha256: str, reason: str) -> FailedPrecondition:
+        """Mark every tenant's row of ``sha256`` FAILED with ``reason``; -> the error to raise."""
+        if reason == "MODEL_CORRUPT":
+            message = (f"the stored file of model {sha256} is corrupt (it no longer matches its sha256); upload the "
+                       "same file again to restore it")
+        else:
+            message = f"the file of model {sha256} is missing from the store; upload the same file again to restore it"
+        self._set_state(sha256, pb.MODEL_STATE_FAILED, reason, message)
+        with self._lock:
+            self._intact.pop(sha256, None)
+        return FailedPrecondition(message, reason=reason)
+
+    def restore_model(self, sha256: str) -> None:
+        """The file of ``sha256`` is back (an upload of the same bytes): every tenant's row is READY again."""
+        self._set_state(sha256, pb.MODEL_STATE_READY, "", "")
+
+    def _set_state(self, sha256: str, state: int, reason: str, message: str) -> None:
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, model FROM models WHERE sha256 = ?", (sha256,)).fetchall()
+            for tenant, blob in rows:
+                model = pb.Model.FromString(blob)
+                if (model.state, model.failure_reason, model.failure_message) == (state, reason, message):
+                    continue
+                model.state, model.failure_reason, model.failure_message = state, reason, message
+                self._db.execute("UPDATE models SET model = ? WHERE tenant = ? AND sha256 = ?",
+                                 (model.SerializeToString(), tenant, sha256))
 
     # ------------------------------------------------------------------------------------------- models
 
@@ -244,3 +308,16 @@ class Store:
 
     def set_last_seq(self, job_id: str, seq: int) -> None:
         self._run("UPDATE jobs SET last_seq = ? WHERE id = ?", (seq, job_id))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
