@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats on idle watch streams")
     p.add_argument("--grace", type=float, default=5.0, help="seconds a running job may finish on shutdown")
     p.add_argument("--max-upload-mb", type=int, default=1024, help="largest model upload (default: %(default)s)")
+    p.add_argument("--upload-idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="end an upload stream that sends nothing for this long, releasing its lock; the client "
+                        "resumes from what the server holds (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -53,7 +56,7 @@ def _config(args: argparse.Namespace):
         store_dir=args.store, host=args.host, port=args.port, tokens=tokens, read_only=read_only,
         allow_insecure_remote=args.allow_insecure_remote, device=args.device, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
-        heartbeat_seconds=args.heartbeat, grace_seconds=args.grace,
+        heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 

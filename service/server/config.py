@@ -72,6 +72,8 @@ class ServerConfig:
             raise InvalidSpec("read_only", f"{len(unknown)} read-only token(s) are not among the tokens")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidSpec("tls_key", "give both the TLS certificate and its private key, or neither")
+        if not self.upload_idle_timeout_seconds > 0:
+            raise InvalidSpec("upload_idle_timeout", f"must be > 0 seconds, got {self.upload_idle_timeout_seconds}")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidSpec("tls_client_ca", "client certificates (mTLS) need TLS: give tls_cert and tls_key")
         authenticated = bool(self.tokens) or self.tls_client_ca is not None

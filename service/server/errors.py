@@ -9,6 +9,7 @@
      +-- Cancelled           -> CANCELLED
      +-- Unavailable         -> UNAVAILABLE        (server draining)
      +-- Unauthenticated     -> UNAUTHENTICATED
+     +-- Aborted             -> ABORTED            (an upload stream idle too long: resume)
     anything else            -> INTERNAL, traceback logged, never sent
 
 Every text sent back is capped (:data:`MAX_TEXT_CHARS`): client values are quoted through
@@ -41,8 +42,8 @@ from featureviz.errors import NotFound
 from featureviz.errors import ResourceExhausted
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Unavailable", "Unauthenticated", "status_code", "to_status", "rpc_errors", "job_error", "abort", "cap",
-           "DOMAIN"]
+__all__ = ["Unavailable", "Unauthenticated", "Aborted", "status_code", "to_status", "rpc_errors", "job_error", "abort",
+           "cap", "DOMAIN"]
 
 log = logging.getLogger("featureviz.server")
 DOMAIN = "featureviz"
@@ -62,6 +63,12 @@ class Unauthenticated(FeaturevizError):
     reason = "UNAUTHENTICATED"
 
 
+class Aborted(FeaturevizError):
+    """The server ended the call (an upload stream idle too long); the client may retry or resume."""
+
+    reason = "ABORTED"
+
+
 _CODES: list[tuple[type[FeaturevizError], grpc.StatusCode]] = [
     (InvalidSpec, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelImportError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -71,6 +78,7 @@ _CODES: list[tuple[type[FeaturevizError], grpc.StatusCode]] = [
     (Cancelled, grpc.StatusCode.CANCELLED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Aborted, grpc.StatusCode.ABORTED),
 ]
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -14,9 +17,11 @@ from featureviz.errors import FailedPrecondition
 from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ModelImportError
+from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
+from featureviz.server.errors import Aborted
 from featureviz.server.errors import rpc_errors
 from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
@@ -48,12 +53,13 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.scheduler = scheduler
         self.auth = auth
         self.metrics = metrics
-        self._uploading: set[tuple[str, str]] = set()
+        self._uploading: dict[tuple[str, str], int] = {}  # (tenant, sha256) -> declared size, while receiving
 
     @rpc_errors
     async def UploadModel(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.Model:
         tenant = self.auth.tenant(context)
-        first = await anext(aiter(request_iterator), None)
+        requests = aiter(request_iterator)
+        first = await self._next(requests, None)
         if first is None or not first.HasField("header"):
             raise InvalidSpec("header", "the first message of an upload must be the header (sha256, size_bytes)")
         header = first.header
@@ -69,14 +75,15 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if (tenant, sha) in self._uploading:
             raise FailedPrecondition(f"an upload of {sha} is already in progress; retry when it ends",
                                      reason="UPLOAD_IN_PROGRESS")
-        self._uploading.add((tenant, sha))
+        self._make_room(tenant, sha, header.size_bytes)
+        self._uploading[(tenant, sha)] = header.size_bytes
         try:
-            model = await self._receive(tenant, header, sha, request_iterator, context)
+            model = await self._receive(tenant, header, sha, requests, context)
         except FeaturevizError:
             self._count("rejected")
             raise
         finally:
-            self._uploading.discard((tenant, sha))
+            self._uploading.pop((tenant, sha), None)
         self._count("stored")
         return model
 
@@ -91,6 +98,40 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             return None
         return model
 
+    async def _next(self, requests, committed: int | None):
+        """The next message of an upload stream, None at its end; a stream silent for the idle timeout is ended
+        (ABORTED, retryable: the client resumes from what the server holds)."""
+        idle = self.config.upload_idle_timeout_seconds
+        try:
+            return await asyncio.wait_for(anext(requests), idle)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            held = "" if committed is None else f"; the server holds {committed} bytes, resume from there"
+            raise Aborted(f"the upload sent nothing for {idle:g} s (upload_idle_timeout_seconds) and was "
+                          f"ended{held}", reason="UPLOAD_IDLE_TIMEOUT") from None
+
+    def _make_room(self, tenant: str, sha: str, size: int) -> None:
+        """Drop expired partial uploads (any tenant), then this tenant's oldest idle ones while its unfinished
+        uploads (the ones in progress at their declared size) would hold more than max_partial_upload_bytes."""
+        limits = self.config.limits
+        receiving = {self.store.upload_path(s, t) for t, s in self._uploading}
+        self.store.expire_partials(limits.partial_upload_ttl_seconds, keep=receiving)
+        own = self.store.upload_path(sha, tenant)
+        idle = [(path, held) for path, held in self.store.partials(tenant) if path not in receiving and path != own]
+        held = size + sum(n for (t, _), n in self._uploading.items() if t == tenant) + sum(n for _, n in idle)
+        for path, n in idle:  # oldest first
+            if held <= limits.max_partial_upload_bytes:
+                break
+            path.unlink(missing_ok=True)
+            held -= n
+            log.info("dropped the partial upload %s of %s to make room", path.name, tenant)
+        if held > limits.max_partial_upload_bytes:
+            raise ResourceExhausted(f"this upload ({size} bytes) and the tenant's other uploads in progress would "
+                                    f"hold {held} bytes, over the limit of {limits.max_partial_upload_bytes} "
+                                    "(max_partial_upload_bytes); let them finish first",
+                                    reason="PARTIAL_UPLOADS_FULL")
+
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.uploads.labels(outcome).inc()
@@ -104,9 +145,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             committed = 0
         max_chunk = self.config.limits.max_chunk_bytes
         finished = False
-        # a broken stream leaves `partial` for GetUpload + resume; a bad upload leaves nothing
-        with open(partial, "ab") as out:
-            async for message in request_iterator:
+        # a broken stream leaves `partial` for GetUpload + resume; a bad upload (or a full disk) leaves nothing
+        with disk_full_discards(partial), open(partial, "ab") as out:
+            while (message := await self._next(request_iterator, committed)) is not None:
                 if not message.HasField("chunk"):
                     _discard(partial)
                     raise InvalidSpec("header", "only the first message of an upload may be a header")
@@ -146,8 +187,6 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             imported = await asyncio.to_thread(self._import, partial, header)
             model, layers = describe_model(imported, sha, header.size_bytes)
             self.scheduler.models.put(sha, imported)
-        self.store.commit_file(partial, sha)
-        self.store.restore_model(sha)  # other tenants' rows of these bytes, if the file was missing or corrupt
         model.state = pb.MODEL_STATE_READY
         model.ClearField("failure_reason")
         model.ClearField("failure_message")
@@ -155,7 +194,15 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if header.HasField("preprocess"):
             model.input_spec.preprocess.CopyFrom(header.preprocess)
         model.create_time.GetCurrentTime()
-        self.store.put_model(tenant, model, layers)
+        with disk_full_discards(partial):
+            self.store.commit_file(partial, sha)
+            try:
+                self.store.put_model(tenant, model, layers)
+                self.store.restore_model(sha)  # other tenants' rows of these bytes, if the file was missing or corrupt
+            except BaseException:
+                if self.store.any_model(sha) is None:  # no row refers to the file: an upload that failed leaves nothing
+                    self.store.model_path(sha).unlink(missing_ok=True)
+                raise
         log.info("model %s uploaded (%d bytes, %d layers) by %s", sha[:12], header.size_bytes, len(layers.layers),
                  tenant)
         return model
@@ -258,3 +305,20 @@ def describe_model(imported, sha: str, size: int) -> tuple[pb.Model, pb.ListLaye
 
 def _discard(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def disk_full_discards(partial: Path):
+    """A full disk while storing an upload: drop what was written and answer RESOURCE_EXHAUSTED (DISK_FULL)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _discard(partial)
+        raise ResourceExhausted(f"the server's disk is full ({os.strerror(exc.errno)}) while storing the upload; "
+                                "nothing was kept: retry later, or ask the operator to free space",
+                                reason="DISK_FULL") from None
+    except ResourceExhausted:  # the database is full
+        _discard(partial)
+        raise

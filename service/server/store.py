@@ -13,6 +13,8 @@ statement (no compute), so the event loop may call it directly.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import sqlite3
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import NotFound
+from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
@@ -110,17 +113,35 @@ class Store:
 
     def _purge_stale_uploads(self) -> None:
         """Partial uploads nobody resumed within UPLOAD_TTL_SECONDS are dropped at start."""
-        cutoff = time.time() - UPLOAD_TTL_SECONDS
+        self.expire_partials(UPLOAD_TTL_SECONDS)
+
+    def expire_partials(self, ttl: float, keep: set[Path] = frozenset()) -> None:
+        """Drop the partial uploads (every tenant's) last written more than ``ttl`` seconds ago, except ``keep``."""
+        cutoff = time.time() - ttl
         for partial in (self.root / "uploads").glob("*.part"):
-            if partial.stat().st_mtime < cutoff:
-                partial.unlink(missing_ok=True)
+            try:
+                if partial not in keep and partial.stat().st_mtime < cutoff:
+                    partial.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+
+    def partials(self, tenant: str) -> list[tuple[Path, int]]:
+        """The tenant's partial uploads with their sizes, oldest (least recently written) first."""
+        found = []
+        for partial in (self.root / "uploads").glob(f"*.{_tenant_key(tenant)}.part"):
+            try:
+                stat = partial.stat()
+            except FileNotFoundError:
+                continue
+            found.append((stat.st_mtime, partial, stat.st_size))
+        return [(path, size) for _, path, size in sorted(found)]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def _run(self, sql: str, params=()) -> list[tuple]:
-        with self._lock:
+        with self._lock, _disk_full():
             return self._db.execute(sql, params).fetchall()
 
     # ------------------------------------------------------------------------------------------- files
@@ -129,8 +150,7 @@ class Store:
         return self.root / "models" / sha256[:2] / f"{sha256}.onnx"
 
     def upload_path(self, sha256: str, tenant: str) -> Path:
-        tenant_key = hashlib.sha256(tenant.encode()).hexdigest()[:16]  # tenant names never reach the file system
-        return self.root / "uploads" / f"{sha256}.{tenant_key}.part"
+        return self.root / "uploads" / f"{sha256}.{_tenant_key(tenant)}.part"
 
     def commit_file(self, partial: Path, sha256: str) -> Path:
         """Move a verified upload into the content-addressed tree (atomic). It replaces what is there: identical
@@ -194,7 +214,7 @@ class Store:
         self._set_state(sha256, pb.MODEL_STATE_READY, "", "")
 
     def _set_state(self, sha256: str, state: int, reason: str, message: str) -> None:
-        with self._lock:
+        with self._lock, _disk_full():
             rows = self._db.execute("SELECT tenant, model FROM models WHERE sha256 = ?", (sha256,)).fetchall()
             for tenant, blob in rows:
                 model = pb.Model.FromString(blob)
@@ -238,7 +258,7 @@ class Store:
     def delete_model(self, tenant: str, sha256: str) -> None:
         """Drop the tenant's row; the file goes when no tenant and no unfinished job references it."""
         self.get_model(tenant, sha256)
-        with self._lock:
+        with self._lock, _disk_full():
             self._db.execute("DELETE FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
             users = self._db.execute("SELECT COUNT(*) FROM models WHERE sha256 = ?", (sha256,)).fetchone()[0]
             pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND state IN (?, ?)",
@@ -250,7 +270,7 @@ class Store:
 
     def create_job(self, tenant: str, request_id: str, spec: pb.JobSpec, model_sha: str) -> tuple[JobRow, bool]:
         """Insert a QUEUED job; with a request id already used by this tenant return that job. -> (row, created)."""
-        with self._lock:
+        with self._lock, _disk_full():
             if request_id:
                 row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?",
                                        (tenant, request_id)).fetchone()
@@ -321,3 +341,26 @@ def file_sha256(path: Path) -> str:
 def _signature(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _tenant_key(tenant: str) -> str:
+    return hashlib.sha256(tenant.encode()).hexdigest()[:16]  # tenant names never reach the file system
+
+
+@contextlib.contextmanager
+def _disk_full():
+    """SQLite's "database or disk is full" (and ENOSPC) -> ResourceExhausted(DISK_FULL); other errors pass."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL and "full" not in str(exc):
+            raise
+        raise ResourceExhausted(DISK_FULL_MESSAGE, reason="DISK_FULL") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ResourceExhausted(DISK_FULL_MESSAGE, reason="DISK_FULL") from None
+
+
+DISK_FULL_MESSAGE = ("the server's disk is full: nothing was stored; retry later, or ask the operator to free space "
+                     "in the store")
