@@ -62,6 +62,9 @@ def parse_model(data: bytes, base_dir: Path | None = None) -> onnx.ModelProto:
     if not model.opset_import:
         raise ModelImportError("invalid ONNX model: no opset_import (corrupt or truncated file?)",
                                reason="INVALID_MODEL")
+    if not model.graph.node:
+        raise ModelImportError("invalid ONNX model: the graph has no nodes (its outputs are its inputs or "
+                               "constants); export the network itself", reason="INVALID_MODEL")
     _resolve_external_data(model, base_dir)
     return model
 
@@ -85,28 +88,64 @@ def _resolve_external_data(model: onnx.ModelProto, base_dir: Path | None) -> Non
         return
     locations = sorted({_external_location(t) for t in tensors})
     if base_dir is not None:
+        outside = [loc for loc in locations if not _inside(base_dir, loc)]
+        if outside:
+            raise ModelImportError(
+                f"external data file {_shown(outside[0])} points outside the model's folder; refused: keep the "
+                "weights next to the model (a plain file name) or embed them "
+                "(onnx.save_model(model, path, save_as_external_data=False))",
+                reason="EXTERNAL_DATA",
+            )
         missing = [loc for loc in locations if not (base_dir / loc).is_file()]
         if not missing:
             try:
                 external_data_helper.load_external_data_for_model(model, str(base_dir))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ModelImportError(
-                    f"external data file {locations[0]!r} cannot be read: {exc}", reason="EXTERNAL_DATA"
+                    f"external data file {_shown(locations[0])} cannot be read: {_shown(first, 200)}",
+                    reason="EXTERNAL_DATA",
                 ) from exc
             return
         locations = missing
     where = "is missing next to the model" if base_dir is not None else "is not part of the upload"
     more = f" and {len(tensors) - 1} more" if len(tensors) > 1 else ""
     raise ModelImportError(
-        f"weights live in external data file {locations[0]!r} (tensor {tensors[0].name!r}{more}), which {where}; "
+        f"weights live in external data file {_shown(locations[0])} (tensor {_shown(tensors[0].name)}{more}), which "
+        f"{where}; "
         "embed them: torch.onnx.export(..., external_data=False) or "
         "onnx.save_model(model, path, save_as_external_data=False)",
         reason="EXTERNAL_DATA",
     )
 
 
+def _shown(text: str, limit: int = 100) -> str:
+    """``repr`` of a value from the file, capped at ``limit`` characters with an ellipsis."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _inside(base_dir: Path, location: str) -> bool:
+    """Whether an external data location names a file inside ``base_dir`` (no absolute path, no ``..`` out)."""
+    if not location or Path(location).is_absolute():
+        return False
+    base = base_dir.resolve()
+    return (base / location).resolve().is_relative_to(base)
+
+
+def _check_opset(model: onnx.ModelProto) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in _STANDARD_DOMAINS and entry.version > newest:
+            raise ModelImportError(
+                f"the model declares ai.onnx opset {entry.version}, newer than the newest opset known here "
+                f"({newest}, onnx {onnx.__version__}); re-export it with opset {newest} or lower (17 converts best)",
+                reason="INVALID_MODEL",
+            )
+
+
 def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Run the ONNX checker, inline model-local functions, refuse custom-domain operators."""
+    """Run the ONNX checker, inline model-local functions, refuse custom-domain operators and unknown opsets."""
+    _check_opset(model)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:

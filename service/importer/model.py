@@ -26,6 +26,9 @@ from featureviz.importer.catalog import LayerInfo
 from featureviz.importer.catalog import build_catalog
 from featureviz.importer.catalog import name_index
 from featureviz.importer.catalog import resolve
+from featureviz.importer.limits import ImportLimits
+from featureviz.importer.limits import check_graph_size
+from featureviz.importer.limits import check_input_size
 from featureviz.importer.converters import convert
 from featureviz.importer.spec import InputSpec
 from featureviz.importer.spec import Preprocess
@@ -95,8 +98,13 @@ def import_model(
     cache_dir: str | os.PathLike | None = None,
     preprocess: Preprocess | None = None,
     use_cache: bool = True,
+    limits: ImportLimits | None = None,
 ) -> ImportedModel:
-    """Import an ONNX vision model. Raises :class:`featureviz.errors.ModelImportError` naming the problem."""
+    """Import an ONNX vision model. Raises :class:`featureviz.errors.ModelImportError` naming the problem.
+
+    ``limits`` (default :class:`ImportLimits()`) are checked from the file's shapes before any conversion work.
+    """
+    limits = limits or ImportLimits()
     data, base_dir = load.read_source(source)
     sha = load.sha256_of(data)
     cache = ModelCache(cache_dir) if use_cache else None
@@ -121,7 +129,7 @@ def import_model(
                     reason="VERIFICATION_FAILED",
                 )
     else:
-        imported = _import(data, base_dir, sha, verify=verify, tolerance=tolerance)
+        imported = _import(data, base_dir, sha, verify=verify, tolerance=tolerance, limits=limits)
         if cache is not None:
             cache.put(sha, imported)
     if preprocess is not None:
@@ -137,7 +145,8 @@ def _verify(module, original, spec, tolerance, rewritten, recorded=None) -> Chec
                   per_image_fallback=fallback)
 
 
-def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) -> ImportedModel:
+def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float, limits: ImportLimits
+            ) -> ImportedModel:
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -147,13 +156,16 @@ def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float) 
         timings[name] = now - t
         t = now
 
-    original = load.check_model(load.parse_model(data, base_dir))
+    parsed = load.parse_model(data, base_dir)
+    check_graph_size(parsed, limits)
+    original = load.check_model(parsed)
     spec = detect_input(original)
     if spec.batch not in (None, 1):
         raise ModelImportError(
             f"input {spec.name!r} has a fixed batch of {spec.batch}; re-export with batch 1 or a dynamic batch",
             reason="UNSUPPORTED_INPUT",
         )
+    check_input_size(original, spec, limits)
     lap("parse")
     model = clean.upgrade_opset(original)
     model = clean.nhwc_to_nchw(model, spec)

@@ -23,6 +23,9 @@ class Limits:
     max_upload_bytes: int = 1024 * MiB
     max_chunk_bytes: int = 1 * MiB
     max_image_side: int = 1024
+    # imports: refused from the file's shapes before any conversion work (featureviz.importer.limits)
+    max_model_nodes: int = 20_000
+    max_activation_bytes: int = 4 << 30  # every tensor of one image at the model's default size
     max_steps: int = 10_000
     max_batch: int = 64
     max_queued_jobs_per_tenant: int = 32

@@ -48,6 +48,7 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
                 max_partial_upload_bytes=limits.max_partial_upload_bytes,
                 partial_upload_ttl_seconds=limits.partial_upload_ttl_seconds,
                 upload_idle_timeout_seconds=config.upload_idle_timeout_seconds,
+                max_model_nodes=limits.max_model_nodes, max_activation_bytes=limits.max_activation_bytes,
             ),
             device=device,
             auth_required=auth.required,

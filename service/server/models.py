@@ -211,7 +211,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         from featureviz.importer import import_model
 
         try:
-            return import_model(partial.read_bytes(), cache_dir=str(self.store.root / "cache"))
+            return import_model(partial.read_bytes(), cache_dir=str(self.store.root / "cache"),
+                                limits=import_limits(self.config.limits))
         except FeaturevizError:
             _discard(partial)
             raise
@@ -301,6 +302,14 @@ def describe_model(imported, sha: str, size: int) -> tuple[pb.Model, pb.ListLaye
                      input_spec=input_spec, layer_count=len(layers), logits_layer=imported.logits or "", check=report)
     model.create_time.FromNanoseconds(int(time.time() * 1e9))
     return model, pb.ListLayersResponse(layers=layers, total_size=len(layers))
+
+
+def import_limits(limits):
+    """The importer's limits from the server's published ones."""
+    from featureviz.importer import ImportLimits
+
+    return ImportLimits(max_image_side=limits.max_image_side, max_nodes=limits.max_model_nodes,
+                        max_activation_bytes=limits.max_activation_bytes)
 
 
 def _discard(path: Path) -> None:

@@ -110,10 +110,12 @@ class ModelCache:
             with self._lock:
                 if sha256 in self._models:
                     return self._models[sha256]
+            from featureviz.importer import ImportLimits
             from featureviz.importer import import_model
 
             data = self._store.read_model_file(sha256)  # checked against its sha256: MODEL_CORRUPT, MODEL_FILE_MISSING
-            model = import_model(data, cache_dir=str(self._store.root / "cache"))
+            # the size limits were checked when the model was uploaded: a stored model always loads again
+            model = import_model(data, cache_dir=str(self._store.root / "cache"), limits=ImportLimits.unbounded())
             self.put(sha256, model)
             return model
 
