@@ -39,6 +39,8 @@ __all__ = [
     "make_batch_dynamic",
     "name_nodes",
     "infer_shapes",
+    "constants_to_initializers",
+    "uint8_to_float_input",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     """Bring the opset into the range onnx2torch covers: old ones up to 13, newer than 17 down to 17."""
     version = _opset(model)
     if version > MAX_OPSET:
+        model = lower_gelu(model)
         try:
             return structural(lambda m: version_converter.convert_version(m, MAX_OPSET), model)
         except Exception as exc:  # keep the newer opset; our converters cover the common ops there
@@ -77,6 +80,49 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
             reason="CONVERSION_FAILED",
         ) from exc
     return upgraded
+
+
+def lower_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Write ``Gelu`` (opset 20, every dynamo export of a transformer) with opset-13 ops, so that the model can be
+    converted down to :data:`MAX_OPSET`; the last node keeps the Gelu's name and output (the catalog's name).
+
+    approximate="none": 0.5 x (1 + erf(x / sqrt 2)); "tanh": 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+    """
+    if not any(node.op_type == "Gelu" for node in model.graph.node):
+        return model
+    model = _copy(model)
+    graph = model.graph
+    nodes = []
+    consts: dict[float, str] = {}
+
+    def const(value: float) -> str:
+        if value not in consts:
+            consts[value] = f"featureviz/gelu/const_{len(consts)}"
+            graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), consts[value]))
+        return consts[value]
+
+    for node in graph.node:
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        x, y, p = node.input[0], node.output[0], f"{node.name or node.output[0]}/featureviz"
+        if _attr(node, "approximate", b"none") in (b"tanh", "tanh"):
+            nodes += [helper.make_node("Mul", [x, x], [f"{p}/x2"], name=f"{p}/x2"),
+                      helper.make_node("Mul", [f"{p}/x2", x], [f"{p}/x3"], name=f"{p}/x3"),
+                      helper.make_node("Mul", [f"{p}/x3", const(0.044715)], [f"{p}/c"], name=f"{p}/c"),
+                      helper.make_node("Add", [x, f"{p}/c"], [f"{p}/inner"], name=f"{p}/inner"),
+                      helper.make_node("Mul", [f"{p}/inner", const(math.sqrt(2 / math.pi))], [f"{p}/s"],
+                                       name=f"{p}/s"),
+                      helper.make_node("Tanh", [f"{p}/s"], [f"{p}/t"], name=f"{p}/t")]
+        else:
+            nodes += [helper.make_node("Mul", [x, const(1 / math.sqrt(2))], [f"{p}/s"], name=f"{p}/s"),
+                      helper.make_node("Erf", [f"{p}/s"], [f"{p}/t"], name=f"{p}/t")]
+        nodes += [helper.make_node("Add", [f"{p}/t", const(1.0)], [f"{p}/one_plus"], name=f"{p}/one_plus"),
+                  helper.make_node("Mul", [x, const(0.5)], [f"{p}/half"], name=f"{p}/half"),
+                  helper.make_node("Mul", [f"{p}/half", f"{p}/one_plus"], [y], name=node.name)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
 
 
 def nhwc_to_nchw(model: onnx.ModelProto, spec: InputSpec) -> onnx.ModelProto:
@@ -102,6 +148,16 @@ def nhwc_to_nchw(model: onnx.ModelProto, spec: InputSpec) -> onnx.ModelProto:
         dims[i].CopyFrom(old[src])
     graph.node.insert(0, helper.make_node("Transpose", [spec.name], [inner], name="featureviz/nchw_to_nhwc",
                                           perm=[0, 2, 3, 1]))
+    return model
+
+
+def uint8_to_float_input(model: onnx.ModelProto, spec: InputSpec) -> onnx.ModelProto:
+    """A uint8 image input becomes float32 (values 0..255); the graph's own Cast to float then passes it on."""
+    if spec.dtype != "uint8":
+        return model
+    model = _copy(model)
+    value = next(v for v in model.graph.input if v.name == spec.name)
+    value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     return model
 
 
@@ -213,6 +269,42 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ModelImportError(
             f"graph simplification failed: {str(exc).strip().splitlines()[0]}", reason="CONVERSION_FAILED"
         ) from exc
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn ``Constant`` nodes into initializers (in place).
+
+    onnx2torch reads Conv, Gemm and normalization weights only from initializers; paddle2onnx writes every
+    weight as a ``Constant`` node, and constant folding leaves folded weights (a ConvNeXt layer scale, a
+    re-parameterized branch) in ``Constant`` nodes too.
+    """
+    graph = model.graph
+    outputs = {v.name for v in graph.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            try:
+                value = _constant_value(node)
+            except (ValueError, TypeError):
+                value = None
+            if value is not None:
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                continue
+        keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    return model
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    (attr,) = node.attribute
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    scalars = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+    if attr.name in scalars:
+        return np.asarray(helper.get_attribute_value(attr), dtype=scalars[attr.name])
+    return None  # sparse and string constants stay nodes
 
 
 def _module_name(node_name: str) -> str:

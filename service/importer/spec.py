@@ -7,6 +7,10 @@ in [0, 1] becomes that input; the engine applies it:
 
 It defaults to the identity (mean 0, std 1, RGB): the importer cannot know a model's training normalization,
 unless it is baked into the graph, in which case the identity is right. The user sets it otherwise.
+
+uint8 image inputs (TF/TFLite exports: ``Cast`` to float at the front) are accepted when every use of the input
+is such a Cast: the module then takes float32 in the model's 0..255 range, which flows through the graph's own
+Cast, and ``preprocess`` defaults to std 1/255 (``model_input = 255 * image01``).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class InputSpec:
     batch: int | None
     default_size: tuple[int, int]
     preprocess: Preprocess = field(default_factory=Preprocess)
+    dtype: str = "float32"  # "float32" | "uint8": the element type of the file's input (the module takes float32)
 
     def to_dict(self) -> dict:
         return {
@@ -79,6 +84,7 @@ class InputSpec:
             "width": self.width,
             "batch": self.batch,
             "default_size": list(self.default_size),
+            "dtype": self.dtype,
             "preprocess": {
                 "mean": list(self.preprocess.mean),
                 "std": list(self.preprocess.std),
@@ -100,11 +106,22 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
 
 def _starts_with_nhwc_transpose(model: onnx.ModelProto, name: str) -> bool:
     for node in model.graph.node:
+        if name in node.input and node.op_type == "Cast" and _starts_with_nhwc_transpose(model, node.output[0]):
+            return True
         if name in node.input and node.op_type == "Transpose":
             perm = [a.ints for a in node.attribute if a.name == "perm"]
             if perm and list(perm[0]) == [0, 3, 1, 2]:
                 return True
     return False
+
+
+def _casts_to_float(model: onnx.ModelProto, name: str) -> bool:
+    """Whether every node that reads ``name`` is a Cast to float32 (and something reads it)."""
+    users = [node for node in model.graph.node if name in node.input]
+    return bool(users) and all(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+        for node in users
+    )
 
 
 def detect_input(model: onnx.ModelProto) -> InputSpec:
@@ -117,10 +134,17 @@ def detect_input(model: onnx.ModelProto) -> InputSpec:
         )
     value = inputs[0]
     tensor_type = value.type.tensor_type
-    if not value.type.HasField("tensor_type") or tensor_type.elem_type != onnx.TensorProto.FLOAT:
+    uint8 = value.type.HasField("tensor_type") and tensor_type.elem_type == onnx.TensorProto.UINT8
+    if uint8 and not _casts_to_float(model, value.name):
+        raise ModelImportError(
+            f"input {value.name!r} is UINT8 and is used other than through a Cast to float; only float32 inputs, "
+            "or uint8 inputs cast to float at the front, are supported", reason="UNSUPPORTED_INPUT"
+        )
+    if not value.type.HasField("tensor_type") or (tensor_type.elem_type != onnx.TensorProto.FLOAT and not uint8):
         dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
         raise ModelImportError(
-            f"input {value.name!r} is {dtype}; only float32 image inputs are supported", reason="UNSUPPORTED_INPUT"
+            f"input {value.name!r} is {dtype}; only float32 image inputs (or uint8 cast to float) are supported",
+            reason="UNSUPPORTED_INPUT"
         )
     if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) != 4:
         rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else "unknown"
@@ -149,5 +173,7 @@ def detect_input(model: onnx.ModelProto) -> InputSpec:
         width=width,
         batch=n,
         default_size=default,
-        preprocess=Preprocess.identity(channels),
+        preprocess=Preprocess(mean=(0.0,) * channels, std=(1 / 255,) * channels) if uint8
+        else Preprocess.identity(channels),
+        dtype="uint8" if uint8 else "float32",
     )

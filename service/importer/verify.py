@@ -144,8 +144,13 @@ def verify(
         ) from exc
     h, w = spec.default_size
     generator = torch.Generator().manual_seed(_SEED)
-    x = torch.rand(CHECK_BATCH, spec.channels, h, w, generator=generator)
+    if spec.dtype == "uint8":  # whole values 0..255: the same numbers in both dtypes
+        x = torch.randint(0, 256, (CHECK_BATCH, spec.channels, h, w), generator=generator).float()
+    else:
+        x = torch.rand(CHECK_BATCH, spec.channels, h, w, generator=generator)
     feed = x.permute(0, 2, 3, 1).contiguous() if spec.layout == "NHWC" else x
+    if spec.dtype == "uint8":
+        feed = feed.to(torch.uint8)
 
     try:
         per_image = [session.run(None, {spec.name: feed[i : i + 1].numpy()}) for i in range(CHECK_BATCH)]
