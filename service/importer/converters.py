@@ -366,6 +366,14 @@ def _register_once() -> None:
                                             onnx_mapping=OnnxMapping(inputs=(inputs[0],), outputs=node.output_values))
         return OnnxLayerNorm(axis, epsilon, None, None)
 
+    # newer versions that only added element types (or inputs the exporters leave empty): onnx2torch's converter of
+    # the version before, for the models that stay at opset 18+ (when the opset down-conversion fails)
+    for op, versions, like in (("Shape", (19, 21), 15), ("Cast", (19, 21), 13), ("Constant", (19, 21), 13),
+                               ("Identity", (19, 21), 16), ("Squeeze", (21,), 13), ("Unsqueeze", (21,), 13),
+                               ("Transpose", (21,), 13), ("Flatten", (21,), 13), ("Equal", (19,), 13),
+                               ("ConstantOfShape", (20, 21), 9), ("Pad", (18, 19, 21), 13)):
+        override(op, versions, like=like)(lambda node, graph: None)
+
     @override("Split", (18,))
     def _split(node, graph):
         # opset 18 added `num_outputs` (the last chunk may be smaller) beside the `split` input of opset 13
