@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["LAYOUTS", "choose", "adopt", "prepare", "to_layout"]
+__all__ = ["LAYOUTS", "choose", "adopt", "prepare", "to_layout", "outputs", "same"]
 
 LAYOUTS = ("auto", "channels_last", "contiguous")
 _FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -46,7 +46,7 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous(memory_format=_FORMATS[layout]) if x.dim() == 4 else x
 
 
-def _outputs(out) -> list[torch.Tensor]:
+def outputs(out) -> list[torch.Tensor]:
     if isinstance(out, dict):
         return [v for v in out.values() if isinstance(v, torch.Tensor)]
     if isinstance(out, (tuple, list)):
@@ -54,7 +54,7 @@ def _outputs(out) -> list[torch.Tensor]:
     return [out]
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape:
         return False
     a, b = a.double(), b.double()
@@ -75,16 +75,16 @@ def adopt(module: nn.Module, probe: torch.Tensor) -> str:
         # the reference runs NCHW weights too: weights shared with a module adopted earlier may be NHWC already,
         # and oneDNN follows the weights' layout, so this forward could otherwise hit the NHWC-unsafe op itself
         module.to(memory_format=torch.contiguous_format)
-        reference = _outputs(module(to_layout(probe, "contiguous")))
+        reference = outputs(module(to_layout(probe, "contiguous")))
         module.to(memory_format=torch.channels_last)
         try:
-            converted = _outputs(module(to_layout(probe, "channels_last")))
-            same = len(converted) == len(reference) and all(map(_same, converted, reference))
+            converted = outputs(module(to_layout(probe, "channels_last")))
+            matches = len(converted) == len(reference) and all(map(same, converted, reference))
         except RuntimeError:  # e.g. a .view() that needs NCHW strides
-            same = False
-        if not same:
+            matches = False
+        if not matches:
             module.to(memory_format=torch.contiguous_format)
-    return "channels_last" if same else "contiguous"
+    return "channels_last" if matches else "contiguous"
 
 
 def prepare(module: nn.Module | None, request: str | None, device: torch.device, probe) -> str:

@@ -42,9 +42,10 @@ class _RedirectedClamp(torch.autograd.Function):
     zero, the incoming gradient wherever it pushes x back inside (descent convention: dL/dy > 0 lowers y)."""
 
     @staticmethod
-    def forward(ctx, x, low, high):
+    def forward(ctx, x, low, high, rows):
         ctx.save_for_backward(x)
         ctx.bounds = (low, high)
+        ctx.rows = rows
         if low is not None and high is not None:
             return F.hardtanh(x, low, high)
         if low == 0.0:
@@ -63,10 +64,12 @@ class _RedirectedClamp(torch.autograd.Function):
         else:
             ordinary = grad.masked_fill(x >= high, 0)
         if x.dim() < 2:
-            return ordinary, None, None
+            return ordinary, None, None, None
         passes = _per_image(ordinary).abs().amax(dim=1) > 0  # ~25x faster than count_nonzero on the CPU
+        if ctx.rows is not None and ctx.rows.shape[0] == passes.shape[0]:  # rows past the warm-up: ordinary
+            passes = passes | ~ctx.rows  # (a module run image by image sees one row: no gating)
         if bool(passes.all()):  # the common case once units are on: nothing to redirect
-            return ordinary, None, None
+            return ordinary, None, None, None
         blocked = torch.zeros_like(x, dtype=torch.bool)
         if low is not None:
             blocked |= (x <= low) & (grad > 0)
@@ -74,7 +77,7 @@ class _RedirectedClamp(torch.autograd.Function):
             blocked |= (x >= high) & (grad < 0)
         redirected = grad.masked_fill(blocked, 0)
         passes = passes.view(-1, *([1] * (x.dim() - 1)))
-        return torch.where(passes, ordinary, redirected), None, None
+        return torch.where(passes, ordinary, redirected), None, None, None
 
 
 def _per_image(t: torch.Tensor) -> torch.Tensor:
@@ -88,10 +91,12 @@ def _per_image(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def redirected_relu_grad(module: nn.Module, enabled: bool = True):
+def redirected_relu_grad(module: nn.Module, enabled: bool = True, rows: torch.Tensor | None = None):
     """Within the block, every clamp-like submodule of ``module`` back-propagates the redirected gradient.
 
-    The submodules' ``forward`` is replaced for the duration (an instance attribute, removed on exit), so the
+    ``rows``: a (N,) bool tensor on the module's device: only these rows of the batch get the redirect (the
+    rows of the slots still in their warm-up when several renders share a step); None: every row. The
+    submodules' ``forward`` is replaced for the duration (an instance attribute, removed on exit), so the
     clamp is computed once."""
     patched = []
     if enabled:
@@ -99,7 +104,7 @@ def redirected_relu_grad(module: nn.Module, enabled: bool = True):
             bounds = clamp_bounds(sub)
             if bounds is None or "forward" in vars(sub):
                 continue
-            sub.forward = _redirected_forward(*bounds)
+            sub.forward = _redirected_forward(*bounds, rows)
             patched.append(sub)
     try:
         yield len(patched)
@@ -108,8 +113,8 @@ def redirected_relu_grad(module: nn.Module, enabled: bool = True):
             del sub.forward
 
 
-def _redirected_forward(low, high):
+def _redirected_forward(low, high, rows=None):
     def forward(x):
-        return _RedirectedClamp.apply(x, low, high)
+        return _RedirectedClamp.apply(x, low, high, rows)
 
     return forward

@@ -12,7 +12,6 @@ are timed separately without extra compute.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -21,12 +20,12 @@ import torch
 from featureviz import spec as specs
 from featureviz.engine import layout as layouts
 from featureviz.engine import objectives as objs
+from featureviz.engine.batch import BatchEngine
+from featureviz.engine.batch import Slot
+from featureviz.engine.batch import image_size
+from featureviz.engine.batch import model_size
 from featureviz.engine.params import PARAMS
-from featureviz.engine.params import make_param
-from featureviz.engine.relu import redirected_relu_grad
-from featureviz.engine.transforms import Transforms
 from featureviz.engine.transforms import parse_transforms
-from featureviz.errors import Diverged
 from featureviz.errors import InvalidSpec
 from featureviz.errors import NotFound
 from featureviz.errors import echo
@@ -84,19 +83,8 @@ class RenderResult:
     memory_format: str = "contiguous"  # the layout the model ran in: channels_last or contiguous
 
 
-def _size(spec_size, model) -> tuple[int, int]:
-    if spec_size is None:
-        return tuple(model.input_spec.default_size)
-    if isinstance(spec_size, int) and not isinstance(spec_size, bool):
-        return spec_size, spec_size
-    return tuple(spec_size)
-
-
-def _model_size(model, image_size) -> tuple[int, int]:
-    inp = model.input_spec
-    if inp.height is not None and inp.width is not None:
-        return inp.height, inp.width
-    return image_size
+_size = image_size
+_model_size = model_size
 
 
 def _int(value, path, low, high):
@@ -219,82 +207,6 @@ def _spatial_at(model, info, model_size):
     return max(1, round(h * model_size[0] / dh)), max(1, round(w * model_size[1] / dw))
 
 
-class _Clock:
-    """Phase timer: wall time per phase, with a CUDA sync at each boundary when ``sync``."""
-
-    def __init__(self, device: torch.device, sync: bool):
-        self.sync = sync and device.type == "cuda"
-        self.enabled = device.type != "cuda" or self.sync
-        self.totals = {"param": 0.0, "transforms": 0.0, "model": 0.0, "optimizer": 0.0}
-        self._t = 0.0
-
-    def start(self):
-        if self.enabled:
-            if self.sync:
-                torch.cuda.synchronize()
-            self._t = time.perf_counter()
-
-    def lap(self, phase: str):
-        if self.enabled:
-            if self.sync:
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            self.totals[phase] += now - self._t
-            self._t = now
-
-
-class _Progress:
-    """Calls ``progress(step, total, values)`` and stops a diverging render (:class:`Diverged`).
-
-    Each step hands over its objective values and a flag saying whether they and the parameters' gradients are
-    all finite. On the CPU both are read at once. On CUDA, reading them on the host would wait for the whole step
-    and leave the GPU idle while the next one is queued, so each step's values are copied asynchronously and
-    handed over (and checked) one step later (CPU tensors); :meth:`flush` hands over the last."""
-
-    def __init__(self, fn, device: torch.device, lr: float):
-        self.fn, self.lag, self.lr, self.pending = fn, device.type == "cuda", lr, None
-
-    def __call__(self, step: int, total: int, values: torch.Tensor, finite: torch.Tensor) -> None:
-        if not self.lag:
-            self._hand_over(step, total, values.detach(), finite)
-            return
-        host = values.detach().to("cpu", non_blocking=True)
-        finite = finite.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(values.device))  # the render's device, not the current one
-        self.flush()
-        self.pending = (step, total, host, finite, done)
-
-    def flush(self) -> None:
-        if self.pending is not None:
-            step, total, host, finite, done = self.pending
-            self.pending = None
-            done.synchronize()
-            self._hand_over(step, total, host, finite)
-
-    def _hand_over(self, step, total, values, finite) -> None:
-        if not bool(finite):
-            what = "the objective" if not bool(torch.isfinite(values).all()) else "the gradient"
-            raise Diverged(step, what, self.lr)
-        if self.fn is not None:
-            self.fn(step, total, values)
-
-
-def _all_finite(values: torch.Tensor, params) -> torch.Tensor:
-    """One boolean tensor: the objective values and every parameter gradient are finite."""
-    flags = [torch.isfinite(values.detach()).all()]
-    flags += [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return torch.stack(flags).all()
-
-
-def _is_cancelled(cancel) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return cancel.is_set()
-    return bool(cancel())
-
-
 def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None) -> RenderResult:
     """Optimise ``spec.batch`` images to maximise ``spec.objective`` on ``model`` (an ImportedModel).
 
@@ -310,97 +222,16 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
     validate(model, spec)
     device = torch.device(spec.device) if spec.device else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
-    objective = objs.build(spec.objective)
-    image_size = _size(spec.size, model)
-    model_size = _model_size(model, image_size)
-    names: dict = {}
-    for layer in objective.layers:
-        key = model.logits if layer is None else layer
-        names.setdefault(layer, model.layer(key).name)
-    canonical = sorted(set(names.values()))
-    truncated = model.truncate(canonical).to(device) if canonical else None  # None: image regularizers only
-    preprocess = spec.preprocess if spec.preprocess is not None else model.input_spec.preprocess
-    channels = model.input_spec.channels
-
-    generator = torch.Generator(device=device)
-    generator.manual_seed(spec.seed)
-    init = None
-    if spec.init_image is not None:
-        init = torch.as_tensor(spec.init_image, dtype=torch.float32).to(device)
-    params, image_fn = make_param(spec.param, spec.batch, image_size, generator=generator, decay=spec.decay,
-                                  init=init, device=device)
-    # alignment compares images position by position: they must see the same transform (lucid draws one per batch)
-    shared = any(isinstance(node, objs.Alignment) for node in objs.walk(objective))
-    transforms = Transforms(parse_transforms(spec.transforms), image_size, model_size, preprocess, channels,
-                            device=device, shared=shared)
-    plain = transforms.centred()
-    optimizer = torch.optim.Adam(params, lr=spec.lr)
-    with torch.no_grad():
-        layout = layouts.prepare(truncated, spec.memory_format, device, lambda: plain(image_fn()))
-
-    def activations(x, image):
-        out = truncated(x) if truncated is not None else {}
-        return objs.Activations({layer: out[key] for layer, key in names.items()}, image)
-
-    def evaluate():
-        with torch.no_grad():
-            image = image_fn()
-            return objective(activations(layouts.to_layout(plain(image), layout), image)).float().cpu(), image
-
-    snapshots = set(spec.snapshot_steps)
-    start_values, image = evaluate()
-    if snapshot is not None and 0 in snapshots:
-        snapshot(0, image.detach().cpu())
-
-    clock = _Clock(device, spec.profile)
-    report = _Progress(progress, device, spec.lr)
-    steps_done, cancelled = 0, False
-    began = time.perf_counter()
-    for step in range(spec.steps):
-        if _is_cancelled(cancel):
-            cancelled = True
+    engine = BatchEngine(device, profile=spec.profile)
+    slot = Slot(model, spec, device=device, progress=progress, snapshot=snapshot, cancel=cancel)
+    engine.join([slot])
+    while not slot.done and slot.error is None:
+        if slot.is_cancelled():
+            slot.cancelled = True
             break
-        clock.start()
-        image = image_fn()
-        image_in = image.detach().requires_grad_(True)  # cut: the parameterization's graph ends here
-        clock.lap("param")
-        x = transforms(image_in, generator)
-        x_in = layouts.to_layout(x.detach(), layout).requires_grad_(True)  # cut: the transforms' graph ends here
-        clock.lap("transforms")
-        with redirected_relu_grad(truncated, enabled=truncated is not None and step < spec.relu_warmup):
-            values = objective(activations(x_in, image_in))
-            loss = -values.sum()  # maximise: the one negation
-            loss.backward()
-        clock.lap("model")
-        if x_in.grad is not None:  # accumulates into image_in.grad next to any image regularizer's gradient
-            x.backward(x_in.grad)
-        clock.lap("transforms")
-        if image_in.grad is not None:
-            image.backward(image_in.grad)
-        clock.lap("param")
-        finite = _all_finite(values, params)  # a device flag: no host sync here
-        if device.type != "cuda":
-            report(step + 1, spec.steps, values, finite)  # raises Diverged before a non-finite update
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock.lap("optimizer")
-        steps_done = step + 1
-        if device.type == "cuda":
-            report(steps_done, spec.steps, values, finite)  # checked one step late
-        if snapshot is not None and steps_done in snapshots:
-            with torch.no_grad():
-                snapshot(steps_done, image_fn().cpu())
-    report.flush()
-    elapsed = time.perf_counter() - began
-    end_values, image = evaluate()
-    return RenderResult(
-        images=image.detach().clamp(0, 1).cpu(),
-        objective_start=start_values.tolist(),
-        objective_end=end_values.tolist(),
-        seconds_per_step=elapsed / max(steps_done, 1),
-        phase_seconds=dict(clock.totals) if clock.enabled else {},
-        steps_done=steps_done,
-        cancelled=cancelled,
-        objective=str(objective),
-        memory_format=layout,
-    )
+        engine.step([slot])
+    engine.flush()
+    if slot.error is not None:  # Diverged (on CUDA found one step late)
+        engine.drop([slot])
+        raise slot.error
+    return RenderResult(**engine.finish([slot])[0])

@@ -1,0 +1,532 @@
+"""Batched optimisation: many renders ("slots") share one forward and backward of the model per device step.
+
+A :class:`Slot` is one render's whole state: its parameters and their Adam moments, its random generator, its
+transforms (image size -> the model's input size, its own preprocessing), its objective and its step count.
+A :class:`BatchEngine` runs device steps over a list of slots that share a model and a model input size
+(:meth:`BatchEngine.group_key`): each slot renders its image and transforms it with its own generator, the
+transformed images are concatenated (one ``torch.cat``), the model truncated at the union of the slots' layers
+runs one forward and one backward, and each slot's objective reads only its own rows (objectives that compare
+images, such as diversity, stay inside a slot). The loss is the sum of the slots' losses: in ``eval`` mode the
+rows of a batch are independent, so each slot's gradient is its own, and each slot's Adam update is exactly
+the one it would get alone (Adam is elementwise; the moments and the step count are per parameter).
+
+Where the rows of a batch are not independent (a Reshape that folds the batch axis, an op that reduces over
+it) the batched forward of two probe images differs from their forwards one by one: the engine checks this
+once per (model, input size, layer set) before two slots share a step, and runs each slot alone otherwise
+(:meth:`BatchEngine.rows_independent`).
+
+lucid's redirected ReLU gradient of the first ``relu_warmup`` steps is gated per row: a slot in its warm-up
+shares the ReLU modules with slots past it, and only its own rows get the redirect.
+
+The memory layout (channels_last on the CPU) is decided per model and device, not per job: the weights are
+shared by every truncation of a model, so once one truncation fails the channels_last probe the whole model
+stays NCHW for this engine.
+
+Progress values of all the slots of a step are copied to the host in one asynchronous copy on CUDA and handed
+over one step late (no host sync per step); on the CPU at once. :func:`featureviz.engine.render` is the one-slot
+case of this code.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import torch
+
+from featureviz.engine import layout as layouts
+from featureviz.engine import objectives as objs
+from featureviz.engine.params import make_param
+from featureviz.engine.relu import redirected_relu_grad
+from featureviz.engine.transforms import Transforms
+from featureviz.engine.transforms import parse_transforms
+from featureviz.errors import Diverged
+
+__all__ = ["Slot", "BatchEngine", "PHASES"]
+
+PHASES = ("param", "transforms", "model", "optimizer")
+_TRUNCATIONS_KEPT = 32  # truncated modules kept per engine (by model and layer set)
+
+
+def image_size(spec_size, model) -> tuple[int, int]:
+    if spec_size is None:
+        return tuple(model.input_spec.default_size)
+    if isinstance(spec_size, int) and not isinstance(spec_size, bool):
+        return spec_size, spec_size
+    return tuple(spec_size)
+
+
+def model_size(model, size) -> tuple[int, int]:
+    inp = model.input_spec
+    if inp.height is not None and inp.width is not None:
+        return inp.height, inp.width
+    return tuple(size)
+
+
+class Slot:
+    """One render's optimisation state (built from an ImportedModel and a validated RenderSpec).
+
+    ``progress(step, total, values)``, ``snapshot(step, images)`` and ``cancel`` are as in
+    :func:`featureviz.engine.render`. ``key`` is the caller's handle (a job id). ``exclusive``: never share a
+    device step with another slot.
+    """
+
+    def __init__(self, model, spec, *, device: torch.device, progress=None, snapshot=None, cancel=None,
+                 key=None, exclusive: bool = False):
+        self.key = key
+        self.model = model
+        self.spec = spec
+        self.device = device
+        self.exclusive = exclusive
+        self.objective = objs.build(spec.objective)
+        self.image_size = image_size(spec.size, model)
+        self.model_size = model_size(model, self.image_size)
+        self.names: dict = {}
+        for layer in self.objective.layers:
+            self.names.setdefault(layer, model.layer(model.logits if layer is None else layer).name)
+        self.layers = frozenset(self.names.values())
+        self.batch = spec.batch
+        self.steps = spec.steps
+        self.lr = float(spec.lr)
+        self.warmup = spec.relu_warmup
+        self.memory_format = spec.memory_format
+        preprocess = spec.preprocess if spec.preprocess is not None else model.input_spec.preprocess
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(spec.seed)
+        init = None
+        if spec.init_image is not None:
+            init = torch.as_tensor(spec.init_image, dtype=torch.float32).to(device)
+        self.params, self.image_fn = make_param(spec.param, spec.batch, self.image_size, generator=self.generator,
+                                                decay=spec.decay, init=init, device=device)
+        # alignment compares images position by position: they must see the same transform (one draw per slot)
+        shared = any(isinstance(node, objs.Alignment) for node in objs.walk(self.objective))
+        self.transforms = Transforms(parse_transforms(spec.transforms), self.image_size, self.model_size, preprocess,
+                                     model.input_spec.channels, device=device, shared=shared)
+        self.plain = self.transforms.centred()
+        self.progress, self.snapshot, self.cancel = progress, snapshot, cancel
+        self.snapshots = set(spec.snapshot_steps)
+        self.steps_done = 0
+        self.cancelled = False
+        self.error: Exception | None = None  # Diverged: the slot stopped (checked one step late on CUDA)
+        self.layout = "contiguous"
+        self.objective_start: list[float] = []
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self.began = 0.0
+        self.active_seconds = 0.0  # wall time from the first step to the last (waits between steps included)
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.steps
+
+    def is_cancelled(self) -> bool:
+        cancel = self.cancel
+        if cancel is None:
+            return False
+        if hasattr(cancel, "is_set"):
+            return cancel.is_set()
+        return bool(cancel())
+
+    def activations(self, out: dict, start: int, stop: int, image) -> objs.Activations:
+        return objs.Activations({layer: out[name][start:stop] for layer, name in self.names.items()}, image)
+
+    def images(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.image_fn().detach().clamp(0, 1).cpu()
+
+    def release(self) -> None:
+        """Drop the tensors (parameters, generator) once the result is taken."""
+        self.params, self.image_fn = [], None
+
+
+class _Clock:
+    """Phase timer of one device step: wall time per phase, with a CUDA sync at each boundary when ``sync``."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.enabled = device.type != "cuda" or self.sync
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self._t = 0.0
+
+    def start(self):
+        if self.enabled:
+            if self.sync:
+                torch.cuda.synchronize()
+            self._t = time.perf_counter()
+
+    def lap(self, phase: str):
+        if self.enabled:
+            if self.sync:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.totals[phase] += now - self._t
+            self._t = now
+
+
+class _Progress:
+    """Hands each step's per-slot values to the slots' ``progress`` callbacks and stops diverging slots.
+
+    With the values comes one flag per slot saying whether its values and its parameters' gradients are all
+    finite; a slot whose flag is off gets ``slot.error`` (:class:`Diverged`) and no progress call. On the CPU both
+    are read at once, before the optimizer moves anything. On CUDA, reading them would wait for the whole step
+    and leave the GPU idle while the next one is queued, so the values and flags of all the slots of a step go
+    to the host in one asynchronous copy and are handed over (and checked) one step later; :meth:`flush` hands
+    over what is pending."""
+
+    def __init__(self, device: torch.device):
+        self.lag = device.type == "cuda"
+        self.pending = None
+
+    def __call__(self, slots, steps: list[int], values: list, finite: torch.Tensor) -> None:
+        flat = torch.cat([v.detach().reshape(-1).float() for v in values] + [finite.float()])
+        entries = [(slot, step, v.numel()) for slot, step, v in zip(slots, steps, values)]
+        if not self.lag:
+            self._hand_over(entries, flat)
+            return
+        host = flat.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(flat.device))  # the render's device, not the current one
+        self.flush()
+        self.pending = (entries, host, done)
+
+    def flush(self, slots=None) -> None:
+        """Hand over the pending values (all of them: the order of each slot's steps is kept)."""
+        if self.pending is None:
+            return
+        entries, host, done = self.pending
+        if slots is not None and not any(slot in slots for slot, _, _ in entries):
+            return
+        self.pending = None
+        done.synchronize()
+        self._hand_over(entries, host)
+
+    @staticmethod
+    def _hand_over(entries, flat) -> None:
+        flags = flat[-len(entries):].tolist()
+        offset = 0
+        for (slot, step, n), ok in zip(entries, flags):
+            values = flat[offset: offset + n]
+            offset += n
+            if slot.error is not None:
+                continue
+            if not ok:
+                what = "the objective" if not bool(torch.isfinite(values).all()) else "the gradient"
+                slot.error = Diverged(step, what, slot.lr)
+            elif slot.progress is not None:
+                slot.progress(step, slot.steps, values)
+
+
+class _Truncation:
+    """A truncated module of one model for one layer set, with what has been checked about it."""
+
+    def __init__(self, module):
+        self.module = module
+        self.independent: dict[tuple, bool] = {}  # model input size -> rows independent
+
+
+class BatchEngine:
+    """Device steps over slots. One thread uses an engine at a time (the worker's device thread, or render).
+
+    ``profile``: synchronise CUDA at phase boundaries so the phase times are exact.
+    """
+
+    def __init__(self, device: torch.device | str, *, profile: bool = False):
+        self.device = torch.device(device)
+        self.profile = profile
+        self._optimizers: dict[float, torch.optim.Adam] = {}
+        self._truncations: collections.OrderedDict[tuple, _Truncation] = collections.OrderedDict()
+        self._layouts: dict[tuple, str] = {}  # (model key, request) -> the model's layout on this device
+        self._checked: set[tuple] = set()  # (model key, request, layers) probed for that layout
+        self._progress = _Progress(self.device)
+
+    # ------------------------------------------------------------------------------------------- grouping
+
+    @staticmethod
+    def model_key(model) -> tuple:
+        return (getattr(model, "sha256", ""), id(model.module))
+
+    @classmethod
+    def group_key(cls, slot: Slot) -> tuple:
+        """Slots with the same key may share a device step: same model, model input size and layout request."""
+        return (cls.model_key(slot.model), slot.model_size, slot.memory_format)
+
+    def forget(self, model) -> None:
+        """Drop what the engine holds for ``model`` (its truncations and layout decisions)."""
+        key = self.model_key(model)
+        for k in [k for k in self._truncations if k[0] == key]:
+            del self._truncations[k]
+        for k in [k for k in self._layouts if k[0] == key]:
+            del self._layouts[k]
+        self._checked = {k for k in self._checked if k[0] != key}
+
+    def _truncation(self, model, layers: frozenset) -> _Truncation:
+        key = (self.model_key(model), layers)
+        found = self._truncations.get(key)
+        if found is None:
+            found = _Truncation(model.truncate(sorted(layers)).to(self.device))
+            self._truncations[key] = found
+            while len(self._truncations) > _TRUNCATIONS_KEPT:
+                self._truncations.popitem(last=False)
+        else:
+            self._truncations.move_to_end(key)
+        return found
+
+    def _prepare(self, slots: list[Slot]):
+        """The truncated module of the slots' union of layers, in the model's layout: (module, layout) or
+        (None, "contiguous") when no slot reads the model."""
+        model_slots = [s for s in slots if s.layers]
+        if not model_slots:
+            return None, "contiguous"
+        first = model_slots[0]
+        layers = frozenset().union(*(s.layers for s in model_slots))
+        trunc = self._truncation(first.model, layers)
+        mkey = (self.model_key(first.model), first.memory_format)
+        decided = self._layouts.get(mkey)
+        if (mkey, layers) not in self._checked:
+            if decided == "contiguous":  # the model stays NCHW once one of its truncations failed the probe
+                layout = layouts.prepare(trunc.module, "contiguous", self.device, None)
+            else:
+                def probe():
+                    with torch.no_grad():
+                        return torch.cat([s.plain(s.image_fn()) for s in model_slots[:2]])
+                layout = layouts.prepare(trunc.module, first.memory_format, self.device, probe)
+            self._layouts[mkey] = layout if decided in (None, "channels_last") else "contiguous"
+            self._checked.add((mkey, layers))
+        return trunc, self._layouts[mkey]
+
+    def rows_independent(self, slots: list[Slot]) -> bool:
+        """Whether the model (truncated at the slots' layers) treats each row of a batch on its own: the
+        batched forward of two probe images must match their forwards one by one. Checked once per model,
+        input size and layer set."""
+        trunc, layout = self._prepare(slots)
+        if trunc is None:
+            return True
+        size = slots[0].model_size
+        found = trunc.independent.get(size)
+        if found is None:
+            found = _rows_independent(trunc.module, layout, slots[0].model.input_spec.channels, size, self.device)
+            trunc.independent[size] = found
+        return found
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def join(self, slots: list[Slot]) -> None:
+        """Measure the slots' starting objective (one no-grad forward; pads and resize, no random transforms)
+        and take the step-0 snapshots. All slots must share a group key."""
+        values = self._evaluate(slots)
+        now = time.perf_counter()
+        for slot, v in zip(slots, values):
+            slot.objective_start = v
+            slot.began = now
+            if slot.snapshot is not None and 0 in slot.snapshots:
+                slot.snapshot(0, slot.images())
+
+    def finish(self, slots: list[Slot]) -> list[dict]:
+        """End the slots: hand over their pending progress, measure their final objective, and return one
+        dict per slot with RenderResult's fields (images on the CPU). The slots' tensors are released."""
+        self._progress.flush(slots)
+        values = self._evaluate(slots)
+        out = []
+        for slot, end in zip(slots, values):
+            self._drop_params(slot)
+            out.append(dict(images=slot.images(), objective_start=list(slot.objective_start), objective_end=end,
+                            seconds_per_step=slot.active_seconds / max(slot.steps_done, 1),
+                            phase_seconds=dict(slot.phase_seconds) if self._clock_enabled() else {},
+                            steps_done=slot.steps_done, cancelled=slot.cancelled, objective=str(slot.objective),
+                            memory_format=slot.layout))
+            slot.release()
+        return out
+
+    def drop(self, slots: list[Slot]) -> None:
+        """Forget slots without a result (a failed job)."""
+        self._progress.flush(slots)
+        for slot in slots:
+            self._drop_params(slot)
+            slot.release()
+
+    def flush(self) -> None:
+        self._progress.flush()
+
+    def _clock_enabled(self) -> bool:
+        return self.device.type != "cuda" or self.profile
+
+    def _evaluate(self, slots: list[Slot]) -> list[list[float]]:
+        if not slots:
+            return []
+        trunc, layout = self._prepare(slots)
+        with torch.no_grad():
+            images = [s.image_fn() for s in slots]
+            model_rows = [(s, i) for s, i in zip(slots, images) if s.layers]
+            out = {}
+            if model_rows:
+                x = torch.cat([s.plain(i) for s, i in model_rows])
+                out = trunc.module(layouts.to_layout(x, layout))
+            values, row = [], 0
+            for slot, image in zip(slots, images):
+                n = slot.batch if slot.layers else 0
+                values.append(slot.objective(slot.activations(out, row, row + n, image)).float())
+                row += n
+            flat = torch.cat([v.reshape(-1) for v in values]).cpu().tolist()  # one host copy
+        result, offset = [], 0
+        for slot in slots:
+            result.append(flat[offset: offset + slot.batch])
+            offset += slot.batch
+        return result
+
+    # ------------------------------------------------------------------------------------------- the step
+
+    def step(self, slots: list[Slot], *, before_model=None) -> None:
+        """One optimisation step of every slot in ``slots`` (one group): one forward and backward of the model.
+
+        ``before_model(images)`` is called with the number of images just before the model runs (the
+        worker's fault hook). On an exception no slot has advanced and their gradients are cleared.
+        """
+        clock = _Clock(self.device, self.profile)
+        clock.start()
+        trunc, layout = self._prepare(slots)
+        try:
+            values = self._forward_backward(slots, trunc, layout, clock, before_model)
+            finite = _all_finite(slots, values)  # one device flag per slot: no host sync here
+            if not self._progress.lag:  # CPU: check before the optimizer moves anything
+                self._progress(slots, [s.steps_done + 1 for s in slots], values, finite)
+                self._clear_grads([s for s in slots if s.error is not None])
+            clock.start()
+            for lr, params in self._by_lr(slots).items():
+                self._optimizer(lr, params).step()
+        except BaseException:
+            self._clear_grads(slots)
+            raise
+        self._clear_grads(slots)
+        clock.lap("optimizer")
+        now = time.perf_counter()
+        stepped = []
+        for slot in slots:
+            if slot.error is not None and not self._progress.lag:
+                continue
+            stepped.append(slot)
+            slot.steps_done += 1
+            slot.layout = layout
+            slot.active_seconds = now - slot.began
+            for phase, seconds in clock.totals.items():
+                slot.phase_seconds[phase] += seconds
+        if self._progress.lag:  # checked one step late
+            self._progress(slots, [s.steps_done for s in slots], values, finite)
+        for slot in stepped:
+            if slot.snapshot is not None and slot.error is None and slot.steps_done in slot.snapshots:
+                slot.snapshot(slot.steps_done, slot.images())
+
+    def _forward_backward(self, slots, trunc, layout, clock, before_model):
+        images, inputs, xs = [], [], []
+        for slot in slots:
+            image = slot.image_fn()
+            images.append(image)
+            inputs.append(image.detach().requires_grad_(True))  # cut: the parameterization's graph ends here
+        clock.lap("param")
+        model_slots = [(i, s) for i, s in enumerate(slots) if s.layers]
+        for i, slot in model_slots:
+            xs.append(slot.transforms(inputs[i], slot.generator))
+        x_in = None
+        if model_slots:
+            x = xs[0].detach() if len(xs) == 1 else torch.cat([x.detach() for x in xs])
+            x_in = layouts.to_layout(x, layout).requires_grad_(True)  # cut: the transforms' graph ends here
+        clock.lap("transforms")
+        if before_model is not None:
+            before_model(sum(s.batch for s in slots))
+        warm = [s.steps_done < s.warmup for _, s in model_slots]
+        rows = None
+        if any(warm) and not all(warm):
+            rows = torch.cat([torch.full((s.batch,), w, dtype=torch.bool) for (_, s), w in zip(model_slots, warm)])
+            rows = rows.to(self.device, non_blocking=True)
+        values = [None] * len(slots)
+        with redirected_relu_grad(trunc.module if trunc is not None else torch.nn.Module(), enabled=any(warm),
+                                  rows=rows):
+            out = trunc.module(x_in) if trunc is not None else {}
+            loss, row = 0, 0
+            for i, slot in enumerate(slots):
+                n = slot.batch if slot.layers else 0
+                values[i] = slot.objective(slot.activations(out, row, row + n, inputs[i]))
+                loss = loss - values[i].sum()  # maximise: the one negation
+                row += n
+            loss.backward()
+        clock.lap("model")
+        if x_in is not None and x_in.grad is not None:
+            row = 0
+            for (i, slot), x in zip(model_slots, xs):
+                x.backward(x_in.grad[row: row + slot.batch])  # accumulates next to any image regularizer's
+                row += slot.batch
+        clock.lap("transforms")
+        for image, image_in in zip(images, inputs):
+            if image_in.grad is not None:
+                image.backward(image_in.grad)
+        clock.lap("param")
+        return values
+
+    # ------------------------------------------------------------------------------------------- Adam
+
+    @staticmethod
+    def _by_lr(slots) -> dict[float, list]:
+        groups: dict[float, list] = {}
+        for slot in slots:
+            groups.setdefault(slot.lr, []).extend(p for p in slot.params if p.grad is not None)
+        return {lr: params for lr, params in groups.items() if params}
+
+    def _optimizer(self, lr: float, params: list) -> torch.optim.Adam:
+        """One Adam per learning rate holding every slot's parameters in one group: each parameter keeps its
+        own moments and step count, so a slot's update is the one it gets alone; on CUDA the multi-tensor
+        (foreach) update serves all the slots of a step at once. Parameters without a gradient are skipped."""
+        optimizer = self._optimizers.get(lr)
+        if optimizer is None:
+            optimizer = torch.optim.Adam(params, lr=lr, foreach=self.device.type == "cuda")
+            self._optimizers[lr] = optimizer
+            return optimizer
+        group = optimizer.param_groups[0]["params"]
+        known = {id(p) for p in group}
+        group.extend(p for p in params if id(p) not in known)
+        return optimizer
+
+    def _drop_params(self, slot: Slot) -> None:
+        optimizer = self._optimizers.get(slot.lr)
+        if optimizer is None:
+            return
+        mine = {id(p) for p in slot.params}
+        group = optimizer.param_groups[0]
+        group["params"] = [p for p in group["params"] if id(p) not in mine]
+        for p in slot.params:
+            optimizer.state.pop(p, None)
+        if not group["params"]:
+            del self._optimizers[slot.lr]
+
+    @staticmethod
+    def _clear_grads(slots) -> None:
+        for slot in slots:
+            for p in slot.params:
+                p.grad = None
+
+
+def _all_finite(slots, values) -> torch.Tensor:
+    """(S,) bool: each slot's objective values and parameter gradients are all finite."""
+    flags = []
+    for slot, v in zip(slots, values):
+        parts = [torch.isfinite(v.detach()).all()]
+        parts += [torch.isfinite(p.grad).all() for p in slot.params if p.grad is not None]
+        flags.append(torch.stack(parts).all())
+    return torch.stack(flags)
+
+
+def _rows_independent(module, layout: str, channels: int, size, device) -> bool:
+    if type(module).__name__ == "PerImage":  # runs image by image: nothing to gain, and no per-row warm-up gating
+        return False
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(2, channels, *size, generator=generator).to(device)
+    with torch.no_grad():
+        try:
+            together = layouts.outputs(module(layouts.to_layout(probe, layout)))
+            alone = [layouts.outputs(module(layouts.to_layout(probe[i: i + 1], layout))) for i in range(2)]
+        except RuntimeError:  # e.g. a Reshape fixed to one batch size: it cannot run batched at all
+            return False
+    for k, out in enumerate(together):
+        if out.dim() == 0 or out.shape[0] != 2:
+            return False
+        for i in range(2):
+            if not layouts.same(out[i: i + 1], alone[i][k]):
+                return False
+    return True

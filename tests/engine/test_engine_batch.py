@@ -1,0 +1,145 @@
+"""The batched engine (featureviz.engine.batch) on the real EfficientNet-Lite0: slots sharing one device step get
+their solo step (forward values and step-0 gradients), the ReLU warm-up is gated per row, slots join and leave
+between steps, a model whose rows are not independent is detected, and render() is the one-slot case."""
+
+import pytest
+import torch
+
+from featureviz.engine import RenderSpec
+from featureviz.engine import render
+from featureviz.engine.batch import BatchEngine
+from featureviz.engine.batch import Slot
+from featureviz.engine.transforms import Transforms
+
+MID = "/_blocks.4/_swish/Clip"  # 240 channels (a ReLU6 output)
+MID_PRE = "/_blocks.4/_expand_conv/Conv"
+EARLY = "/_blocks.1/_project_conv/Conv"
+SIZE = 64
+CPU = torch.device("cpu")
+
+
+def chan(layer, c):
+    return {"channel": {"layer": layer, "channel": c}}
+
+
+def _slot(model, **spec):
+    spec.setdefault("size", SIZE)
+    return Slot(model, RenderSpec(**spec), device=CPU)
+
+
+def _first_step(engine, slots, monkeypatch):
+    """One device step of ``slots``: per-slot objective values (progress) and parameter gradients (at Adam)."""
+    captured, values = {}, {}
+    for slot in slots:
+        slot.progress = (lambda key: lambda step, total, v: values.setdefault(key, v.clone()))(id(slot))
+
+    def capture(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    captured[id(p)] = p.grad.detach().clone()
+
+    monkeypatch.setattr(torch.optim.Adam, "step", capture)
+    engine.join(slots)
+    engine.step(slots)
+    monkeypatch.undo()
+    return [(values[id(s)], [captured[id(p)] for p in s.params]) for s in slots]
+
+
+SPECS = [
+    dict(objective=chan(MID, 5), seed=1, batch=2),
+    dict(objective={"sum": [chan(MID, 9), {"scale": {"factor": 5.0, "objective": {"diversity": {"layer": MID}}}}]},
+         seed=2, batch=3),
+    dict(objective=chan(EARLY, 3), seed=3, batch=1, param="pixel"),
+    dict(objective={"logit": {"index": 7}}, seed=4, batch=1, lr=0.02),
+    dict(objective={"scale": {"factor": -1.0, "objective": {"tv": {}}}}, seed=5, batch=1, transforms="none"),
+]
+
+
+def test_each_slot_of_a_shared_step_gets_its_solo_step(lite0, monkeypatch, close_in_norm):
+    solo = [_first_step(BatchEngine(CPU), [_slot(lite0, **spec)], monkeypatch)[0] for spec in SPECS]
+    engine = BatchEngine(CPU)
+    slots = [_slot(lite0, **spec) for spec in SPECS]
+    assert len({BatchEngine.group_key(s) for s in slots}) == 1 and engine.rows_independent(slots)
+    batched = _first_step(engine, slots, monkeypatch)
+    for (v_solo, g_solo), (v_batch, g_batch), spec in zip(solo, batched, SPECS):
+        # the same images, transforms and model: only the batch's rounding differs
+        torch.testing.assert_close(v_batch, v_solo, rtol=1e-4, atol=1e-5, msg=str(spec))
+        close_in_norm(g_batch, g_solo, 1e-3)
+
+
+def test_the_relu_warm_up_is_gated_per_row(lite0, monkeypatch, close_in_norm):
+    # a channel that is dead on the grey start: without the redirect its gradient is exactly zero
+    plain = Transforms((), (SIZE, SIZE), (SIZE, SIZE), lite0.input_spec.preprocess)
+    with torch.no_grad():
+        z = lite0.truncate([MID_PRE])(plain(torch.full((1, 3, SIZE, SIZE), 0.5)))[MID_PRE][0]
+    dead = int(torch.nonzero(z.amax(dim=(1, 2)) < -1.0)[0])
+    spec = dict(objective=chan(MID, dead), seed=0, batch=2)
+    past = _slot(lite0, relu_warmup=0, **spec)  # as if past its warm-up
+    warming = _slot(lite0, **spec)  # in its first 16 steps
+    (_, g_past), (_, g_warm) = _first_step(BatchEngine(CPU), [past, warming], monkeypatch)
+    assert all(g.abs().max() == 0 for g in g_past)  # its ordinary gradient, even beside a slot in warm-up
+    assert all(g.abs().max() > 0 for g in g_warm)  # the redirect reaches the warm-up rows
+    (_, g_alone), = _first_step(BatchEngine(CPU), [_slot(lite0, **spec)], monkeypatch)
+    close_in_norm(g_warm, g_alone, 1e-3)
+
+
+def test_slots_join_and_leave_between_steps(lite0):
+    engine = BatchEngine(CPU)
+    seen = {}
+
+    def make(key, steps, seed):
+        return Slot(lite0, RenderSpec(objective=chan(MID, 5), steps=steps, size=SIZE, seed=seed), device=CPU,
+                    key=key, progress=lambda step, total, v: seen.setdefault(key, []).append(step))
+
+    a = make("a", 6, 1)
+    engine.join([a])
+    engine.step([a])
+    engine.step([a])
+    b, c = make("b", 3, 2), make("c", 5, 3)
+    engine.join([b, c])  # join at the next step
+    active, results = [a, b, c], {}
+    while active:
+        engine.step(active)
+        leaving = [s for s in active if s.done]
+        for slot, result in zip(leaving, engine.finish(leaving)):
+            results[slot.key] = result
+        active = [s for s in active if not s.done]
+    assert seen == {"a": [1, 2, 3, 4, 5, 6], "b": [1, 2, 3], "c": [1, 2, 3, 4, 5]}
+    assert {k: r["steps_done"] for k, r in results.items()} == {"a": 6, "b": 3, "c": 5}
+    assert all(r["images"].shape == (1, 3, SIZE, SIZE) for r in results.values())
+    assert not engine._optimizers  # every slot's Adam state left with it
+
+
+class MixesRows(torch.nn.Module):
+    """Subtracts the batch mean: each image's activations depend on the other images of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"out": y - y.mean(dim=0, keepdim=True)}
+
+
+def test_rows_that_mix_are_detected():
+    from featureviz.engine import batch
+
+    torch.manual_seed(0)
+    assert not batch._rows_independent(MixesRows().eval(), "contiguous", 3, (8, 8), CPU)
+    net = MixesRows().eval()
+    net.forward = lambda x: {"out": net.conv(x)}
+    assert batch._rows_independent(net, "contiguous", 3, (8, 8), CPU)
+
+
+def test_render_is_the_one_slot_case(lite0):
+    spec = dict(objective=chan(MID, 7), steps=3, size=SIZE, batch=2, seed=3)
+    result = render(lite0, RenderSpec(**spec))
+    engine = BatchEngine(CPU)
+    slot = Slot(lite0, RenderSpec(**spec), device=CPU)
+    engine.join([slot])
+    while not slot.done:
+        engine.step([slot])
+    again = engine.finish([slot])[0]
+    assert torch.equal(result.images, again["images"]) and result.objective_end == again["objective_end"]
