@@ -96,9 +96,12 @@ def spec_to_proto(
     preprocess: dict | None = None,
     preview_every: int = 0,
     preview_max_side: int = 0,
+    exclusive: bool = False,
 ) -> pb.JobSpec:
-    """Keyword arguments named as in ``RenderSpec`` -> ``pb.JobSpec`` (None: the engine default)."""
-    spec = pb.JobSpec(model=model, preview_every=preview_every, preview_max_side=preview_max_side)
+    """Keyword arguments named as in ``RenderSpec`` -> ``pb.JobSpec`` (None: the engine default). ``exclusive``: the
+    job never shares a device step (bitwise repeatable for the same seed on the same device)."""
+    spec = pb.JobSpec(model=model, preview_every=preview_every, preview_max_side=preview_max_side,
+                      exclusive=bool(exclusive))
     if isinstance(objective, pb.Objective):
         spec.objective.CopyFrom(objective)
     else:

@@ -205,7 +205,8 @@ def render_remote(args: argparse.Namespace) -> int:
         model = fv.upload(args.model)
         spec = spec_to_proto(model.sha256, objective, steps=args.steps, lr=args.lr, size=args.size, batch=args.batch,
                              seed=args.seed, param=args.param, decay=args.decay, transforms=args.transforms,
-                             init_image=init_image, preprocess=_remote_preprocess(args))
+                             init_image=init_image, preprocess=_remote_preprocess(args),
+                             exclusive=bool(getattr(args, "exclusive", False)))
         job = fv.submit(model.sha256, spec=spec)
         job = watch_with_progress(fv, job.id, label=f"render {Path(args.model).name}",
                                   quiet=not sys.stderr.isatty())

@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=_positive, default=None, metavar="N",
                         help="CPU threads for a local render (default: torch's, one per core); on a busy machine "
                              "fewer threads than cores is often faster")
+    parser.add_argument("--exclusive", action="store_true",
+                        help="with --server: run alone, never sharing a device step (the same seed on the same "
+                             "device gives the same PNG bytes); a local render always runs alone")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: objective_start, objective_end, seconds_per_step, files ...")
     from featureviz.cli.remote import add_connection_args

@@ -32,6 +32,12 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the compute worker (default: torch's, one per core)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="most images in one device step, over all the jobs sharing it (1: one job at a time; "
+                        "default: 64 on CUDA, 4 on a CPU, see the README)")
+    p.add_argument("--progress-interval", type=float, default=0.25,
+                   help="at most one progress event per job every so many seconds, plus the last step "
+                        "(0: every step; default: %(default)s)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats on idle watch streams")
     p.add_argument("--grace", type=float, default=5.0, help="seconds a running job may finish on shutdown")
     p.add_argument("--max-upload-mb", type=int, default=1024, help="largest model upload (default: %(default)s)")
@@ -57,6 +63,7 @@ def _config(args: argparse.Namespace):
         allow_insecure_remote=args.allow_insecure_remote, device=args.device, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
+        threads=args.threads, max_batch=args.max_batch, progress_interval=args.progress_interval,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 
@@ -66,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"featureviz serve: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
+    for name, value in (("--threads", args.threads), ("--max-batch", args.max_batch)):
+        if value is not None and value < 1:
+            print(f"featureviz serve: {name} must be a positive integer, got {value}", file=sys.stderr)
             return 2
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.progress_interval < 0:
+        print(f"featureviz serve: --progress-interval must be >= 0, got {args.progress_interval}", file=sys.stderr)
+        return 2
     config = _config(args)
     return asyncio.run(_serve(config))
 
@@ -87,7 +94,8 @@ async def _serve(config) -> int:
     await server.start()
     tls = "mTLS" if config.tls_client_ca else ("TLS" if config.tls_cert else "plaintext")
     print(f"featureviz serve: listening on {config.host}:{port} ({tls}, store {config.store_dir}, "
-          f"token auth {'on' if config.tokens else 'off'})", file=sys.stderr, flush=True)
+          f"token auth {'on' if config.tokens else 'off'}, max batch {server.scheduler.max_batch})", file=sys.stderr,
+          flush=True)
     if server.metrics_port is not None:
         print(f"featureviz serve: metrics on http://{config.host}:{server.metrics_port}/metrics", file=sys.stderr,
               flush=True)

@@ -30,6 +30,7 @@ case of this code.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 
 import torch
@@ -371,6 +372,17 @@ class BatchEngine:
             result.append(flat[offset: offset + slot.batch])
             offset += slot.batch
         return result
+
+    def probe(self, model, spec, images: int) -> None:
+        """A forward and backward of ``images`` images of ``spec`` (a memory probe): nothing is updated or kept."""
+        probe = dataclasses.replace(spec, batch=images, init_image=None, snapshot_steps=())
+        slot = Slot(model, probe, device=self.device)
+        try:
+            trunc, layout = self._prepare([slot])
+            self._forward_backward([slot], trunc, layout, _Clock(self.device, False), None)
+        finally:
+            self._clear_grads([slot])
+            slot.release()
 
     # ------------------------------------------------------------------------------------------- the step
 

@@ -21,12 +21,15 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else np.ascontiguousarray(array.transpose(1, 2, 0))
 
 
-def png_bytes(image: torch.Tensor) -> bytes:
-    """PNG file bytes of one (C, H, W) image in [0, 1]."""
+def png_bytes(image: torch.Tensor, *, max_side: int | None = None) -> bytes:
+    """PNG file bytes of one (C, H, W) image in [0, 1], downscaled (Lanczos) to fit ``max_side`` if given."""
     from PIL import Image
 
+    pil = Image.fromarray(to_uint8(image))
+    if max_side and max(pil.size) > max_side:
+        pil.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
+    pil.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -1,6 +1,8 @@
 """featureviz.server: the gRPC service (models, jobs, info), its scheduler and store.
 
-Knows nothing of torch internals: it calls ``featureviz.importer.import_model`` and ``featureviz.engine``.
+Imports no torch, numpy, PIL, engine, importer or kernels (tests/service/test_service_batching.py checks the
+source): everything that touches torch lives behind a worker (``featureviz.worker.api.Worker``: submit, cancel,
+events back, plain data only).
 """
 
 from featureviz.server.app import BackgroundServer

@@ -25,7 +25,6 @@ from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.decoding import DecodeGuardInterceptor
 from featureviz.server.info import InfoServicer
-from featureviz.server.info import describe_device
 from featureviz.server.metrics import Metrics
 from featureviz.server.jobs import JobServicer
 from featureviz.server.models import ModelServicer
@@ -33,6 +32,8 @@ from featureviz.server.scheduler import Scheduler
 from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+from featureviz.worker import WorkerConfig
+from featureviz.worker import local_worker
 
 __all__ = ["FeaturevizServer", "create_server", "serve_in_background", "BackgroundServer", "SERVICE_NAMES"]
 
@@ -77,15 +78,27 @@ class FeaturevizServer:
         await self.grpc_server.wait_for_termination()
 
 
-def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
-    """Build the server and bind ``config.host:config.port`` (0: a free port). Call inside a running loop."""
+def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, int]:
+    """Build the server and bind ``config.host:config.port`` (0: a free port). Call inside a running loop.
+
+    ``worker``: a ``featureviz.worker.api.Worker``; by default an in-process one (``featureviz.worker.local``,
+    which imports torch) on ``config.device`` with ``config.max_batch``."""
     loop = asyncio.get_running_loop()
     store = Store(config.store_dir)
-    scheduler = Scheduler(store, loop=loop, device=config.device, model_cache_size=config.model_cache_size,
-                          finished_logs_kept=config.finished_logs_kept)
+    if worker is None:
+        worker = local_worker(WorkerConfig(device=config.device, max_batch=config.max_batch,
+                                           progress_interval=config.progress_interval, threads=config.threads,
+                                           cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
+                                           max_image_side=config.limits.max_image_side),
+                              model_source=store.read_model_file)  # bytes checked against their sha256
+    scheduler = Scheduler(store, worker, loop=loop, finished_logs_kept=config.finished_logs_kept)
     metrics = None
     if config.metrics_port is not None:
-        metrics = Metrics(queue_depth=scheduler.queued, models_loaded=lambda: len(scheduler.models))
+        def worker_info():
+            return worker.info()
+
+        metrics = Metrics(queue_depth=scheduler.queued, models_loaded=lambda: len(worker_info().models),
+                          memory_allocated=lambda: worker_info().memory_allocated_bytes)
         scheduler.metrics = metrics
     auth = TenantResolver(config.tokens, config.read_only)
     server = grpc.aio.server(
@@ -95,7 +108,7 @@ def create_server(config: ServerConfig) -> tuple[FeaturevizServer, int]:
     )
     pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(config, store, scheduler, auth, metrics), server)
     pb_grpc.add_JobServiceServicer_to_server(JobServicer(config, scheduler, auth), server)
-    pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(config, auth, describe_device(config.device)), server)
+    pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(config, auth, worker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -58,6 +58,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     heartbeat_seconds: float = 10.0
     device: str | None = None  # "cuda", "cpu" or None (cuda when available)
+    max_batch: int | None = None  # most images in one device step (None: the device's default; 1: one job at a time)
+    progress_interval: float = 0.25  # at most one progress event per job every so many seconds, plus the last step
+    threads: int | None = None  # torch CPU threads of the worker (None: torch's default)
     grace_seconds: float = 5.0  # on stop: how long a running job may finish before it is re-queued
     tls_cert: str | os.PathLike | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key: str | os.PathLike | None = None  # PEM private key of tls_cert

@@ -1,4 +1,5 @@
-"""InfoService: version, published limits, the device, whether auth is on."""
+"""InfoService: version, published limits, the device, the worker (max batch, models held, active slots), whether
+auth is on."""
 
 from __future__ import annotations
 
@@ -9,33 +10,16 @@ from featureviz.server.errors import rpc_errors
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
-__all__ = ["InfoServicer", "describe_device"]
-
-
-def describe_device(requested: str | None) -> pb.Device:
-    """The device the scheduler renders on (blocking: imports torch)."""
-    import os
-
-    import torch
-
-    kind = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    kernels = os.environ.get("FEATUREVIZ_KERNELS", "auto")
-    if kernels == "auto":
-        kernels = "triton" if kind.startswith("cuda") else "torch"
-    if kind.startswith("cuda") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.device(kind))
-        return pb.Device(kind="cuda", name=props.name, memory_bytes=props.total_memory, kernels=kernels)
-    threads = torch.get_num_threads()
-    return pb.Device(kind="cpu", name=f"{os.cpu_count()} CPU cores, {threads} torch thread{'s' * (threads != 1)}",
-                     kernels=kernels)
+__all__ = ["InfoServicer"]
 
 
 class InfoServicer(pb_grpc.InfoServiceServicer):
-    def __init__(self, config: ServerConfig, auth: TenantResolver, device: pb.Device):
+    def __init__(self, config: ServerConfig, auth: TenantResolver, worker):
         from featureviz import __version__
 
         limits = config.limits
         self.auth = auth
+        self.worker = worker
         self._info = pb.ServerInfo(
             version=__version__,
             api_version="v1",
@@ -50,7 +34,9 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
                 upload_idle_timeout_seconds=config.upload_idle_timeout_seconds,
                 max_model_nodes=limits.max_model_nodes, max_activation_bytes=limits.max_activation_bytes,
             ),
-            device=device,
+            device=worker.device(),
+            max_batch=worker.max_batch,
+            progress_interval_seconds=config.progress_interval,
             auth_required=auth.required,
             objective_kinds=list(OBJECTIVE_KINDS),
         )
@@ -60,4 +46,5 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         info = pb.ServerInfo()
         info.CopyFrom(self._info)
         info.tenant = self.auth.tenant(context)
+        info.worker.CopyFrom(self.worker.info())
         return info

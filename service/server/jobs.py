@@ -117,15 +117,15 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if not stored.HasField("preprocess") and model.input_spec.HasField("preprocess"):
             stored.preprocess.CopyFrom(model.input_spec.preprocess)  # the job records what it ran with
         try:
-            render_spec = await asyncio.to_thread(self.scheduler.validate, sha, stored)
+            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
             if not stored.HasField(key):
-                setattr(stored, key, getattr(render_spec, key))
+                setattr(stored, key, getattr(admission, key))
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
-            self.scheduler.submit(row.id, tenant)
+            self.scheduler.submit(row.id, tenant, admission)
         return row.id
 
     def _check_limits(self, spec: pb.JobSpec) -> None:
@@ -149,13 +149,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise InvalidSpec("spec.size", f"{spec.size.height}x{spec.size.width}; each side must be {low} to {high} "
                                            "pixels (min_image_side, max_image_side); leave size unset for the "
                                            "model's default")
-        if spec.init_image:  # the header's size, before any pixel is decoded
-            from featureviz.engine.images import image_size
-
-            width, height = image_size(spec.init_image, field="spec.init_image")
-            if max(width, height) > high:
-                raise InvalidSpec("spec.init_image", f"the image is {width}x{height} pixels; the largest side "
-                                                     f"allowed is {high} (max_image_side)", reason="IMAGE_TOO_LARGE")
+        # an init image's size is checked from its header by the worker's admission (max_image_side), before
+        # any pixel is decoded
         if spec.preview_every < 0 or spec.preview_max_side < 0:
             raise InvalidSpec("spec.preview_every", "preview_every and preview_max_side must be >= 0")
 

@@ -1,5 +1,6 @@
 """Prometheus metrics (text format over HTTP on ``--metrics-port``): jobs by outcome, queue and run seconds,
-step seconds, uploads by outcome, queue depth, models in memory, CUDA memory. One registry per server, so
+step seconds, images per device step, device step seconds, uploads by outcome, queue depth, models in memory,
+CUDA memory (the last two as the worker reports them). One registry per server, so
 several servers in one process (tests, the demo) do not share counters."""
 
 from __future__ import annotations
@@ -7,11 +8,12 @@ from __future__ import annotations
 __all__ = ["Metrics"]
 
 _SECONDS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+_IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class Metrics:
-    def __init__(self, *, queue_depth, models_loaded):
+    def __init__(self, *, queue_depth, models_loaded, memory_allocated=lambda: 0.0):
         from prometheus_client import CollectorRegistry
         from prometheus_client import Counter
         from prometheus_client import Gauge
@@ -29,11 +31,16 @@ class Metrics:
                                      registry=registry)
         self.step_seconds = Histogram("featureviz_step_seconds", "Seconds per optimisation step",
                                       buckets=_STEP_SECONDS, registry=registry)
+        self.batch_images = Histogram("featureviz_batch_images", "Images in one device step (all its jobs)",
+                                      buckets=_IMAGES, registry=registry)
+        self.device_step_seconds = Histogram("featureviz_device_step_seconds", "Seconds of one device step (one "
+                                             "forward and backward of a batch)", buckets=_STEP_SECONDS,
+                                             registry=registry)
         Gauge("featureviz_queue_depth", "Jobs waiting for the device", registry=registry).set_function(queue_depth)
         Gauge("featureviz_models_loaded", "Imported models held in memory",
               registry=registry).set_function(models_loaded)
-        Gauge("featureviz_cuda_memory_allocated_bytes", "torch.cuda.memory_allocated() (0 without CUDA)",
-              registry=registry).set_function(_cuda_allocated)
+        Gauge("featureviz_cuda_memory_allocated_bytes", "torch.cuda.memory_allocated() of the worker (0 without "
+              "CUDA)", registry=registry).set_function(memory_allocated)
         self._http = None
 
     def serve(self, host: str, port: int) -> int:
@@ -49,11 +56,3 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
-
-def _cuda_allocated() -> float:
-    import sys
-
-    torch = sys.modules.get("torch")  # never import torch just for a scrape
-    if torch is None or not torch.cuda.is_available():
-        return 0.0
-    return float(torch.cuda.memory_allocated())

@@ -31,7 +31,7 @@ from featureviz.server.store import file_sha256
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
-__all__ = ["ModelServicer", "parse_model_name", "describe_model"]
+__all__ = ["ModelServicer", "parse_model_name"]
 
 log = logging.getLogger("featureviz.server")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -184,9 +184,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if known is not None:
             model, layers = known
         else:
-            imported = await asyncio.to_thread(self._import, partial, header)
-            model, layers = describe_model(imported, sha, header.size_bytes)
-            self.scheduler.models.put(sha, imported)
+            model, layers = await asyncio.to_thread(self._import, partial, header, sha)  # the worker keeps it
         model.state = pb.MODEL_STATE_READY
         model.ClearField("failure_reason")
         model.ClearField("failure_message")
@@ -207,12 +205,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                  tenant)
         return model
 
-    def _import(self, partial: Path, header: pb.UploadHeader):
-        from featureviz.importer import import_model
-
+    def _import(self, partial: Path, header: pb.UploadHeader, sha: str):
         try:
-            return import_model(partial.read_bytes(), cache_dir=str(self.store.root / "cache"),
-                                limits=import_limits(self.config.limits))
+            return self.scheduler.worker.load_model(sha, partial.read_bytes(), limits=import_limits(self.config.limits))
         except FeaturevizError:
             _discard(partial)
             raise
@@ -253,7 +248,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         sha = parse_model_name(request.model)
         self.store.delete_model(self.auth.tenant(context), sha)
         if self.store.any_model(sha) is None:
-            self.scheduler.models.drop(sha)
+            self.scheduler.worker.drop_model(sha)
         return pb.DeleteModelResponse()
 
     @rpc_errors
@@ -275,41 +270,12 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                                      next_page_token=next_token(offset, limit, len(page), len(layers), query))
 
 
-def describe_model(imported, sha: str, size: int) -> tuple[pb.Model, pb.ListLayersResponse]:
-    """An importer.ImportedModel -> the Model message and the whole catalog as a ListLayersResponse."""
-    spec = imported.input_spec
-    pre = spec.preprocess
-    default_h, default_w = spec.default_size
-    input_spec = pb.InputSpec(
-        name=spec.name, layout=spec.layout, channels=spec.channels, height=spec.height or 0,
-        width=spec.width or 0, batch=spec.batch or 0, default_height=default_h, default_width=default_w,
-        preprocess=pb.Preprocess(mean=list(pre.mean), std=list(pre.std), channel_order=pre.channel_order),
-    )
-    check = imported.check
-    report = pb.CheckReport(
-        max_rel_err=float(getattr(check, "max_rel_err", 0.0) or 0.0),
-        max_rel_err_batch=float(getattr(check, "max_rel_err_batch", 0.0) or 0.0),
-        tolerance=float(getattr(check, "tolerance", 0.0) or 0.0),
-        passed=bool(getattr(check, "passed", False)),
-    )
-    layers = [
-        pb.Layer(name=lay.name, aliases=list(lay.aliases), op_type=lay.op_type, shape=list(lay.shape),
-                 channels=lay.channels, spatial=lay.spatial, depth=lay.depth, is_logits=lay.is_logits,
-                 pre_activation_of=lay.pre_activation_of or "")
-        for lay in imported.layers
-    ]
-    model = pb.Model(name=f"models/{sha}", sha256=sha, size_bytes=size, state=pb.MODEL_STATE_READY,
-                     input_spec=input_spec, layer_count=len(layers), logits_layer=imported.logits or "", check=report)
-    model.create_time.FromNanoseconds(int(time.time() * 1e9))
-    return model, pb.ListLayersResponse(layers=layers, total_size=len(layers))
 
 
-def import_limits(limits):
-    """The importer's limits from the server's published ones."""
-    from featureviz.importer import ImportLimits
-
-    return ImportLimits(max_image_side=limits.max_image_side, max_nodes=limits.max_model_nodes,
-                        max_activation_bytes=limits.max_activation_bytes)
+def import_limits(limits) -> dict:
+    """The importer's limits (``featureviz.importer.ImportLimits`` keywords) from the server's published ones."""
+    return dict(max_image_side=limits.max_image_side, max_nodes=limits.max_model_nodes,
+                max_activation_bytes=limits.max_activation_bytes)
 
 
 def _discard(path: Path) -> None:

@@ -58,7 +58,9 @@ def tiny_onnx_other() -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    config = ServerConfig(tmp_path_factory.mktemp("store"), heartbeat_seconds=0.5, grace_seconds=2.0)
+    # every step's progress (the default coalesces them), and the device's default max batch: jobs share steps
+    config = ServerConfig(tmp_path_factory.mktemp("store"), heartbeat_seconds=0.5, grace_seconds=2.0,
+                          progress_interval=0.0)
     running = serve_in_background(config)
     yield running
     running.stop()

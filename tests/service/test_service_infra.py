@@ -172,7 +172,8 @@ def test_tenants_are_served_round_robin(secured, tiny_onnx):
     with Client(secured.address, token="tok-alice") as alice, Client(secured.address, token="tok-bob") as bob:
         sha = alice.upload(tiny_onnx).sha256
         bob.upload(tiny_onnx)
-        blocker = alice.submit(sha, CHANNEL, steps=10_000, size=32)
+        # a blocker as large as the worker's batch: the others wait in the queue until it ends
+        blocker = alice.submit(sha, CHANNEL, steps=10_000, size=32, batch=alice.info().max_batch)
         next(e for e in alice.watch(blocker.id, timeout=120) if e.HasField("progress"))  # alice is being served
         a1 = alice.submit(sha, CHANNEL, steps=2, size=32)
         b1 = bob.submit(sha, CHANNEL, steps=2, size=32)

@@ -1,6 +1,7 @@
 """Jobs survive the server: ``featureviz serve`` as a real subprocess, killed (SIGKILL) with one job running
-and one queued: the restart on the same store re-queues both, and they finish with the same images as an
-uninterrupted run of the same seed. Then a graceful stop (SIGTERM) mid-job leaves that job QUEUED."""
+and one queued: the restart on the same store re-queues both, and the exclusive one finishes with the same PNG
+bytes as an uninterrupted exclusive run of the same seed (a non-exclusive job's bytes depend on its batch-mates).
+Then a graceful stop (SIGTERM) mid-job leaves that job QUEUED."""
 
 from __future__ import annotations
 
@@ -65,11 +66,11 @@ def _wait_for_step(fv: Client, job_id: str, step: int) -> int:
 @pytest.mark.slow
 def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
     store = tmp_path / "store"
-    first = ServeProcess(store)
+    first = ServeProcess(store, "--max-batch", "1")  # one job at a time: the second one waits in the queue
     try:
         with Client(first.address) as fv:
             model = fv.upload(tiny_onnx)
-            running = fv.submit(model.sha256, CHANNEL, steps=RUN_STEPS, size=32, seed=7)
+            running = fv.submit(model.sha256, CHANNEL, steps=RUN_STEPS, size=32, seed=7, exclusive=True)
             queued = fv.submit(model.sha256, CHANNEL, steps=10, size=32, seed=8)
             seen_seq = _wait_for_step(fv, running.id, 5)
     finally:
@@ -93,8 +94,11 @@ def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
             assert done.state == pb.JOB_STATE_SUCCEEDED and done.attempts == 2 and done.result.steps_done == RUN_STEPS
             other = fv.wait(queued.id, timeout=240)
             assert other.state == pb.JOB_STATE_SUCCEEDED and other.attempts == 1
-            # an uninterrupted run of the same spec gives the same bytes
-            reference = fv.wait(fv.submit(model.sha256, CHANNEL, steps=RUN_STEPS, size=32, seed=7).id, timeout=240)
+            # an uninterrupted exclusive run of the same spec gives the same bytes (the restarted one ran beside the
+            # other job, which the default max batch lets share the device: exclusive kept them apart)
+            assert fv.info().max_batch > 1
+            reference = fv.wait(fv.submit(model.sha256, CHANNEL, steps=RUN_STEPS, size=32, seed=7,
+                                          exclusive=True).id, timeout=240)
             assert images(reference) == images(done)
 
             long = fv.submit(model.sha256, CHANNEL, steps=10_000, size=32, seed=9)

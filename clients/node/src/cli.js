@@ -9,7 +9,8 @@
  *       upload FILE.onnx [--name NAME]        upload a model, print its sha256
  *       layers MODEL [--filter S] [--spatial] the layer catalog: name, op, shape, channels
  *       render MODEL LAYER:C [--steps N] [--size S] [--seed N] [--batch N] [--param fft|pixel|maco]
- *              [--out DIR]                    optimise an image for channel C of LAYER, write PNGs to DIR
+ *              [--exclusive] [--out DIR]      optimise an image for channel C of LAYER, write PNGs to DIR
+ *                                             (--exclusive: never share a device step; bitwise repeatable)
  *
  * MODEL is a sha256 or a path to an .onnx file (uploaded first). --server defaults to $FEATUREVIZ_SERVER or
  * 127.0.0.1:50051, --token to $FEATUREVIZ_TOKEN, --tls-ca to $FEATUREVIZ_TLS_CA (a PEM CA: use TLS; client
@@ -30,7 +31,8 @@ commands:
   info                                    server version, device and limits
   upload FILE.onnx [--name NAME]          upload a model and print its sha256
   layers MODEL [--filter S] [--spatial]   list the layer catalog
-  render MODEL LAYER:C [--steps N] [--size S] [--seed N] [--batch N] [--param fft|pixel|maco] [--out DIR]
+  render MODEL LAYER:C [--steps N] [--size S] [--seed N] [--batch N] [--param fft|pixel|maco] [--exclusive]
+         [--out DIR]
                                           render channel C of LAYER and write PNGs to DIR (default .)
 
 MODEL is a sha256 or a path to an .onnx file (uploaded first).
@@ -52,6 +54,7 @@ const OPTIONS = {
   seed: { type: 'string' },
   batch: { type: 'string' },
   param: { type: 'string' },
+  exclusive: { type: 'boolean' },
   out: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -127,6 +130,7 @@ const COMMANDS = {
       seed: integer(opts.seed, 'seed'),
       batch: integer(opts.batch, 'batch'),
       param: opts.param,
+      exclusive: Boolean(opts.exclusive),
     });
     const onInterrupt = () => {
       process.stderr.write(`\ncancelling job ${job.id}\n`);

@@ -411,7 +411,7 @@ class ImageSize(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side")
+    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +426,7 @@ class JobSpec(_message.Message):
     PREPROCESS_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     steps: int
@@ -440,7 +441,8 @@ class JobSpec(_message.Message):
     preprocess: Preprocess
     preview_every: int
     preview_max_side: int
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ...) -> None: ...
+    exclusive: bool
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ...) -> None: ...
 
 class RenderedImage(_message.Message):
     __slots__ = ("index", "png", "width", "height", "objective_start", "objective_end")
@@ -681,8 +683,24 @@ class Device(_message.Message):
     kernels: str
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., kernels: _Optional[str] = ...) -> None: ...
 
+class WorkerInfo(_message.Message):
+    __slots__ = ("device", "models", "active_slots", "active_images", "max_batch", "memory_allocated_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: Device
+    models: _containers.RepeatedScalarFieldContainer[str]
+    active_slots: int
+    active_images: int
+    max_batch: int
+    memory_allocated_bytes: int
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., active_slots: _Optional[int] = ..., active_images: _Optional[int] = ..., max_batch: _Optional[int] = ..., memory_allocated_bytes: _Optional[int] = ...) -> None: ...
+
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds")
+    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -690,6 +708,9 @@ class ServerInfo(_message.Message):
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_KINDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     limits: Limits
@@ -697,4 +718,7 @@ class ServerInfo(_message.Message):
     auth_required: bool
     tenant: str
     objective_kinds: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_batch: int
+    worker: WorkerInfo
+    progress_interval_seconds: float
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,121 @@
+"""The boundary between the server and a worker: plain data only (spec messages, bytes, events), no torch.
+
+The server (``featureviz.server``) keeps the servicers, the store, the queue and the event log; a worker owns
+the device and everything torch. They talk through :class:`Worker`:
+
+    worker.start(sink)                  # events come back through sink(WorkerEvent), in order per job
+    worker.load_model(sha256, source, limits)  # import an upload: -> (pb.Model, pb.ListLayersResponse)
+    worker.admit(sha256, spec_bytes)    # JobSpec -> the engine's spec, validated before any compute: Admission
+    worker.submit(Submission(...))      # run it: it joins the next device step
+    worker.cancel(job_id)               # it leaves at the next step (a FINISHED event, CANCELLED)
+    worker.info() / worker.stop(grace)
+
+Every argument and event is picklable plain data, so a worker can live in another process or on another
+machine (issue 12 hosts workers on Ray). This module imports neither torch nor the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from dataclasses import field
+
+from featureviz.v1 import featureviz_pb2 as pb
+
+__all__ = ["Submission", "Admission", "WorkerEvent", "WorkerConfig", "Worker", "STARTED", "PROGRESS", "PREVIEW",
+           "FINISHED", "REQUEUED", "STEPS"]
+
+STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
+    "steps"
+
+
+@dataclass
+class WorkerConfig:
+    """``device``: cuda, cuda:N, cpu or None (cuda when available). ``max_batch``: the most images in one device
+    step (None: the device's default, :func:`featureviz.worker.device.default_max_batch`). ``progress_interval``:
+    at most one progress event per job every so many seconds, plus the last step. ``threads``: torch CPU
+    threads. ``cache_dir``: the importer's cache. ``models_kept``: imported models held in memory."""
+
+    device: str | None = None
+    max_batch: int | None = None
+    progress_interval: float = 0.25
+    threads: int | None = None
+    cache_dir: str | None = None
+    models_kept: int = 4
+    max_image_side: int = 4096  # an init image larger than this is refused from its header
+
+
+@dataclass
+class Submission:
+    """A job for the worker. ``spec`` is the serialized ``featureviz.v1.JobSpec`` as stored (defaults filled in);
+    ``ticket`` names the engine spec :meth:`Worker.admit` prepared (converted once), "" to convert again (a job
+    re-queued after a restart)."""
+
+    job_id: str
+    tenant: str
+    model: str
+    spec: bytes
+    images: int = 1
+    exclusive: bool = False
+    ticket: str = ""
+
+
+@dataclass
+class Admission:
+    """What :meth:`Worker.admit` found: the engine defaults the job runs with, and the ticket of its engine spec."""
+
+    ticket: str
+    steps: int
+    batch: int
+    seed: int
+
+
+@dataclass
+class WorkerEvent:
+    """One event of a job (or, for ``kind == STEPS``, of the device). ``state`` is a ``pb.JobState`` for FINISHED
+    (SUCCEEDED, FAILED, CANCELLED) with ``result`` and/or ``error``; ``steps`` holds (images, seconds) per device
+    step since the last STEPS event."""
+
+    kind: str
+    job_id: str = ""
+    progress: pb.Progress | None = None
+    preview: pb.Preview | None = None
+    state: int = 0
+    result: pb.JobResult | None = None
+    error: pb.JobError | None = None
+    steps: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Worker:
+    """The interface a worker implements (see the module docstring). ``max_batch`` is the most images the worker
+    runs in one device step; the server grants it jobs up to that many images at once."""
+
+    max_batch: int = 1
+
+    def start(self, sink) -> None:
+        raise NotImplementedError
+
+    def load_model(self, sha256: str, source, limits: dict | None = None) -> tuple[pb.Model, pb.ListLayersResponse]:
+        """Import an uploaded model (bytes or a path) within ``limits`` (ImportLimits keywords; None: none)."""
+        raise NotImplementedError
+
+    def drop_model(self, sha256: str) -> None:
+        raise NotImplementedError
+
+    def admit(self, sha256: str, spec: bytes) -> Admission:
+        raise NotImplementedError
+
+    def submit(self, submission: Submission) -> None:
+        raise NotImplementedError
+
+    def cancel(self, job_id: str) -> None:
+        raise NotImplementedError
+
+    def device(self) -> pb.Device:
+        raise NotImplementedError
+
+    def info(self) -> pb.WorkerInfo:
+        raise NotImplementedError
+
+    def stop(self, grace: float) -> None:
+        """Let running jobs finish for ``grace`` seconds, then stop the rest (REQUEUED events); blocking."""
+        raise NotImplementedError

@@ -1,0 +1,480 @@
+"""The in-process worker: one device thread runs batched device steps, one output thread encodes and emits events.
+
+Device thread, each round:
+  1. new submissions become slots (the ticket's RenderSpec, converted once at admission; a re-queued job is
+     converted again), cancelled jobs leave, and waiting jobs join when memory admission lets them (CUDA);
+     joiners of one group get their starting objective in one forward (a STARTED event each);
+  2. the next group in round-robin order (groups: the same model, model input size and layout; an exclusive
+     job is a group of its own) runs one device step of its slots, in chunks of at most ``max_batch`` images;
+     every active job advances one step per round whatever its group (time slicing across models);
+  3. an error in a chunk of several slots (out of memory or anything else) splits the chunk in two and retries
+     each half (out of memory also lowers the group's chunk size); a slot that fails alone ends FAILED
+     (GPU_OOM for out of memory) and the others keep running;
+  4. slots that are done, cancelled or diverged leave: their final objective, images and result.
+
+Progress is coalesced per job: at most one PROGRESS event every ``progress_interval`` seconds, plus the last
+step. PNG encoding happens on the output thread, so the device thread never waits for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+
+import torch
+
+from featureviz.engine.batch import BatchEngine
+from featureviz.engine.batch import Slot
+from featureviz.server.errors import job_error
+from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.worker import adapter
+from featureviz.worker import api
+from featureviz.worker import device as devices
+from featureviz.worker.models import ModelCache
+from featureviz.worker.models import describe_model
+
+__all__ = ["LocalWorker"]
+
+log = logging.getLogger("featureviz.worker")
+_TICKETS_KEPT = 1024
+
+
+class _Job:
+    def __init__(self, sub: api.Submission, spec: pb.JobSpec, render_spec, slot: Slot, key: tuple):
+        self.sub, self.spec, self.render_spec, self.slot, self.key = sub, spec, render_spec, slot, key
+        self.last: tuple[int, object] | None = None  # (step, values) of the latest step
+        self.emitted = 0  # last step sent as a PROGRESS event
+        self.emitted_at = time.perf_counter()
+        self.started = False
+
+
+class LocalWorker(api.Worker):
+    def __init__(self, config: api.WorkerConfig, *, model_source):
+        self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.torch_device = devices.resolve_device(config.device)
+        self.max_batch = config.max_batch or devices.default_max_batch(self.torch_device)
+        self.interval = max(0.0, float(config.progress_interval))
+        self._device_pb = devices.describe_device(self.torch_device)
+        self.models = ModelCache(model_source, size=config.models_kept, cache_dir=config.cache_dir,
+                                 on_drop=self._forget)
+        self.engine = BatchEngine(self.torch_device)
+        self.planner = devices.MemoryPlanner(self.torch_device)
+        self._fault = devices.fault_hook()
+        self._cv = threading.Condition()
+        self._incoming: list[api.Submission] = []
+        self._cancels: set[str] = set()
+        self._forgotten: list = []
+        self._tickets: collections.OrderedDict[str, tuple[str, object]] = collections.OrderedDict()
+        self._jobs: dict[str, _Job] = {}  # joined: in the device steps
+        self._waiting: list[_Job] = []  # prepared, waiting for memory
+        self._order: collections.deque[tuple] = collections.deque()  # group keys, round robin
+        self._caps: dict[tuple, int] = {}  # group key -> images per chunk after an out-of-memory split
+        self._stats: list[tuple[int, float]] = []
+        self._stats_at = time.perf_counter()
+        self._stopping = False
+        self._shutdown = False
+        self._out: queue.Queue = queue.Queue()
+        self._sink = None
+        self._device_thread = threading.Thread(target=self._run, name="featureviz-device", daemon=True)
+        self._output_thread = threading.Thread(target=self._emit_loop, name="featureviz-events", daemon=True)
+
+    # ------------------------------------------------------------------------------------------- interface
+
+    def start(self, sink) -> None:
+        self._sink = sink
+        self._output_thread.start()
+        self._device_thread.start()
+
+    def load_model(self, sha256: str, source, limits: dict | None = None) -> tuple[pb.Model, pb.ListLayersResponse]:
+        size = len(source) if isinstance(source, (bytes, bytearray)) else os.path.getsize(source)
+        model = self.models.get(sha256, source, limits=limits)
+        return describe_model(model, sha256, size)
+
+    def drop_model(self, sha256: str) -> None:
+        self.models.drop(sha256)
+
+    def admit(self, sha256: str, spec: bytes) -> api.Admission:
+        job_spec = pb.JobSpec.FromString(spec)
+        model = self.models.get(sha256)
+        render_spec = adapter.render_spec(model, job_spec, str(self.torch_device),
+                                                  max_image_side=self.config.max_image_side)
+        ticket = uuid.uuid4().hex
+        with self._cv:
+            self._tickets[ticket] = (sha256, render_spec)
+            while len(self._tickets) > _TICKETS_KEPT:
+                self._tickets.popitem(last=False)
+        return api.Admission(ticket=ticket, steps=render_spec.steps, batch=render_spec.batch, seed=render_spec.seed)
+
+    def submit(self, submission: api.Submission) -> None:
+        with self._cv:
+            self._incoming.append(submission)
+            self._cv.notify_all()
+
+    def cancel(self, job_id: str) -> None:
+        with self._cv:
+            self._cancels.add(job_id)
+            self._cv.notify_all()
+
+    def device(self) -> pb.Device:
+        return self._device_pb
+
+    def info(self) -> pb.WorkerInfo:
+        with self._cv:
+            jobs = list(self._jobs.values())
+        allocated = torch.cuda.memory_allocated(self.torch_device) if self.torch_device.type == "cuda" else 0
+        return pb.WorkerInfo(device=self._device_pb, models=self.models.held(), active_slots=len(jobs),
+                             active_images=sum(j.slot.batch for j in jobs), max_batch=self.max_batch,
+                             memory_allocated_bytes=int(allocated))
+
+    def stop(self, grace: float) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._device_thread.is_alive():
+            self._device_thread.join(timeout=max(0.0, grace))
+            if self._device_thread.is_alive():
+                with self._cv:
+                    self._shutdown = True
+                    self._cv.notify_all()
+                self._device_thread.join()
+        self._out.put(None)
+        if self._output_thread.is_alive():
+            self._output_thread.join()
+
+    # ------------------------------------------------------------------------------------------- events
+
+    def _emit(self, event) -> None:
+        """Queue an event (a WorkerEvent, or a callable making one on the output thread)."""
+        self._out.put(event)
+
+    def _emit_loop(self) -> None:
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            try:
+                event = item() if callable(item) else item
+                if event is not None and self._sink is not None:
+                    self._sink(event)
+            except Exception:  # one bad event must not stop the others
+                log.exception("emitting a worker event failed")
+
+    def _finished(self, job_id: str, state: int, *, result=None, error=None) -> None:
+        if result is not None:
+            def make():
+                return api.WorkerEvent(api.FINISHED, job_id, state=state, result=adapter.job_result(result),
+                                       error=error)
+            self._emit(make)
+        else:
+            self._emit(api.WorkerEvent(api.FINISHED, job_id, state=state, error=error))
+
+    def _progress_of(self, job: _Job):
+        def progress(step: int, total: int, values) -> None:
+            job.last = (step, values)
+            now = time.perf_counter()
+            if step >= total or now - job.emitted_at >= self.interval:
+                self._send_progress(job, now)
+        return progress
+
+    def _send_progress(self, job: _Job, now: float | None = None) -> None:
+        if job.last is None or job.last[0] <= job.emitted:
+            return
+        now = time.perf_counter() if now is None else now
+        step, values = job.last
+        seconds = (now - job.emitted_at) / (step - job.emitted)
+        self._emit(api.WorkerEvent(api.PROGRESS, job.sub.job_id, progress=pb.Progress(
+            step=step, steps=job.slot.steps, objective=values.tolist(), seconds_per_step=seconds)))
+        job.emitted, job.emitted_at = step, now
+
+    def _snapshot_of(self, job: _Job):
+        side = job.spec.preview_max_side or adapter.DEFAULT_PREVIEW_SIDE
+        job_id = job.sub.job_id
+
+        def snapshot(step: int, images) -> None:
+            def make():
+                previews = [adapter.rendered(i, image, max_side=side) for i, image in enumerate(images)]
+                return api.WorkerEvent(api.PREVIEW, job_id, preview=pb.Preview(step=step, images=previews))
+            self._emit(make)
+        return snapshot
+
+    # ------------------------------------------------------------------------------------------- device thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._incoming or self._cancels or self._jobs or self._waiting or self._forgotten) \
+                        and not self._stopping:
+                    self._cv.wait()
+                if self._shutdown or (self._stopping and not self._jobs):
+                    break
+                incoming, self._incoming = self._incoming, []
+                cancels, self._cancels = self._cancels, set()
+                forgotten, self._forgotten = self._forgotten, []
+            if self._stopping:
+                incoming = []  # stopping: start nothing new (those jobs stay QUEUED in the store)
+                self._waiting.clear()
+            for model in forgotten:
+                self.engine.forget(model)
+            try:
+                self._round(incoming, cancels)
+            except Exception:  # a bug in the loop itself: fail what is running, keep serving
+                log.exception("device round failed")
+                for job in list(self._jobs.values()):
+                    self._fail(job, RuntimeError("internal error in the device loop"))
+            self._flush_stats()
+        for job in list(self._jobs.values()):  # shutdown: the rest goes back to the queue, from step 0
+            self.engine.drop([job.slot])
+            self._remove(job)
+            self._emit(api.WorkerEvent(api.REQUEUED, job.sub.job_id))
+        self._flush_stats(force=True)
+
+    def _round(self, incoming, cancels) -> None:
+        for job_id in cancels:
+            self._cancel(job_id, incoming)
+        for sub in incoming:
+            if sub.job_id in cancels:
+                continue
+            job = self._prepare(sub)
+            if job is not None:
+                self._waiting.append(job)
+        self._join_waiting()
+        key = self._next_group()
+        if key is None:
+            return
+        group = [job for job in self._jobs.values() if job.key == key]
+        cancelled = [job for job in group if job.slot.is_cancelled()]
+        if cancelled:
+            self._leave(cancelled)
+            group = [job for job in group if job not in cancelled]
+        if not group:
+            return
+        if len(group) > 1 and not self._independent(group):
+            chunks = [[job] for job in group]
+        else:
+            chunks = self._chunks(group, self._caps.get(key, self.max_batch))
+        for chunk in chunks:
+            self._step(key, chunk)
+        leaving = [job for job in group if job.sub.job_id in self._jobs and
+                   (job.slot.done or job.slot.error is not None)]
+        if leaving:
+            self._leave(leaving)
+
+    def _prepare(self, sub: api.Submission) -> _Job | None:
+        try:
+            spec = pb.JobSpec.FromString(sub.spec)
+            with self._cv:
+                ticket = self._tickets.pop(sub.ticket, None) if sub.ticket else None
+            model = self.models.get(sub.model)
+            if ticket is not None and ticket[0] == sub.model:
+                render_spec = ticket[1]
+            else:  # re-queued after a restart, or the ticket was dropped: convert again
+                render_spec = adapter.render_spec(model, spec, str(self.torch_device),
+                                                  max_image_side=self.config.max_image_side)
+            job = _Job(sub, spec, render_spec, None, ())
+            slot = Slot(model, render_spec, device=self.torch_device, key=sub.job_id, exclusive=sub.exclusive,
+                        progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
+                        else None)
+            job.slot = slot
+            key = BatchEngine.group_key(slot)
+            job.key = ("exclusive", sub.job_id, *key) if sub.exclusive else key
+            return job
+        except Exception as exc:
+            self._report_failure(sub.job_id, exc)
+            return None
+
+    def _join_waiting(self) -> None:
+        if not self._waiting:
+            return
+        joiners: list[_Job] = []
+        for job in list(self._waiting):
+            if not self._fits(job, joiners):
+                break  # first come, first served: later jobs wait behind this one
+            self._waiting.remove(job)
+            joiners.append(job)
+            with self._cv:
+                self._jobs[job.sub.job_id] = job  # counts for the next job's memory admission
+        by_key: dict[tuple, list[_Job]] = {}
+        for job in joiners:
+            by_key.setdefault(job.key, []).append(job)
+        for key, jobs in by_key.items():
+            for job in jobs:
+                self._emit(api.WorkerEvent(api.STARTED, job.sub.job_id))
+                job.started = True
+            if key not in self._order:
+                self._order.append(key)
+            self._guarded(jobs, lambda js: self.engine.join([j.slot for j in js]))
+
+    def _fits(self, job: _Job, joining: list[_Job]) -> bool:
+        """CUDA memory admission: whether the job's estimated memory fits now (always, when nothing runs)."""
+        if not self.planner.enabled or not (self._jobs or joining):
+            return True
+        slot = job.slot
+        key = (BatchEngine.model_key(slot.model), slot.model_size, slot.layers)
+        try:
+            fixed, per_image = self.planner.estimate(key, lambda n: self.engine.probe(slot.model, job.render_spec,
+                                                                                       n))
+        except Exception as exc:  # a probe that fails says nothing about memory: let the step decide
+            log.warning("memory probe failed (%s); admitting the job without an estimate", exc)
+            devices.empty_cache(self.torch_device)
+            return True
+        group_running = any(j.key == job.key for j in self._jobs.values())
+        need = per_image * slot.batch + (0.0 if group_running else fixed)
+        return self.planner.fits(need)
+
+    def _independent(self, group: list[_Job]) -> bool:
+        try:
+            return self.engine.rows_independent([job.slot for job in group])
+        except Exception:
+            log.exception("row-independence probe failed; running the slots one by one")
+            return False
+
+    def _next_group(self) -> tuple | None:
+        live = {job.key for job in self._jobs.values()}
+        for _ in range(len(self._order)):
+            key = self._order[0]
+            self._order.rotate(-1)
+            if key in live:
+                return key
+        self._order = collections.deque(k for k in self._order if k in live)
+        return None
+
+    @staticmethod
+    def _chunks(group: list[_Job], cap: int) -> list[list[_Job]]:
+        chunks, current, images = [], [], 0
+        for job in group:
+            if current and images + job.slot.batch > cap:
+                chunks.append(current)
+                current, images = [], 0
+            current.append(job)
+            images += job.slot.batch
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _step(self, key: tuple, chunk: list[_Job]) -> None:
+        images = sum(job.slot.batch for job in chunk)
+        began = time.perf_counter()
+        try:
+            with self._deterministic(key):
+                self.engine.step([job.slot for job in chunk], before_model=self._fault)
+        except Exception as exc:
+            oom = devices.is_oom(exc)
+            devices.empty_cache(self.torch_device)
+            if len(chunk) == 1:
+                if not oom:
+                    log.warning("job %s failed in a device step: %s", chunk[0].sub.job_id, exc)
+                self._fail(chunk[0], exc)
+                return
+            if oom:  # the group's chunks shrink until one fits: the largest size below the one that failed
+                self._caps[key] = min(self._caps.get(key, images), images - 1)
+                log.warning("out of memory in a step of %d images: splitting (chunks of at most %d)", images,
+                            self._caps[key])
+            half = len(chunk) // 2
+            for part in (chunk[:half], chunk[half:]):
+                self._step(key, part)
+            return
+        self._stats.append((images, time.perf_counter() - began))
+
+    @contextlib.contextmanager
+    def _deterministic(self, key: tuple):
+        """Exclusive jobs on CUDA: deterministic cuDNN algorithms (same seed, same device, same bytes)."""
+        if key[0] != "exclusive" or self.torch_device.type != "cuda":
+            yield
+            return
+        backends = torch.backends.cudnn
+        saved = backends.deterministic, backends.benchmark
+        backends.deterministic, backends.benchmark = True, False
+        try:
+            yield
+        finally:
+            backends.deterministic, backends.benchmark = saved
+
+    def _guarded(self, jobs: list[_Job], action) -> None:
+        """Run ``action(jobs)``; on an error, run it job by job and fail the jobs that fail alone."""
+        try:
+            action(jobs)
+        except Exception as exc:
+            devices.empty_cache(self.torch_device)
+            if len(jobs) == 1:
+                self._fail(jobs[0], exc)
+                return
+            for job in jobs:
+                if job.sub.job_id in self._jobs:
+                    self._guarded([job], action)
+
+    def _cancel(self, job_id: str, incoming: list[api.Submission]) -> None:
+        for sub in incoming:
+            if sub.job_id == job_id:  # never started: it ends without images
+                self._finished(job_id, pb.JOB_STATE_CANCELLED)
+                return
+        for job in list(self._waiting):
+            if job.sub.job_id == job_id:
+                self._waiting.remove(job)
+                self.engine.drop([job.slot])
+                self._finished(job_id, pb.JOB_STATE_CANCELLED)
+                return
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.slot.cancelled = True
+            job.slot.cancel = lambda: True
+
+    def _leave(self, jobs: list[_Job]) -> None:
+        """Done, cancelled or diverged jobs: their results (one forward for the group), then FINISHED events."""
+        self.engine.flush()  # hands over pending progress (CUDA), which may report a divergence
+        failed = [job for job in jobs if job.slot.error is not None]
+        for job in failed:
+            self._fail(job, job.slot.error)
+        ending = [job for job in jobs if job not in failed]
+
+        def finish(group: list[_Job]) -> None:
+            results = self.engine.finish([job.slot for job in group])
+            for job, result in zip(group, results):
+                self._send_progress(job)
+                self._remove(job)
+                state = pb.JOB_STATE_CANCELLED if result["cancelled"] else pb.JOB_STATE_SUCCEEDED
+                self._finished(job.sub.job_id, state, result=result)
+
+        if ending:
+            self._guarded(ending, finish)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        try:
+            self.engine.drop([job.slot])
+        except Exception:
+            log.exception("dropping job %s", job.sub.job_id)
+        self._remove(job)
+        self._report_failure(job.sub.job_id, exc)
+
+    def _report_failure(self, job_id: str, exc: BaseException) -> None:
+        from featureviz.errors import FeaturevizError
+
+        if not isinstance(exc, FeaturevizError) and not devices.is_oom(exc):
+            log.error("job %s failed", job_id, exc_info=exc)
+        self._finished(job_id, pb.JOB_STATE_FAILED, error=job_error(exc))
+
+    def _remove(self, job: _Job) -> None:
+        with self._cv:
+            self._jobs.pop(job.sub.job_id, None)
+        if job.key and not any(j.key == job.key for j in self._jobs.values()):
+            self._caps.pop(job.key, None)
+
+    def _forget(self, model) -> None:
+        with self._cv:
+            self._forgotten.append(model)
+            self._cv.notify_all()
+
+    def _flush_stats(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self._stats and (force or now - self._stats_at >= max(self.interval, 0.05) or not self._jobs):
+            stats, self._stats = self._stats, []
+            self._stats_at = now
+            self._emit(api.WorkerEvent(api.STEPS, steps=stats))
+
