@@ -143,3 +143,37 @@ def test_render_is_the_one_slot_case(lite0):
         engine.step([slot])
     again = engine.finish([slot])[0]
     assert torch.equal(result.images, again["images"]) and result.objective_end == again["objective_end"]
+
+
+@pytest.mark.gpu
+def test_cuda_shared_step_matches_solo_and_the_memory_probe_measures(lite0, monkeypatch, close_in_norm):
+    from featureviz.worker.device import MemoryPlanner
+
+    cuda = torch.device("cuda")
+    specs = SPECS[:4]
+
+    def make(spec):
+        return Slot(lite0, RenderSpec(size=SIZE, **spec), device=cuda)
+
+    solo = [_first_step(BatchEngine(cuda), [make(spec)], monkeypatch)[0] for spec in specs]
+    engine = BatchEngine(cuda)
+    batched = _first_step(engine, [make(spec) for spec in specs], monkeypatch)
+    for (v_solo, g_solo), (v_batch, g_batch) in zip(solo, batched):
+        torch.testing.assert_close(v_batch, v_solo, rtol=1e-3, atol=1e-4)
+        close_in_norm(g_batch, g_solo, 1e-2)
+    planner = MemoryPlanner(cuda)
+    slot = make(specs[0])
+    fixed, per_image = planner.estimate(("lite0", SIZE, slot.layers),
+                                        lambda n: engine.probe(lite0, slot.spec, n))
+    assert per_image > 0 and fixed >= 0 and planner.fits(per_image)
+
+
+@pytest.mark.gpu
+def test_cuda_exclusive_render_is_bitwise_repeatable(lite0):
+    spec = dict(objective=chan(MID, 7), steps=8, size=SIZE, batch=2, seed=5, device="cuda")
+    torch.backends.cudnn.deterministic, saved = True, torch.backends.cudnn.deterministic
+    try:
+        a, b = render(lite0, RenderSpec(**spec)), render(lite0, RenderSpec(**spec))
+    finally:
+        torch.backends.cudnn.deterministic = saved
+    assert torch.equal(a.images, b.images) and a.objective_end == b.objective_end

@@ -289,8 +289,10 @@ describe('featureviz Node client against a real server', () => {
     assert.match(layers.stdout, new RegExp(`^${spatialLayer.replace(/[/.]/g, '\\$&')}\\tConv\\t`, 'm'));
     const out = path.join(work, 'renders');
     const render = await runCli(['render', model.sha256, `${spatialLayer}:5`, '--steps', '3', '--size', '24',
-      '--out', out], env);
+      '--exclusive', '--out', out], env);
     assert.equal(render.code, 0, render.stderr);
+    const [newest] = await drain(fv.listJobs());
+    assert.equal(newest.spec.exclusive, true, '--exclusive reached the job spec');
     assert.match(render.stderr, /: -?\d+\.\d+ -> -?\d+\.\d+ \(3 steps, /);
     const files = render.stdout.trim().split('\n');
     assert.equal(files.length, 1);

@@ -65,10 +65,12 @@ def test_no_server_is_a_clear_error(capsys, tiny_file):
 
 def test_a_negated_objective_renders_through_the_server(server, capsys, tiny_file, tmp_path):
     code, out, err = _run(capsys, "render", str(tiny_file), "-/Relu_1:3", "--steps", "2", "--size", "24",
-                          "--out", str(tmp_path / "neg.png"), "--json", "--server", server.address)
+                          "--out", str(tmp_path / "neg.png"), "--json", "--exclusive", "--server", server.address)
     assert code == 0, err
     report = json.loads(out)
     assert report["steps"] == 2 and report["objective"].startswith("-")
+    with Client(server.address) as fv:  # --exclusive reached the job
+        assert fv.job(report["job"]).spec.exclusive
 
 
 def test_render_through_the_server(server, capsys, tiny_file, tmp_path):
