@@ -23,6 +23,7 @@ from featureviz.client.client import MESSAGE_BYTES
 from featureviz.client.client import Client
 from featureviz.client.client import channel_credentials
 from featureviz.client.client import file_sha256
+from featureviz.client.convert import preprocess_to_proto
 from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import RETRYABLE
@@ -37,20 +38,27 @@ __all__ = ["AsyncClient"]
 class AsyncClient:
     def __init__(self, address: str, *, token: str | None = None, timeout: float | None = 60.0,
                  tls: bool | str | os.PathLike | None = None, client_cert: str | os.PathLike | None = None,
-                 client_key: str | os.PathLike | None = None):
+                 client_key: str | os.PathLike | None = None, channel: grpc.aio.Channel | None = None):
+        """``channel``: share an open channel (one per caller with its own token, as the web explorer does);
+        :meth:`close` then leaves it open for its owner."""
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)]
-        credentials = channel_credentials(tls, client_cert, client_key)
-        self._channel = (grpc.aio.insecure_channel(address, options=options) if credentials is None
-                         else grpc.aio.secure_channel(address, credentials, options=options))
+        self._owns_channel = channel is None
+        if channel is None:
+            options = [("grpc.max_receive_message_length", MESSAGE_BYTES),
+                       ("grpc.max_send_message_length", MESSAGE_BYTES)]
+            credentials = channel_credentials(tls, client_cert, client_key)
+            channel = (grpc.aio.insecure_channel(address, options=options) if credentials is None
+                       else grpc.aio.secure_channel(address, credentials, options=options))
+        self._channel = channel
         self._models = pb_grpc.ModelServiceStub(self._channel)
         self._jobs = pb_grpc.JobServiceStub(self._channel)
         self._info = pb_grpc.InfoServiceStub(self._channel)
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -68,12 +76,15 @@ class AsyncClient:
         return await self._call(self._info.GetServerInfo, pb.GetServerInfoRequest())
 
     async def upload(self, source: bytes | str | os.PathLike, *, name: str | None = None,
-                     chunk_size: int = DEFAULT_CHUNK, retries: int = 3, progress=None) -> pb.Model:
+                     chunk_size: int = DEFAULT_CHUNK, retries: int = 3, preprocess: dict | None = None,
+                     progress=None) -> pb.Model:
         """As :meth:`Client.upload`: skipped when the server holds the bytes, resumed after a broken stream."""
         sha, size = await asyncio.to_thread(file_sha256, source)
         if name is None:
             name = Path(source).name if not isinstance(source, (bytes, bytearray, memoryview)) else ""
         header = pb.UploadHeader(sha256=sha, size_bytes=size, display_name=name)
+        if preprocess is not None:
+            header.preprocess.CopyFrom(preprocess_to_proto(preprocess))
         for attempt in range(retries + 1):
             status = await self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha, size_bytes=size))
             if status.model_exists:

@@ -4,7 +4,9 @@ Renders the gallery of :mod:`featureviz.demo` (channels of two layers, classes a
 trained EfficientNet-Lite0) through the service: it starts an embedded server on a free local port with a
 temporary store (or uses ``--server``), uploads the model with :class:`featureviz.client.Client`, runs each
 panel as a job with a progress bar, classifies the class images with onnxruntime, and writes the PNGs and an
-``index.html``. ``--local`` renders in this process with the engine instead, without any server.
+``index.html``. ``--local`` renders in this process with the engine instead, without any server. ``--explore``
+also serves the web explorer (``featureviz.web``) from the embedded server, prints its URL, and keeps it running
+after the gallery until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--local", action="store_true", help="render in this process, without a server")
     parser.add_argument("--device", default=None, help="torch device for --local and the embedded server")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--explore", action="store_true",
+                        help="serve the web explorer from the embedded server (its URL is printed first) and keep "
+                             "it running after the gallery, until Ctrl-C")
+    parser.add_argument("--http-port", type=int, default=0, metavar="P",
+                        help="the explorer's port with --explore (default: a free one)")
     parser.set_defaults(func=run)
 
 
@@ -60,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.local and args.server:
         raise InvalidSpec("--local", "renders without a server; leave out --server or --local")
+    if args.explore and (args.local or args.server):
+        raise InvalidSpec("--explore", "serves the explorer from the embedded server; leave out --local and --server "
+                                       "(a running server serves it with featureviz serve --http-port P)")
     settings = _settings(args)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     onnx_path = zoo.efficientnet_lite0()
@@ -69,12 +79,32 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.local:
             results, info = _run_local(panels, settings, onnx_path, args, log)
-        else:
-            results, info = _run_service(panels, settings, onnx_path, args, log)
+            return _finish(results, info, settings, onnx_path, names, args, began, log)
+        with _server(args, log) as (address, embedded):
+            results, info = _run_service(panels, settings, onnx_path, args, log, address, embedded)
+            status = _finish(results, info, settings, onnx_path, names, args, began, log)
+            if args.explore:
+                _wait_for_stop(info["explorer"])
+            return status
     except FeaturevizClientError as err:
         print(f"featureviz demo: error: {err}", file=sys.stderr)
         return 1
-    return _finish(results, info, settings, onnx_path, names, args, began, log)
+
+
+def _wait_for_stop(url: str) -> None:
+    """Keep the embedded server (and its explorer) running until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    print(f"featureviz demo: the explorer stays open at {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("featureviz demo: stopping", file=sys.stderr, flush=True)
 
 
 def _run_local(panels, settings, onnx_path, args, log):
@@ -113,7 +143,9 @@ def _server(args, log):
     from featureviz.server import serve_in_background
 
     with tempfile.TemporaryDirectory(prefix="featureviz-demo-store-") as store:
-        server = serve_in_background(ServerConfig(store_dir=store, host="127.0.0.1", port=0, device=args.device))
+        http_port = args.http_port if args.explore else None
+        server = serve_in_background(ServerConfig(store_dir=store, host="127.0.0.1", port=0, device=args.device,
+                                                  http_port=http_port))
         log(f"embedded featureviz server on {server.address} (store {store})")
         try:
             yield server.address, server
@@ -121,7 +153,7 @@ def _server(args, log):
             server.stop()
 
 
-def _run_service(panels, settings, onnx_path, args, log):
+def _run_service(panels, settings, onnx_path, args, log, address, embedded):
     from featureviz import zoo
     from featureviz.cli.remote import job_failure
     from featureviz.cli.remote import watch_with_progress
@@ -130,12 +162,16 @@ def _run_service(panels, settings, onnx_path, args, log):
     from featureviz.client import pb
     from featureviz.demo import PanelResult
 
-    with _server(args, log) as (address, embedded), Client(address, token=args.token) as client:
+    explorer = None
+    with Client(address, token=args.token) as client:
         client.wait_ready(timeout=30)
         model = client.upload(onnx_path, name="efficientnet_lite0.onnx",
                               preprocess=dict(zoo.EFFICIENTNET_LITE0_PREPROCESS))
         log(f"model {model.sha256[:12]} {'already on' if model.deduplicated else 'uploaded to'} {address}: "
             f"{model.layer_count} layers")
+        if embedded is not None and embedded.http_url:  # printed even with --quiet: it is what --explore is for
+            explorer = f"{embedded.http_url}#/models/{model.sha256}"
+            print(f"featureviz demo: web explorer at {explorer}", file=sys.stderr, flush=True)
         info = client.info()
         results = []
         for panel in panels:
@@ -153,7 +189,7 @@ def _run_service(panels, settings, onnx_path, args, log):
                 seconds=job.result.seconds_per_step * job.result.steps_done))
         device = info.device
         via = f"featureviz {info.version} server at {address}" + (" (embedded)" if embedded else "")
-    return results, {"sha256": model.sha256, "via": via, "device": _device_text(device)}
+    return results, {"sha256": model.sha256, "via": via, "device": _device_text(device), "explorer": explorer}
 
 
 def _device_text(device) -> str:

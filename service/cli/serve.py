@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mTLS)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; default: off)")
+    p.add_argument("--http-port", type=int, default=None, metavar="P",
+                   help="serve the web explorer on http://HOST:P/ (0: a free port; default: off)")
+    p.add_argument("--http-host", default=None, help="address of the web explorer (default: --host)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the compute worker (default: torch's, one per core)")
@@ -64,6 +67,7 @@ def _config(args: argparse.Namespace):
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
         threads=args.threads, max_batch=args.max_batch, progress_interval=args.progress_interval,
+        http_port=args.http_port, http_host=args.http_host,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 
@@ -99,6 +103,8 @@ async def _serve(config) -> int:
     if server.metrics_port is not None:
         print(f"featureviz serve: metrics on http://{config.host}:{server.metrics_port}/metrics", file=sys.stderr,
               flush=True)
+    if server.web is not None:
+        print(f"featureviz serve: web explorer on {server.web.url}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

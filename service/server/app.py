@@ -47,7 +47,7 @@ class FeaturevizServer:
     """The grpc.aio server plus the scheduler and store it owns."""
 
     def __init__(self, config: ServerConfig, grpc_server: grpc.aio.Server, store: Store, scheduler: Scheduler,
-                 health_servicer: health.aio.HealthServicer, metrics: Metrics | None):
+                 health_servicer: health.aio.HealthServicer, metrics: Metrics | None, web=None):
         self.config = config
         self.grpc_server = grpc_server
         self.store = store
@@ -55,8 +55,12 @@ class FeaturevizServer:
         self.health = health_servicer
         self.metrics = metrics
         self.metrics_port: int | None = None
+        self.web = web  # featureviz.web.WebGateway when config.http_port is set
+        self.http_port: int | None = None
 
     async def start(self) -> None:
+        if self.web is not None:  # first: a port in use fails the start before anything else runs
+            self.http_port = await self.web.start()
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         self.scheduler.start()
@@ -66,6 +70,8 @@ class FeaturevizServer:
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_seconds if grace is None else grace
+        if self.web is not None:
+            await self.web.stop()
         self.scheduler.stop_accepting()  # before health says NOT_SERVING: no job is admitted after that
         await self.health.enter_graceful_shutdown()
         await asyncio.to_thread(self.scheduler.stop, grace)  # running job: finish or back to QUEUED
@@ -120,7 +126,12 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
         port = server.add_secure_port(f"{host}:{config.port}", credentials)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
-    return FeaturevizServer(config, server, store, scheduler, health_servicer, metrics), port
+    web = None
+    if config.http_port is not None:  # the web explorer: a gateway over this server's gRPC API
+        from featureviz.web import WebGateway
+
+        web = WebGateway(config, server, grpc_port=port)
+    return FeaturevizServer(config, server, store, scheduler, health_servicer, metrics, web), port
 
 
 class BackgroundServer:
@@ -130,6 +141,7 @@ class BackgroundServer:
         self.config = config
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -139,6 +151,11 @@ class BackgroundServer:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The web explorer's address (``http://host:port/``), None without ``config.http_port``."""
+        return None if self._server is None or self._server.web is None else self._server.web.url
 
     def start(self) -> "BackgroundServer":
         if self._thread.is_alive():
@@ -164,6 +181,7 @@ class BackgroundServer:
         self._server, self.port = create_server(self.config)
         await self._server.start()
         self.metrics_port = self._server.metrics_port
+        self.http_port = self._server.http_port
 
     def stop(self, grace: float | None = None) -> None:
         if self._server is None or not self._thread.is_alive():

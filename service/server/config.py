@@ -69,6 +69,8 @@ class ServerConfig:
     model_cache_size: int = 4  # imported models kept in memory
     finished_logs_kept: int = 256  # event logs of finished jobs kept in memory for re-attaching watchers
     upload_idle_timeout_seconds: float = 60.0  # an upload stream silent this long is ended and its lock released
+    http_port: int | None = None  # the web explorer (featureviz.web) on this port (0: a free one; None: off)
+    http_host: str | None = None  # its address (None: the same as host)
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -90,6 +92,19 @@ class ServerConfig:
                 "(--token-file or FEATUREVIZ_TOKENS) or client certificates (--tls-client-ca), "
                 "or pass --allow-insecure-remote",
             )
+        if self.http_port is not None:
+            self._check_http(authenticated)
+
+    def _check_http(self, authenticated: bool) -> None:
+        """The explorer signs in with bearer tokens: the same rule as the gRPC side for its own address."""
+        host = self.http_host or self.host
+        if not self.tokens and authenticated:
+            raise InvalidSpec("http_port", "the web explorer signs in with bearer tokens, and this server has only "
+                                           "client certificates; give tokens (--token-file or FEATUREVIZ_TOKENS)")
+        if not self.tokens and host not in LOOPBACK_HOSTS and not self.allow_insecure_remote:
+            raise InvalidSpec("http_host", f"refusing to serve the web explorer on {host!r} without auth; give "
+                                           "bearer tokens (--token-file or FEATUREVIZ_TOKENS), or pass "
+                                           "--allow-insecure-remote")
 
     def server_credentials(self):
         """grpc.ServerCredentials for TLS (mTLS with ``tls_client_ca``), or None for plaintext."""

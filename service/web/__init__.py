@@ -1,0 +1,12 @@
+"""featureviz.web: the web explorer, served by ``featureviz serve --http-port P`` from the gRPC server's process.
+
+A thin aiohttp gateway over the gRPC API (:class:`WebGateway`) and a static single-page app (``static/``: plain
+ES modules, no build step, nothing from a CDN): models (drag-and-drop upload, list, delete), a model's layer
+catalog, a layer's first channels rendered as one batched job with live previews (server-sent events), a
+channel with the render options of the CLI, ImageNet classes by name, and the jobs. Every result downloads as
+PNG with its spec JSON and the equivalent ``featureviz render`` command.
+"""
+
+from featureviz.web.gateway import WebGateway
+
+__all__ = ["WebGateway"]

@@ -1,0 +1,213 @@
+"""The JSON the explorer's pages read: featureviz.v1 messages -> plain dicts, and the spec to reproduce a job.
+
+Image bytes never travel inside these dicts: a finished image is a relative URL
+(``api/jobs/<id>/images/<index>.png``), a streamed preview a small ``data:`` URL. Specs are the engine's
+spec dicts (``featureviz.client.convert.spec_from_proto``, the one proto <-> spec conversion), so what a
+page shows, what ``spec.json`` holds and what the CLI takes are the same objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+
+from featureviz.client.convert import spec_from_proto
+from featureviz.errors import InvalidSpec
+from featureviz.spec import format_objective
+from featureviz.spec import normalize_objective
+from featureviz.spec import parse_objective
+from featureviz.v1 import featureviz_pb2 as pb
+
+__all__ = ["model_json", "layer_json", "job_json", "event_json", "spec_json", "objective_text", "image_labels",
+           "objective_summary", "cli_command", "state_name", "STATES"]
+
+STATES = {value: name.removeprefix("JOB_STATE_") for name, value in pb.JobState.items()}
+_MODEL_STATES = {value: name.removeprefix("MODEL_STATE_") for name, value in pb.ModelState.items()}
+
+
+def state_name(value: int) -> str:
+    return STATES.get(value, "UNSPECIFIED")
+
+
+def _time(stamp) -> str | None:
+    return stamp.ToJsonString() if stamp.seconds or stamp.nanos else None
+
+
+def model_json(model: pb.Model) -> dict:
+    spec = model.input_spec
+    pre = spec.preprocess
+    return {
+        "sha256": model.sha256,
+        "name": model.display_name or model.sha256[:12],
+        "display_name": model.display_name,
+        "size_bytes": model.size_bytes,
+        "state": _MODEL_STATES.get(model.state, "UNSPECIFIED"),
+        "layer_count": model.layer_count,
+        "logits_layer": model.logits_layer,
+        "input": {"name": spec.name, "layout": spec.layout, "channels": spec.channels,
+                  "height": spec.height or None, "width": spec.width or None,
+                  "default_size": [spec.default_height, spec.default_width],
+                  "preprocess": {"mean": list(pre.mean), "std": list(pre.std),
+                                 "channel_order": pre.channel_order or "RGB"}},
+        "check": {"max_rel_err": model.check.max_rel_err, "max_rel_err_batch": model.check.max_rel_err_batch,
+                  "tolerance": model.check.tolerance, "passed": model.check.passed},
+        "create_time": _time(model.create_time),
+        "deduplicated": model.deduplicated,
+    }
+
+
+def layer_json(layer: pb.Layer) -> dict:
+    return {"name": layer.name, "aliases": list(layer.aliases), "op_type": layer.op_type, "shape": list(layer.shape),
+            "channels": layer.channels, "spatial": layer.spatial, "depth": layer.depth, "is_logits": layer.is_logits,
+            "pre_activation_of": layer.pre_activation_of}
+
+
+def spec_json(spec: pb.JobSpec) -> dict:
+    """A job's spec as the engine's keyword arguments (``RenderSpec``), plus the model's sha256."""
+    out = {"model": spec.model.removeprefix("models/")}
+    try:
+        out.update(spec_from_proto(spec))
+    except InvalidSpec:  # a stored job's spec was admitted, so this is an older or foreign spec: show what is there
+        out["objective"] = None
+    if "size" in out:
+        out["size"] = list(out["size"])
+    if "init_image" in out:
+        out["init_image"] = f"<{len(out['init_image'])} bytes of PNG/JPEG, not included>"
+    if spec.preview_every:
+        out["preview_every"] = spec.preview_every
+    return out
+
+
+def objective_text(objective: dict | None) -> str:
+    """The command-line text of an objective when the text syntax says the same, else its JSON."""
+    if objective is None:
+        return ""
+    try:
+        text = format_objective(objective)
+        if "{" not in text and parse_objective(text) == normalize_objective(objective):  # no half-JSON texts
+            return text
+    except (InvalidSpec, KeyError, TypeError, ValueError):
+        pass
+    return json.dumps(objective, separators=(",", ":"))
+
+
+def image_labels(objective: dict | None, batch: int) -> list[str]:
+    """What each image of a batch shows: the text of its own objective for a sum of per-image (``batch``) terms,
+    else ``image i`` (or the objective's text for a single image)."""
+    per_image = _per_image(objective)
+    if per_image is not None and len(per_image) == batch:
+        return [objective_text(term) for term in per_image]
+    if batch == 1:
+        return [objective_text(objective)]
+    return [f"image {i}" for i in range(batch)]
+
+
+def objective_summary(objective: dict | None) -> str:
+    """One short line: ``LAYER channels 0-7, one per image`` for a layer page's batch, the per-image objectives
+    joined for other per-image sums, else the objective's text."""
+    per_image = _per_image(objective)
+    if per_image is None:
+        return objective_text(objective)
+    channels = [term.get("channel") for term in per_image]
+    if all(channels) and len({c["layer"] for c in channels}) == 1:
+        numbers = [c["channel"] for c in channels]
+        if numbers == list(range(numbers[0], numbers[0] + len(numbers))) and len(numbers) > 1:
+            return f"{channels[0]['layer']} channels {numbers[0]}–{numbers[-1]}, one per image"
+    return " | ".join(objective_text(term) for term in per_image)
+
+
+def _per_image(objective: dict | None) -> list[dict] | None:
+    """The per-image objectives of ``{"sum": [{"batch": {"index": i, "objective": ...}}, ...]}`` with indices
+    0..n-1 in order, else None."""
+    if not objective or "sum" not in objective:
+        return None
+    terms = objective["sum"]
+    if not all(isinstance(t, dict) and "batch" in t for t in terms):
+        return None
+    if [t["batch"].get("index") for t in terms] != list(range(len(terms))):
+        return None
+    return [t["batch"]["objective"] for t in terms]
+
+
+def _rendered(image: pb.RenderedImage, url: str | None) -> dict:
+    out = {"index": image.index, "width": image.width, "height": image.height,
+           "objective_start": image.objective_start, "objective_end": image.objective_end}
+    if url is not None:
+        out["url"] = url
+    else:
+        out["src"] = "data:image/png;base64," + base64.b64encode(image.png).decode("ascii")
+    return out
+
+
+def job_json(job: pb.Job) -> dict:
+    spec = spec_json(job.spec)
+    out = {
+        "id": job.id, "state": state_name(job.state), "step": job.step, "steps": job.steps,
+        "objective": list(job.objective), "queue_position": job.queue_position, "attempts": job.attempts,
+        "last_seq": job.last_seq, "create_time": _time(job.create_time), "start_time": _time(job.start_time),
+        "end_time": _time(job.end_time), "spec": spec, "objective_text": objective_text(spec.get("objective")),
+        "summary": objective_summary(spec.get("objective")),
+        "image_labels": image_labels(spec.get("objective"), spec.get("batch") or 1),
+    }
+    if job.HasField("result"):
+        result = job.result
+        out["result"] = {
+            "steps_done": result.steps_done, "seconds_per_step": result.seconds_per_step,
+            "objective_description": result.objective_description,
+            "images": [_rendered(image, f"api/jobs/{job.id}/images/{image.index}.png")
+                       for image in sorted(result.images, key=lambda i: i.index)],
+        }
+    if job.error.code:
+        out["error"] = {"code": job.error.code, "reason": job.error.reason, "message": job.error.message,
+                        "field": job.error.field}
+    return out
+
+
+def event_json(event: pb.JobEvent) -> tuple[str, dict]:
+    """A JobEvent -> (SSE event name, data). Names: snapshot, state, progress, preview, heartbeat, result."""
+    kind = event.WhichOneof("event") or "heartbeat"
+    if kind in ("snapshot", "result"):
+        return kind, job_json(getattr(event, kind))
+    if kind == "state":
+        return kind, {"state": state_name(event.state)}
+    if kind == "progress":
+        p = event.progress
+        return kind, {"step": p.step, "steps": p.steps, "objective": list(p.objective),
+                      "seconds_per_step": p.seconds_per_step}
+    if kind == "preview":
+        return kind, {"step": event.preview.step,
+                      "images": [_rendered(image, None) for image in event.preview.images]}
+    return "heartbeat", {}
+
+
+def cli_command(spec: dict, *, model_file: str, server: str | None = None, tls: bool = False,
+                out: str = "featureviz.png") -> str:
+    """The ``featureviz render`` command line that runs ``spec`` (a :func:`spec_json` dict) again: with
+    ``server`` on that server, else locally; the same seed gives the same images on the same device."""
+    args = ["featureviz", "render", model_file, objective_text(spec.get("objective"))]
+    for key in ("steps", "batch", "seed", "lr", "decay"):
+        if spec.get(key) is not None:
+            args += [f"--{key}", repr(spec[key]) if isinstance(spec[key], float) else str(spec[key])]
+    if spec.get("size"):
+        height, width = spec["size"]
+        args += ["--size", str(height) if height == width else f"{height}x{width}"]
+    for key in ("param", "transforms"):
+        if spec.get(key):
+            args += [f"--{key}", spec[key]]
+    pre = spec.get("preprocess")
+    if pre:  # the preprocessing the job ran with (the model's, recorded on the job): the CLI defaults to ImageNet's
+        args += ["--mean", ",".join(repr(float(v)) for v in pre["mean"]),
+                 "--std", ",".join(repr(float(v)) for v in pre["std"])]
+        if pre.get("channel_order") == "BGR":
+            args.append("--bgr")
+    if spec.get("init_image"):
+        args += ["--init", "INIT.png"]
+    if spec.get("batch", 1) > 1:
+        args.append("--grid")
+    args += ["--out", out]
+    if server:
+        args += ["--server", server]
+        if tls:
+            args += ["--tls-ca", "CA.pem"]
+    return shlex.join(args)

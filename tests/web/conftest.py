@@ -1,0 +1,158 @@
+"""Fixtures of the web explorer tests: a REAL featureviz server with its explorer on 127.0.0.1 (free ports, a
+temporary store), real ONNX exports of small torch networks, and Debian's chromium driven by Playwright.
+
+The browser tests skip with the reason when /usr/bin/chromium or the playwright package is missing (`.ci/run`
+installs chromium; Playwright's own browser download is never used).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("aiohttp")
+
+from featureviz.client import Client  # noqa: E402
+from featureviz.server import ServerConfig  # noqa: E402
+from featureviz.server import serve_in_background  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+class ExplorerNet(torch.nn.Module):
+    """conv-relu-conv-relu-pool-linear with 1000 logits (ImageNet-1k's width, so the classes page applies);
+    a 32x32 render step takes milliseconds."""
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.fc = torch.nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def export_onnx(module: torch.nn.Module, size: int = 32) -> bytes:
+    module.eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(module, torch.rand(1, 3, size, size), buffer, input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}}, opset_version=17, dynamo=False)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def net_onnx() -> bytes:
+    torch.manual_seed(0)
+    return export_onnx(ExplorerNet())
+
+
+@pytest.fixture(scope="session")
+def small_onnx() -> bytes:
+    """Other bytes (10 classes): what the upload test drops into the page."""
+    torch.manual_seed(1)
+    return export_onnx(ExplorerNet(classes=10))
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory):
+    """A server without tokens on loopback (the default), with its explorer on a free port."""
+    config = ServerConfig(tmp_path_factory.mktemp("store"), http_port=0, heartbeat_seconds=0.5, grace_seconds=2.0)
+    running = serve_in_background(config)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def model(web_server, net_onnx):
+    with Client(web_server.address) as fv:
+        return fv.upload(net_onnx, name="explorer-net.onnx")
+
+
+@pytest.fixture()
+def client(web_server):
+    with Client(web_server.address, timeout=60) as fv:
+        yield fv
+
+
+class Http:
+    """Plain HTTP calls to the explorer's API (urllib): the state-changing ones carry the explorer's header."""
+
+    def __init__(self, base: str, token: str | None = None):
+        self.base = base
+        self.token = token
+
+    def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        sent = {"X-Featureviz": "1", **({"Content-Type": "application/json"} if isinstance(body, dict) else {})}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        sent.update(headers or {})
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def json(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
+        status, _, raw = self.call(method, path, body, headers)
+        return status, json.loads(raw or b"{}")
+
+
+@pytest.fixture()
+def http(web_server) -> Http:
+    return Http(web_server.http_url)
+
+
+# ------------------------------------------------------------------------------------------------- the browser
+
+
+def _browser_missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return (f"no browser: {CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium), "
+                "as .ci/run does")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "no browser driver: the playwright package is missing; pip install -e '.[test]'"
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser, web_server):
+    """A fresh browser context on the explorer; the test fails on any uncaught error in the page's scripts."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True,
+                                  base_url=web_server.http_url)
+    context.set_default_timeout(float(os.environ.get("FEATUREVIZ_BROWSER_TIMEOUT_MS", "60000")))
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    yield tab
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
