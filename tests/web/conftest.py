@@ -8,24 +8,21 @@ installs chromium; Playwright's own browser download is never used).
 from __future__ import annotations
 
 import io
-import json
 import os
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("aiohttp")
 
+from web_support import CHROMIUM  # noqa: E402
+from web_support import CHROMIUM_ARGS  # noqa: E402
+from web_support import Http  # noqa: E402
+from web_support import browser_missing  # noqa: E402
+
 from featureviz.client import Client  # noqa: E402
 from featureviz.server import ServerConfig  # noqa: E402
 from featureviz.server import serve_in_background  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 class ExplorerNet(torch.nn.Module):
@@ -86,31 +83,6 @@ def client(web_server):
         yield fv
 
 
-class Http:
-    """Plain HTTP calls to the explorer's API (urllib): the state-changing ones carry the explorer's header."""
-
-    def __init__(self, base: str, token: str | None = None):
-        self.base = base
-        self.token = token
-
-    def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
-        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        sent = {"X-Featureviz": "1", **({"Content-Type": "application/json"} if isinstance(body, dict) else {})}
-        if self.token:
-            sent["Authorization"] = f"Bearer {self.token}"
-        sent.update(headers or {})
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=sent)
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), err.read()
-
-    def json(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
-        status, _, raw = self.call(method, path, body, headers)
-        return status, json.loads(raw or b"{}")
-
-
 @pytest.fixture()
 def http(web_server) -> Http:
     return Http(web_server.http_url)
@@ -119,20 +91,9 @@ def http(web_server) -> Http:
 # ------------------------------------------------------------------------------------------------- the browser
 
 
-def _browser_missing() -> str | None:
-    if not Path(CHROMIUM).exists():
-        return (f"no browser: {CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium), "
-                "as .ci/run does")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "no browser driver: the playwright package is missing; pip install -e '.[test]'"
-    return None
-
-
 @pytest.fixture(scope="session")
 def browser():
-    reason = _browser_missing()
+    reason = browser_missing()
     if reason:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright

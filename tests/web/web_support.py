@@ -1,0 +1,51 @@
+"""What the web tests share besides fixtures: plain HTTP calls to the explorer's API (urllib), and where the
+browser is and how it is launched (Debian's chromium, driven by Playwright; never Playwright's own download)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["Http", "CHROMIUM", "CHROMIUM_ARGS", "browser_missing"]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def browser_missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return (f"no browser: {CHROMIUM} is missing; install Debian's chromium (apt-get install -y chromium), "
+                "as .ci/run does")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "no browser driver: the playwright package is missing; pip install -e '.[test]'"
+    return None
+
+
+class Http:
+    """Plain HTTP calls to the explorer's API (urllib): the state-changing ones carry the explorer's header."""
+
+    def __init__(self, base: str, token: str | None = None):
+        self.base = base
+        self.token = token
+
+    def call(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        sent = {"X-Featureviz": "1", **({"Content-Type": "application/json"} if isinstance(body, dict) else {})}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        sent.update(headers or {})
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def json(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
+        status, _, raw = self.call(method, path, body, headers)
+        return status, json.loads(raw or b"{}")
