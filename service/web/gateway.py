@@ -25,6 +25,7 @@ import shutil
 import ssl
 import tempfile
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import grpc
@@ -54,6 +55,7 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "featureviz_token"
 CSRF_HEADER = "X-Featureviz"
 ECHO = 100  # characters of a caller's value echoed back in a message
+DESCRIBED_KEPT = 4096  # jobs whose readable summary the jobs list remembers
 
 # gRPC status code -> HTTP status (the JSON body keeps the gRPC code name, the reason and the field violations)
 HTTP_STATUS = {
@@ -107,6 +109,7 @@ class WebGateway:
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Task] = set()
         self._class_names: list[str] | None = None
+        self._described: OrderedDict[str, dict] = OrderedDict()  # job id -> summary, labels (display only)
 
     @property
     def url(self) -> str:
@@ -299,11 +302,21 @@ class WebGateway:
         names = {m.sha256: m.display_name async for m in client.models(page_size=1000)}
         jobs = []
         async for job in client.jobs(page_size=100):
-            jobs.append(job_json(job))
-            jobs[-1]["model_name"] = names.get(jobs[-1]["spec"]["model"], "")
+            out = job_json(job)
+            out["model_name"] = names.get(out["spec"]["model"], "")
+            out.update(self._described.get(job.id, {}))  # the list carries the objective as capped text only
+            jobs.append(out)
             if len(jobs) == 100:  # the newest hundred
                 break
         return web.json_response({"jobs": jobs})
+
+    def _describe(self, job: dict) -> dict:
+        """Remember how a job with its whole spec reads (summary, image labels) for the jobs list."""
+        if job["spec"].get("objective") is not None:
+            self._described[job["id"]] = {key: job[key] for key in ("summary", "image_labels")}
+            while len(self._described) > DESCRIBED_KEPT:
+                self._described.popitem(last=False)
+        return job
 
     async def create_job(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -322,12 +335,12 @@ class WebGateway:
             raise InvalidSpec("spec", f"a value has the wrong type: {_short(exc)}") from None
         request_id = body.get("request_id") or uuid.uuid4().hex
         job = await self._client(request).submit(spec.model, spec=spec, request_id=str(request_id))
-        return web.json_response(job_json(job))
+        return web.json_response(self._describe(job_json(job)))
 
     async def get_job(self, request: web.Request) -> web.Response:
         client = self._client(request)
         job = await client.job(request.match_info["id"])
-        out = job_json(job)
+        out = self._describe(job_json(job))
         out["cli"] = await self._cli(client, request, job)
         return web.json_response(out)
 

@@ -52,6 +52,7 @@ def model_json(model: pb.Model) -> dict:
                                  "channel_order": pre.channel_order or "RGB"}},
         "check": {"max_rel_err": model.check.max_rel_err, "max_rel_err_batch": model.check.max_rel_err_batch,
                   "tolerance": model.check.tolerance, "passed": model.check.passed},
+        "failure": {"reason": model.failure_reason, "message": model.failure_message} if model.failure_reason else None,
         "create_time": _time(model.create_time),
         "deduplicated": model.deduplicated,
     }
@@ -66,9 +67,16 @@ def layer_json(layer: pb.Layer) -> dict:
 def spec_json(spec: pb.JobSpec) -> dict:
     """A job's spec as the engine's keyword arguments (``RenderSpec``), plus the model's sha256."""
     out = {"model": spec.model.removeprefix("models/")}
+    listed = spec.objective.WhichOneof("kind") is None  # ListJobs leaves the objective out (objective_text has it)
+    if listed:
+        whole, spec = spec, pb.JobSpec()
+        spec.CopyFrom(whole)
+        spec.objective.tv.SetInParent()  # a stand-in, so the one conversion reads the other fields
     try:
         out.update(spec_from_proto(spec))
     except InvalidSpec:  # a stored job's spec was admitted, so this is an older or foreign spec: show what is there
+        out["objective"] = None
+    if listed:
         out["objective"] = None
     if "size" in out:
         out["size"] = list(out["size"])
@@ -150,6 +158,8 @@ def job_json(job: pb.Job) -> dict:
         "summary": objective_summary(spec.get("objective")),
         "image_labels": image_labels(spec.get("objective"), spec.get("batch") or 1),
     }
+    if spec.get("objective") is None:  # ListJobs: the server sends the objective as capped text only
+        out["objective_text"] = out["summary"] = job.objective_text
     if job.HasField("result"):
         result = job.result
         out["result"] = {
