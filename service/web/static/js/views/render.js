@@ -167,15 +167,15 @@ export function optionsForm(defaults, { batch = false, extra = [] } = {}) {
     lr: h("input", { type: "number", name: "lr", min: 0.0001, step: "any", value: defaults.lr ?? 0.05 }),
   };
   if (batch) inputs.batch = h("input", { type: "number", name: "batch", min: 1, max: 64, value: defaults.batch ?? 1 });
-  const el = h("div.options",
+  const el = h("div.option-rows", h("div.options",
     field("steps", inputs.steps),
     field("size (px)", inputs.size),
     field("parameterization", inputs.param),
     field("transforms", inputs.transforms),
     batch ? field("batch", inputs.batch, "images at once") : null,
     field("seed", inputs.seed),
-    field("learning rate", inputs.lr),
-    extra);
+    field("learning rate", inputs.lr)),
+  extra.length ? h("div.options.extra", extra) : null);
   const values = () => ({
     steps: Number(inputs.steps.value), size: Number(inputs.size.value), param: inputs.param.value,
     transforms: inputs.transforms.value, seed: Number(inputs.seed.value), lr: Number(inputs.lr.value),
