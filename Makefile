@@ -1,11 +1,12 @@
 # One command for each job; each sets up what it needs (a virtual environment in .venv).
 #   make demo   - render a gallery of a real trained ImageNet model through an embedded server (CPU is fine)
+#   make explore - the demo, then the embedded server keeps running with the web explorer at the printed URL
 #   make test   - run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-fast demo proto clean
+.PHONY: setup test test-fast demo explore proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/featureviz demo --out demo-out
+
+explore: setup
+	$(VENV)/bin/featureviz demo --explore --out demo-out
 
 proto: setup
 	$(PY) -m featureviz.v1.generate
