@@ -96,15 +96,13 @@ class ServerConfig:
             self._check_http(authenticated)
 
     def _check_http(self, authenticated: bool) -> None:
-        """The explorer signs in with bearer tokens: the same rule as the gRPC side for its own address."""
+        """The web explorer has the gRPC side's auth (tokens; client certificates over HTTPS), so the same rule
+        holds for its own address."""
         host = self.http_host or self.host
-        if not self.tokens and authenticated:
-            raise InvalidSpec("http_port", "the web explorer signs in with bearer tokens, and this server has only "
-                                           "client certificates; give tokens (--token-file or FEATUREVIZ_TOKENS)")
-        if not self.tokens and host not in LOOPBACK_HOSTS and not self.allow_insecure_remote:
+        if not authenticated and host not in LOOPBACK_HOSTS and not self.allow_insecure_remote:
             raise InvalidSpec("http_host", f"refusing to serve the web explorer on {host!r} without auth; give "
-                                           "bearer tokens (--token-file or FEATUREVIZ_TOKENS), or pass "
-                                           "--allow-insecure-remote")
+                                           "bearer tokens (--token-file or FEATUREVIZ_TOKENS) or client certificates "
+                                           "(--tls-client-ca), or pass --allow-insecure-remote")
 
     def server_credentials(self):
         """grpc.ServerCredentials for TLS (mTLS with ``tls_client_ca``), or None for plaintext."""

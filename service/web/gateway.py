@@ -9,7 +9,9 @@ and error codes are exactly the gRPC API's. It binds an extra insecure port on a
 temporary folder (reachable only by this user), so it works whatever the TCP port's host or TLS settings.
 
 Auth: the page sends the token once (``POST api/login``); the gateway checks it with ``GetServerInfo`` and
-keeps it in an HttpOnly, SameSite=Strict cookie, so images, downloads and the SSE stream carry it too.
+keeps it in an HttpOnly, SameSite=Strict cookie, so images, downloads and the SSE stream carry it too. With
+``--tls-cert`` the explorer serves HTTPS with the same certificate, and with ``--tls-client-ca`` it requires client
+certificates signed by that CA, as the gRPC port does.
 ``Authorization: Bearer`` works as well (scripts). State-changing requests must carry the ``X-Featureviz``
 header (a cross-site page cannot send it without a CORS preflight, which is never granted), and on a loopback
 address the ``Host`` header must be a loopback name (a DNS-rebinding page cannot reach the API).
@@ -144,6 +146,9 @@ class WebGateway:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        if self.config.tls_client_ca is not None:  # mTLS, as on the gRPC port: the browser shows its certificate
+            context.load_verify_locations(cafile=str(self.config.tls_client_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
         return context
 
     # --------------------------------------------------------------------------------------------- the app

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -121,8 +124,44 @@ def test_the_explorer_refuses_a_non_loopback_address_without_tokens_like_the_grp
         ServerConfig(tmp_path, http_port=0, http_host="0.0.0.0")
     ServerConfig(tmp_path, http_port=0, http_host="0.0.0.0", tokens={"t": "a"})
     ServerConfig(tmp_path, http_port=0, http_host="0.0.0.0", allow_insecure_remote=True)
-    with pytest.raises(InvalidSpec, match="signs in with bearer tokens"):  # mTLS only: no way to sign in
-        ServerConfig(tmp_path, http_port=0, tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem")
+    ServerConfig(tmp_path, http_port=0, http_host="0.0.0.0", tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem")
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+             "-days", "1", "-subj", "/CN=featureviz test CA")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"), "-out",
+                 str(d / f"{name}.csr"), "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1")
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+                 "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "1", "-copy_extensions", "copy")
+    return d
+
+
+def test_with_tls_the_explorer_serves_https_and_asks_for_client_certificates_as_grpc_does(tmp_path, certs):
+    trusting = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    with_cert = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    with_cert.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+    tls = {"tls_cert": certs / "server.pem", "tls_key": certs / "server.key"}
+    with serve_in_background(ServerConfig(tmp_path / "a", http_port=0, tls_client_ca=certs / "ca.pem", **tls)) as mtls:
+        assert mtls.http_url.startswith("https://127.0.0.1:")
+        info = json.loads(urllib.request.urlopen(mtls.http_url + "api/info", context=with_cert, timeout=60).read())
+        assert info["tls"] is True and info["tenant"] == "default"
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):  # no client certificate
+            urllib.request.urlopen(mtls.http_url + "api/info", context=trusting, timeout=60).read()
+    with serve_in_background(ServerConfig(tmp_path / "b", http_port=0, tokens={"s3cret": "alice"}, **tls)) as tokens:
+        request = urllib.request.Request(tokens.http_url + "api/login", data=b'{"token": "s3cret"}', method="POST",
+                                         headers={"X-Featureviz": "1", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, context=trusting, timeout=60) as response:
+            assert "Secure" in response.headers["Set-Cookie"]
 
 
 # ------------------------------------------------------------------------------------------------- errors
