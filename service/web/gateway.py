@@ -372,7 +372,8 @@ class WebGateway:
         job = await client.job(request.match_info["id"])
         out = job_json(job)
         body = {"job": job.id, "state": out["state"], "model": await self._model_ref(client, job),
-                "spec": out["spec"], "objective_text": out["objective_text"], "cli": await self._cli(client, request, job)}
+                "spec": out["spec"], "objective_text": out["objective_text"],
+                "cli": await self._cli(client, request, job)}
         if "result" in out:
             body["result"] = {key: value for key, value in out["result"].items() if key != "images"}
             body["result"]["images"] = [{k: v for k, v in image.items() if k != "url"}

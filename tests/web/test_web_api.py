@@ -24,8 +24,6 @@ from web_support import Http
 from featureviz.cli import build_parser
 from featureviz.cli import main
 from featureviz.client import Client
-from featureviz.client import pb
-from featureviz.client.convert import objective_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.server import Limits
 from featureviz.server import ServerConfig

@@ -30,7 +30,8 @@ def test_demo_explore_leaves_the_explorer_running_at_the_printed_url(tmp_path, r
         assert any(f"web explorer at {url}" in line for line in printed)  # printed before the gallery too
         base, _, fragment = url.partition("#")
         models = json.loads(urllib.request.urlopen(base + "api/models", timeout=60).read())["models"]
-        assert [m["name"] for m in models] == ["efficientnet_lite0.onnx"] and fragment == f"/models/{models[0]['sha256']}"
+        assert [m["name"] for m in models] == ["efficientnet_lite0.onnx"]
+        assert fragment == f"/models/{models[0]['sha256']}"
         assert models[0]["logits_channels"] == 1000
         jobs = json.loads(urllib.request.urlopen(base + "api/jobs", timeout=60).read())["jobs"]
         assert jobs and all(job["state"] == "SUCCEEDED" for job in jobs)
