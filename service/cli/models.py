@@ -60,7 +60,7 @@ def _to_dict(message) -> dict:
 
 @client_command
 def _upload(args: argparse.Namespace) -> int:
-    from featureviz.cli.remote import ProgressBar
+    from featureviz.cli.progress import ProgressBar
 
     bar = ProgressBar(f"upload {os.path.basename(args.file)}")
     with connect(args) as fv:

@@ -10,10 +10,11 @@ import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-__all__ = ["add_connection_args", "connect", "client_command", "ProgressBar", "render_remote", "DEFAULT_SERVER"]
+from featureviz.cli.progress import ProgressBar
+
+__all__ = ["add_connection_args", "connect", "client_command", "render_remote", "DEFAULT_SERVER"]
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -51,37 +52,6 @@ def client_command(func):
             return 1
 
     return wrapper
-
-
-class ProgressBar:
-    """One line on stderr, redrawn in place on a terminal; elsewhere a line every 10%."""
-
-    def __init__(self, label: str, stream=None, width: int = 30):
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.tty = self.stream.isatty()
-        self._last_decile = -1
-        self._start = time.monotonic()
-
-    def update(self, done: int, total: int, note: str = "") -> None:
-        total = max(total, 1)
-        frac = min(1.0, done / total)
-        if self.tty:
-            filled = int(frac * self.width)
-            bar = "#" * filled + "-" * (self.width - filled)
-            self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {note}\x1b[K")
-            self.stream.flush()
-        elif int(frac * 10) > self._last_decile:
-            self._last_decile = int(frac * 10)
-            self.stream.write(f"{self.label}: {done}/{total} {note}\n")
-
-    def close(self, note: str = "") -> None:
-        seconds = time.monotonic() - self._start
-        if self.tty:
-            self.stream.write("\n")
-        self.stream.write(f"{self.label}: done in {seconds:.1f} s {note}\n")
-        self.stream.flush()
 
 
 def watch_with_progress(client, job_id: str, *, label: str, quiet: bool = False, timeout: float | None = None):
@@ -129,8 +99,8 @@ def write_images(job, out_dir: str | os.PathLike, stem: str) -> list[str]:
 
 def _remote_preprocess(args: argparse.Namespace) -> dict:
     """The preprocessing the local command would use (its defaults: ImageNet mean and std), torch-free."""
-    from featureviz.cli.render import IMAGENET_MEAN
-    from featureviz.cli.render import IMAGENET_STD
+    from featureviz.cli.options import IMAGENET_MEAN
+    from featureviz.cli.options import IMAGENET_STD
 
     mean = tuple(args.mean) if args.mean is not None else IMAGENET_MEAN
     std = tuple(args.std) if args.std is not None else IMAGENET_STD

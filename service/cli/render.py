@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
-__all__ = ["register", "run", "parse_floats", "ProgressBar"]
+from featureviz.cli.options import IMAGENET_MEAN
+from featureviz.cli.options import IMAGENET_STD
+from featureviz.cli.options import parse_floats
+from featureviz.cli.progress import ProgressBar
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["register", "run", "parse_floats"]
+
 
 _OBJECTIVE_HELP = """\
 objective syntax (maximised):
@@ -99,50 +101,6 @@ def _size(text: str):
         raise argparse.ArgumentTypeError(f"size must be S or HxW with integers, got {text!r}") from None
 
 
-def parse_floats(text: str) -> tuple[float, ...]:
-    """``"0.5,0.5,0.5"`` -> (0.5, 0.5, 0.5); one value or three."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got {text!r}") from None
-    if len(values) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got {len(values)}")
-    return values
-
-
-class ProgressBar:
-    """A one-line progress bar on a terminal stream, redrawn at most ten times a second."""
-
-    def __init__(self, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.width = width
-        self.started = time.perf_counter()
-        self._last = 0.0
-
-    def update(self, step: int, total: int, value: float | None = None) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if step < total and now - self._last < 0.1:
-            return
-        self._last = now
-        filled = round(self.width * step / max(total, 1))
-        rate = (now - self.started) / max(step, 1)
-        eta = rate * (total - step)
-        text = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
-        if value is not None:
-            text += f"  objective {value:.4g}"
-        text += f"  {rate:.3f} s/step  eta {eta:.0f} s "
-        self.stream.write(text)
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _preprocess(args):
     from featureviz.importer import Preprocess
 
@@ -192,10 +150,10 @@ def run(args: argparse.Namespace) -> int:
                       preprocess=model.input_spec.preprocess, device=args.device)
     validate(model, spec)
 
-    bar = ProgressBar()
+    bar = ProgressBar()  # no label: silent unless stderr is a terminal
     try:
         result = render(model, spec, progress=lambda step, total, values: bar.update(
-            step, total, float(values.mean()) if bar.enabled else None))
+            step, total, f"objective {float(values.mean()):.4g}" if bar.enabled else ""))
     finally:
         bar.close()
     files = save_images(result.images, args.out, as_grid=args.grid)
