@@ -145,6 +145,13 @@ def test_channel_renders_a_larger_image_with_downloads_of_png_spec_and_command(p
     assert json.loads(page.inner_text("#objective-text")) == \
         {"scale": {"factor": -1, "objective": {"channel": {"layer": "/Relu_1:pre", "channel": 3}}}}
     page.uncheck("#negative")
+    page.fill("input[name=batch]", "3")
+    page.check("#diversity")  # a diversity batch: the channel plus lucid's Gram-matrix diversity term
+    assert json.loads(page.inner_text("#objective-text")) == {"sum": [
+        {"channel": {"layer": "/Relu_1", "channel": 3}},
+        {"scale": {"factor": 100, "objective": {"diversity": {"layer": "/Relu_1"}}}}]}
+    page.uncheck("#diversity")
+    page.fill("input[name=batch]", "1")
     page.fill("input[name=steps]", "8")
     page.fill("input[name=size]", "48")
     page.select_option("select[name=param]", "pixel")
