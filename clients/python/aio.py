@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import RETRYABLE
 from featureviz.client.errors import from_rpc_error
-from featureviz.client.errors import reconnect_delay
+from featureviz.client.watch import Reattach
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -151,22 +150,17 @@ class AsyncClient:
     async def watch(self, job: str, *, from_seq: int = 0, previews: bool = False, timeout: float | None = None,
                     reconnects: int = 5) -> AsyncIterator[pb.JobEvent]:
         """As :meth:`Client.watch`: re-attaches from the last seq after a dropped stream."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seq, failures = from_seq, 0
+        state = Reattach(job, from_seq=from_seq, previews=previews, timeout=timeout, reconnects=reconnects)
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._jobs.WatchJob(pb.WatchJobRequest(job=job, from_seq=seq, include_previews=previews),
-                                       timeout=remaining, metadata=self._metadata)
+            call = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
             try:
                 async for event in call:
-                    failures = 0
-                    seq = max(seq, event.seq)
+                    done = state.seen(event)
                     yield event
-                    if event.HasField("result"):
+                    if done:
                         return
             except grpc.RpcError as err:
-                failures += 1
-                await asyncio.sleep(reconnect_delay(err, failures, reconnects))
+                await asyncio.sleep(state.broken(err))
             finally:
                 call.cancel()
 

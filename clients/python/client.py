@@ -29,7 +29,7 @@ from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import RETRYABLE
 from featureviz.client.errors import from_rpc_error
-from featureviz.client.errors import reconnect_delay
+from featureviz.client.watch import Reattach
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -235,22 +235,17 @@ class Client:
         """Events of a job until its result event: a snapshot first, then progress, previews (if asked),
         heartbeats. A dropped stream is re-attached from the last seq seen, up to ``reconnects`` times in a
         row. ``timeout``: deadline in seconds for the whole watch (DEADLINE_EXCEEDED after it)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seq, failures = from_seq, 0
+        state = Reattach(job, from_seq=from_seq, previews=previews, timeout=timeout, reconnects=reconnects)
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            stream = self._jobs.WatchJob(pb.WatchJobRequest(job=job, from_seq=seq, include_previews=previews),
-                                         timeout=remaining, metadata=self._metadata)
+            stream = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
             try:
                 for event in stream:
-                    failures = 0
-                    seq = max(seq, event.seq)
+                    done = state.seen(event)
                     yield event
-                    if event.HasField("result"):
+                    if done:
                         return
             except grpc.RpcError as err:
-                failures += 1
-                time.sleep(reconnect_delay(err, failures, reconnects))
+                time.sleep(state.broken(err))
             finally:
                 stream.cancel()  # leaving the loop early must not leave the call open (the job goes on)
 
