@@ -9,7 +9,8 @@ the model: that is ``featureviz.engine.validate``.
 Text syntax (objectives are maximised)::
 
     LAYER:C            channel C of LAYER (mean over positions)
-    LAYER:C@X,Y        neuron: channel C at column X, row Y of LAYER's activation map
+    LAYER:C@X,Y        neuron: channel C at column X, row Y of LAYER's activation map (or patch grid of tokens)
+    LAYER:C@T          neuron of a token tensor (N, tokens, C): channel C of token T (@0: the CLS token)
     LAYER              DeepDream: mean(LAYER ** 2)
     logit:K  prob:K    class K's logit / softmax probability
     diversity:LAYER  alignment:LAYER  l1  l2  tv  blur      (regularizers; see the kinds below)
@@ -170,8 +171,9 @@ def _normalize(spec, path, depth):
             raise InvalidSpec(f"{here}.{name}", "is required")
         else:
             out[name] = default
-    if "x" in out and (out["x"] is None) != (out["y"] is None):
-        raise InvalidSpec(f"{here}.{'y' if out['y'] is None else 'x'}", "give both x and y, or neither (centre)")
+    if "x" in out and out["x"] is None and out["y"] is not None:
+        raise InvalidSpec(f"{here}.x", "give both x and y, neither (centre), or x alone (a token index of a token "
+                                       "tensor)")
     return {kind: out}
 
 
@@ -373,9 +375,13 @@ class _Parser:
         channel = self.integer("a channel index")
         if self.pos < len(self.text) and self.text[self.pos] == "@":
             self.pos += 1
-            x = self.integer("the column X")
-            self.expect(",")
-            y = self.integer("the row Y")
+            x = self.integer("the column X (or a token index)")
+            self.skip()
+            if self.pos < len(self.text) and self.text[self.pos] == ",":
+                self.pos += 1
+                y = self.integer("the row Y")
+            else:  # LAYER:C@T: token T of a token tensor
+                y = None
             return {"neuron": {"layer": name, "channel": channel, "x": x, "y": y}}
         return {"channel": {"layer": name, "channel": channel}}
 
@@ -445,6 +451,8 @@ def format_objective(spec: dict) -> str:
     if kind == "neuron":
         if body.get("x") is None:
             return json.dumps(spec, separators=(",", ":"))
+        if body.get("y") is None:
+            return f"{_quote(body['layer'])}:{body['channel']}@{body['x']}"
         return f"{_quote(body['layer'])}:{body['channel']}@{body['x']},{body['y']}"
     if kind == "layer":
         return _quote(body["layer"])

@@ -162,9 +162,9 @@ def objective_from_proto(msg: pb.Objective, field: str = "spec.objective") -> di
                 raise InvalidSpec(f"{sub}.vector", "the direction vector is empty; give one value per channel")
             value = [float(v) for v in value]
         out[fd.name] = value
-    if "x" in out or "y" in out:
-        if not ("x" in out and "y" in out):
-            raise InvalidSpec(f"{sub}.{'y' if 'x' in out else 'x'}", "give both x and y, or neither (centre)")
+    if "y" in out and "x" not in out:
+        raise InvalidSpec(f"{sub}.x", "give both x and y, neither (centre), or x alone (a token index of a token "
+                                      "tensor)")
     return {kind: out}
 
 

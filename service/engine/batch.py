@@ -86,6 +86,7 @@ class Slot:
         for layer in self.objective.layers:
             self.names.setdefault(layer, model.layer(model.logits if layer is None else layer).name)
         self.layers = frozenset(self.names.values())
+        self.prefixes = {layer: model.layer(name).prefix_tokens for layer, name in self.names.items()}  # tokens
         self.batch = spec.batch
         self.steps = spec.steps
         self.lr = float(spec.lr)
@@ -128,7 +129,8 @@ class Slot:
         return bool(cancel())
 
     def activations(self, out: dict, start: int, stop: int, image) -> objs.Activations:
-        return objs.Activations({layer: out[name][start:stop] for layer, name in self.names.items()}, image)
+        return objs.Activations({layer: out[name][start:stop] for layer, name in self.names.items()}, image,
+                                prefixes=self.prefixes, input_size=self.model_size)
 
     def images(self) -> torch.Tensor:
         with torch.no_grad():

@@ -11,9 +11,17 @@ Kinds (lucid optvis/objectives.py unless noted): neuron, channel, layer (DeepDre
 direction and neuron_direction (with lucid's cosine power), interpolate, diversity (Gram-matrix cosine, as a
 value to maximise: minus the mean similarity to the other images), alignment; image regularizers l1, l2, tv
 and blur measure the image (per-pixel means; lucid sums) and are meant to be subtracted: ``-0.05 * l1``.
+
+Token tensors (N, tokens, C) of vision transformers are first-class targets. Their first ``prefix`` tokens (the
+CLS token, a distillation token: ``LayerInfo.prefix_tokens``) are followed by the patch tokens of a grid laid out
+like the image. A channel (and a direction) is the mean over the patch tokens; a neuron's place is a token: ``x``
+alone is a token index (``x=0``: the CLS token), ``x`` and ``y`` a column and row of the patch grid, neither the
+centre patch.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +59,21 @@ class Activations:
     """What objectives read: ``acts[layer]`` (catalog name or :data:`LOGITS`) and ``image`` (B, 3, H, W) in [0, 1]
     before transforms."""
 
-    def __init__(self, acts: dict, image: torch.Tensor | None, logits: str | None = None):
+    def __init__(self, acts: dict, image: torch.Tensor | None, logits: str | None = None, *,
+                 prefixes: dict | None = None, input_size: tuple[int, int] | None = None):
         self._acts = acts
         self.image = image
         self.logits = logits
         self.batch = image.shape[0] if image is not None else next(iter(acts.values())).shape[0]
+        self._prefixes = prefixes or {}
+        self.input_size = input_size or (tuple(image.shape[-2:]) if image is not None else None)
 
     def __getitem__(self, layer: str | None) -> torch.Tensor:
         return self._acts[self.logits if layer is None else layer]
+
+    def prefix(self, layer: str | None) -> int:
+        """How many tokens before the patch tokens a token layer has (CLS, distillation); 0 when unknown."""
+        return self._prefixes.get(layer) or 0
 
 
 def _positions(z: torch.Tensor) -> torch.Tensor:
@@ -70,6 +85,46 @@ def _positions(z: torch.Tensor) -> torch.Tensor:
     if z.dim() == 2:
         return z.unsqueeze(-1)
     return z.reshape(z.shape[0], -1).unsqueeze(-1)
+
+
+def token_grid(patches: int, size: tuple[int, int] | None) -> tuple[int, int]:
+    """(rows, columns) of ``patches`` patch tokens laid out like an input of ``size`` (H, W)."""
+    h, w = size or (1, 1)
+    columns = max(1, round(math.sqrt(patches * w / h)))
+    if patches % columns:
+        columns = max(1, round(math.sqrt(patches)))
+    if patches % columns:
+        return 1, patches
+    return patches // columns, columns
+
+
+def token_index(tokens: int, prefix: int, x: int | None, y: int | None, size) -> int:
+    """The token a neuron reads: token ``x`` when only ``x`` is given, else column x, row y of the patch grid
+    (default: its centre)."""
+    from featureviz.errors import InvalidSpec
+
+    if x is not None and y is None:
+        if not 0 <= x < tokens:
+            raise InvalidSpec("objective", f"token {x} is outside the {tokens} tokens of this layer at this image "
+                                           f"size; use 0 <= x < {tokens} (0 is the first, the CLS token if any)")
+        return x
+    rows, columns = token_grid(max(tokens - prefix, 1), size)
+    x = columns // 2 if x is None else x
+    y = rows // 2 if y is None else y
+    if not (0 <= x < columns and 0 <= y < rows):
+        raise InvalidSpec("objective", f"patch x={x}, y={y} is outside the {columns}x{rows} patch grid of this "
+                                       f"layer at this image size; use 0 <= x < {columns}, 0 <= y < {rows}")
+    return min(prefix + y * columns + x, tokens - 1)
+
+
+def _patches(z: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The patch tokens (B, N - prefix, C) of a token tensor (all of them when there is no patch token)."""
+    return z[:, prefix:] if 0 < prefix < z.shape[1] else z
+
+
+def _at_token(z: torch.Tensor, acts: "Activations", layer, x, y) -> torch.Tensor:
+    """(B, C): the token a neuron reads from a token tensor (B, N, C)."""
+    return z[:, token_index(z.shape[1], acts.prefix(layer), x, y, acts.input_size)]
 
 
 def _at(z: torch.Tensor, x: int | None, y: int | None) -> torch.Tensor:
@@ -177,7 +232,10 @@ class Neuron(_LayerObjective):
         self.channel, self.x, self.y = channel, x, y
 
     def __call__(self, acts):
-        return _at(acts[self.layer], self.x, self.y)[:, self.channel]
+        z = acts[self.layer]
+        if z.dim() == 3:
+            return _at_token(z, acts, self.layer, self.x, self.y)[:, self.channel]
+        return _at(z, self.x, self.y)[:, self.channel]
 
     def spec(self):
         return {"neuron": {"layer": self.layer, "channel": self.channel, "x": self.x, "y": self.y}}
@@ -191,7 +249,10 @@ class Channel(_LayerObjective):
         self.channel = channel
 
     def __call__(self, acts):
-        return _positions(acts[self.layer])[:, self.channel].mean(-1)
+        z = acts[self.layer]
+        if z.dim() == 3:  # tokens: the mean over the patch tokens
+            return _patches(z, acts.prefix(self.layer))[:, :, self.channel].mean(-1)
+        return _positions(z)[:, self.channel].mean(-1)
 
     def spec(self):
         return {"channel": {"layer": self.layer, "channel": self.channel}}
@@ -255,7 +316,8 @@ class Direction(_LayerObjective):
         return torch.as_tensor(self.vector, dtype=z.dtype, device=z.device)
 
     def __call__(self, acts):
-        z = _positions(acts[self.layer])
+        z = acts[self.layer]
+        z = _positions(_patches(z, acts.prefix(self.layer)) if z.dim() == 3 else z)
         return _dot_cossim(z, self._vector(z), self.cossim_pow).mean(-1)
 
     def spec(self):
@@ -270,7 +332,8 @@ class NeuronDirection(Direction):
         self.x, self.y = x, y
 
     def __call__(self, acts):
-        z = _at(acts[self.layer], self.x, self.y).unsqueeze(-1)
+        z = acts[self.layer]
+        z = (_at_token(z, acts, self.layer, self.x, self.y) if z.dim() == 3 else _at(z, self.x, self.y)).unsqueeze(-1)
         return _dot_cossim(z, self._vector(z), self.cossim_pow)[:, 0]
 
     def spec(self):

@@ -187,7 +187,12 @@ def _check_objective(model, spec, path, batch, model_size):
         if "vector" in body and len(body["vector"]) != info.channels:
             raise InvalidSpec(f"{here}.vector", f"has {len(body['vector'])} values; layer {info.name!r} has "
                                                 f"{info.channels} channels")
-        if body.get("x") is not None:
+        if len(info.shape) == 3 and kind in ("neuron", "neuron_direction"):  # tokens: x is a token or a column
+            _check_token_place(model, info, body, here, model_size)
+        elif body.get("x") is not None:
+            if info.spatial and body.get("y") is None:
+                raise InvalidSpec(f"{here}.y", f"layer {info.name!r} is a spatial map: give both x and y (x alone is "
+                                               "a token index of a token tensor)")
             if not info.spatial:
                 raise InvalidSpec(f"{here}.x", f"layer {info.name!r} has no spatial positions (shape "
                                                f"{tuple(info.shape)}); leave x and y out")
@@ -198,6 +203,31 @@ def _check_objective(model, spec, path, batch, model_size):
                                                         f"which is {w} wide and {h} high at this input size")
         if kind in ("diversity", "alignment") and batch < 2:
             raise InvalidSpec(here, f"{kind} compares the images of a batch; use batch >= 2")
+
+
+def _check_token_place(model, info, body, here, model_size):
+    """x alone: a token index; x and y: a column and row of the patch grid (scaled from the catalog's)."""
+    prefix = info.prefix_tokens or 0
+    patches = info.shape[1] - prefix
+    dh, dw = model.input_spec.default_size
+    if info.grid is not None:
+        rows, columns = info.grid
+        rows = max(1, round(rows * model_size[0] / dh))
+        columns = max(1, round(columns * model_size[1] / dw))
+        patches = rows * columns
+    else:
+        rows, columns = objs.token_grid(patches, model_size)
+    x, y = body.get("x"), body.get("y")
+    if x is not None and y is None:
+        if x >= prefix + patches:
+            raise InvalidSpec(f"{here}.x", f"token {x} is outside layer {info.name!r}, which has {prefix + patches} "
+                                           f"tokens at this input size (0..{prefix + patches - 1}; 0 is the first"
+                                           f"{', the CLS token' if prefix else ''})")
+        return
+    for axis, value, limit in (("x", x, columns), ("y", y, rows)):
+        if value is not None and value >= limit:
+            raise InvalidSpec(f"{here}.{axis}", f"{axis}={value} is outside the patch grid of layer {info.name!r}, "
+                                                f"which is {columns} wide and {rows} high at this input size")
 
 
 def _spatial_at(model, info, model_size):

@@ -13,7 +13,10 @@ float tensor of rank >= 2, in topological order. Names:
 - ``is_logits`` marks the model's first output, or the input of its final ``Softmax``/``LogSoftmax``.
 
 Channels are on axis 1 for rank 2 and rank 4 (NCHW) tensors and on the last axis for rank 3 token tensors
-(N, tokens, C) of vision transformers: :attr:`LayerInfo.channel_axis`.
+(N, tokens, C) of vision transformers: :attr:`LayerInfo.channel_axis`. A token tensor whose token count is a
+patch grid of the input (``(H / s) * (W / s)`` for a stride s) after up to :data:`MAX_PREFIX_TOKENS` leading
+tokens records them: ``prefix_tokens`` (1 for a CLS token, 2 with a distillation token) and ``grid`` (rows,
+columns of patches at the default size).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class LayerInfo:
     is_logits: bool = False
     pre_activation_of: str | None = None
     target: Target = field(default=Target(""), repr=False, compare=False)
+    prefix_tokens: int | None = None  # token tensors: tokens before the patch tokens (CLS ...); None otherwise
+    grid: tuple[int, int] | None = None  # token tensors: (rows, columns) of the patch tokens at the default size
 
     @property
     def channel_axis(self) -> int:
@@ -75,6 +80,7 @@ class LayerInfo:
             "depth": self.depth,
             "is_logits": self.is_logits,
             "pre_activation_of": self.pre_activation_of,
+            **({"prefix_tokens": self.prefix_tokens, "grid": list(self.grid)} if self.grid else {}),
         }
 
 
@@ -150,6 +156,7 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
             if pre is not None:
                 aliases.append(f"{pre}:pre")
             shape = tuple(int(s) for s in out.shape)
+            layout = patch_layout(shape[1], tuple(example.shape[-2:])) if len(shape) == 3 else None
             layers.append(LayerInfo(
                 name=name,
                 aliases=tuple(dict.fromkeys(a for a in aliases if a != name)),
@@ -161,8 +168,27 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
                 is_logits=tensor_name == logits_tensor,
                 pre_activation_of=pre,
                 target=Target(n.name, index if isinstance(value, (tuple, list)) else None),
+                prefix_tokens=layout[0] if layout else None,
+                grid=layout[1] if layout else None,
             ))
     return layers
+
+
+MAX_PREFIX_TOKENS = 8
+
+
+def patch_layout(tokens: int, size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
+    """(prefix, (rows, columns)) when ``tokens`` is a few leading tokens and a patch grid of an input of ``size``
+    (the fewest leading tokens that fit; the finest grid that fits them); None otherwise."""
+    h, w = size
+    grids = {}
+    for stride in range(min(h, w), 0, -1):  # coarse to fine: a finer grid of the same count wins
+        if h % stride == 0 and w % stride == 0:
+            grids[(h // stride) * (w // stride)] = (h // stride, w // stride)
+    for prefix in range(0, MAX_PREFIX_TOKENS + 1):
+        if tokens - prefix in grids and tokens - prefix > 1:
+            return prefix, grids[tokens - prefix]
+    return None
 
 
 def name_index(layers: list[LayerInfo]) -> dict[str, LayerInfo]:
