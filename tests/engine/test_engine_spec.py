@@ -22,6 +22,7 @@ def scale(f, obj):
     ("mixed4a:97", chan("mixed4a", 97)),
     ("/_blocks.9/_swish/Clip:12", chan("/_blocks.9/_swish/Clip", 12)),
     ("conv1:3@4,5", {"neuron": {"layer": "conv1", "channel": 3, "x": 4, "y": 5}}),
+    ("blocks/ln:3@0", {"neuron": {"layer": "blocks/ln", "channel": 3, "x": 0, "y": None}}),
     ("  conv1  ", {"layer": {"layer": "conv1"}}),
     ("logit:207", {"logit": {"index": 207}}),
     ("prob:1", {"prob": {"index": 1}}),
@@ -54,7 +55,8 @@ def test_format_parses_back(text):
 @pytest.mark.parametrize("text, needle", [
     ("", "empty"),
     ("a:", "channel index"),
-    ("a:1@2", "expected ','"),
+    ("a:1@", "the column X (or a token index)"),
+    ("a:1@2,", "the row Y"),
     ("a:1 * b:2", "cannot be multiplied"),
     ("3", "number cannot be added"),
     ("logit", "logit:K"),
@@ -82,7 +84,7 @@ def test_normalize_fills_defaults_and_checks_types():
         ({"channel": {"layer": "", "channel": 1}}, "objective.channel.layer"),
         ({"channel": {"layer": "a"}}, "objective.channel.channel"),
         ({"channel": {"layer": "a", "channel": 1, "extra": 2}}, "objective.channel.extra"),
-        ({"neuron": {"layer": "a", "channel": 1, "x": 2}}, "objective.neuron.y"),
+        ({"neuron": {"layer": "a", "channel": 1, "y": 2}}, "objective.neuron.x"),  # x alone is a token index
         ({"sum": [chan("a", 1), {"scale": {"factor": "2", "objective": chan("a", 1)}}]},
          "objective.sum[1].scale.factor"),
         ({"sum": []}, "objective.sum"),
