@@ -87,7 +87,7 @@ def test_unset_optionals_are_left_to_the_engine():
      "spec.objective.sum.terms[1]"),
     (pb.Objective(direction=pb.DirectionObjective(layer="l")), "spec.objective.direction.vector"),
     (pb.Objective(scale=pb.ScaleObjective(factor=2)), "spec.objective.scale.objective"),
-    (pb.Objective(neuron=pb.NeuronObjective(layer="l", channel=1, x=2)), "spec.objective.neuron.y"),
+    (pb.Objective(neuron=pb.NeuronObjective(layer="l", channel=1, y=2)), "spec.objective.neuron.x"),  # x alone: token
 ])
 def test_structural_errors_name_the_proto_field(message, field):
     with pytest.raises(InvalidSpec) as err:
