@@ -157,20 +157,21 @@ def main() -> int:
     parser.add_argument("--no-real", action="store_true", help="skip the Paddle and TFLite models")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in bench/import_rows.jsonl")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/RESULTS.md")
+    parser.add_argument("--table-only", action="store_true", help="only write the table of the rows already there")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
 
     done: dict[tuple, dict] = {}
-    if args.resume and ROWS.exists():
+    if (args.resume or args.table_only) and ROWS.exists():
         for line in ROWS.read_text().splitlines():
             row = json.loads(line)
             done[(row["model"], row["exporter"], row["batch"])] = row
-    elif ROWS.exists() and not args.models:
+    elif ROWS.exists() and not args.models and not args.table_only:
         ROWS.unlink()
     with tempfile.TemporaryDirectory() as tmp:
         for family, name, exporter, batch, make_path in cases(args, Path(tmp)):
-            if (name, exporter, batch) in done:
+            if (name, exporter, batch) in done or args.table_only:
                 continue
             row = run_case(family, name, exporter, batch, make_path)
             done[(name, exporter, batch)] = row
