@@ -357,7 +357,8 @@ def _register_once() -> None:
             return None
         shape = _static_shape(graph, inputs[0])
         params = [name for name in inputs[1:] if name]
-        if shape and all(d > 0 for d in shape) and all(name in graph.initializers for name in params):
+        normalized = shape[axis:] if shape else []
+        if normalized and all(d > 0 for d in normalized) and all(name in graph.initializers for name in params):
             return None  # a static normalized shape: onnx2torch's nn.LayerNorm
         if all(name in graph.initializers for name in params):
             module = OnnxLayerNorm(axis, epsilon, const(graph, inputs[1]),
