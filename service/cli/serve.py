@@ -85,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"featureviz serve: --progress-interval must be >= 0, got {args.progress_interval}", file=sys.stderr)
         return 2
     config = _config(args)
-    return asyncio.run(_serve(config))
+    code = asyncio.run(_serve(config))
+    # The store is closed and every thread is done: skip the interpreter's teardown of torch and the other
+    # extensions (1.5-3 s), so a SIGTERM ends the process within --grace.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _serve(config) -> int:
@@ -114,4 +120,5 @@ async def _serve(config) -> int:
     finally:
         print("featureviz serve: stopping", file=sys.stderr, flush=True)
         await server.stop()
+        print("featureviz serve: stopped", file=sys.stderr, flush=True)
     return 0

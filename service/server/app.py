@@ -18,7 +18,6 @@ import grpc
 from grpc_health.v1 import health
 from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from featureviz.server.auth import BearerAuthInterceptor
 from featureviz.server.auth import TenantResolver
@@ -28,6 +27,7 @@ from featureviz.server.info import InfoServicer
 from featureviz.server.metrics import Metrics
 from featureviz.server.jobs import JobServicer
 from featureviz.server.models import ModelServicer
+from featureviz.server.reflection import enable_reflection
 from featureviz.server.scheduler import Scheduler
 from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
@@ -69,13 +69,17 @@ class FeaturevizServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
+        """Stop within ``grace`` seconds (plus the render step in flight): the running job and the open calls
+        (watch streams) share one deadline."""
         grace = self.config.grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self.web is not None:
             await self.web.stop()
         self.scheduler.stop_accepting()  # before health says NOT_SERVING: no job is admitted after that
         await self.health.enter_graceful_shutdown()
         await asyncio.to_thread(self.scheduler.stop, grace)  # running job: finish or back to QUEUED
-        await self.grpc_server.stop(grace)
+        await self.grpc_server.stop(max(0.0, deadline - loop.time()))  # what is left of the grace, not another
         if self.metrics is not None:
             self.metrics.stop()
         self.store.close()
@@ -117,7 +121,7 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
     pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(config, auth, worker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))  # grpc.reflection.v1 and v1alpha
     host = f"[{config.host}]" if ":" in config.host and not config.host.startswith("[") else config.host
     credentials = config.server_credentials()
     if credentials is None:

@@ -30,9 +30,12 @@ WRITE_METHODS = (_methods("ModelService", "UploadModel", "DeleteModel")
 
 
 def _bearer(metadata) -> str | None:
+    """The token of an ``authorization: Bearer TOKEN`` header; the scheme is case-insensitive (RFC 7235)."""
     for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
     return None
 
 

@@ -157,8 +157,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def _watch(self, job_id: str, tenant: str, from_seq: int, previews: bool):
         snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
         events = self.scheduler.log(job_id)
-        yield pb.JobEvent(seq=from_seq, time=_now(), snapshot=snapshot)
-        seq = from_seq
+        seq = min(from_seq, max(snapshot.last_seq, events.last_seq))  # a from_seq past the end: from the end
+        yield pb.JobEvent(seq=seq, time=_now(), snapshot=snapshot)
         heartbeat = self.config.heartbeat_seconds
         while True:
             waiter = events.waiter()

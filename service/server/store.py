@@ -29,7 +29,7 @@ from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Store", "JobRow", "TERMINAL_STATES", "file_sha256"]
+__all__ = ["Store", "StoreCorrupt", "JobRow", "TERMINAL_STATES", "file_sha256"]
 
 UPLOAD_TTL_SECONDS = 24 * 3600
 TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
@@ -98,6 +98,19 @@ class JobRow:
         return job
 
 
+class StoreCorrupt(FailedPrecondition):
+    """The SQLite database failed its check at start: the server refuses to start rather than fail requests."""
+
+    reason = "STORE_CORRUPT"
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(
+            f"the store database {path} is damaged ({problem[:200]}); the server will not start on it. Stop every "
+            f"process using it, keep a copy, then recover it with `sqlite3 {path.name} .recover | sqlite3 "
+            f"recovered.sqlite3` in {path.parent} and move recovered.sqlite3 over {path.name} (or restore a "
+            f"backup). Model files under {path.parent / 'models'} are not affected.")
+
+
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -105,10 +118,23 @@ class Store:
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._intact: dict[str, tuple[int, int, int]] = {}  # sha256 -> stat signature of the file last found intact
-        self._db = sqlite3.connect(self.root / "featureviz.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self.db_path = self.root / "featureviz.sqlite3"
+        self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        try:
+            # WAL with synchronous=NORMAL: a killed process (kill -9) loses no committed transaction
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                first = " ".join(problems[0].split())
+                raise StoreCorrupt(self.db_path, f"quick_check found {len(problems)} problem(s), the first: {first}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreCorrupt(self.db_path, str(exc)) from None
+        except StoreCorrupt:
+            self._db.close()
+            raise
         self._purge_stale_uploads()
 
     def _purge_stale_uploads(self) -> None:
@@ -256,9 +282,18 @@ class Store:
         return list(pb.ListLayersResponse.FromString(rows[0][0]).layers)
 
     def delete_model(self, tenant: str, sha256: str) -> None:
-        """Drop the tenant's row; the file goes when no tenant and no unfinished job references it."""
+        """Drop the tenant's row; the file goes when no tenant and no unfinished job references it. Refused
+        (FAILED_PRECONDITION, MODEL_IN_USE, naming the jobs) while the tenant has queued or running jobs on it."""
         self.get_model(tenant, sha256)
         with self._lock, _disk_full():
+            mine = [row[0] for row in self._db.execute(
+                "SELECT id FROM jobs WHERE tenant = ? AND model = ? AND state IN (?, ?) ORDER BY ord",
+                (tenant, sha256, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))]
+            if mine:
+                named = ", ".join(f"jobs/{job_id}" for job_id in mine[:5]) + (f" and {len(mine) - 5} more"
+                                                                             if len(mine) > 5 else "")
+                raise FailedPrecondition(f"model {sha256} has {len(mine)} queued or running job(s): {named}; cancel "
+                                         "them or let them finish, then delete the model", reason="MODEL_IN_USE")
             self._db.execute("DELETE FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
             users = self._db.execute("SELECT COUNT(*) FROM models WHERE sha256 = ?", (sha256,)).fetchone()[0]
             pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND state IN (?, ?)",

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -271,3 +272,30 @@ def test_a_stalled_upload_is_ended_and_its_lock_released(tmp_path, tiny_onnx):
                 stalled.release.set()
     finally:
         server.stop(signal.SIGTERM)
+
+
+# ------------------------------------------------------------------------------------------------ the database
+
+
+def test_a_corrupt_database_is_refused_at_start_naming_the_file_and_the_recovery(tmp_path, tiny_onnx):
+    store = tmp_path / "store"
+    with serve_in_background(ServerConfig(store)) as server, Client(server.address) as fv:
+        sha = fv.upload(tiny_onnx).sha256
+        for seed in range(3):
+            fv.wait(fv.submit(sha, CHANNEL, steps=2, size=16, seed=seed).id, timeout=120)
+    database = store / "featureviz.sqlite3"
+    assert not (store / "featureviz.sqlite3-wal").exists()  # a clean stop checkpointed everything
+    data = database.read_bytes()
+    database.write_bytes(data[:-4096] + b"\xa5" * 4096)  # the last page overwritten
+    proc = subprocess.Popen([sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(store)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # until it exits, or says it listens
+        lines.append(line)
+        if "listening on" in line:
+            proc.kill()
+            break
+    assert proc.wait(60) != 0, "".join(lines)
+    text = "".join(lines)
+    assert "listening on" not in text and "Traceback" not in text, text
+    assert str(database) in text and "damaged" in text and ".recover" in text, text
