@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = _config(args)
     code = asyncio.run(_serve(config))
-    # The store is closed and every thread is done: skip the interpreter's teardown of torch and the other
-    # extensions (1.5-3 s), so a SIGTERM ends the process within --grace.
+    # The server has stopped: every call has its status, the jobs are done or re-queued, the store is closed.
+    # Leave without the interpreter's teardown of torch and the other extensions (1-3 s), so a SIGTERM ends the
+    # process within --grace.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

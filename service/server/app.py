@@ -56,6 +56,7 @@ class FeaturevizServer:
         self.metrics = metrics
         self.metrics_port: int | None = None
         self.web = web  # featureviz.web.WebGateway when config.http_port is set
+        self.jobs: JobServicer | None = None  # drained on stop
         self.http_port: int | None = None
 
     async def start(self) -> None:
@@ -79,6 +80,8 @@ class FeaturevizServer:
         self.scheduler.stop_accepting()  # before health says NOT_SERVING: no job is admitted after that
         await self.health.enter_graceful_shutdown()
         await asyncio.to_thread(self.scheduler.stop, grace)  # running job: finish or back to QUEUED
+        if self.jobs is not None:  # watch streams: UNAVAILABLE now, not at the end of another grace period
+            await self.jobs.drain(max(1.0, deadline - loop.time()))
         await self.grpc_server.stop(max(0.0, deadline - loop.time()))  # what is left of the grace, not another
         if self.metrics is not None:
             self.metrics.stop()
@@ -117,7 +120,8 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
                  ("grpc.max_send_message_length", config.limits.max_reply_bytes)],
     )
     pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(config, store, scheduler, auth, metrics), server)
-    pb_grpc.add_JobServiceServicer_to_server(JobServicer(config, scheduler, auth), server)
+    jobs = JobServicer(config, scheduler, auth)
+    pb_grpc.add_JobServiceServicer_to_server(jobs, server)
     pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(config, auth, worker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -135,7 +139,9 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
         from featureviz.web import WebGateway
 
         web = WebGateway(config, server, grpc_port=port)
-    return FeaturevizServer(config, server, store, scheduler, health_servicer, metrics, web), port
+    running = FeaturevizServer(config, server, store, scheduler, health_servicer, metrics, web)
+    running.jobs = jobs
+    return running, port
 
 
 class BackgroundServer:

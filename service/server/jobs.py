@@ -45,6 +45,20 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.scheduler = scheduler
         self.store = scheduler.store
         self.auth = auth
+        self._draining = asyncio.Event()  # set by drain(): watch streams end with UNAVAILABLE
+        self._watching = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """On stop, once the jobs are done or re-queued: end every watch stream with UNAVAILABLE (the client
+        re-attaches, to another replica or after the restart) and wait up to ``timeout`` s until they sent it, so
+        they get that status rather than a connection torn down under them."""
+        self._draining.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
 
     @rpc_errors
     async def CreateJob(self, request: pb.CreateJobRequest, context) -> pb.Job:
@@ -155,6 +169,17 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise InvalidSpec("spec.preview_every", "preview_every and preview_max_side must be >= 0")
 
     async def _watch(self, job_id: str, tenant: str, from_seq: int, previews: bool):
+        self._watching += 1
+        self._idle.clear()
+        try:
+            async for event in self._events(job_id, tenant, from_seq, previews):
+                yield event
+        finally:
+            self._watching -= 1
+            if not self._watching:
+                self._idle.set()
+
+    async def _events(self, job_id: str, tenant: str, from_seq: int, previews: bool):
         snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
         events = self.scheduler.log(job_id)
         seq = min(from_seq, max(snapshot.last_seq, events.last_seq))  # a from_seq past the end: from the end
@@ -176,9 +201,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 # finished before this log existed (a restart), or already seen
                 yield pb.JobEvent(seq=max(seq, row.last_seq), time=_now(), result=self.scheduler.job(job_id, tenant))
                 return
-            try:
-                await asyncio.wait_for(waiter.wait(), timeout=heartbeat)
-            except TimeoutError:
+            if self._draining.is_set():  # every event so far is delivered
+                raise Unavailable(f"the server is shutting down; re-attach with from_seq={seq} (to another replica, "
+                                  "or after the restart)")
+            woken = asyncio.ensure_future(waiter.wait())
+            draining = asyncio.ensure_future(self._draining.wait())
+            done, pending = await asyncio.wait((woken, draining), timeout=heartbeat,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if not done:
                 yield pb.JobEvent(seq=seq, time=_now(), heartbeat=pb.Heartbeat())
 
 
