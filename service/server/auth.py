@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import grpc
 
+from featureviz.server.errors import PermissionDenied
 from featureviz.server.errors import Unauthenticated
+from featureviz.server.errors import abort
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["BearerAuthInterceptor", "TenantResolver", "DEFAULT_TENANT", "WRITE_METHODS"]
@@ -75,24 +77,24 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         metadata = handler_call_details.invocation_metadata
         if self._resolver.tenant_of_metadata(metadata) is None:
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
-                           "missing or invalid bearer token; send 'authorization: Bearer <token>'")
+            return _denied(handler, Unauthenticated("missing or invalid bearer token; send 'authorization: Bearer "
+                                                    "<token>'"))
         method = handler_call_details.method
         if method in WRITE_METHODS and not self._resolver.may_write(metadata):
-            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
-                           f"this token is read-only; {method.rsplit('/', 1)[-1]} changes state and needs a "
-                           "read-write token")
+            return _denied(handler, PermissionDenied(f"this token is read-only; {method.rsplit('/', 1)[-1]} changes "
+                                                     "state and needs a read-write token", reason="READ_ONLY_TOKEN"))
         return handler
 
 
-def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that aborts with ``code``."""
+def _denied(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that ends the call with ``error``'s status, through the one error
+    map (:mod:`featureviz.server.errors`: code, ErrorInfo reason, capped message)."""
 
     async def abort_unary(request_or_iterator, context):
-        await context.abort(code, message)
+        await abort(context, error)
 
     async def abort_stream(request_or_iterator, context):
-        await context.abort(code, message)
+        await abort(context, error)
         yield  # pragma: no cover - makes this an async generator
 
     serdes = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}

@@ -8,7 +8,8 @@
      +-- ResourceExhausted   -> RESOURCE_EXHAUSTED + QuotaFailure, RetryInfo
      +-- Cancelled           -> CANCELLED
      +-- Unavailable         -> UNAVAILABLE        (server draining)
-     +-- Unauthenticated     -> UNAUTHENTICATED
+     +-- Unauthenticated     -> UNAUTHENTICATED    (no or an unknown bearer token: the auth interceptor)
+     +-- PermissionDenied    -> PERMISSION_DENIED  (a read-only token on a state-changing RPC: the auth interceptor)
      +-- Aborted             -> ABORTED            (an upload stream idle too long: resume)
     anything else            -> INTERNAL, traceback logged, never sent
 
@@ -42,7 +43,7 @@ from featureviz.errors import NotFound
 from featureviz.errors import ResourceExhausted
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Unavailable", "Unauthenticated", "Aborted", "status_code", "to_status", "rpc_errors", "job_error", "abort",
+__all__ = ["Unavailable", "Unauthenticated", "PermissionDenied", "Aborted", "status_code", "to_status", "rpc_errors", "job_error", "abort",
            "cap", "DOMAIN"]
 
 log = logging.getLogger("featureviz.server")
@@ -63,6 +64,12 @@ class Unauthenticated(FeaturevizError):
     reason = "UNAUTHENTICATED"
 
 
+class PermissionDenied(FeaturevizError):
+    """A known caller whose token does not allow this RPC."""
+
+    reason = "PERMISSION_DENIED"
+
+
 class Aborted(FeaturevizError):
     """The server ended the call (an upload stream idle too long); the client may retry or resume."""
 
@@ -78,6 +85,7 @@ _CODES: list[tuple[type[FeaturevizError], grpc.StatusCode]] = [
     (Cancelled, grpc.StatusCode.CANCELLED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Aborted, grpc.StatusCode.ABORTED),
 ]
 

@@ -70,7 +70,7 @@ def test_auth_rejects_missing_and_wrong_tokens_on_every_service(secured):
                          lambda: fv.upload(b"onnx bytes"), lambda: list(fv.watch("x"))):
                 with pytest.raises(FeaturevizClientError) as err:
                     call()
-                assert err.value.code == "UNAUTHENTICATED"
+                assert err.value.code == "UNAUTHENTICATED" and err.value.reason == "UNAUTHENTICATED"
     with grpc.insecure_channel(secured.address) as channel:  # health stays open for probes
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -116,6 +116,7 @@ def test_a_read_only_token_reads_its_tenant_and_changes_nothing(secured, tiny_on
             with pytest.raises(FeaturevizClientError) as err:
                 call()
             assert err.value.code == "PERMISSION_DENIED", rpc
+            assert err.value.reason == "READ_ONLY_TOKEN", rpc  # the one error map's details, from the interceptor
             assert "read-only" in err.value.message and rpc in err.value.message
         stub_call = grpc.insecure_channel(secured.address)
         try:
