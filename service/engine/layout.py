@@ -76,8 +76,9 @@ def adopt(module: nn.Module, probe: torch.Tensor) -> str:
         # and oneDNN follows the weights' layout, so this forward could otherwise hit the NHWC-unsafe op itself
         module.to(memory_format=torch.contiguous_format)
         reference = outputs(module(to_layout(probe, "contiguous")))
-        module.to(memory_format=torch.channels_last)
         try:
+            # torch converts 5-D tensors too, and refuses channels_last for them (Swin's 5-D attention buffers)
+            module.to(memory_format=torch.channels_last)
             converted = outputs(module(to_layout(probe, "channels_last")))
             matches = len(converted) == len(reference) and all(map(same, converted, reference))
         except RuntimeError:  # e.g. a .view() that needs NCHW strides
