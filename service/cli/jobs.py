@@ -68,7 +68,7 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     for job in jobs:
         print(f"{job.id}  {_state_name(job.state):<9} {job.step:5d}/{job.steps or job.spec.steps:<5d} "
-              f"model {job.spec.model[:12]}  {_objective_text(job)[:60]}")
+              f"{job.worker or '-':<7} model {job.spec.model[:12]}  {_objective_text(job)[:60]}")
     return 0
 
 

@@ -33,6 +33,12 @@ def register(subparsers) -> None:
                    help="serve the web explorer on http://HOST:P/ (0: a free port; default: off)")
     p.add_argument("--http-host", default=None, help="address of the web explorer (default: --host)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="auto|ADDRESS",
+                   help="run the workers as Ray actors (featureviz[ray]): 'auto' (the default with --ray) starts "
+                        "a local Ray on loopback, ADDRESS joins a cluster; one actor per GPU, or --workers N CPU "
+                        "actors (default: the embedded in-process worker)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --ray: N CPU worker actors (default: one per GPU of the cluster, else 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the compute worker (default: torch's, one per core)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -67,7 +73,7 @@ def _config(args: argparse.Namespace):
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
         threads=args.threads, max_batch=args.max_batch, progress_interval=args.progress_interval,
-        http_port=args.http_port, http_host=args.http_host,
+        http_port=args.http_port, http_host=args.http_host, ray=args.ray, workers=args.workers,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 
@@ -77,13 +83,24 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, value in (("--threads", args.threads), ("--max-batch", args.max_batch)):
+    for name, value in (("--threads", args.threads), ("--max-batch", args.max_batch), ("--workers", args.workers)):
         if value is not None and value < 1:
             print(f"featureviz serve: {name} must be a positive integer, got {value}", file=sys.stderr)
             return 2
     if args.progress_interval < 0:
         print(f"featureviz serve: --progress-interval must be >= 0, got {args.progress_interval}", file=sys.stderr)
         return 2
+    if args.workers is not None and args.ray is None:
+        print("featureviz serve: --workers needs --ray", file=sys.stderr)
+        return 2
+    if args.ray is not None:
+        import importlib.util
+
+        from featureviz.worker.ray_pool import RAY_MISSING
+
+        if importlib.util.find_spec("ray") is None:
+            print(RAY_MISSING, file=sys.stderr)
+            return 2
     config = _config(args)
     code = asyncio.run(_serve(config))
     # The server has stopped: every call has its status, the jobs are done or re-queued, the store is closed.
@@ -107,6 +124,10 @@ async def _serve(config) -> int:
     print(f"featureviz serve: listening on {config.host}:{port} ({tls}, store {config.store_dir}, "
           f"token auth {'on' if config.tokens else 'off'}, max batch {server.scheduler.max_batch})", file=sys.stderr,
           flush=True)
+    if config.ray is not None:
+        workers = server.scheduler.worker.workers()
+        print(f"featureviz serve: {len(workers)} Ray worker(s): " + ", ".join(
+            f"{w.id} ({w.device.kind}, pid {w.pid} on {w.node})" for w in workers), file=sys.stderr, flush=True)
     if server.metrics_port is not None:
         print(f"featureviz serve: metrics on http://{config.host}:{server.metrics_port}/metrics", file=sys.stderr,
               flush=True)

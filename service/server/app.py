@@ -98,6 +98,15 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
     which imports torch) on ``config.device`` with ``config.max_batch``."""
     loop = asyncio.get_running_loop()
     store = Store(config.store_dir)
+    if worker is None and config.ray is not None:  # workers as Ray actors (featureviz[ray])
+        from featureviz.worker.ray_pool import ray_pool
+
+        worker = ray_pool(config.ray, WorkerConfig(device=config.device, max_batch=config.max_batch,
+                                                   progress_interval=config.progress_interval, threads=config.threads,
+                                                   models_kept=config.model_cache_size,
+                                                   max_image_side=config.limits.max_image_side),
+                          model_source=store.read_model_file, workers=config.workers,
+                          max_attempts=config.ray_max_attempts)
     if worker is None:
         worker = local_worker(WorkerConfig(device=config.device, max_batch=config.max_batch,
                                            progress_interval=config.progress_interval, threads=config.threads,
@@ -111,7 +120,7 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
             return worker.info()
 
         metrics = Metrics(queue_depth=scheduler.queued, models_loaded=lambda: len(worker_info().models),
-                          memory_allocated=lambda: worker_info().memory_allocated_bytes)
+                          memory_allocated=lambda: worker_info().memory_allocated_bytes, workers=worker.workers)
         scheduler.metrics = metrics
     auth = TenantResolver(config.tokens, config.read_only)
     server = grpc.aio.server(

@@ -71,6 +71,9 @@ class ServerConfig:
     upload_idle_timeout_seconds: float = 60.0  # an upload stream silent this long is ended and its lock released
     http_port: int | None = None  # the web explorer (featureviz.web) on this port (0: a free one; None: off)
     http_host: str | None = None  # its address (None: the same as host)
+    ray: str | None = None  # workers as Ray actors: "auto" (a local Ray on loopback) or a cluster ADDRESS; None: embedded
+    workers: int | None = None  # with ray: that many CPU worker actors (None: one per GPU of the cluster)
+    ray_max_attempts: int = 3  # with ray: a job whose worker dies this many times ends FAILED (WORKER_LOST)
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)

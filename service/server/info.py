@@ -47,4 +47,5 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         info.CopyFrom(self._info)
         info.tenant = self.auth.tenant(context)
         info.worker.CopyFrom(self.worker.info())
+        info.workers.extend(self.worker.workers())
         return info

@@ -1,6 +1,7 @@
 """Prometheus metrics (text format over HTTP on ``--metrics-port``): jobs by outcome, queue and run seconds,
 step seconds, images per device step, device step seconds, uploads by outcome, queue depth, models in memory,
-CUDA memory (the last two as the worker reports them). One registry per server, so
+CUDA memory (the last two as the worker reports them); per worker (label ``worker``): device steps, their images,
+active slots, models held, whether it is up. One registry per server, so
 several servers in one process (tests, the demo) do not share counters."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ _STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 
 
 class Metrics:
-    def __init__(self, *, queue_depth, models_loaded, memory_allocated=lambda: 0.0):
+    def __init__(self, *, queue_depth, models_loaded, memory_allocated=lambda: 0.0, workers=lambda: []):
         from prometheus_client import CollectorRegistry
         from prometheus_client import Counter
         from prometheus_client import Gauge
@@ -36,6 +37,11 @@ class Metrics:
         self.device_step_seconds = Histogram("featureviz_device_step_seconds", "Seconds of one device step (one "
                                              "forward and backward of a batch)", buckets=_STEP_SECONDS,
                                              registry=registry)
+        self.worker_steps = Counter("featureviz_worker_device_steps", "Device steps run, per worker", ["worker"],
+                                    registry=registry)
+        self.worker_images = Counter("featureviz_worker_step_images", "Images in the device steps, per worker",
+                                     ["worker"], registry=registry)
+        registry.register(_WorkerCollector(workers))
         Gauge("featureviz_queue_depth", "Jobs waiting for the device", registry=registry).set_function(queue_depth)
         Gauge("featureviz_models_loaded", "Imported models held in memory",
               registry=registry).set_function(models_loaded)
@@ -56,3 +62,30 @@ class Metrics:
             self._http.server_close()
             self._http = None
 
+
+
+class _WorkerCollector:
+    """Gauges per worker (``workers()`` -> pb.WorkerInfo list), read at each scrape."""
+
+    def __init__(self, workers):
+        self._workers = workers
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        slots = GaugeMetricFamily("featureviz_worker_active_slots", "Jobs in the worker's device steps now",
+                                  labels=["worker", "node"])
+        models = GaugeMetricFamily("featureviz_worker_models", "Models the worker holds in memory",
+                                   labels=["worker", "node"])
+        up = GaugeMetricFamily("featureviz_worker_up", "1 when the worker answers (0 while a Ray actor restarts)",
+                               labels=["worker", "node"])
+        try:
+            workers = list(self._workers())
+        except Exception:  # a scrape must not fail because a worker is away
+            workers = []
+        for info in workers:
+            labels = [info.id or "local", info.node]
+            slots.add_metric(labels, info.active_slots)
+            models.add_metric(labels, len(info.models))
+            up.add_metric(labels, 1.0 if info.up else 0.0)
+        return [slots, models, up]

@@ -268,7 +268,7 @@ class Scheduler:
     def _on_started(self, event: api.WorkerEvent) -> None:
         job_id = event.job_id
         row = self.store.get_job(job_id)
-        self.store.mark_running(job_id)
+        self.store.mark_running(job_id, event.worker or "local")
         with self._cv:
             self._started[job_id] = time.perf_counter()
         self.log(job_id).append(state=pb.JOB_STATE_RUNNING)
@@ -316,8 +316,28 @@ class Scheduler:
         with self._cv:
             self._release(event.job_id)
 
+    def _on_lost(self, event: api.WorkerEvent) -> None:
+        """The worker running the job died (a Ray actor): the job goes back to the head of the queue and runs
+        again from step 0 with the same spec (seed included). The worker bounds the attempts (WORKER_LOST)."""
+        job_id = event.job_id
+        row = self.store.get_job(job_id)
+        if self.metrics is not None:
+            self.metrics.jobs.labels("lost").inc()
+        with self._cv:
+            self._release(job_id)
+            if row.state not in TERMINAL_STATES:
+                self.store.mark_queued(job_id)
+                self.log(job_id).append(state=pb.JOB_STATE_QUEUED)
+                self._enqueue(job_id, row.tenant, pb.JobSpec.FromString(row.spec))
+                self._queue.remove(job_id)
+                self._queue.appendleft(job_id)
+            self._dispatch()
+
     def _on_steps(self, event: api.WorkerEvent) -> None:
         if self.metrics is not None:
+            worker = event.worker or "local"
             for images, seconds in event.steps:
                 self.metrics.batch_images.observe(images)
                 self.metrics.device_step_seconds.observe(seconds)
+                self.metrics.worker_steps.labels(worker).inc()
+                self.metrics.worker_images.labels(worker).inc(images)

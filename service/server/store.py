@@ -57,14 +57,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     start_time REAL,
     end_time REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_seq INTEGER NOT NULL DEFAULT 0
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    worker TEXT NOT NULL DEFAULT ''          -- the worker of the latest attempt
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
 
 _JOB_COLUMNS = "id, tenant, request_id, model, state, spec, result, error, create_time, start_time, end_time, " \
-               "attempts, last_seq"
+               "attempts, last_seq, worker"
 
 
 class JobRow:
@@ -78,7 +79,7 @@ class JobRow:
 
     def to_proto(self, *, with_images: bool = True) -> pb.Job:
         job = pb.Job(id=self.id, name=f"jobs/{self.id}", request_id=self.request_id, state=self.state,
-                     attempts=self.attempts, last_seq=self.last_seq)
+                     attempts=self.attempts, last_seq=self.last_seq, worker=self.worker or "")
         job.spec.ParseFromString(self.spec)
         job.steps = job.spec.steps if job.spec.HasField("steps") else 0
         job.create_time.FromNanoseconds(int(self.create_time * 1e9))
@@ -129,6 +130,8 @@ class Store:
                 first = " ".join(problems[0].split())
                 raise StoreCorrupt(self.db_path, f"quick_check found {len(problems)} problem(s), the first: {first}")
             self._db.executescript(_SCHEMA)
+            if "worker" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:  # a store before it
+                self._db.execute("ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StoreCorrupt(self.db_path, str(exc)) from None
@@ -348,9 +351,9 @@ class Store:
                          (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
         return [JobRow(*r) for r in rows]
 
-    def mark_running(self, job_id: str) -> None:
-        self._run("UPDATE jobs SET state = ?, start_time = ?, attempts = attempts + 1 WHERE id = ?",
-                  (pb.JOB_STATE_RUNNING, time.time(), job_id))
+    def mark_running(self, job_id: str, worker: str = "") -> None:
+        self._run("UPDATE jobs SET state = ?, start_time = ?, attempts = attempts + 1, worker = ? WHERE id = ?",
+                  (pb.JOB_STATE_RUNNING, time.time(), worker, job_id))
 
     def mark_queued(self, job_id: str) -> None:
         self._run("UPDATE jobs SET state = ? WHERE id = ?", (pb.JOB_STATE_QUEUED, job_id))

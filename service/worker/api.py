@@ -22,10 +22,11 @@ from dataclasses import field
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["Submission", "Admission", "WorkerEvent", "WorkerConfig", "Worker", "STARTED", "PROGRESS", "PREVIEW",
-           "FINISHED", "REQUEUED", "STEPS"]
+           "FINISHED", "REQUEUED", "STEPS", "LOST"]
 
 STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
     "steps"
+LOST = "lost"  # the worker running the job died (a Ray actor): the server queues it again, from step 0
 
 
 @dataclass
@@ -83,6 +84,7 @@ class WorkerEvent:
     result: pb.JobResult | None = None
     error: pb.JobError | None = None
     steps: list[tuple[int, float]] = field(default_factory=list)
+    worker: str = ""  # the worker's id on STARTED and STEPS ("": the embedded worker, "local")
 
 
 class Worker:
@@ -115,6 +117,16 @@ class Worker:
 
     def info(self) -> pb.WorkerInfo:
         raise NotImplementedError
+
+    def workers(self) -> list[pb.WorkerInfo]:
+        """Every worker behind this interface (one here; one per actor for a Ray pool), with id, node and pid."""
+        import os
+        import socket
+
+        info = self.info()
+        info.id, info.node, info.pid, info.up = info.id or "local", info.node or socket.gethostname(), \
+            info.pid or os.getpid(), True
+        return [info]
 
     def stop(self, grace: float) -> None:
         """Let running jobs finish for ``grace`` seconds, then stop the rest (REQUEUED events); blocking."""

@@ -86,6 +86,8 @@ describe('featureviz Node client against a real server', () => {
     assert.equal(info.tenant, 'alice');
     assert.ok(info.limits.maxChunkBytes > 0);
     assert.ok(info.objectiveKinds.includes('channel'), info.objectiveKinds.join(','));
+    assert.deepEqual(info.workers.map((w) => w.id), ['local']); // ServerInfo lists the workers
+    assert.ok(info.workers[0].pid > 0 && info.workers[0].up, JSON.stringify(info.workers[0]));
   });
 
   it('uploads a real ONNX export in several chunks and imports it', TIMEOUT, async () => {
@@ -224,6 +226,7 @@ describe('featureviz Node client against a real server', () => {
     assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
     const done = result.result;
     assert.equal(done.state, 'JOB_STATE_SUCCEEDED', JSON.stringify(done.error));
+    assert.equal(done.worker, 'local'); // the embedded worker ran it (serve --ray: ray-N)
     assert.equal(done.result.stepsDone, 6);
     assert.equal(done.result.images.length, 2);
     for (const image of done.result.images) {

@@ -97,6 +97,10 @@ const COMMANDS = {
     console.log(`device: ${device.kind} ${device.name}, kernels ${device.kernels}`);
     console.log(`limits: image side ${limits.maxImageSide}, steps ${limits.maxSteps}, batch ${limits.maxBatch}, ` +
       `upload ${limits.maxUploadBytes} bytes`);
+    for (const w of info.workers || []) {
+      console.log(`worker ${w.id} on ${w.node} (pid ${w.pid}, ${w.device ? w.device.kind : '?'}${w.up ? '' : ', restarting'}): ` +
+        `${w.activeSlots} active, ${(w.models || []).length} model(s)`);
+    }
   },
 
   async upload(fv, args, opts) {
@@ -157,7 +161,8 @@ const COMMANDS = {
       const { images, objectiveDescription, secondsPerStep } = done.result;
       const change = images.map((i) => `${i.objectiveStart.toFixed(4)} -> ${i.objectiveEnd.toFixed(4)}`).join(', ');
       process.stderr.write(`${objectiveDescription || 'objective'}: ${change} ` +
-        `(${done.result.stepsDone} steps, ${(1000 * secondsPerStep).toFixed(1)} ms/step)\n`);
+        `(${done.result.stepsDone} steps, ${(1000 * secondsPerStep).toFixed(1)} ms/step` +
+        `${done.worker ? `, worker ${done.worker}` : ''})\n`);
       const outDir = opts.out || '.';
       fs.mkdirSync(outDir, { recursive: true });
       const stem = `${layer.replace(/[^A-Za-z0-9._-]+/g, '_').replace(/^_+|_+$/g, '')}_${channel}`;

@@ -1,0 +1,178 @@
+"""Workers as Ray actors (``serve --ray``), on ONE local Ray cluster on loopback for the whole module (Ray starts
+slowly) with 2 CPU worker actors: jobs spread over both workers (model affinity first), an exclusive job gives the
+same images as the embedded worker, killing one actor's process mid-job still ends the job SUCCEEDED and loses
+nothing else, a cancel reaches the actor, tenants stay isolated, ServerInfo lists the workers and metrics carry
+their labels, and a job that kills its worker every time ends FAILED (WORKER_LOST) after a bounded number of
+attempts (last: it crashes both actors)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.request
+
+import pytest
+
+ray = pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
+
+from featureviz.client import Client  # noqa: E402
+from featureviz.client import FeaturevizClientError  # noqa: E402
+from featureviz.client import images  # noqa: E402
+from featureviz.client import pb  # noqa: E402
+from featureviz.server import ServerConfig  # noqa: E402
+from featureviz.server import serve_in_background  # noqa: E402
+from featureviz.worker.ray_pool import FAULT_CRASH_SEED  # noqa: E402
+from featureviz.worker.ray_pool import init_local_ray  # noqa: E402
+
+CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
+CRASH_SEED = 4242
+TOKENS = {"tok-a": "team-a", "tok-b": "team-b"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_onnx):
+    """A local Ray on loopback (2 CPUs) and a server with 2 CPU worker actors of max batch 2 each."""
+    saved = os.environ.get(FAULT_CRASH_SEED)
+    os.environ[FAULT_CRASH_SEED] = str(CRASH_SEED)  # the actors inherit it: that seed crashes its worker
+    init_local_ray(num_cpus=2)
+    config = ServerConfig(tmp_path_factory.mktemp("store"), tokens=TOKENS, heartbeat_seconds=0.5, grace_seconds=2.0,
+                          max_batch=2, threads=1, progress_interval=0.0, metrics_port=0, ray="auto", workers=2,
+                          ray_max_attempts=2)
+    running = serve_in_background(config)
+    with Client(running.address, token="tok-a", timeout=60) as fv:
+        running.sha = fv.upload(tiny_onnx).sha256
+    try:
+        yield running
+    finally:
+        running.stop()
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop(FAULT_CRASH_SEED, None)
+        else:
+            os.environ[FAULT_CRASH_SEED] = saved
+
+
+def _wait_for_step(fv: Client, job_id: str, step: int) -> None:
+    for event in fv.watch(job_id, timeout=300):
+        if event.HasField("progress") and event.progress.step >= step:
+            return
+    raise AssertionError(f"job {job_id} ended before step {step}")
+
+
+def _workers(fv: Client) -> dict[str, pb.WorkerInfo]:
+    return {w.id: w for w in fv.info().workers}
+
+
+def test_server_info_lists_both_workers(cluster):
+    with Client(cluster.address, token="tok-a", timeout=60) as fv:
+        info = fv.info()
+    workers = {w.id: w for w in info.workers}
+    assert sorted(workers) == ["ray-0", "ray-1"]
+    assert all(w.node == "127.0.0.1" and w.pid > 0 and w.pid != os.getpid() and w.up for w in workers.values()), \
+        workers
+    assert len({w.pid for w in workers.values()}) == 2
+    assert all(w.device.kind == "cpu" and w.max_batch == 2 for w in workers.values())
+    assert info.max_batch == 4 and info.worker.max_batch == 4
+
+
+def test_jobs_spread_over_both_workers_with_model_affinity(cluster):
+    with Client(cluster.address, token="tok-a", timeout=60) as fv:
+        jobs = [fv.submit(cluster.sha, CHANNEL, steps=10_000, size=16, seed=s) for s in (1, 2, 3, 4)]
+        for job in jobs:
+            _wait_for_step(fv, job.id, 1)
+        placed = [fv.job(j.id).worker for j in jobs]
+        listed = {j.id: j.worker for j in fv.jobs()}
+        workers = _workers(fv)
+        for job in jobs:
+            fv.cancel(job.id)
+        ended = [fv.wait(j.id, timeout=300) for j in jobs]
+    assert set(placed) == {"ray-0", "ray-1"}, placed
+    assert sorted(placed.count(w) for w in ("ray-0", "ray-1")) == [2, 2], placed  # max batch 2 each
+    assert placed[0] == placed[1]  # the second went where the model already was (affinity), with room
+    assert all(listed[j.id] == w for j, w in zip(jobs, placed))  # ListJobs carries it too
+    assert all(w.active_slots == 2 and cluster.sha in w.models for w in workers.values())
+    assert all(e.state == pb.JOB_STATE_CANCELLED and e.worker in ("ray-0", "ray-1") for e in ended)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
+    for worker in ("ray-0", "ray-1"):
+        assert f'featureviz_worker_device_steps_total{{worker="{worker}"}}' in text
+        assert f'featureviz_worker_active_slots{{node="127.0.0.1",worker="{worker}"}}' in text
+
+
+def test_an_exclusive_job_gives_the_same_images_as_the_embedded_worker(cluster, tiny_onnx, tmp_path):
+    spec = dict(steps=12, size=32, seed=7, exclusive=True)
+    with Client(cluster.address, token="tok-a", timeout=60) as fv:
+        on_ray = fv.wait(fv.submit(cluster.sha, CHANNEL, **spec).id, timeout=300)
+    threads = torch.get_num_threads()
+    try:  # the actors run one torch thread each: so does the embedded worker here
+        with serve_in_background(ServerConfig(tmp_path, threads=1)) as embedded, \
+                Client(embedded.address, timeout=60) as fv:
+            sha = fv.upload(tiny_onnx).sha256
+            local = fv.wait(fv.submit(sha, CHANNEL, **spec).id, timeout=300)
+    finally:
+        torch.set_num_threads(threads)
+    assert on_ray.state == local.state == pb.JOB_STATE_SUCCEEDED
+    assert on_ray.worker.startswith("ray-") and local.worker == "local"
+    assert images(on_ray) == images(local)
+    assert [i.objective_end for i in on_ray.result.images] == [i.objective_end for i in local.result.images]
+
+
+def test_killing_a_worker_mid_job_reruns_its_job_and_loses_nothing_else(cluster):
+    with Client(cluster.address, token="tok-a", timeout=120) as fv:
+        a = fv.submit(cluster.sha, CHANNEL, steps=400, size=16, seed=11)
+        _wait_for_step(fv, a.id, 1)
+        b = fv.submit(cluster.sha, CHANNEL, steps=400, size=16, seed=12)
+        victim = fv.job(a.id).worker
+        _wait_for_step(fv, a.id, 3)
+        os.kill(_workers(fv)[victim].pid, signal.SIGKILL)
+        events = list(fv.watch(a.id, timeout=600))
+        done_a, done_b = fv.wait(a.id, timeout=600), fv.wait(b.id, timeout=600)
+        after = _workers(fv)
+    assert done_a.state == pb.JOB_STATE_SUCCEEDED and done_a.result.steps_done == 400, done_a.error
+    assert done_a.attempts == 2 and done_a.spec.seed == 11
+    assert done_b.state == pb.JOB_STATE_SUCCEEDED and done_b.attempts == 1  # nothing else was lost
+    states = [e.state for e in events if e.HasField("state")]
+    assert states[-3:] == [pb.JOB_STATE_RUNNING, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING]  # re-queued, from step 0
+    steps = [e.progress.step for e in events if e.HasField("progress")]
+    restart = max(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == 1 and steps[restart:] == list(range(1, 401))
+    seqs = [e.seq for e in events if e.WhichOneof("event") not in ("snapshot", "heartbeat")]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # the event contract: one log, no gaps
+    assert sorted(after) == ["ray-0", "ray-1"]  # Ray restarted the actor (a new process)
+
+
+def test_a_cancel_reaches_the_actor(cluster):
+    with Client(cluster.address, token="tok-a", timeout=120) as fv:
+        job = fv.submit(cluster.sha, CHANNEL, steps=10_000, size=16, seed=31)
+        _wait_for_step(fv, job.id, 2)
+        fv.cancel(job.id)
+        done = fv.wait(job.id, timeout=300)
+    assert done.state == pb.JOB_STATE_CANCELLED and 2 <= done.result.steps_done < 10_000
+    assert len(images(done)) == 1
+
+
+def test_tenants_stay_isolated(cluster, tiny_onnx):
+    with Client(cluster.address, token="tok-a", timeout=120) as a, Client(cluster.address, token="tok-b",
+                                                                          timeout=120) as b:
+        with pytest.raises(FeaturevizClientError) as refused:
+            b.submit(cluster.sha, CHANNEL, steps=4, size=16)  # b has not uploaded this model
+        assert refused.value.code == "NOT_FOUND" and refused.value.reason == "MODEL_NOT_FOUND"
+        b.upload(tiny_onnx)
+        mine, theirs = a.submit(cluster.sha, CHANNEL, steps=6, size=16, seed=41), \
+            b.submit(cluster.sha, CHANNEL, steps=6, size=16, seed=42)
+        assert a.wait(mine.id, timeout=300).state == b.wait(theirs.id, timeout=300).state == pb.JOB_STATE_SUCCEEDED
+        for other, job in ((b, mine), (a, theirs)):
+            with pytest.raises(FeaturevizClientError) as hidden:
+                other.job(job.id)
+            assert hidden.value.code == "NOT_FOUND"
+        assert theirs.id not in {j.id for j in a.jobs()} and mine.id not in {j.id for j in b.jobs()}
+
+
+def test_a_job_that_kills_its_worker_every_time_ends_worker_lost(cluster):
+    with Client(cluster.address, token="tok-a", timeout=120) as fv:
+        job = fv.submit(cluster.sha, CHANNEL, steps=10, size=16, seed=CRASH_SEED)
+        done = fv.wait(job.id, timeout=600)
+        assert done.state == pb.JOB_STATE_FAILED and done.error.reason == "WORKER_LOST", done.error
+        assert "2 times" in done.error.message
+        after = fv.wait(fv.submit(cluster.sha, CHANNEL, steps=5, size=16, seed=51).id, timeout=600)
+    assert after.state == pb.JOB_STATE_SUCCEEDED  # the cluster keeps serving (restarted, no crash loop)
