@@ -35,7 +35,7 @@ __all__ = ["RayPool", "WorkerHost", "ray_pool", "import_ray", "RAY_MISSING", "in
 
 log = logging.getLogger("featureviz.worker.ray")
 
-RAY_MISSING = "featureviz serve --ray needs Ray, an optional extra: pip install 'featureviz[ray]'"
+RAY_MISSING = "serving with Ray (--ray) needs the optional extra: pip install 'featureviz[ray]'"
 POLL_SECONDS = 0.5
 UP_WAIT_SECONDS = 300.0  # a call that finds every actor restarting waits this long for one to come back
 _REFS_KEPT = 32  # model references the pool keeps (their bytes stay in the object store while referenced)

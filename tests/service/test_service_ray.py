@@ -3,12 +3,17 @@ slowly) with 2 CPU worker actors: jobs spread over both workers (model affinity 
 same images as the embedded worker, killing one actor's process mid-job still ends the job SUCCEEDED and loses
 nothing else, a cancel reaches the actor, tenants stay isolated, ServerInfo lists the workers and metrics carry
 their labels, and a job that kills its worker every time ends FAILED (WORKER_LOST) after a bounded number of
-attempts (last: it crashes both actors)."""
+attempts (it crashes both actors). Then the real ``featureviz serve --ray --workers 2`` command (its own Ray),
+and the message naming the extra when Ray is missing."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
+import threading
 import urllib.request
 
 import pytest
@@ -176,3 +181,73 @@ def test_a_job_that_kills_its_worker_every_time_ends_worker_lost(cluster):
         assert "2 times" in done.error.message
         after = fv.wait(fv.submit(cluster.sha, CHANNEL, steps=5, size=16, seed=51).id, timeout=600)
     assert after.state == pb.JOB_STATE_SUCCEEDED  # the cluster keeps serving (restarted, no crash loop)
+
+
+class ServeProcess:
+    """``featureviz serve`` as a subprocess; ``address`` once it printed its port."""
+
+    def __init__(self, store, *extra):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(store), "--grace", "0",
+             "--log-level", "WARNING", *extra],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.lines: list[str] = []
+        self._port = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._port.wait(600):
+            self.proc.kill()
+            raise AssertionError("featureviz serve did not start:\n" + "".join(self.lines))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                self._port.set()
+        self._port.set()
+
+    def stop_code(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait()
+
+
+def test_featureviz_serve_ray_workers_2_from_the_command_line(tmp_path, tiny_onnx, capsys):
+    """The real command: its own local Ray (loopback), 2 CPU actors, a job, ``jobs list`` naming the worker."""
+    from featureviz.cli import main
+
+    serve = ServeProcess(tmp_path, "--ray", "--workers", "2")
+    try:
+        with Client(serve.address, timeout=120) as fv:
+            sha = fv.upload(tiny_onnx).sha256
+            done = fv.wait(fv.submit(sha, CHANNEL, steps=4, size=16).id, timeout=600)
+            info = fv.info()
+        capsys.readouterr()
+        assert main(["jobs", "list", "--server", serve.address]) == 0
+        listed = capsys.readouterr().out
+    finally:
+        assert serve.stop_code() == 0, "".join(serve.lines)
+    assert sorted(w.id for w in info.workers) == ["ray-0", "ray-1"], "".join(serve.lines)
+    assert all(w.node == "127.0.0.1" and w.pid > 0 for w in info.workers)  # Ray bound to loopback
+    assert done.state == pb.JOB_STATE_SUCCEEDED and done.worker in ("ray-0", "ray-1")
+    assert done.id in listed and done.worker in listed
+    assert any("2 Ray worker(s): ray-0 (cpu" in line for line in serve.lines), serve.lines
+
+
+def test_serve_ray_without_ray_names_the_extra(tmp_path):
+    blocker = ("import sys\n"
+               "class Block:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'ray' or name.startswith('ray.'):\n"
+               "            raise ImportError('blocked: ' + name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "from featureviz.cli import main\n"
+               "sys.exit(main(['serve', '--ray', '--port', '0', '--store', sys.argv[1]]))\n")
+    result = subprocess.run([sys.executable, "-c", blocker, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'featureviz[ray]'" in result.stderr and "Traceback" not in result.stderr
+    from featureviz.cli import main
+
+    assert main(["serve", "--workers", "2", "--store", str(tmp_path)]) == 2  # --workers needs --ray
