@@ -94,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
         print("featureviz serve: --workers needs --ray", file=sys.stderr)
         return 2
     if args.ray is not None:
+        import importlib.util
+
         from featureviz.worker.ray_pool import RAY_MISSING
 
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            print(f"featureviz serve: {RAY_MISSING}", file=sys.stderr)
+        if importlib.util.find_spec("ray") is None:
+            print(RAY_MISSING, file=sys.stderr)
             return 2
     config = _config(args)
     code = asyncio.run(_serve(config))

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -237,15 +238,22 @@ def test_featureviz_serve_ray_workers_2_from_the_command_line(tmp_path, tiny_onn
 
 
 def test_serve_ray_without_ray_names_the_extra(tmp_path):
-    blocker = ("import sys\n"
-               "class Block:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name == 'ray' or name.startswith('ray.'):\n"
-               "            raise ImportError('blocked: ' + name)\n"
-               "sys.meta_path.insert(0, Block())\n"
+    """A real environment without Ray: this venv's site-packages less ray (a shadow folder of links, the editable
+    install's .pth included), under ``python -S``."""
+    import sysconfig
+
+    site_dir = Path(sysconfig.get_paths()["purelib"])
+    shadow = tmp_path / "site"
+    shadow.mkdir()
+    for entry in site_dir.iterdir():
+        if not entry.name.lower().startswith("ray"):
+            (shadow / entry.name).symlink_to(entry)
+    program = ("import site, sys\n"
+               f"site.addsitedir({str(shadow)!r})\n"
                "from featureviz.cli import main\n"
                "sys.exit(main(['serve', '--ray', '--port', '0', '--store', sys.argv[1]]))\n")
-    result = subprocess.run([sys.executable, "-c", blocker, str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-S", "-c", program, str(tmp_path / "store")], capture_output=True,
+                            text=True)
     assert result.returncode == 2, result.stderr
     assert "pip install 'featureviz[ray]'" in result.stderr and "Traceback" not in result.stderr
     from featureviz.cli import main
