@@ -137,13 +137,16 @@ def test_sigterm_with_a_job_in_flight_ends_within_the_grace(tmp_path, tiny_onnx)
             threading.Thread(target=watch, daemon=True).start()
             while "progress" not in events and not ended.is_set():
                 ended.wait(0.05)  # until the job runs
+            signalled = len(events)  # the events the watcher had before the signal
             assert server.stop(signal.SIGTERM) == 0
             assert ended.wait(60)
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
-    # the job went back to the queue (its last state event), and the stream ended with it: before the fix it
-    # stayed open for another --grace, about 20 heartbeats
-    requeued = len(events) - 1 - events[::-1].index("state")
-    assert events[requeued + 1:].count("heartbeat") <= 2, events[requeued:]
+    # The stream ends within the one --grace deadline (2 s: at most ~20 heartbeats of 0.1 s after the signal);
+    # before the fix it stayed open for another grace (~40). A loaded machine only delays heartbeats, so it can
+    # lower this count, never raise it: the bound holds on any machine without timing anything.
+    after = events[signalled:]
+    assert after.count("heartbeat") <= 30, after
+    assert after[-1] == "UNAVAILABLE", after  # ended by the server, to re-attach after the restart
     assert "featureviz serve: stopped\n" in server.lines
