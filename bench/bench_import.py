@@ -86,9 +86,9 @@ def write_table(rows: list[dict]) -> str:
     ok = Counter()
     tried = Counter()
     for row in rows:
-        key = (row["family"], row["exporter"])
-        tried[key] += 1
-        ok[key] += row["verdict"] == "ok"
+        for key in ((row["family"], row["exporter"], "all"), (row["family"], row["exporter"], row["batch"])):
+            tried[key] += 1
+            ok[key] += row["verdict"] == "ok"
     cpu = _cpu()
     lines = [SECTION, "",
              f"{time.strftime('%Y-%m-%d')}, {cpu}, torch {_version('torch')}, timm {_version('timm')}, onnx "
@@ -98,10 +98,19 @@ def write_table(rows: list[dict]) -> str:
              "batch 2 against onnxruntime; `mode`: `native` runs a batch at once, `per-image` image by image (a "
              "fixed-batch graph the batch rewrite could not free). `ok` = imported, matched (<= 1e-3), catalog "
              "listed, token tensors used as targets, 2 render steps at batch 2.", "",
-             "Imported / tried, per family and exporter:", "",
-             "| family | exporter | imported / tried |", "| --- | --- | --- |"]
-    for key in sorted(tried):
-        lines.append(f"| {key[0]} | {key[1]} | {ok[key]} / {tried[key]} |")
+             "Imported / tried, per family and exporter (and per batch mode):", "",
+             "| family | exporter | imported / tried | fixed batch | dynamic batch |", "| --- | --- | --- | --- | --- |"]
+
+    def count(key):
+        return f"{ok[key]} / {tried[key]}" if tried[key] else "-"
+
+    for family, exporter, _ in sorted(k for k in tried if k[2] == "all"):
+        lines.append(f"| {family} | {exporter} | {count((family, exporter, 'all'))} | "
+                     f"{count((family, exporter, 'fixed'))} | {count((family, exporter, 'dynamic'))} |")
+    expected = len(TIMM_MODELS) * 4 + len(REAL_MODELS)
+    if len(rows) < expected:
+        lines += ["", f"This pass ran {len(rows)} of the {expected} cases (the machine's 2 cores were shared with other "
+                      "work); the cases not listed were not run, `--resume` adds them."]
     lines += ["", "| model | family | exporter | batch | nodes | import s | max rel err | mode | token layers | verdict |",
               "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
     for row in rows:
