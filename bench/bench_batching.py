@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="steps per job (default %(default)s)")
     parser.add_argument("--size", type=int, default=224, help="image side (default %(default)s)")
     parser.add_argument("--layer", default=LAYER)
-    parser.add_argument("--max-batch", type=int, default=None, help="the batched server's (default: its own)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="the batched server's (default: the largest level, so every level can share a step)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--phases", action="store_true", help="also time the batched engine's phases in-process")
     parser.add_argument("--model", type=Path, default=None, help="an ONNX file (default: EfficientNet-Lite0)")
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
                      "layer": args.layer, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                      "levels": []}
     with tempfile.TemporaryDirectory() as tmp:
-        batched_args = ["--max-batch", str(args.max_batch)] if args.max_batch else []
+        batched_args = ["--max-batch", str(args.max_batch or max(levels))]
         servers = {"batched": Server(Path(tmp) / "batched", *batched_args, *extra),
                    "solo": Server(Path(tmp) / "solo", "--max-batch", "1", *extra)}
         try:

@@ -87,7 +87,7 @@ if [ $DRY = 1 ]; then
   SCALE=4  # a shared CPU is slow and the point is the plumbing
   KERNELS=(--ops affine_resample --batches 1 --sizes 8)
   STEP=(--models resnet18 --batches 1 --sizes 16 --kernels torch)
-  BATCHING=(--levels 1,2 --steps 2 --size 64)
+  BATCHING=(--levels 1,2 --steps 2 --size 64 --max-batch 4)
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
 else
   KERNELS=(--batches 1,64 --sizes 224)
