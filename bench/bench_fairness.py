@@ -66,9 +66,10 @@ def main(argv=None) -> int:
             before = sum(j.start_time.ToNanoseconds() < mine.start_time.ToNanoseconds() for j in done)
             wait = (mine.start_time.ToNanoseconds() - mine.create_time.ToNanoseconds()) / 1e9
             flood_waits = sorted((j.start_time.ToNanoseconds() - j.create_time.ToNanoseconds()) / 1e9 for j in done)
+            print(f"tenants: {before} of {args.flood} flood jobs started first; wait {wait:.2f} s", flush=True)
 
             # 2. models: two jobs on each model at once, long enough to measure while all four run
-            long = 100_000
+            long = 10_000  # the server's max_steps
             jobs = [(flood, flood.submit(a, objective, steps=long, size=args.size, seed=1)),
                     (flood, flood.submit(a, objective, steps=long, size=args.size, seed=2)),
                     (calm, calm.submit(b, objective, steps=long, size=args.size, seed=3)),

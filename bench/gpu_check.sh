@@ -22,7 +22,8 @@ WHEELS=(onnx2torch==1.5.15 onnxsim==0.8.1 grpcio==1.85.3 grpcio-status==1.85.3 g
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   mkdir -p .whl
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+  EXCLUDE=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file
+  grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || echo /.whl/ >> "$EXCLUDE"
   for spec in "${WHEELS[@]}"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

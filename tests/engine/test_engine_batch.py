@@ -179,14 +179,16 @@ def test_cuda_exclusive_render_is_bitwise_repeatable(lite0):
     assert torch.equal(a.images, b.images) and a.objective_end == b.objective_end
 
 
-BATCHED_VS_SOLO_TOLERANCE = 0.15  # of |mean solo|; see bench/RESULTS.md, "Batched vs solo"
+BATCHED_VS_SOLO_TOLERANCE = 0.05  # of |mean solo|; see bench/RESULTS.md, "Batched vs solo"
 
 
 @pytest.mark.slow
 def test_batched_jobs_land_where_solo_ones_do_over_seeds(lite0):
     """Adam parts a batched trajectory from its solo twin after a few steps (rounding differs with the batch),
     so this compares the distribution over seeds: per objective kind, the mean final objective batched is within
-    BATCHED_VS_SOLO_TOLERANCE of the mean solo (bench/bench_batched_vs_solo.py measured the spread)."""
+    BATCHED_VS_SOLO_TOLERANCE of the mean solo. bench/bench_batched_vs_solo.py measured per-seed differences of at
+    most 0.18% (middle channel) and 1.7% (late channel) of the mean at 32 steps; the logit, whose per-seed
+    differences reach 15% (unbiased over seeds), needs more seeds than a test can afford and is left to the bench."""
     import sys
     from pathlib import Path
 
@@ -195,7 +197,7 @@ def test_batched_jobs_land_where_solo_ones_do_over_seeds(lite0):
     from bench_batched_vs_solo import measure
     from bench_batched_vs_solo import summarize
 
-    kinds = {k: KINDS[k] for k in ("channel", "logit")}
+    kinds = {k: KINDS[k] for k in ("channel", "late channel")}
     figures = measure(lite0, kinds, seeds=[0, 1, 2, 3], steps=24, size=SIZE)
     for kind, row in summarize(figures).items():
-        assert abs(row["mean_shift_rel"]) <= BATCHED_VS_SOLO_TOLERANCE, (kind, row)
+        assert abs(row["mean_shift_rel"]) <= BATCHED_VS_SOLO_TOLERANCE, (kind, row, figures[kind])
