@@ -25,9 +25,9 @@ __all__ = ["describe_device", "default_max_batch", "is_oom", "empty_cache", "Mem
 
 log = logging.getLogger("featureviz.worker")
 
-# On a 2-core CPU a batched step costs about as much per image as a solo one (measured per image, forward and
-# backward: 9.4 ms at batch 1, 11.3 ms at batch 16), so batching adds little throughput there; a small batch still
-# lets short jobs start beside long ones. The batching benchmark that should settle this is not committed yet.
+# bench/RESULTS.md (2-core AMD EPYC): a shared step gave 1.6x the throughput of one job at a time at 96 px and
+# 0.56-0.95x at 224 px (the issue's figures: 9.4 ms per image at batch 1, 11.3 ms at batch 16, block 4); a small
+# batch also lets short jobs start beside long ones.
 DEFAULT_MAX_BATCH_CPU = 4
 # On a GPU a 224-px image leaves the device mostly idle: 64 images per step is the benchmark's goal point, and
 # memory admission keeps any batch within the device's memory.
