@@ -1,7 +1,10 @@
 """Objective specs: the text syntax of the command line and structural validation. No torch here.
 
 An objective spec is a JSON-able dict with exactly one key naming its kind (docs/ARCHITECTURE.md); the CLI,
-the gRPC servicer and the engine all speak it. This module turns the command-line text into a spec
+the gRPC servicer and the engine all speak it: it is the proto's JSON mapping (proto field names), with one
+shorthand, a ``sum``'s terms as a bare list. Each kind is declared once, in :data:`KINDS` (its fields, types,
+defaults, engine class and text form); everything here and the engine's build, walk and model checks and the
+proto conversion are derived from it. This module turns the command-line text into a spec
 (:func:`parse_objective`), checks a spec's structure and fills its defaults (:func:`normalize_objective`) and
 writes a spec back as text (:func:`format_objective`). Whether a layer exists or a channel is in range needs
 the model: that is ``featureviz.engine.validate``.
@@ -31,12 +34,21 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
+from typing import Any
+from typing import Callable
 
 from featureviz.errors import InvalidSpec
 from featureviz.errors import echo
 
 __all__ = [
     "KINDS",
+    "Kind",
+    "Field",
+    "Keyword",
+    "REQUIRED",
+    "walk_spec",
+    "proto_path",
     "MAX_DEPTH",
     "parse_objective",
     "normalize_objective",
@@ -46,16 +58,23 @@ __all__ = [
 
 MAX_DEPTH = 32  # nesting of composite objectives; sums of many terms are flat and not limited by this
 
-_KEYWORDS = {"logit", "prob", "l1", "l2", "tv", "blur", "diversity", "alignment"}
 _BARE_NAME = re.compile(r"[A-Za-z_./#~\[\]][A-Za-z0-9_./#~\[\]\-]*")
 _NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _INT = re.compile(r"\d+")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# structure: kind -> {field: (checker, default)}; _REQUIRED marks fields without a default
+# the declaration: one Kind per objective kind (fields, types, defaults, engine class, text form). Everything below
+# (normalize, layers, walk, parse, format) and elsewhere (the engine's build/walk/spec, the model checks of
+# featureviz.engine.render.validate, the proto conversion of featureviz.client.convert) is derived from KINDS.
 
-_REQUIRED = object()
+
+class _Required:
+    def __repr__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
 
 
 def _layer(value, path):
@@ -103,84 +122,213 @@ def _vector(value, path):
     return out
 
 
-_FIELDS = {
-    "neuron": {"layer": (_layer, _REQUIRED), "channel": (_index, _REQUIRED), "x": (_opt_index, None),
-               "y": (_opt_index, None)},
-    "channel": {"layer": (_layer, _REQUIRED), "channel": (_index, _REQUIRED)},
-    "layer": {"layer": (_layer, _REQUIRED)},
-    "logit": {"index": (_index, _REQUIRED)},
-    "prob": {"index": (_index, _REQUIRED)},
-    "direction": {"layer": (_layer, _REQUIRED), "vector": (_vector, _REQUIRED), "cossim_pow": (_nonneg, 0.0)},
-    "neuron_direction": {"layer": (_layer, _REQUIRED), "vector": (_vector, _REQUIRED), "x": (_opt_index, None),
-                         "y": (_opt_index, None), "cossim_pow": (_nonneg, 0.0)},
-    "diversity": {"layer": (_layer, _REQUIRED)},
-    "alignment": {"layer": (_layer, _REQUIRED), "decay": (_positive, 2.0)},
-    "l1": {"constant": (_number, 0.5)},
-    "l2": {"constant": (_number, 0.5)},
-    "tv": {},
-    "blur": {},
-}
-_COMPOSITE = {"sum", "scale", "batch", "interpolate"}
-KINDS = tuple(list(_FIELDS) + sorted(_COMPOSITE))
+@dataclass(frozen=True)
+class Type:
+    """A field type: ``check(value, path)`` returns the normalized value or raises InvalidSpec. ``role`` tells the
+    model checks (``featureviz.engine.render``) what the value refers to: ``layer`` (a catalog name), ``channel``
+    (of the kind's layer), ``class`` (of the model's logits), ``image`` (of the batch), ``x``/``y`` (a position in
+    the layer), ``vector`` (one value per channel of the layer), ``objective``/``objectives`` (children)."""
+
+    name: str
+    check: Callable | None = None
+    role: str | None = None
+    text: str = ""  # the placeholder in usage messages (LAYER, K, C)
 
 
-def normalize_objective(spec, path: str = "objective") -> dict:
-    """Check a spec's structure and return a copy with every default filled in.
+LAYER = Type("layer", _layer, "layer", "LAYER")
+INDEX = Type("index", _index, None, "N")
+CHANNEL = Type("channel", _index, "channel", "C")
+CLASS = Type("class", _index, "class", "K")
+IMAGE = Type("image", _index, "image", "I")
+X = Type("x", _opt_index, "x", "X")
+Y = Type("y", _opt_index, "y", "Y")
+NUMBER = Type("number", _number, None, "C")
+NONNEG = Type("nonneg", _nonneg, None, "C")
+POSITIVE = Type("positive", _positive, None, "C")
+VECTOR = Type("vector", _vector, "vector", "V")
+OBJECTIVE = Type("objective", None, "objective")
+OBJECTIVES = Type("objectives", None, "objectives")
+
+
+@dataclass(frozen=True)
+class Field:
+    type: Type
+    default: Any = REQUIRED
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """Text form ``KIND`` / ``KIND:ARG``: ``arg`` names the field written after the colon (None: no argument). The
+    keyword form is written back when every other field has its default (and ``arg`` is left out at its own)."""
+
+    arg: str | None = None
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One objective kind. ``fields`` in order (the proto message's field names); ``engine`` the class in
+    ``featureviz.engine.objectives`` (by name) or a class; ``text`` a :class:`Keyword`, a function
+    ``(body, fmt) -> str | None`` writing the text (None: JSON), or None (JSON); ``bare``: the one repeated field
+    the body may be written as (``{"sum": [A, B]}`` is ``{"sum": {"terms": [A, B]}}``; the engine writes the bare
+    list); ``min_batch``: the smallest batch the kind makes sense for; ``check``: a cross-field check
+    ``(body, path)`` after the fields'."""
+
+    name: str
+    fields: dict
+    engine: Any
+    text: Any = None
+    bare: str | None = None
+    min_batch: int = 1
+    check: Callable | None = None
+
+    def children(self, body):
+        """(child spec, path suffix) of a normalized body, in order."""
+        for name, field in self.fields.items():
+            if field.type is OBJECTIVE:
+                yield body[name], f".{name}"
+            elif field.type is OBJECTIVES:
+                items = body if isinstance(body, (list, tuple)) else body[name]
+                prefix = "" if items is body else f".{name}"
+                for i, child in enumerate(items):
+                    yield child, f"{prefix}[{i}]"
+
+    @property
+    def composite(self) -> bool:
+        return any(f.type in (OBJECTIVE, OBJECTIVES) for f in self.fields.values())
+
+
+def _x_needs_y(body, path):
+    if body.get("x") is None and body.get("y") is not None:
+        raise InvalidSpec(f"{path}.x", "give both x and y, neither (centre), or x alone (a token index of a token "
+                                       "tensor)")
+
+
+def _text_neuron(body, fmt):
+    if body.get("x") is None:
+        return None
+    at = f"{body['x']}" if body.get("y") is None else f"{body['x']},{body['y']}"
+    return f"{_quote(body['layer'])}:{body['channel']}@{at}"
+
+
+def _text_sum(body, fmt):
+    terms = body if isinstance(body, (list, tuple)) else body["terms"]
+    parts = []
+    for i, term in enumerate(terms):
+        text = fmt(term)
+        parts.append(("- " + text[1:]) if i and text.startswith("-") else ("+ " if i else "") + text)
+    return " ".join(parts)
+
+
+def _text_scale(body, fmt):
+    inner = fmt(body["objective"])
+    if "sum" in body["objective"]:
+        inner = f"({inner})"
+    return "-" + inner if body["factor"] == -1.0 else f"{_number_text(body['factor'])}*{inner}"
+
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in [
+    Kind("neuron", {"layer": Field(LAYER), "channel": Field(CHANNEL), "x": Field(X, None), "y": Field(Y, None)},
+         "Neuron", _text_neuron, check=_x_needs_y),
+    Kind("channel", {"layer": Field(LAYER), "channel": Field(CHANNEL)}, "Channel",
+         lambda body, fmt: f"{_quote(body['layer'])}:{body['channel']}"),
+    Kind("layer", {"layer": Field(LAYER)}, "Layer", lambda body, fmt: _quote(body["layer"])),
+    Kind("logit", {"index": Field(CLASS)}, "Logit", Keyword("index")),
+    Kind("prob", {"index": Field(CLASS)}, "Prob", Keyword("index")),
+    Kind("direction", {"layer": Field(LAYER), "vector": Field(VECTOR), "cossim_pow": Field(NONNEG, 0.0)},
+         "Direction"),
+    Kind("neuron_direction", {"layer": Field(LAYER), "vector": Field(VECTOR), "x": Field(X, None),
+                              "y": Field(Y, None), "cossim_pow": Field(NONNEG, 0.0)}, "NeuronDirection",
+         check=_x_needs_y),
+    Kind("interpolate", {"a": Field(OBJECTIVE), "b": Field(OBJECTIVE)}, "Interpolate"),
+    Kind("diversity", {"layer": Field(LAYER)}, "Diversity", Keyword("layer"), min_batch=2),
+    Kind("alignment", {"layer": Field(LAYER), "decay": Field(POSITIVE, 2.0)}, "Alignment", Keyword("layer"),
+         min_batch=2),
+    Kind("l1", {"constant": Field(NUMBER, 0.5)}, "L1", Keyword("constant")),
+    Kind("l2", {"constant": Field(NUMBER, 0.5)}, "L2", Keyword("constant")),
+    Kind("tv", {}, "TotalVariation", Keyword()),
+    Kind("blur", {}, "Blur", Keyword()),
+    Kind("sum", {"terms": Field(OBJECTIVES)}, "Sum", _text_sum, bare="terms"),
+    Kind("scale", {"factor": Field(NUMBER), "objective": Field(OBJECTIVE)}, "Scale", _text_scale),
+    Kind("batch", {"index": Field(IMAGE), "objective": Field(OBJECTIVE)}, "Batch"),
+]}
+
+
+def _keywords() -> set[str]:
+    return {name for name, kind in KINDS.items() if isinstance(kind.text, Keyword)}
+
+
+def normalize_objective(spec, path: str = "objective", *, defaults: bool = True, bare: bool = True) -> dict:
+    """Check a spec's structure and types and return a copy with every default filled in.
 
     Raises :class:`InvalidSpec` naming the dotted field path (``objective.sum[1].channel.channel``) for an
     unknown kind, a missing or unknown field, a wrong type, or nesting deeper than :data:`MAX_DEPTH`.
+    ``defaults=False`` leaves unset optional fields out (what the proto carries); ``bare=False`` writes a
+    :attr:`Kind.bare` body as its field (``{"sum": {"terms": [...]}}``: the proto's JSON mapping).
     """
-    return _normalize(spec, path, 0)
+    return _normalize(spec, path, 0, defaults, bare)
 
 
-def _normalize(spec, path, depth):
+def _normalize(spec, path, depth, defaults, bare):
     if depth > MAX_DEPTH:
         raise InvalidSpec(path, f"objective nested deeper than {MAX_DEPTH} levels; flatten sums into one 'sum'")
     if not isinstance(spec, dict) or len(spec) != 1:
         raise InvalidSpec(path, f"must be an object with exactly one key naming the kind, one of {', '.join(KINDS)}; "
                                 f"got {_short(spec)}")
-    (kind, body), = spec.items()
-    here = f"{path}.{kind}"
-    if kind == "sum":
-        if not isinstance(body, (list, tuple)) or not body:
-            raise InvalidSpec(here, "must be a non-empty list of objectives")
-        return {"sum": [_normalize(term, f"{here}[{i}]", depth + 1) for i, term in enumerate(body)]}
-    if kind not in _FIELDS and kind not in _COMPOSITE:
-        raise InvalidSpec(path, f"unknown objective kind {echo(kind)}; known kinds: {', '.join(KINDS)}")
-    if not isinstance(body, dict):
+    (name, body), = spec.items()
+    here = f"{path}.{name}"
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        raise InvalidSpec(path, f"unknown objective kind {echo(name)}; known kinds: {', '.join(KINDS)}")
+    shorthand = kind.bare is not None and not isinstance(body, dict)
+    if shorthand:
+        body = {kind.bare: body}
+    elif not isinstance(body, dict):
         raise InvalidSpec(here, f"must be an object of fields, got {_short(body)}")
-    if kind == "scale":
-        _only(body, {"factor", "objective"}, here)
-        return {"scale": {"factor": _number(_get(body, "factor", here), f"{here}.factor"),
-                          "objective": _normalize(_get(body, "objective", here), f"{here}.objective", depth + 1)}}
-    if kind == "batch":
-        _only(body, {"index", "objective"}, here)
-        return {"batch": {"index": _index(_get(body, "index", here), f"{here}.index"),
-                          "objective": _normalize(_get(body, "objective", here), f"{here}.objective", depth + 1)}}
-    if kind == "interpolate":
-        _only(body, {"a", "b"}, here)
-        return {"interpolate": {"a": _normalize(_get(body, "a", here), f"{here}.a", depth + 1),
-                                "b": _normalize(_get(body, "b", here), f"{here}.b", depth + 1)}}
-    fields = _FIELDS[kind]
-    _only(body, set(fields), here)
+    _only(body, set(kind.fields), here)
     out = {}
-    for name, (check, default) in fields.items():
-        if name in body:
-            out[name] = check(body[name], f"{here}.{name}")
-        elif default is _REQUIRED:
-            raise InvalidSpec(f"{here}.{name}", "is required")
+    for field_name, field in kind.fields.items():
+        where = here if shorthand and field_name == kind.bare else f"{here}.{field_name}"
+        if field_name not in body:
+            if field.default is REQUIRED:
+                raise InvalidSpec(where, "is required")
+            if defaults:
+                out[field_name] = field.default
+            continue
+        value = body[field_name]
+        if field.type is OBJECTIVE:
+            value = _normalize(value, where, depth + 1, defaults, bare)
+        elif field.type is OBJECTIVES:
+            if not isinstance(value, (list, tuple)) or not value:
+                raise InvalidSpec(where, "must be a non-empty list of objectives")
+            value = [_normalize(term, f"{where}[{i}]", depth + 1, defaults, bare) for i, term in enumerate(value)]
         else:
-            out[name] = default
-    if "x" in out and out["x"] is None and out["y"] is not None:
-        raise InvalidSpec(f"{here}.x", "give both x and y, neither (centre), or x alone (a token index of a token "
-                                       "tensor)")
-    return {kind: out}
+            value = field.type.check(value, where)
+            if value is None and not defaults:
+                continue
+        out[field_name] = value
+    if kind.check is not None:
+        kind.check(out, here)
+    return {name: out[kind.bare] if bare and kind.bare else out}
 
 
-def _get(body, name, path):
-    if name not in body:
-        raise InvalidSpec(f"{path}.{name}", "is required")
-    return body[name]
+def walk_spec(spec: dict, path: str = "objective"):
+    """(kind, body, path) of every node of a spec, parents before children (iterative: long sums are fine)."""
+    stack = [(spec, path)]
+    while stack:
+        node, here = stack.pop()
+        (name, body), = node.items()
+        kind = KINDS[name]
+        here = f"{here}.{name}"
+        yield kind, body, here
+        stack.extend(reversed([(child, here + suffix) for child, suffix in kind.children(body)]))
+
+
+def proto_path(path: str) -> str:
+    """An engine spec path (``objective.sum[1].channel``) -> the proto's (``objective.sum.terms[1].channel``)."""
+    for kind in KINDS.values():
+        if kind.bare:
+            path = path.replace(f"{kind.name}[", f"{kind.name}.{kind.bare}[")
+    return path
 
 
 def _only(body, allowed, path):
@@ -197,18 +345,10 @@ def _short(value):
 def objective_layers(spec: dict) -> list[str]:
     """Layer names a (normalized) spec reads, in first-use order, without duplicates; logits are not listed."""
     seen: dict[str, None] = {}
-    stack = [spec]
-    while stack:
-        node = stack.pop()
-        (kind, body), = node.items()
-        if kind == "sum":
-            stack.extend(reversed(body))
-        elif kind in ("scale", "batch"):
-            stack.append(body["objective"])
-        elif kind == "interpolate":
-            stack.extend([body["b"], body["a"]])
-        elif "layer" in body:
-            seen.setdefault(body["layer"])
+    for kind, body, _ in walk_spec(spec):
+        for name, field in kind.fields.items():
+            if field.type.role == "layer":
+                seen.setdefault(body[name])
     return list(seen)
 
 
@@ -353,22 +493,8 @@ class _Parser:
         name, quoted = self.name()
         # no whitespace is allowed inside an atom: 'a : 3' is an error, not two things
         has_colon = self.pos < len(self.text) and self.text[self.pos] == ":"
-        if not quoted and name in _KEYWORDS:
-            if name in ("l1", "l2", "tv", "blur"):
-                if has_colon:
-                    if name in ("tv", "blur"):
-                        self.fail(f"{name} takes no argument")
-                    self.pos += 1
-                    constant = self.number("the constant")
-                    return {name: {"constant": constant}}
-                return normalize_objective({name: {}})
-            if not has_colon:
-                self.fail(f"{name} needs an argument: {name}:" + ("K" if name in ("logit", "prob") else "LAYER"))
-            self.pos += 1
-            if name in ("logit", "prob"):
-                return {name: {"index": self.integer("a class index")}}
-            layer, _ = self.name()
-            return normalize_objective({name: {"layer": layer}})
+        if not quoted and name in _keywords():
+            return self.keyword(KINDS[name], has_colon)
         if not has_colon:
             return {"layer": {"layer": name}}
         self.pos += 1
@@ -384,6 +510,25 @@ class _Parser:
                 y = None
             return {"neuron": {"layer": name, "channel": channel, "x": x, "y": y}}
         return {"channel": {"layer": name, "channel": channel}}
+
+    def keyword(self, kind: Kind, has_colon: bool) -> dict:
+        """``KIND`` or ``KIND:ARG`` of a kind with a :class:`Keyword` text form."""
+        arg = kind.text.arg
+        if has_colon:
+            if arg is None:
+                self.fail(f"{kind.name} takes no argument")
+            self.pos += 1
+            return {kind.name: {arg: self.argument(arg, kind.fields[arg].type)}}
+        if arg is not None and kind.fields[arg].default is REQUIRED:
+            self.fail(f"{kind.name} needs an argument: {kind.name}:{kind.fields[arg].type.text}")
+        return {kind.name: {}}
+
+    def argument(self, name: str, type_: Type):
+        if type_.check is _layer:
+            return self.name()[0]
+        if type_.check in (_index, _opt_index):
+            return self.integer("a class index" if type_ is CLASS else f"the {name}")
+        return self.number(f"the {name}")
 
     def number(self, what: str) -> float:
         self.skip()
@@ -418,7 +563,7 @@ def parse_objective(text: str) -> dict:
 
 def _quote(name: str) -> str:
     match = _BARE_NAME.fullmatch(name)
-    if match and name not in _KEYWORDS:
+    if match and name not in _keywords():
         return name
     return "'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -429,40 +574,29 @@ def _number_text(value: float) -> str:
 
 def format_objective(spec: dict) -> str:
     """A readable one-line text of a spec; kinds the text syntax covers parse back to the same spec."""
-    (kind, body), = spec.items()
-    if kind == "sum":
-        parts = []
-        for i, term in enumerate(body):
-            text = format_objective(term)
-            if i and text.startswith("-"):
-                parts.append("- " + text[1:])
-            else:
-                parts.append(("+ " if i else "") + text)
-        return " ".join(parts)
-    if kind == "scale":
-        inner = format_objective(body["objective"])
-        if "sum" in body["objective"]:
-            inner = f"({inner})"
-        if body["factor"] == -1.0:
-            return "-" + inner
-        return f"{_number_text(body['factor'])}*{inner}"
-    if kind == "channel":
-        return f"{_quote(body['layer'])}:{body['channel']}"
-    if kind == "neuron":
-        if body.get("x") is None:
-            return json.dumps(spec, separators=(",", ":"))
-        if body.get("y") is None:
-            return f"{_quote(body['layer'])}:{body['channel']}@{body['x']}"
-        return f"{_quote(body['layer'])}:{body['channel']}@{body['x']},{body['y']}"
-    if kind == "layer":
-        return _quote(body["layer"])
-    if kind in ("logit", "prob"):
-        return f"{kind}:{body['index']}"
-    if kind in ("diversity",) or (kind == "alignment" and body.get("decay", 2.0) == 2.0):
-        return f"{kind}:{_quote(body['layer'])}"
-    if kind in ("l1", "l2"):
-        constant = body.get("constant", 0.5)
-        return kind if constant == 0.5 else f"{kind}:{_number_text(constant)}"
-    if kind in ("tv", "blur"):
-        return kind
-    return json.dumps(spec, separators=(",", ":"))
+    (name, body), = spec.items()
+    kind = KINDS.get(name)
+    text = None
+    if kind is None:
+        pass
+    elif isinstance(kind.text, Keyword):
+        text = _keyword_text(kind, body)
+    elif kind.text is not None:
+        text = kind.text(body, format_objective)
+    return text if text is not None else json.dumps(spec, separators=(",", ":"))
+
+
+def _keyword_text(kind: Kind, body: dict) -> str | None:
+    arg = kind.text.arg
+    for name, field in kind.fields.items():
+        if name != arg and body.get(name, field.default) != field.default:
+            return None  # only JSON says it
+    if arg is None:
+        return kind.name
+    field = kind.fields[arg]
+    value = body.get(arg, field.default)
+    if field.default is not REQUIRED and value == field.default:
+        return kind.name
+    if field.type.check is _layer:
+        return f"{kind.name}:{_quote(value)}"
+    return f"{kind.name}:{_number_text(value) if isinstance(value, float) else value}"

@@ -1,17 +1,21 @@
 """The one conversion between the proto messages and the engine's plain spec dicts.
 
-The engine builds objectives from JSON-able dicts (docs/ARCHITECTURE.md, "Objective spec"); the service
-speaks ``featureviz.v1.Objective``. Both directions live here, torch-free, so the client (``featureviz render
---server``) and the server share one copy. Structural problems (no kind set, a vector that is empty) raise
-:class:`featureviz.errors.InvalidSpec` naming the proto field path, e.g. ``spec.objective.sum.terms[1]``.
+The engine builds objectives from JSON-able dicts (docs/ARCHITECTURE.md, "Objective spec"): the proto's JSON
+mapping, so ``google.protobuf.json_format`` converts them, and ``featureviz.spec.normalize_objective`` (the one
+check derived from the kind declarations) checks them on the way. Both directions live here, torch-free, so the
+client (``featureviz render --server``) and the server share one copy. Problems (no kind set, a vector that is
+empty) raise :class:`featureviz.errors.InvalidSpec` naming the proto field path, e.g. ``spec.objective.sum.terms[1]``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import json_format
+
 from featureviz.errors import InvalidSpec
 from featureviz.errors import echo
+from featureviz.spec import normalize_objective
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = [
@@ -30,54 +34,16 @@ OBJECTIVE_KINDS = tuple(f.name for f in pb.Objective.DESCRIPTOR.oneofs_by_name["
 PARAM_NAMES = {pb.PARAMETERIZATION_FFT: "fft", pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_MACO: "maco"}
 TRANSFORM_NAMES = {pb.TRANSFORMS_STANDARD: "standard", pb.TRANSFORMS_NONE: "none"}
 
-# kinds whose message is {layer} / {index} / {constant}
-_LAYER_KINDS = ("layer", "diversity")
-_CLASS_KINDS = ("logit", "prob")
-_CONSTANT_KINDS = ("l1", "l2")
-
-
 # ------------------------------------------------------------------------------------------------ dict -> proto
 
 
 def objective_to_proto(spec: dict, field: str = "objective") -> pb.Objective:
-    """An engine objective dict (``{"channel": {"layer": "conv1", "channel": 3}}``) -> ``pb.Objective``."""
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise InvalidSpec(field, f"an objective is a dict with exactly one kind key, got {echo(spec)}")
-    ((kind, body),) = spec.items()
-    if kind not in OBJECTIVE_KINDS:
-        raise InvalidSpec(field, f"unknown objective kind {echo(kind)}; known: {', '.join(OBJECTIVE_KINDS)}")
-    sub = f"{field}.{kind}"
-    out = pb.Objective()
-    if kind == "sum":
-        if not isinstance(body, (list, tuple)):
-            raise InvalidSpec(sub, f"sum takes a list of objectives, got {echo(body)}")
-        out.sum.terms.extend(objective_to_proto(term, f"{sub}[{i}]") for i, term in enumerate(body))
-        return out
-    body = _body(body, sub)
-    if kind in ("interpolate",):
-        out.interpolate.a.CopyFrom(objective_to_proto(_get(body, "a", sub), f"{sub}.a"))
-        out.interpolate.b.CopyFrom(objective_to_proto(_get(body, "b", sub), f"{sub}.b"))
-    elif kind in ("scale", "batch"):
-        msg = getattr(out, kind)
-        if kind == "scale":
-            msg.factor = float(_get(body, "factor", sub))
-        else:
-            msg.index = int(_get(body, "index", sub))
-        msg.objective.CopyFrom(objective_to_proto(_get(body, "objective", sub), f"{sub}.objective"))
-    else:
-        msg = getattr(out, kind)
-        msg.SetInParent()  # tv and blur have no fields: the kind must still be set
-        for key, value in body.items():
-            if value is None:
-                continue
-            if key not in msg.DESCRIPTOR.fields_by_name:
-                known = ", ".join(msg.DESCRIPTOR.fields_by_name)
-                raise InvalidSpec(f"{sub}.{key}", f"unknown argument of {kind}; known: {known or 'none'}")
-            if key == "vector":
-                msg.vector.extend(float(v) for v in value)
-            else:
-                setattr(msg, key, value)
-    return out
+    """An engine objective dict (``{"channel": {"layer": "conv1", "channel": 3}}``) -> ``pb.Objective``: checked
+    against the declaration (featureviz.spec.KINDS), written as the proto's JSON mapping, parsed by json_format."""
+    try:
+        return json_format.ParseDict(normalize_objective(spec, field, defaults=False, bare=False), pb.Objective())
+    except json_format.ParseError as exc:  # a value the proto cannot hold (an index past int32)
+        raise InvalidSpec(field, echo(str(exc))) from None
 
 
 def spec_to_proto(
@@ -135,37 +101,10 @@ def preprocess_to_proto(preprocess: dict) -> pb.Preprocess:
 
 
 def objective_from_proto(msg: pb.Objective, field: str = "spec.objective") -> dict:
-    """``pb.Objective`` -> the engine's objective dict. Unset optional fields are left out (engine defaults)."""
-    kind = msg.WhichOneof("kind")
-    if kind is None:
-        raise InvalidSpec(field, f"no objective kind set; set one of: {', '.join(OBJECTIVE_KINDS)}")
-    sub = f"{field}.{kind}"
-    body = getattr(msg, kind)
-    if kind == "sum":
-        if not body.terms:
-            raise InvalidSpec(f"{sub}.terms", "a sum needs at least one term")
-        return {"sum": [objective_from_proto(t, f"{sub}.terms[{i}]") for i, t in enumerate(body.terms)]}
-    if kind == "interpolate":
-        return {"interpolate": {"a": objective_from_proto(body.a, f"{sub}.a"),
-                                "b": objective_from_proto(body.b, f"{sub}.b")}}
-    if kind == "scale":
-        return {"scale": {"factor": body.factor, "objective": objective_from_proto(body.objective, f"{sub}.objective")}}
-    if kind == "batch":
-        return {"batch": {"index": body.index, "objective": objective_from_proto(body.objective, f"{sub}.objective")}}
-    out: dict[str, Any] = {}
-    for fd in body.DESCRIPTOR.fields:
-        if fd.has_presence and not body.HasField(fd.name):
-            continue
-        value = getattr(body, fd.name)
-        if fd.name == "vector":
-            if not value:
-                raise InvalidSpec(f"{sub}.vector", "the direction vector is empty; give one value per channel")
-            value = [float(v) for v in value]
-        out[fd.name] = value
-    if "y" in out and "x" not in out:
-        raise InvalidSpec(f"{sub}.x", "give both x and y, neither (centre), or x alone (a token index of a token "
-                                      "tensor)")
-    return {kind: out}
+    """``pb.Objective`` -> the engine's objective dict (json_format, checked against the declaration). Unset
+    optional fields are left out (engine defaults)."""
+    data = json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return normalize_objective(data, field, defaults=False)
 
 
 def spec_from_proto(spec: pb.JobSpec, field: str = "spec") -> dict:
@@ -193,20 +132,6 @@ def spec_from_proto(spec: pb.JobSpec, field: str = "spec") -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _body(body: Any, field: str) -> dict:
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise InvalidSpec(field, f"expected a dict of arguments, got {echo(body)}")
-    return body
-
-
-def _get(body: dict, key: str, field: str) -> Any:
-    if key not in body:
-        raise InvalidSpec(f"{field}.{key}", "missing")
-    return body[key]
 
 
 def _enum_value(names: dict[int, str], name: str, field: str) -> int:

@@ -152,8 +152,10 @@ def _dot_cossim(z: torch.Tensor, vector: torch.Tensor, cossim_pow: float) -> tor
 
 
 class Objective:
-    """Base class: ``obj(acts) -> (B,)``. Subclasses set ``kind`` and implement ``__call__``, ``spec`` and
-    ``layers``."""
+    """Base class: ``obj(acts) -> (B,)``. Subclasses set ``kind`` (declared in :data:`featureviz.spec.KINDS`),
+    keep each declared field as an attribute of the same name (the constructor takes them as keywords) and
+    implement ``__call__``; leaves that read activations override ``layers``. ``spec()``, the children, ``layers``
+    and ``needs_image`` of composites follow from the declaration."""
 
     kind = ""
 
@@ -161,16 +163,39 @@ class Objective:
         raise NotImplementedError
 
     def spec(self) -> dict:
-        raise NotImplementedError
+        """The normalized spec dict: each declared field, children as their specs."""
+        declared = specs.KINDS[self.kind]
+        body = {}
+        for name, field in declared.fields.items():
+            value = getattr(self, name)
+            if field.type is specs.OBJECTIVE:
+                value = value.spec()
+            elif field.type is specs.OBJECTIVES:
+                value = [child.spec() for child in value]
+            elif isinstance(value, (list, tuple)):
+                value = list(value)
+            body[name] = value
+        return {self.kind: body[declared.bare] if declared.bare else body}
+
+    @property
+    def children(self) -> list:
+        """The objectives this one composes, in declaration order."""
+        out = []
+        for name, field in specs.KINDS[self.kind].fields.items():
+            if field.type is specs.OBJECTIVE:
+                out.append(getattr(self, name))
+            elif field.type is specs.OBJECTIVES:
+                out.extend(getattr(self, name))
+        return out
 
     @property
     def layers(self) -> tuple:
         """Layer keys this objective reads (None = the logits)."""
-        return ()
+        return tuple(layer for child in self.children for layer in child.layers)
 
     @property
     def needs_image(self) -> bool:
-        return False
+        return any(child.needs_image for child in self.children)
 
     def __str__(self) -> str:
         return specs.format_objective(self.spec())
@@ -237,8 +262,6 @@ class Neuron(_LayerObjective):
             return _at_token(z, acts, self.layer, self.x, self.y)[:, self.channel]
         return _at(z, self.x, self.y)[:, self.channel]
 
-    def spec(self):
-        return {"neuron": {"layer": self.layer, "channel": self.channel, "x": self.x, "y": self.y}}
 
 
 class Channel(_LayerObjective):
@@ -254,8 +277,6 @@ class Channel(_LayerObjective):
             return _patches(z, acts.prefix(self.layer))[:, :, self.channel].mean(-1)
         return _positions(z)[:, self.channel].mean(-1)
 
-    def spec(self):
-        return {"channel": {"layer": self.layer, "channel": self.channel}}
 
 
 class Layer(_LayerObjective):
@@ -267,8 +288,6 @@ class Layer(_LayerObjective):
         z = acts[self.layer]
         return z.pow(2).reshape(z.shape[0], -1).mean(-1)
 
-    def spec(self):
-        return {"layer": {"layer": self.layer}}
 
 
 class Logit(Objective):
@@ -284,8 +303,6 @@ class Logit(Objective):
     def __call__(self, acts):
         return acts[LOGITS].reshape(acts.batch, -1)[:, self.index]
 
-    def spec(self):
-        return {"logit": {"index": self.index}}
 
 
 class Prob(Logit):
@@ -299,8 +316,6 @@ class Prob(Logit):
         log_p = torch.log_softmax(acts[LOGITS].reshape(acts.batch, -1), dim=-1)[:, self.index]
         return log_p.exp().detach() + (log_p - log_p.detach())
 
-    def spec(self):
-        return {"prob": {"index": self.index}}
 
 
 class Direction(_LayerObjective):
@@ -320,8 +335,6 @@ class Direction(_LayerObjective):
         z = _positions(_patches(z, acts.prefix(self.layer)) if z.dim() == 3 else z)
         return _dot_cossim(z, self._vector(z), self.cossim_pow).mean(-1)
 
-    def spec(self):
-        return {"direction": {"layer": self.layer, "vector": self.vector, "cossim_pow": self.cossim_pow}}
 
 
 class NeuronDirection(Direction):
@@ -336,9 +349,6 @@ class NeuronDirection(Direction):
         z = (_at_token(z, acts, self.layer, self.x, self.y) if z.dim() == 3 else _at(z, self.x, self.y)).unsqueeze(-1)
         return _dot_cossim(z, self._vector(z), self.cossim_pow)[:, 0]
 
-    def spec(self):
-        return {"neuron_direction": {"layer": self.layer, "vector": self.vector, "x": self.x, "y": self.y,
-                                     "cossim_pow": self.cossim_pow}}
 
 
 class Interpolate(Objective):
@@ -349,22 +359,12 @@ class Interpolate(Objective):
     def __init__(self, a: Objective, b: Objective):
         self.a, self.b = a, b
 
-    @property
-    def layers(self):
-        return self.a.layers + self.b.layers
-
-    @property
-    def needs_image(self):
-        return self.a.needs_image or self.b.needs_image
-
     def __call__(self, acts):
         a, b = self.a(acts), self.b(acts)
         n = a.shape[0]
         t = torch.arange(n, device=a.device, dtype=a.dtype) / max(n - 1, 1)
         return (1 - t) * a + t * b
 
-    def spec(self):
-        return {"interpolate": {"a": self.a.spec(), "b": self.b.spec()}}
 
 
 def gram_inner_products(z: torch.Tensor, route: str | None = None) -> torch.Tensor:
@@ -407,8 +407,6 @@ class Diversity(_LayerObjective):
         off_diagonal = sim.sum(-1) - sim.diagonal()
         return -off_diagonal / n
 
-    def spec(self):
-        return {"diversity": {"layer": self.layer}}
 
 
 class Alignment(_LayerObjective):
@@ -430,8 +428,6 @@ class Alignment(_LayerObjective):
             out = out - F.pad(term, (0, d)) / 2 - F.pad(term, (d, 0)) / 2
         return out
 
-    def spec(self):
-        return {"alignment": {"layer": self.layer, "decay": self.decay}}
 
 
 class _ImageObjective(Objective):
@@ -451,8 +447,6 @@ class L1(_ImageObjective):
     def __call__(self, acts):
         return (acts.image - self.constant).abs().flatten(1).mean(-1)
 
-    def spec(self):
-        return {"l1": {"constant": self.constant}}
 
 
 class L2(L1):
@@ -463,8 +457,6 @@ class L2(L1):
     def __call__(self, acts):
         return ((acts.image - self.constant).pow(2).flatten(1).mean(-1) + 1e-12).sqrt()
 
-    def spec(self):
-        return {"l2": {"constant": self.constant}}
 
 
 class TotalVariation(_ImageObjective):
@@ -478,8 +470,6 @@ class TotalVariation(_ImageObjective):
         dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(-1)
         return dx + dy
 
-    def spec(self):
-        return {"tv": {}}
 
 
 class Blur(_ImageObjective):
@@ -497,8 +487,6 @@ class Blur(_ImageObjective):
             blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
         return 0.5 * (x - blurred).pow(2).flatten(1).mean(-1)
 
-    def spec(self):
-        return {"blur": {}}
 
 
 class Sum(Objective):
@@ -519,22 +507,12 @@ class Sum(Objective):
             raise ValueError("an empty sum has no objective")
         self.terms = flat
 
-    @property
-    def layers(self):
-        return tuple(layer for term in self.terms for layer in term.layers)
-
-    @property
-    def needs_image(self):
-        return any(term.needs_image for term in self.terms)
-
     def __call__(self, acts):
         total = self.terms[0](acts)
         for term in self.terms[1:]:
             total = total + term(acts)
         return total
 
-    def spec(self):
-        return {"sum": [term.spec() for term in self.terms]}
 
 
 class Scale(Objective):
@@ -545,19 +523,9 @@ class Scale(Objective):
             factor, objective = factor * objective.factor, objective.objective
         self.factor, self.objective = float(factor), objective
 
-    @property
-    def layers(self):
-        return self.objective.layers
-
-    @property
-    def needs_image(self):
-        return self.objective.needs_image
-
     def __call__(self, acts):
         return self.factor * self.objective(acts)
 
-    def spec(self):
-        return {"scale": {"factor": self.factor, "objective": self.objective.spec()}}
 
 
 class Batch(Objective):
@@ -568,22 +536,12 @@ class Batch(Objective):
     def __init__(self, index: int, objective: Objective):
         self.index, self.objective = index, objective
 
-    @property
-    def layers(self):
-        return self.objective.layers
-
-    @property
-    def needs_image(self):
-        return self.objective.needs_image
-
     def __call__(self, acts):
         values = self.objective(acts)
         mask = torch.zeros_like(values)
         mask[self.index] = 1.0
         return values * mask
 
-    def spec(self):
-        return {"batch": {"index": self.index, "objective": self.objective.spec()}}
 
 
 def walk(objective: Objective):
@@ -592,29 +550,7 @@ def walk(objective: Objective):
     while stack:
         node = stack.pop()
         yield node
-        if isinstance(node, Sum):
-            stack.extend(reversed(node.terms))
-        elif isinstance(node, (Scale, Batch)):
-            stack.append(node.objective)
-        elif isinstance(node, Interpolate):
-            stack.extend([node.b, node.a])
-
-
-_LEAVES = {
-    "neuron": lambda b: Neuron(b["layer"], b["channel"], b["x"], b["y"]),
-    "channel": lambda b: Channel(b["layer"], b["channel"]),
-    "layer": lambda b: Layer(b["layer"]),
-    "logit": lambda b: Logit(b["index"]),
-    "prob": lambda b: Prob(b["index"]),
-    "direction": lambda b: Direction(b["layer"], b["vector"], b["cossim_pow"]),
-    "neuron_direction": lambda b: NeuronDirection(b["layer"], b["vector"], b["x"], b["y"], b["cossim_pow"]),
-    "diversity": lambda b: Diversity(b["layer"]),
-    "alignment": lambda b: Alignment(b["layer"], b["decay"]),
-    "l1": lambda b: L1(b["constant"]),
-    "l2": lambda b: L2(b["constant"]),
-    "tv": lambda b: TotalVariation(),
-    "blur": lambda b: Blur(),
-}
+        stack.extend(reversed(node.children))
 
 
 def build(spec: dict | Objective, path: str = "objective") -> Objective:
@@ -624,14 +560,22 @@ def build(spec: dict | Objective, path: str = "objective") -> Objective:
     return _build(specs.normalize_objective(spec, path))
 
 
+def engine_class(kind: specs.Kind) -> type:
+    """The class a declared kind names (by name in this module, or the class itself)."""
+    return kind.engine if isinstance(kind.engine, type) else globals()[kind.engine]
+
+
 def _build(spec: dict) -> Objective:
-    (kind, body), = spec.items()
-    if kind == "sum":
-        return Sum([_build(term) for term in body])
-    if kind == "scale":
-        return Scale(body["factor"], _build(body["objective"]))
-    if kind == "batch":
-        return Batch(body["index"], _build(body["objective"]))
-    if kind == "interpolate":
-        return Interpolate(_build(body["a"]), _build(body["b"]))
-    return _LEAVES[kind](body)
+    (name, body), = spec.items()
+    kind = specs.KINDS[name]
+    if kind.bare:
+        body = {kind.bare: body}
+    args = {}
+    for field_name, field in kind.fields.items():
+        value = body[field_name]
+        if field.type is specs.OBJECTIVE:
+            value = _build(value)
+        elif field.type is specs.OBJECTIVES:
+            value = [_build(child) for child in value]
+        args[field_name] = value
+    return engine_class(kind)(**args)

@@ -152,57 +152,52 @@ def _layer_info(model, name, path):
 
 
 def _check_objective(model, spec, path, batch, model_size):
-    stack = [(spec, path)]
-    while stack:
-        node, here = stack.pop()
-        (kind, body), = node.items()
-        here = f"{here}.{kind}"
-        if kind == "sum":
-            stack.extend((term, f"{here}[{i}]") for i, term in enumerate(body))
-            continue
-        if kind in ("scale", "batch"):
-            if kind == "batch" and body["index"] >= batch:
-                raise InvalidSpec(f"{here}.index", f"image {body['index']} is outside a batch of {batch}")
-            stack.append((body["objective"], f"{here}.objective"))
-            continue
-        if kind == "interpolate":
-            stack.extend([(body["a"], f"{here}.a"), (body["b"], f"{here}.b")])
-            continue
-        if kind in ("logit", "prob"):
+    """What needs the model, by the declared roles of the fields (featureviz.spec.KINDS): layers exist, channels,
+    classes and batch images are in range, vectors have one value per channel, positions fit the layer."""
+    for kind, body, here in specs.walk_spec(spec, path):
+        roles = {field.type.role: name for name, field in kind.fields.items() if field.type.role}
+        if "image" in roles and body[roles["image"]] >= batch:
+            raise InvalidSpec(f"{here}.{roles['image']}", f"image {body[roles['image']]} is outside a batch of {batch}")
+        if "class" in roles:
+            name = roles["class"]
             if not model.logits:
                 raise InvalidSpec(here, "this model has no logits output to take a class from; use a channel "
                                         "objective on its last layer")
             info = model.layer(model.logits)
-            if body["index"] >= info.channels:
-                raise InvalidSpec(f"{here}.index", f"class {body['index']} is out of range: the model has "
-                                                   f"{info.channels} classes (0..{info.channels - 1})")
-            continue
-        if "layer" not in body:
-            continue  # image regularizers
-        info = _layer_info(model, body["layer"], f"{here}.layer")
-        if "channel" in body and body["channel"] >= info.channels:
-            raise InvalidSpec(f"{here}.channel", f"channel {body['channel']} is out of range for layer "
-                                                 f"{info.name!r} with {info.channels} channels "
-                                                 f"(0..{info.channels - 1})")
-        if "vector" in body and len(body["vector"]) != info.channels:
-            raise InvalidSpec(f"{here}.vector", f"has {len(body['vector'])} values; layer {info.name!r} has "
-                                                f"{info.channels} channels")
-        if len(info.shape) == 3 and kind in ("neuron", "neuron_direction"):  # tokens: x is a token or a column
-            _check_token_place(model, info, body, here, model_size)
-        elif body.get("x") is not None:
-            if info.spatial and body.get("y") is None:
-                raise InvalidSpec(f"{here}.y", f"layer {info.name!r} is a spatial map: give both x and y (x alone is "
-                                               "a token index of a token tensor)")
-            if not info.spatial:
-                raise InvalidSpec(f"{here}.x", f"layer {info.name!r} has no spatial positions (shape "
-                                               f"{tuple(info.shape)}); leave x and y out")
-            h, w = _spatial_at(model, info, model_size)
-            for axis, limit in (("x", w), ("y", h)):
-                if body[axis] >= limit:
-                    raise InvalidSpec(f"{here}.{axis}", f"{axis}={body[axis]} is outside layer {info.name!r}, "
-                                                        f"which is {w} wide and {h} high at this input size")
-        if kind in ("diversity", "alignment") and batch < 2:
-            raise InvalidSpec(here, f"{kind} compares the images of a batch; use batch >= 2")
+            if body[name] >= info.channels:
+                raise InvalidSpec(f"{here}.{name}", f"class {body[name]} is out of range: the model has "
+                                                    f"{info.channels} classes (0..{info.channels - 1})")
+        if "layer" in roles:
+            _check_layer_fields(model, kind, body, here, roles, model_size)
+        if batch < kind.min_batch:
+            raise InvalidSpec(here, f"{kind.name} compares the images of a batch; use batch >= {kind.min_batch}")
+
+
+def _check_layer_fields(model, kind, body, here, roles, model_size):
+    info = _layer_info(model, body[roles["layer"]], f"{here}.{roles['layer']}")
+    if "channel" in roles and body[roles["channel"]] >= info.channels:
+        raise InvalidSpec(f"{here}.{roles['channel']}", f"channel {body[roles['channel']]} is out of range for layer "
+                                                        f"{info.name!r} with {info.channels} channels "
+                                                        f"(0..{info.channels - 1})")
+    if "vector" in roles and len(body[roles["vector"]]) != info.channels:
+        raise InvalidSpec(f"{here}.{roles['vector']}", f"has {len(body[roles['vector']])} values; layer "
+                                                       f"{info.name!r} has {info.channels} channels")
+    if "x" not in roles:
+        return
+    if len(info.shape) == 3:  # tokens: x is a token or a column
+        _check_token_place(model, info, body, here, model_size)
+    elif body.get("x") is not None:
+        if info.spatial and body.get("y") is None:
+            raise InvalidSpec(f"{here}.y", f"layer {info.name!r} is a spatial map: give both x and y (x alone is "
+                                           "a token index of a token tensor)")
+        if not info.spatial:
+            raise InvalidSpec(f"{here}.x", f"layer {info.name!r} has no spatial positions (shape "
+                                           f"{tuple(info.shape)}); leave x and y out")
+        h, w = _spatial_at(model, info, model_size)
+        for axis, limit in (("x", w), ("y", h)):
+            if body[axis] >= limit:
+                raise InvalidSpec(f"{here}.{axis}", f"{axis}={body[axis]} is outside layer {info.name!r}, "
+                                                    f"which is {w} wide and {h} high at this input size")
 
 
 def _check_token_place(model, info, body, here, model_size):

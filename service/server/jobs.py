@@ -18,6 +18,7 @@ from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
 from featureviz.server.scheduler import Scheduler
 from featureviz.server.store import TERMINAL_STATES
+from featureviz.spec import proto_path
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -36,7 +37,7 @@ def engine_field(path: str) -> str:
     (``spec.objective.sum.terms[1].channel.channel``)."""
     if path.startswith("spec."):
         return path
-    return "spec." + path.replace("sum[", "sum.terms[")
+    return "spec." + proto_path(path)
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
@@ -223,15 +224,11 @@ def objective_size(objective: pb.Objective, max_nodes: int, max_depth: int) -> t
         message, level = stack.pop()
         nodes, depth = nodes + 1, max(depth, level)
         kind = message.WhichOneof("kind")
-        if kind == "sum":
-            children = message.sum.terms
-        elif kind in ("scale", "batch"):
-            children = (getattr(message, kind).objective,)
-        elif kind == "interpolate":
-            children = (message.interpolate.a, message.interpolate.b)
-        else:
-            children = ()
-        stack.extend((child, level + 1) for child in children)
+        body = getattr(message, kind) if kind else None
+        for field in body.DESCRIPTOR.fields if body is not None else ():  # the Objective fields of its message
+            if field.message_type is pb.Objective.DESCRIPTOR:
+                children = getattr(body, field.name)
+                stack.extend((child, level + 1) for child in (children if field.is_repeated else (children,)))
     return nodes, depth
 
 

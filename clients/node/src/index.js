@@ -86,32 +86,50 @@ function jobRef(job) {
 }
 
 /**
- * An objective in the engine's JSON form (docs/ARCHITECTURE.md: `{sum: [A, B]}`, `{tv: {}}`) or the proto's
- * (`{sum: {terms: [A, B]}}`) -> the proto's. Only the composite kinds differ.
+ * An objective as the engine writes it, which is the proto's JSON mapping (docs/ARCHITECTURE.md: field names in
+ * snake_case or camelCase, `{tv: {}}`, `{sum: [A, B]}` short for `{sum: {terms: [A, B]}}`) -> the proto-loader
+ * object. It walks the message types of the loaded contract, with no code per kind: a kind added to the proto
+ * needs nothing here.
  */
-function toObjective(objective, field = 'spec.objective') {
-  if (!objective || typeof objective !== 'object' || Array.isArray(objective)) {
-    throw invalidArgument(field, `an objective is an object with one kind key, got ${JSON.stringify(objective)}`);
+function toObjective(objective, field = 'spec.objective', contract = loadContract()) {
+  return toMessage(contract, 'Objective', objective, field);
+}
+
+const snakeCase = (name) => name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+
+function toMessage(contract, typeName, value, field) {
+  const type = (contract[typeName] || contract[typeName.split('.').pop()]).type;
+  if (Array.isArray(value) && type.field.length === 1 && type.field[0].label === 'LABEL_REPEATED') {
+    value = { [type.field[0].name]: value }; // a message of one list may be written as the list
   }
-  const kinds = Object.keys(objective).filter((key) => objective[key] !== undefined && key !== 'kind');
-  if (kinds.length !== 1) {
-    throw invalidArgument(field, `an objective has exactly one kind key, got ${JSON.stringify(kinds)}`);
+  if (value === null || value === undefined) value = {};
+  if (typeof value !== 'object' || Array.isArray(value)) {
+    throw invalidArgument(field, `expected an object of ${typeName} fields, got ${JSON.stringify(value)}`);
   }
-  const kind = kinds[0];
-  const body = objective[kind] == null ? {} : objective[kind];
-  const sub = `${field}.${kind}`;
-  if (kind === 'sum') {
-    const terms = Array.isArray(body) ? body : body.terms;
-    if (!Array.isArray(terms)) throw invalidArgument(sub, 'sum takes a list of objectives');
-    return { sum: { terms: terms.map((term, i) => toObjective(term, `${sub}.terms[${i}]`)) } };
+  const oneofs = new Set(type.oneofDecl.map((oneof) => oneof.name)); // proto-loader's virtual "which member" keys
+  const keys = Object.keys(value).filter((key) => value[key] !== undefined
+    && !(oneofs.has(key) && typeof value[key] === 'string'));
+  if (typeName === 'Objective' && keys.length !== 1) {
+    throw invalidArgument(field, `an objective has exactly one kind key, got ${JSON.stringify(keys)}`);
   }
-  if (kind === 'interpolate') {
-    return { interpolate: { a: toObjective(body.a, `${sub}.a`), b: toObjective(body.b, `${sub}.b`) } };
+  const out = {};
+  for (const key of keys) {
+    const fd = type.field.find((f) => f.name === key || snakeCase(f.name) === key);
+    if (!fd) {
+      const known = type.field.map((f) => snakeCase(f.name)).join(', ') || 'none';
+      throw invalidArgument(`${field}.${key}`, `unknown field of ${typeName}; known: ${known}`);
+    }
+    const sub = `${field}.${snakeCase(fd.name)}`;
+    let item = value[key];
+    if (fd.type === 'TYPE_MESSAGE' && fd.label === 'LABEL_REPEATED') {
+      if (!Array.isArray(item)) throw invalidArgument(sub, `expected a list, got ${JSON.stringify(item)}`);
+      item = item.map((each, i) => toMessage(contract, fd.typeName, each, `${sub}[${i}]`));
+    } else if (fd.type === 'TYPE_MESSAGE') {
+      item = toMessage(contract, fd.typeName, item, sub);
+    }
+    if (item !== null) out[fd.name] = item;
   }
-  if (kind === 'scale' || kind === 'batch') {
-    return { [kind]: { ...body, objective: toObjective(body.objective, `${sub}.objective`) } };
-  }
-  return { [kind]: body };
+  return out;
 }
 
 function enumName(table, value, field) {
@@ -126,9 +144,10 @@ function enumName(table, value, field) {
  * [height, width] or {height, width}, `param` "fft" | "pixel" | "maco", `transforms` "standard" | "none".
  * Everything else is passed through as the proto's JobSpec fields (steps, lr, batch, seed, decay, ...).
  */
-function toJobSpec(spec) {
+function toJobSpec(spec, contract = loadContract()) {
   if (!spec || typeof spec !== 'object') throw invalidArgument('spec', 'expected a JobSpec object');
-  const out = { ...spec, model: modelRef(spec.model, 'spec.model'), objective: toObjective(spec.objective) };
+  const out = { ...spec, model: modelRef(spec.model, 'spec.model'),
+    objective: toObjective(spec.objective, 'spec.objective', contract) };
   if (typeof spec.size === 'number') out.size = { height: spec.size, width: spec.size };
   else if (Array.isArray(spec.size)) out.size = { height: spec.size[0], width: spec.size[1] };
   if (spec.param !== undefined) out.param = enumName(PARAMS, spec.param, 'spec.param');
@@ -178,6 +197,7 @@ class Client {
     }
     const credentials = channelCredentials(address, { insecure, rootCerts, clientCert, clientKey });
     const v1 = loadContract(protoPath);
+    this._contract = v1;
     const options = { 'grpc.max_receive_message_length': 64 << 20, ...channelOptions };
     this.address = address;
     this.timeoutMs = timeoutMs;
@@ -273,7 +293,7 @@ class Client {
    * @param {{requestId?: string}} [options]  idempotency key: the same id returns the same job
    */
   async createJob(spec, { requestId = '' } = {}) {
-    return this._unary(this._jobs, 'createJob', { spec: toJobSpec(spec), requestId });
+    return this._unary(this._jobs, 'createJob', { spec: toJobSpec(spec, this._contract), requestId });
   }
 
   /**
