@@ -260,7 +260,7 @@ def test_a_real_cuda_out_of_memory_error_splits_the_batch_and_a_job_too_big_alon
     from featureviz.importer import import_model
     from featureviz.worker.device import MemoryPlanner
 
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", torch.cuda.current_device())  # the memory fraction needs an index
     objective = {"channel": {"layer": "/Relu_1", "channel": 3}}
     model = import_model(tiny_onnx)
     engine = BatchEngine(cuda)
