@@ -38,6 +38,7 @@ import torch
 from featureviz.engine import layout as layouts
 from featureviz.engine import objectives as objs
 from featureviz.engine.params import make_param
+from featureviz.engine.params import render_group
 from featureviz.engine.relu import redirected_relu_grad
 from featureviz.engine.transforms import Transforms
 from featureviz.engine.transforms import parse_transforms
@@ -93,8 +94,10 @@ class Slot:
         self.warmup = spec.relu_warmup
         self.memory_format = spec.memory_format
         preprocess = spec.preprocess if spec.preprocess is not None else model.input_spec.preprocess
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=device)  # the initial parameters
         self.generator.manual_seed(spec.seed)
+        # the transforms' random draws, on the host: a step's maps for all its slots go to the device in one copy
+        self.draws = torch.Generator().manual_seed((spec.seed * 1_000_003 + 0x5EED) % 2**63)
         init = None
         if spec.init_image is not None:
             init = torch.as_tensor(spec.init_image, dtype=torch.float32).to(device)
@@ -429,15 +432,27 @@ class BatchEngine:
                 slot.snapshot(slot.steps_done, slot.images())
 
     def _forward_backward(self, slots, trunc, layout, clock, before_model):
-        images, inputs, xs = [], [], []
-        for slot in slots:
-            image = slot.image_fn()
-            images.append(image)
-            inputs.append(image.detach().requires_grad_(True))  # cut: the parameterization's graph ends here
+        """Forward and backward of one step. The parameterizations render per :func:`render_group` key and the
+        transforms resample per ``Transforms.key``, each group in one call, so the launches per step grow with
+        the number of kinds of slot, not with the number of slots. Each stage is cut from the next (a leaf
+        that requires grad), and the gradients are handed back stage by stage."""
+        inputs: list = [None] * len(slots)
+        rendered = []  # (image of a param group, its cut leaf)
+        for group in _groups(range(len(slots)), lambda i: _param_key(slots[i], i)):
+            image = render_group([slots[i].image_fn for i in group])
+            leaf = image.detach().requires_grad_(True)  # cut: the parameterization's graph ends here
+            rendered.append((image, leaf))
+            for i, rows in zip(group, leaf.split([slots[i].batch for i in group])):
+                inputs[i] = rows
         clock.lap("param")
-        model_slots = [(i, s) for i, s in enumerate(slots) if s.layers]
-        for i, slot in model_slots:
-            xs.append(slot.transforms(inputs[i], slot.generator))
+        model_slots = [i for i, s in enumerate(slots) if s.layers]
+        order, xs = [], []  # model rows go in transform-group order
+        for group in _groups(model_slots, lambda i: slots[i].transforms.key):
+            first = slots[group[0]].transforms
+            theta = first.maps(torch.cat([slots[i].transforms.draw(slots[i].batch, slots[i].draws) for i in group]))
+            image = inputs[group[0]] if len(group) == 1 else torch.cat([inputs[i] for i in group])
+            xs.append(first.resample(image, theta))
+            order.extend(group)
         x_in = None
         if model_slots:
             x = xs[0].detach() if len(xs) == 1 else torch.cat([x.detach() for x in xs])
@@ -445,32 +460,35 @@ class BatchEngine:
         clock.lap("transforms")
         if before_model is not None:
             before_model(sum(s.batch for s in slots))
-        warm = [s.steps_done < s.warmup for _, s in model_slots]
+        start, row = {}, 0
+        for i in order:
+            start[i] = row
+            row += slots[i].batch
+        warm = [slots[i].steps_done < slots[i].warmup for i in order]
         rows = None
         if any(warm) and not all(warm):
-            rows = torch.cat([torch.full((s.batch,), w, dtype=torch.bool) for (_, s), w in zip(model_slots, warm)])
+            rows = torch.cat([torch.full((slots[i].batch,), w, dtype=torch.bool) for i, w in zip(order, warm)])
             rows = rows.to(self.device, non_blocking=True)
         values = [None] * len(slots)
         with redirected_relu_grad(trunc.module if trunc is not None else torch.nn.Module(), enabled=any(warm),
                                   rows=rows):
             out = trunc.module(x_in) if trunc is not None else {}
-            loss, row = 0, 0
             for i, slot in enumerate(slots):
-                n = slot.batch if slot.layers else 0
-                values[i] = slot.objective(slot.activations(out, row, row + n, inputs[i]))
-                loss = loss - values[i].sum()  # maximise: the one negation
-                row += n
+                begin = start.get(i, 0)
+                values[i] = slot.objective(slot.activations(out, begin, begin + (slot.batch if slot.layers else 0),
+                                                            inputs[i]))
+            loss = -torch.cat([v.reshape(-1) for v in values]).sum()  # maximise: the one negation
             loss.backward()
         clock.lap("model")
         if x_in is not None and x_in.grad is not None:
             row = 0
-            for (i, slot), x in zip(model_slots, xs):
-                x.backward(x_in.grad[row: row + slot.batch])  # accumulates next to any image regularizer's
-                row += slot.batch
+            for x in xs:  # accumulates next to any image regularizer's gradient
+                x.backward(x_in.grad[row: row + x.shape[0]])
+                row += x.shape[0]
         clock.lap("transforms")
-        for image, image_in in zip(images, inputs):
-            if image_in.grad is not None:
-                image.backward(image_in.grad)
+        for image, leaf in rendered:
+            if leaf.grad is not None:
+                image.backward(leaf.grad)
         clock.lap("param")
         return values
 
@@ -485,11 +503,12 @@ class BatchEngine:
 
     def _optimizer(self, lr: float, params: list) -> torch.optim.Adam:
         """One Adam per learning rate holding every slot's parameters in one group: each parameter keeps its
-        own moments and step count, so a slot's update is the one it gets alone; on CUDA the multi-tensor
-        (foreach) update serves all the slots of a step at once. Parameters without a gradient are skipped."""
+        own moments and step count, so a slot's update is the one it gets alone; on CUDA the fused
+        update serves all the slots of a step in one kernel. Parameters without a gradient are skipped."""
         optimizer = self._optimizers.get(lr)
         if optimizer is None:
-            optimizer = torch.optim.Adam(params, lr=lr, foreach=self.device.type == "cuda")
+            cuda = self.device.type == "cuda"  # one fused kernel for all the slots of a step
+            optimizer = torch.optim.Adam(params, lr=lr, fused=True) if cuda else torch.optim.Adam(params, lr=lr)
             self._optimizers[lr] = optimizer
             return optimizer
         group = optimizer.param_groups[0]["params"]
@@ -517,13 +536,30 @@ class BatchEngine:
 
 
 def _all_finite(slots, values) -> torch.Tensor:
-    """(S,) bool: each slot's objective values and parameter gradients are all finite."""
-    flags = []
-    for slot, v in zip(slots, values):
-        parts = [torch.isfinite(v.detach()).all()]
-        parts += [torch.isfinite(p.grad).all() for p in slot.params if p.grad is not None]
-        flags.append(torch.stack(parts).all())
-    return torch.stack(flags)
+    """(S,) bool: each slot's objective values and parameter gradients are all finite (a fixed number of launches
+    whatever the number of slots: one norm per gradient in one multi-tensor call)."""
+    owners = [i for i, v in enumerate(values) for _ in range(v.numel())]
+    parts = [torch.cat([v.detach().reshape(-1) for v in values])]
+    grads = [(i, p.grad) for i, slot in enumerate(slots) for p in slot.params if p.grad is not None]
+    if grads:
+        parts.append(torch.stack(torch._foreach_norm([g for _, g in grads])).to(parts[0].dtype))
+        owners += [i for i, _ in grads]
+    bad = (~torch.isfinite(torch.cat(parts))).to(torch.float32)
+    owner = torch.tensor(owners, dtype=torch.long).to(bad.device, non_blocking=True)
+    return torch.zeros(len(slots), device=bad.device).index_add_(0, owner, bad) == 0
+
+
+def _groups(indices, key) -> list[list[int]]:
+    """``indices`` grouped by ``key(i)``, groups in order of first appearance."""
+    found: dict = {}
+    for i in indices:
+        found.setdefault(key(i), []).append(i)
+    return list(found.values())
+
+
+def _param_key(slot: Slot, i: int):
+    key = getattr(slot.image_fn, "key", None)
+    return ("alone", i) if key is None else key
 
 
 def _rows_independent(module, layout: str, channels: int, size, device) -> bool:

@@ -1,7 +1,10 @@
 """Image parameterizations: what the optimizer changes, and how it becomes an RGB image in [0, 1].
 
 Each builder returns ``(params, image_fn)`` (lucid's convention): ``params`` is the list of leaf tensors for
-the optimizer, ``image_fn()`` renders the current (B, 3, H, W) image. Random initial values come from an
+the optimizer, ``image_fn()`` renders the current (B, 3, H, W) image. ``image_fn`` is an :class:`ImageFn`:
+parameterizations with the same ``key`` (kind, size and settings) render together in one call
+(:func:`render_group`: their parameters concatenated along the batch), which is how the batched engine renders
+all the slots of a device step with one kernel launch per parameterization. Random initial values come from an
 explicit ``torch.Generator``, so the same seed on the same device gives the same start.
 
 - ``pixel``: the image itself in decorrelated colour space, N(0, 0.01), then colour matrix and sigmoid.
@@ -30,6 +33,8 @@ __all__ = [
     "color_matrix",
     "fft_scale",
     "make_param",
+    "ImageFn",
+    "render_group",
     "image_to_pixel",
     "image_to_spectrum",
 ]
@@ -109,6 +114,27 @@ def image_to_spectrum(image: torch.Tensor, scale: torch.Tensor, *, decorrelate: 
     return torch.view_as_real(spectrum).contiguous()
 
 
+class ImageFn:
+    """``image_fn()`` of a parameterization: ``fn(*params)``. Two with equal ``key`` compute the same function of
+    their parameters, so :func:`render_group` may run them as one batch (``key`` None: never grouped)."""
+
+    def __init__(self, fn, params: list, key: tuple | None):
+        self.fn, self.params, self.key = fn, params, key
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn(*self.params)
+
+
+def render_group(fns: list) -> torch.Tensor:
+    """The images of several parameterizations of one ``key``, concatenated along the batch, in one call."""
+    if len(fns) == 1:
+        return fns[0]()
+    keys = {getattr(f, "key", None) for f in fns}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("render_group needs image functions of one key")
+    return fns[0].fn(*(torch.cat(group) for group in zip(*(f.params for f in fns))))
+
+
 def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch.Generator,
                decay: float | None = None, init: torch.Tensor | None = None, decorrelate: bool = True,
                sigmoid: bool = True, device=None):
@@ -141,7 +167,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         else:
             pixels = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid)
         pixels.requires_grad_(True)
-        return [pixels], lambda: _to_rgb(pixels, color, sigmoid)
+        key = ("pixel", tuple(size), decorrelate, sigmoid, str(device))
+        return [pixels], ImageFn(lambda p: _to_rgb(p, color, sigmoid), [pixels], key)
 
     if kind == "fft":
         scale = fft_scale(height, width, 1.0 if decay is None else decay, device=device)
@@ -151,10 +178,12 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         else:
             spectrum = image_to_spectrum(init, scale, decorrelate=decorrelate, sigmoid=sigmoid)
         spectrum.requires_grad_(True)
+        key = ("fft", tuple(size), decay, decorrelate, sigmoid, str(device))
         if sigmoid:
-            return [spectrum], lambda: spectrum_to_image(spectrum, scale, color, size, sigmoid=True)
-        return [spectrum], lambda: _to_rgb(spectrum_to_image(spectrum, scale, None, size, sigmoid=False), color,
-                                           False)
+            return [spectrum], ImageFn(lambda p: spectrum_to_image(p, scale, color, size, sigmoid=True), [spectrum],
+                                       key)
+        return [spectrum], ImageFn(lambda p: _to_rgb(spectrum_to_image(p, scale, None, size, sigmoid=False), color,
+                                                     False), [spectrum], key)
 
     if kind == "maco":
         magnitude = fft_scale(height, width, MACO_DEFAULT_DECAY if decay is None else decay, gain=1.0, device=device)
@@ -167,13 +196,14 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         # MaCo standardises a random phase; an image's phase is kept as it is (standardising would change it)
         standardize_phase = init is None
 
-        def image_fn():
-            p = _standardize(phase) if standardize_phase else phase
+        def image_fn(p):  # per image: the standardisations reduce over each image's own dimensions
+            p = _standardize(p) if standardize_phase else p
             unit = torch.stack([torch.cos(p), torch.sin(p)], dim=-1)
             t = spectrum_to_image(unit, magnitude, None, size, sigmoid=False)
             return _to_rgb(_standardize(t) * _MACO_STD, color, sigmoid)
 
-        return [phase], image_fn
+        key = ("maco", tuple(size), decay, standardize_phase, decorrelate, sigmoid, str(device))
+        return [phase], ImageFn(image_fn, [phase], key)
 
     raise InvalidSpec("param", f"unknown parameterization {kind!r}; use one of {', '.join(PARAMS)}")
 

@@ -2,8 +2,10 @@
 
 lucid's ``standard_transforms`` (pad 12, jitter 8, random scale 0.90..1.10, random rotation -10..10 degrees,
 jitter 4) followed by the resize to the model's input size are all affine maps, so they compose into one inverse
-affine matrix per image, built on the device from an explicit ``torch.Generator`` (independent draws per image,
-no host sync), and one bilinear resample (``featureviz.kernels.affine_resample``). A constant pad is exact as the
+affine matrix per image, drawn from an explicit ``torch.Generator`` (independent draws per image; the engine
+uses a CPU generator per render, so a device step of many renders builds its matrices on the host and sends them
+in one copy), and one bilinear resample (``featureviz.kernels.affine_resample``). Renders whose stacks have the
+same ``key`` resample together in one call (:meth:`Transforms.resample` with their matrices concatenated). A constant pad is exact as the
 resample's constant border; a reflect pad is applied to the image first. The model's preprocessing (channel
 order, grey for 1-channel models, mean and std) is a per-pixel affine colour map folded into the same call.
 
@@ -54,10 +56,10 @@ class Jitter:
     (lucid's random crop of ``pixels`` less, centred)."""
 
     pixels: int
+    uniforms = 2  # uniform draws in [0, 1) per image: x and y
 
-    def inverse(self, batch, generator, device):
-        shift = torch.randint(0, self.pixels + 1, (batch, 2), generator=generator, device=device)
-        shift = (shift - self.pixels // 2).to(torch.float32)
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        shift = torch.floor(u * (self.pixels + 1)).clamp_(max=self.pixels) - self.pixels // 2
         return _translation(-shift)
 
 
@@ -66,11 +68,11 @@ class RandomScale:
     """Zoom about the centre by a factor drawn per image from ``factors``."""
 
     factors: tuple[float, ...]
+    uniforms = 1
 
-    def inverse(self, batch, generator, device):
-        factors = torch.tensor(self.factors, dtype=torch.float32, device=device)
-        s = factors[torch.randint(0, len(self.factors), (batch,), generator=generator, device=device)]
-        out = torch.zeros(batch, 3, 3, device=device)
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor(self.factors, dtype=torch.float32, device=u.device)[_pick(u[:, 0], len(self.factors))]
+        out = torch.zeros(u.shape[0], 3, 3, device=u.device)
         out[:, 0, 0] = 1.0 / s
         out[:, 1, 1] = 1.0 / s
         out[:, 2, 2] = 1.0
@@ -82,11 +84,16 @@ class RandomRotate:
     """Rotate about the centre by an angle in degrees drawn per image from ``degrees``."""
 
     degrees: tuple[float, ...]
+    uniforms = 1
 
-    def inverse(self, batch, generator, device):
-        degrees = torch.tensor(self.degrees, dtype=torch.float32, device=device)
-        angle = degrees[torch.randint(0, len(self.degrees), (batch,), generator=generator, device=device)]
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        angle = torch.tensor(self.degrees, dtype=torch.float32, device=u.device)[_pick(u[:, 0], len(self.degrees))]
         return _rotation(-angle * (math.pi / 180.0))
+
+
+def _pick(u: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices 0..n-1, uniformly, from uniforms in [0, 1)."""
+    return torch.floor(u * n).long().clamp_(max=n - 1)
 
 
 def _translation(shift):
@@ -222,6 +229,7 @@ class Transforms:
         self.device = torch.device(device or "cpu")
         pads = [s for s in self.steps if isinstance(s, Pad)]
         self.random_steps = [s for s in self.steps if not isinstance(s, Pad)]
+        self.uniforms = sum(s.uniforms for s in self.random_steps)
         self.reflect = sum(p.width for p in pads if p.mode == "reflect")
         constant = sum(p.width for p in pads if p.mode == "constant")
         self.border = next((p.value for p in pads if p.mode == "constant" and p.width), 0.5)
@@ -229,19 +237,35 @@ class Transforms:
         src_h, src_w = h + 2 * self.reflect, w + 2 * self.reflect  # what affine_resample samples
         canvas_h, canvas_w = src_h + 2 * constant, src_w + 2 * constant
         # output normalised [-1, 1] -> canvas centred pixels; source centred pixels -> source normalised
-        self._out_to_canvas = torch.diag(torch.tensor([canvas_w / 2, canvas_h / 2, 1.0])).to(self.device)
-        self._src_from_canvas = torch.diag(torch.tensor([2 / src_w, 2 / src_h, 1.0])).to(self.device)
-        self.matrix, self.bias = preprocess_map(preprocess, channels, device=self.device)
+        # built where the generator draws (the host for the engine's renders), then sent with the maps
+        self._out_to_canvas = torch.diag(torch.tensor([canvas_w / 2, canvas_h / 2, 1.0]))
+        self._src_from_canvas = torch.diag(torch.tensor([2 / src_w, 2 / src_h, 1.0]))
+        matrix, bias = preprocess_map(preprocess, channels)
+        # stacks with equal keys are the same function of (image, random draws): they may resample together
+        self.key = (self.steps, self.shared, self.image_size, self.model_size, self.reflect, self.border,
+                    tuple(matrix.flatten().tolist()), tuple(bias.tolist()), str(self.device))
+        self.matrix, self.bias = matrix.to(self.device), bias.to(self.device)
+
+    def draw(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, U) uniforms in [0, 1): the random draws of one call, on the generator's device (the host without
+        one); with ``shared`` one row serves the whole batch."""
+        rows = 1 if self.shared else batch
+        where = generator.device if generator is not None else torch.device("cpu")
+        return torch.rand(rows, self.uniforms, generator=generator, device=where).expand(batch, self.uniforms)
 
     def theta(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
-        """(B, 2, 3) inverse affine maps, output -> source normalised coordinates; with ``shared`` one draw
-        serves the whole batch."""
-        draws = 1 if self.shared else batch
-        inv = self._src_from_canvas.expand(draws, 3, 3)
+        """(B, 2, 3) inverse affine maps, output -> source normalised coordinates, on the generator's device."""
+        return self.maps(self.draw(batch, generator))
+
+    def maps(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 3) inverse affine maps from (B, U) uniforms (of several renders with this ``key`` at once)."""
+        inv = self._src_from_canvas.to(u.device).expand(u.shape[0], 3, 3)
+        column = 0
         for step in self.random_steps:  # forward M = S_n ... S_1, so M^-1 = S_1^-1 ... S_n^-1
-            inv = torch.bmm(inv, step.inverse(draws, generator, self.device))
-        inv = torch.matmul(inv, self._out_to_canvas)
-        return inv[:, :2, :].expand(batch, 2, 3)
+            inv = torch.bmm(inv, step.inverse(u[:, column: column + step.uniforms]))
+            column += step.uniforms
+        # bmm, not matmul: a (B, 3, 3) @ (3, 3) matmul folds into one tall mm that took ~20 ms on a CPU (MKL)
+        return torch.bmm(inv, self._out_to_canvas.to(u.device).expand(u.shape[0], 3, 3))[:, :2, :]
 
     def centred(self) -> "Transforms":
         """The deterministic part of this stack: the pads and the resize, without random steps (the geometry the
@@ -250,8 +274,13 @@ class Transforms:
                           self._preprocess, self._channels, device=self.device)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.resample(image, self.theta(image.shape[0], generator))
+
+    def resample(self, image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The stack under the given inverse maps (B, 2, 3): the images of several renders with this ``key`` and
+        their maps concatenated go through in one call."""
         if self.reflect:
             image = F.pad(image, [self.reflect] * 4, mode="reflect")
-        theta = self.theta(image.shape[0], generator)
+        theta = theta.to(image.device, non_blocking=True)
         return affine_resample(image, theta, self.model_size, border=self.border, matrix=self.matrix,
                                bias=self.bias)

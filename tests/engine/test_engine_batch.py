@@ -180,15 +180,19 @@ def test_cuda_exclusive_render_is_bitwise_repeatable(lite0):
     assert torch.equal(a.images, b.images) and a.objective_end == b.objective_end
 
 
-BATCHED_VS_SOLO_TOLERANCE = 0.05  # of |mean solo|; see bench/RESULTS.md, "Batched vs solo"
+# of |mean solo| per kind; see bench/RESULTS.md, "Batched vs solo". Measured over seeds 0-15 (4 blocks of 4 seeds,
+# 24 steps at 64 px, one thread) with two random streams for the transforms, and seeds 0-3 with two threads: the
+# middle channel's per-seed differences stay under 0.6% (4-seed mean shifts under 0.2%); the late channel's reach
+# 24% on a seed whose trajectory Adam sends elsewhere, and its 4-seed mean shifts measured -1.1% to +6.2%. A
+# batching bug (rows read from another slot, a missed update) moves the values by far more than these.
+BATCHED_VS_SOLO_TOLERANCE = {"channel": 0.02, "late channel": 0.15}
 
 
 @pytest.mark.slow
 def test_batched_jobs_land_where_solo_ones_do_over_seeds(lite0):
     """Adam parts a batched trajectory from its solo twin after a few steps (rounding differs with the batch),
     so this compares the distribution over seeds: per objective kind, the mean final objective batched is within
-    BATCHED_VS_SOLO_TOLERANCE of the mean solo. bench/bench_batched_vs_solo.py measured per-seed differences of at
-    most 0.18% (middle channel) and 1.7% (late channel) of the mean at 32 steps; the logit, whose per-seed
+    BATCHED_VS_SOLO_TOLERANCE of the mean solo (the figures behind it are beside it); the logit, whose per-seed
     differences reach 15% (unbiased over seeds), needs more seeds than a test can afford and is left to the bench."""
     import sys
     from pathlib import Path
@@ -201,4 +205,4 @@ def test_batched_jobs_land_where_solo_ones_do_over_seeds(lite0):
     kinds = {k: KINDS[k] for k in ("channel", "late channel")}
     figures = measure(lite0, kinds, seeds=[0, 1, 2, 3], steps=24, size=SIZE)
     for kind, row in summarize(figures).items():
-        assert abs(row["mean_shift_rel"]) <= BATCHED_VS_SOLO_TOLERANCE, (kind, row, figures[kind])
+        assert abs(row["mean_shift_rel"]) <= BATCHED_VS_SOLO_TOLERANCE[kind], (kind, row, figures[kind])
