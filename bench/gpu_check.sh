@@ -91,7 +91,7 @@ if [ $DRY = 1 ]; then
   BATCHING=(--levels 1,2 --steps 2 --size 64 --max-batch 4)
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
 else
-  KERNELS=(--batches 1,64 --sizes 224)
+  KERNELS=(--batches 1,4,16,64 --sizes 224)
   STEP=(--models resnet50 --batches 64 --sizes 224)
   BATCHING=(--levels 1,4,16,64 --steps 32 --size 224 --phases)
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
