@@ -34,9 +34,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from typing import Callable
 
 from featureviz.errors import InvalidSpec
 from featureviz.errors import echo

@@ -13,20 +13,17 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 
-from featureviz.client.client import DEFAULT_CHUNK
 from featureviz.client.client import MESSAGE_BYTES
-from featureviz.client.client import Client
 from featureviz.client.client import channel_credentials
-from featureviz.client.client import file_sha256
-from featureviz.client.convert import preprocess_to_proto
 from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
-from featureviz.client.errors import RETRYABLE
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.upload import DEFAULT_CHUNK
+from featureviz.client.upload import Upload
+from featureviz.client.upload import file_sha256
 from featureviz.client.watch import Reattach
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
@@ -79,51 +76,41 @@ class AsyncClient:
                      progress=None) -> pb.Model:
         """As :meth:`Client.upload`: skipped when the server holds the bytes, resumed after a broken stream."""
         sha, size = await asyncio.to_thread(file_sha256, source)
-        if name is None:
-            name = Path(source).name if not isinstance(source, (bytes, bytearray, memoryview)) else ""
-        header = pb.UploadHeader(sha256=sha, size_bytes=size, display_name=name)
-        if preprocess is not None:
-            header.preprocess.CopyFrom(preprocess_to_proto(preprocess))
-        for attempt in range(retries + 1):
-            status = await self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha, size_bytes=size))
+        upload = Upload(source, sha, size, name=name, chunk_size=chunk_size, retries=retries, preprocess=preprocess,
+                        progress=progress)
+        for attempt in upload.attempts:
+            status = await self._call(self._models.GetUpload, upload.status_request())
             if status.model_exists:
-                model = await self.model(sha)
-                model.deduplicated = True
-                return model
-            requests = Client._chunks(source, header, status.committed_bytes, chunk_size, progress)
+                return upload.deduplicated(await self.model(sha))
             try:
-                return await self._models.UploadModel(_aiter(requests), metadata=self._metadata)
+                return await self._models.UploadModel(_aiter(upload.requests(status.committed_bytes)),
+                                                      metadata=self._metadata)
             except grpc.RpcError as err:
-                error = from_rpc_error(err)
-                if (err.code() not in RETRYABLE and error.reason != "WRITE_OFFSET_MISMATCH") or attempt == retries:
-                    raise error from None
-                await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+                await asyncio.sleep(upload.broken(err, attempt))
         raise AssertionError("unreachable")
 
     async def model(self, model: str) -> pb.Model:
         return await self._call(self._models.GetModel, pb.GetModelRequest(model=model))
 
-    async def models(self, *, page_size: int = 0) -> AsyncIterator[pb.Model]:
-        token = None
-        while token != "":
-            page = await self._call(self._models.ListModels, pb.ListModelsRequest(page_size=page_size,
-                                                                                   page_token=token or ""))
-            for model in page.models:
-                yield model
-            token = page.next_page_token
+    def models(self, *, page_size: int = 0) -> AsyncIterator[pb.Model]:
+        return self._pages(self._models.ListModels, pb.ListModelsRequest(page_size=page_size), "models")
 
     async def delete_model(self, model: str) -> None:
         await self._call(self._models.DeleteModel, pb.DeleteModelRequest(model=model))
 
-    async def layers(self, model: str, *, filter: str = "", spatial_only: bool = False,
-                     page_size: int = 0) -> AsyncIterator[pb.Layer]:
-        token = None
-        while token != "":
-            page = await self._call(self._models.ListLayers, pb.ListLayersRequest(
-                model=model, page_size=page_size, page_token=token or "", filter=filter, spatial_only=spatial_only))
-            for layer in page.layers:
-                yield layer
-            token = page.next_page_token
+    def layers(self, model: str, *, filter: str = "", spatial_only: bool = False,
+               page_size: int = 0) -> AsyncIterator[pb.Layer]:
+        return self._pages(self._models.ListLayers, pb.ListLayersRequest(
+            model=model, page_size=page_size, filter=filter, spatial_only=spatial_only), "layers")
+
+    async def _pages(self, method, request, field: str) -> AsyncIterator:
+        while True:
+            page = await self._call(method, request)
+            for item in getattr(page, field):
+                yield item
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
 
     async def submit(self, model: str, objective: dict | pb.Objective | None = None, *,
                      spec: pb.JobSpec | None = None, request_id: str | None = None, **options) -> pb.Job:
@@ -135,14 +122,8 @@ class AsyncClient:
     async def job(self, job: str) -> pb.Job:
         return await self._call(self._jobs.GetJob, pb.GetJobRequest(job=job))
 
-    async def jobs(self, *, state: int = pb.JOB_STATE_UNSPECIFIED, page_size: int = 0) -> AsyncIterator[pb.Job]:
-        token = None
-        while token != "":
-            page = await self._call(self._jobs.ListJobs, pb.ListJobsRequest(page_size=page_size,
-                                                                            page_token=token or "", state=state))
-            for job in page.jobs:
-                yield job
-            token = page.next_page_token
+    def jobs(self, *, state: int = pb.JOB_STATE_UNSPECIFIED, page_size: int = 0) -> AsyncIterator[pb.Job]:
+        return self._pages(self._jobs.ListJobs, pb.ListJobsRequest(page_size=page_size, state=state), "jobs")
 
     async def cancel(self, job: str) -> pb.Job:
         return await self._call(self._jobs.CancelJob, pb.CancelJobRequest(job=job))

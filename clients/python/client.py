@@ -14,7 +14,6 @@ Every failed call raises :class:`FeaturevizClientError` (converted in ``errors.f
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import time
@@ -27,29 +26,18 @@ import grpc
 
 from featureviz.client.convert import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
-from featureviz.client.errors import RETRYABLE
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.upload import DEFAULT_CHUNK
+from featureviz.client.upload import Upload
+from featureviz.client.upload import file_sha256
 from featureviz.client.watch import Reattach
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "images", "to_pil", "file_sha256", "TERMINAL_STATES"]
 
-DEFAULT_CHUNK = 1 << 20
 MESSAGE_BYTES = 64 << 20
 TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-
-
-def file_sha256(data: bytes | str | os.PathLike) -> tuple[str, int]:
-    """-> (hex sha256, size) of bytes or a file, read in 1 MiB blocks."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return hashlib.sha256(data).hexdigest(), len(data)
-    digest, size = hashlib.sha256(), 0
-    with open(data, "rb") as f:
-        for block in iter(lambda: f.read(DEFAULT_CHUNK), b""):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
 
 
 def images(job: pb.Job) -> list[bytes]:
@@ -134,47 +122,17 @@ class Client:
         """Upload an ONNX file (path or bytes). Identical bytes already on the server are not sent again
         (``Model.deduplicated``); a broken stream resumes from what the server holds, up to ``retries`` times.
         ``progress(bytes_sent_or_held, total)`` is called after each chunk."""
-        sha, size = file_sha256(source)
-        if name is None:
-            name = Path(source).name if not isinstance(source, (bytes, bytearray, memoryview)) else ""
-        header = pb.UploadHeader(sha256=sha, size_bytes=size, display_name=name)
-        if preprocess is not None:
-            from featureviz.client.convert import preprocess_to_proto
-
-            header.preprocess.CopyFrom(preprocess_to_proto(preprocess))
-        for attempt in range(retries + 1):
-            status = self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha, size_bytes=size))
+        upload = Upload(source, *file_sha256(source), name=name, chunk_size=chunk_size, retries=retries,
+                        preprocess=preprocess, progress=progress)
+        for attempt in upload.attempts:
+            status = self._call(self._models.GetUpload, upload.status_request())
             if status.model_exists:
-                model = self.model(sha)
-                model.deduplicated = True
-                return model
+                return upload.deduplicated(self.model(upload.sha256))
             try:
-                return self._models.UploadModel(
-                    self._chunks(source, header, status.committed_bytes, chunk_size, progress),
-                    metadata=self._metadata)
+                return self._models.UploadModel(upload.requests(status.committed_bytes), metadata=self._metadata)
             except grpc.RpcError as err:
-                error = from_rpc_error(err)
-                resumable = err.code() in RETRYABLE or error.reason == "WRITE_OFFSET_MISMATCH"
-                if not resumable or attempt == retries:
-                    raise error from None
-                time.sleep(min(2.0, 0.2 * 2**attempt))
+                time.sleep(upload.broken(err, attempt))
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _chunks(source, header: pb.UploadHeader, offset: int, chunk_size: int, progress):
-        yield pb.UploadModelRequest(header=header)
-        total = header.size_bytes
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            view = memoryview(source)
-            blocks = (bytes(view[i: i + chunk_size]) for i in range(offset, total, chunk_size))
-        else:
-            blocks = _file_blocks(source, offset, chunk_size)
-        for data in blocks:
-            chunk = pb.UploadChunk(write_offset=offset, data=data, finish_write=offset + len(data) >= total)
-            offset += len(data)
-            if progress is not None:  # before the yield: after the last chunk the server may answer at once
-                progress(offset, total)
-            yield pb.UploadModelRequest(chunk=chunk)
 
     def upload_status(self, sha256: str, size: int = 0) -> pb.UploadStatus:
         return self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha256, size_bytes=size))
@@ -183,12 +141,7 @@ class Client:
         return self._call(self._models.GetModel, pb.GetModelRequest(model=model))
 
     def models(self, *, page_size: int = 0) -> Iterator[pb.Model]:
-        token = None
-        while token != "":
-            page = self._call(self._models.ListModels, pb.ListModelsRequest(page_size=page_size,
-                                                                             page_token=token or ""))
-            yield from page.models
-            token = page.next_page_token
+        return self._pages(self._models.ListModels, pb.ListModelsRequest(page_size=page_size), "models")
 
     def delete_model(self, model: str) -> None:
         self._call(self._models.DeleteModel, pb.DeleteModelRequest(model=model))
@@ -196,12 +149,17 @@ class Client:
     def layers(self, model: str, *, filter: str = "", spatial_only: bool = False,
                page_size: int = 0) -> Iterator[pb.Layer]:
         """The layer catalog, fetched page by page as the iterator advances."""
-        token = None
-        while token != "":
-            page = self._call(self._models.ListLayers, pb.ListLayersRequest(
-                model=model, page_size=page_size, page_token=token or "", filter=filter, spatial_only=spatial_only))
-            yield from page.layers
-            token = page.next_page_token
+        return self._pages(self._models.ListLayers, pb.ListLayersRequest(
+            model=model, page_size=page_size, filter=filter, spatial_only=spatial_only), "layers")
+
+    def _pages(self, method, request, field: str) -> Iterator:
+        """The items of a paged List call, one page fetched at a time."""
+        while True:
+            page = self._call(method, request)
+            yield from getattr(page, field)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
 
     # ------------------------------------------------------------------------------------------- jobs
 
@@ -220,12 +178,7 @@ class Client:
         return self._call(self._jobs.GetJob, pb.GetJobRequest(job=job))
 
     def jobs(self, *, state: int = pb.JOB_STATE_UNSPECIFIED, page_size: int = 0) -> Iterator[pb.Job]:
-        token = None
-        while token != "":
-            page = self._call(self._jobs.ListJobs, pb.ListJobsRequest(page_size=page_size, page_token=token or "",
-                                                                      state=state))
-            yield from page.jobs
-            token = page.next_page_token
+        return self._pages(self._jobs.ListJobs, pb.ListJobsRequest(page_size=page_size, state=state), "jobs")
 
     def cancel(self, job: str) -> pb.Job:
         return self._call(self._jobs.CancelJob, pb.CancelJobRequest(job=job))
@@ -274,10 +227,3 @@ class Client:
             raise from_rpc_error(err) from None
         finally:
             stream.cancel()
-
-
-def _file_blocks(path, offset: int, chunk_size: int) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for block in iter(lambda: f.read(chunk_size), b""):
-            yield block

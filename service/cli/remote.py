@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from featureviz.cli.progress import ProgressBar
+from featureviz.outputs import grid_layout
+from featureviz.outputs import output_paths
 
 __all__ = ["add_connection_args", "connect", "client_command", "render_remote", "DEFAULT_SERVER"]
 
@@ -113,45 +115,32 @@ def _remote_preprocess(args: argparse.Namespace) -> dict:
 
 
 def _write_outputs(job, out: str, as_grid: bool) -> list[Path]:
-    """The files the local command writes: OUT.png for one image or a grid, else OUT_0.png, OUT_1.png ..."""
+    """The files the local command writes (:func:`featureviz.outputs.output_paths`), from the job's PNGs."""
     from featureviz.client import images
 
     pngs = images(job)
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(path.suffix + ".png") if path.suffix else path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if len(pngs) == 1:
-        path.write_bytes(pngs[0])
-        return [path]
-    if as_grid:
-        path.write_bytes(_grid_png(pngs))
-        return [path]
-    paths = []
-    for i, png in enumerate(pngs):
-        target = path.with_name(f"{path.stem}_{i}{path.suffix}")
-        target.write_bytes(png)
-        paths.append(target)
+    paths = output_paths(out, len(pngs), as_grid=as_grid)
+    if len(paths) == 1:
+        paths[0].write_bytes(_grid_png(pngs) if len(pngs) > 1 else pngs[0])
+        return paths
+    for path, png in zip(paths, pngs):
+        path.write_bytes(png)
     return paths
 
 
-def _grid_png(pngs: list[bytes], pad: int = 2) -> bytes:
-    """An about-square grid with ``pad`` white pixels between images, as the local command draws (needs Pillow)."""
+def _grid_png(pngs: list[bytes]) -> bytes:
+    """The local command's grid (:func:`featureviz.outputs.grid_layout`) of PNG bytes (needs Pillow)."""
     import io
-    import math
+
+    from PIL import Image
 
     from featureviz.client import to_pil
 
     tiles = [to_pil(png).convert("RGB") for png in pngs]
-    w, h = tiles[0].size
-    columns = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / columns)
-    from PIL import Image
-
-    sheet = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
-    for i, tile in enumerate(tiles):
-        r, k = divmod(i, columns)
-        sheet.paste(tile, (pad + k * (w + pad), pad + r * (h + pad)))
+    size, places = grid_layout(len(tiles), tiles[0].height, tiles[0].width)
+    sheet = Image.new("RGB", (size[1], size[0]), (255, 255, 255))
+    for tile, (top, left) in zip(tiles, places):
+        sheet.paste(tile, (left, top))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()

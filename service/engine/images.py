@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from featureviz.outputs import GRID_PAD
+from featureviz.outputs import grid_layout
+from featureviz.outputs import output_paths
 
 __all__ = ["to_uint8", "png_bytes", "grid", "save_images", "load_image", "decode_image", "image_size"]
 
@@ -33,38 +36,26 @@ def png_bytes(image: torch.Tensor, *, max_side: int | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def grid(images: torch.Tensor, *, columns: int | None = None, pad: int = 2, value: float = 1.0) -> torch.Tensor:
-    """(B, C, H, W) -> one (C, H', W') image: rows of ``columns`` images (default: about square), ``pad`` pixels
-    of ``value`` between them."""
+def grid(images: torch.Tensor, *, columns: int | None = None, pad: int = GRID_PAD, value: float = 1.0) -> torch.Tensor:
+    """(B, C, H, W) -> one (C, H', W') image laid out by :func:`featureviz.outputs.grid_layout`: rows of
+    ``columns`` images (default: about square), ``pad`` pixels of ``value`` between them."""
     b, c, h, w = images.shape
-    columns = columns or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / columns)
-    out = torch.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), value, dtype=images.dtype)
-    for i in range(b):
-        r, k = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        out[:, top:top + h, left:left + w] = images[i].detach().cpu()
+    size, places = grid_layout(b, h, w, columns=columns, pad=pad)
+    out = torch.full((c, *size), value, dtype=images.dtype)
+    for image, (top, left) in zip(images, places):
+        out[:, top:top + h, left:left + w] = image.detach().cpu()
     return out
 
 
 def save_images(images: torch.Tensor, out: str | os.PathLike, *, as_grid: bool = False) -> list[Path]:
-    """Write a batch as PNG files: ``out`` itself for one image or a grid, else ``stem_0.png``, ``stem_1.png`` ...
-    Returns the paths written."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        out = out.with_suffix(out.suffix + ".png") if out.suffix else out.with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if as_grid and images.shape[0] > 1:
-        out.write_bytes(png_bytes(grid(images)))
-        return [out]
-    if images.shape[0] == 1:
-        out.write_bytes(png_bytes(images[0]))
-        return [out]
-    paths = []
-    for i in range(images.shape[0]):
-        path = out.with_name(f"{out.stem}_{i}{out.suffix}")
-        path.write_bytes(png_bytes(images[i]))
-        paths.append(path)
+    """Write a batch as PNG files (:func:`featureviz.outputs.output_paths`): ``out`` itself for one image or a
+    grid, else ``stem_0.png``, ``stem_1.png`` ... Returns the paths written."""
+    paths = output_paths(out, images.shape[0], as_grid=as_grid)
+    if len(paths) == 1:
+        paths[0].write_bytes(png_bytes(grid(images) if images.shape[0] > 1 else images[0]))
+        return paths
+    for path, image in zip(paths, images):
+        path.write_bytes(png_bytes(image))
     return paths
 
 

@@ -201,3 +201,35 @@ def test_delete_model(client, server, tiny_onnx):
     assert not path.exists()
     _expect(lambda: client.model(uploaded.sha256), "NOT_FOUND")
     _expect(lambda: client.delete_model(uploaded.sha256), "NOT_FOUND")
+
+
+def test_async_client_resumes_and_pages_as_the_sync_one(client, server, tiny_onnx):
+    """AsyncClient shares the upload (featureviz.client.upload.Upload) and the paging with Client."""
+    import asyncio
+
+    from featureviz.client import AsyncClient
+
+    model = onnx.load_from_string(tiny_onnx)
+    model.doc_string = "async resumed upload"
+    data = model.SerializeToString()
+    sha = hashlib.sha256(data).hexdigest()
+    _expect(lambda: _raw_upload(client, [_header(data), *_chunks(data, finish=False)[:2]]),
+            "FAILED_PRECONDITION", "UPLOAD_INCOMPLETE")
+    assert client.upload_status(sha, len(data)).committed_bytes == 2 * CHUNK
+
+    async def scenario():
+        async with AsyncClient(server.address) as fv:
+            sent = []
+            uploaded = await fv.upload(data, chunk_size=CHUNK, progress=lambda done, total: sent.append(done))
+            layers = [layer.name async for layer in fv.layers(sha, page_size=2)]
+            models = [m.sha256 async for m in fv.models(page_size=1)]
+            again = await fv.upload(data)
+            return sent, uploaded, layers, models, again
+
+    sent, uploaded, layers, models, again = asyncio.run(scenario())
+    assert sent[0] == 3 * CHUNK  # the first two chunks were not sent again
+    assert uploaded.sha256 == sha and uploaded.state == pb.MODEL_STATE_READY and not uploaded.deduplicated
+    assert layers == [layer.name for layer in client.layers(sha)]
+    assert models == [m.sha256 for m in client.models()] and sha in models
+    assert again.deduplicated
+    client.delete_model(sha)
