@@ -49,6 +49,7 @@ __all__ = [
     "REQUIRED",
     "walk_spec",
     "proto_path",
+    "keyword_forms",
     "MAX_DEPTH",
     "parse_objective",
     "normalize_objective",
@@ -255,6 +256,17 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
 
 def _keywords() -> set[str]:
     return {name for name, kind in KINDS.items() if isinstance(kind.text, Keyword)}
+
+
+def keyword_forms() -> list[str]:
+    """The keyword text forms, for usage texts: ``logit:K``, ``l1[:C]``, ``tv`` ..."""
+    out = []
+    for name, kind in KINDS.items():
+        if isinstance(kind.text, Keyword):
+            arg = kind.fields[kind.text.arg] if kind.text.arg else None
+            text = "" if arg is None else f":{arg.type.text}" if arg.default is REQUIRED else f"[:{arg.type.text}]"
+            out.append(name + text)
+    return out
 
 
 def normalize_objective(spec, path: str = "objective", *, defaults: bool = True, bare: bool = True) -> dict:

@@ -22,12 +22,18 @@ _OBJECTIVE_HELP = """\
 objective syntax (maximised):
   LAYER:C        channel C of LAYER          LAYER:C@X,Y   neuron at column X, row Y
   LAYER          DeepDream on LAYER          logit:K / prob:K   class K
-  diversity:LAYER, alignment:LAYER, l1, l2, tv, blur   (regularizers, e.g. '- 0.05*tv')
+  keywords: {keywords}   (e.g. '- 0.05*tv')
   -OBJ, 2*OBJ, OBJ / 4, A + B, A - 0.5*B, (A + B) * 2, or a JSON objective spec {...}
 quoting: bare names may contain letters, digits and _ . / - # ~ [ ]; quote any other name in '...' or "..."
   (e.g. names with ':'), with \\ escaping a quote: 'conv1/Relu:0':5. Set '+', '-' and '/' between objectives
   off with spaces: 'A:1 - B:2' (A:1-B is not a subtraction when B is a name).
 """
+
+
+def _objective_help() -> str:
+    from featureviz.spec import keyword_forms  # the keywords of the declared kinds
+
+    return _OBJECTIVE_HELP.replace("{keywords}", ", ".join(keyword_forms()))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="optimise images that maximise a neuron, channel, layer or class of an ONNX model",
         description="Feature visualization by optimization: optimise images so that OBJECTIVE is maximal, and "
         "write them as PNG.",
-        epilog=_OBJECTIVE_HELP,
+        epilog=_objective_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL.onnx", help="path of the ONNX file")

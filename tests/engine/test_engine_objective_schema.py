@@ -50,6 +50,7 @@ def test_parser_and_formatter_derive_the_toy_kind(peak):
     assert specs.format_objective({"channel": {"layer": "peak", "channel": 1}}) == "'peak':1"  # now a keyword
     with pytest.raises(InvalidSpec, match="peak needs an argument: peak:LAYER"):
         specs.parse_objective("peak")
+    assert "peak:LAYER" in specs.keyword_forms()  # the usage text of render --help
 
 
 def test_validation_derives_the_toy_kind(peak):
