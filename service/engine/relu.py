@@ -29,7 +29,7 @@ def clamp_bounds(module: nn.Module) -> tuple[float | None, float | None] | None:
         return 0.0, 6.0
     if isinstance(module, nn.Hardtanh):
         return float(module.min_val), float(module.max_val)
-    if type(module).__name__ == "OnnxClip":  # onnx2torch's Clip with other bounds
+    if type(module).__name__ in ("OnnxClip", "Clip"):  # onnx2torch's Clip with other bounds, or its portable twin
         low, high = getattr(module, "min_val", None), getattr(module, "max_val", None)
         if low is None and high is None:
             return None

@@ -25,13 +25,16 @@ import difflib
 from dataclasses import dataclass
 from dataclasses import field
 
-import onnx
 import torch
 from torch import fx
 
 from featureviz.errors import ECHO_CHARS
 from featureviz.errors import NotFound
 from featureviz.errors import echo
+from featureviz.importer._lazy import lazy
+
+onnx = lazy("onnx")  # imported on first use: a cache hit never builds a catalog
+
 
 __all__ = ["LayerInfo", "Target", "ACTIVATIONS", "build_catalog", "name_index", "resolve", "record_outputs"]
 

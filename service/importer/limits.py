@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
-
 from featureviz.errors import ModelImportError
+from featureviz.importer._lazy import lazy
 from featureviz.importer.spec import InputSpec
+
+onnx = lazy("onnx")  # imported on first use: a cache hit never checks a graph
 
 __all__ = ["ImportLimits", "check_graph_size", "check_input_size", "estimate_activation_bytes"]
 
@@ -64,11 +65,11 @@ def check_input_size(model: onnx.ModelProto, spec: InputSpec, limits: ImportLimi
         )
 
 
-_ITEMSIZE = {
-    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-    onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT16: 2, onnx.TensorProto.INT8: 1,
-    onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1,
-}
+def _itemsize() -> dict[int, int]:
+    """Bytes per element of the ONNX tensor types (built on use: onnx is imported lazily)."""
+    t = onnx.TensorProto
+    return {t.FLOAT: 4, t.DOUBLE: 8, t.FLOAT16: 2, t.BFLOAT16: 2, t.INT64: 8, t.INT32: 4, t.INT16: 2, t.INT8: 1,
+            t.UINT8: 1, t.BOOL: 1}
 
 
 def estimate_activation_bytes(model: onnx.ModelProto, spec: InputSpec) -> int:
@@ -86,7 +87,7 @@ def estimate_activation_bytes(model: onnx.ModelProto, spec: InputSpec) -> int:
         dim.Clear()
         dim.dim_value = size
     inferred = structural(infer_shapes, probe, restore=False)
-    total = 0
+    total, itemsize = 0, _itemsize()
     for info in (*inferred.graph.value_info, *inferred.graph.output):
         t = info.type.tensor_type
         if not t.HasField("shape"):
@@ -97,7 +98,7 @@ def estimate_activation_bytes(model: onnx.ModelProto, spec: InputSpec) -> int:
                 count = 0
                 break
             count *= d.dim_value
-        total += count * _ITEMSIZE.get(t.elem_type, 4)
+        total += count * itemsize.get(t.elem_type, 4)
     return total
 
 

@@ -17,12 +17,15 @@ import hashlib
 import os
 from pathlib import Path
 
-import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
-from onnx import inliner
 
 from featureviz.errors import ModelImportError
+from featureviz.importer._lazy import lazy
+
+# imported on first use: a cache hit reads the file's bytes but never parses them (featureviz.importer.model)
+onnx = lazy("onnx")
+external_data_helper = lazy("onnx.external_data_helper")
+inliner = lazy("onnx.inliner")
 
 __all__ = ["read_source", "parse_model", "check_model", "sha256_of"]
 

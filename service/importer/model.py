@@ -19,26 +19,25 @@ import torch
 from torch import fx
 
 from featureviz.errors import ModelImportError
-from featureviz.importer import clean
 from featureviz.importer import load
 from featureviz.importer.cache import ModelCache
 from featureviz.importer.catalog import LayerInfo
-from featureviz.importer.catalog import build_catalog
 from featureviz.importer.catalog import name_index
 from featureviz.importer.catalog import resolve
 from featureviz.importer.limits import ImportLimits
 from featureviz.importer.limits import check_graph_size
 from featureviz.importer.limits import check_input_size
-from featureviz.importer.converters import convert
 from featureviz.importer.spec import InputSpec
 from featureviz.importer.spec import Preprocess
-from featureviz.importer.spec import detect_input
 from featureviz.importer.truncate import PerImage
 from featureviz.importer.truncate import freeze
 from featureviz.importer.truncate import truncate_graph
 from featureviz.importer.verify import DEFAULT_TOLERANCE
 from featureviz.importer.verify import CheckReport
-from featureviz.importer.verify import verify
+
+# A cache hit imports only torch and the modules above (onnx, onnx2torch, onnxruntime and torchvision are
+# imported by the functions that need them: parsing, cleaning, converting, verifying), so a cached model
+# starts in about the time of `import torch` (tests/importer/test_importer_startup.py).
 
 __all__ = ["ImportedModel", "import_model"]
 
@@ -138,6 +137,8 @@ def import_model(
 
 
 def _verify(module, original, spec, tolerance, rewritten, recorded=None) -> CheckReport:
+    from featureviz.importer.verify import verify
+
     if isinstance(module, PerImage):
         module = module.inner
     fallback = (lambda m: freeze(PerImage(m))) if spec.batch == 1 else None
@@ -147,6 +148,12 @@ def _verify(module, original, spec, tolerance, rewritten, recorded=None) -> Chec
 
 def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float, limits: ImportLimits
             ) -> ImportedModel:
+    from featureviz.importer import clean
+    from featureviz.importer.catalog import build_catalog
+    from featureviz.importer.converters import convert
+    from featureviz.importer.portable import make_portable
+    from featureviz.importer.spec import detect_input
+
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -176,6 +183,9 @@ def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float, 
     model = clean.name_nodes(clean.structural(clean.infer_shapes, model))
     lap("batch")
     module = freeze(convert(model))
+    foreign = make_portable(module, torch.zeros(1, spec.channels, *spec.default_size))
+    if foreign:
+        _LOG.info("model %s: loading it from the cache will import %s", sha, ", ".join(foreign))
     lap("convert")
     recorded: dict = {}
     if verify:

@@ -18,11 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from dataclasses import field
 
-import onnx
-
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ModelImportError
 from featureviz.errors import echo
+from featureviz.importer._lazy import lazy
+
+onnx = lazy("onnx")  # imported on first use: a cache hit never reads a graph
+
 
 __all__ = ["InputSpec", "Preprocess", "detect_input", "graph_inputs", "DEFAULT_SIZE"]
 

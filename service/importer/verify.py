@@ -13,12 +13,15 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import torch
 
 from featureviz.errors import ModelImportError
+from featureviz.importer._lazy import lazy
 from featureviz.importer.catalog import record_outputs
 from featureviz.importer.spec import InputSpec
+
+onnx = lazy("onnx")  # imported on first use: a cache hit never verifies
+
 
 __all__ = ["CheckReport", "verify", "CHECK_BATCH", "DEFAULT_TOLERANCE"]
 
