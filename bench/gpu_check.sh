@@ -93,7 +93,7 @@ if [ $DRY = 1 ]; then
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
   STEP=(--models resnet50 --batches 64 --sizes 224)
-  BATCHING=(--levels 1,4,16,64 --steps 32 --size 224 --phases)
+  BATCHING=(--levels 1,4,16,64 --steps 64 --size 224 --phases)
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
 fi
 

@@ -17,6 +17,12 @@ from .reference import rfft2_freqs
 __all__ = ["spectrum_to_image", "affine_resample", "rfft2_freqs"]
 
 
+# Above this many images ``auto`` renders spectra with the torch reference (cuFFT): on an H200 (bench/RESULTS.md,
+# 2026-11-30) the Triton kernel took 0.51-0.52 ms forward + backward at 1, 4 and 16 images of 224 px against
+# cuFFT's 0.88-0.89 ms, and 1.99 ms against 0.90 ms at 64.
+SPECTRUM_TRITON_MAX_BATCH = 16
+
+
 def _first_unsupported(checks: dict[str, bool]) -> str | None:
     return next((what for what, bad in checks.items() if bad), None)
 
@@ -47,7 +53,8 @@ def spectrum_to_image(
         "a gradient for color": _grad(color),
         "a scale per image or channel": any(n != 1 for n in scale.shape[:-2]),
     })
-    if _dispatch.use_triton("spectrum_to_image", (spectrum, scale, color), unsupported):
+    slower = spectrum.dim() == 5 and spectrum.shape[0] > SPECTRUM_TRITON_MAX_BATCH
+    if _dispatch.use_triton("spectrum_to_image", (spectrum, scale, color), unsupported, slower=slower):
         from . import fft_image
 
         return fft_image.spectrum_to_image(spectrum, scale, color, size, sigmoid=sigmoid)

@@ -2,8 +2,9 @@
 
 ``FEATUREVIZ_KERNELS`` is read at every call, so a test or a benchmark can switch it with ``monkeypatch.setenv``:
 
-- ``auto`` (default): Triton when every tensor is on CUDA, Triton imports and the kernel covers the call
-  (float32, no gradient asked of a constant such as ``color`` or ``theta``); the torch reference otherwise.
+- ``auto`` (default): Triton when every tensor is on CUDA, Triton imports, the kernel covers the call
+  (float32, no gradient asked of a constant such as ``color`` or ``theta``) and it was not measured slower than
+  the reference for such a call (``spectrum_to_image`` above 16 images: cuFFT wins there); the reference otherwise.
 - ``torch``: always the reference.
 - ``triton``: always the kernel; a call it does not cover is an error, never a silent fallback. On CPU
   tensors the kernels run through the Triton interpreter, which needs ``TRITON_INTERPRET=1`` in the
@@ -40,18 +41,20 @@ def _triton_importable() -> bool:
     return True
 
 
-def use_triton(op: str, tensors: tuple[torch.Tensor | None, ...], unsupported: str | None) -> bool:
+def use_triton(op: str, tensors: tuple[torch.Tensor | None, ...], unsupported: str | None, *,
+               slower: bool = False) -> bool:
     """Whether ``op`` runs its Triton kernel on ``tensors``.
 
     ``unsupported`` is None when the kernel covers the call, else a phrase saying what it does not cover
-    (``"float64 inputs"``); under ``auto`` that means the reference, under ``triton`` an error.
+    (``"float64 inputs"``); under ``auto`` that means the reference, under ``triton`` an error. ``slower``: the
+    reference was measured faster for calls like this one, so ``auto`` takes it (``triton`` still runs the kernel).
     """
     mode = kernels_mode()
     if mode == "torch":
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if mode == "auto":
-        return on_cuda and unsupported is None and _triton_importable()
+        return on_cuda and unsupported is None and not slower and _triton_importable()
     if unsupported is not None:
         raise ValueError(f"{ENV_VAR}=triton: the Triton kernel of {op} does not support {unsupported}; "
                          f"set {ENV_VAR}=auto to use the torch reference for such calls")

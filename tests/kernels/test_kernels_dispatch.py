@@ -105,6 +105,29 @@ def test_auto_mode_uses_triton_on_cuda(monkeypatch):
         "SpectrumToImageFunctionBackward"
 
 
+@pytest.mark.gpu
+def test_auto_mode_renders_large_spectrum_batches_with_cufft_and_triton_mode_keeps_the_kernel(monkeypatch):
+    spectrum, scale, color, size = _spectrum_args(device="cuda")
+    large = spectrum.repeat(kernels.SPECTRUM_TRITON_MAX_BATCH, 1, 1, 1, 1).requires_grad_(True)
+    monkeypatch.setenv("FEATUREVIZ_KERNELS", "auto")
+    assert type(kernels.spectrum_to_image(large, scale, color, size).grad_fn).__name__ != \
+        "SpectrumToImageFunctionBackward"
+    monkeypatch.setenv("FEATUREVIZ_KERNELS", "triton")
+    assert type(kernels.spectrum_to_image(large, scale, color, size).grad_fn).__name__ == \
+        "SpectrumToImageFunctionBackward"
+
+
+def test_a_kernel_measured_slower_is_skipped_by_auto_only(monkeypatch):
+    pytest.importorskip("triton")
+    cuda_like = torch.zeros(1, device="meta")  # use_triton reads only the devices
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setenv("FEATUREVIZ_KERNELS", "auto")
+    assert _dispatch.use_triton("op", (cuda_like,), None) is True
+    assert _dispatch.use_triton("op", (cuda_like,), None, slower=True) is False
+    monkeypatch.setenv("FEATUREVIZ_KERNELS", "triton")
+    assert _dispatch.use_triton("op", (cuda_like,), None, slower=True) is True
+
+
 # --- end to end: a short render with the Triton kernels matches the references -----------------------------------
 
 class _TinyNet(torch.nn.Module):
