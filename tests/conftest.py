@@ -40,10 +40,11 @@ def first_step():
     with respect to the image parameters. This runs one step through the real loop and captures both at the
     optimizer, which is told not to move anything.
     """
-    import torch
-
     def run(model, spec, **kwargs):
+        import torch
+
         from featureviz.engine import render
+        from featureviz.engine.adam import Adam
 
         captured = {}
 
@@ -54,7 +55,8 @@ def first_step():
         values = []
         spec.steps = 1
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch.optim.Adam, "step", capture)
+            for optimizer in (Adam, torch.optim.Adam):  # the engine's on the CPU, torch's fused one on CUDA
+                patch.setattr(optimizer, "step", capture)
             render(model, spec, progress=lambda step, total, v: values.append(v.clone()), **kwargs)
         return values[0], captured["grads"]
 

@@ -37,6 +37,7 @@ import torch
 
 from featureviz.engine import layout as layouts
 from featureviz.engine import objectives as objs
+from featureviz.engine.adam import Adam
 from featureviz.engine.params import make_param
 from featureviz.engine.params import render_group
 from featureviz.engine.relu import redirected_relu_grad
@@ -238,7 +239,7 @@ class BatchEngine:
     def __init__(self, device: torch.device | str, *, profile: bool = False):
         self.device = torch.device(device)
         self.profile = profile
-        self._optimizers: dict[float, torch.optim.Adam] = {}
+        self._optimizers: dict[float, Adam | torch.optim.Adam] = {}
         self._truncations: collections.OrderedDict[tuple, _Truncation] = collections.OrderedDict()
         self._layouts: dict[tuple, str] = {}  # (model key, request) -> the model's layout on this device
         self._checked: set[tuple] = set()  # (model key, request, layers) probed for that layout
@@ -501,14 +502,18 @@ class BatchEngine:
             groups.setdefault(slot.lr, []).extend(p for p in slot.params if p.grad is not None)
         return {lr: params for lr, params in groups.items() if params}
 
-    def _optimizer(self, lr: float, params: list) -> torch.optim.Adam:
+    def _optimizer(self, lr: float, params: list) -> Adam | torch.optim.Adam:
         """One Adam per learning rate holding every slot's parameters in one group: each parameter keeps its
         own moments and step count, so a slot's update is the one it gets alone; on CUDA the fused
-        update serves all the slots of a step in one kernel. Parameters without a gradient are skipped."""
+        update serves all the slots of a step in one kernel. Parameters without a gradient are skipped. On the
+        CPU it is :class:`featureviz.engine.adam.Adam` (the same update; building a torch.optim optimizer
+        imports torch._dynamo, ~1 s of a command-line render)."""
         optimizer = self._optimizers.get(lr)
         if optimizer is None:
-            cuda = self.device.type == "cuda"  # one fused kernel for all the slots of a step
-            optimizer = torch.optim.Adam(params, lr=lr, fused=True) if cuda else torch.optim.Adam(params, lr=lr)
+            if self.device.type == "cuda":  # one fused kernel for all the slots of a step
+                optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+            else:  # torch.optim's update without importing torch._dynamo (featureviz.engine.adam)
+                optimizer = Adam(params, lr=lr)
             self._optimizers[lr] = optimizer
             return optimizer
         group = optimizer.param_groups[0]["params"]

@@ -9,6 +9,7 @@ import torch
 
 from featureviz.engine import RenderSpec
 from featureviz.engine import render
+from featureviz.engine.adam import Adam
 from featureviz.engine.batch import BatchEngine
 from featureviz.engine.batch import Slot
 from featureviz.engine.transforms import Transforms
@@ -41,7 +42,8 @@ def _first_step(engine, slots, monkeypatch):
                 if p.grad is not None:
                     captured[id(p)] = p.grad.detach().clone()
 
-    monkeypatch.setattr(torch.optim.Adam, "step", capture)
+    for optimizer in (Adam, torch.optim.Adam):  # the engine's on the CPU, torch's fused one on CUDA
+        monkeypatch.setattr(optimizer, "step", capture)
     engine.join(slots)
     engine.step(slots)
     engine.flush()  # on CUDA the step's values reach the progress callbacks one step late

@@ -62,6 +62,7 @@ def test_a_cache_hit_and_a_render_import_neither_onnx2torch_nor_onnxruntime(cach
     assert "cache" in report["cache"], report  # it was a hit
     assert report["after_import"] == [], report
     assert report["after_render"] == [], report
+    assert not report["dynamo"], report  # the engine's Adam is not torch.optim's (whose constructor imports it)
     assert report["steps"] == 1
 
 
