@@ -7,8 +7,9 @@ building any ``torch.optim`` optimizer imports ``torch._dynamo`` (``Optimizer.ad
 
 Each parameter keeps its own moments and step count (a slot that joins a batched step later has its own bias
 correction); ``param_groups[0]["params"]`` and ``state`` are the two attributes the batched engine reads, as on a
-torch optimizer. With ``foreach`` (CUDA) the parameters that share a step count are updated with one multi-tensor
-call each.
+torch optimizer. With ``foreach`` the parameters that share a step count are updated with one multi-tensor
+call each. The batched engine uses it on the CPU; on CUDA it keeps torch's fused Adam (one kernel per step, and
+the import cost does not matter to a server).
 """
 
 from __future__ import annotations
