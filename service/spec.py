@@ -137,7 +137,6 @@ class Type:
 
 
 LAYER = Type("layer", _layer, "layer", "LAYER")
-INDEX = Type("index", _index, None, "N")
 CHANNEL = Type("channel", _index, "channel", "C")
 CLASS = Type("class", _index, "class", "K")
 IMAGE = Type("image", _index, "image", "I")
@@ -192,10 +191,6 @@ class Kind:
                 prefix = "" if items is body else f".{name}"
                 for i, child in enumerate(items):
                     yield child, f"{prefix}[{i}]"
-
-    @property
-    def composite(self) -> bool:
-        return any(f.type in (OBJECTIVE, OBJECTIVES) for f in self.fields.values())
 
 
 def _x_needs_y(body, path):

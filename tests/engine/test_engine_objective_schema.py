@@ -90,7 +90,7 @@ def test_the_proto_is_the_one_other_place(peak):
         objective_to_proto({"peak": {"layer": "z"}})
 
 
-_PROTO_TYPES = {"layer": "string", "index": "int32", "channel": "int32", "class": "int32", "image": "int32",
+_PROTO_TYPES = {"layer": "string", "channel": "int32", "class": "int32", "image": "int32",
                 "x": "int32", "y": "int32", "number": "double", "nonneg": "double", "positive": "double",
                 "vector": "repeated double", "objective": "Objective", "objectives": "repeated Objective"}
 
