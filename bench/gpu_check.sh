@@ -12,7 +12,8 @@
 # repository's folders onto the featureviz namespace (as pyproject.toml's package-dir does), so nothing is built.
 #
 # Files written: env.txt (device, versions), pytest_gpu.txt, kernels.md, step.md, batching.md, batching.json,
-# summary.md (the figures to paste into bench/RESULTS.md, each stage's status and seconds).
+# variants.md (the engine's device step under layout and cuDNN settings), summary.md (the figures to paste into
+# bench/RESULTS.md, each stage's status and seconds): 8 files, what a device run brings back at most.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -90,11 +91,13 @@ if [ $DRY = 1 ]; then
   STEP=(--models resnet18 --batches 1 --sizes 16 --kernels torch)
   BATCHING=(--levels 1,2 --steps 2 --size 64 --max-batch 4)
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
+  VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
   STEP=(--models resnet50 --batches 64 --sizes 224)
   BATCHING=(--levels 1,4,16,64 --steps 64 --size 224 --phases)
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
+  VARIANTS=(--levels 1,64 --size 224 --steps 16)
 fi
 
 # 2. the GPU tests (the whole suite's gpu-marked tests)
@@ -106,6 +109,8 @@ stage "bench_step.py" 60 "$RESULTS/step.md" "$PY" bench/bench_step.py "${STEP[@]
 # 5. batching through real servers: 64 concurrent jobs vs --max-batch 1 (goal: >= 20x throughput)
 stage "bench_batching.py" 180 "$RESULTS/batching.md" "$PY" bench/bench_batching.py "${BATCHING[@]}" \
   --json "$RESULTS/batching.json"
+# 6. the engine's device step alone, 1 vs 64 jobs, under layout and cuDNN settings (no server costs)
+stage "bench_engine_variants.py" 90 "$RESULTS/variants.md" "$PY" bench/bench_engine_variants.py "${VARIANTS[@]}"
 
 {
   echo
@@ -117,6 +122,8 @@ stage "bench_batching.py" 180 "$RESULTS/batching.md" "$PY" bench/bench_batching.
   grep '^|' "$RESULTS/step.md" || true
   echo
   sed -n '/^### bench_batching/,$p' "$RESULTS/batching.md"
+  echo
+  sed -n '/^### bench_engine_variants/,$p' "$RESULTS/variants.md"
   echo "total: $(( $(date +%s) - STARTED )) s"
 } >> "$SUMMARY"
 cat "$SUMMARY"

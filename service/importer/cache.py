@@ -79,3 +79,6 @@ class ModelCache:
                 raise
         except OSError as exc:  # a read-only or full disk must not fail the import (nor leave a partial file)
             _LOG.warning("cannot write the model cache in %s: %s", self.directory, exc)
+        except Exception as exc:  # nor a module that this torch cannot pickle: the import works, uncached
+            _LOG.warning("cannot cache model %s (%s: %s); it stays imported in memory", sha256[:12],
+                         type(exc).__name__, exc)

@@ -19,8 +19,6 @@ and truncation use) do not change.
 This module imports only torch: the cache loader and the engine import it.
 """
 
-from __future__ import annotations
-
 import logging
 
 import torch

@@ -97,3 +97,22 @@ def test_model_local_functions_are_inlined():
     imported = import_model(model.SerializeToString(), use_cache=False)
     assert imported.check.passed
     assert {"Relu", "Neg"} <= {layer.op_type for layer in imported.layers}
+
+
+def test_a_model_this_torch_cannot_pickle_is_imported_uncached(tmp_path, caplog):
+    """A torch version whose pickler refuses a converted module (torch 2.11 and string annotations in an FX
+    graph's globals did, on a GPU machine) must cost the cache entry, not the import."""
+    import torch
+
+    from featureviz.importer.cache import ModelCache
+
+    class Unpicklable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hook = lambda x: x  # a lambda: pickle refuses it
+
+    cache = ModelCache(tmp_path)
+    with caplog.at_level("WARNING"):
+        cache.put("ab" * 32, Unpicklable())
+    assert cache.get("ab" * 32) is None and not list(tmp_path.iterdir())  # no entry, no partial file
+    assert "cannot cache model abababababab" in caplog.text

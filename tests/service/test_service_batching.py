@@ -249,23 +249,38 @@ def test_an_injected_out_of_memory_error_splits_the_batch_and_a_job_too_big_alon
 
 
 @pytest.mark.gpu
-def test_a_real_cuda_out_of_memory_error_splits_the_batch_and_a_job_too_big_alone_fails(tmp_path, tiny_onnx):
-    """The injected-fault test's twin on a real GPU. A job of 8 images at 512 px runs once uncapped to measure what
-    it adds to the memory torch reserves (R); then the process may reserve only 2.7 R more
-    (``set_per_process_memory_fraction``), so steps of 9 such jobs run out of memory for real and split (no step
-    of over 4 jobs can succeed), steps of 2 still fit, and a 16-image 1024-px job (8x the pixels) fails alone."""
+def test_a_real_cuda_out_of_memory_error_splits_the_batch_and_a_job_too_big_alone_fails(tmp_path):
+    """The injected-fault test's twin on a real GPU. A wide two-conv model (64 channels at full resolution), so a
+    job's activations outweigh its parameters and Adam moments (3% of them) and the jobs that wait resident cost
+    little. One job of 8 images at 256 px runs uncapped to measure what it adds to the memory torch reserves (R);
+    then the process may reserve only 2.7 R more (``set_per_process_memory_fraction``): steps of 9 such jobs
+    run out of memory for real and split (no step of over 4 jobs can succeed), steps of 2 still fit (about
+    2.2 R with the others resident), and a 16-image 512-px job (8x the pixels) fails alone with GPU_OOM."""
     import torch
+
+    from conftest import export_onnx
+
+    class Wide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 64, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(64, 64, 3, padding=1)
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            return self.fc(x.mean(dim=(2, 3)))
 
     cuda = torch.device("cuda", torch.cuda.current_device())  # the memory fraction needs an index
     config = ServerConfig(tmp_path, device="cuda", max_batch=64, progress_interval=0.0, metrics_port=0)
     with serve_in_background(config) as running, Client(running.address, timeout=120) as fv:
-        sha = fv.upload(tiny_onnx).sha256
-        warm = fv.wait(fv.submit(sha, CHANNEL, steps=2, size=512, batch=8).id, timeout=120)  # kernels, workspaces
-        assert warm.state == pb.JOB_STATE_SUCCEEDED
+        sha = fv.upload(export_onnx(Wide())).sha256
+        warm = fv.wait(fv.submit(sha, CHANNEL, steps=2, size=256, batch=8).id, timeout=120)  # kernels, workspaces
+        assert warm.state == pb.JOB_STATE_SUCCEEDED, warm.error.message
         torch.cuda.empty_cache()
         base = torch.cuda.memory_reserved(cuda)
         torch.cuda.reset_peak_memory_stats(cuda)
-        one = fv.wait(fv.submit(sha, CHANNEL, steps=3, size=512, batch=8).id, timeout=120)
+        one = fv.wait(fv.submit(sha, CHANNEL, steps=3, size=256, batch=8).id, timeout=120)
         assert one.state == pb.JOB_STATE_SUCCEEDED
         per_job = torch.cuda.max_memory_reserved(cuda) - base
         assert per_job > 0
@@ -273,26 +288,25 @@ def test_a_real_cuda_out_of_memory_error_splits_the_batch_and_a_job_too_big_alon
         total = torch.cuda.get_device_properties(cuda).total_memory
         torch.cuda.set_per_process_memory_fraction(min((base + 2.7 * per_job) / total, 1.0), cuda)
         try:
-            long = fv.submit(sha, CHANNEL, steps=10_000, size=512, batch=8, seed=1)
+            long = fv.submit(sha, CHANNEL, steps=10_000, size=256, batch=8, seed=1)
             _wait_for_step(fv, long.id, 1)
-            jobs = [fv.submit(sha, CHANNEL, steps=12, size=512, batch=8, seed=10 + i) for i in range(8)]
+            jobs = [fv.submit(sha, CHANNEL, steps=12, size=256, batch=8, seed=10 + i) for i in range(8)]
             done = [fv.wait(j.id, timeout=300) for j in jobs]
-            long_state = fv.job(long.id).state
-            if long_state == pb.JOB_STATE_RUNNING:
+            if fv.job(long.id).state == pb.JOB_STATE_RUNNING:
                 fv.cancel(long.id)
             long_end = fv.wait(long.id, timeout=120)
-            too_big = fv.wait(fv.submit(sha, CHANNEL, steps=3, size=1024, batch=16).id, timeout=120)
-            after = fv.wait(fv.submit(sha, CHANNEL, steps=3, size=512, batch=8).id, timeout=120)
+            too_big = fv.wait(fv.submit(sha, CHANNEL, steps=3, size=512, batch=16).id, timeout=120)
+            after = fv.wait(fv.submit(sha, CHANNEL, steps=3, size=256, batch=8).id, timeout=120)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, cuda)
             torch.cuda.empty_cache()
+        sizes = _metric(running, "featureviz_batch_images")
         assert all(d.state == pb.JOB_STATE_SUCCEEDED and d.result.steps_done == 12 for d in done), \
-            [(d.state, d.error.message) for d in done]
+            ([(d.state, d.error.message[:200]) for d in done], per_job, sizes)
         assert long_end.state == pb.JOB_STATE_CANCELLED, (long_end.state, long_end.error.message)
         assert too_big.state == pb.JOB_STATE_FAILED, too_big
         assert too_big.error.code == "RESOURCE_EXHAUSTED" and too_big.error.reason == "GPU_OOM"
         assert after.state == pb.JOB_STATE_SUCCEEDED  # the server keeps serving
-        sizes = _metric(running, "featureviz_batch_images")
         # no step of more than 4 jobs (32 images) succeeded, and some had 2 or more (the split kept sharing)
         assert sizes['featureviz_batch_images_bucket{le="32.0"}'] == sizes["featureviz_batch_images_count"], sizes
         assert sizes['featureviz_batch_images_bucket{le="8.0"}'] < sizes["featureviz_batch_images_count"], sizes

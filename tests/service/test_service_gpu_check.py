@@ -22,11 +22,11 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     names = {p.name for p in tmp_path.iterdir()}
     assert names == {"env.txt", "pytest_gpu.txt", "kernels.md", "step.md", "batching.md", "batching.json",
-                     "summary.md"}
+                     "variants.md", "summary.md"}
     assert len(names) <= 8  # what a device run can bring back
     summary = (tmp_path / "summary.md").read_text()
     stages = [line for line in summary.splitlines() if line.startswith("- ")]
-    assert len(stages) == 4 and all(": exit 0 in " in line for line in stages), summary
+    assert len(stages) == 5 and all(": exit 0 in " in line for line in stages), summary
     assert "DRY RUN" in summary
     env_txt = (tmp_path / "env.txt").read_text()
     assert "/pkg/featureviz/__init__.py" in env_txt  # featureviz came from the folder of links
@@ -35,3 +35,4 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert all(row[mode]["throughput"] > 0 for row in figures["levels"] for mode in ("batched", "solo"))
     assert figures["max_batch"]["solo"] == 1
     assert "| bench_batching" not in summary and "### bench_batching.py" in summary
+    assert "### bench_engine_variants.py" in summary and "| default | 2 |" in summary
