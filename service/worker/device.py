@@ -29,8 +29,9 @@ log = logging.getLogger("featureviz.worker")
 # 0.56-0.95x at 224 px (the figures: 9.4 ms per image at batch 1, 11.3 ms at batch 16, block 4); a small
 # batch also lets short jobs start beside long ones.
 DEFAULT_MAX_BATCH_CPU = 4
-# On a GPU a 224-px image leaves the device mostly idle: 64 images per step is the benchmark's goal point, and
-# memory admission keeps any batch within the device's memory.
+# On a GPU a 224-px image leaves the device mostly idle: on an H200 (bench/RESULTS.md) 64 single-image jobs per
+# step gave 7.7x the throughput of one at a time through the server (18.7x for the device step alone), and memory
+# admission keeps any batch within the device's memory.
 DEFAULT_MAX_BATCH_CUDA = 64
 HEADROOM_FRACTION = 0.08  # of the device's memory kept free when admitting a job
 
