@@ -3,7 +3,6 @@ runtime."""
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Sequence
 
@@ -14,16 +13,15 @@ def classify_pngs(onnx_path: str | os.PathLike, pngs: Sequence[bytes], *, mean: 
     std``, run by onnxruntime on ``onnx_path``."""
     import numpy as np
     import onnxruntime
-    from PIL import Image
+
+    from featureviz.engine.images import decode_image  # the one image codec
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
     h, w = inp.shape[2], inp.shape[3]
-    batch = []
-    for png in pngs:
-        image = Image.open(io.BytesIO(png)).convert("RGB").resize((w, h), Image.BILINEAR)
-        x = np.asarray(image, dtype=np.float32) / 255.0
-        batch.append(((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1))
+    mean = np.asarray(mean, np.float32)[:, None, None]
+    std = np.asarray(std, np.float32)[:, None, None]
+    batch = [(decode_image(png, (h, w), field="image", resample="bilinear").numpy() - mean) / std for png in pngs]
     logits = session.run(None, {inp.name: np.stack(batch)})[0]
     z = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)

@@ -70,8 +70,10 @@ def image_size(data: bytes, *, field: str = "init_image") -> tuple[int, int]:
 
 
 def decode_image(data: bytes, size: tuple[int, int] | None = None, *, max_side: int = MAX_IMAGE_SIDE,
-                 field: str = "init_image", formats: tuple[str, ...] | None = IMAGE_FORMATS) -> torch.Tensor:
-    """PNG or JPEG bytes -> a (3, H, W) float tensor in [0, 1], resized (bicubic) to ``size`` = (H, W) if given.
+                 field: str = "init_image", formats: tuple[str, ...] | None = IMAGE_FORMATS,
+                 resample: str = "bicubic") -> torch.Tensor:
+    """PNG or JPEG bytes -> a (3, H, W) float tensor in [0, 1], resized to ``size`` = (H, W) if given
+    (``resample``: ``bicubic`` or ``bilinear``, Pillow's filters).
 
     The size is read from the header and checked against ``max_side`` before any pixel is decoded, so a small
     file that declares a huge image costs nothing. Errors are :class:`InvalidSpec` on ``field``. ``formats``:
@@ -92,7 +94,8 @@ def decode_image(data: bytes, size: tuple[int, int] | None = None, *, max_side: 
             raise InvalidSpec(field, f"the {img.format} image could not be decoded ({type(exc).__name__}: truncated "
                                      "or corrupt data)") from None
     if size is not None and rgb.size != (size[1], size[0]):
-        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        rgb = rgb.resize((size[1], size[0]), {"bicubic": Image.Resampling.BICUBIC,
+                                              "bilinear": Image.Resampling.BILINEAR}[resample])
     array = np.asarray(rgb, dtype=np.float32) / 255.0
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
