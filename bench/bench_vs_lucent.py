@@ -207,7 +207,72 @@ def print_report(s: dict) -> None:
         f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in s["featureviz_phase_seconds"].items()))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# whole processes: each render is a fresh interpreter, start-up (imports, model load) included
+
+
+def lucent_child(argv) -> int:
+    """``bench_vs_lucent.py --lucent-child MODULE.pt KEY CHANNEL STEPS SIZE SEED MEAN STD OUT.pt``: one lucent
+    render in a fresh process, as a lucent user runs it: import lucent, load the torch model, render, save."""
+    module_path, key, channel, steps, size, seed, mean, std, out = argv
+    lucent = import_lucent(LUCENT_DIR)
+    module = torch.load(module_path, weights_only=False)
+    model = types.SimpleNamespace(input_spec=types.SimpleNamespace(preprocess=types.SimpleNamespace(
+        mean=[float(mean)] * 3, std=[float(std)] * 3)))
+    result = run_lucent(lucent, model, module, key, int(channel), int(steps), int(size), int(seed))
+    torch.save(result["image"], out)
+    return 0
+
+
+def run_processes(args, model, key) -> dict:
+    """Alternate whole-process renders of both tools; -> {tool: [{"seconds", "activation"}]}."""
+    import tempfile
+
+    from featureviz import zoo
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-vs-lucent-"))
+    module_path = folder / "module.pt"
+    # lucent loads the same converted graph featureviz caches (portable modules: torch.load needs no onnx2torch)
+    torch.save(copy.deepcopy(model.module).to(memory_format=torch.contiguous_format), module_path)
+    pre = model.input_spec.preprocess
+    onnx_path = str(zoo.efficientnet_lite0())
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    runs = {"lucent": [], "featureviz": []}
+    for i in range(args.runs + 1):  # run 0 warms the disk cache and is not counted
+        for tool in ("lucent", "featureviz"):
+            out = folder / f"{tool}-{i}"
+            if tool == "lucent":
+                cmd = [sys.executable, __file__, "--lucent-child", str(module_path), key, str(args.channel),
+                       str(args.steps), str(args.size), str(args.seed + i), str(pre.mean[0]), str(pre.std[0]),
+                       str(out) + ".pt"]
+            else:
+                cmd = [str(Path(sys.executable).parent / "featureviz"), "render", onnx_path,
+                       f"{args.layer}:{args.channel}", "--steps", str(args.steps), "--size", str(args.size),
+                       "--seed", str(args.seed + i), "--mean", str(pre.mean[0]), "--std", str(pre.std[0]),
+                       "--device", "cpu", "--out", str(out) + ".png"] + (
+                           ["--threads", str(args.threads)] if args.threads else [])
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            seconds = time.perf_counter() - t0
+            if tool == "lucent":
+                image = torch.load(str(out) + ".pt")
+            else:
+                from featureviz.engine import load_image
+
+                image = load_image(str(out) + ".png")[None]
+            activation = final_activation(model, args.layer, args.channel, image)
+            print(f"process run {i} {tool}: {seconds:.1f} s, activation {activation:.3f}", file=sys.stderr)
+            if i > 0:
+                runs[tool].append({"seconds": seconds, "activation": activation})
+    return runs
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--lucent-child":
+        return lucent_child(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layer", default=DEFAULT_LAYER)
     parser.add_argument("--channel", type=int, default=DEFAULT_CHANNEL)
@@ -218,6 +283,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", choices=["lucent", "featureviz"], help="run one tool only")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--processes", action="store_true",
+                        help="time whole processes (start-up, imports and model load included): featureviz render "
+                             "with the cached model against a fresh interpreter running lucent")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,6 +294,8 @@ def main(argv=None) -> int:
     model = load_model()
     model.layer(args.layer)  # fail early with the importer's message (close matches) on a typo
     key = lucent_layer_key(model, args.layer)
+    if args.processes:
+        return report_processes(args, run_processes(args, model, key), lucent.versions)
     # lucent runs its own copy, NCHW as a user hands it over: featureviz converts the weights of the model it renders
     # to channels_last in place (featureviz.engine.layout), and oneDNN would then run lucent's convolutions NHWC too
     lucent_module = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
@@ -252,6 +322,23 @@ def main(argv=None) -> int:
     print_report(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def report_processes(args, runs: dict, versions: str) -> int:
+    med = {t: (_median([r["seconds"] for r in rs]), _median([r["activation"] for r in rs])) for t, rs in runs.items()}
+    print(f"whole processes, {args.layer}:{args.channel}, {args.steps} steps, {args.size} px, median of {args.runs}; "
+          f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {versions}")
+    print("| tool | wall s (median) | final activation | wall s of each run |")
+    print("| --- | --- | --- | --- |")
+    for tool, rs in runs.items():
+        each = ", ".join(f"{r['seconds']:.1f}" for r in rs)
+        print(f"| {tool} | {med[tool][0]:.2f} | {med[tool][1]:.3f} | {each} |")
+    print(f"speed-up lucent/featureviz: {med['lucent'][0] / med['featureviz'][0]:.2f}x; activation "
+          f"featureviz/lucent {med['featureviz'][1] / med['lucent'][1]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"layer": args.layer, "channel": args.channel, "steps": args.steps,
+                                               "size": args.size, "runs": runs, "versions": versions}, indent=1))
     return 0
 
 

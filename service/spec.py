@@ -16,7 +16,7 @@ Text syntax (objectives are maximised)::
     LAYER:C@T          neuron of a token tensor (N, tokens, C): channel C of token T (@0: the CLS token)
     LAYER              DeepDream: mean(LAYER ** 2)
     logit:K  prob:K    class K's logit / softmax probability
-    diversity:LAYER  alignment:LAYER  l1  l2  tv  blur      (regularizers; see the kinds below)
+    diversity:LAYER  alignment:LAYER  l1  l2  tv  blur  bilateral   (regularizers; see the kinds below)
     -OBJ   2*OBJ   OBJ*0.5   OBJ / 4   A + B   A - 0.5*B   (A + B) * 2
     {...}              a whole JSON objective spec (for direction, interpolate, batch, ...)
 
@@ -24,7 +24,7 @@ Quoting rule for ONNX names. A bare layer name is a run of letters, digits and `
 starting with a digit or '-'. So ``/_blocks.9/Clip:12`` needs no quotes, and ``+``, ``-`` and ``/`` between
 objectives must be set off by spaces (``A - B``, ``A / 2``; ``A-B`` is one name). A name with any other
 character (``:``, ``@``, ``,``, spaces, ``*``, ``+``...), or a name that is a keyword (``logit``, ``prob``,
-``l1``, ``l2``, ``tv``, ``blur``, ``diversity``, ``alignment``), or that starts with a digit, goes in single or
+``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``), or that starts with a digit, goes in single or
 double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
 ``"it's"`` or ``'it\\'s'``.
 """
@@ -243,6 +243,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("l2", {"constant": Field(NUMBER, 0.5)}, "L2", Keyword("constant")),
     Kind("tv", {}, "TotalVariation", Keyword()),
     Kind("blur", {}, "Blur", Keyword()),
+    Kind("bilateral", {"sigma_space": Field(POSITIVE, 1.0), "sigma_color": Field(POSITIVE, 0.1)}, "Bilateral",
+         Keyword()),
     Kind("sum", {"terms": Field(OBJECTIVES)}, "Sum", _text_sum, bare="terms"),
     Kind("scale", {"factor": Field(NUMBER), "objective": Field(OBJECTIVE)}, "Scale", _text_scale),
     Kind("batch", {"index": Field(IMAGE), "objective": Field(OBJECTIVE)}, "Batch"),

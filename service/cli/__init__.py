@@ -16,7 +16,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # name of the module under featureviz.cli, in the order of `featureviz --help`
-_COMMANDS = ["inspect", "render", "demo", "serve", "models", "jobs"]
+_COMMANDS = ["inspect", "render", "evaluate", "demo", "serve", "models", "jobs"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -52,6 +52,7 @@ _NEEDS_SERVER_EXTRA = {
               "to render on a featureviz server",
     "inspect": "inspecting a model needs the server extra: pip install 'featureviz[server]', or upload it to a "
                "featureviz server (featureviz models upload FILE --server ADDR; featureviz models layers SHA256)",
+    "evaluate": "evaluating class visualizations needs the server extra: pip install 'featureviz[server]'",
     "serve": "the server needs the server extra: pip install 'featureviz[server]'",
     "demo": "the local demo needs the server and demo extras: pip install 'featureviz[server,demo]', or pass "
             "--server ADDR to render on a featureviz server",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats", "make_preprocess", "verdict_text"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -19,3 +19,26 @@ def parse_floats(text: str) -> tuple[float, ...]:
     if len(values) not in (1, 3):
         raise argparse.ArgumentTypeError(f"expected 1 or 3 comma-separated numbers, got {len(values)}")
     return values
+
+
+def make_preprocess(mean, std, bgr: bool):
+    """A :class:`featureviz.importer.Preprocess` from ``--mean``/``--std``/``--bgr`` values (None: ImageNet's); one
+    value of either is repeated to match the other."""
+    from featureviz.importer import Preprocess
+
+    mean = mean if mean is not None else IMAGENET_MEAN
+    std = std if std is not None else IMAGENET_STD
+    if len(mean) != len(std):
+        if len(mean) == 1:
+            mean = mean * len(std)
+        elif len(std) == 1:
+            std = std * len(mean)
+    return Preprocess(mean=mean, std=std, channel_order="BGR" if bgr else "RGB")
+
+
+def verdict_text(verdict: dict) -> str:
+    """``; judge: class 207 rank 1, p 0.930`` (the judge's best class when the image aims at no single class)."""
+    if verdict.get("rank") is None:
+        best = verdict["top"][0] if verdict.get("top") else None
+        return f"; judge's top class {best[0]} (p {best[1]:.3f})" if best else ""
+    return f"; judge: class {verdict['target']} rank {verdict['rank']}, p {verdict['probability']:.3f}"

@@ -160,12 +160,19 @@ def render_remote(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.model):
         raise InvalidSpec("MODEL.onnx", f"no such file: {args.model!r}")
     init_image = Path(args.init).read_bytes() if args.init else None
+    judge_file = getattr(args, "judge", None)
+    if judge_file and not os.path.isfile(judge_file):
+        raise InvalidSpec("--judge", f"no such file: {judge_file!r}")
     with connect(args) as fv:
         model = fv.upload(args.model)
+        judge = None
+        if judge_file:  # the judge is a model like any other: uploaded (or found by its sha256) first
+            judge = {"model": fv.upload(judge_file).sha256, "preprocess": _remote_preprocess(argparse.Namespace(
+                mean=args.judge_mean, std=args.judge_std, bgr=args.judge_bgr))}
         spec = spec_to_proto(model.sha256, objective, steps=args.steps, lr=args.lr, size=args.size, batch=args.batch,
                              seed=args.seed, param=args.param, decay=args.decay, transforms=args.transforms,
                              init_image=init_image, preprocess=_remote_preprocess(args),
-                             exclusive=bool(getattr(args, "exclusive", False)))
+                             exclusive=bool(getattr(args, "exclusive", False)), judge=judge)
         job = fv.submit(model.sha256, spec=spec)
         job = watch_with_progress(fv, job.id, label=f"render {Path(args.model).name}",
                                   quiet=not sys.stderr.isatty())
@@ -177,6 +184,11 @@ def render_remote(args: argparse.Namespace) -> int:
     ordered = sorted(result.images, key=lambda image: image.index)
     starts = [image.objective_start for image in ordered]
     ends = [image.objective_end for image in ordered]
+    verdicts = None
+    if judge_file:
+        from featureviz.client.convert import judge_score_from_proto
+
+        verdicts = [judge_score_from_proto(image.judge) for image in ordered]
     if args.json:
         print(json.dumps({
             "objective": result.objective_description,
@@ -191,10 +203,13 @@ def render_remote(args: argparse.Namespace) -> int:
             "files": [str(p) for p in files],
             "job": job.id,
             "model": model.sha256,
+            **({"judge": verdicts} if verdicts is not None else {}),
         }))
     else:
+        from featureviz.cli.options import verdict_text
+
         for i, (a, b) in enumerate(zip(starts, ends)):
-            print(f"image {i}: objective {a:.4g} -> {b:.4g}")
+            print(f"image {i}: objective {a:.4g} -> {b:.4g}{verdict_text(verdicts[i]) if verdicts else ''}")
         print(f"{result.steps_done} steps, {result.seconds_per_step:.3f} s/step on the server; "
               f"wrote {', '.join(map(str, files))}")
     return 0

@@ -12,6 +12,8 @@ import sys
 
 from featureviz.cli.options import IMAGENET_MEAN
 from featureviz.cli.options import IMAGENET_STD
+from featureviz.cli.options import make_preprocess
+from featureviz.cli.options import verdict_text
 from featureviz.cli.options import parse_floats
 from featureviz.cli.progress import ProgressBar
 
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image size S or HxW (default: the model's input size)")
     parser.add_argument("--batch", type=int, default=1, metavar="B", help="images optimised together (default 1)")
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
-    parser.add_argument("--param", choices=("fft", "pixel", "maco"), default="fft",
+    parser.add_argument("--param", choices=("fft", "pixel", "maco", "laplacian"), default="fft",
                         help="image parameterization (default fft)")
     parser.add_argument("--decay", type=float, default=None,
                         help="spectrum exponent 1/f^decay (default 1.0 for fft, 1.4 for maco)")
@@ -80,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "device gives the same PNG bytes); a local render always runs alone")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: objective_start, objective_end, seconds_per_step, files ...")
+    from featureviz.cli.evaluate import add_judge_args
     from featureviz.cli.remote import add_connection_args
+
+    add_judge_args(parser)
 
     # --server ADDR renders on a featureviz server instead of locally; --token and --tls-ca go with it
     add_connection_args(parser, server_default=False)
@@ -108,16 +113,7 @@ def _size(text: str):
 
 
 def _preprocess(args):
-    from featureviz.importer import Preprocess
-
-    mean = args.mean if args.mean is not None else IMAGENET_MEAN
-    std = args.std if args.std is not None else IMAGENET_STD
-    if len(mean) != len(std):
-        if len(mean) == 1:
-            mean = mean * len(std)
-        elif len(std) == 1:
-            std = std * len(mean)
-    return Preprocess(mean=mean, std=std, channel_order="BGR" if args.bgr else "RGB")
+    return make_preprocess(args.mean, args.std, args.bgr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     files = save_images(result.images, args.out, as_grid=args.grid)
+    verdicts = None
+    if args.judge:
+        from featureviz.cli.evaluate import judge_preprocess
+        from featureviz.cli.evaluate import judge_result
+        from featureviz.cli.evaluate import load_judges
+
+        (judge,) = load_judges([args.judge], judge_preprocess(args)).values()
+        verdicts = judge_result(judge, spec, result.images, device=args.device)
     if args.json:
         print(json.dumps({
             "objective": result.objective,
@@ -178,9 +182,11 @@ def run(args: argparse.Namespace) -> int:
             "threads": torch.get_num_threads(),
             "memory_format": result.memory_format,
             "files": [str(p) for p in files],
+            **({"judge": verdicts} if verdicts is not None else {}),
         }))
     else:
         for i, (a, b) in enumerate(zip(result.objective_start, result.objective_end)):
-            print(f"image {i}: objective {a:.4g} -> {b:.4g}")
+            print(f"image {i}: objective {a:.4g} -> {b:.4g}{verdict_text(verdicts[i]) if verdicts else ''}")
         print(f"{result.steps_done} steps, {result.seconds_per_step:.3f} s/step; wrote {', '.join(map(str, files))}")
     return 0
+

@@ -10,6 +10,10 @@ explicit ``torch.Generator``, so the same seed on the same device gives the same
 - ``pixel``: the image itself in decorrelated colour space, N(0, 0.01), then colour matrix and sigmoid.
 - ``fft``: a half spectrum scaled by 1/f^decay (Olah et al. 2017; lucid ``param/spatial.py``), N(0, 0.01) for
   real and imaginary parts, inverse DFT, colour matrix, sigmoid; ``featureviz.kernels.spectrum_to_image``.
+- ``laplacian``: lucid's Laplacian-pyramid parameterization (``laplacian_pyramid_image``): the sum of
+  :data:`LAPLACIAN_LEVELS` tensors at full, 1/2, 1/4 and 1/8 resolution, each upsampled bilinearly, then colour
+  matrix and sigmoid. With Adam every level takes steps of the same size, so coarse structure moves as fast as
+  fine detail (a preconditioner towards low frequencies, like the 1/f scale of ``fft``).
 - ``maco``: only the phase is optimised; the magnitude is a fixed natural-image template 1/f^decay
   (Fel et al. 2023, MaCo; Horama). Phase and image are standardised per image before the colour matrix.
 
@@ -21,6 +25,7 @@ phase is taken from the image; the magnitude stays the template).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from featureviz.errors import InvalidSpec
 from featureviz.kernels import rfft2_freqs
@@ -39,7 +44,8 @@ __all__ = [
     "image_to_spectrum",
 ]
 
-PARAMS = ("fft", "pixel", "maco")
+PARAMS = ("fft", "pixel", "maco", "laplacian")
+LAPLACIAN_LEVELS = 4  # lucid's default
 
 # Square root of the colour correlation of ImageNet, from its SVD (lucid param/color.py, lucent, captum):
 # rgb = (C / max column norm) @ t decorrelates the optimised channels.
@@ -141,7 +147,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
     """Build a parameterization. Returns ``(params, image_fn)``.
 
     Args:
-        kind: ``"fft"``, ``"pixel"`` or ``"maco"``.
+        kind: ``"fft"``, ``"pixel"``, ``"maco"`` or ``"laplacian"``.
         batch, size: B and (H, W) of the image.
         generator: draws the initial values (must live on ``device``).
         decay: spectrum exponent; default 1.0 for ``fft`` (lucid) and 1.4 for ``maco``.
@@ -184,6 +190,26 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
                                        key)
         return [spectrum], ImageFn(lambda p: _to_rgb(spectrum_to_image(p, scale, None, size, sigmoid=False), color,
                                                      False), [spectrum], key)
+
+    if kind == "laplacian":
+        levels = []
+        for n in range(LAPLACIAN_LEVELS):
+            shape = (batch, 3, max(1, height >> n), max(1, width >> n))
+            if init is not None:  # the image in the finest level, the coarser ones start at zero
+                level = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid) if n == 0 \
+                    else torch.zeros(shape, device=device)
+            else:
+                level = torch.randn(shape, generator=generator, device=device) * INIT_SD
+            levels.append(level.requires_grad_(True))
+
+        def pyramid(*parts):  # per image: each level is upsampled on its own image
+            t = parts[0]
+            for level in parts[1:]:
+                t = t + F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            return _to_rgb(t, color, sigmoid)
+
+        key = ("laplacian", tuple(size), decorrelate, sigmoid, str(device))
+        return levels, ImageFn(pyramid, levels, key)
 
     if kind == "maco":
         magnitude = fft_scale(height, width, MACO_DEFAULT_DECAY if decay is None else decay, gain=1.0, device=device)

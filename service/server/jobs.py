@@ -131,6 +131,15 @@ class JobServicer(pb_grpc.JobServiceServicer):
         stored.model = sha
         if not stored.HasField("preprocess") and model.input_spec.HasField("preprocess"):
             stored.preprocess.CopyFrom(model.input_spec.preprocess)  # the job records what it ran with
+        if spec.HasField("judge"):  # another of the tenant's models, READY, scores the images
+            judge_sha = parse_model_name(spec.judge.model, "spec.judge.model")
+            judge = self.store.get_model(tenant, judge_sha)
+            if judge.state != pb.MODEL_STATE_READY:
+                raise FailedPrecondition(f"judge model {judge_sha} is {pb.ModelState.Name(judge.state)}, not READY",
+                                         reason="MODEL_NOT_READY")
+            stored.judge.model = judge_sha
+            if not stored.judge.HasField("preprocess") and judge.input_spec.HasField("preprocess"):
+                stored.judge.preprocess.CopyFrom(judge.input_spec.preprocess)
         try:
             admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
         except InvalidSpec as exc:

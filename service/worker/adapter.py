@@ -7,7 +7,7 @@ from featureviz.client.convert import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["render_spec", "rendered", "job_result", "DEFAULT_PREVIEW_SIDE"]
+__all__ = ["render_spec", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE"]
 
 DEFAULT_PREVIEW_SIDE = 128
 
@@ -21,6 +21,7 @@ def render_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: 
 
     kwargs = spec_from_proto(spec)
     kwargs.pop("exclusive", None)
+    kwargs.pop("judge", None)
     if "init_image" in kwargs:
         size = kwargs.get("size") or tuple(model.input_spec.default_size)
         kwargs["init_image"] = decode_image(kwargs["init_image"], size, field="spec.init_image",
@@ -61,10 +62,55 @@ def _png_size(png: bytes, width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
+def judge_of(spec: pb.JobSpec) -> tuple[str, object] | None:
+    """``(judge sha256, Preprocess or None)`` of a job with a judge, else None."""
+    from featureviz.client.convert import judge_from_proto
+
+    judge = judge_from_proto(spec)
+    if judge is None:
+        return None
+    preprocess = None
+    if judge["preprocess"] is not None:
+        from featureviz.importer import Preprocess
+
+        p = judge["preprocess"]
+        try:
+            preprocess = Preprocess(mean=tuple(p["mean"]), std=tuple(p["std"]), channel_order=p["channel_order"])
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpec("spec.judge.preprocess", str(exc)) from exc
+    return judge["model"].removeprefix("models/"), preprocess
+
+
+def judge_check(judge, render_spec) -> None:
+    """InvalidSpec (``spec.judge``) unless ``judge`` is a classifier that has every class the images aim at."""
+    from featureviz.engine.quality import class_targets
+
+    if not judge.logits:
+        raise InvalidSpec("spec.judge", "the judge model has no logits output: a judge must be a classifier")
+    classes = judge.layer(judge.logits).channels
+    for i, target in enumerate(class_targets(render_spec.objective, render_spec.batch)):
+        if target is not None and target >= classes:
+            raise InvalidSpec("spec.judge", f"image {i} aims at class {target}, but the judge has {classes} classes")
+
+
+def judge_scores(judge, preprocess, render_spec, images, device=None) -> list[dict]:
+    """The judge's verdict on each image (JudgeScore dicts), targets read from the render's objective."""
+    from featureviz.engine.quality import class_targets
+    from featureviz.engine.quality import judge_images
+
+    targets = class_targets(render_spec.objective, images.shape[0])
+    return [s.to_dict() for s in judge_images(judge, images, targets, preprocess=preprocess, device=device)]
+
+
 def job_result(result: dict) -> pb.JobResult:
-    """A render's result (BatchEngine.finish's dict) -> JobResult with PNG bytes."""
+    """A render's result (BatchEngine.finish's dict, with ``judge`` verdicts when the job has a judge) -> JobResult
+    with PNG bytes."""
+    from featureviz.client.convert import judge_score_to_proto
+
     images = [rendered(i, image, start=float(result["objective_start"][i]), end=float(result["objective_end"][i]))
               for i, image in enumerate(result["images"])]
+    for image, verdict in zip(images, result.get("judge") or ()):
+        image.judge.CopyFrom(judge_score_to_proto(verdict))
     out = pb.JobResult(images=images, steps_done=int(result["steps_done"]),
                        seconds_per_step=float(result["seconds_per_step"]),
                        objective_description=str(result.get("objective", "") or ""))

@@ -106,6 +106,9 @@ class LocalWorker(api.Worker):
         model = self.models.get(sha256)
         render_spec = adapter.render_spec(model, job_spec, str(self.torch_device),
                                                   max_image_side=self.config.max_image_side)
+        judge = adapter.judge_of(job_spec)
+        if judge is not None:
+            adapter.judge_check(self.models.get(judge[0]), render_spec)
         ticket = uuid.uuid4().hex
         with self._cv:
             self._tickets[ticket] = (sha256, render_spec)
@@ -437,6 +440,15 @@ class LocalWorker(api.Worker):
         def finish(group: list[_Job]) -> None:
             results = self.engine.finish([job.slot for job in group])
             for job, result in zip(group, results):
+                judge = adapter.judge_of(job.spec)
+                if judge is not None:  # the images are on the host already: one judge forward per job
+                    try:
+                        result["judge"] = adapter.judge_scores(self.models.get(judge[0]), judge[1], job.render_spec,
+                                                               result["images"], device=self.torch_device)
+                    except Exception as exc:  # the judge's failure is this job's, not the group's
+                        self._remove(job)
+                        self._report_failure(job.sub.job_id, exc)
+                        continue
                 self._send_progress(job)
                 self._remove(job)
                 state = pb.JOB_STATE_CANCELLED if result["cancelled"] else pb.JOB_STATE_SUCCEEDED

@@ -104,12 +104,15 @@ class WorkerHost:
         ref = self._refs.get(sha256)
         return None if ref is None else ray.get(ref)
 
-    def _learn(self, sha256: str, refs: list) -> None:
-        if refs:
-            self._refs[sha256] = refs[0]
-            self._refs.move_to_end(sha256)
-            while len(self._refs) > _REFS_KEPT:
-                self._refs.popitem(last=False)
+    def _learn(self, sha256: str, refs: list, extra: dict | None = None) -> None:
+        """Remember the object-store refs of a job's model (``refs[0]``) and of the other models it reads
+        (``extra``: sha256 -> ref; a judge), so ``_source`` finds their bytes."""
+        learned = ({sha256: refs[0]} if refs else {}) | dict(extra or {})
+        for sha, ref in learned.items():
+            self._refs[sha] = ref
+            self._refs.move_to_end(sha)
+        while len(self._refs) > _REFS_KEPT:
+            self._refs.popitem(last=False)
 
     def _sink(self, event: api.WorkerEvent) -> None:
         if event.kind in (api.STARTED, api.STEPS):
@@ -126,12 +129,12 @@ class WorkerHost:
         self._learn(sha256, refs)
         return self.worker.load_model(sha256, self._source(sha256), limits=limits)
 
-    def admit(self, sha256: str, refs: list, spec: bytes) -> api.Admission:
-        self._learn(sha256, refs)
+    def admit(self, sha256: str, refs: list, spec: bytes, extra: dict | None = None) -> api.Admission:
+        self._learn(sha256, refs, extra)
         return self.worker.admit(sha256, spec)
 
-    def submit(self, submission: api.Submission, refs: list) -> None:
-        self._learn(submission.model, refs)
+    def submit(self, submission: api.Submission, refs: list, extra: dict | None = None) -> None:
+        self._learn(submission.model, refs, extra)
         if self._crash_seed is not None and pb.JobSpec.FromString(submission.spec).seed == int(self._crash_seed):
             log.error("job %s: %s matches its seed; exiting", submission.job_id, FAULT_CRASH_SEED)
             os._exit(70)
@@ -264,6 +267,14 @@ class RayPool(api.Worker):
                 self._refs.popitem(last=False)
         return ref
 
+    def _extra(self, spec: bytes) -> dict:
+        """Refs of the other models a job reads besides its own: its judge (``JobSpec.judge``)."""
+        job_spec = pb.JobSpec.FromString(spec)
+        if not job_spec.HasField("judge") or not job_spec.judge.model:
+            return {}
+        sha = job_spec.judge.model.removeprefix("models/")
+        return {sha: self._ref(sha)}
+
     def _call(self, sha256: str, method: str, *args):
         """A blocking call on the placed worker (another one if it is down); the actor's own error re-raised."""
         ray = self._ray
@@ -304,7 +315,7 @@ class RayPool(api.Worker):
 
     def admit(self, sha256: str, spec: bytes) -> api.Admission:
         ref = self._ref(sha256)
-        host, admission = self._call(sha256, "admit", sha256, [ref], spec)
+        host, admission = self._call(sha256, "admit", sha256, [ref], spec, self._extra(spec))
         with self._lock:
             host.models.add(sha256)
             self._tickets[admission.ticket] = host.index
@@ -324,6 +335,7 @@ class RayPool(api.Worker):
 
     def submit(self, submission: api.Submission) -> None:
         ref = self._ref(submission.model)
+        extra = self._extra(submission.spec)  # outside the lock: _ref takes it
         with self._lock:
             if not any(h.up for h in self._hosts):  # every actor is restarting: the first one back takes it
                 self._pending.append(submission)
@@ -335,7 +347,7 @@ class RayPool(api.Worker):
             host.models.add(submission.model)
             self._job_host[submission.job_id] = host
             self._job_model[submission.job_id] = submission.model
-            host.actor.submit.remote(submission, [ref])
+            host.actor.submit.remote(submission, [ref], extra)
 
     def cancel(self, job_id: str) -> None:
         with self._lock:

@@ -48,6 +48,7 @@ ALL_KINDS = {"sum": [
     {"l2": {}},
     {"tv": {}},
     {"blur": {}},
+    {"bilateral": {"sigma_space": 1.5, "sigma_color": 0.05}},
     {"scale": {"factor": -0.25, "objective": {"tv": {}}}},
     {"batch": {"index": 1, "objective": {"layer": {"layer": "x"}}}},
 ]}

@@ -1,7 +1,7 @@
 """Workers as Ray actors (``serve --ray``), on ONE local Ray cluster on loopback for the whole module (Ray starts
 slowly) with 2 CPU worker actors: jobs spread over both workers (model affinity first), an exclusive job gives the
 same images as the embedded worker, killing one actor's process mid-job still ends the job SUCCEEDED and loses
-nothing else, a cancel reaches the actor, tenants stay isolated, ServerInfo lists the workers and metrics carry
+nothing else, a job with a judge gets the judge's bytes on its actor, a cancel reaches the actor, tenants stay isolated, ServerInfo lists the workers and metrics carry
 their labels, and a job that kills its worker every time ends FAILED (WORKER_LOST) after a bounded number of
 attempts (it crashes both actors). Then the real ``featureviz serve --ray --workers 2`` command (its own Ray),
 and the message naming the extra when Ray is missing."""
@@ -145,6 +145,20 @@ def test_killing_a_worker_mid_job_reruns_its_job_and_loses_nothing_else(cluster)
     seqs = [e.seq for e in events if e.WhichOneof("event") not in ("snapshot", "heartbeat")]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # the event contract: one log, no gaps
     assert sorted(after) == ["ray-0", "ray-1"]  # Ray restarted the actor (a new process)
+
+
+def test_a_job_with_a_judge_runs_on_an_actor(cluster, tiny_onnx_other):
+    """The judge is another uploaded model: its bytes reach the actor that admits and runs the job."""
+    from featureviz.client.convert import judge_score_from_proto
+
+    with Client(cluster.address, token="tok-a", timeout=60) as fv:
+        judge = fv.upload(tiny_onnx_other, name="judge.onnx").sha256
+        done = fv.wait(fv.submit(cluster.sha, {"logit": {"index": 3}}, steps=2, size=32, judge=judge).id,
+                       timeout=300)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    assert done.worker.startswith("ray-")
+    verdict = judge_score_from_proto(done.result.images[0].judge)
+    assert verdict["target"] == 3 and verdict["rank"] >= 1 and 0.0 <= verdict["probability"] <= 1.0
 
 
 def test_a_cancel_reaches_the_actor(cluster):

@@ -8,9 +8,11 @@
  *       info                                  server version, device, limits
  *       upload FILE.onnx [--name NAME]        upload a model, print its sha256
  *       layers MODEL [--filter S] [--spatial] the layer catalog: name, op, shape, channels
- *       render MODEL LAYER:C [--steps N] [--size S] [--seed N] [--batch N] [--param fft|pixel|maco]
- *              [--exclusive] [--out DIR]      optimise an image for channel C of LAYER, write PNGs to DIR
- *                                             (--exclusive: never share a device step; bitwise repeatable)
+ *       render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
+ *              [--param fft|pixel|maco|laplacian] [--exclusive] [--judge MODEL] [--out DIR]
+ *                                             optimise an image for channel C of LAYER (or class K), write
+ *                                             PNGs to DIR (--exclusive: never share a device step; bitwise
+ *                                             repeatable; --judge: another classifier ranks the class)
  *
  * MODEL is a sha256 or a path to an .onnx file (uploaded first). --server defaults to $FEATUREVIZ_SERVER or
  * 127.0.0.1:50051, --token to $FEATUREVIZ_TOKEN, --tls-ca to $FEATUREVIZ_TLS_CA (a PEM CA: use TLS; client
@@ -31,9 +33,10 @@ commands:
   info                                    server version, device and limits
   upload FILE.onnx [--name NAME]          upload a model and print its sha256
   layers MODEL [--filter S] [--spatial]   list the layer catalog
-  render MODEL LAYER:C [--steps N] [--size S] [--seed N] [--batch N] [--param fft|pixel|maco] [--exclusive]
-         [--out DIR]
-                                          render channel C of LAYER and write PNGs to DIR (default .)
+  render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
+         [--param fft|pixel|maco|laplacian] [--exclusive] [--judge MODEL] [--out DIR]
+                                          render channel C of LAYER (or class K) and write PNGs to DIR
+                                          (default .); --judge: a classifier that ranks the class in each image
 
 MODEL is a sha256 or a path to an .onnx file (uploaded first).
 --server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.
@@ -55,6 +58,7 @@ const OPTIONS = {
   batch: { type: 'string' },
   param: { type: 'string' },
   exclusive: { type: 'boolean' },
+  judge: { type: 'string' },
   out: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -76,6 +80,8 @@ function positionals(args, count, usage) {
 
 /** "LAYER:C" -> {layer, channel}; the last colon splits, so layer names may contain colons. */
 function parseTarget(text) {
+  const cls = /^(logit|prob):(\d+)$/.exec(text);
+  if (cls) return { kind: cls[1], index: Number(cls[2]) };
   const at = text.lastIndexOf(':');
   if (at <= 0 || !/^\d+$/.test(text.slice(at + 1))) {
     throw new UsageError(`expected LAYER:CHANNEL (e.g. /conv1/Conv:3), got ${JSON.stringify(text)}`);
@@ -122,13 +128,16 @@ const COMMANDS = {
   },
 
   async render(fv, args, opts) {
-    const [model, target] = positionals(args, 2, 'render MODEL LAYER:C [--steps N] [--size S] [--out DIR]');
-    const { layer, channel } = parseTarget(target);
+    const [model, target] = positionals(args, 2, 'render MODEL LAYER:C|logit:K [--steps N] [--size S] [--out DIR]');
+    const parsed = parseTarget(target);
+    const { layer, channel } = parsed;
     const size = integer(opts.size, 'size');
     const sha = await resolveModel(fv, model);
+    const judge = opts.judge ? await resolveModel(fv, opts.judge) : undefined;
     const job = await fv.createJob({
       model: sha,
-      objective: { channel: { layer, channel } },
+      objective: parsed.kind ? { [parsed.kind]: { index: parsed.index } } : { channel: { layer, channel } },
+      judge,
       steps: integer(opts.steps, 'steps'),
       size,
       seed: integer(opts.seed, 'seed'),
@@ -165,8 +174,13 @@ const COMMANDS = {
         `${done.worker ? `, worker ${done.worker}` : ''})\n`);
       const outDir = opts.out || '.';
       fs.mkdirSync(outDir, { recursive: true });
-      const stem = `${layer.replace(/[^A-Za-z0-9._-]+/g, '_').replace(/^_+|_+$/g, '')}_${channel}`;
+      const stem = parsed.kind ? `${parsed.kind}_${parsed.index}`
+        : `${layer.replace(/[^A-Za-z0-9._-]+/g, '_').replace(/^_+|_+$/g, '')}_${channel}`;
       for (const image of images) {
+        if (image.judge && image.judge.rank > 0) {
+          process.stderr.write(`image ${image.index}: judge rank ${image.judge.rank} of class ${image.judge.target}, ` +
+            `p ${Number(image.judge.probability).toFixed(3)}\n`);
+        }
         const file = path.join(outDir, `${stem}_${image.index}.png`);
         fs.writeFileSync(file, image.png);
         console.log(file);

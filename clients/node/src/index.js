@@ -31,7 +31,10 @@ const RECONNECT_FIRST_MS = 250;
 const RECONNECT_MAX_MS = 2_000;
 const LOOPBACK = new Set(['127.0.0.1', 'localhost', '::1', '[::1]']);
 const TERMINAL_STATES = new Set(['JOB_STATE_SUCCEEDED', 'JOB_STATE_FAILED', 'JOB_STATE_CANCELLED']);
-const PARAMS = { fft: 'PARAMETERIZATION_FFT', pixel: 'PARAMETERIZATION_PIXEL', maco: 'PARAMETERIZATION_MACO' };
+const PARAMS = {
+  fft: 'PARAMETERIZATION_FFT', pixel: 'PARAMETERIZATION_PIXEL', maco: 'PARAMETERIZATION_MACO',
+  laplacian: 'PARAMETERIZATION_LAPLACIAN',
+};
 const TRANSFORMS = { standard: 'TRANSFORMS_STANDARD', none: 'TRANSFORMS_NONE' };
 const LOADER_OPTIONS = { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true };
 
@@ -141,7 +144,9 @@ function enumName(table, value, field) {
 
 /**
  * A JobSpec from friendly input: `model` may be a Model, `objective` the engine's JSON form, `size` a number,
- * [height, width] or {height, width}, `param` "fft" | "pixel" | "maco", `transforms` "standard" | "none".
+ * [height, width] or {height, width}, `param` "fft" | "pixel" | "maco" | "laplacian", `transforms` "standard" |
+ * "none", `judge` a Model, its sha256 or `{ model, preprocess }` (another classifier that scores each class image:
+ * `result.images[i].judge` has its `rank` of the target class and its `probability`).
  * Everything else is passed through as the proto's JobSpec fields (steps, lr, batch, seed, decay, ...).
  */
 function toJobSpec(spec, contract = loadContract()) {
@@ -152,6 +157,11 @@ function toJobSpec(spec, contract = loadContract()) {
   else if (Array.isArray(spec.size)) out.size = { height: spec.size[0], width: spec.size[1] };
   if (spec.param !== undefined) out.param = enumName(PARAMS, spec.param, 'spec.param');
   if (spec.transforms !== undefined) out.transforms = enumName(TRANSFORMS, spec.transforms, 'spec.transforms');
+  if (spec.judge !== undefined && spec.judge !== null) {
+    const judge = typeof spec.judge === 'object' && !spec.judge.sha256 ? spec.judge : { model: spec.judge };
+    out.judge = { model: modelRef(judge.model, 'spec.judge.model') };
+    if (judge.preprocess) out.judge.preprocess = judge.preprocess;
+  }
   if (spec.initImage !== undefined && !Buffer.isBuffer(spec.initImage)) {
     throw invalidArgument('spec.initImage', 'expected a Buffer of PNG or JPEG bytes');
   }

@@ -23,6 +23,7 @@ class Parameterization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PARAMETERIZATION_FFT: _ClassVar[Parameterization]
     PARAMETERIZATION_PIXEL: _ClassVar[Parameterization]
     PARAMETERIZATION_MACO: _ClassVar[Parameterization]
+    PARAMETERIZATION_LAPLACIAN: _ClassVar[Parameterization]
 
 class Transforms(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -46,6 +47,7 @@ PARAMETERIZATION_UNSPECIFIED: Parameterization
 PARAMETERIZATION_FFT: Parameterization
 PARAMETERIZATION_PIXEL: Parameterization
 PARAMETERIZATION_MACO: Parameterization
+PARAMETERIZATION_LAPLACIAN: Parameterization
 TRANSFORMS_UNSPECIFIED: Transforms
 TRANSFORMS_STANDARD: Transforms
 TRANSFORMS_NONE: Transforms
@@ -257,7 +259,7 @@ class ListLayersResponse(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch")
+    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral")
     NEURON_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +277,7 @@ class Objective(_message.Message):
     SUM_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    BILATERAL_FIELD_NUMBER: _ClassVar[int]
     neuron: NeuronObjective
     channel: ChannelObjective
     layer: LayerObjective
@@ -292,7 +295,8 @@ class Objective(_message.Message):
     sum: SumObjective
     scale: ScaleObjective
     batch: BatchObjective
-    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ...) -> None: ...
+    bilateral: BilateralObjective
+    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ..., bilateral: _Optional[_Union[BilateralObjective, _Mapping]] = ...) -> None: ...
 
 class NeuronObjective(_message.Message):
     __slots__ = ("layer", "channel", "x", "y")
@@ -380,6 +384,14 @@ class BlurObjective(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class BilateralObjective(_message.Message):
+    __slots__ = ("sigma_space", "sigma_color")
+    SIGMA_SPACE_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_COLOR_FIELD_NUMBER: _ClassVar[int]
+    sigma_space: float
+    sigma_color: float
+    def __init__(self, sigma_space: _Optional[float] = ..., sigma_color: _Optional[float] = ...) -> None: ...
+
 class SumObjective(_message.Message):
     __slots__ = ("terms",)
     TERMS_FIELD_NUMBER: _ClassVar[int]
@@ -411,7 +423,7 @@ class ImageSize(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive")
+    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +439,7 @@ class JobSpec(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
     EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     steps: int
@@ -442,23 +455,48 @@ class JobSpec(_message.Message):
     preview_every: int
     preview_max_side: int
     exclusive: bool
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ...) -> None: ...
+    judge: Judge
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ...) -> None: ...
+
+class Judge(_message.Message):
+    __slots__ = ("model", "preprocess")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    preprocess: Preprocess
+    def __init__(self, model: _Optional[str] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ...) -> None: ...
+
+class JudgeScore(_message.Message):
+    __slots__ = ("target", "rank", "probability", "top_classes", "top_probabilities")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    TOP_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TOP_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    target: int
+    rank: int
+    probability: float
+    top_classes: _containers.RepeatedScalarFieldContainer[int]
+    top_probabilities: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, target: _Optional[int] = ..., rank: _Optional[int] = ..., probability: _Optional[float] = ..., top_classes: _Optional[_Iterable[int]] = ..., top_probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RenderedImage(_message.Message):
-    __slots__ = ("index", "png", "width", "height", "objective_start", "objective_end")
+    __slots__ = ("index", "png", "width", "height", "objective_start", "objective_end", "judge")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PNG_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_START_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_END_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
     index: int
     png: bytes
     width: int
     height: int
     objective_start: float
     objective_end: float
-    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., objective_start: _Optional[float] = ..., objective_end: _Optional[float] = ...) -> None: ...
+    judge: JudgeScore
+    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., objective_start: _Optional[float] = ..., objective_end: _Optional[float] = ..., judge: _Optional[_Union[JudgeScore, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
     __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description")
