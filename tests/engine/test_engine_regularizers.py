@@ -34,6 +34,17 @@ def test_laplacian_pyramid_levels_and_image():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # every level is optimised
 
 
+def test_laplacian_pyramids_of_one_size_render_as_one_group():
+    """The batched engine renders parameterizations of one key in one call (params.render_group)."""
+    from featureviz.engine.params import render_group
+
+    a = make_param("laplacian", 2, (20, 17), generator=torch.Generator().manual_seed(0))[1]
+    b = make_param("laplacian", 1, (20, 17), generator=torch.Generator().manual_seed(1))[1]
+    assert a.key == b.key != make_param("laplacian", 1, (20, 16), generator=torch.Generator())[1].key
+    with torch.no_grad():
+        torch.testing.assert_close(render_group([a, b]), torch.cat([a(), b()]))
+
+
 def test_laplacian_pyramid_starts_from_an_image():
     target = torch.rand(1, 3, 16, 12, generator=torch.Generator().manual_seed(1)) * 0.98 + 0.01
     params, image_fn = make_param("laplacian", 1, (16, 12), generator=torch.Generator(), init=target)
