@@ -11,7 +11,8 @@ order, grey for 1-channel models, mean and std) is a per-pixel affine colour map
 
 Coordinates: the forward map of each step acts on centred pixel coordinates of the padded canvas (x right,
 y down); a positive rotation turns the picture counter-clockwise as displayed. The output grid covers the
-padded canvas, resized to the model's input size.
+padded canvas resized to the model's input size when that upsamples it; a canvas larger than the input is never
+shrunk while the image fits: the input then shows the image at its own pixels (see ``_view``).
 """
 
 from __future__ import annotations
@@ -212,6 +213,19 @@ def preprocess_map(preprocess, channels: int, *, device=None) -> tuple[torch.Ten
     return matrix.to(device), bias.to(device)
 
 
+def _view(canvas: int, image: int, model: int) -> int:
+    """Canvas pixels (one axis) the model's input covers, centred. The whole padded canvas when the input is at
+    least as large (it is then upsampled, as lucent does below 224 px); when the canvas is larger than the input,
+    the image at its own pixel size (a window of the canvas: the pad shows only through jitter, rotation and
+    zoom-out), or the image alone when the image itself is larger. Shrinking the canvas instead (224 px + pads onto
+    a 224 input: x0.9) aliases the image's finest detail into frequencies the model sees, and the optimisation
+    fills the image with high-frequency texture (bench/RESULTS.md, issue 11); lucid and lucent never shrink it:
+    their model takes the canvas at its own size."""
+    if model >= canvas:
+        return canvas
+    return max(model, image)
+
+
 class Transforms:
     """The transform stack of one render: image (B, 3, H, W) in [0, 1] -> model input (B, Co, Ho, Wo).
 
@@ -236,9 +250,10 @@ class Transforms:
         h, w = self.image_size
         src_h, src_w = h + 2 * self.reflect, w + 2 * self.reflect  # what affine_resample samples
         canvas_h, canvas_w = src_h + 2 * constant, src_w + 2 * constant
+        view_h, view_w = _view(canvas_h, h, self.model_size[0]), _view(canvas_w, w, self.model_size[1])
         # output normalised [-1, 1] -> canvas centred pixels; source centred pixels -> source normalised
         # built where the generator draws (the host for the engine's renders), then sent with the maps
-        self._out_to_canvas = torch.diag(torch.tensor([canvas_w / 2, canvas_h / 2, 1.0]))
+        self._out_to_canvas = torch.diag(torch.tensor([view_w / 2, view_h / 2, 1.0]))
         self._src_from_canvas = torch.diag(torch.tensor([2 / src_w, 2 / src_h, 1.0]))
         matrix, bias = preprocess_map(preprocess, channels)
         # stacks with equal keys are the same function of (image, random draws): they may resample together

@@ -79,7 +79,7 @@ def test_same_seed_same_images_and_other_seed_other_images(lite0):
 def test_negative_optimisation_through_the_pre_activation(lite0):
     # a channel of the ReLU6 output cannot go below 0; minimised through its input (the conv before the clip)
     # it reaches a negative mean
-    c = _channel_where(lite0, MID_PRE, lambda m: (m > 0.05) & (m < 0.3))
+    c = _start_channel(lite0, MID_PRE, lambda m: (m > 0.05) & (m < 0.3), batch=2)
     assert lite0.layer(MID_PRE).pre_activation_of == MID
     result = render(lite0, RenderSpec(objective={"scale": {"factor": -1.0, "objective": chan(MID_PRE, c)}},
                                       steps=16, size=SIZE, batch=2))
@@ -103,6 +103,20 @@ def test_a_dead_relu_at_the_start_does_not_leave_a_grey_image(lite0):
     assert plain.images.std() < 0.01  # grey
     assert min(warm.objective_end) > 0.5
     assert warm.images.std() > 0.03
+
+
+def _start_channel(model, layer, test, batch):
+    """The first channel of ``layer`` whose mean passes ``test`` on every start image of a render (seed 0): its own
+    initial image in its own geometry (the image at its pixels, the noise of the initial spectrum included), not a
+    grey stand-in."""
+    from featureviz.engine.params import make_param
+    from featureviz.engine.transforms import STANDARD_TRANSFORMS
+
+    _, image_fn = make_param("fft", batch, (SIZE, SIZE), generator=torch.Generator().manual_seed(0))
+    plain = Transforms(STANDARD_TRANSFORMS, (SIZE, SIZE), (SIZE, SIZE), model.input_spec.preprocess).centred()
+    with torch.no_grad():
+        z = model.truncate([layer])(plain(image_fn()))[layer].mean(dim=(2, 3))
+    return int(torch.nonzero(test(z).all(0))[0])
 
 
 def _channel_where(model, layer, test, reduce="mean"):
