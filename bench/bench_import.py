@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,7 @@ def write_table(rows: list[dict]) -> str:
     for row in rows:
         err = f"{row['max_rel_err']:.1e}" if row.get("max_rel_err") is not None else "-"
         verdict = row["verdict"] if row["verdict"] == "ok" else f"{row['verdict']}: {row.get('error', '')}"
+        verdict = re.sub(r"\x1b\[[0-9;]*m", "", verdict)  # torch.export colours its messages
         lines.append(f"| {row['model']} | {row['family']} | {row['exporter']} | {row['batch']} | "
                      f"{row.get('nodes', '-')} | {row.get('import_s', 0):.1f} | {err} | {row.get('batch_mode', '-')} | "
                      f"{row.get('token_layers', '-')} | {verdict.replace('|', '/')} |")
