@@ -586,13 +586,11 @@ def format_objective(spec: dict) -> str:
     (name, body), = spec.items()
     kind = KINDS.get(name)
     text = None
-    if kind is None:
-        pass
-    elif isinstance(kind.text, Keyword):
+    if kind is not None and isinstance(kind.text, Keyword):
         text = _keyword_text(kind, body)
-    elif kind.text is not None:
+    elif kind is not None and kind.text is not None:
         text = kind.text(body, format_objective)
-    return text if text is not None else json.dumps(spec, separators=(",", ":"))
+    return text if text is not None else json.dumps(spec, separators=(",", ":"))  # unknown kinds: JSON
 
 
 def _keyword_text(kind: Kind, body: dict) -> str | None:
