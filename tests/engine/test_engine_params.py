@@ -43,6 +43,36 @@ def test_fft_scale_published_numbers():
     assert s[4, 4].item() == pytest.approx(1 / np.sqrt(0.5), rel=1e-6)
 
 
+def lucid_fft_image(spectrum: np.ndarray, h: int, w: int, decorrelate: bool) -> np.ndarray:
+    """lucid's whole FFT parameterization in numpy, written from lucid's source (param/spatial.py fft_image,
+    param/color.py to_valid_rgb): scale * sqrt(w * h), numpy's unnormalised inverse DFT (1 / (h * w)), / 4,
+    then t_flat @ (C / max_norm).T per pixel and the sigmoid. ``spectrum``: (B, 3, h, w//2+1, 2)."""
+    scale = lucid_scale(h, w, 1.0) * np.sqrt(w * h)
+    t = np.fft.irfft2(scale * (spectrum[..., 0] + 1j * spectrum[..., 1]), s=(h, w)) / 4.0
+    if decorrelate:
+        published = np.asarray([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+        c = published / np.max(np.linalg.norm(published, axis=0))
+        t = np.einsum("bchw,oc->bohw", t, c)  # lucid: tf.matmul(t_flat, C.T), t_flat rows are pixels
+    return 1.0 / (1.0 + np.exp(-t))
+
+
+@pytest.mark.parametrize("size", [(16, 16), (12, 20), (224, 224)])
+@pytest.mark.parametrize("decorrelate", [True, False])
+def test_fft_image_is_lucids_forward(size, decorrelate):
+    # the same spectrum through make_param("fft") and lucid's formula: 1/f scale and its normalisation, the
+    # divide-by-4, the colour matrix (and which way round it is applied) and the sigmoid, all at once; the
+    # spectrum is large so that colours saturate (the sigmoid's curved part) and a wrong matrix shows
+    h, w = size
+    params, image_fn = make_param("fft", 2, size, generator=torch.Generator(), decorrelate=decorrelate)
+    spectrum = np.random.default_rng(0).normal(scale=2.0, size=tuple(params[0].shape))
+    with torch.no_grad():
+        params[0].copy_(torch.from_numpy(spectrum))
+        ours = image_fn().double().numpy()
+    want = lucid_fft_image(spectrum, h, w, decorrelate)
+    assert want.std() > 0.1  # far from grey: the check sees the colour matrix and the sigmoid
+    np.testing.assert_allclose(ours, want, atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["pixel", "fft"])
 @pytest.mark.parametrize("size", [(16, 16), (15, 22)])
 def test_init_from_image_renders_back(kind, size):
