@@ -63,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
             notes.append("logits")
         if layer.pre_activation_of:
             notes.append(f"pre-activation of {layer.pre_activation_of}")
+        if layer.layout == "NHWC":
+            notes.append(f"channels last: {layer.channels} channels on axis 3")
         shape = "x".join(str(s) for s in layer.shape)
         print(f"{layer.depth:>5}  {layer.name:<{width}}  {layer.op_type:<18} {shape:<20} {'; '.join(notes)}")
     return 0

@@ -101,6 +101,7 @@ def _layers(args: argparse.Namespace) -> int:
         shape = "x".join(str(s) for s in layer.shape)
         mark = " logits" if layer.is_logits else (f" (pre-{layer.pre_activation_of})" if layer.pre_activation_of
                                                    else "")
+        mark += " NHWC" if layer.layout == "NHWC" else ""
         print(f"{layer.depth:4d}  {layer.name:<{width}}  {layer.op_type:<14} {layer.channels:5d} ch  {shape}{mark}")
     return 0
 

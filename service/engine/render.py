@@ -227,7 +227,7 @@ def _check_token_place(model, info, body, here, model_size):
 
 def _spatial_at(model, info, model_size):
     """(H, W) of a spatial layer when the model input is ``model_size`` (scaled from the catalog's shape)."""
-    h, w = info.shape[-2:]
+    h, w = info.spatial_size
     dh, dw = model.input_spec.default_size
     return max(1, round(h * model_size[0] / dh)), max(1, round(w * model_size[1] / dw))
 

@@ -22,7 +22,7 @@ import torch
 __all__ = ["ModelCache", "default_cache_dir", "CACHE_FORMAT"]
 
 # Bump when the pipeline changes what it produces for the same bytes.
-CACHE_FORMAT = 6  # 6: leaf modules made portable (featureviz.importer.portable): loads without onnx2torch
+CACHE_FORMAT = 7  # 7: LayerInfo.layout (channels-last layers); 6: portable leaf modules (loads without onnx2torch)
 _MAGIC = b"featureviz-cache"
 
 _LOG = logging.getLogger(__name__)

@@ -10,10 +10,18 @@ float tensor of rank >= 2, in topological order. Names:
 - Pre-activation tensors (the input of a ``Relu``, ``Clip``, ``Sigmoid`` ...) are the outputs of the node
   before the activation; their entry says which activation they feed in ``pre_activation_of`` and answers
   to ``"<activation node>:pre"``, so ``"conv1/Relu:pre"`` is the conv output before the ReLU.
+- Tensors whose axis 0 is not the batch (Swin's (windows, ...) partitions, attention reshaped over heads) are
+  not listed: an objective needs one value per image.
 - ``is_logits`` marks the model's first output, or the input of its final ``Softmax``/``LogSoftmax``.
 
 Channels are on axis 1 for rank 2 and rank 4 (NCHW) tensors and on the last axis for rank 3 token tensors
-(N, tokens, C) of vision transformers: :attr:`LayerInfo.channel_axis`. A token tensor whose token count is a
+(N, tokens, C) of vision transformers: :attr:`LayerInfo.channel_axis`. Some models keep channels-last rank 4
+tensors inside (ConvNeXt's blocks permute to (N, H, W, C) around their LayerNorm and MLP; Swin works in
+(N, H, W, C) throughout). :func:`spatial_layout` tells them apart by the shape alone: a rank 4 tensor whose axes
+2 and 3 are not a grid of the input but whose axes 1 and 2 are (same aspect as the input, within rounding) is
+``NHWC``. ``LayerInfo.layout`` records it ("NC", "NCHW", "NHWC", "NLC" for tokens), ``channels`` and
+``spatial_size`` read the right axes, and :func:`featureviz.importer.truncate.truncate_graph` hands every
+spatial target to the engine as NCHW, so objectives never see the difference. A token tensor whose token count is a
 patch grid of the input (``(H / s) * (W / s)`` for a stride s) after up to :data:`MAX_PREFIX_TOKENS` leading
 tokens records them: ``prefix_tokens`` (1 for a CLS token, 2 with a distillation token) and ``grid`` (rows,
 columns of patches at the default size).
@@ -36,7 +44,8 @@ from featureviz.importer._lazy import lazy
 onnx = lazy("onnx")  # imported on first use: a cache hit never builds a catalog
 
 
-__all__ = ["LayerInfo", "Target", "ACTIVATIONS", "build_catalog", "name_index", "resolve", "record_outputs"]
+__all__ = ["LayerInfo", "Target", "ACTIVATIONS", "build_catalog", "name_index", "resolve", "record_outputs",
+           "spatial_layout"]
 
 ACTIVATIONS = frozenset({
     "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Tanh",
@@ -67,10 +76,18 @@ class LayerInfo:
     target: Target = field(default=Target(""), repr=False, compare=False)
     prefix_tokens: int | None = None  # token tensors: tokens before the patch tokens (CLS ...); None otherwise
     grid: tuple[int, int] | None = None  # token tensors: (rows, columns) of the patch tokens at the default size
+    layout: str = ""  # "NC", "NCHW", "NHWC" (channels last), "NLC" (tokens); "" for other ranks
 
     @property
     def channel_axis(self) -> int:
-        return len(self.shape) - 1 if len(self.shape) == 3 else 1
+        return {"NHWC": 3, "NLC": 2}.get(self.layout, 1)
+
+    @property
+    def spatial_size(self) -> tuple[int, int] | None:
+        """(H, W) of a spatial layer at the default input size; None for others."""
+        if not self.spatial:
+            return None
+        return tuple(self.shape[1:3]) if self.layout == "NHWC" else tuple(self.shape[2:4])
 
     def to_dict(self) -> dict:
         return {
@@ -83,6 +100,7 @@ class LayerInfo:
             "depth": self.depth,
             "is_logits": self.is_logits,
             "pre_activation_of": self.pre_activation_of,
+            "layout": self.layout,
             **({"prefix_tokens": self.prefix_tokens, "grid": list(self.grid)} if self.grid else {}),
         }
 
@@ -151,6 +169,8 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
         for index, (tensor_name, out) in enumerate(zip(onnx_node.output, outputs)):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 2:
                 continue
+            if out.shape[0] != example.shape[0]:  # axis 0 is not the batch (Swin's windows): no per-image target
+                continue
             name = tensor_name if multi else onnx_node.name
             aliases = [tensor_name] if not multi else [f"{onnx_node.name}:{index}"]
             if n.target != name:
@@ -159,13 +179,15 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
             if pre is not None:
                 aliases.append(f"{pre}:pre")
             shape = tuple(int(s) for s in out.shape)
-            layout = patch_layout(shape[1], tuple(example.shape[-2:])) if len(shape) == 3 else None
+            size = tuple(example.shape[-2:])
+            layout = patch_layout(shape[1], size) if len(shape) == 3 else None
+            axes = {2: "NC", 3: "NLC", 4: spatial_layout(shape, size) if len(shape) == 4 else ""}.get(len(shape), "")
             layers.append(LayerInfo(
                 name=name,
                 aliases=tuple(dict.fromkeys(a for a in aliases if a != name)),
                 op_type=onnx_node.op_type,
                 shape=shape,
-                channels=shape[-1] if len(shape) == 3 else shape[1],
+                channels=shape[{"NHWC": 3, "NLC": 2}.get(axes, 1)],
                 spatial=len(shape) == 4,
                 depth=len(layers),
                 is_logits=tensor_name == logits_tensor,
@@ -173,11 +195,33 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
                 target=Target(n.name, index if isinstance(value, (tuple, list)) else None),
                 prefix_tokens=layout[0] if layout else None,
                 grid=layout[1] if layout else None,
+                layout=axes,
             ))
     return layers
 
 
 MAX_PREFIX_TOKENS = 8
+
+
+def _grid_of(rows: int, columns: int, size: tuple[int, int]) -> bool:
+    """Whether ``rows`` x ``columns`` can be the grid of an input of ``size`` (H, W) downsampled by one stride on
+    both axes, rounded down or up alike (the same ops run along both axes; a square input gives a square grid)."""
+    h, w = size
+    if h == w:
+        return 0 < rows == columns <= h
+    return any((rows, columns) in ((h // s, w // s), (-(-h // s), -(-w // s))) for s in range(1, max(h, w) + 1))
+
+
+def spatial_layout(shape: tuple[int, ...], size: tuple[int, int]) -> str:
+    """"NCHW" or "NHWC" for a rank 4 activation ``shape`` of an input of ``size`` (H, W).
+
+    NCHW unless axes 2, 3 are no grid of the input while axes 1, 2 are and axis 3 has more than one channel: a
+    (1, 96, 56, 56) tensor of a 224 px input is NCHW, a (1, 56, 56, 96) one NHWC. When both read as grids
+    ((1, 56, 56, 56)) NCHW wins, as before this rule.
+    """
+    if len(shape) != 4 or _grid_of(shape[2], shape[3], size):
+        return "NCHW"
+    return "NHWC" if shape[3] > 1 and _grid_of(shape[1], shape[2], size) else "NCHW"
 
 
 def patch_layout(tokens: int, size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:

@@ -1,7 +1,9 @@
 """Truncation: a module that computes only what the requested layers need.
 
 The converted model is a ``torch.fx.GraphModule``; the truncated module is a new graph holding the ancestors
-of the target nodes only, in the original order, whose output is ``{catalog name: tensor}``. For an early
+of the target nodes only, in the original order, whose output is ``{catalog name: tensor}``. A channels-last
+target (``LayerInfo.layout == "NHWC"``) comes out permuted to NCHW (a view), so that every spatial activation the
+engine sees has its channels on axis 1. For an early
 layer that skips most of the network in both the forward and the backward pass (bench/bench_truncation.py).
 """
 
@@ -69,6 +71,8 @@ def truncate_graph(gm: fx.GraphModule, targets: dict[str, LayerInfo]) -> fx.Grap
         value = env[by_name[layer.target.node]]
         if layer.target.index is not None:
             value = graph.call_function(operator.getitem, (value, layer.target.index))
+        if layer.layout == "NHWC":
+            value = graph.call_method("permute", (value, 0, 3, 1, 2))
         outputs[key] = value
     graph.output(outputs)
     graph.lint()

@@ -61,7 +61,7 @@ def model_json(model: pb.Model) -> dict:
 def layer_json(layer: pb.Layer) -> dict:
     return {"name": layer.name, "aliases": list(layer.aliases), "op_type": layer.op_type, "shape": list(layer.shape),
             "channels": layer.channels, "spatial": layer.spatial, "depth": layer.depth, "is_logits": layer.is_logits,
-            "pre_activation_of": layer.pre_activation_of}
+            "pre_activation_of": layer.pre_activation_of, "layout": layer.layout}
 
 
 def spec_json(spec: pb.JobSpec) -> dict:

@@ -96,7 +96,7 @@ def describe_model(imported, sha: str, size: int) -> tuple[pb.Model, pb.ListLaye
     layers = [
         pb.Layer(name=lay.name, aliases=list(lay.aliases), op_type=lay.op_type, shape=list(lay.shape),
                  channels=lay.channels, spatial=lay.spatial, depth=lay.depth, is_logits=lay.is_logits,
-                 pre_activation_of=lay.pre_activation_of or "")
+                 pre_activation_of=lay.pre_activation_of or "", layout=lay.layout)
         for lay in imported.layers
     ]
     model = pb.Model(name=f"models/{sha}", sha256=sha, size_bytes=size, state=pb.MODEL_STATE_READY,

@@ -179,7 +179,8 @@ def test_layer_catalog_pages(client, tiny_model):
     paged = list(client.layers(sha, page_size=2))
     assert [layer.name for layer in paged] == [layer.name for layer in everything]
     spatial = list(client.layers(sha, spatial_only=True, page_size=1))
-    assert spatial and all(layer.spatial and len(layer.shape) == 4 for layer in spatial)
+    assert spatial and all(layer.spatial and len(layer.shape) == 4 and layer.layout == "NCHW" for layer in spatial)
+    assert {layer.layout for layer in everything if len(layer.shape) == 2} <= {"NC"}
     assert len(spatial) < len(everything)
     convs = list(client.layers(sha, filter="conv"))
     assert convs and all("conv" in (layer.name + layer.op_type).lower() for layer in convs)

@@ -213,7 +213,7 @@ class DeleteModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("name", "aliases", "op_type", "shape", "channels", "spatial", "depth", "is_logits", "pre_activation_of")
+    __slots__ = ("name", "aliases", "op_type", "shape", "channels", "spatial", "depth", "is_logits", "pre_activation_of", "layout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     OP_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,7 @@ class Layer(_message.Message):
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     IS_LOGITS_FIELD_NUMBER: _ClassVar[int]
     PRE_ACTIVATION_OF_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     op_type: str
@@ -232,7 +233,8 @@ class Layer(_message.Message):
     depth: int
     is_logits: bool
     pre_activation_of: str
-    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., op_type: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., channels: _Optional[int] = ..., spatial: _Optional[bool] = ..., depth: _Optional[int] = ..., is_logits: _Optional[bool] = ..., pre_activation_of: _Optional[str] = ...) -> None: ...
+    layout: str
+    def __init__(self, name: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., op_type: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., channels: _Optional[int] = ..., spatial: _Optional[bool] = ..., depth: _Optional[int] = ..., is_logits: _Optional[bool] = ..., pre_activation_of: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class ListLayersRequest(_message.Message):
     __slots__ = ("model", "page_size", "page_token", "filter", "spatial_only")
