@@ -85,10 +85,28 @@ VARIANTS = {
 
 
 def featureviz_variant(name: str) -> dict:
-    """RenderSpec options of a featureviz variant (objective terms are added by ``objective_terms``)."""
-    if name not in VARIANTS:
-        raise SystemExit(f"unknown featureviz variant {name!r}; known: {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+    """RenderSpec options of a featureviz variant (objective terms are added by ``objective_terms``). Besides the
+    named ones, a variant may be an optimizer setting: ``-``-separated tokens among a schedule name (``constant``,
+    ``cosine``, ``linear``), ``lrX`` (the rate), ``warmN`` (warm-up steps), ``plateauX`` and ``windowN`` (the early
+    stop), e.g. ``featureviz:cosine-lr0.1-warm8``."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    options = {}
+    for token in name.split("-"):
+        if token in ("constant", "cosine", "linear"):
+            options["lr_schedule"] = token
+        elif token.startswith("lr"):
+            options["lr"] = float(token[2:])
+        elif token.startswith("warm"):
+            options["lr_warmup"] = int(token[4:])
+        elif token.startswith("plateau"):
+            options["plateau"] = float(token[7:])
+        elif token.startswith("window"):
+            options["plateau_window"] = int(token[6:])
+        else:
+            raise SystemExit(f"unknown featureviz variant {name!r}; known: {', '.join(VARIANTS)} or an optimizer "
+                             "setting such as cosine-lr0.1-warm8")
+    return options
 
 
 def objective_terms(variant: str, weight: float) -> list[dict]:
@@ -114,8 +132,11 @@ def run_featureviz(model, classes, seed, args, variant) -> dict:
         snaps[step] = images.clone()
         times[step] = time.perf_counter() - t0
 
-    render(model, spec, snapshot=snapshot)
-    return {"images": snaps, "seconds": times}
+    result = render(model, spec, snapshot=snapshot)
+    for step in args.checkpoints:  # stopped at a plateau: the later checkpoints are the final image
+        if step not in snaps:
+            snaps[step], times[step] = result.images.clone(), times.get(result.steps_done, time.perf_counter() - t0)
+    return {"images": snaps, "seconds": times, "stopped_at": result.stopped_at, "steps_done": result.steps_done}
 
 
 def run_lucent(lucent, module, key, classes, seed, args, preprocess) -> dict:

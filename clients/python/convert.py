@@ -26,6 +26,7 @@ __all__ = [
     "OBJECTIVE_KINDS",
     "PARAM_NAMES",
     "TRANSFORM_NAMES",
+    "SCHEDULE_NAMES",
     "judge_from_proto",
     "judge_score_to_proto",
     "judge_score_from_proto",
@@ -37,6 +38,8 @@ OBJECTIVE_KINDS = tuple(f.name for f in pb.Objective.DESCRIPTOR.oneofs_by_name["
 PARAM_NAMES = {pb.PARAMETERIZATION_FFT: "fft", pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_MACO: "maco",
                pb.PARAMETERIZATION_LAPLACIAN: "laplacian"}
 TRANSFORM_NAMES = {pb.TRANSFORMS_STANDARD: "standard", pb.TRANSFORMS_NONE: "none"}
+SCHEDULE_NAMES = {pb.LR_SCHEDULE_CONSTANT: "constant", pb.LR_SCHEDULE_COSINE: "cosine",
+                  pb.LR_SCHEDULE_LINEAR: "linear"}
 
 # ------------------------------------------------------------------------------------------------ dict -> proto
 
@@ -68,6 +71,10 @@ def spec_to_proto(
     preview_max_side: int = 0,
     exclusive: bool = False,
     judge: str | dict | None = None,
+    lr_schedule: str | None = None,
+    lr_warmup: int | None = None,
+    plateau: float | None = None,
+    plateau_window: int | None = None,
 ) -> pb.JobSpec:
     """Keyword arguments named as in ``RenderSpec`` -> ``pb.JobSpec`` (None: the engine default). ``exclusive``: the
     job never shares a device step (bitwise repeatable for the same seed on the same device). ``judge``: the sha256
@@ -78,9 +85,12 @@ def spec_to_proto(
         spec.objective.CopyFrom(objective)
     else:
         spec.objective.CopyFrom(objective_to_proto(objective))
-    for key, value in (("steps", steps), ("lr", lr), ("batch", batch), ("seed", seed), ("decay", decay)):
+    for key, value in (("steps", steps), ("lr", lr), ("batch", batch), ("seed", seed), ("decay", decay),
+                       ("lr_warmup", lr_warmup), ("plateau", plateau), ("plateau_window", plateau_window)):
         if value is not None:
             setattr(spec, key, value)
+    if lr_schedule is not None:
+        spec.lr_schedule = _enum_value(SCHEDULE_NAMES, lr_schedule, "spec.lr_schedule")
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else size
         spec.size.height, spec.size.width = int(height), int(width)
@@ -122,9 +132,14 @@ def spec_from_proto(spec: pb.JobSpec, field: str = "spec") -> dict:
     """``pb.JobSpec`` -> ``RenderSpec`` keyword arguments (plain data; ``init_image`` stays PNG/JPEG bytes and
     ``preprocess`` a dict: the server turns them into engine objects). Unset fields are left out."""
     out: dict[str, Any] = {"objective": objective_from_proto(spec.objective, f"{field}.objective")}
-    for key in ("steps", "lr", "batch", "seed", "decay"):
+    for key in ("steps", "lr", "batch", "seed", "decay", "lr_warmup", "plateau", "plateau_window"):
         if spec.HasField(key):
             out[key] = getattr(spec, key)
+    if spec.lr_schedule != pb.LR_SCHEDULE_UNSPECIFIED:
+        if spec.lr_schedule not in SCHEDULE_NAMES:
+            raise InvalidSpec(f"{field}.lr_schedule", f"unknown value {spec.lr_schedule}; known: "
+                              f"{', '.join(pb.LrSchedule.Name(v) for v in SCHEDULE_NAMES)}")
+        out["lr_schedule"] = SCHEDULE_NAMES[spec.lr_schedule]
     if spec.HasField("size"):
         if spec.size.height <= 0 or spec.size.width <= 0:
             raise InvalidSpec(f"{field}.size", f"height and width must be positive, got "

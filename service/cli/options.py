@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats", "make_preprocess", "verdict_text"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats", "make_preprocess", "verdict_text", "add_schedule_args",
+           "schedule_options", "stopped_text"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,3 +43,28 @@ def verdict_text(verdict: dict) -> str:
         best = verdict["top"][0] if verdict.get("top") else None
         return f"; judge's top class {best[0]} (p {best[1]:.3f})" if best else ""
     return f"; judge: class {verdict['target']} rank {verdict['rank']}, p {verdict['probability']:.3f}"
+
+
+def add_schedule_args(parser: argparse.ArgumentParser) -> None:
+    """``--schedule``, ``--warmup``, ``--stop-at-plateau`` and ``--plateau-window`` (unset: the engine's defaults)."""
+    parser.add_argument("--schedule", choices=("constant", "cosine", "linear"), default=None,
+                        help="learning-rate schedule over the steps: constant (default), or a cosine or linear "
+                             "decay from --lr to 0")
+    parser.add_argument("--warmup", type=int, default=None, metavar="N",
+                        help="steps of linear learning-rate warm-up (default 0)")
+    parser.add_argument("--stop-at-plateau", type=float, default=None, metavar="GAIN", dest="plateau",
+                        help="stop early once the objective's relative gain over the last --plateau-window steps "
+                             "(against the window before) is below GAIN, e.g. 0.01 (default: run every step)")
+    parser.add_argument("--plateau-window", type=int, default=None, metavar="N",
+                        help="steps of each window of --stop-at-plateau (default 32)")
+
+
+def schedule_options(args: argparse.Namespace) -> dict:
+    """The schedule options given on the command line, as RenderSpec / spec_to_proto keywords."""
+    names = {"schedule": "lr_schedule", "warmup": "lr_warmup", "plateau": "plateau",
+             "plateau_window": "plateau_window"}
+    return {key: getattr(args, name) for name, key in names.items() if getattr(args, name, None) is not None}
+
+
+def stopped_text(stopped_at: int) -> str:
+    return f" (stopped at a plateau after step {stopped_at})" if stopped_at else ""

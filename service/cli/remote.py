@@ -152,6 +152,7 @@ def render_remote(args: argparse.Namespace) -> int:
     server. Uploads the model unless the server has its bytes, submits, draws progress, writes the same files
     and prints the same ``--json`` fields (plus ``job`` and ``model``). ``--device`` is the server's business."""
     from featureviz.client import pb
+    from featureviz.cli.options import schedule_options
     from featureviz.client.convert import spec_to_proto
     from featureviz.errors import InvalidSpec
     from featureviz.spec import parse_objective
@@ -172,7 +173,8 @@ def render_remote(args: argparse.Namespace) -> int:
         spec = spec_to_proto(model.sha256, objective, steps=args.steps, lr=args.lr, size=args.size, batch=args.batch,
                              seed=args.seed, param=args.param, decay=args.decay, transforms=args.transforms,
                              init_image=init_image, preprocess=_remote_preprocess(args),
-                             exclusive=bool(getattr(args, "exclusive", False)), judge=judge)
+                             exclusive=bool(getattr(args, "exclusive", False)), judge=judge,
+                             **schedule_options(args))
         job = fv.submit(model.sha256, spec=spec)
         job = watch_with_progress(fv, job.id, label=f"render {Path(args.model).name}",
                                   quiet=not sys.stderr.isatty())
@@ -197,6 +199,7 @@ def render_remote(args: argparse.Namespace) -> int:
             "seconds_per_step": result.seconds_per_step,
             "phase_seconds": dict(result.phase_seconds),
             "steps": result.steps_done,
+            "stopped_at": result.stopped_at,
             "size": [ordered[0].height, ordered[0].width],
             "batch": len(ordered),
             "seed": args.seed,
@@ -206,10 +209,12 @@ def render_remote(args: argparse.Namespace) -> int:
             **({"judge": verdicts} if verdicts is not None else {}),
         }))
     else:
+        from featureviz.cli.options import stopped_text
         from featureviz.cli.options import verdict_text
 
         for i, (a, b) in enumerate(zip(starts, ends)):
             print(f"image {i}: objective {a:.4g} -> {b:.4g}{verdict_text(verdicts[i]) if verdicts else ''}")
-        print(f"{result.steps_done} steps, {result.seconds_per_step:.3f} s/step on the server; "
+        print(f"{result.steps_done} steps{stopped_text(result.stopped_at)}, {result.seconds_per_step:.3f} s/step on "
+              "the server; "
               f"wrote {', '.join(map(str, files))}")
     return 0

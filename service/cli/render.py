@@ -12,9 +12,12 @@ import sys
 
 from featureviz.cli.options import IMAGENET_MEAN
 from featureviz.cli.options import IMAGENET_STD
+from featureviz.cli.options import add_schedule_args
 from featureviz.cli.options import make_preprocess
 from featureviz.cli.options import verdict_text
 from featureviz.cli.options import parse_floats
+from featureviz.cli.options import schedule_options
+from featureviz.cli.options import stopped_text
 from featureviz.cli.progress import ProgressBar
 
 __all__ = ["register", "run", "parse_floats"]
@@ -86,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from featureviz.cli.remote import add_connection_args
 
     add_judge_args(parser)
+    add_schedule_args(parser)
 
     # --server ADDR renders on a featureviz server instead of locally; --token and --tls-ca go with it
     add_connection_args(parser, server_default=False)
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         init = load_image(args.init, hw)
     spec = RenderSpec(objective=objective, steps=args.steps, lr=args.lr, size=size, batch=args.batch, seed=args.seed,
                       param=args.param, decay=args.decay, transforms=args.transforms, init_image=init,
-                      preprocess=model.input_spec.preprocess, device=args.device)
+                      preprocess=model.input_spec.preprocess, device=args.device, **schedule_options(args))
     validate(model, spec)
 
     bar = ProgressBar()  # no label: silent unless stderr is a terminal
@@ -175,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             "seconds_per_step": result.seconds_per_step,
             "phase_seconds": result.phase_seconds,
             "steps": result.steps_done,
+            "stopped_at": result.stopped_at,
             "size": list(result.images.shape[-2:]),
             "batch": result.images.shape[0],
             "seed": args.seed,
@@ -187,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, (a, b) in enumerate(zip(result.objective_start, result.objective_end)):
             print(f"image {i}: objective {a:.4g} -> {b:.4g}{verdict_text(verdicts[i]) if verdicts else ''}")
-        print(f"{result.steps_done} steps, {result.seconds_per_step:.3f} s/step; wrote {', '.join(map(str, files))}")
+        print(f"{result.steps_done} steps{stopped_text(result.stopped_at)}, {result.seconds_per_step:.3f} s/step; "
+              f"wrote {', '.join(map(str, files))}")
     return 0
 

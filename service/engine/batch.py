@@ -41,6 +41,8 @@ from featureviz.engine.adam import Adam
 from featureviz.engine.params import make_param
 from featureviz.engine.params import render_group
 from featureviz.engine.relu import redirected_relu_grad
+from featureviz.engine.schedule import Plateau
+from featureviz.engine.schedule import lr_at
 from featureviz.engine.transforms import Transforms
 from featureviz.engine.transforms import parse_transforms
 from featureviz.errors import Diverged
@@ -92,6 +94,11 @@ class Slot:
         self.batch = spec.batch
         self.steps = spec.steps
         self.lr = float(spec.lr)
+        self.schedule = getattr(spec, "lr_schedule", "constant")
+        self.lr_warmup = getattr(spec, "lr_warmup", 0)
+        self.plateau = Plateau(getattr(spec, "plateau", 0.0) or 0.0,
+                               getattr(spec, "plateau_window", None) or 1)
+        self.plateaued = False  # the plateau stop triggered (on CUDA seen one step late)
         self.warmup = spec.relu_warmup
         self.memory_format = spec.memory_format
         preprocess = spec.preprocess if spec.preprocess is not None else model.input_spec.preprocess
@@ -122,7 +129,27 @@ class Slot:
 
     @property
     def done(self) -> bool:
-        return self.steps_done >= self.steps
+        return self.steps_done >= self.steps or self.plateaued
+
+    @property
+    def stopped_at(self) -> int:
+        """The step after which the plateau stop ended the render (0: it did not)."""
+        return self.steps_done if self.plateaued and self.steps_done < self.steps else 0
+
+    @property
+    def scheduled(self) -> bool:
+        return self.schedule != "constant" or self.lr_warmup > 0
+
+    def current_lr(self) -> float:
+        """The learning rate of this slot's next update (featureviz.engine.schedule)."""
+        if not self.scheduled:
+            return self.lr
+        return lr_at(self.schedule, self.lr, self.steps_done, self.steps, self.lr_warmup)
+
+    @property
+    def optimizer_key(self):
+        """Slots at a constant rate share one Adam per rate; a scheduled slot has its own (its rate moves)."""
+        return self.lr if not self.scheduled else ("slot", id(self))
 
     def is_cancelled(self) -> bool:
         cancel = self.cancel
@@ -218,8 +245,11 @@ class _Progress:
             if not ok:
                 what = "the objective" if not bool(torch.isfinite(values).all()) else "the gradient"
                 slot.error = Diverged(step, what, slot.lr)
-            elif slot.progress is not None:
-                slot.progress(step, slot.steps, values)
+            else:
+                if slot.progress is not None:
+                    slot.progress(step, slot.steps, values)
+                if slot.plateau.add(float(values.mean())):
+                    slot.plateaued = True
 
 
 class _Truncation:
@@ -239,7 +269,7 @@ class BatchEngine:
     def __init__(self, device: torch.device | str, *, profile: bool = False):
         self.device = torch.device(device)
         self.profile = profile
-        self._optimizers: dict[float, Adam | torch.optim.Adam] = {}
+        self._optimizers: dict[object, Adam | torch.optim.Adam] = {}  # Slot.optimizer_key -> Adam
         self._truncations: collections.OrderedDict[tuple, _Truncation] = collections.OrderedDict()
         self._layouts: dict[tuple, str] = {}  # (model key, request) -> the model's layout on this device
         self._checked: set[tuple] = set()  # (model key, request, layers) probed for that layout
@@ -339,7 +369,7 @@ class BatchEngine:
                             seconds_per_step=slot.active_seconds / max(slot.steps_done, 1),
                             phase_seconds=dict(slot.phase_seconds) if self._clock_enabled() else {},
                             steps_done=slot.steps_done, cancelled=slot.cancelled, objective=str(slot.objective),
-                            memory_format=slot.layout))
+                            memory_format=slot.layout, stopped_at=slot.stopped_at))
             slot.release()
         return out
 
@@ -408,8 +438,8 @@ class BatchEngine:
                 self._progress(slots, [s.steps_done + 1 for s in slots], values, finite)
                 self._clear_grads([s for s in slots if s.error is not None])
             clock.start()
-            for lr, params in self._by_lr(slots).items():
-                self._optimizer(lr, params).step()
+            for key, (lr, params) in self._by_lr(slots).items():
+                self._optimizer(key, lr, params).step()
         except BaseException:
             self._clear_grads(slots)
             raise
@@ -496,33 +526,37 @@ class BatchEngine:
     # ------------------------------------------------------------------------------------------- Adam
 
     @staticmethod
-    def _by_lr(slots) -> dict[float, list]:
-        groups: dict[float, list] = {}
+    def _by_lr(slots) -> dict:
+        """{optimizer key: (this step's learning rate, parameters with a gradient)}."""
+        groups: dict = {}
         for slot in slots:
-            groups.setdefault(slot.lr, []).extend(p for p in slot.params if p.grad is not None)
-        return {lr: params for lr, params in groups.items() if params}
+            _, params = groups.setdefault(slot.optimizer_key, (slot.current_lr(), []))
+            params.extend(p for p in slot.params if p.grad is not None)
+        return {key: value for key, value in groups.items() if value[1]}
 
-    def _optimizer(self, lr: float, params: list) -> Adam | torch.optim.Adam:
+    def _optimizer(self, key, lr: float, params: list) -> Adam | torch.optim.Adam:
         """One Adam per learning rate holding every slot's parameters in one group: each parameter keeps its
         own moments and step count, so a slot's update is the one it gets alone; on CUDA the fused
-        update serves all the slots of a step in one kernel. Parameters without a gradient are skipped. On the
-        CPU it is :class:`featureviz.engine.adam.Adam` (the same update; building a torch.optim optimizer
-        imports torch._dynamo, ~1 s of a command-line render)."""
-        optimizer = self._optimizers.get(lr)
+        update serves all the slots of a step in one kernel. A slot with a learning-rate schedule has an Adam of
+        its own (``Slot.optimizer_key``) whose rate is set before each step. Parameters without a gradient are
+        skipped. On the CPU it is :class:`featureviz.engine.adam.Adam` (the same update; building a torch.optim
+        optimizer imports torch._dynamo, ~1 s of a command-line render)."""
+        optimizer = self._optimizers.get(key)
         if optimizer is None:
             if self.device.type == "cuda":  # one fused kernel for all the slots of a step
                 optimizer = torch.optim.Adam(params, lr=lr, fused=True)
             else:  # torch.optim's update without importing torch._dynamo (featureviz.engine.adam)
                 optimizer = Adam(params, lr=lr)
-            self._optimizers[lr] = optimizer
+            self._optimizers[key] = optimizer
             return optimizer
+        optimizer.param_groups[0]["lr"] = lr
         group = optimizer.param_groups[0]["params"]
         known = {id(p) for p in group}
         group.extend(p for p in params if id(p) not in known)
         return optimizer
 
     def _drop_params(self, slot: Slot) -> None:
-        optimizer = self._optimizers.get(slot.lr)
+        optimizer = self._optimizers.get(slot.optimizer_key)
         if optimizer is None:
             return
         mine = {id(p) for p in slot.params}
@@ -531,7 +565,7 @@ class BatchEngine:
         for p in slot.params:
             optimizer.state.pop(p, None)
         if not group["params"]:
-            del self._optimizers[slot.lr]
+            del self._optimizers[slot.optimizer_key]
 
     @staticmethod
     def _clear_grads(slots) -> None:

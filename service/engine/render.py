@@ -25,6 +25,8 @@ from featureviz.engine.batch import Slot
 from featureviz.engine.batch import image_size
 from featureviz.engine.batch import model_size
 from featureviz.engine.params import PARAMS
+from featureviz.engine.schedule import DEFAULT_PLATEAU_WINDOW
+from featureviz.engine.schedule import SCHEDULES
 from featureviz.engine.transforms import parse_transforms
 from featureviz.errors import InvalidSpec
 from featureviz.errors import NotFound
@@ -50,6 +52,10 @@ class RenderSpec:
     gradient at the start. ``profile``: synchronise CUDA at phase boundaries so ``phase_seconds`` is exact.
     ``memory_format``: ``auto`` (channels_last on the CPU when the model has convolutions and passes the probe
     of :mod:`featureviz.engine.layout`), ``channels_last`` (the same probe, on any device) or ``contiguous``.
+    ``lr_schedule``: ``constant``, ``cosine`` or ``linear`` decay of ``lr`` over ``steps``, after ``lr_warmup``
+    steps of linear warm-up (:mod:`featureviz.engine.schedule`). ``plateau``: stop early once the objective's
+    relative gain over the last ``plateau_window`` steps (against the window before) is below this (0: never);
+    ``RenderResult.stopped_at`` says after which step.
     """
 
     objective: object
@@ -68,6 +74,10 @@ class RenderSpec:
     relu_warmup: int = RELU_WARMUP_STEPS
     profile: bool = False
     memory_format: str = "auto"
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    plateau: float = 0.0
+    plateau_window: int = DEFAULT_PLATEAU_WINDOW
 
 
 @dataclass
@@ -81,6 +91,7 @@ class RenderResult:
     cancelled: bool = False
     objective: str = ""  # description
     memory_format: str = "contiguous"  # the layout the model ran in: channels_last or contiguous
+    stopped_at: int = 0  # the step after which the plateau stop ended the render (0: it ran its steps)
 
 
 _size = image_size
@@ -103,6 +114,13 @@ def validate(model, spec: RenderSpec) -> None:
     if isinstance(spec.lr, bool) or not isinstance(spec.lr, (int, float)) or not (math.isfinite(spec.lr)
                                                                                   and spec.lr > 0):
         raise InvalidSpec("lr", f"must be a finite number > 0, got {spec.lr!r}")
+    if spec.lr_schedule not in SCHEDULES:
+        raise InvalidSpec("lr_schedule", f"unknown schedule {echo(spec.lr_schedule)}; use one of {', '.join(SCHEDULES)}")
+    _int(spec.lr_warmup, "lr_warmup", 0, spec.steps)
+    if isinstance(spec.plateau, bool) or not isinstance(spec.plateau, (int, float)) or not (
+            math.isfinite(spec.plateau) and 0 <= spec.plateau < 1):
+        raise InvalidSpec("plateau", f"must be a relative gain in [0, 1) (0: never stop early), got {spec.plateau!r}")
+    _int(spec.plateau_window, "plateau_window", 1, MAX_STEPS // 2)
     if spec.param not in PARAMS:
         raise InvalidSpec("param", f"unknown parameterization {spec.param!r}; use one of {', '.join(PARAMS)}")
     if spec.decay is not None and (isinstance(spec.decay, bool) or not isinstance(spec.decay, (int, float))

@@ -113,7 +113,8 @@ def job_result(result: dict) -> pb.JobResult:
         image.judge.CopyFrom(judge_score_to_proto(verdict))
     out = pb.JobResult(images=images, steps_done=int(result["steps_done"]),
                        seconds_per_step=float(result["seconds_per_step"]),
-                       objective_description=str(result.get("objective", "") or ""))
+                       objective_description=str(result.get("objective", "") or ""),
+                       stopped_at=int(result.get("stopped_at", 0) or 0))
     for key, value in (result.get("phase_seconds") or {}).items():
         out.phase_seconds[key] = float(value)
     return out

@@ -107,3 +107,20 @@ def test_a_negated_objective_works_in_the_positional_place(model_path, tmp_path,
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert report["objective"] == objective and report["steps"] == 2 and report["size"] == [32, 32]
+
+
+def test_render_schedule_and_stop_at_plateau(model_path, tmp_path, capsys):
+    """--schedule/--warmup reach the render; --stop-at-plateau stops a saturating objective and says when."""
+    out = tmp_path / "sat.png"
+    rc = main(["render", model_path, "l1", "--steps", "2000", "--size", "16", "--param", "pixel", "--transforms",
+               "none", "--lr", "0.5", "--schedule", "cosine", "--warmup", "2", "--stop-at-plateau", "0.01",
+               "--plateau-window", "8", "--out", str(out), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 16 <= report["stopped_at"] < 2000 and report["steps"] == report["stopped_at"]
+    rc = main(["render", model_path, "l1", "--steps", "2000", "--size", "16", "--param", "pixel", "--transforms",
+               "none", "--lr", "0.5", "--stop-at-plateau", "0.01", "--plateau-window", "8", "--out", str(out)])
+    assert rc == 0 and "stopped at a plateau after step" in capsys.readouterr().out
+    assert main(["render", model_path, "l1", "--steps", "4", "--size", "16", "--warmup", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "lr_warmup" in err and "[0, 4]" in err and err.count("\n") == 1

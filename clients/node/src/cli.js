@@ -10,6 +10,7 @@
  *       layers MODEL [--filter S] [--spatial] the layer catalog: name, op, shape, channels
  *       render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
  *              [--param fft|pixel|maco|laplacian] [--exclusive] [--judge MODEL] [--out DIR]
+ *              [--schedule constant|cosine|linear] [--warmup N] [--stop-at-plateau GAIN] [--plateau-window N]
  *                                             optimise an image for channel C of LAYER (or class K), write
  *                                             PNGs to DIR (--exclusive: never share a device step; bitwise
  *                                             repeatable; --judge: another classifier ranks the class)
@@ -35,8 +36,11 @@ commands:
   layers MODEL [--filter S] [--spatial]   list the layer catalog
   render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
          [--param fft|pixel|maco|laplacian] [--exclusive] [--judge MODEL] [--out DIR]
+         [--schedule constant|cosine|linear] [--warmup N] [--stop-at-plateau GAIN] [--plateau-window N]
                                           render channel C of LAYER (or class K) and write PNGs to DIR
-                                          (default .); --judge: a classifier that ranks the class in each image
+                                          (default .); --judge: a classifier that ranks the class in each image;
+                                          --schedule: the learning rate's decay; --stop-at-plateau: stop once
+                                          the objective gains less than GAIN (relative) over a window
 
 MODEL is a sha256 or a path to an .onnx file (uploaded first).
 --server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.
@@ -59,6 +63,10 @@ const OPTIONS = {
   param: { type: 'string' },
   exclusive: { type: 'boolean' },
   judge: { type: 'string' },
+  schedule: { type: 'string' },
+  warmup: { type: 'string' },
+  'stop-at-plateau': { type: 'string' },
+  'plateau-window': { type: 'string' },
   out: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -71,6 +79,15 @@ function integer(value, flag) {
     throw new UsageError(`--${flag} expects a non-negative integer, got ${JSON.stringify(value)}`);
   }
   return Number(value);
+}
+
+function number(value, flag) {
+  if (value === undefined) return undefined;
+  const parsed = Number(value);
+  if (value.trim() === '' || !Number.isFinite(parsed)) {
+    throw new UsageError(`--${flag} expects a number, got ${JSON.stringify(value)}`);
+  }
+  return parsed;
 }
 
 function positionals(args, count, usage) {
@@ -144,6 +161,10 @@ const COMMANDS = {
       batch: integer(opts.batch, 'batch'),
       param: opts.param,
       exclusive: Boolean(opts.exclusive),
+      lrSchedule: opts.schedule,
+      lrWarmup: integer(opts.warmup, 'warmup'),
+      plateau: number(opts['stop-at-plateau'], 'stop-at-plateau'),
+      plateauWindow: integer(opts['plateau-window'], 'plateau-window'),
     });
     const onInterrupt = () => {
       process.stderr.write(`\ncancelling job ${job.id}\n`);
@@ -170,7 +191,9 @@ const COMMANDS = {
       const { images, objectiveDescription, secondsPerStep } = done.result;
       const change = images.map((i) => `${i.objectiveStart.toFixed(4)} -> ${i.objectiveEnd.toFixed(4)}`).join(', ');
       process.stderr.write(`${objectiveDescription || 'objective'}: ${change} ` +
-        `(${done.result.stepsDone} steps, ${(1000 * secondsPerStep).toFixed(1)} ms/step` +
+        `(${done.result.stepsDone} steps` +
+        `${done.result.stoppedAt ? `, stopped at a plateau after step ${done.result.stoppedAt}` : ''}, ` +
+        `${(1000 * secondsPerStep).toFixed(1)} ms/step` +
         `${done.worker ? `, worker ${done.worker}` : ''})\n`);
       const outDir = opts.out || '.';
       fs.mkdirSync(outDir, { recursive: true });

@@ -36,6 +36,7 @@ const PARAMS = {
   laplacian: 'PARAMETERIZATION_LAPLACIAN',
 };
 const TRANSFORMS = { standard: 'TRANSFORMS_STANDARD', none: 'TRANSFORMS_NONE' };
+const SCHEDULES = { constant: 'LR_SCHEDULE_CONSTANT', cosine: 'LR_SCHEDULE_COSINE', linear: 'LR_SCHEDULE_LINEAR' };
 const LOADER_OPTIONS = { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true };
 
 // ----------------------------------------------------------------------------------------------- the contract
@@ -146,7 +147,9 @@ function enumName(table, value, field) {
  * A JobSpec from friendly input: `model` may be a Model, `objective` the engine's JSON form, `size` a number,
  * [height, width] or {height, width}, `param` "fft" | "pixel" | "maco" | "laplacian", `transforms` "standard" |
  * "none", `judge` a Model, its sha256 or `{ model, preprocess }` (another classifier that scores each class image:
- * `result.images[i].judge` has its `rank` of the target class and its `probability`).
+ * `result.images[i].judge` has its `rank` of the target class and its `probability`), `lrSchedule` "constant" |
+ * "cosine" | "linear" (with `lrWarmup` steps of warm-up), `plateau` and `plateauWindow` (stop early once the
+ * objective's relative gain over a window is below `plateau`: `result.stoppedAt` says after which step).
  * Everything else is passed through as the proto's JobSpec fields (steps, lr, batch, seed, decay, ...).
  */
 function toJobSpec(spec, contract = loadContract()) {
@@ -157,6 +160,7 @@ function toJobSpec(spec, contract = loadContract()) {
   else if (Array.isArray(spec.size)) out.size = { height: spec.size[0], width: spec.size[1] };
   if (spec.param !== undefined) out.param = enumName(PARAMS, spec.param, 'spec.param');
   if (spec.transforms !== undefined) out.transforms = enumName(TRANSFORMS, spec.transforms, 'spec.transforms');
+  if (spec.lrSchedule !== undefined) out.lrSchedule = enumName(SCHEDULES, spec.lrSchedule, 'spec.lrSchedule');
   if (spec.judge !== undefined && spec.judge !== null) {
     const judge = typeof spec.judge === 'object' && !spec.judge.sha256 ? spec.judge : { model: spec.judge };
     out.judge = { model: modelRef(judge.model, 'spec.judge.model') };

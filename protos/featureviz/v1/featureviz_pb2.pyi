@@ -25,6 +25,13 @@ class Parameterization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PARAMETERIZATION_MACO: _ClassVar[Parameterization]
     PARAMETERIZATION_LAPLACIAN: _ClassVar[Parameterization]
 
+class LrSchedule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LR_SCHEDULE_UNSPECIFIED: _ClassVar[LrSchedule]
+    LR_SCHEDULE_CONSTANT: _ClassVar[LrSchedule]
+    LR_SCHEDULE_COSINE: _ClassVar[LrSchedule]
+    LR_SCHEDULE_LINEAR: _ClassVar[LrSchedule]
+
 class Transforms(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRANSFORMS_UNSPECIFIED: _ClassVar[Transforms]
@@ -48,6 +55,10 @@ PARAMETERIZATION_FFT: Parameterization
 PARAMETERIZATION_PIXEL: Parameterization
 PARAMETERIZATION_MACO: Parameterization
 PARAMETERIZATION_LAPLACIAN: Parameterization
+LR_SCHEDULE_UNSPECIFIED: LrSchedule
+LR_SCHEDULE_CONSTANT: LrSchedule
+LR_SCHEDULE_COSINE: LrSchedule
+LR_SCHEDULE_LINEAR: LrSchedule
 TRANSFORMS_UNSPECIFIED: Transforms
 TRANSFORMS_STANDARD: Transforms
 TRANSFORMS_NONE: Transforms
@@ -425,7 +436,7 @@ class ImageSize(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge")
+    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge", "lr_schedule", "lr_warmup", "plateau", "plateau_window")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -442,6 +453,10 @@ class JobSpec(_message.Message):
     PREVIEW_MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
     EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
     JUDGE_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    LR_WARMUP_FIELD_NUMBER: _ClassVar[int]
+    PLATEAU_FIELD_NUMBER: _ClassVar[int]
+    PLATEAU_WINDOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     steps: int
@@ -458,7 +473,11 @@ class JobSpec(_message.Message):
     preview_max_side: int
     exclusive: bool
     judge: Judge
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ...) -> None: ...
+    lr_schedule: LrSchedule
+    lr_warmup: int
+    plateau: float
+    plateau_window: int
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup: _Optional[int] = ..., plateau: _Optional[float] = ..., plateau_window: _Optional[int] = ...) -> None: ...
 
 class Judge(_message.Message):
     __slots__ = ("model", "preprocess")
@@ -501,7 +520,7 @@ class RenderedImage(_message.Message):
     def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., objective_start: _Optional[float] = ..., objective_end: _Optional[float] = ..., judge: _Optional[_Union[JudgeScore, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description")
+    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description", "stopped_at")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -514,12 +533,14 @@ class JobResult(_message.Message):
     SECONDS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[RenderedImage]
     steps_done: int
     seconds_per_step: float
     phase_seconds: _containers.ScalarMap[str, float]
     objective_description: str
-    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ...) -> None: ...
+    stopped_at: int
+    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ..., stopped_at: _Optional[int] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "reason", "message", "field")
