@@ -98,7 +98,8 @@ def write_table(rows: list[dict]) -> str:
              "opset 17, dynamo at its default opset. `max rel err`: the import's figure, the worst over batch 1 and "
              "batch 2 against onnxruntime; `mode`: `native` runs a batch at once, `per-image` image by image (a "
              "fixed-batch graph the batch rewrite could not free). `ok` = imported, matched (<= 1e-3), catalog "
-             "listed, token tensors used as targets, 2 render steps at batch 2.", "",
+             "listed, token tensors used as targets, 2 render steps at batch 2. `NHWC layers`: channels-last maps in "
+             "the catalog (a channel objective on one renders too); `-` for rows measured before that column.", "",
              "Imported / tried, per family and exporter (and per batch mode):", "",
              "| family | exporter | imported / tried | fixed batch | dynamic batch |", "| --- | --- | --- | --- | --- |"]
 
@@ -112,15 +113,16 @@ def write_table(rows: list[dict]) -> str:
     if len(rows) < expected:
         lines += ["", f"This pass ran {len(rows)} of the {expected} cases (the machine's 2 cores were shared with other "
                       "work); the cases not listed were not run, `--resume` adds them."]
-    lines += ["", "| model | family | exporter | batch | nodes | import s | max rel err | mode | token layers | verdict |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    lines += ["", "| model | family | exporter | batch | nodes | import s | max rel err | mode | token layers | "
+                  "NHWC layers | verdict |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for row in rows:
         err = f"{row['max_rel_err']:.1e}" if row.get("max_rel_err") is not None else "-"
         verdict = row["verdict"] if row["verdict"] == "ok" else f"{row['verdict']}: {row.get('error', '')}"
         verdict = re.sub(r"\x1b\[[0-9;]*m", "", verdict)  # torch.export colours its messages
         lines.append(f"| {row['model']} | {row['family']} | {row['exporter']} | {row['batch']} | "
                      f"{row.get('nodes', '-')} | {row.get('import_s', 0):.1f} | {err} | {row.get('batch_mode', '-')} | "
-                     f"{row.get('token_layers', '-')} | {verdict.replace('|', '/')} |")
+                     f"{row.get('token_layers', '-')} | {row.get('nhwc_layers', '-')} | {verdict.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -74,6 +74,10 @@ def check_model(path: Path, *, render_steps: int = 2, batch: int = 2) -> dict:
     if tokens:  # token tensors are targets: a token position, the CLS token (when there is one), the patch mean
         objectives.append({"neuron": {"layer": target.name, "channel": 0, "x": 0, "y": None}})
         objectives.append({"neuron": {"layer": target.name, "channel": 1, "x": None, "y": None}})
+    nhwc = [layer for layer in model.layers if layer.layout == "NHWC" and layer.channels > 1]
+    if nhwc:  # channels-last maps (Swin, ConvNeXt blocks): a channel read from the last axis
+        inside = nhwc[len(nhwc) // 2]
+        objectives.append({"channel": {"layer": inside.name, "channel": inside.channels - 1}})
     for objective in objectives:
         result = render(model, RenderSpec(objective=objective, steps=render_steps, batch=batch, seed=0))
         assert result.steps_done == render_steps and result.images.shape[0] == batch
@@ -84,6 +88,7 @@ def check_model(path: Path, *, render_steps: int = 2, batch: int = 2) -> dict:
         "max_rel_err": model.check.max_rel_err,
         "batch_mode": model.check.batch_mode,
         "token_layers": len(tokens),
+        "nhwc_layers": len(nhwc),
         "target": target.name,
         "prefix_tokens": target.prefix_tokens,
     }
