@@ -93,7 +93,8 @@ def write_table(rows: list[dict]) -> str:
     cpu = _cpu()
     lines = [SECTION, "",
              f"{time.strftime('%Y-%m-%d')}, {cpu}, torch {_version('torch')}, timm {_version('timm')}, onnx "
-             f"{_version('onnx')}, onnxruntime {_version('onnxruntime')}, commit {_commit()}. Random weights "
+             f"{_version('onnx')}, onnxruntime {_version('onnxruntime')}, table written at commit {_commit()} (rows "
+             "kept by `--resume` or `--models` may be older). Random weights "
              "(timm, `pretrained=False`), small inputs (64 px unless the model needs more); legacy exporter at "
              "opset 17, dynamo at its default opset. `max rel err`: the import's figure, the worst over batch 1 and "
              "batch 2 against onnxruntime; `mode`: `native` runs a batch at once, `per-image` image by image (a "
