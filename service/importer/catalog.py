@@ -21,7 +21,8 @@ tensors inside (ConvNeXt's blocks permute to (N, H, W, C) around their LayerNorm
 2 and 3 are not a grid of the input but whose axes 1 and 2 are (same aspect as the input, within rounding) is
 ``NHWC``. ``LayerInfo.layout`` records it ("NC", "NCHW", "NHWC", "NLC" for tokens), ``channels`` and
 ``spatial_size`` read the right axes, and :func:`featureviz.importer.truncate.truncate_graph` hands every
-spatial target to the engine as NCHW, so objectives never see the difference. A token tensor whose token count is a
+spatial target to the engine as NCHW, so objectives never see the difference. The rule cannot tell an attention
+tensor (N, heads, tokens, dim) from a map; such tensors are no image maps either way. A token tensor whose token count is a
 patch grid of the input (``(H / s) * (W / s)`` for a stride s) after up to :data:`MAX_PREFIX_TOKENS` leading
 tokens records them: ``prefix_tokens`` (1 for a CLS token, 2 with a distillation token) and ``grid`` (rows,
 columns of patches at the default size).
