@@ -224,8 +224,10 @@ def lucent_child(argv) -> int:
     return 0
 
 
-def run_processes(args, model, key) -> dict:
-    """Alternate whole-process renders of both tools; -> {tool: [{"seconds", "activation"}]}."""
+def run_processes(args, model, layers: list[str]) -> dict:
+    """Alternate whole-process renders of both tools, layer after layer within each round (so background load on a
+    shared machine hits every layer and both tools alike); -> {layer: {tool: [{"seconds", "activation", "load"}]}}
+    where ``load`` is the 1-minute load average when the process ended."""
     import tempfile
 
     from featureviz import zoo
@@ -239,33 +241,37 @@ def run_processes(args, model, key) -> dict:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    runs = {"lucent": [], "featureviz": []}
+    runs = {layer: {"lucent": [], "featureviz": []} for layer in layers}
     for i in range(args.runs + 1):  # run 0 warms the disk cache and is not counted
-        for tool in ("lucent", "featureviz"):
-            out = folder / f"{tool}-{i}"
-            if tool == "lucent":
-                cmd = [sys.executable, __file__, "--lucent-child", str(module_path), key, str(args.channel),
-                       str(args.steps), str(args.size), str(args.seed + i), str(pre.mean[0]), str(pre.std[0]),
-                       str(out) + ".pt"]
-            else:
-                cmd = [str(Path(sys.executable).parent / "featureviz"), "render", onnx_path,
-                       f"{args.layer}:{args.channel}", "--steps", str(args.steps), "--size", str(args.size),
-                       "--seed", str(args.seed + i), "--mean", str(pre.mean[0]), "--std", str(pre.std[0]),
-                       "--device", "cpu", "--out", str(out) + ".png"] + (
-                           ["--threads", str(args.threads)] if args.threads else [])
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-            seconds = time.perf_counter() - t0
-            if tool == "lucent":
-                image = torch.load(str(out) + ".pt")
-            else:
-                from featureviz.engine import load_image
+        for layer in layers:
+            key = lucent_layer_key(model, layer)
+            for tool in ("lucent", "featureviz"):
+                out = folder / f"{tool}-{i}-{layers.index(layer)}"
+                if tool == "lucent":
+                    cmd = [sys.executable, __file__, "--lucent-child", str(module_path), key, str(args.channel),
+                           str(args.steps), str(args.size), str(args.seed + i), str(pre.mean[0]), str(pre.std[0]),
+                           str(out) + ".pt"]
+                else:
+                    cmd = [str(Path(sys.executable).parent / "featureviz"), "render", onnx_path,
+                           f"{layer}:{args.channel}", "--steps", str(args.steps), "--size", str(args.size),
+                           "--seed", str(args.seed + i), "--mean", str(pre.mean[0]), "--std", str(pre.std[0]),
+                           "--device", "cpu", "--out", str(out) + ".png"] + (
+                               ["--threads", str(args.threads)] if args.threads else [])
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+                seconds = time.perf_counter() - t0
+                load = os.getloadavg()[0]
+                if tool == "lucent":
+                    image = torch.load(str(out) + ".pt")
+                else:
+                    from featureviz.engine import load_image
 
-                image = load_image(str(out) + ".png")[None]
-            activation = final_activation(model, args.layer, args.channel, image)
-            print(f"process run {i} {tool}: {seconds:.1f} s, activation {activation:.3f}", file=sys.stderr)
-            if i > 0:
-                runs[tool].append({"seconds": seconds, "activation": activation})
+                    image = load_image(str(out) + ".png")[None]
+                activation = final_activation(model, layer, args.channel, image)
+                print(f"process run {i} {layer} {tool}: {seconds:.1f} s, activation {activation:.3f}, load "
+                      f"{load:.1f}", file=sys.stderr, flush=True)
+                if i > 0:
+                    runs[layer][tool].append({"seconds": seconds, "activation": activation, "load": load})
     return runs
 
 
@@ -274,7 +280,8 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--lucent-child":
         return lucent_child(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layer", default=DEFAULT_LAYER)
+    parser.add_argument("--layer", default=DEFAULT_LAYER,
+                        help="catalog layer; with --processes, several comma-separated layers are timed in one run")
     parser.add_argument("--channel", type=int, default=DEFAULT_CHANNEL)
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--size", type=int, default=128)
@@ -283,6 +290,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", choices=["lucent", "featureviz"], help="run one tool only")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--curve", default=None, metavar="STEPS",
+                        help="activation against steps instead of timings: the final activation of the images kept "
+                             "at these steps (e.g. 16,32,64,128,256), mean over --runs seeds, per tool")
+    parser.add_argument("--variants", default="default",
+                        help="with --curve: featureviz variants as in bench_quality.py (default, lr0.1, "
+                             "cosine-lr0.1, ...)")
     parser.add_argument("--processes", action="store_true",
                         help="time whole processes (start-up, imports and model load included): featureviz render "
                              "with the cached model against a fresh interpreter running lucent")
@@ -292,10 +305,15 @@ def main(argv=None) -> int:
 
     lucent = import_lucent(ensure_lucent())
     model = load_model()
+    if args.processes:
+        layers = [name.strip() for name in args.layer.split(",") if name.strip()]
+        for layer in layers:
+            model.layer(layer)  # fail early with the importer's message (close matches) on a typo
+        return report_processes(args, run_processes(args, model, layers), lucent.versions)
     model.layer(args.layer)  # fail early with the importer's message (close matches) on a typo
     key = lucent_layer_key(model, args.layer)
-    if args.processes:
-        return report_processes(args, run_processes(args, model, key), lucent.versions)
+    if args.curve:
+        return activation_curve(args, model, lucent, key)
     # lucent runs its own copy, NCHW as a user hands it over: featureviz converts the weights of the model it renders
     # to channels_last in place (featureviz.engine.layout), and oneDNN would then run lucent's convolutions NHWC too
     lucent_module = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
@@ -325,20 +343,82 @@ def main(argv=None) -> int:
     return 0
 
 
-def report_processes(args, runs: dict, versions: str) -> int:
-    med = {t: (_median([r["seconds"] for r in rs]), _median([r["activation"] for r in rs])) for t, rs in runs.items()}
-    print(f"whole processes, {args.layer}:{args.channel}, {args.steps} steps, {args.size} px, median of {args.runs}; "
-          f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; {versions}")
-    print("| tool | wall s (median) | final activation | wall s of each run |")
-    print("| --- | --- | --- | --- |")
-    for tool, rs in runs.items():
-        each = ", ".join(f"{r['seconds']:.1f}" for r in rs)
-        print(f"| {tool} | {med[tool][0]:.2f} | {med[tool][1]:.3f} | {each} |")
-    print(f"speed-up lucent/featureviz: {med['lucent'][0] / med['featureviz'][0]:.2f}x; activation "
-          f"featureviz/lucent {med['featureviz'][1] / med['lucent'][1]:.2f}")
+def activation_curve(args, model, lucent, key) -> int:
+    """--curve: each tool renders --runs seeds of --steps steps, keeping the images at the checkpoints; the table
+    gives the mean final activation (measured outside both tools) at each checkpoint."""
+    from bench_quality import cpu_model
+    from bench_quality import featureviz_variant
+
+    from featureviz.engine import RenderSpec, render
+
+    checkpoints = sorted({int(s) for s in args.curve.split(",")} | {args.steps})
+    objective = {"channel": {"layer": args.layer, "channel": args.channel}}
+    lucent_module = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
+    pre = model.input_spec.preprocess
+    mean_t, std_t = torch.tensor(pre.mean).view(1, -1, 1, 1), torch.tensor(pre.std).view(1, -1, 1, 1)
+    rows, stops = {}, {}
+    load = [os.getloadavg()[0]]
+    variants = [v for v in args.variants.split(",") if v]
+    for seed in range(args.seed, args.seed + args.runs):
+        import numpy as np
+
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        images = lucent.render.render_vis(
+            lucent_module, lucent.objectives.channel(key, args.channel), param_f=lambda: lucent.param.image(args.size),
+            transforms=list(lucent.transform.standard_transforms) + [lambda x: (x - mean_t) / std_t],
+            thresholds=tuple(checkpoints), preprocess=False, progress=False, show_image=False)
+        rows.setdefault("lucent", []).append([final_activation(model, args.layer, args.channel, torch.from_numpy(
+            image).permute(0, 3, 1, 2).contiguous()) for image in images])
+        for variant in variants:
+            snaps = {}
+            spec = RenderSpec(objective=objective, steps=args.steps, size=args.size, seed=seed, device="cpu",
+                              snapshot_steps=tuple(checkpoints), **featureviz_variant(variant))
+            result = render(model, spec, snapshot=lambda step, imgs: snaps.__setitem__(step, imgs.clone()))
+            rows.setdefault(f"featureviz:{variant}", []).append(
+                [final_activation(model, args.layer, args.channel, snaps.get(step, result.images))
+                 for step in checkpoints])
+            if result.stopped_at:
+                stops.setdefault(f"featureviz:{variant}", []).append(result.stopped_at)
+                print(f"featureviz:{variant} seed {seed}: stopped at a plateau after step {result.stopped_at}",
+                      file=sys.stderr, flush=True)
+        print(f"seed {seed} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+        load.append(os.getloadavg()[0])
+    print(f"activation of {args.layer}:{args.channel} against steps, {args.size} px, mean of {args.runs} seeds; "
+          f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; load {min(load):.1f}-{max(load):.1f}")
+    print("| tool | " + " | ".join(f"{s} steps" for s in checkpoints) + " |")
+    print("| --- " * (len(checkpoints) + 1) + "|")
+    for tool, values in rows.items():
+        means = [statistics.mean(v[i] for v in values) for i in range(len(checkpoints))]
+        stopped = f" (stopped after steps {', '.join(map(str, stops[tool]))})" if tool in stops else ""
+        print(f"| {tool}{stopped} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"layer": args.layer, "channel": args.channel, "steps": args.steps,
-                                               "size": args.size, "runs": runs, "versions": versions}, indent=1))
+        Path(args.json).write_text(json.dumps({"layer": args.layer, "channel": args.channel, "size": args.size,
+                                               "checkpoints": checkpoints, "rows": rows, "stops": stops,
+                                               "load": load}, indent=1))
+    return 0
+
+
+def report_processes(args, runs: dict, versions: str) -> int:
+    """One markdown row per layer: median wall time of each tool, the speed-up, the activations, the loads."""
+    from bench_quality import cpu_model
+
+    print(f"whole processes, channel {args.channel}, {args.steps} steps, {args.size} px, median of {args.runs} (run 0 "
+          f"not counted); {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; {versions}")
+    print("| layer (channel) | lucent s (each) | featureviz s (each) | speed-up (median) | activation lucent / "
+          "featureviz | 1-min load (min-max) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for layer, tools in runs.items():
+        med = {t: (_median([r["seconds"] for r in rs]), _median([r["activation"] for r in rs]))
+               for t, rs in tools.items()}
+        each = {t: ", ".join(f"{r['seconds']:.1f}" for r in rs) for t, rs in tools.items()}
+        loads = [r["load"] for rs in tools.values() for r in rs]
+        print(f"| `{layer}` ({args.channel}) | {med['lucent'][0]:.1f} ({each['lucent']}) | {med['featureviz'][0]:.1f} "
+              f"({each['featureviz']}) | **{med['lucent'][0] / med['featureviz'][0]:.2f}x** | {med['lucent'][1]:.3f} / "
+              f"{med['featureviz'][1]:.3f} | {min(loads):.1f}-{max(loads):.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"channel": args.channel, "steps": args.steps, "size": args.size,
+                                               "cpu": cpu_model(), "runs": runs, "versions": versions}, indent=1))
     return 0
 
 
