@@ -262,6 +262,8 @@ def main(argv=None) -> int:
     args.checkpoints = sorted({int(s) for s in (args.checkpoints or f"64,128,{args.steps}").split(",")
                                if int(s) <= args.steps} | {args.steps})
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if args.parts:
+        Path(args.parts).mkdir(parents=True, exist_ok=True)  # before the children start: they save as they go
     model = bvl.load_model()
     if args.child:  # one tool's renders, in its own process
         tool, path = args.child.split("=", 1)
