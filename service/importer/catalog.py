@@ -53,6 +53,7 @@ ACTIVATIONS = frozenset({
     "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Softmax", "LogSoftmax",
 })
 _SOFTMAX = ("Softmax", "LogSoftmax")
+_CHANNEL_AXIS = {"NHWC": 3, "NLC": 2}  # layout -> the channels' axis; 1 for the others
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class LayerInfo:
 
     @property
     def channel_axis(self) -> int:
-        return {"NHWC": 3, "NLC": 2}.get(self.layout, 1)
+        return _CHANNEL_AXIS.get(self.layout, 1)
 
     @property
     def spatial_size(self) -> tuple[int, int] | None:
@@ -188,7 +189,7 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
                 aliases=tuple(dict.fromkeys(a for a in aliases if a != name)),
                 op_type=onnx_node.op_type,
                 shape=shape,
-                channels=shape[{"NHWC": 3, "NLC": 2}.get(axes, 1)],
+                channels=shape[_CHANNEL_AXIS.get(axes, 1)],
                 spatial=len(shape) == 4,
                 depth=len(layers),
                 is_logits=tensor_name == logits_tensor,
