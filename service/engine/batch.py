@@ -159,8 +159,9 @@ class Slot:
             return cancel.is_set()
         return bool(cancel())
 
-    def activations(self, out: dict, start: int, stop: int, image) -> objs.Activations:
-        return objs.Activations({layer: out[name][start:stop] for layer, name in self.names.items()}, image,
+    def activations(self, rows: dict, image) -> objs.Activations:
+        """What the objective reads: ``rows`` maps each output name to this slot's rows (:func:`_rows`)."""
+        return objs.Activations({layer: rows[name] for layer, name in self.names.items()}, image,
                                 prefixes=self.prefixes, input_size=self.model_size)
 
     def images(self) -> torch.Tensor:
@@ -393,15 +394,14 @@ class BatchEngine:
         with torch.no_grad():
             images = [s.image_fn() for s in slots]
             model_rows = [(s, i) for s, i in zip(slots, images) if s.layers]
-            out = {}
+            rows = {}
             if model_rows:
                 x = torch.cat([s.plain(i) for s, i in model_rows])
                 out = trunc.module(layouts.to_layout(x, layout))
-            values, row = [], 0
+                rows = dict(zip([id(s) for s, _ in model_rows], _rows(out, [s.batch for s, _ in model_rows])))
+            values = []
             for slot, image in zip(slots, images):
-                n = slot.batch if slot.layers else 0
-                values.append(slot.objective(slot.activations(out, row, row + n, image)).float())
-                row += n
+                values.append(slot.objective(slot.activations(rows.get(id(slot), {}), image)).float())
             flat = torch.cat([v.reshape(-1) for v in values]).cpu().tolist()  # one host copy
         result, offset = [], 0
         for slot in slots:
@@ -491,10 +491,6 @@ class BatchEngine:
         clock.lap("transforms")
         if before_model is not None:
             before_model(sum(s.batch for s in slots))
-        start, row = {}, 0
-        for i in order:
-            start[i] = row
-            row += slots[i].batch
         warm = [slots[i].steps_done < slots[i].warmup for i in order]
         rows = None
         if any(warm) and not all(warm):
@@ -504,10 +500,9 @@ class BatchEngine:
         with redirected_relu_grad(trunc.module if trunc is not None else torch.nn.Module(), enabled=any(warm),
                                   rows=rows):
             out = trunc.module(x_in) if trunc is not None else {}
+            rows = dict(zip(order, _rows(out, [slots[i].batch for i in order]))) if order else {}
             for i, slot in enumerate(slots):
-                begin = start.get(i, 0)
-                values[i] = slot.objective(slot.activations(out, begin, begin + (slot.batch if slot.layers else 0),
-                                                            inputs[i]))
+                values[i] = slot.objective(slot.activations(rows.get(i, {}), inputs[i]))
             loss = -torch.cat([v.reshape(-1) for v in values]).sum()  # maximise: the one negation
             loss.backward()
         clock.lap("model")
@@ -586,6 +581,16 @@ def _all_finite(slots, values) -> torch.Tensor:
     bad = (~torch.isfinite(torch.cat(parts))).to(torch.float32)
     owner = torch.tensor(owners, dtype=torch.long).to(bad.device, non_blocking=True)
     return torch.zeros(len(slots), device=bad.device).index_add_(0, owner, bad) == 0
+
+
+def _rows(out: dict, sizes: list[int]) -> list[dict]:
+    """The rows of each of the model's outputs per slot (``sizes``: the slots' images, in batch order): one
+    ``split`` per output, whose backward is one ``cat``. A slice per slot would be quadratic in the slots: each
+    slice's backward fills a gradient of the whole batch with zeros, and autograd adds them up."""
+    if len(sizes) == 1:
+        return [out]
+    parts = {name: tensor.split(sizes) for name, tensor in out.items()}
+    return [{name: chunks[k] for name, chunks in parts.items()} for k in range(len(sizes))]
 
 
 def _groups(indices, key) -> list[list[int]]:

@@ -116,6 +116,42 @@ def test_slots_join_and_leave_between_steps(lite0):
     assert not engine._optimizers  # every slot's Adam state left with it
 
 
+def _full_batch_tensors(engine, slots, shape) -> int:
+    """How many tensors of ``shape`` (the whole step's activation of one layer) one device step creates."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        found = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor) and tuple(t.shape) == shape and func.overloadpacket.__name__ not in (
+                        "view", "_unsafe_view", "detach", "alias", "as_strided", "permute", "expand", "slice"):
+                    Count.found += 1
+            return out
+
+    engine.join(slots)
+    engine.step(slots)  # the first step builds the truncation and checks the layout
+    with Count():
+        engine.step(slots)
+    return Count.found
+
+
+def test_the_work_on_a_shared_activation_does_not_grow_with_the_slots(lite0):
+    """Each slot reads its own rows of the step's activations. Slicing them per slot made the backward quadratic
+    in the slots: each slice's gradient is a zero-filled tensor of the whole batch, added to the others. The
+    rows are split once per output instead; 6 slots of 1 image cost what 2 slots of 3 do."""
+    with torch.no_grad():
+        z = lite0.truncate([MID])(torch.zeros(6, 3, SIZE, SIZE))[MID]
+    counts = []
+    for batches in ((3, 3), (1,) * 6):
+        slots = [_slot(lite0, objective=chan(MID, 5 + i), seed=i, batch=b, relu_warmup=0)
+                 for i, b in enumerate(batches)]
+        counts.append(_full_batch_tensors(BatchEngine(CPU), slots, tuple(z.shape)))
+    assert counts[0] == counts[1] and counts[0] > 0, counts
+
+
 class MixesRows(torch.nn.Module):
     """Subtracts the batch mean: each image's activations depend on the other images of the batch."""
 
