@@ -541,7 +541,7 @@ class BatchEngine:
             if self.device.type == "cuda":  # one fused kernel for all the slots of a step
                 optimizer = torch.optim.Adam(params, lr=lr, fused=True)
             else:  # torch.optim's update without importing torch._dynamo (featureviz.engine.adam)
-                optimizer = Adam(params, lr=lr)
+                optimizer = Adam(params, lr=lr, foreach=True)
             self._optimizers[key] = optimizer
             return optimizer
         optimizer.param_groups[0]["lr"] = lr
