@@ -94,7 +94,7 @@ if [ $DRY = 1 ]; then
   VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
-  STEP=(--models resnet50 --batches 64 --sizes 224)
+  STEP=(--models resnet50 --batches 64 --sizes 224 --kernels auto,triton,torch)  # auto: what a render uses
   BATCHING=(--levels 1,4,16,64 --steps 64 --size 224 --phases)
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
   VARIANTS=(--levels 1,64 --size 224 --steps 16)
@@ -104,7 +104,8 @@ fi
 stage "pytest -m gpu" 150 "$RESULTS/pytest_gpu.txt" "$PY" -m pytest "${PYTEST[@]}"
 # 3. kernels: Triton vs the torch reference, forward + backward (goal: >= 3x at batch 64, 224 px)
 stage "bench_kernels.py" 75 "$RESULTS/kernels.md" "$PY" bench/bench_kernels.py "${KERNELS[@]}"
-# 4. one step outside the model vs the model's own forward + backward (goal: < 10%)
+# 4. one step outside the model vs the model's own forward + backward (goal: < 10%), under the shipping dispatch
+#    (auto: cuFFT above SPECTRUM_TRITON_MAX_BATCH images) and each kernel set forced
 stage "bench_step.py" 60 "$RESULTS/step.md" "$PY" bench/bench_step.py "${STEP[@]}"
 # 5. batching through real servers: 64 concurrent jobs vs --max-batch 1 (goal: >= 20x throughput)
 stage "bench_batching.py" 180 "$RESULTS/batching.md" "$PY" bench/bench_batching.py "${BATCHING[@]}" \
