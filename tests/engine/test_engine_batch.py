@@ -73,6 +73,28 @@ def test_each_slot_of_a_shared_step_gets_its_solo_step(lite0, monkeypatch, close
         close_in_norm(g_batch, g_solo, 1e-3)
 
 
+def test_channel_slots_reading_one_layer_are_evaluated_together_as_each_alone(lite0, monkeypatch, close_in_norm):
+    """Slots whose objective is one channel of the same layer (a job's commonest objective) get their values from
+    one gather for all of them: the same values and gradients as each slot's solo step."""
+    from featureviz.engine import objectives
+
+    specs = [dict(objective=chan(MID, 5), seed=1, batch=2), dict(objective=chan(MID, 200), seed=2),
+             dict(objective=chan(MID, 5), seed=3, transforms="none"), dict(objective=chan(EARLY, 3), seed=4)]
+    solo = [_first_step(BatchEngine(CPU), [_slot(lite0, **spec)], monkeypatch)[0] for spec in specs]
+    calls = []
+    real = objectives.Channel.__call__
+    engine = BatchEngine(CPU)
+    slots = [_slot(lite0, **spec) for spec in specs]
+    monkeypatch.setattr(objectives.Channel, "__call__", lambda self, acts: calls.append(self.layer) or real(self, acts))
+    batched = _first_step(engine, slots, monkeypatch)
+    # the join measures each slot's starting objective with its own Channel; in the step the three slots on MID
+    # were evaluated together and only the one on EARLY alone
+    assert calls == [MID, MID, MID, EARLY, EARLY]
+    for (v_solo, g_solo), (v_batch, g_batch), spec in zip(solo, batched, specs):
+        torch.testing.assert_close(v_batch, v_solo, rtol=1e-4, atol=1e-5, msg=str(spec))
+        close_in_norm(g_batch, g_solo, 1e-3)
+
+
 def test_the_relu_warm_up_is_gated_per_row(lite0, monkeypatch, close_in_norm):
     # a channel that is dead on the grey start: without the redirect its gradient is exactly zero
     plain = Transforms((), (SIZE, SIZE), (SIZE, SIZE), lite0.input_spec.preprocess)
