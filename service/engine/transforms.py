@@ -44,11 +44,15 @@ LUMA = (0.299, 0.587, 0.114)
 
 @dataclass(frozen=True)
 class Pad:
-    """Pad ``width`` pixels on each side: ``mode="constant"`` with ``value`` (image units) or ``"reflect"``."""
+    """Pad ``width`` pixels on each side: ``mode="constant"`` with ``value`` (image units) or ``"reflect"``.
+
+    ``fill``: what jitter, rotation and zoom-out bring in from beyond a constant pad (default: ``value``, one
+    grey border). lucid's rotation and lucent's kornia transforms fill 0 there (black)."""
 
     width: int = 12
     mode: str = "constant"
     value: float = 0.5
+    fill: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,11 +152,16 @@ def parse_transforms(spec, path: str = "transforms") -> tuple:
         body = body or {}
         if kind == "pad":
             width, mode, value = body.get("width", 12), body.get("mode", "constant"), body.get("value", 0.5)
+            fill = body.get("fill")
             if isinstance(width, bool) or not isinstance(width, int) or width < 0:
                 raise InvalidSpec(f"{here}.pad.width", f"must be an integer >= 0, got {width!r}")
             if mode not in ("constant", "reflect"):
                 raise InvalidSpec(f"{here}.pad.mode", f"must be 'constant' or 'reflect', got {mode!r}")
-            steps.append(Pad(width, mode, float(value)))
+            for name, number in (("value", value), ("fill", fill)):
+                if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))
+                                           or not math.isfinite(number)):
+                    raise InvalidSpec(f"{here}.pad.{name}", f"must be a finite number, got {number!r}")
+            steps.append(Pad(width, mode, float(value), None if fill is None else float(fill)))
         elif kind == "jitter":
             pixels = body.get("pixels")
             if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
@@ -182,11 +191,11 @@ def _check_order(steps, path):
             if seen_other:
                 raise InvalidSpec(f"{path}[{i}]", "pads must come before jitter, scale and rotate")
             if step.mode == "constant" and step.width:
-                values.add(step.value)
+                values.add((step.value, step.value if step.fill is None else step.fill))
         else:
             seen_other = True
     if len(values) > 1:
-        raise InvalidSpec(path, f"constant pads must share one value, got {sorted(values)}")
+        raise InvalidSpec(path, f"constant pads must share one value and fill, got {sorted(values)}")
 
 
 def preprocess_map(preprocess, channels: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,10 +255,15 @@ class Transforms:
         self.uniforms = sum(s.uniforms for s in self.random_steps)
         self.reflect = sum(p.width for p in pads if p.mode == "reflect")
         constant = sum(p.width for p in pads if p.mode == "constant")
-        self.border = next((p.value for p in pads if p.mode == "constant" and p.width), 0.5)
+        first = next((p for p in pads if p.mode == "constant" and p.width), Pad(0))
+        self.pad_value = first.value
+        self.border = first.value if first.fill is None else first.fill  # beyond the source
+        # a fill other than the pad's value: the constant pad becomes part of the source, the border beyond it
+        self.explicit = constant if self.border != first.value else 0
         h, w = self.image_size
-        src_h, src_w = h + 2 * self.reflect, w + 2 * self.reflect  # what affine_resample samples
-        canvas_h, canvas_w = src_h + 2 * constant, src_w + 2 * constant
+        grown = self.reflect + self.explicit
+        src_h, src_w = h + 2 * grown, w + 2 * grown  # what affine_resample samples
+        canvas_h, canvas_w = src_h + 2 * (constant - self.explicit), src_w + 2 * (constant - self.explicit)
         view_h, view_w = _view(canvas_h, h, self.model_size[0]), _view(canvas_w, w, self.model_size[1])
         # output normalised [-1, 1] -> canvas centred pixels; source centred pixels -> source normalised
         # built where the generator draws (the host for the engine's renders), then sent with the maps
@@ -296,6 +310,8 @@ class Transforms:
         their maps concatenated go through in one call."""
         if self.reflect:
             image = F.pad(image, [self.reflect] * 4, mode="reflect")
+        if self.explicit:
+            image = F.pad(image, [self.explicit] * 4, value=self.pad_value)
         theta = theta.to(image.device, non_blocking=True)
         return affine_resample(image, theta, self.model_size, border=self.border, matrix=self.matrix,
                                bias=self.bias)

@@ -62,6 +62,25 @@ def test_constant_pad_fills_the_border_and_keeps_the_image():
     assert torch.allclose(out[0][:, border], torch.tensor(0.25))
 
 
+def test_a_fill_other_than_the_pad_comes_in_beyond_the_pad():
+    """lucid's rotation and lucent's transforms bring in black from beyond the grey pad: ``Pad(fill=0)``."""
+    img = image(h=6, w=5)
+    t = Transforms([Pad(3, "constant", 0.5, fill=0.0), Jitter(4)], (6, 5), (12, 11), IDENTITY)
+    theta = t.theta(1, torch.Generator().manual_seed(1))
+    out = t.resample(img, theta)
+    # the same as padding the image with grey first and resampling the padded image with a black border
+    padded = Transforms([Pad(3, "constant", 0.0), Jitter(4)], (12, 11), (12, 11), IDENTITY)
+    want = padded.resample(F.pad(img, [3, 3, 3, 3], value=0.5), theta)
+    assert t.explicit == 3 and t.border == 0.0
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+    assert (out == 0).any() and (out == 0.5).any()  # a shift of 2 brings in black beyond the grey
+    # a fill equal to the value is the one grey border of before
+    same = Transforms([Pad(3, "constant", 0.5, fill=0.5), Jitter(4)], (6, 5), (12, 11), IDENTITY)
+    assert same.explicit == 0
+    plain = Transforms([Pad(3, "constant", 0.5), Jitter(4)], (6, 5), (12, 11), IDENTITY)
+    torch.testing.assert_close(same.resample(img, theta), plain.resample(img, theta), atol=0, rtol=0)
+
+
 def test_reflect_pad_matches_torch():
     img = image(h=6, w=7)
     out = Transforms([Pad(2, "reflect")], (6, 7), (10, 11), IDENTITY)(img, None)
@@ -118,10 +137,12 @@ def test_parse_transforms_specs_and_errors():
     steps = parse_transforms([{"pad": {"width": 4, "mode": "reflect"}}, {"jitter": {"pixels": 2}},
                               {"rotate": {"degrees": [0, 45]}}])
     assert steps == (Pad(4, "reflect"), Jitter(2), RandomRotate((0.0, 45.0)))
+    assert parse_transforms([{"pad": {"width": 12, "value": 0.5, "fill": 0}}]) == (Pad(12, "constant", 0.5, 0.0),)
     for bad, field in [("fancy", "transforms"), ([{"jitter": {"pixels": -1}}], "transforms[0].jitter.pixels"),
                        ([{"scale": {"factors": [0]}}], "transforms[0].scale.factors"),
                        ([{"jitter": {"pixels": 1}}, {"pad": {}}], "transforms[1]"),
-                       ([{"warp": {}}], "transforms[0]")]:
+                       ([{"warp": {}}], "transforms[0]"), ([{"pad": {"fill": "black"}}], "transforms[0].pad.fill"),
+                       ([{"pad": {"fill": 0}}, {"pad": {"fill": 1}}], "transforms")]:
         with pytest.raises(InvalidSpec) as err:
             parse_transforms(bad)
         assert err.value.field == field
