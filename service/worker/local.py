@@ -13,12 +13,16 @@ Device thread, each round:
   4. slots that are done, cancelled or diverged leave: their final objective, images and result.
 
 Progress is coalesced per job: at most one PROGRESS event every ``progress_interval`` seconds, plus the last
-step. PNG encoding happens on the output thread, so the device thread never waits for it.
+step. PNG encoding never runs on the device thread: a small pool encodes (Pillow and torch release the GIL, so
+the images of the jobs that end in one round encode side by side instead of one after another), and the output
+thread emits the events in their order, each once its PNGs are ready. A result that cannot be encoded ends its
+job FAILED instead of losing its FINISHED event.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -43,6 +47,7 @@ __all__ = ["LocalWorker"]
 
 log = logging.getLogger("featureviz.worker")
 _TICKETS_KEPT = 1024
+_ENCODERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # PNG encoding threads (the device thread keeps a core)
 
 
 class _Job:
@@ -82,6 +87,7 @@ class LocalWorker(api.Worker):
         self._stopping = False
         self._shutdown = False
         self._out: queue.Queue = queue.Queue()
+        self._encoder = concurrent.futures.ThreadPoolExecutor(_ENCODERS, thread_name_prefix="featureviz-png")
         self._sink = None
         self._device_thread = threading.Thread(target=self._run, name="featureviz-device", daemon=True)
         self._output_thread = threading.Thread(target=self._emit_loop, name="featureviz-events", daemon=True)
@@ -151,6 +157,7 @@ class LocalWorker(api.Worker):
         self._out.put(None)
         if self._output_thread.is_alive():
             self._output_thread.join()
+        self._encoder.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------------- events
 
@@ -172,9 +179,14 @@ class LocalWorker(api.Worker):
 
     def _finished(self, job_id: str, state: int, *, result=None, error=None) -> None:
         if result is not None:
+            encoded = self._encoder.submit(adapter.job_result, result)
+
             def make():
-                return api.WorkerEvent(api.FINISHED, job_id, state=state, result=adapter.job_result(result),
-                                       error=error)
+                try:
+                    return api.WorkerEvent(api.FINISHED, job_id, state=state, result=encoded.result(), error=error)
+                except Exception as exc:  # the job still ends, FAILED, and says why
+                    log.error("job %s: its result could not be encoded", job_id, exc_info=exc)
+                    return api.WorkerEvent(api.FINISHED, job_id, state=pb.JOB_STATE_FAILED, error=job_error(exc))
             self._emit(make)
         else:
             self._emit(api.WorkerEvent(api.FINISHED, job_id, state=state, error=error))
@@ -201,10 +213,14 @@ class LocalWorker(api.Worker):
         side = job.spec.preview_max_side or adapter.DEFAULT_PREVIEW_SIDE
         job_id = job.sub.job_id
 
+        def encode(images):
+            return [adapter.rendered(i, image, max_side=side) for i, image in enumerate(images)]
+
         def snapshot(step: int, images) -> None:
+            encoded = self._encoder.submit(encode, images)
+
             def make():
-                previews = [adapter.rendered(i, image, max_side=side) for i, image in enumerate(images)]
-                return api.WorkerEvent(api.PREVIEW, job_id, preview=pb.Preview(step=step, images=previews))
+                return api.WorkerEvent(api.PREVIEW, job_id, preview=pb.Preview(step=step, images=encoded.result()))
             self._emit(make)
         return snapshot
 

@@ -171,6 +171,31 @@ def test_16_concurrent_jobs_lose_and_repeat_no_event(batched):
         assert len(logged[-1].result.result.images) == 1
 
 
+def test_a_result_that_cannot_be_encoded_fails_its_job_and_the_others_end(batched, monkeypatch):
+    """Results are encoded off the device thread, side by side; one whose PNGs cannot be made ends FAILED (it used
+    to lose its FINISHED event and stay RUNNING), and the jobs around it end normally."""
+    from featureviz.worker import adapter
+
+    real = adapter.job_result
+    broken = []
+
+    def job_result(result):
+        if not broken:  # the first result to be encoded
+            broken.append(True)
+            raise OSError("the encoder broke")
+        return real(result)
+
+    monkeypatch.setattr(adapter, "job_result", job_result)
+    with Client(batched.address, timeout=60) as fv:
+        jobs = [fv.submit(batched.sha, CHANNEL, steps=3, size=32, seed=300 + i) for i in range(4)]
+        done = [fv.wait(j.id, timeout=120) for j in jobs]
+    states = sorted(pb.JobState.Name(d.state) for d in done)
+    assert states == ["JOB_STATE_FAILED"] + ["JOB_STATE_SUCCEEDED"] * 3, states
+    failed = next(d for d in done if d.state == pb.JOB_STATE_FAILED)
+    assert failed.error.code == "INTERNAL" and "OSError" in failed.error.message
+    assert all(len(images(d)) == 1 for d in done if d.state == pb.JOB_STATE_SUCCEEDED)
+
+
 def test_progress_is_coalesced_per_job_plus_the_last_step(tmp_path, tiny_onnx):
     config = ServerConfig(tmp_path, max_batch=16, progress_interval=3600.0)
     with serve_in_background(config) as running, Client(running.address, timeout=60) as fv:
