@@ -6,6 +6,8 @@ by default) the same set of single-image jobs (a channel of EfficientNet-Lite0 a
 submitted at once to each server in turn, and the run measures:
 
 - throughput: image-steps per second, from the first job's creation to the last job's end (server timestamps);
+- where that time goes: the admissions' spread, the last start, the first end and the ends' spread, and the share
+  of it the device thread spent in device steps ("device busy");
 - job latency: end - creation per job, p50 and p95;
 - the mean images per device step (the server's ``featureviz_batch_images`` histogram);
 
@@ -105,11 +107,18 @@ def run_level(server: Server, sha: str, jobs: int, steps: int, size: int, layer:
     if failed:
         raise RuntimeError(f"{len(failed)} jobs did not succeed: {failed[0].error}")
     created = [d.create_time.ToNanoseconds() / 1e9 for d in done]
+    started = [d.start_time.ToNanoseconds() / 1e9 for d in done]
     ended = [d.end_time.ToNanoseconds() / 1e9 for d in done]
     latency = sorted(e - c for c, e in zip(created, ended))
     after = server.mean_batch()
     images, count, device = after[0] - before[0], after[1] - before[1], after[2] - before[2]
-    return {"jobs": jobs, "seconds": max(ended) - min(created),
+    wall = max(ended) - min(created)
+    return {"jobs": jobs, "seconds": wall,
+            # where the wall time goes: the admissions' spread, the last start, the ends' spread (all from the
+            # first creation), and the share of the wall time the device thread spent in device steps
+            "created_spread": max(created) - min(created), "last_start": max(started) - min(created),
+            "first_end": min(ended) - min(created), "ended_spread": max(ended) - min(ended),
+            "device_busy": device / wall if wall > 0 else 0.0,
             "throughput": jobs * steps / (max(ended) - min(created)),
             "p50": statistics.median(latency), "p95": latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))],
             "images_per_step": images / count if count else 0.0,
@@ -182,6 +191,7 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "?"
     figures: dict = {"device": device_name(args.device), "commit": commit, "steps": args.steps, "size": args.size,
+                     "model": "EfficientNet-Lite0" if args.model is None else Path(args.model).name,
                      "layer": args.layer, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                      "levels": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,7 +238,7 @@ def main(argv=None) -> int:
 def report(figures: dict) -> str:
     lines = [f"### bench_batching.py: {figures['device']}, {figures['date']}, commit {figures['commit']}",
              "",
-             f"EfficientNet-Lite0, `{figures['layer']}` channel, {figures['size']} px, {figures['steps']} steps per "
+             f"{figures.get('model', 'EfficientNet-Lite0')}, `{figures['layer']}` channel, {figures['size']} px, {figures['steps']} steps per "
              f"single-image job; batched = `--max-batch {figures['max_batch']['batched']}`, solo = `--max-batch 1`. "
              "Ratios are batched / solo (throughput: higher is better; latency: lower is better).",
              "",
@@ -241,6 +251,15 @@ def report(figures: dict) -> str:
                      f"{b['throughput'] / s['throughput']:.2f}x | {b['p50']:.2f} | {s['p50']:.2f} | "
                      f"{b['p50'] / s['p50']:.2f}x | {b['p95']:.2f} | {s['p95']:.2f} | {b['p95'] / s['p95']:.2f}x | "
                      f"{b['images_per_step']:.1f} | {b['device_ms_per_image']:.1f} | {s['device_ms_per_image']:.1f} |")
+    lines += ["", "Where the batched server's wall time goes (seconds from the first job's creation; device busy = "
+                  "the device thread's time in device steps / wall):", "",
+              "| jobs | wall s | admissions spread s | last start s | first end s | ends spread s | device busy |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in figures["levels"]:
+        b = row["batched"]
+        if "created_spread" in b:
+            lines.append(f"| {row['jobs']} | {b['seconds']:.2f} | {b['created_spread']:.2f} | {b['last_start']:.2f} | "
+                         f"{b['first_end']:.2f} | {b['ended_spread']:.2f} | {b['device_busy']:.0%} |")
     if "phases" in figures:
         p = figures["phases"]
         lines += ["", f"Batched engine phases per device step at {max(r['jobs'] for r in figures['levels'])} images "
