@@ -15,7 +15,8 @@ resized to 224, preprocessed, forward), the judges' mean probability of the clas
   ``batch(i, logit:k)`` term per image.
 - featureviz variants (``--tools featureviz:VARIANT``): ``default`` (the engine's defaults), ``laplacian`` (lucid's
   Laplacian-pyramid parameterization), ``bilateral`` (``- W*bilateral`` added to the objective), ``blur``
-  (``- W*blur``), ``black`` (the standard stack with black beyond the grey pad: ``Pad(fill=0)``).
+  (``- W*blur``), ``black`` (the standard stack with black beyond the grey pad: ``Pad(fill=0)``), ``scalewide``
+  (the standard stack with random zooms 0.8..1.2 instead of 0.9..1.1).
 - Judges: the zoo's ONNX exports of Lite1 and Lite2 imported by featureviz and run by
   :func:`featureviz.engine.quality.judge_images` (the code behind ``--judge`` and ``featureviz evaluate``).
 
@@ -85,6 +86,10 @@ VARIANTS = {
     "black": {"transforms": [{"pad": {"width": 12, "value": 0.5, "fill": 0.0}}, {"jitter": {"pixels": 8}},
                              {"scale": {"factors": [1 + (i - 5) / 50 for i in range(11)]}},
                              {"rotate": {"degrees": list(range(-10, 11)) + [0] * 5}}, {"jitter": {"pixels": 4}}]},
+    # lucid's standard stack with twice its zoom range, 0.8..1.2 (judges at 240 and 260 px see the image enlarged)
+    "scalewide": {"transforms": [{"pad": {"width": 12, "value": 0.5}}, {"jitter": {"pixels": 8}},
+                                 {"scale": {"factors": [1 + (i - 5) / 25 for i in range(11)]}},
+                                 {"rotate": {"degrees": list(range(-10, 11)) + [0] * 5}}, {"jitter": {"pixels": 4}}]},
 }
 
 
