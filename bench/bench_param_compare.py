@@ -34,6 +34,8 @@ featureviz's own functions in the variant's process (nothing in the engine chang
   lucent and lucid do at 224 px (their model takes the transformed canvas at whatever size it has), instead of
   featureviz's 224 px window of the image at its own pixels.
 - ``featureviz:lucentlike``: all of the above at once (an emulation of lucent inside featureviz's engine).
+- ``featureviz:A+B`` (several details at once) and ``featureviz:lucentlike-X`` (all but X): which details lucent's
+  look needs together.
 - ``lucent``: lucent 0.1.8 itself, as in ``bench/bench_quality.py``.
 
 Usage::
@@ -162,13 +164,26 @@ def make_bench_transforms(*, black: bool, chain: bool, shared: bool):
     return factory
 
 
+LUCENTLIKE = frozenset({"relu0", "shared", "jitter0", "black", "chain", "canvas"})
+
+
+def variant_parts(variant: str) -> set:
+    """The details a variant switches: one name, ``A+B`` (several), ``lucentlike`` (all six) or ``lucentlike-X``
+    (all but X: which details lucent's look needs)."""
+    if variant == "lucentlike":
+        return set(LUCENTLIKE)
+    if variant.startswith("lucentlike-"):
+        return set(LUCENTLIKE - {variant.split("-", 1)[1]})
+    return set(variant.split("+"))
+
+
 @contextlib.contextmanager
 def ablation(variant: str):
     """Switch one detail of featureviz to lucid's / lucent's choice for the duration (see the module docstring)."""
     from featureviz.engine import batch as engine_batch
     from featureviz.engine import transforms as tf
 
-    parts = {"lucentlike": {"relu0", "shared", "jitter0", "black", "chain", "canvas"}}.get(variant, {variant})
+    parts = variant_parts(variant)
     saved = (engine_batch.Transforms, engine_batch.model_size, tf.Jitter.inverse)
     try:
         if parts & {"shared", "black", "chain"}:
@@ -335,7 +350,8 @@ def main(argv=None) -> int:
         return 0
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     for t in tools:
-        if t != "lucent" and (t.partition(":")[2] or "default") not in VARIANTS:
+        name = t.partition(":")[2] or "default"
+        if t != "lucent" and name not in VARIANTS and not variant_parts(name) <= LUCENTLIKE:
             raise SystemExit(f"unknown tool {t!r}; known: lucent, featureviz[:{'|'.join(VARIANTS)}]")
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = Path(args.parts)
