@@ -106,7 +106,7 @@ stage "pytest -m gpu" 150 "$RESULTS/pytest_gpu.txt" "$PY" -m pytest "${PYTEST[@]
 stage "bench_kernels.py" 75 "$RESULTS/kernels.md" "$PY" bench/bench_kernels.py "${KERNELS[@]}"
 # 4. one step outside the model vs the model's own forward + backward (goal: < 10%), under the shipping dispatch
 #    (auto: cuFFT above SPECTRUM_TRITON_MAX_BATCH images) and each kernel set forced
-stage "bench_step.py" 60 "$RESULTS/step.md" "$PY" bench/bench_step.py "${STEP[@]}"
+stage "bench_step.py" 90 "$RESULTS/step.md" "$PY" bench/bench_step.py "${STEP[@]}"
 # 5. batching through real servers: 64 concurrent jobs vs --max-batch 1 (goal: >= 20x throughput)
 stage "bench_batching.py" 180 "$RESULTS/batching.md" "$PY" bench/bench_batching.py "${BATCHING[@]}" \
   --json "$RESULTS/batching.json"
