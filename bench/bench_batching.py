@@ -119,7 +119,7 @@ def run_level(server: Server, sha: str, jobs: int, steps: int, size: int, layer:
             "created_spread": max(created) - min(created), "last_start": max(started) - min(created),
             "first_end": min(ended) - min(created), "ended_spread": max(ended) - min(ended),
             "device_busy": device / wall if wall > 0 else 0.0,
-            "throughput": jobs * steps / (max(ended) - min(created)),
+            "throughput": jobs * steps / wall,
             "p50": statistics.median(latency), "p95": latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))],
             "images_per_step": images / count if count else 0.0,
             "device_ms_per_image": 1000 * device / images if images else 0.0}

@@ -83,14 +83,23 @@ VARIANTS = {
     "bilateral": {},
     "blur": {},
     # lucid's standard stack with what comes in from beyond the grey pad black (lucid's rotation, lucent's kornia)
-    "black": {"transforms": [{"pad": {"width": 12, "value": 0.5, "fill": 0.0}}, {"jitter": {"pixels": 8}},
-                             {"scale": {"factors": [1 + (i - 5) / 50 for i in range(11)]}},
-                             {"rotate": {"degrees": list(range(-10, 11)) + [0] * 5}}, {"jitter": {"pixels": 4}}]},
+    "black": {"transforms": None},
     # lucid's standard stack with twice its zoom range, 0.8..1.2 (judges at 240 and 260 px see the image enlarged)
-    "scalewide": {"transforms": [{"pad": {"width": 12, "value": 0.5}}, {"jitter": {"pixels": 8}},
-                                 {"scale": {"factors": [1 + (i - 5) / 25 for i in range(11)]}},
-                                 {"rotate": {"degrees": list(range(-10, 11)) + [0] * 5}}, {"jitter": {"pixels": 4}}]},
+    "scalewide": {"transforms": None},
 }
+
+
+def standard_stack(*, fill: float | None = None, zoom: float = 0.1) -> list[dict]:
+    """lucid's standard transforms as a spec list (pad 12 grey, jitter 8, zoom 1 +- ``zoom`` in 11 steps, rotate
+    -10..10 plus five zeros, jitter 4), with ``fill`` beyond the pad."""
+    pad = {"width": 12, "value": 0.5} if fill is None else {"width": 12, "value": 0.5, "fill": fill}
+    return [{"pad": pad}, {"jitter": {"pixels": 8}},
+            {"scale": {"factors": [1 + (i - 5) * zoom / 5 for i in range(11)]}},
+            {"rotate": {"degrees": list(range(-10, 11)) + [0] * 5}}, {"jitter": {"pixels": 4}}]
+
+
+VARIANTS["black"]["transforms"] = standard_stack(fill=0.0)
+VARIANTS["scalewide"]["transforms"] = standard_stack(zoom=0.2)
 
 
 def featureviz_variant(name: str) -> dict:
