@@ -16,7 +16,8 @@ resized to 224, preprocessed, forward), the judges' mean probability of the clas
 - featureviz variants (``--tools featureviz:VARIANT``): ``default`` (the engine's defaults), ``laplacian`` (lucid's
   Laplacian-pyramid parameterization), ``bilateral`` (``- W*bilateral`` added to the objective), ``blur``
   (``- W*blur``), ``black`` (the standard stack with black beyond the grey pad: ``Pad(fill=0)``), ``scalewide``
-  (the standard stack with random zooms 0.8..1.2 instead of 0.9..1.1).
+  (the standard stack with random zooms 0.8..1.2 instead of 0.9..1.1), ``blackeach`` (black beyond the pad and
+  ``Resample("each")``: each step its own resample, lucid's and lucent's way).
 - Judges: the zoo's ONNX exports of Lite1 and Lite2 imported by featureviz and run by
   :func:`featureviz.engine.quality.judge_images` (the code behind ``--judge`` and ``featureviz evaluate``).
 
@@ -86,20 +87,24 @@ VARIANTS = {
     "black": {"transforms": None},
     # lucid's standard stack with twice its zoom range, 0.8..1.2 (judges at 240 and 260 px see the image enlarged)
     "scalewide": {"transforms": None},
+    # black beyond the pad and each step its own resample, as lucid and lucent apply the stack
+    "blackeach": {"transforms": None},
 }
 
 
-def standard_stack(*, fill: float | None = None, zoom: float = 0.1) -> list[dict]:
+def standard_stack(*, fill: float | None = None, zoom: float = 0.1, each: bool = False) -> list[dict]:
     """lucid's standard transforms as a spec list (pad 12 grey, jitter 8, zoom 1 +- ``zoom`` in 11 steps, rotate
-    -10..10 plus five zeros, jitter 4), with ``fill`` beyond the pad."""
+    -10..10 plus five zeros, jitter 4), with ``fill`` beyond the pad, resampled once or after ``each`` step."""
     pad = {"width": 12, "value": 0.5} if fill is None else {"width": 12, "value": 0.5, "fill": fill}
     return [{"pad": pad}, {"jitter": {"pixels": 8}},
             {"scale": {"factors": [1 + (i - 5) * zoom / 5 for i in range(11)]}},
-            {"rotate": {"degrees": list(range(-10, 11)) + [0] * 5}}, {"jitter": {"pixels": 4}}]
+            {"rotate": {"degrees": list(range(-10, 11)) + [0] * 5}}, {"jitter": {"pixels": 4}},
+            *([{"resample": {"mode": "each"}}] if each else [])]
 
 
 VARIANTS["black"]["transforms"] = standard_stack(fill=0.0)
 VARIANTS["scalewide"]["transforms"] = standard_stack(zoom=0.2)
+VARIANTS["blackeach"]["transforms"] = standard_stack(fill=0.0, each=True)
 
 
 def featureviz_variant(name: str) -> dict:

@@ -30,7 +30,9 @@ benchmarks import these functions and none copies them.
        out  = matrix @ s + bias  (per pixel, over channels)                  # (B, Co, Ho, Wo)
 
    Outside the input the sample is exactly ``border`` (a constant pad of value ``border``): the
-   bilinear weights of the in-bounds neighbours multiply ``p - border``.
+   bilinear weights of the in-bounds neighbours multiply ``p - border``. ``mode="nearest"`` (the reference
+   only) takes the nearest pixel instead: exact for whole-pixel translations (the jitter steps of a stack that
+   resamples after each step).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["spectrum_to_image", "affine_resample", "rfft2_freqs", "check_spectrum_args", "check_resample_args"]
+__all__ = ["spectrum_to_image", "affine_resample", "affine_grid", "rfft2_freqs", "check_spectrum_args",
+           "check_resample_args"]
 
 
 def rfft2_freqs(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -84,6 +87,7 @@ def affine_resample(
     border: float = 0.5,
     matrix: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    mode: str = "bilinear",
 ) -> torch.Tensor:
     """Bilinear resample of each image under its own inverse affine map, then a per-pixel colour map.
 
@@ -96,19 +100,31 @@ def affine_resample(
         border: the constant value of the image outside its bounds.
         matrix: (Co, C) colour map applied per pixel after sampling (channel order, grey, 1/std), or None.
         bias: (Co,) added after ``matrix`` (-mean/std), or None.
+        mode: ``"bilinear"``, or ``"nearest"`` (exact for whole-pixel translations).
 
     Returns:
         (B, Co, Ho, Wo).
     """
     check_resample_args(image, theta, size)
-    b, c = image.shape[:2]
-    grid = F.affine_grid(theta.to(image.dtype), [b, c, size[0], size[1]], align_corners=False)
-    out = F.grid_sample(image - border, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + border
+    grid = affine_grid(theta.to(image.dtype), size)
+    out = F.grid_sample(image - border, grid, mode=mode, padding_mode="zeros", align_corners=False) + border
     if matrix is not None:
         out = torch.einsum("oc,bchw->bohw", matrix.to(out.dtype), out)
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, -1, 1, 1)
     return out
+
+
+def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, Ho, Wo), align_corners=False)`` by broadcasting, a (B, Ho, Wo, 2) view:
+    the same numbers to float rounding, about 10x faster on a CPU (F.affine_grid's batched matmul of a
+    (B, Ho*Wo, 3) base grid by (3, 2) took 15 ms for 10 images of 248 px on one EPYC core, this 1.3 ms)."""
+    out_h, out_w = int(size[0]), int(size[1])
+    xs = (torch.arange(out_w, dtype=theta.dtype, device=theta.device) * 2 + 1) / out_w - 1
+    ys = (torch.arange(out_h, dtype=theta.dtype, device=theta.device) * 2 + 1) / out_h - 1
+    t = theta[:, :, None, None, :]  # (B, 2, 1, 1, 3)
+    grid = t[..., 0] * xs + t[..., 1] * ys[:, None] + t[..., 2]  # (B, 2, Ho, Wo): x and y
+    return grid.permute(0, 2, 3, 1)
 
 
 # Argument checks shared by the references and the Triton launchers, so both reject the same inputs the same way.

@@ -1,4 +1,4 @@
-"""Robustness transforms and model preprocessing as ONE affine resample per image.
+"""Robustness transforms and model preprocessing as one affine resample per image, or one per step.
 
 lucid's ``standard_transforms`` (pad 12, jitter 8, random scale 0.90..1.10, random rotation -10..10 degrees,
 jitter 4) followed by the resize to the model's input size are all affine maps, so they compose into one inverse
@@ -8,6 +8,11 @@ in one copy), and one bilinear resample (``featureviz.kernels.affine_resample``)
 same ``key`` resample together in one call (:meth:`Transforms.resample` with their matrices concatenated). A constant pad is exact as the
 resample's constant border; a reflect pad is applied to the image first. The model's preprocessing (channel
 order, grey for 1-channel models, mean and std) is a per-pixel affine colour map folded into the same call.
+
+``Resample("each")`` applies the random steps as lucid and lucent do instead: each step is its own bilinear
+resample of the padded canvas (the pad drawn into it, ``fill`` beyond it), then one more resample takes the view
+and the colour map. Each resample low-passes the image a little more, and the optimisation then puts the class
+evidence in coarser detail that other models recognise better (bench/RESULTS.md, issue 11).
 
 Coordinates: the forward map of each step acts on centred pixel coordinates of the padded canvas (x right,
 y down); a positive rotation turns the picture counter-clockwise as displayed. The output grid covers the
@@ -25,12 +30,14 @@ import torch.nn.functional as F
 
 from featureviz.errors import InvalidSpec
 from featureviz.kernels import affine_resample
+from featureviz.kernels import nearest_resample
 
 __all__ = [
     "Pad",
     "Jitter",
     "RandomScale",
     "RandomRotate",
+    "Resample",
     "STANDARD_TRANSFORMS",
     "TRANSFORMS",
     "Transforms",
@@ -96,6 +103,18 @@ class RandomRotate:
         return _rotation(-angle * (math.pi / 180.0))
 
 
+@dataclass(frozen=True)
+class Resample:
+    """How the random steps are applied: ``"once"`` composes them (and the resize) into one resample per image;
+    ``"each"`` resamples after every step, in order, on the padded canvas (lucid's and lucent's way: more
+    smoothing, one resample more per step)."""
+
+    mode: str = "once"
+
+
+RESAMPLE_MODES = ("once", "each")
+
+
 def _pick(u: torch.Tensor, n: int) -> torch.Tensor:
     """Indices 0..n-1, uniformly, from uniforms in [0, 1)."""
     return torch.floor(u * n).long().clamp_(max=n - 1)
@@ -135,19 +154,19 @@ def parse_transforms(spec, path: str = "transforms") -> tuple:
     ``{"scale": {"factors": [...]}}``, ``{"rotate": {"degrees": [...]}}`` dicts, or transform objects."""
     if isinstance(spec, str):
         if spec not in TRANSFORMS:
-            raise InvalidSpec(path, f"unknown transform stack {spec!r}; use one of {', '.join(TRANSFORMS)} "
+            raise InvalidSpec(path, f"unknown transform stack {spec[:40]!r}; use one of {', '.join(TRANSFORMS)} "
                                     f"or a list of steps")
         return TRANSFORMS[spec]
     if not isinstance(spec, (list, tuple)):
-        raise InvalidSpec(path, f"must be 'standard', 'none' or a list of steps, got {spec!r}")
+        raise InvalidSpec(path, f"must be 'standard', 'none' or a list of steps, got {type(spec).__name__}")
     steps = []
     for i, step in enumerate(spec):
         here = f"{path}[{i}]"
-        if isinstance(step, (Pad, Jitter, RandomScale, RandomRotate)):
+        if isinstance(step, (Pad, Jitter, RandomScale, RandomRotate, Resample)):
             steps.append(step)
             continue
         if not isinstance(step, dict) or len(step) != 1:
-            raise InvalidSpec(here, "must be an object with one key: pad, jitter, scale or rotate")
+            raise InvalidSpec(here, "must be an object with one key: pad, jitter, scale, rotate or resample")
         (kind, body), = step.items()
         body = body or {}
         if kind == "pad":
@@ -177,8 +196,15 @@ def parse_transforms(spec, path: str = "transforms") -> tuple:
                 raise InvalidSpec(f"{here}.scale.factors", f"must be > 0, got {min(values)}")
             steps.append(RandomScale(tuple(map(float, values))) if kind == "scale"
                          else RandomRotate(tuple(map(float, values))))
+        elif kind == "resample":
+            mode = body.get("mode", "once")
+            if mode not in RESAMPLE_MODES:
+                raise InvalidSpec(f"{here}.resample.mode", f"must be one of {', '.join(RESAMPLE_MODES)}, "
+                                                           f"got {str(mode)[:40]!r}")
+            steps.append(Resample(mode))
         else:
-            raise InvalidSpec(here, f"unknown transform {kind!r}; use pad, jitter, scale or rotate")
+            raise InvalidSpec(here, f"unknown transform {str(kind)[:40]!r}; use pad, jitter, scale, rotate or "
+                                    f"resample")
     _check_order(steps, path)
     return tuple(steps)
 
@@ -186,7 +212,11 @@ def parse_transforms(spec, path: str = "transforms") -> tuple:
 def _check_order(steps, path):
     seen_other = False
     values = set()
+    if sum(isinstance(step, Resample) for step in steps) > 1:
+        raise InvalidSpec(path, "at most one resample setting")
     for i, step in enumerate(steps):
+        if isinstance(step, Resample):
+            continue
         if isinstance(step, Pad):
             if seen_other:
                 raise InvalidSpec(f"{path}[{i}]", "pads must come before jitter, scale and rotate")
@@ -251,24 +281,35 @@ class Transforms:
         self.model_size = tuple(model_size)
         self.device = torch.device(device or "cpu")
         pads = [s for s in self.steps if isinstance(s, Pad)]
-        self.random_steps = [s for s in self.steps if not isinstance(s, Pad)]
+        self.random_steps = [s for s in self.steps if not isinstance(s, (Pad, Resample))]
+        # each step its own resample (only worth it when there are random steps)
+        self.each = bool(self.random_steps) and any(isinstance(s, Resample) and s.mode == "each"
+                                                    for s in self.steps)
         self.uniforms = sum(s.uniforms for s in self.random_steps)
         self.reflect = sum(p.width for p in pads if p.mode == "reflect")
         constant = sum(p.width for p in pads if p.mode == "constant")
         first = next((p for p in pads if p.mode == "constant" and p.width), Pad(0))
         self.pad_value = first.value
         self.border = first.value if first.fill is None else first.fill  # beyond the source
-        # a fill other than the pad's value: the constant pad becomes part of the source, the border beyond it
-        self.explicit = constant if self.border != first.value else 0
+        # a fill other than the pad's value, or a resample per step (the steps move the padded canvas): the
+        # constant pad becomes part of the source, the border beyond it
+        self.explicit = constant if self.border != first.value or self.each else 0
         h, w = self.image_size
         grown = self.reflect + self.explicit
         src_h, src_w = h + 2 * grown, w + 2 * grown  # what affine_resample samples
         canvas_h, canvas_w = src_h + 2 * (constant - self.explicit), src_w + 2 * (constant - self.explicit)
         view_h, view_w = _view(canvas_h, h, self.model_size[0]), _view(canvas_w, w, self.model_size[1])
+        # "each" with a view that is a whole-pixel window of the canvas (the model's input at the canvas's own
+        # pixels): a last jitter and the view are then one whole-pixel shift of the window, exactly (the window
+        # lies inside the canvas, so nothing the jitter moves out of the canvas could have been seen)
+        self._window = self.each and isinstance(self.random_steps[-1], Jitter) and \
+            (view_h, view_w) == self.model_size and (canvas_h - view_h) % 2 == 0 and (canvas_w - view_w) % 2 == 0
         # output normalised [-1, 1] -> canvas centred pixels; source centred pixels -> source normalised
         # built where the generator draws (the host for the engine's renders), then sent with the maps
         self._out_to_canvas = torch.diag(torch.tensor([view_w / 2, view_h / 2, 1.0]))
         self._src_from_canvas = torch.diag(torch.tensor([2 / src_w, 2 / src_h, 1.0]))
+        self._canvas_from_src = torch.diag(torch.tensor([src_w / 2, src_h / 2, 1.0]))  # "each": source = canvas
+        self._canvas_size = (src_h, src_w)
         matrix, bias = preprocess_map(preprocess, channels)
         # stacks with equal keys are the same function of (image, random draws): they may resample together
         self.key = (self.steps, self.shared, self.image_size, self.model_size, self.reflect, self.border,
@@ -287,14 +328,28 @@ class Transforms:
         return self.maps(self.draw(batch, generator))
 
     def maps(self, u: torch.Tensor) -> torch.Tensor:
-        """(B, 2, 3) inverse affine maps from (B, U) uniforms (of several renders with this ``key`` at once)."""
-        inv = self._src_from_canvas.to(u.device).expand(u.shape[0], 3, 3)
-        column = 0
-        for step in self.random_steps:  # forward M = S_n ... S_1, so M^-1 = S_1^-1 ... S_n^-1
-            inv = torch.bmm(inv, step.inverse(u[:, column: column + step.uniforms]))
+        """Inverse affine maps from (B, U) uniforms (of several renders with this ``key`` at once): (B, 2, 3),
+        output -> source normalised coordinates; with ``Resample("each")`` (B, n + 1, 2, 3), one map per random
+        step (canvas -> canvas, in order) and the view last (output -> canvas)."""
+        b = u.shape[0]
+        src_from_canvas = self._src_from_canvas.to(u.device).expand(b, 3, 3)
+        out_to_canvas = self._out_to_canvas.to(u.device).expand(b, 3, 3)
+        column, inverses = 0, []
+        for step in self.random_steps:
+            inverses.append(step.inverse(u[:, column: column + step.uniforms]))
             column += step.uniforms
+        if self.each:  # each step in normalised canvas coordinates, then the view (with the last jitter: window)
+            canvas_from_src = self._canvas_from_src.to(u.device).expand(b, 3, 3)
+            last = inverses.pop() if self._window else None
+            maps = [torch.bmm(torch.bmm(src_from_canvas, inv), canvas_from_src) for inv in inverses]
+            view = src_from_canvas if last is None else torch.bmm(src_from_canvas, last)
+            maps.append(torch.bmm(view, out_to_canvas))
+            return torch.stack(maps, 1)[:, :, :2, :]
+        inv = src_from_canvas
+        for step_inv in inverses:  # forward M = S_n ... S_1, so M^-1 = S_1^-1 ... S_n^-1
+            inv = torch.bmm(inv, step_inv)
         # bmm, not matmul: a (B, 3, 3) @ (3, 3) matmul folds into one tall mm that took ~20 ms on a CPU (MKL)
-        return torch.bmm(inv, self._out_to_canvas.to(u.device).expand(u.shape[0], 3, 3))[:, :2, :]
+        return torch.bmm(inv, out_to_canvas)[:, :2, :]
 
     def centred(self) -> "Transforms":
         """The deterministic part of this stack: the pads and the resize, without random steps (the geometry the
@@ -306,12 +361,20 @@ class Transforms:
         return self.resample(image, self.theta(image.shape[0], generator))
 
     def resample(self, image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """The stack under the given inverse maps (B, 2, 3): the images of several renders with this ``key`` and
-        their maps concatenated go through in one call."""
+        """The stack under the given inverse maps (from :meth:`maps`): the images of several renders with this
+        ``key`` and their maps concatenated go through in one call."""
         if self.reflect:
             image = F.pad(image, [self.reflect] * 4, mode="reflect")
         if self.explicit:
             image = F.pad(image, [self.explicit] * 4, value=self.pad_value)
         theta = theta.to(image.device, non_blocking=True)
+        if theta.dim() == 4:  # Resample("each"): the random steps one by one on the canvas, then the view
+            for i in range(theta.shape[1] - 1):  # a jitter is a whole-pixel shift: exact when nearest
+                sample = nearest_resample if isinstance(self.random_steps[i], Jitter) else affine_resample
+                image = sample(image, theta[:, i], self._canvas_size, border=self.border)
+            theta = theta[:, -1]
+            if self._window:
+                return nearest_resample(image, theta, self.model_size, border=self.border, matrix=self.matrix,
+                                        bias=self.bias)
         return affine_resample(image, theta, self.model_size, border=self.border, matrix=self.matrix,
                                bias=self.bias)

@@ -51,6 +51,8 @@ def _first_step(engine, slots, monkeypatch):
     return [(values[id(s)], [captured[id(p)] for p in s.params]) for s in slots]
 
 
+EACH = [{"pad": {"width": 12, "value": 0.5, "fill": 0}}, {"jitter": {"pixels": 8}}, {"scale": {"factors": [0.9, 1.1]}},
+        {"rotate": {"degrees": [-10, 10]}}, {"jitter": {"pixels": 4}}, {"resample": {"mode": "each"}}]
 SPECS = [
     dict(objective=chan(MID, 5), seed=1, batch=2),
     dict(objective={"sum": [chan(MID, 9), {"scale": {"factor": 5.0, "objective": {"diversity": {"layer": MID}}}}]},
@@ -58,6 +60,9 @@ SPECS = [
     dict(objective=chan(EARLY, 3), seed=3, batch=1, param="pixel"),
     dict(objective={"logit": {"index": 7}}, seed=4, batch=1, lr=0.02),
     dict(objective={"scale": {"factor": -1.0, "objective": {"tv": {}}}}, seed=5, batch=1, transforms="none"),
+    # two slots resampling after each step, in one call (their per-step maps concatenated)
+    dict(objective=chan(MID, 11), seed=6, batch=2, transforms=EACH),
+    dict(objective=chan(EARLY, 4), seed=7, batch=1, transforms=EACH),
 ]
 
 

@@ -11,6 +11,7 @@ from featureviz.engine.transforms import Jitter
 from featureviz.engine.transforms import Pad
 from featureviz.engine.transforms import RandomRotate
 from featureviz.engine.transforms import RandomScale
+from featureviz.engine.transforms import Resample
 from featureviz.engine.transforms import Transforms
 from featureviz.engine.transforms import parse_transforms
 from featureviz.engine.transforms import preprocess_map
@@ -138,11 +139,84 @@ def test_parse_transforms_specs_and_errors():
                               {"rotate": {"degrees": [0, 45]}}])
     assert steps == (Pad(4, "reflect"), Jitter(2), RandomRotate((0.0, 45.0)))
     assert parse_transforms([{"pad": {"width": 12, "value": 0.5, "fill": 0}}]) == (Pad(12, "constant", 0.5, 0.0),)
+    assert parse_transforms([{"jitter": {"pixels": 2}}, {"resample": {"mode": "each"}}]) == (Jitter(2),
+                                                                                              Resample("each"))
     for bad, field in [("fancy", "transforms"), ([{"jitter": {"pixels": -1}}], "transforms[0].jitter.pixels"),
                        ([{"scale": {"factors": [0]}}], "transforms[0].scale.factors"),
                        ([{"jitter": {"pixels": 1}}, {"pad": {}}], "transforms[1]"),
                        ([{"warp": {}}], "transforms[0]"), ([{"pad": {"fill": "black"}}], "transforms[0].pad.fill"),
-                       ([{"pad": {"fill": 0}}, {"pad": {"fill": 1}}], "transforms")]:
+                       ([{"pad": {"fill": 0}}, {"pad": {"fill": 1}}], "transforms"),
+                       ([{"resample": {"mode": "twice"}}], "transforms[0].resample.mode"),
+                       ([{"resample": {"mode": "each"}}, {"resample": {}}], "transforms")]:
         with pytest.raises(InvalidSpec) as err:
             parse_transforms(bad)
         assert err.value.field == field
+
+
+def _chain_by_hand(img, steps, u, model_size, fill):
+    """Resample("each") written out with torch's own affine_grid / grid_sample: the constant pad drawn, then
+    each random step a bilinear resample of the canvas in pixel coordinates (``fill`` beyond), then the view."""
+    pad = sum(s.width for s in steps if isinstance(s, Pad))
+    value = next(s.value for s in steps if isinstance(s, Pad))
+    x = F.pad(img, [pad] * 4, value=value) - fill
+    b, _, h, w = x.shape
+    to_px, from_px = torch.diag(torch.tensor([w / 2, h / 2, 1.0])), torch.diag(torch.tensor([2 / w, 2 / h, 1.0]))
+    column = 0
+    for step in [s for s in steps if isinstance(s, (Jitter, RandomScale, RandomRotate))]:
+        inv = step.inverse(u[:, column: column + step.uniforms])
+        column += step.uniforms
+        grid = F.affine_grid((from_px @ inv @ to_px)[:, :2], list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    view_h, view_w = min(h, model_size[0]), min(w, model_size[1])  # the image at its own pixels, or the canvas
+    if model_size[0] >= h:
+        view_h, view_w = h, w
+    view = (from_px @ torch.diag(torch.tensor([view_w / 2, view_h / 2, 1.0])))[None, :2].expand(b, 2, 3)
+    grid = F.affine_grid(view, [b, 3, *model_size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+
+@pytest.mark.parametrize("size,model_size", [((24, 24), (24, 24)), ((16, 16), (40, 40))])
+@pytest.mark.parametrize("fill", [0.0, None])
+def test_resample_each_applies_every_step_on_the_canvas_in_order(size, model_size, fill):
+    steps = (Pad(4, "constant", 0.5, fill), Jitter(4), RandomScale((0.8, 1.25)), RandomRotate((-30.0, 20.0)),
+             Jitter(2), Resample("each"))
+    t = Transforms(steps, size, model_size, IDENTITY)
+    img = image(b=3, h=size[0], w=size[1], seed=1).requires_grad_(True)
+    u = t.draw(3, torch.Generator().manual_seed(5))
+    out = t.resample(img, t.maps(u))
+    want = _chain_by_hand(img, steps, u, model_size, 0.5 if fill is None else fill)
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=0)
+    grad = torch.randn_like(out)
+    got, = torch.autograd.grad(out, img, grad)
+    ref, = torch.autograd.grad(want, img, grad)
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=0)
+    # and it is not the composed resample: the two blur differently (zoom then rotate, each bilinear)
+    once = Transforms(steps[:-1], size, model_size, IDENTITY)
+    assert (once.resample(img, once.maps(u)) - out).abs().max() > 0.05
+    assert once.key != t.key
+
+
+def test_resample_each_shifts_whole_pixels_exactly():
+    img = image(b=4, h=9, w=8, seed=2)
+    t = Transforms([Pad(2, "constant", 0.5, 0.0), Jitter(4), Jitter(2), Resample("each")], (9, 8), (13, 12), IDENTITY)
+    u = t.draw(4, torch.Generator().manual_seed(7))
+    out = t.resample(img, t.maps(u))
+    canvas = F.pad(img, [2] * 4, value=0.5)
+    for i in range(4):
+        shift = [Jitter(4).inverse(u[i:i + 1, 0:2]), Jitter(2).inverse(u[i:i + 1, 2:4])]
+        want = canvas[i]
+        for m in shift:  # each a shift of the 13 x 12 frame: what leaves it is lost, black comes in
+            dx, dy = -int(m[0, 0, 2]), -int(m[0, 1, 2])
+            moved = torch.zeros_like(want)
+            src = want[:, max(0, -dy):13 - max(0, dy), max(0, -dx):12 - max(0, dx)]
+            moved[:, max(0, dy):max(0, dy) + src.shape[1], max(0, dx):max(0, dx) + src.shape[2]] = src
+            want = moved
+        torch.testing.assert_close(out[i], want, atol=1e-5, rtol=0)  # the view's resample rounds a little
+
+
+def test_resample_each_without_random_steps_is_the_plain_view():
+    img = image(b=2, h=10, w=10)
+    each = Transforms([Pad(3, "constant", 0.5, 0.0), Resample("each")], (10, 10), (16, 16), IDENTITY)
+    once = Transforms([Pad(3, "constant", 0.5, 0.0)], (10, 10), (16, 16), IDENTITY)
+    assert not each.each
+    torch.testing.assert_close(each(img), once(img))

@@ -141,3 +141,27 @@ def test_kernel_at_224_on_gpu(assert_close):
                                                device="cuda")
     assert_close(out, ref, 1e-4, "output")
     assert_close(grad_image, ref_grad, 1e-4, "d image")
+
+
+@pytest.mark.parametrize("size", [(7, 9), (16, 16), (1, 5)])
+def test_reference_grid_is_torchs_affine_grid(size):
+    theta = _theta(5, gen=torch.Generator().manual_seed(4)).double()
+    want = torch.nn.functional.affine_grid(theta, [5, 3, *size], align_corners=False)
+    torch.testing.assert_close(reference.affine_grid(theta, size), want, atol=1e-12, rtol=0)
+
+
+def test_nearest_resample_moves_whole_pixels_exactly_with_the_border():
+    from featureviz.kernels import nearest_resample
+
+    img = torch.rand(3, 2, 6, 7, generator=torch.Generator().manual_seed(1))
+    shifts = [(2, -1), (0, 0), (-3, 2)]  # (x, y) pixels the picture moves
+    theta = torch.zeros(3, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    for i, (dx, dy) in enumerate(shifts):  # output -> input, normalised: x_in = x_out - 2 dx / W
+        theta[i, 0, 2], theta[i, 1, 2] = -2 * dx / 7, -2 * dy / 6
+    out = nearest_resample(img, theta, (6, 7), border=0.25)
+    for i, (dx, dy) in enumerate(shifts):
+        want = torch.full_like(img[i], 0.25)
+        src = img[i][:, max(0, -dy):6 - max(0, dy), max(0, -dx):7 - max(0, dx)]
+        want[:, max(0, dy):max(0, dy) + src.shape[1], max(0, dx):max(0, dx) + src.shape[2]] = src
+        assert torch.equal(out[i], want)
