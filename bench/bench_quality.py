@@ -13,11 +13,12 @@ resized to 224, preprocessed, forward), the judges' mean probability of the clas
   transform, the converted module as an ordinary NCHW torch model); each batch of classes is one ``render_vis``
   with one ``channel("<logits>", k, batch=i)`` objective per image. featureviz renders the same batch with one
   ``batch(i, logit:k)`` term per image.
-- featureviz variants (``--tools featureviz:VARIANT``): ``default`` (the engine's defaults), ``laplacian`` (lucid's
+- featureviz variants (``--tools featureviz:VARIANT``): ``default`` (the engine's defaults), ``composed`` (the
+  standard steps in one resample, grey beyond the pad: the default until 2026-12-01), ``laplacian`` (lucid's
   Laplacian-pyramid parameterization), ``bilateral`` (``- W*bilateral`` added to the objective), ``blur``
-  (``- W*blur``), ``black`` (the standard stack with black beyond the grey pad: ``Pad(fill=0)``), ``scalewide``
-  (the standard stack with random zooms 0.8..1.2 instead of 0.9..1.1), ``blackeach`` (black beyond the pad and
-  ``Resample("each")``: each step its own resample, lucid's and lucent's way).
+  (``- W*blur``), ``black`` (the composed stack with black beyond the grey pad: ``Pad(fill=0)``), ``scalewide``
+  (the composed stack with random zooms 0.8..1.2 instead of 0.9..1.1), ``blackeach`` (black beyond the pad and
+  ``Resample("each")``: each step its own resample, lucid's and lucent's way; the standard stack since 2026-12-01).
 - Judges: the zoo's ONNX exports of Lite1 and Lite2 imported by featureviz and run by
   :func:`featureviz.engine.quality.judge_images` (the code behind ``--judge`` and ``featureviz evaluate``).
 
@@ -80,6 +81,8 @@ def load_judges():
 
 VARIANTS = {
     "default": {},
+    # the standard steps in one composed resample, grey beyond the pad (the default until 2026-12-01)
+    "composed": {"transforms": "composed"},
     "laplacian": {"param": "laplacian"},
     "bilateral": {},
     "blur": {},

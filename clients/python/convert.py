@@ -37,7 +37,8 @@ OBJECTIVE_KINDS = tuple(f.name for f in pb.Objective.DESCRIPTOR.oneofs_by_name["
 # enum value <-> engine name; UNSPECIFIED means "engine default" and maps to no key at all
 PARAM_NAMES = {pb.PARAMETERIZATION_FFT: "fft", pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_MACO: "maco",
                pb.PARAMETERIZATION_LAPLACIAN: "laplacian"}
-TRANSFORM_NAMES = {pb.TRANSFORMS_STANDARD: "standard", pb.TRANSFORMS_NONE: "none"}
+TRANSFORM_NAMES = {pb.TRANSFORMS_STANDARD: "standard", pb.TRANSFORMS_COMPOSED: "composed",
+                   pb.TRANSFORMS_NONE: "none"}
 SCHEDULE_NAMES = {pb.LR_SCHEDULE_CONSTANT: "constant", pb.LR_SCHEDULE_COSINE: "cosine",
                   pb.LR_SCHEDULE_LINEAR: "linear"}
 

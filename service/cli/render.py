@@ -64,8 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decay", type=float, default=None,
                         help="spectrum exponent 1/f^decay (default 1.0 for fft, 1.4 for maco)")
     parser.add_argument("--lr", type=float, default=0.05, metavar="X", help="Adam learning rate (default 0.05)")
-    parser.add_argument("--transforms", choices=("standard", "none"), default="standard",
-                        help="robustness transforms (default standard: pad, jitter, scale, rotate)")
+    parser.add_argument("--transforms", choices=("standard", "composed", "none"), default="standard",
+                        help="robustness transforms (default standard: lucid's pad, jitter, scale, rotate, each "
+                             "step its own resample; composed: the same in one resample, cheaper on a CPU)")
     parser.add_argument("--init", default=None, metavar="IMAGE", help="start from this image file")
     parser.add_argument("--mean", type=parse_floats, default=None, metavar="R,G,B",
                         help=f"model preprocessing mean for images in [0, 1] (default ImageNet's "

@@ -4,15 +4,18 @@ lucid's ``standard_transforms`` (pad 12, jitter 8, random scale 0.90..1.10, rand
 jitter 4) followed by the resize to the model's input size are all affine maps, so they compose into one inverse
 affine matrix per image, drawn from an explicit ``torch.Generator`` (independent draws per image; the engine
 uses a CPU generator per render, so a device step of many renders builds its matrices on the host and sends them
-in one copy), and one bilinear resample (``featureviz.kernels.affine_resample``). Renders whose stacks have the
-same ``key`` resample together in one call (:meth:`Transforms.resample` with their matrices concatenated). A constant pad is exact as the
-resample's constant border; a reflect pad is applied to the image first. The model's preprocessing (channel
+in one copy), and one bilinear resample (``featureviz.kernels.affine_resample``): the ``"composed"`` stack.
+Renders whose stacks have the same ``key`` resample together in one call (:meth:`Transforms.resample` with their
+matrices concatenated). A constant pad is exact as the resample's constant border; a reflect pad is applied to
+the image first. The model's preprocessing (channel
 order, grey for 1-channel models, mean and std) is a per-pixel affine colour map folded into the same call.
 
 ``Resample("each")`` applies the random steps as lucid and lucent do instead: each step is its own bilinear
-resample of the padded canvas (the pad drawn into it, ``fill`` beyond it), then one more resample takes the view
-and the colour map. Each resample low-passes the image a little more, and the optimisation then puts the class
-evidence in coarser detail that other models recognise better (bench/RESULTS.md, issue 11).
+resample of the padded canvas (the pad drawn into it, ``fill`` beyond it; a jitter is a whole-pixel shift, taken
+exactly by the nearest pixel), then one more resample takes the view and the colour map. The ``"standard"`` stack
+is lucid's steps applied this way, with black beyond the grey pad: its class images keep their evidence in coarser
+detail, and other classifiers recognise them better than those of the composed resample (bench/RESULTS.md,
+issue 11).
 
 Coordinates: the forward map of each step acts on centred pixel coordinates of the padded canvas (x right,
 y down); a positive rotation turns the picture counter-clockwise as displayed. The output grid covers the
@@ -39,6 +42,7 @@ __all__ = [
     "RandomRotate",
     "Resample",
     "STANDARD_TRANSFORMS",
+    "COMPOSED_TRANSFORMS",
     "TRANSFORMS",
     "Transforms",
     "parse_transforms",
@@ -139,18 +143,23 @@ def _rotation(radians):
 
 
 # lucid optvis/transform.py standard_transforms; scales 1 + (i - 5) / 50, angles -10..10 plus five extra zeros
-STANDARD_TRANSFORMS = (
-    Pad(12, "constant", 0.5),
+_LUCID_STEPS = (
     Jitter(8),
     RandomScale(tuple(1 + (i - 5) / 50 for i in range(11))),
     RandomRotate(tuple(float(a) for a in range(-10, 11)) + (0.0,) * 5),
     Jitter(4),
 )
-TRANSFORMS = {"standard": STANDARD_TRANSFORMS, "none": ()}
+# applied as lucid and lucent apply them: each step its own resample, black beyond the grey pad (lucid's rotation,
+# lucent's kornia). Their class images transfer to other classifiers better than those of the composed stack below
+# (bench/RESULTS.md, issue 11: "Resample after each step").
+STANDARD_TRANSFORMS = (Pad(12, "constant", 0.5, 0.0), *_LUCID_STEPS, Resample("each"))
+# the same steps in one composed resample, grey beyond the pad: fewer resamples (cheaper on a CPU), finer detail
+COMPOSED_TRANSFORMS = (Pad(12, "constant", 0.5), *_LUCID_STEPS)
+TRANSFORMS = {"standard": STANDARD_TRANSFORMS, "composed": COMPOSED_TRANSFORMS, "none": ()}
 
 
 def parse_transforms(spec, path: str = "transforms") -> tuple:
-    """``"standard"``, ``"none"``, or a list of ``{"pad": {...}}``, ``{"jitter": {"pixels": N}}``,
+    """``"standard"``, ``"composed"``, ``"none"``, or a list of ``{"pad": {...}}``, ``{"jitter": {"pixels": N}}``,
     ``{"scale": {"factors": [...]}}``, ``{"rotate": {"degrees": [...]}}`` dicts, or transform objects."""
     if isinstance(spec, str):
         if spec not in TRANSFORMS:
@@ -158,7 +167,8 @@ def parse_transforms(spec, path: str = "transforms") -> tuple:
                                     f"or a list of steps")
         return TRANSFORMS[spec]
     if not isinstance(spec, (list, tuple)):
-        raise InvalidSpec(path, f"must be 'standard', 'none' or a list of steps, got {type(spec).__name__}")
+        raise InvalidSpec(path, f"must be one of {', '.join(TRANSFORMS)} or a list of steps, got "
+                                f"{type(spec).__name__}")
     steps = []
     for i, step in enumerate(spec):
         here = f"{path}[{i}]"
@@ -268,8 +278,8 @@ def _view(canvas: int, image: int, model: int) -> int:
 class Transforms:
     """The transform stack of one render: image (B, 3, H, W) in [0, 1] -> model input (B, Co, Ho, Wo).
 
-    Calling it draws one random affine map per image (or one for the batch when ``shared``) from ``generator``
-    and resamples once.
+    Calling it draws the random steps per image (or once for the batch when ``shared``) from ``generator`` and
+    resamples once, or once per random step plus the view with ``Resample("each")`` (the standard stack).
     """
 
     def __init__(self, steps, image_size: tuple[int, int], model_size: tuple[int, int], preprocess,

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from featureviz.engine.transforms import COMPOSED_TRANSFORMS
 from featureviz.engine.transforms import STANDARD_TRANSFORMS
 from featureviz.engine.transforms import Jitter
 from featureviz.engine.transforms import Pad
@@ -103,8 +104,8 @@ def test_resize_to_the_model_size_without_transforms():
     torch.testing.assert_close(out[:, :, 1:15, 1:15], want[:, :, 1:15, 1:15], atol=1e-5, rtol=0)
 
 
-def test_standard_stack_draws_per_image_and_follows_the_seed():
-    t = Transforms(STANDARD_TRANSFORMS, (64, 64), (96, 96), IDENTITY)
+def test_composed_stack_draws_per_image_and_follows_the_seed():
+    t = Transforms(COMPOSED_TRANSFORMS, (64, 64), (96, 96), IDENTITY)
     a = t.theta(16, torch.Generator().manual_seed(7))
     b = t.theta(16, torch.Generator().manual_seed(7))
     c = t.theta(16, torch.Generator().manual_seed(8))
@@ -134,6 +135,10 @@ def test_preprocess_map_folds_order_grey_and_normalisation():
 
 def test_parse_transforms_specs_and_errors():
     assert parse_transforms("standard") == STANDARD_TRANSFORMS
+    assert parse_transforms("composed") == COMPOSED_TRANSFORMS
+    # the standard stack is lucid's steps as lucid applies them, the composed one the same steps in one resample
+    assert STANDARD_TRANSFORMS[0] == Pad(12, "constant", 0.5, 0.0) and STANDARD_TRANSFORMS[-1] == Resample("each")
+    assert STANDARD_TRANSFORMS[1:-1] == COMPOSED_TRANSFORMS[1:] and COMPOSED_TRANSFORMS[0] == Pad(12)
     assert parse_transforms("none") == ()
     steps = parse_transforms([{"pad": {"width": 4, "mode": "reflect"}}, {"jitter": {"pixels": 2}},
                               {"rotate": {"degrees": [0, 45]}}])
@@ -220,3 +225,10 @@ def test_resample_each_without_random_steps_is_the_plain_view():
     once = Transforms([Pad(3, "constant", 0.5, 0.0)], (10, 10), (16, 16), IDENTITY)
     assert not each.each
     torch.testing.assert_close(each(img), once(img))
+
+
+def test_the_named_stacks_are_the_ones_the_clients_can_send():
+    from featureviz.client.convert import TRANSFORM_NAMES
+    from featureviz.engine.transforms import TRANSFORMS
+
+    assert sorted(TRANSFORMS) == sorted(TRANSFORM_NAMES.values())

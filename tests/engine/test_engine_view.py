@@ -3,6 +3,7 @@
 import torch
 
 from featureviz.engine.transforms import Pad
+from featureviz.engine.transforms import COMPOSED_TRANSFORMS
 from featureviz.engine.transforms import STANDARD_TRANSFORMS
 from featureviz.engine.transforms import Transforms
 from featureviz.importer import Preprocess
@@ -26,10 +27,11 @@ def test_the_model_input_never_shrinks_an_image_that_fits():
 
 def test_an_image_at_the_model_size_sees_its_pad_only_through_the_random_steps():
     """224 px on a 224 input: the centred geometry is the identity; jitter, zoom-out and rotation reach the pad."""
-    t = Transforms(STANDARD_TRANSFORMS, (224, 224), (224, 224), IDENTITY)
-    plain = t.centred()
     image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(plain(image, None), image, atol=1e-4, rtol=0)  # float32 grid coordinates
+    for stack in (STANDARD_TRANSFORMS, COMPOSED_TRANSFORMS):
+        plain = Transforms(stack, (224, 224), (224, 224), IDENTITY).centred()
+        torch.testing.assert_close(plain(image, None), image, atol=1e-4, rtol=0)  # float32 grid coordinates
+    t = Transforms(COMPOSED_TRANSFORMS, (224, 224), (224, 224), IDENTITY)
     theta = t.theta(64, torch.Generator().manual_seed(3))
     # the linear part is (1/s) R(-angle) on a 1:1 view: |det| = 1/s^2 in [1/1.1^2, 1/0.9^2]
     det = torch.det(theta[:, :, :2])

@@ -111,3 +111,11 @@ def test_dict_errors_name_the_field(spec, field):
 def test_bad_enum_names_are_rejected():
     with pytest.raises(InvalidSpec, match="unknown value 'cppn'"):
         spec_to_proto("m", {"tv": {}}, param="cppn")
+
+
+def test_every_transform_stack_has_its_enum_value():
+    from featureviz.client.convert import TRANSFORM_NAMES
+
+    for name in ("standard", "composed", "none"):
+        assert spec_from_proto(spec_to_proto("m", {"tv": {}}, transforms=name))["transforms"] == name
+    assert sorted(TRANSFORM_NAMES.values()) == ["composed", "none", "standard"]

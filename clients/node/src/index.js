@@ -35,7 +35,7 @@ const PARAMS = {
   fft: 'PARAMETERIZATION_FFT', pixel: 'PARAMETERIZATION_PIXEL', maco: 'PARAMETERIZATION_MACO',
   laplacian: 'PARAMETERIZATION_LAPLACIAN',
 };
-const TRANSFORMS = { standard: 'TRANSFORMS_STANDARD', none: 'TRANSFORMS_NONE' };
+const TRANSFORMS = { standard: 'TRANSFORMS_STANDARD', composed: 'TRANSFORMS_COMPOSED', none: 'TRANSFORMS_NONE' };
 const SCHEDULES = { constant: 'LR_SCHEDULE_CONSTANT', cosine: 'LR_SCHEDULE_COSINE', linear: 'LR_SCHEDULE_LINEAR' };
 const LOADER_OPTIONS = { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true };
 

@@ -37,6 +37,7 @@ class Transforms(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFORMS_UNSPECIFIED: _ClassVar[Transforms]
     TRANSFORMS_STANDARD: _ClassVar[Transforms]
     TRANSFORMS_NONE: _ClassVar[Transforms]
+    TRANSFORMS_COMPOSED: _ClassVar[Transforms]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ LR_SCHEDULE_LINEAR: LrSchedule
 TRANSFORMS_UNSPECIFIED: Transforms
 TRANSFORMS_STANDARD: Transforms
 TRANSFORMS_NONE: Transforms
+TRANSFORMS_COMPOSED: Transforms
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState

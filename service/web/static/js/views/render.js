@@ -161,7 +161,7 @@ export function optionsForm(defaults, { batch = false, extra = [] } = {}) {
     size: h("input", { type: "number", name: "size", min: 8, max: 1024, value: defaults.size }),
     param: h("select", { name: "param" }, ["fft", "pixel", "maco"].map((p) =>
       h("option", { value: p, selected: p === (defaults.param || "fft") }, p))),
-    transforms: h("select", { name: "transforms" }, ["standard", "none"].map((t) =>
+    transforms: h("select", { name: "transforms" }, ["standard", "composed", "none"].map((t) =>
       h("option", { value: t, selected: t === (defaults.transforms || "standard") }, t))),
     seed: h("input", { type: "number", name: "seed", min: 0, value: defaults.seed ?? 0 }),
     lr: h("input", { type: "number", name: "lr", min: 0.0001, step: "any", value: defaults.lr ?? 0.05 }),
