@@ -1,7 +1,8 @@
 """One visualization step, outside the model vs the model's own forward+backward, at the same batch and size.
 
 A step: spectrum -> image (``spectrum_to_image``), one random affine map per image built on the device,
-resample + normalization (``affine_resample``), a frozen model, a channel objective, backward to the
+resample + normalization (``affine_resample``) (``--transforms composed``; or the engine's own stack, e.g.
+``standard``: maps drawn on the host, a resample per random step), a frozen model, a channel objective, backward to the
 spectrum, an Adam update. Three timings per (model, batch, size, kernels):
 
 - ``model``: the frozen model alone, forward + backward to its input;
@@ -53,8 +54,17 @@ def random_theta(batch: int, generator: torch.Generator, device) -> torch.Tensor
 
 
 class Step:
-    def __init__(self, model, batch, size, device):
+    def __init__(self, model, batch, size, device, transforms="composed"):
         self.model, self.size, self.device = model, size, device
+        self.transforms = None  # composed: one random map per image, drawn on the device, one resample
+        if transforms != "composed":  # the engine's named stack (standard: a resample per random step)
+            from featureviz.engine.transforms import Transforms
+            from featureviz.engine.transforms import parse_transforms
+            from featureviz.importer import Preprocess
+
+            self.transforms = Transforms(parse_transforms(transforms), (size, size), (size, size),
+                                         Preprocess(mean=MEAN, std=STD), device=device)
+            self.draws = torch.Generator().manual_seed(0)  # the engine draws on the host
         gen = torch.Generator(device=device).manual_seed(0)
         self.gen = gen
         wf = size // 2 + 1
@@ -68,6 +78,8 @@ class Step:
 
     def outside(self):
         image = kernels.spectrum_to_image(self.spectrum, self.scale, self.color, (self.size, self.size))
+        if self.transforms is not None:
+            return self.transforms(image, self.draws)
         theta = random_theta(image.shape[0], self.gen, self.device)
         return kernels.affine_resample(image, theta, (self.size, self.size), border=0.5, matrix=self.matrix,
                                        bias=self.bias)
@@ -95,6 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default=None, help="GPU default 1,8,64,256; CPU 1")
     parser.add_argument("--sizes", default=None, help="GPU default 128,224,512; CPU 32")
     parser.add_argument("--kernels", default="triton,torch", help="FEATUREVIZ_KERNELS values to compare")
+    parser.add_argument("--transforms", default="composed",
+                        help="composed (one random map per image, drawn on the device) and/or the engine's named "
+                             "stacks, e.g. composed,standard (standard: a resample per random step)")
     parser.add_argument("--results", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -109,27 +124,28 @@ def main(argv=None) -> int:
             f"commit {commit.strip() or '?'}\n")
     if not HAS_CUDA:
         text += ("SMOKE RUN WITHOUT A GPU: CPU times, Triton through the interpreter; NOT performance figures.\n")
-    text += ("\n| model | batch | size | kernels | model fwd+bwd ms | outside ms | step ms | outside / model |\n"
-             "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    text += ("\n| model | batch | size | kernels | transforms | model fwd+bwd ms | outside ms | step ms | "
+             "outside / model |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     print(text, end="", flush=True)
     for model_name in models:
         model = getattr(torchvision.models, model_name)(weights=None).eval().to(device)
         model.requires_grad_(False)
         for size in sizes:
             for batch in batches:
-                for mode in args.kernels.split(","):
+                for mode, stack in [(m, t) for t in args.transforms.split(",") for m in args.kernels.split(",")]:
                     os.environ["FEATUREVIZ_KERNELS"] = mode
                     try:
-                        step = Step(model, batch, size, device)
+                        step = Step(model, batch, size, device, stack)
                         model_ms = bench_ms(step.run_model, reps=reps)
                         outside_ms = bench_ms(step.run_outside, reps=reps)
                         step_ms = bench_ms(step.run_step, reps=reps)
                     except torch.OutOfMemoryError:
-                        print(f"| {model_name} | {batch} | {size} | {mode} | out of memory | | | |", flush=True)
+                        print(f"| {model_name} | {batch} | {size} | {mode} | {stack} | out of memory | | | |",
+                              flush=True)
                         torch.cuda.empty_cache()
                         continue
-                    line = (f"| {model_name} | {batch} | {size} | {mode} | {model_ms:.2f} | {outside_ms:.2f} | "
-                            f"{step_ms:.2f} | {outside_ms / model_ms:.1%} |\n")
+                    line = (f"| {model_name} | {batch} | {size} | {mode} | {stack} | {model_ms:.2f} | "
+                            f"{outside_ms:.2f} | {step_ms:.2f} | {outside_ms / model_ms:.1%} |\n")
                     text += line
                     print(line, end="", flush=True)
     if args.results:

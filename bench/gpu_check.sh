@@ -88,13 +88,14 @@ SCALE=1
 if [ $DRY = 1 ]; then
   SCALE=4  # a shared CPU is slow and the point is the plumbing
   KERNELS=(--ops affine_resample --batches 1 --sizes 8)
-  STEP=(--models resnet18 --batches 1 --sizes 16 --kernels torch)
+  STEP=(--models resnet18 --batches 1 --sizes 16 --kernels torch --transforms composed,standard)
   BATCHING=(--levels 1,2 --steps 2 --size 64 --max-batch 4)
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
   VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
-  STEP=(--models resnet50 --batches 64 --sizes 224 --kernels auto,triton,torch)  # auto: what a render uses
+  # auto: what a render uses; standard: the engine's default stack (a resample per random step)
+  STEP=(--models resnet50 --batches 64 --sizes 224 --kernels auto,triton,torch --transforms composed,standard)
   BATCHING=(--levels 1,4,16,64 --steps 64 --size 224 --phases)
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
   VARIANTS=(--levels 1,64 --size 224 --steps 16)
