@@ -154,7 +154,8 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~10 s on 2 cores: the interpreter runs one step of both kernels, forward and backward
-def test_a_render_step_with_triton_matches_torch(tiny_model, monkeypatch, first_step, close_in_norm):
+@pytest.mark.parametrize("transforms", ["standard", "composed"])  # a resample per random step / one resample
+def test_a_render_step_with_triton_matches_torch(tiny_model, monkeypatch, first_step, close_in_norm, transforms):
     try:
         from featureviz.engine.render import RenderSpec
     except ImportError as exc:
@@ -163,7 +164,7 @@ def test_a_render_step_with_triton_matches_torch(tiny_model, monkeypatch, first_
 
     def spec():
         return RenderSpec(objective={"channel": {"layer": layer, "channel": 3}}, size=24, batch=2, seed=5,
-                          param="fft", transforms="standard", device="cpu")
+                          param="fft", transforms=transforms, device="cpu")
 
     calls = {"fft": 0, "resample": 0}
     for module, name, key in ((fft_image, "spectrum_to_image_forward", "fft"),
