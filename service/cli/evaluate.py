@@ -88,6 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.05, metavar="X", help="Adam learning rate (default 0.05)")
     parser.add_argument("--param", choices=("fft", "pixel", "maco", "laplacian"), default="fft")
     parser.add_argument("--decay", type=float, default=None)
+    parser.add_argument("--transforms", choices=("standard", "composed", "none"), default="standard",
+                        help="robustness transforms (default standard; composed: the same steps in one resample)")
     parser.add_argument("--mean", type=_floats, default=None, metavar="R,G,B", help="MODEL's preprocessing mean")
     parser.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="MODEL's preprocessing std")
     parser.add_argument("--bgr", action="store_true", help="MODEL takes BGR channel order")
@@ -137,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
     judges = load_judges(args.judge, judge_preprocess(args))
     report = evaluate_classes(model, judges, classes, seeds, objective=args.objective, steps=args.steps,
                               size=args.size, batch=args.batch, lr=args.lr, param=args.param, decay=args.decay,
-                              device=args.device, progress=None if args.json else _progress)
+                              transforms=args.transforms, device=args.device, progress=None if args.json else _progress)
     images = report.pop("images")
+    report["transforms"] = args.transforms
     if args.out:
         from pathlib import Path
 

@@ -190,6 +190,14 @@ def test_evaluate_command(paths, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert f"{name}: top-1 " in out and "spectrum_slope" in out
+    # the other stack renders other images from the same seed, and the report says which stack it was
+    rc = main(["evaluate", model, "--classes", "1,281", "--seeds", "0", "--steps", "2", "--size", "32",
+               *LITE_PREPROCESS, "--judge", judge, "--judge-mean", "0.498", "--judge-std", "0.502",
+               "--transforms", "composed", "--out", str(tmp_path / "composed"), "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["transforms"] == "composed" and report["transforms"] == "standard"
+    png = "class1_seed0.png"
+    assert (tmp_path / "composed" / png).read_bytes() != (tmp_path / "imgs" / png).read_bytes()
 
 
 def test_a_missing_judge_file_ends_with_one_line(paths, tmp_path, capsys):
