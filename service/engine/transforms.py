@@ -179,6 +179,8 @@ def parse_transforms(spec, path: str = "transforms") -> tuple:
             raise InvalidSpec(here, "must be an object with one key: pad, jitter, scale, rotate or resample")
         (kind, body), = step.items()
         body = body or {}
+        if not isinstance(body, dict):
+            raise InvalidSpec(f"{here}.{str(kind)[:40]}", f"must be an object of settings, got {type(body).__name__}")
         if kind == "pad":
             width, mode, value = body.get("width", 12), body.get("mode", "constant"), body.get("value", 0.5)
             fill = body.get("fill")

@@ -152,7 +152,8 @@ def test_parse_transforms_specs_and_errors():
                        ([{"warp": {}}], "transforms[0]"), ([{"pad": {"fill": "black"}}], "transforms[0].pad.fill"),
                        ([{"pad": {"fill": 0}}, {"pad": {"fill": 1}}], "transforms"),
                        ([{"resample": {"mode": "twice"}}], "transforms[0].resample.mode"),
-                       ([{"resample": {"mode": "each"}}, {"resample": {}}], "transforms")]:
+                       ([{"resample": {"mode": "each"}}, {"resample": {}}], "transforms"),
+                       ([{"resample": "each"}], "transforms[0].resample"), ([{"pad": 5}], "transforms[0].pad")]:
         with pytest.raises(InvalidSpec) as err:
             parse_transforms(bad)
         assert err.value.field == field
