@@ -107,7 +107,16 @@ def affine_resample(
     """
     check_resample_args(image, theta, size)
     grid = affine_grid(theta.to(image.dtype), size)
-    out = F.grid_sample(image - border, grid, mode=mode, padding_mode="zeros", align_corners=False) + border
+    b, c = image.shape[:2]
+    if b == 1 and c > 1 and not image.is_cuda and torch.get_num_threads() > 1:
+        # one image on a CPU: torch's grid_sample spreads its work over the batch only (its backward at
+        # least), so sample the channels as a batch of one-channel images sharing the grid (stride 0): the same
+        # numbers, 1.5x faster on 2 threads (2.8 -> 1.85 ms forward + backward at 248 px)
+        flat = F.grid_sample((image - border).view(c, 1, *image.shape[2:]), grid.expand(c, *grid.shape[1:]),
+                             mode=mode, padding_mode="zeros", align_corners=False)
+        out = flat.view(1, c, *flat.shape[2:]) + border
+    else:
+        out = F.grid_sample(image - border, grid, mode=mode, padding_mode="zeros", align_corners=False) + border
     if matrix is not None:
         out = torch.einsum("oc,bchw->bohw", matrix.to(out.dtype), out)
     if bias is not None:

@@ -165,3 +165,21 @@ def test_nearest_resample_moves_whole_pixels_exactly_with_the_border():
         src = img[i][:, max(0, -dy):6 - max(0, dy), max(0, -dx):7 - max(0, dx)]
         want[:, max(0, dy):max(0, dy) + src.shape[1], max(0, dx):max(0, dx) + src.shape[2]] = src
         assert torch.equal(out[i], want)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_reference_samples_one_image_the_same_way_on_any_thread_count(mode):
+    """One CPU image on several threads is sampled as a batch of one-channel images: the same numbers."""
+    image = torch.rand(1, 3, 20, 17, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    theta = _theta(1, gen=torch.Generator().manual_seed(5))
+    grad = torch.randn(1, 3, 15, 16, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = reference.affine_resample(image, theta, (15, 16), border=0.2, mode=mode)
+            results.append((out, *torch.autograd.grad(out, image, grad)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
