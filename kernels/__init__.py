@@ -100,5 +100,5 @@ def nearest_resample(
 ) -> torch.Tensor:
     """``affine_resample`` with the nearest pixel instead of bilinear weights: exact for whole-pixel
     translations (the jitter steps of a stack that resamples after each step), where bilinear sampling gives the
-    same numbers at three times the cost. The torch reference on every device."""
+    same numbers at two to three times the cost. The torch reference on every device."""
     return reference.affine_resample(image, theta, size, border=border, matrix=matrix, bias=bias, mode="nearest")
