@@ -61,12 +61,13 @@ describe('schedule', () => {
     assert.equal(done.result.stepsDone, done.result.stoppedAt);
   });
 
-  it('featureviz-node render passes --schedule, --warmup and the plateau options; bad ones are refused', TIMEOUT,
+  it('featureviz-node render passes --schedule, --warmup, the plateau options and --transforms; bad ones are refused',
+    TIMEOUT,
     async () => {
       const out = path.join(work, 'out');
       const ok = await runCli(['--server', server.address, 'render', files[0], 'logit:2', '--steps', '3',
         '--size', '16', '--schedule', 'linear', '--warmup', '1', '--stop-at-plateau', '0.001',
-        '--plateau-window', '40', '--out', out]);
+        '--plateau-window', '40', '--transforms', 'composed', '--out', out]);
       assert.equal(ok.code, 0, ok.stderr);
       const id = /job (\S+):/.exec(ok.stderr)[1];
       const job = await fv.getJob(id);
@@ -74,6 +75,7 @@ describe('schedule', () => {
       assert.equal(job.spec.lrWarmup, 1);
       assert.equal(job.spec.plateau, 0.001);
       assert.equal(job.spec.plateauWindow, 40);
+      assert.equal(job.spec.transforms, 'TRANSFORMS_COMPOSED');
       const bad = await runCli(['--server', server.address, 'render', files[0], 'logit:2', '--steps', '3',
         '--stop-at-plateau', '1.5']);
       assert.equal(bad.code, 1);

@@ -9,7 +9,8 @@
  *       upload FILE.onnx [--name NAME]        upload a model, print its sha256
  *       layers MODEL [--filter S] [--spatial] the layer catalog: name, op, shape, channels
  *       render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
- *              [--param fft|pixel|maco|laplacian] [--exclusive] [--judge MODEL] [--out DIR]
+ *              [--param fft|pixel|maco|laplacian] [--transforms standard|composed|none] [--exclusive]
+ *              [--judge MODEL] [--out DIR]
  *              [--schedule constant|cosine|linear] [--warmup N] [--stop-at-plateau GAIN] [--plateau-window N]
  *                                             optimise an image for channel C of LAYER (or class K), write
  *                                             PNGs to DIR (--exclusive: never share a device step; bitwise
@@ -35,7 +36,8 @@ commands:
   upload FILE.onnx [--name NAME]          upload a model and print its sha256
   layers MODEL [--filter S] [--spatial]   list the layer catalog
   render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
-         [--param fft|pixel|maco|laplacian] [--exclusive] [--judge MODEL] [--out DIR]
+         [--param fft|pixel|maco|laplacian] [--transforms standard|composed|none] [--exclusive]
+         [--judge MODEL] [--out DIR]
          [--schedule constant|cosine|linear] [--warmup N] [--stop-at-plateau GAIN] [--plateau-window N]
                                           render channel C of LAYER (or class K) and write PNGs to DIR
                                           (default .); --judge: a classifier that ranks the class in each image;
@@ -61,6 +63,7 @@ const OPTIONS = {
   seed: { type: 'string' },
   batch: { type: 'string' },
   param: { type: 'string' },
+  transforms: { type: 'string' },
   exclusive: { type: 'boolean' },
   judge: { type: 'string' },
   schedule: { type: 'string' },
@@ -160,6 +163,7 @@ const COMMANDS = {
       seed: integer(opts.seed, 'seed'),
       batch: integer(opts.batch, 'batch'),
       param: opts.param,
+      transforms: opts.transforms,
       exclusive: Boolean(opts.exclusive),
       lrSchedule: opts.schedule,
       lrWarmup: integer(opts.warmup, 'warmup'),
