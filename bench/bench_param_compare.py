@@ -27,9 +27,11 @@ featureviz's own functions in the variant's process (nothing in the engine chang
 - ``featureviz:jitter0``: lucent's jitter, shifts 0..d-1 (kornia ``translate`` by ``np.random.choice(d)``: never
   negative), instead of lucid's centred crop offsets (featureviz: -d/2..d/2).
 - ``featureviz:black``: what jitter, rotation and zoom-out bring in from beyond the 12 px grey pad is black
-  (lucent: kornia and ``F.pad`` fill zeros; lucid: its rotation fills zeros) instead of grey 0.5.
+  (lucent: kornia and ``F.pad`` fill zeros; lucid: its rotation fills zeros) instead of grey 0.5 (``Pad(fill=0)``).
 - ``featureviz:chain``: the random steps as separate bilinear resamples in lucent's order (translate, scale,
-  rotate, translate, then the view), each on the padded canvas, instead of featureviz's one composed resample.
+  rotate, translate, then the view), each on the padded canvas, instead of one composed resample
+  (``Resample("each")``). Since 2026-12-01 the engine's standard stack has both black and chain: against the
+  default these two now change nothing; run them on ``transforms="composed"`` to see them.
 - ``featureviz:canvas``: the model sees the whole padded canvas at its own pixels (224 + 2 x 12 = 248 px), as
   lucent and lucid do at 224 px (their model takes the transformed canvas at whatever size it has), instead of
   featureviz's 224 px window of the image at its own pixels.
@@ -108,58 +110,24 @@ def _lucent_jitter_inverse(self, u):
 
 
 def make_bench_transforms(*, black: bool, chain: bool, shared: bool):
-    """A subclass of featureviz's Transforms for the ``black`` / ``chain`` / ``shared`` ablations."""
+    """A factory of featureviz's Transforms for the ``black`` / ``chain`` / ``shared`` ablations, through the engine's
+    own options: black beyond a constant pad (``Pad(fill=0)``), each step its own resample (``Resample("each")``,
+    lucent's chain), one random draw for the batch. On a stack that already has them they change nothing."""
+    import dataclasses
+
     from featureviz.engine import transforms as tf
 
-    class BenchTransforms(tf.Transforms):
-        def __init__(self, steps, image_size, model_size, preprocess, channels=3, *, device=None, shared_=False):
-            steps = tuple(steps)
-            self.canvas_pad = sum(s.width for s in steps if isinstance(s, tf.Pad) and s.mode == "constant")
-            self.pad_value = next((s.value for s in steps if isinstance(s, tf.Pad) and s.mode == "constant"), 0.5)
-            if black or chain:  # the grey pad becomes part of the source: beyond it, the fill
-                steps = tuple(tf.Pad(s.width, "reflect") if isinstance(s, tf.Pad) and s.mode == "constant" else s
-                              for s in steps)
-            super().__init__(steps, image_size, model_size, preprocess, channels, device=device,
-                             shared=shared or shared_)
-            self.fill = 0.0 if black else self.pad_value
-            self.key = (*self.key, "bench", black, chain)
-
-        def maps(self, u):
-            if chain:
-                return u  # the draws themselves: resample applies the steps one by one
-            return super().maps(u)
-
-        def _padded(self, image):
-            if not self.canvas_pad:
-                return image
-            return F.pad(image, [self.canvas_pad] * 4, mode="constant", value=self.pad_value)
-
-        def resample(self, image, theta):
-            if not (black or chain):
-                return super().resample(image, theta)
-            if not chain:
-                return tf.affine_resample(self._padded(image), theta.to(image.device), self.model_size,
-                                          border=self.fill, matrix=self.matrix, bias=self.bias)
-            u = theta.to(image.device)
-            x = self._padded(image) - self.fill  # grid_sample's zero padding is then the fill
-            b, _, ch, cw = x.shape
-            to_px = torch.diag(torch.tensor([cw / 2, ch / 2, 1.0]))
-            from_px = torch.diag(torch.tensor([2 / cw, 2 / ch, 1.0]))
-            column = 0
-            for step in self.random_steps:  # lucent's order: each step its own bilinear resample
-                inv = step.inverse(u[:, column: column + step.uniforms].cpu())
-                column += step.uniforms
-                theta_n = (from_px @ inv @ to_px)[:, :2, :].to(x.dtype)
-                grid = F.affine_grid(theta_n, list(x.shape), align_corners=False)
-                x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            # the view: the same window / resize as featureviz's own stack, without random steps
-            view = (from_px @ self._out_to_canvas)[None, :2, :].expand(b, 2, 3).to(x.dtype)
-            grid = F.affine_grid(view, [b, x.shape[1], *self.model_size], align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + self.fill
-            return torch.einsum("oc,bchw->bohw", self.matrix, x) + self.bias.view(1, -1, 1, 1)
+    one_draw = shared
 
     def factory(steps, image_size, model_size, preprocess, channels=3, *, device=None, shared=False):
-        return BenchTransforms(steps, image_size, model_size, preprocess, channels, device=device, shared_=shared)
+        steps = tuple(steps)
+        if black:
+            steps = tuple(dataclasses.replace(s, fill=0.0) if isinstance(s, tf.Pad) and s.mode == "constant" else s
+                          for s in steps)
+        if chain:
+            steps = (*(s for s in steps if not isinstance(s, tf.Resample)), tf.Resample("each"))
+        return tf.Transforms(steps, image_size, model_size, preprocess, channels, device=device,
+                             shared=shared or one_draw)
 
     return factory
 
