@@ -31,7 +31,7 @@ featureviz's own functions in the variant's process (nothing in the engine chang
 - ``featureviz:chain``: the random steps as separate bilinear resamples in lucent's order (translate, scale,
   rotate, translate, then the view), each on the padded canvas, instead of one composed resample
   (``Resample("each")``). Since 2026-12-01 the engine's standard stack has both black and chain: against the
-  default these two now change nothing; run them on ``transforms="composed"`` to see them.
+  default these two now change nothing (bench/RESULTS.md's figures for them were measured on the composed stack).
 - ``featureviz:canvas``: the model sees the whole padded canvas at its own pixels (224 + 2 x 12 = 248 px), as
   lucent and lucid do at 224 px (their model takes the transformed canvas at whatever size it has), instead of
   featureviz's 224 px window of the image at its own pixels.
