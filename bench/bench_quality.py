@@ -40,6 +40,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -302,23 +303,29 @@ def main(argv=None) -> int:
     # each tool renders in its own process, all at once: one run, the same background load for every tool
     import tempfile
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    folder = Path(tempfile.mkdtemp(prefix="bench-quality-"))  # the renders; removed once loaded (or on a failure)
     argv = sys.argv[1:] if argv is None else list(argv)
     children = {}
     load = [os.getloadavg()[0]]
     began = time.perf_counter()
-    for tool in tools:
-        path = folder / f"{tool.replace(':', '_')}.pt"
-        children[tool] = (subprocess.Popen([sys.executable, __file__, *argv, "--child", f"{tool}={path}"]), path)
-    for tool, (child, _) in children.items():
-        if child.wait() != 0:
-            raise SystemExit(f"the {tool} renders failed (exit {child.returncode})")
+    try:
+        for tool in tools:
+            path = folder / f"{tool.replace(':', '_')}.pt"
+            children[tool] = (subprocess.Popen([sys.executable, __file__, *argv, "--child", f"{tool}={path}"]), path)
+        for tool, (child, _) in children.items():
+            if child.wait() != 0:
+                raise SystemExit(f"the {tool} renders failed (exit {child.returncode})")
+        renders = {tool: torch.load(path, weights_only=False) for tool, (_, path) in children.items()}
+    finally:
+        for child, _ in children.values():
+            child.kill()
+        shutil.rmtree(folder, ignore_errors=True)
     load.append(os.getloadavg()[0])
     trunc = model.truncate([model.logits])
     judges = load_judges()
     records = {t: {s: [] for s in args.checkpoints} for t in tools}
-    for tool, (_, path) in children.items():
-        for run in torch.load(path, weights_only=False):
+    for tool, runs in renders.items():
+        for run in runs:
             chunk, seed = run["classes"], run["seed"]
             for step in args.checkpoints:
                 images = run["images"][step]

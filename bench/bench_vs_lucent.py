@@ -232,7 +232,11 @@ def run_processes(args, model, layers: list[str]) -> dict:
 
     from featureviz import zoo
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-vs-lucent-"))
+    with tempfile.TemporaryDirectory(prefix="bench-vs-lucent-") as tmp:  # removed after, also on a failure
+        return _run_processes(args, model, layers, Path(tmp), zoo)
+
+
+def _run_processes(args, model, layers: list[str], folder: Path, zoo) -> dict:
     module_path = folder / "module.pt"
     # lucent loads the same converted graph featureviz caches (portable modules: torch.load needs no onnx2torch)
     torch.save(copy.deepcopy(model.module).to(memory_format=torch.contiguous_format), module_path)
