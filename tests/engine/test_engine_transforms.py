@@ -220,6 +220,30 @@ def test_resample_each_shifts_whole_pixels_exactly():
         torch.testing.assert_close(out[i], want, atol=1e-5, rtol=0)  # the view's resample rounds a little
 
 
+def test_standard_stack_jitters_and_view_are_slices_with_the_grids_numbers(monkeypatch):
+    """At 224 px on a 224 px model the standard stack's two jitters and its view (a 224 px window of the 248 px
+    canvas) are whole-pixel translations in float32: on a CPU they take the slicing path, and the stack gives the
+    numbers of the grid path, forward and gradient."""
+    from featureviz.engine.transforms import STANDARD_TRANSFORMS
+    from featureviz.kernels import reference
+
+    t = Transforms(STANDARD_TRANSFORMS, (224, 224), (224, 224), IDENTITY)
+    theta = t.maps(t.draw(3, torch.Generator().manual_seed(3)))
+    assert theta.dtype == torch.float32 and t._window
+    assert reference.whole_pixel_shifts(theta[:, 0], (248, 248), (248, 248)) is not None  # jitter 8
+    assert reference.whole_pixel_shifts(theta[:, 1], (248, 248), (248, 248)) is None  # the zoom
+    assert reference.whole_pixel_shifts(theta[:, -1], (248, 248), (224, 224)) is not None  # jitter 4 + view
+    img = image(b=3, h=224, w=224, seed=4).requires_grad_(True)
+    sliced = t.resample(img, theta)
+    grad = torch.randn_like(sliced)
+    g_sliced, = torch.autograd.grad(sliced, img, grad)
+    monkeypatch.setattr(reference, "SHIFT_MAX_BATCH", 0)  # every nearest resample through grid_sample
+    gridded = t.resample(img, theta)
+    g_gridded, = torch.autograd.grad(gridded, img, grad)
+    torch.testing.assert_close(sliced, gridded, atol=1e-6, rtol=0)
+    torch.testing.assert_close(g_sliced, g_gridded, atol=1e-5, rtol=0)
+
+
 def test_resample_each_without_random_steps_is_the_plain_view():
     img = image(b=2, h=10, w=10)
     each = Transforms([Pad(3, "constant", 0.5, 0.0), Resample("each")], (10, 10), (16, 16), IDENTITY)

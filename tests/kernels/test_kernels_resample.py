@@ -167,6 +167,55 @@ def test_nearest_resample_moves_whole_pixels_exactly_with_the_border():
         assert torch.equal(out[i], want)
 
 
+def _grid_nearest(image, theta, size, border, matrix, bias):
+    """torch's own nearest resample, written out (the grid path the slices replace)."""
+    grid = torch.nn.functional.affine_grid(theta, [image.shape[0], image.shape[1], *size], align_corners=False)
+    out = torch.nn.functional.grid_sample(image - border, grid, mode="nearest", padding_mode="zeros",
+                                          align_corners=False) + border
+    return torch.einsum("oc,bchw->bohw", matrix, out) + bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("in_size,out_size", [((30, 26), (30, 26)), ((30, 26), (22, 20)), ((12, 14), (18, 16))])
+def test_whole_pixel_translations_are_slices_with_torchs_numbers(in_size, out_size):
+    """Nearest resamples of whole-pixel translations at the input's pixel size (the jitters and the view of the
+    standard stack) take the slicing path on a CPU: the numbers of torch's grid_sample, forward and gradient,
+    including windows that leave the image (border) and offsets with float noise."""
+    gen = torch.Generator().manual_seed(7)
+    (h, w), (oh, ow) = in_size, out_size
+    image = torch.rand(4, 3, h, w, generator=gen, dtype=torch.float64).requires_grad_(True)
+    offsets = [(0, 0), (3, -2), (-h, 5), (-4, w - 1)]  # (dy, dx): the second-last and last reach past the image
+    theta = torch.zeros(4, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 1, 1] = ow / w, oh / h
+    for i, (dy, dx) in enumerate(offsets):  # pixel offset -> normalised translation, with float noise
+        theta[i, 0, 2] = (2 * dx - w + ow) / w + 1e-7 * (i - 1)
+        theta[i, 1, 2] = (2 * dy - h + oh) / h - 1e-7 * i
+    assert reference.whole_pixel_shifts(theta, (h, w), out_size) == offsets
+    matrix = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64)
+    grad = torch.randn(4, 3, oh, ow, generator=gen, dtype=torch.float64)
+    out = reference.affine_resample(image, theta, out_size, border=0.3, matrix=matrix, bias=bias, mode="nearest")
+    want = _grid_nearest(image, theta, out_size, 0.3, matrix, bias)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(out, image, grad)[0], torch.autograd.grad(want, image, grad)[0],
+                               atol=1e-12, rtol=0)
+
+
+def test_maps_that_are_not_whole_pixel_translations_keep_the_grid():
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]).repeat(3, 1, 1)
+    assert reference.whole_pixel_shifts(theta, (10, 10), (10, 10)) == [(0, 0)] * 3
+    half = theta.clone()
+    half[1, 0, 2] = 0.06  # 0.3 px at 10 px
+    turned = theta.clone()
+    turned[2, 0, 1] = 0.01
+    zoomed = theta * 1.1
+    for t in (half, turned, zoomed):
+        assert reference.whole_pixel_shifts(t, (10, 10), (10, 10)) is None
+    image = torch.rand(3, 2, 10, 10, generator=torch.Generator().manual_seed(2))
+    eye, zero = torch.eye(2), torch.zeros(2)
+    torch.testing.assert_close(reference.affine_resample(image, half, (10, 10), border=0.1, mode="nearest"),
+                               _grid_nearest(image, half, (10, 10), 0.1, eye, zero), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_reference_samples_one_image_the_same_way_on_any_thread_count(mode):
     """One CPU image on several threads is sampled as a batch of one-channel images: the same numbers."""
