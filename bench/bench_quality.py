@@ -115,7 +115,7 @@ def featureviz_variant(name: str) -> dict:
     """RenderSpec options of a featureviz variant (objective terms are added by ``objective_terms``). Besides the
     named ones, a variant may be an optimizer setting: ``-``-separated tokens among a schedule name (``constant``,
     ``cosine``, ``linear``), ``lrX`` (the rate), ``warmN`` (warm-up steps), ``plateauX`` and ``windowN`` (the early
-    stop), e.g. ``featureviz:cosine-lr0.1-warm8``."""
+    stop), ``decayX`` (the spectrum's exponent), e.g. ``featureviz:cosine-lr0.1-warm8``."""
     if name in VARIANTS:
         return VARIANTS[name]
     options = {}
@@ -130,9 +130,11 @@ def featureviz_variant(name: str) -> dict:
             options["plateau"] = float(token[7:])
         elif token.startswith("window"):
             options["plateau_window"] = int(token[6:])
+        elif token.startswith("decay"):
+            options["decay"] = float(token[5:])
         else:
             raise SystemExit(f"unknown featureviz variant {name!r}; known: {', '.join(VARIANTS)} or an optimizer "
-                             "setting such as cosine-lr0.1-warm8")
+                             "setting such as cosine-lr0.1-warm8 or decay1.2")
     return options
 
 
