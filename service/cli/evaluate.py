@@ -88,8 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.05, metavar="X", help="Adam learning rate (default 0.05)")
     parser.add_argument("--param", choices=("fft", "pixel", "maco", "laplacian"), default="fft")
     parser.add_argument("--decay", type=float, default=None)
-    parser.add_argument("--transforms", choices=("standard", "composed", "none"), default="standard",
-                        help="robustness transforms (default standard; composed: the same steps in one resample)")
+    from featureviz.cli.options import add_transforms_arg
+
+    add_transforms_arg(parser)
     parser.add_argument("--mean", type=_floats, default=None, metavar="R,G,B", help="MODEL's preprocessing mean")
     parser.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="MODEL's preprocessing std")
     parser.add_argument("--bgr", action="store_true", help="MODEL takes BGR channel order")

@@ -45,6 +45,17 @@ def verdict_text(verdict: dict) -> str:
     return f"; judge: class {verdict['target']} rank {verdict['rank']}, p {verdict['probability']:.3f}"
 
 
+# the engine's named transform stacks (featureviz.engine.transforms.TRANSFORMS; not imported here: no torch at start)
+TRANSFORM_CHOICES = ("standard", "composed", "none")
+
+
+def add_transforms_arg(parser: argparse.ArgumentParser) -> None:
+    """``--transforms standard|composed|none`` (default standard)."""
+    parser.add_argument("--transforms", choices=TRANSFORM_CHOICES, default="standard",
+                        help="robustness transforms (default standard: lucid's pad, jitter, scale, rotate, each "
+                             "step its own resample; composed: the same in one resample, cheaper on a CPU)")
+
+
 def add_schedule_args(parser: argparse.ArgumentParser) -> None:
     """``--schedule``, ``--warmup``, ``--stop-at-plateau`` and ``--plateau-window`` (unset: the engine's defaults)."""
     parser.add_argument("--schedule", choices=("constant", "cosine", "linear"), default=None,

@@ -13,6 +13,7 @@ import sys
 from featureviz.cli.options import IMAGENET_MEAN
 from featureviz.cli.options import IMAGENET_STD
 from featureviz.cli.options import add_schedule_args
+from featureviz.cli.options import add_transforms_arg
 from featureviz.cli.options import make_preprocess
 from featureviz.cli.options import verdict_text
 from featureviz.cli.options import parse_floats
@@ -64,9 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decay", type=float, default=None,
                         help="spectrum exponent 1/f^decay (default 1.0 for fft, 1.4 for maco)")
     parser.add_argument("--lr", type=float, default=0.05, metavar="X", help="Adam learning rate (default 0.05)")
-    parser.add_argument("--transforms", choices=("standard", "composed", "none"), default="standard",
-                        help="robustness transforms (default standard: lucid's pad, jitter, scale, rotate, each "
-                             "step its own resample; composed: the same in one resample, cheaper on a CPU)")
+    add_transforms_arg(parser)
     parser.add_argument("--init", default=None, metavar="IMAGE", help="start from this image file")
     parser.add_argument("--mean", type=parse_floats, default=None, metavar="R,G,B",
                         help=f"model preprocessing mean for images in [0, 1] (default ImageNet's "

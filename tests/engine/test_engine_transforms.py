@@ -256,4 +256,6 @@ def test_the_named_stacks_are_the_ones_the_clients_can_send():
     from featureviz.client.convert import TRANSFORM_NAMES
     from featureviz.engine.transforms import TRANSFORMS
 
-    assert sorted(TRANSFORMS) == sorted(TRANSFORM_NAMES.values())
+    from featureviz.cli.options import TRANSFORM_CHOICES
+
+    assert sorted(TRANSFORMS) == sorted(TRANSFORM_NAMES.values()) == sorted(TRANSFORM_CHOICES)
