@@ -41,6 +41,24 @@ class Limits:
     # unfinished uploads kept for resuming: bytes per tenant, and how long one may wait for its next chunk
     max_partial_upload_bytes: int = 2048 * MiB
     partial_upload_ttl_seconds: int = 24 * 3600
+    # fairness: a tenant's queued + running work in images x steps (64 images x 10,000 steps fits once), and the
+    # steps a running job takes before it yields its place to a waiting job (state kept: same bytes as alone)
+    max_image_steps_per_tenant: int = 640_000
+    time_slice_steps: int = 64
+    max_job_memory_bytes: int = 8 << 30  # a job's estimated working memory (CPU or GPU) above this is refused
+    # storage per tenant
+    max_models_per_tenant: int = 64
+    max_model_bytes_per_tenant: int = 8192 * MiB
+    max_watches_per_tenant: int = 64  # open WatchJob / CreateAndWatchJob streams (the explorer's SSE too)
+    min_lr: float = 1e-6
+    max_lr: float = 10.0
+    max_failed_auth_per_minute: int = 20  # per client address, gRPC and HTTP
+    max_concurrent_uploads_per_tenant: int = 4
+    # the web explorer's HTTP side
+    http_header_timeout_seconds: float = 10.0
+    max_http_connections_per_client: int = 64
+    http_body_idle_timeout_seconds: float = 30.0
+    session_ttl_seconds: int = 12 * 3600
 
 
 @dataclass

@@ -3,6 +3,8 @@ auth is on."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from featureviz.client.convert import OBJECTIVE_KINDS
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
@@ -10,30 +12,27 @@ from featureviz.server.errors import rpc_errors
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
-__all__ = ["InfoServicer"]
+__all__ = ["InfoServicer", "published_limits"]
+
+
+def published_limits(limits, **extra) -> pb.Limits:
+    """Every field of :class:`~featureviz.server.config.Limits` that the proto's ``Limits`` declares, by name (a
+    limit added to both is published without touching this), plus ``extra`` values kept elsewhere in the config."""
+    declared = set(pb.Limits.DESCRIPTOR.fields_by_name)
+    values = {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits) if f.name in declared}
+    return pb.Limits(**values, **extra)
 
 
 class InfoServicer(pb_grpc.InfoServiceServicer):
     def __init__(self, config: ServerConfig, auth: TenantResolver, worker):
         from featureviz import __version__
 
-        limits = config.limits
         self.auth = auth
         self.worker = worker
         self._info = pb.ServerInfo(
             version=__version__,
             api_version="v1",
-            limits=pb.Limits(
-                max_upload_bytes=limits.max_upload_bytes, max_chunk_bytes=limits.max_chunk_bytes,
-                max_image_side=limits.max_image_side, max_steps=limits.max_steps, max_batch=limits.max_batch,
-                max_queued_jobs_per_tenant=limits.max_queued_jobs_per_tenant,
-                max_message_bytes=limits.max_message_bytes, max_objective_nodes=limits.max_objective_nodes,
-                max_objective_depth=limits.max_objective_depth, min_image_side=limits.min_image_side,
-                max_partial_upload_bytes=limits.max_partial_upload_bytes,
-                partial_upload_ttl_seconds=limits.partial_upload_ttl_seconds,
-                upload_idle_timeout_seconds=config.upload_idle_timeout_seconds,
-                max_model_nodes=limits.max_model_nodes, max_activation_bytes=limits.max_activation_bytes,
-            ),
+            limits=published_limits(config.limits, upload_idle_timeout_seconds=config.upload_idle_timeout_seconds),
             device=worker.device(),
             max_batch=worker.max_batch,
             progress_interval_seconds=config.progress_interval,

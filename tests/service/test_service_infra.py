@@ -53,6 +53,16 @@ def test_server_info(client):
     assert "channel" in info.objective_kinds and "neuron_direction" in info.objective_kinds
 
 
+def test_every_limit_is_published(client):
+    """Each field of the server's Limits has its proto field and reaches clients with its value."""
+    import dataclasses
+
+    published = client.info().limits
+    for field in dataclasses.fields(Limits):
+        assert field.name in pb.Limits.DESCRIPTOR.fields_by_name, f"Limits.{field.name} is not in the proto"
+        assert getattr(published, field.name) == pytest.approx(field.default), field.name
+
+
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     config = ServerConfig(tmp_path_factory.mktemp("secured"),
