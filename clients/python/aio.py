@@ -13,6 +13,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 import grpc
 
@@ -68,6 +69,14 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the channel connects (e.g. a server just started)."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            raise FeaturevizClientError("UNAVAILABLE", f"no server answered at {self.address} within {timeout} s") \
+                from None
+
     async def info(self) -> pb.ServerInfo:
         return await self._call(self._info.GetServerInfo, pb.GetServerInfoRequest())
 
@@ -88,6 +97,9 @@ class AsyncClient:
             except grpc.RpcError as err:
                 await asyncio.sleep(upload.broken(err, attempt))
         raise AssertionError("unreachable")
+
+    async def upload_status(self, sha256: str, size: int = 0) -> pb.UploadStatus:
+        return await self._call(self._models.GetUpload, pb.GetUploadRequest(sha256=sha256, size_bytes=size))
 
     async def model(self, model: str) -> pb.Model:
         return await self._call(self._models.GetModel, pb.GetModelRequest(model=model))
@@ -145,11 +157,33 @@ class AsyncClient:
             finally:
                 call.cancel()
 
-    async def wait(self, job: str, *, timeout: float | None = None) -> pb.Job:
+    async def wait(self, job: str, *, timeout: float | None = None,
+                   on_event: Callable[[pb.JobEvent], None] | None = None) -> pb.Job:
+        """As :meth:`Client.wait`: watch until the job finishes; returns the finished job (with its PNG images)."""
         async for event in self.watch(job, timeout=timeout):
+            if on_event is not None:
+                on_event(event)
             if event.HasField("result"):
                 return await self.job(job)
         raise FeaturevizClientError("UNAVAILABLE", f"the watch of job {job} ended without a result")
+
+    async def create_and_watch(self, model: str, objective: dict | pb.Objective | None = None, *,
+                               spec: pb.JobSpec | None = None, request_id: str | None = None, previews: bool = False,
+                               timeout: float | None = None, **options) -> AsyncIterator[pb.JobEvent]:
+        """As :meth:`Client.create_and_watch`: one call that queues the job and streams its events (no
+        re-attach)."""
+        if spec is None:
+            spec = spec_to_proto(model, objective, **options)
+        request = pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
+                                              include_previews=previews)
+        call = self._jobs.CreateAndWatchJob(request, timeout=timeout, metadata=self._metadata)
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()
 
 
 async def _aiter(iterable):

@@ -265,11 +265,39 @@ def test_async_client_twin(server, tiny_model, tiny_onnx):
             done = await fv.job(job.id)
             with pytest.raises(FeaturevizClientError) as err:
                 await fv.submit(model.sha256, {"channel": {"layer": "/Relu_1", "channel": 99}})
-            return steps, done, err.value
+            await fv.wait_ready(timeout=30)
+            status = await fv.upload_status(model.sha256, len(tiny_onnx))
+            seen = []
+            waited = await fv.wait((await fv.submit(model.sha256, CHANNEL, steps=2, size=16)).id, timeout=120,
+                                   on_event=seen.append)
+            streamed = [e async for e in fv.create_and_watch(model.sha256, CHANNEL, steps=2, size=16, timeout=120)]
+            return steps, done, err.value, status, seen, waited, streamed
 
-    steps, done, error = asyncio.run(scenario())
+    steps, done, error, status, seen, waited, streamed = asyncio.run(scenario())
     assert steps == [1, 2, 3] and done.state == pb.JOB_STATE_SUCCEEDED and len(images(done)) == 1
+    assert status.model_exists
+    assert waited.state == pb.JOB_STATE_SUCCEEDED and seen[-1].HasField("result")
+    assert streamed[-1].HasField("result") and streamed[-1].result.state == pb.JOB_STATE_SUCCEEDED
     assert error.code == "INVALID_ARGUMENT" and error.field_violations[0][0] == "spec.objective.channel.channel"
+
+
+def test_the_client_twins_have_the_same_methods_and_signatures():
+    """Client and AsyncClient: the same public methods with the same parameters (names, kinds, defaults)."""
+    import inspect
+
+    from featureviz.client import AsyncClient
+    from featureviz.client import Client
+
+    def public(cls):
+        return {name: inspect.signature(member) for name, member in vars(cls).items()
+                if callable(member) and not name.startswith("_")}
+
+    sync, aio = public(Client), public(AsyncClient)
+    assert sorted(sync) == sorted(aio), set(sync) ^ set(aio)
+    for name, signature in sync.items():
+        def params(sig):
+            return [(p.name, p.kind, p.default) for p in sig.parameters.values() if p.name != "channel"]
+        assert params(signature) == params(aio[name]), name
 
 
 def test_init_image_is_decoded_resized_and_used(client, tiny_model):
