@@ -7,11 +7,15 @@ const assert = require('node:assert/strict');
 const { describe, it } = require('node:test');
 
 const { loadContract, toObjective } = require('../../clients/node/src/index');
-const { python } = require('./support');
+const path = require('node:path');
 
+const { python, REPO } = require('./support');
+
+// the helper finds tests/service from the repository root, whatever the working directory (npm test runs in
+// clients/node)
 const ALL_KINDS = `
 import json, sys
-sys.path.insert(0, "tests/service")
+sys.path.insert(0, ${JSON.stringify(path.join(REPO, 'tests', 'service'))})
 from test_service_proto import ALL_KINDS
 from featureviz.client.convert import objective_to_proto
 print(json.dumps(ALL_KINDS))

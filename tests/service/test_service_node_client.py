@@ -42,6 +42,7 @@ def test_node_client_against_real_server():
         ci = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT, env=env, capture_output=True,
                             text=True, timeout=300)
         assert ci.returncode == 0, f"npm ci failed ({ci.returncode}):\n{_tail(ci.stdout + ci.stderr)}"
-    run = subprocess.run([node, "--test", "--test-reporter=spec", str(NODE_TESTS)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=540)
+    # from clients/node, as `npm test` runs them: no test may assume the repository root as its working directory
+    run = subprocess.run([node, "--test", "--test-reporter=spec", os.path.relpath(NODE_TESTS, NODE_CLIENT)],
+                         cwd=NODE_CLIENT, env=env, capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, f"node --test tests/node/ failed ({run.returncode}):\n{_tail(run.stdout + run.stderr)}"
