@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats", "make_preprocess", "verdict_text", "add_schedule_args",
-           "schedule_options", "stopped_text"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats", "make_preprocess", "verdict_text", "add_transforms_arg",
+           "add_schedule_args", "schedule_options", "stopped_text"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

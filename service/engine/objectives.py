@@ -9,8 +9,9 @@ and reports the per-image values. Objectives compose like numbers (lucid's algeb
 
 Kinds (lucid optvis/objectives.py unless noted): neuron, channel, layer (DeepDream), logit, prob (new),
 direction and neuron_direction (with lucid's cosine power), interpolate, diversity (Gram-matrix cosine, as a
-value to maximise: minus the mean similarity to the other images), alignment; image regularizers l1, l2, tv
-and blur measure the image (per-pixel means; lucid sums) and are meant to be subtracted: ``-0.05 * l1``.
+value to maximise: minus the mean similarity to the other images), alignment; image regularizers l1, l2, tv,
+blur and bilateral (an edge-preserving blur) measure the image (per-pixel means; lucid sums) and are meant to be
+subtracted: ``-0.05 * l1``.
 
 Token tensors (N, tokens, C) of vision transformers are first-class targets. Their first ``prefix`` tokens (the
 CLS token, a distillation token: ``LayerInfo.prefix_tokens``) are followed by the patch tokens of a grid laid out

@@ -146,7 +146,7 @@ function enumName(table, value, field) {
 /**
  * A JobSpec from friendly input: `model` may be a Model, `objective` the engine's JSON form, `size` a number,
  * [height, width] or {height, width}, `param` "fft" | "pixel" | "maco" | "laplacian", `transforms` "standard" |
- * "none", `judge` a Model, its sha256 or `{ model, preprocess }` (another classifier that scores each class image:
+ * "composed" | "none", `judge` a Model, its sha256 or `{ model, preprocess }` (another classifier that scores each class image:
  * `result.images[i].judge` has its `rank` of the target class and its `probability`), `lrSchedule` "constant" |
  * "cosine" | "linear" (with `lrWarmup` steps of warm-up), `plateau` and `plateauWindow` (stop early once the
  * objective's relative gain over a window is below `plateau`: `result.stoppedAt` says after which step).
