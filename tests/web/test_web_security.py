@@ -331,3 +331,59 @@ def test_the_watch_cap_answers_429_naming_the_limit(strict, net_onnx):
         finally:
             first.close()
             fv.cancel(job.id)
+
+
+def _sse_events(raw: bytes) -> list[tuple[str | None, str, dict]]:
+    events, fields = [], {}
+    for line in raw.decode().split("\n"):
+        if not line:
+            if "event" in fields:
+                events.append((fields.get("id"), fields["event"], json.loads(fields["data"])))
+            fields = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            fields[key] = value
+    return events
+
+
+def test_a_slow_page_gets_the_latest_preview_not_a_backlog(web_server, net_onnx):
+    """The page reads nothing until the job is over: the stream then holds fewer previews than the job sent
+    (the unsent older ones were replaced), the last one among them, and the result."""
+    with Client(web_server.address) as fv:
+        sha = fv.upload(net_onnx).sha256
+        job = fv.submit(sha, {"channel": {"layer": "/conv1/Conv", "channel": 0}}, steps=50, size=256, batch=4,
+                        preview_every=1, preview_max_side=256, param="pixel")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a page that reads slowly: a small window
+        sock.settimeout(WAIT)
+        with sock:
+            sock.connect(("127.0.0.1", web_server.http_port))
+            sock.sendall(f"GET /api/jobs/{job.id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            sent = [event.preview.step for event in fv.watch(job.id, previews=True) if event.HasField("preview")]
+            raw = b""
+            while block := sock.recv(1 << 20):
+                raw += block
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    if b"chunked" in head.lower():
+        body = _unchunk(body)
+    events = _sse_events(body)
+    previews = [data["step"] for _, kind, data in events if kind == "preview"]
+    assert events[-1][1] == "result" and events[-1][2]["state"] == "SUCCEEDED"
+    assert previews and previews[-1] == sent[-1] and previews == sorted(previews)
+    assert len(previews) < len(sent), (len(previews), len(sent))
+    ids = [int(seq) for seq, _, _ in events if seq is not None]
+    assert ids == sorted(ids)
+
+
+def _unchunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        length = int(size, 16)
+        if length == 0:
+            break
+        out += body[:length]
+        body = body[length + 2:]
+    return bytes(out)
