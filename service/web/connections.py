@@ -9,7 +9,8 @@ response, which closes a connection still waiting for a whole request header (th
 ``http_header_timeout_seconds``).
 
 When ``accept()`` fails anyway (EMFILE, ENFILE), asyncio logs every retry; :class:`AcceptErrorLog` lets one line
-through per :data:`ACCEPT_LOG_SECONDS` with the count of those it held back.
+through per :data:`ACCEPT_LOG_SECONDS` with the count of those it held back. :class:`BadRequestLog` does the same
+for aiohttp's traceback of every malformed request (a client could otherwise fill the disk with them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 from collections import Counter
 from typing import Callable
 
-__all__ = ["ConnectionGuard", "AcceptErrorLog", "descriptor_limit", "RESERVED_DESCRIPTORS", "ACCEPT_LOG_SECONDS"]
+__all__ = ["ConnectionGuard", "AcceptErrorLog", "BadRequestLog", "descriptor_limit", "RESERVED_DESCRIPTORS",
+           "ACCEPT_LOG_SECONDS"]
 
 log = logging.getLogger("featureviz.web")
 
@@ -169,3 +171,30 @@ class AcceptErrorLog:
         error = context.get("exception")
         log.error("accepting connections fails: %s (%d more such errors in the last %g s not logged); raise the "
                   "descriptor limit (ulimit -n) or lower max_http_connections_per_client", error, held, self._every)
+
+
+class BadRequestLog(logging.Filter):
+    """A filter on ``aiohttp.server``: its record of a malformed request (an ``HttpProcessingError`` from the
+    parser, with a traceback) passes at most once per ``every`` seconds, with the count held back; other records
+    (a handler's bug) all pass."""
+
+    def __init__(self, every: float = ACCEPT_LOG_SECONDS):
+        super().__init__()
+        self._every = every
+        self._last = float("-inf")
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg = f"{record.msg} ({self.held} more malformed requests in {self._every:g} s not logged)"
+        self.held, self._last = 0, now
+        return True

@@ -56,6 +56,7 @@ from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 from featureviz.web.connections import AcceptErrorLog
+from featureviz.web.connections import BadRequestLog
 from featureviz.web.connections import ConnectionGuard
 from featureviz.web.payloads import cli_command
 from featureviz.web.payloads import event_json
@@ -152,6 +153,7 @@ class WebGateway:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._accept_log: AcceptErrorLog | None = None
+        self._bad_requests = BadRequestLog()
         self._streams: set[asyncio.Task] = set()
         self._class_names: list[str] | None = None
         self._described: OrderedDict[str, dict] = OrderedDict()  # job id -> summary, labels (display only)
@@ -182,6 +184,7 @@ class WebGateway:
             await self.stop()
             raise
         self._accept_log = AcceptErrorLog(loop).install()
+        logging.getLogger("aiohttp.server").addFilter(self._bad_requests)
         self.port = self._listener.sockets[0].getsockname()[1]
         return self.port
 
@@ -194,6 +197,7 @@ class WebGateway:
             await self._runner.cleanup()  # closes the open connections
         if self._accept_log is not None:
             self._accept_log.uninstall()
+        logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
         if self._channel is not None:
             await self._channel.close()
         shutil.rmtree(self._folder, ignore_errors=True)

@@ -10,9 +10,11 @@ throttle and connection counts of one test do not touch another's."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
+import logging
 import socket
 import sqlite3
 import urllib.parse
@@ -26,6 +28,11 @@ from featureviz.server import Limits
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
 from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.web.connections import RESERVED_DESCRIPTORS
+from featureviz.web.connections import AcceptErrorLog
+from featureviz.web.connections import ConnectionGuard
+from featureviz.web.connections import descriptor_limit
+from featureviz.web.sessions import Sessions
 
 WAIT = 60.0  # the most any single wait below takes on a slow machine; events end it far sooner
 TOKENS = {"w": "alice", "r": "alice", "b": "bob"}
@@ -387,3 +394,51 @@ def _unchunk(body: bytes) -> bytes:
         out += body[:length]
         body = body[length + 2:]
     return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------------------- logs
+
+
+def test_malformed_requests_and_accept_errors_are_logged_at_most_once_a_minute(strict, caplog):
+    caplog.set_level(logging.ERROR)
+    for _ in range(5):
+        sock = _connect(strict, "127.0.0.71")
+        with sock:
+            sock.sendall(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")  # a request line over aiohttp's 8190 bytes
+            assert _closed(sock)
+    assert len([r for r in caplog.records if r.name == "aiohttp.server"]) <= 1
+
+    loop = asyncio.new_event_loop()
+    try:
+        quiet = AcceptErrorLog(loop).install()
+        for _ in range(100):  # what asyncio reports on every retry while accept() fails with EMFILE
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(24, "Too many open files")})
+        lines = [r for r in caplog.records if r.name == "featureviz.web" and "accepting connections" in r.message]
+        assert len(lines) == 1 and quiet.held == 99
+        quiet.uninstall()
+        assert loop.get_exception_handler() is None
+    finally:
+        loop.close()
+
+
+def test_the_total_cap_keeps_descriptors_for_the_store():
+    guard = ConnectionGuard(per_client=64)
+    limit = descriptor_limit()
+    if limit is not None:
+        assert guard.total == max(64, limit - min(RESERVED_DESCRIPTORS, limit // 2))
+    guard = ConnectionGuard(per_client=2, total=3)
+    assert [guard.admit(a) for a in ("a", "a", "a", "b", "c")] == [True, True, False, True, False]
+    guard.release("a")
+    assert guard.admit("c") and guard.refused == 2
+
+
+def test_sessions_expire_and_stay_bounded():
+    now = [0.0]
+    sessions = Sessions(10, max_sessions=5, per_token=2, clock=lambda: now[0])
+    a1, a2, a3 = (sessions.create("a") for _ in range(3))
+    assert sessions.token(a1) is None and sessions.token(a3) == "a"  # a token's oldest session goes first
+    others = [sessions.create(f"t{i}") for i in range(5)]
+    assert len(sessions) == 5 and sessions.token(a2) is None and sessions.token(others[-1]) == "t4"
+    now[0] = 10.0
+    assert sessions.token(others[-1]) is None  # expired
