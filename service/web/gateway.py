@@ -256,6 +256,8 @@ class WebGateway:
                               reason="AUTH_THROTTLED", headers={"Retry-After": str(math.ceil(wait))})
         response = await handler(request)
         response.headers.update(_SECURITY_HEADERS)
+        if request.body_exists and not request.content.at_eof():  # answered before the body (a refused upload):
+            response.force_close()  # close instead of reading the rest to reuse the connection
         return response
 
     @web.middleware
