@@ -60,6 +60,7 @@ class FeaturevizServer:
         self.http_port: int | None = None
 
     async def start(self) -> None:
+        raise_descriptor_limit()  # open connections, gRPC, SQLite and model files share the process's descriptors
         if self.web is not None:  # first: a port in use fails the start before anything else runs
             self.http_port = await self.web.start()
         if self.metrics is not None:
@@ -89,6 +90,19 @@ class FeaturevizServer:
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the explorer keeps a reserve of it for the store)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as exc:  # not POSIX, or not allowed: keep the limit there is
+        log.warning("could not raise the file descriptor limit: %s", exc)
 
 
 def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, int]:

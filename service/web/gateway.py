@@ -8,13 +8,20 @@ would make, with the caller's bearer token in the metadata, so tenants, read-onl
 and error codes are exactly the gRPC API's. It binds an extra insecure port on a unix socket in a 0700
 temporary folder (reachable only by this user), so it works whatever the TCP port's host or TLS settings.
 
-Auth: the page sends the token once (``POST api/login``); the gateway checks it with ``GetServerInfo`` and
-keeps it in an HttpOnly, SameSite=Strict cookie, so images, downloads and the SSE stream carry it too. With
-``--tls-cert`` the explorer serves HTTPS with the same certificate, and with ``--tls-client-ca`` it requires client
-certificates signed by that CA, as the gRPC port does.
-``Authorization: Bearer`` works as well (scripts). State-changing requests must carry the ``X-Featureviz``
-header (a cross-site page cannot send it without a CORS preflight, which is never granted), and on a loopback
-address the ``Host`` header must be a loopback name (a DNS-rebinding page cannot reach the API).
+Auth: the page sends the token once (``POST api/login``); the gateway checks it with ``GetServerInfo`` and answers
+with a random session id (``sessions.Sessions``) in an HttpOnly, SameSite=Strict cookie (``__Host-featureviz``,
+Secure, over TLS), so images, downloads and the SSE stream carry it too; the token stays in the gateway's memory,
+logout deletes the session. ``Authorization: Bearer`` works as well (scripts). With ``--tls-cert`` the explorer
+serves HTTPS with the same certificate, and with ``--tls-client-ca`` it requires client certificates signed by that
+CA, as the gRPC port does. State-changing requests must carry the ``X-Featureviz`` header (a cross-site page cannot
+send it without a CORS preflight, which is never granted), and on a loopback address the ``Host`` header must be a
+loopback name (a DNS-rebinding page cannot reach the API). A client address with ``max_failed_auth_per_minute``
+failed sign-ins (a refused token, an unknown session) is answered 429 for a while.
+
+Limits (the server's ``Limits``): ``http_header_timeout_seconds`` for a request's header, ``max_http_connections_per
+_client`` open connections per address (``connections.ConnectionGuard``), ``http_body_idle_timeout_seconds`` of
+silence in a request body, ``session_ttl_seconds``. Uploads stream the body straight into ``UploadModel`` (no
+temporary file), after the token's write scope and the declared size were checked.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
+import math
+import re
 import shutil
 import ssl
 import tempfile
@@ -36,28 +44,47 @@ from aiohttp import web
 from featureviz.client import AsyncClient
 from featureviz.client import FeaturevizClientError
 from featureviz.client.client import MESSAGE_BYTES
+from featureviz.client.convert import preprocess_to_proto
 from featureviz.client.convert import spec_to_proto
+from featureviz.client.errors import from_rpc_error
 from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
+from featureviz.errors import echo
+from featureviz.ratelimit import FailureThrottle
 from featureviz.server.config import LOOPBACK_HOSTS
 from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+from featureviz.web.connections import AcceptErrorLog
+from featureviz.web.connections import BadRequestLog
+from featureviz.web.connections import ConnectionGuard
 from featureviz.web.payloads import cli_command
 from featureviz.web.payloads import event_json
+from featureviz.web.payloads import json_text
 from featureviz.web.payloads import job_json
 from featureviz.web.payloads import layer_json
 from featureviz.web.payloads import model_json
 from featureviz.web.payloads import spec_json
+from featureviz.web.sessions import Sessions
 
-__all__ = ["WebGateway", "HTTP_STATUS", "COOKIE", "CSRF_HEADER"]
+__all__ = ["WebGateway", "HTTP_STATUS", "COOKIE", "TLS_COOKIE", "CSRF_HEADER", "UPLOAD_IDLE_STATUS"]
 
 log = logging.getLogger("featureviz.web")
 
 STATIC = Path(__file__).parent / "static"
-COOKIE = "featureviz_token"
+COOKIE = "featureviz_session"  # plain HTTP: browsers refuse the __Host- prefix without Secure
+TLS_COOKIE = "__Host-featureviz"  # HTTPS: Secure, Path=/, no Domain, so no other host or plain page can set it
 CSRF_HEADER = "X-Featureviz"
 ECHO = 100  # characters of a caller's value echoed back in a message
 DESCRIBED_KEPT = 4096  # jobs whose readable summary the jobs list remembers
+JSON_BODY_BYTES = 1 << 20  # a JSON request body (login, a job) is at most this
+JSON_DEPTH = 64  # ... and nested at most this deep (objectives are at most max_objective_depth = 16)
+INT64_MAX = (1 << 63) - 1
+UPLOAD_IDLE_STATUS = 408
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# set on a request that carried a token or a session (aiohttp >= 3.14 wants typed keys; older ones take a string)
+_CREDENTIALS = (web.RequestKey("featureviz_credentials", bool) if hasattr(web, "RequestKey")
+                else "featureviz_credentials")
 
 # gRPC status code -> HTTP status (the JSON body keeps the gRPC code name, the reason and the field violations)
 HTTP_STATUS = {
@@ -85,9 +112,18 @@ def _short(value) -> str:
     return text if len(text) <= ECHO else text[:ECHO] + "…"
 
 
-def _error(status: int, code: str, message: str, **details) -> web.Response:
-    body = {"error": {"code": code, "message": message, **details}}
-    return web.json_response(body, status=status)
+def _json(data, *, status: int = 200, headers: dict | None = None, indent: int | None = None) -> web.Response:
+    """Every JSON answer: strict JSON through ``payloads.json_text`` (no NaN or Infinity, ever)."""
+    return web.Response(text=json_text(data, indent=indent), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _error(status: int, code: str, message: str, *, headers: dict | None = None, **details) -> web.Response:
+    return _json({"error": {"code": code, "message": message, **details}}, status=status, headers=headers)
+
+
+class _BodyIdle(Exception):
+    """A request body sent nothing for http_body_idle_timeout_seconds."""
 
 
 class WebGateway:
@@ -97,9 +133,11 @@ class WebGateway:
 
     def __init__(self, config, grpc_server: grpc.aio.Server, *, grpc_port: int = 0):
         self.config = config
+        self.limits = config.limits
         self.host = (config.http_host or config.host).strip("[]")
         self.loopback = (config.http_host or config.host) in LOOPBACK_HOSTS
         self.tls = config.tls_cert is not None
+        self.cookie = TLS_COOKIE if self.tls else COOKIE
         self._folder = tempfile.mkdtemp(prefix="featureviz-web-")  # 0700: only this user reaches the socket
         self._target = f"unix:{self._folder}/grpc.sock"
         if grpc_server.add_insecure_port(self._target) == 0:
@@ -107,8 +145,15 @@ class WebGateway:
             raise OSError(f"could not bind the explorer's gateway socket {self._target}")
         self.grpc_port = grpc_port
         self.port: int | None = None
+        self.sessions = Sessions(self.limits.session_ttl_seconds)
+        self.throttle = FailureThrottle(self.limits.max_failed_auth_per_minute)
+        self.connections: ConnectionGuard | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._models: pb_grpc.ModelServiceStub | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._accept_log: AcceptErrorLog | None = None
+        self._bad_requests = BadRequestLog()
         self._streams: set[asyncio.Task] = set()
         self._class_names: list[str] | None = None
         self._described: OrderedDict[str, dict] = OrderedDict()  # job id -> summary, labels (display only)
@@ -121,22 +166,38 @@ class WebGateway:
     async def start(self) -> int:
         self._channel = grpc.aio.insecure_channel(self._target, options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)])
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        self._models = pb_grpc.ModelServiceStub(self._channel)
+        # aiohttp's keep-alive timer runs from a connection's start and after each response, and closes the
+        # connection when no whole request header came by then: that is the header-read timeout
+        header_timeout = self.limits.http_header_timeout_seconds
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0,
+                                     keepalive_timeout=header_timeout)
         await self._runner.setup()
+        loop = asyncio.get_running_loop()
         try:
-            site = web.TCPSite(self._runner, self.host, self.config.http_port, ssl_context=self._ssl_context())
-            await site.start()
+            self.connections = ConnectionGuard(self.limits.max_http_connections_per_client)
+            ssl_context = self._ssl_context()
+            self._listener = await loop.create_server(
+                self.connections.factory(self._runner.server), self.host, self.config.http_port, ssl=ssl_context,
+                ssl_handshake_timeout=header_timeout if ssl_context is not None else None, backlog=128)
         except BaseException:  # e.g. the port is taken: leave nothing behind
             await self.stop()
             raise
-        self.port = self._runner.addresses[0][1]
+        self._accept_log = AcceptErrorLog(loop).install()
+        logging.getLogger("aiohttp.server").addFilter(self._bad_requests)
+        self.port = self._listener.sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections
         for task in list(self._streams):  # SSE streams would otherwise hold the shutdown open
             task.cancel()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the open connections
+        if self._accept_log is not None:
+            self._accept_log.uninstall()
+        logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
         if self._channel is not None:
             await self._channel.close()
         shutil.rmtree(self._folder, ignore_errors=True)
@@ -154,7 +215,7 @@ class WebGateway:
     # --------------------------------------------------------------------------------------------- the app
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard, self._errors], client_max_size=1 << 20)
+        app = web.Application(middlewares=[self._guard, self._errors], client_max_size=JSON_BODY_BYTES)
         app.router.add_get("/", self.index)
         app.router.add_static("/static/", STATIC, append_version=False)
         api = [
@@ -172,7 +233,7 @@ class WebGateway:
             web.get("/api/jobs/{id}", self.get_job),
             web.post("/api/jobs/{id}/cancel", self.cancel_job),
             web.get("/api/jobs/{id}/events", self.job_events),
-            web.get("/api/jobs/{id}/images/{index:\\d+}.png", self.job_image),
+            web.get("/api/jobs/{id}/images/{index:\\d{1,9}}.png", self.job_image),
             web.get("/api/jobs/{id}/spec.json", self.job_spec),
         ]
         app.router.add_routes(api)
@@ -186,8 +247,17 @@ class WebGateway:
         if request.method not in ("GET", "HEAD", "OPTIONS") and request.headers.get(CSRF_HEADER) != "1":
             return _error(403, "PERMISSION_DENIED", f"state-changing requests need the header '{CSRF_HEADER}: 1' "
                                                     "(the explorer's pages send it)")
+        if request.path.startswith("/api/"):
+            wait = self.throttle.retry_after(_client_address(request))
+            if wait > 0:
+                limit = self.throttle.max_per_minute
+                return _error(429, "RESOURCE_EXHAUSTED", f"too many failed sign-ins from this address: more than "
+                              f"{limit} a minute (max_failed_auth_per_minute); try again in {math.ceil(wait)} s",
+                              reason="AUTH_THROTTLED", headers={"Retry-After": str(math.ceil(wait))})
         response = await handler(request)
         response.headers.update(_SECURITY_HEADERS)
+        if request.body_exists and not request.content.at_eof():  # answered before the body (a refused upload):
+            response.force_close()  # close instead of reading the rest to reuse the connection
         return response
 
     @web.middleware
@@ -195,17 +265,42 @@ class WebGateway:
         try:
             return await handler(request)
         except FeaturevizClientError as err:
-            return _error(HTTP_STATUS.get(err.code, 500), err.code, err.message, reason=err.reason,
+            if err.code == "UNAUTHENTICATED" and request.get(_CREDENTIALS):  # a token or session was refused
+                self.throttle.failed(_client_address(request))
+            retry = {"Retry-After": str(max(1, math.ceil(err.retry_after)))} if err.retry_after else None
+            return _error(HTTP_STATUS.get(err.code, 500), err.code, err.message, reason=err.reason, headers=retry,
                           field_violations=[list(v) for v in err.field_violations])
         except FeaturevizError as err:  # the gateway's own checks (request parsing) before any gRPC call
             code = _FEATUREVIZ_CODES.get(type(err).__name__, "INVALID_ARGUMENT")
             field = [[err.field, err.description]] if isinstance(err, InvalidSpec) else []
             return _error(HTTP_STATUS[code], code, str(err), reason=err.reason, field_violations=field)
+        except web.HTTPException as exc:  # aiohttp's own answers (no such route, method): JSON under api/ too
+            if exc.status < 400 or not request.path.startswith("/api/"):
+                raise
+            code = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}.get(exc.status, "INVALID_ARGUMENT")
+            return _error(exc.status, code, f"{request.method} {_short(request.path)}: {exc.reason}")
+
+    def _token(self, request: web.Request) -> str | None:
+        """The caller's bearer token: the ``Authorization: Bearer`` header, else the session cookie's (an unknown
+        or expired session is refused: the cookie never holds a token itself)."""
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            request[_CREDENTIALS] = True
+            return header[len("Bearer "):].strip() or None
+        session = request.cookies.get(self.cookie)
+        if session is None or not self.config.tokens:  # no tokens: no sign-in, a stale cookie does not matter
+            return None
+        request[_CREDENTIALS] = True
+        token = self.sessions.token(session)
+        if token is None:
+            raise FeaturevizClientError("UNAUTHENTICATED", "this sign-in session expired or was signed out "
+                                                           f"(sessions last {self.sessions.ttl:g} s, "
+                                                           "session_ttl_seconds); sign in again")
+        return token
 
     def _client(self, request: web.Request, token: str | None = None) -> AsyncClient:
         if token is None:
-            header = request.headers.get("Authorization", "")
-            token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else request.cookies.get(COOKIE)
+            token = self._token(request)
         return AsyncClient(self._target, token=token or None, channel=self._channel, timeout=60.0)
 
     # ------------------------------------------------------------------------------------------ the handlers
@@ -215,7 +310,7 @@ class WebGateway:
 
     async def info(self, request: web.Request) -> web.Response:
         info = await self._client(request).info()
-        return web.json_response(self._info_json(info))
+        return _json(self._info_json(info))
 
     def _info_json(self, info: pb.ServerInfo) -> dict:
         limits = info.limits
@@ -226,7 +321,7 @@ class WebGateway:
                 "grpc_port": self.grpc_port, "tls": self.tls}
 
     async def login(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await self._json_body(request)
         token = body.get("token")
         if not isinstance(token, str) or not token.strip():
             raise InvalidSpec("token", "give the bearer token the server's operator gave you")
@@ -235,14 +330,23 @@ class WebGateway:
         except FeaturevizClientError as err:
             if err.code != "UNAUTHENTICATED":
                 raise
+            self.throttle.failed(_client_address(request))
             return _error(401, "UNAUTHENTICATED", "the server refused this token; check it and try again")
-        response = web.json_response(self._info_json(info))
-        response.set_cookie(COOKIE, token.strip(), httponly=True, samesite="Strict", secure=self.tls, path="/")
+        old = request.cookies.get(self.cookie)
+        if old is not None:  # a new sign-in replaces the session this browser had
+            self.sessions.delete(old)
+        response = _json(self._info_json(info))
+        if self.config.tokens:
+            response.set_cookie(self.cookie, self.sessions.create(token.strip()), httponly=True, samesite="Strict",
+                                secure=self.tls, path="/", max_age=int(self.sessions.ttl))
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
-        response = web.json_response({})
-        response.del_cookie(COOKIE, path="/")
+        session = request.cookies.get(self.cookie)
+        if session is not None:
+            self.sessions.delete(session)  # the cookie's value is worthless from now on, wherever a copy is
+        response = _json({})
+        response.del_cookie(self.cookie, path="/", secure=self.tls, httponly=True, samesite="Strict")
         return response
 
     async def list_models(self, request: web.Request) -> web.Response:
@@ -250,49 +354,140 @@ class WebGateway:
         models = [model_json(m) async for m in client.models(page_size=1000)]
         for model in models:
             model["logits_channels"] = await _logits_channels(client, model)
-        return web.json_response({"models": models})
+        return _json({"models": models})
 
     async def get_model(self, request: web.Request) -> web.Response:
         client = self._client(request)
         model = model_json(await client.model(request.match_info["sha"]))
         model["logits_channels"] = await _logits_channels(client, model)
-        return web.json_response(model)
+        return _json(model)
 
     async def delete_model(self, request: web.Request) -> web.Response:
         await self._client(request).delete_model(request.match_info["sha"])
-        return web.json_response({})
+        return _json({})
 
     async def upload_model(self, request: web.Request) -> web.Response:
-        """The request body is the ONNX file. The token is checked before any byte is read; the body is
-        spooled to the private folder (at most the server's max_upload_bytes), then uploaded over gRPC."""
-        client = self._client(request)
-        limit = (await client.info()).limits.max_upload_bytes
-        if request.content_length is not None and request.content_length > limit:
-            return _error(413, "INVALID_ARGUMENT", f"{request.content_length} bytes; the server takes models of "
-                                                   f"at most {limit} bytes")
-        name = _short(request.query.get("name", ""))
+        """The request body is the ONNX file, ``?sha256=`` its digest (the page computes it). Before any byte of
+        the body is read: the token (401), its write scope (403), the declared size (411 without one, 413 over
+        max_upload_bytes). Then the body streams straight into UploadModel, chunk by chunk, declared at its
+        Content-Length (the server's partial-upload quota and concurrent-upload cap count it); a body silent for
+        http_body_idle_timeout_seconds ends the upload (408) and nothing is kept."""
+        token = self._token(request)
+        limits = (await self._client(request, token).info()).limits
+        if token is not None and token in self.config.read_only:
+            return _error(403, "PERMISSION_DENIED", "this token is read-only; uploading a model changes state and "
+                                                    "needs a read-write token", reason="READ_ONLY_TOKEN")
+        size = request.content_length
+        if size is None:
+            return _error(411, "INVALID_ARGUMENT", "an upload needs a Content-Length header (the file's size); "
+                                                   "a chunked body is not taken")
+        if size > limits.max_upload_bytes:
+            return _error(413, "INVALID_ARGUMENT", f"{size} bytes; the server takes models of at most "
+                                                   f"{limits.max_upload_bytes} bytes (max_upload_bytes)")
+        if size == 0:
+            raise InvalidSpec("body", "the request body is empty; send the ONNX file's bytes")
+        sha = request.query.get("sha256", "").strip().lower()
+        if not _SHA256.fullmatch(sha):
+            raise InvalidSpec("sha256", f"give the file's SHA-256 as 64 hex digits in ?sha256=, got "
+                                        f"{echo(request.query.get('sha256', ''))} (the explorer's page computes it)")
+        header = pb.UploadHeader(sha256=sha, size_bytes=size, display_name=_short(request.query.get("name", "")))
         preprocess = _preprocess(request.query)
-        fd, spool = tempfile.mkstemp(dir=self._folder, suffix=".onnx")
+        if preprocess is not None:
+            header.preprocess.CopyFrom(preprocess_to_proto(preprocess))
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        status = await self._grpc(self._models.GetUpload(pb.GetUploadRequest(sha256=sha, size_bytes=size),
+                                                         metadata=metadata, timeout=60.0))
+        if status.model_exists:  # the server holds these bytes: nothing to send
+            model = await self._client(request, token).model(sha)
+            model.deduplicated = True
+            return _json(model_json(model))
+        call = self._models.UploadModel(metadata=metadata)
         try:
-            size = 0
-            with os.fdopen(fd, "wb") as out:
-                async for block in request.content.iter_chunked(1 << 20):
-                    size += len(block)
-                    if size > limit:
-                        return _error(413, "INVALID_ARGUMENT", f"more than {limit} bytes; the server takes models "
-                                                               f"of at most {limit} bytes")
-                    await asyncio.to_thread(out.write, block)
-            if size == 0:
-                raise InvalidSpec("body", "the request body is empty; send the ONNX file's bytes")
-            model = await client.upload(spool, name=name, preprocess=preprocess)
+            model = await self._stream_upload(request, call, header, status.committed_bytes,
+                                              min(limits.max_chunk_bytes, MESSAGE_BYTES // 2))
+        except _BodyIdle:
+            idle = self.limits.http_body_idle_timeout_seconds
+            response = _error(UPLOAD_IDLE_STATUS, "DEADLINE_EXCEEDED", f"the upload's body sent nothing for {idle:g} s "
+                              "(http_body_idle_timeout_seconds); nothing was kept, send the file again")
+            response.force_close()
+            return response
         finally:
-            Path(spool).unlink(missing_ok=True)
-        return web.json_response(model_json(model))
+            call.cancel()  # no-op once answered
+        return _json(model_json(model))
+
+    async def _stream_upload(self, request: web.Request, call, header: pb.UploadHeader, committed: int,
+                             chunk: int) -> pb.Model:
+        """Header, then the body's bytes from ``committed`` (what the server holds of an earlier, broken upload of
+        the same bytes) in chunks of at most ``chunk``; the last with finish_write. A body that ends short or goes
+        silent ends the stream with finish_write, so the server keeps nothing."""
+        size, read, buffer = header.size_bytes, 0, bytearray()
+        offset = committed
+        try:
+            await call.write(pb.UploadModelRequest(header=header))
+            while read < size:
+                block = await self._body_block(request)
+                if not block:
+                    break
+                skip = max(0, min(len(block), committed - read))  # the server holds these already
+                read += len(block)
+                buffer += block[skip:]
+                while len(buffer) >= chunk:
+                    data, buffer = bytes(buffer[:chunk]), buffer[chunk:]
+                    await call.write(_chunk(offset, data, offset + len(data) >= size))
+                    offset += len(data)
+            if read != size:
+                await _abandon(call, offset)
+                raise InvalidSpec("body", f"the body ended after {read} of the {size} bytes its Content-Length "
+                                          "declares; nothing was kept")
+            if buffer or offset < size or committed == size:
+                await call.write(_chunk(offset, bytes(buffer), True))
+            await call.done_writing()
+            return await call
+        except _BodyIdle:
+            await _abandon(call, offset)
+            raise
+        except (grpc.RpcError, asyncio.InvalidStateError):  # the server answered early (a limit, a quota)
+            try:
+                await call
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            raise
+
+    async def _body_block(self, request: web.Request) -> bytes:
+        """The next bytes of the request body (b"" at its end), or _BodyIdle after http_body_idle_timeout_seconds
+        of silence."""
+        try:
+            return await asyncio.wait_for(request.content.readany(), self.limits.http_body_idle_timeout_seconds)
+        except TimeoutError:
+            raise _BodyIdle() from None
+
+    async def _json_body(self, request: web.Request) -> dict:
+        """A JSON object body: at most JSON_BODY_BYTES, nested at most JSON_DEPTH deep, strict JSON (no NaN or
+        Infinity), each read bounded by http_body_idle_timeout_seconds."""
+        if request.content_length is not None and request.content_length > JSON_BODY_BYTES:
+            raise InvalidSpec("body", f"{request.content_length} bytes; a JSON body is at most {JSON_BODY_BYTES}")
+        raw = bytearray()
+        try:
+            while block := await self._body_block(request):
+                raw += block
+                if len(raw) > JSON_BODY_BYTES:
+                    raise InvalidSpec("body", f"more than {JSON_BODY_BYTES} bytes; a JSON body is at most "
+                                              f"{JSON_BODY_BYTES}")
+        except _BodyIdle:
+            raise InvalidSpec("body", f"the body sent nothing for {self.limits.http_body_idle_timeout_seconds:g} s "
+                                      "(http_body_idle_timeout_seconds)") from None
+        return _parse_json_object(bytes(raw))
+
+    async def _grpc(self, call):
+        try:
+            return await call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
 
     async def list_layers(self, request: web.Request) -> web.Response:
         client = self._client(request)
         layers = [layer_json(layer) async for layer in client.layers(request.match_info["sha"], page_size=1000)]
-        return web.json_response({"layers": layers})
+        return _json({"layers": layers})
 
     async def classes(self, request: web.Request) -> web.Response:
         await self._client(request).info()  # the same auth as every other page
@@ -300,7 +495,7 @@ class WebGateway:
             from featureviz import zoo
 
             self._class_names = await asyncio.to_thread(zoo.imagenet_class_names)
-        return web.json_response({"names": self._class_names}, headers={"Cache-Control": "private, max-age=3600"})
+        return _json({"names": self._class_names}, headers={"Cache-Control": "private, max-age=3600"})
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         client = self._client(request)
@@ -313,7 +508,7 @@ class WebGateway:
             jobs.append(out)
             if len(jobs) == 100:  # the newest hundred
                 break
-        return web.json_response({"jobs": jobs})
+        return _json({"jobs": jobs})
 
     def _describe(self, job: dict) -> dict:
         """Remember how a job with its whole spec reads (summary, image labels) for the jobs list."""
@@ -324,7 +519,7 @@ class WebGateway:
         return job
 
     async def create_job(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await self._json_body(request)
         unknown = sorted(set(body) - set(_JOB_KEYS))
         if unknown:
             raise InvalidSpec(_short(unknown[0]), f"unknown key; a job takes: {', '.join(_JOB_KEYS)}")
@@ -340,17 +535,17 @@ class WebGateway:
             raise InvalidSpec("spec", f"a value has the wrong type: {_short(exc)}") from None
         request_id = body.get("request_id") or uuid.uuid4().hex
         job = await self._client(request).submit(spec.model, spec=spec, request_id=str(request_id))
-        return web.json_response(self._describe(job_json(job)))
+        return _json(self._describe(job_json(job)))
 
     async def get_job(self, request: web.Request) -> web.Response:
         client = self._client(request)
         job = await client.job(request.match_info["id"])
         out = self._describe(job_json(job))
         out["cli"] = await self._cli(client, request, job)
-        return web.json_response(out)
+        return _json(out)
 
     async def cancel_job(self, request: web.Request) -> web.Response:
-        return web.json_response(job_json(await self._client(request).cancel(request.match_info["id"])))
+        return _json(job_json(await self._client(request).cancel(request.match_info["id"])))
 
     async def job_image(self, request: web.Request) -> web.Response:
         job = await self._client(request).job(request.match_info["id"])
@@ -378,7 +573,7 @@ class WebGateway:
             body["result"] = {key: value for key, value in out["result"].items() if key != "images"}
             body["result"]["images"] = [{k: v for k, v in image.items() if k != "url"}
                                         for image in out["result"]["images"]]
-        return web.json_response(body, dumps=lambda obj: json.dumps(obj, indent=2), headers={
+        return _json(body, indent=2, headers={
             "Content-Disposition": f'attachment; filename="featureviz-{job.id[:12]}.json"'})
 
     async def _model_ref(self, client: AsyncClient, job: pb.Job) -> dict:
@@ -400,15 +595,13 @@ class WebGateway:
 
     async def job_events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events from WatchJob (with previews): ``id`` is the event's seq, so the browser's
-        EventSource re-attaches where it left off (Last-Event-ID) after a dropped connection."""
-        try:
-            from_seq = int(request.headers.get("Last-Event-ID") or request.query.get("from_seq") or 0)
-        except ValueError:
-            raise InvalidSpec("from_seq", "must be an integer event sequence number") from None
+        EventSource re-attaches where it left off (Last-Event-ID) after a dropped connection. A page that reads
+        slower than the job renders gets the latest preview and progress, not a backlog of old ones."""
+        from_seq = _from_seq(request.headers.get("Last-Event-ID") or request.query.get("from_seq") or "0")
         events = self._client(request).watch(request.match_info["id"], from_seq=from_seq, previews=True,
                                              reconnects=0)
         try:
-            first = await anext(events)  # auth and NOT_FOUND answer as JSON errors, before the stream starts
+            first = await anext(events)  # auth, NOT_FOUND and the watch cap answer as JSON errors, before the stream
         except BaseException:
             await events.aclose()
             raise
@@ -417,26 +610,78 @@ class WebGateway:
         await response.prepare(request)
         task = asyncio.current_task()
         self._streams.add(task)
+        relay = _Relay(events, first)
         try:
-            event = first
-            while True:
+            await relay.run(response)
+        except ConnectionResetError:
+            pass  # the page went away
+        finally:
+            self._streams.discard(task)
+            await relay.close()
+        return response
+
+
+class _Relay:
+    """One SSE stream: a task reads the watch as fast as the server sends, into a short list the writer sends as
+    fast as the page reads; a newer preview (progress, heartbeat) replaces an unsent older one, so a slow page
+    gets the latest image and the memory per stream stays a few events."""
+
+    _COALESCED = ("preview", "progress", "heartbeat")
+
+    def __init__(self, events, first: pb.JobEvent):
+        self._events = events
+        self._pending: list[pb.JobEvent] = [first]
+        self._more = asyncio.Event()
+        self._ended = first.WhichOneof("event") == "result"
+        self._failure: FeaturevizClientError | None = None
+        self._reader: asyncio.Task | None = None if self._ended else asyncio.create_task(self._read())
+        self.dropped = 0
+
+    async def _read(self) -> None:
+        try:
+            async for event in self._events:
+                kind = event.WhichOneof("event") or "heartbeat"
+                if kind in self._COALESCED:
+                    kept = [e for e in self._pending if (e.WhichOneof("event") or "heartbeat") != kind]
+                    self.dropped += len(self._pending) - len(kept)
+                    self._pending = kept
+                self._pending.append(event)
+                self._more.set()
+                if kind == "result":
+                    break
+        except FeaturevizClientError as err:  # the watch broke mid-stream: the page is told, and re-attaches
+            self._failure = err
+        finally:
+            self._ended = True
+            self._more.set()
+
+    async def run(self, response: web.StreamResponse) -> None:
+        while True:
+            while self._pending:
+                event = self._pending.pop(0)
                 kind, data = event_json(event)
                 if kind == "heartbeat":
                     await response.write(b": heartbeat\n\n")
-                else:
-                    seq = f"id: {event.seq}\n" if kind not in ("snapshot",) else ""
-                    await response.write(f"{seq}event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+                    continue
+                seq = f"id: {event.seq}\n" if kind != "snapshot" else ""
+                await response.write(f"{seq}event: {kind}\ndata: {json_text(data)}\n\n".encode())
                 if kind == "result":
-                    break
-                event = await anext(events)
-        except (ConnectionResetError, StopAsyncIteration):
-            pass  # the page went away, or the watch ended
-        except FeaturevizClientError as err:  # the watch broke mid-stream: tell the page, which re-attaches
-            await _write_quietly(response, f"event: failure\ndata: {json.dumps({'code': err.code})}\n\n")
-        finally:
-            self._streams.discard(task)
-            await events.aclose()
-        return response
+                    return
+            if self._ended:
+                break
+            self._more.clear()
+            await self._more.wait()
+        if self._failure is not None:
+            await _write_quietly(response, f"event: failure\ndata: {json_text({'code': self._failure.code})}\n\n")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self._events.aclose()
 
 
 async def _logits_channels(client: AsyncClient, model: dict) -> int:
@@ -457,14 +702,65 @@ async def _write_quietly(response: web.StreamResponse, text: str) -> None:
         pass
 
 
-async def _json_body(request: web.Request) -> dict:
+def _parse_json_object(raw: bytes) -> dict:
+    def reject(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
     try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidSpec("body", "expected a JSON object") from None
+        body = json.loads(raw, parse_constant=reject)
+    except RecursionError:
+        raise InvalidSpec("body", f"the JSON is nested too deeply; at most {JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidSpec("body", f"expected a JSON object (strict JSON: no NaN or Infinity): {_short(exc)}") from None
     if not isinstance(body, dict):
         raise InvalidSpec("body", f"expected a JSON object, got {_short(json.dumps(body))}")
+    if _depth(body) > JSON_DEPTH:
+        raise InvalidSpec("body", f"the JSON is nested too deeply; at most {JSON_DEPTH} levels")
     return body
+
+
+def _depth(value) -> int:
+    """How deeply lists and objects nest in ``value`` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= JSON_DEPTH:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _from_seq(text: str) -> int:
+    """``from_seq`` / ``Last-Event-ID``: an event sequence number, 0 to 2^63-1."""
+    text = text.strip()
+    if not text.isdigit() or len(text) > 19 or int(text) > INT64_MAX:
+        raise InvalidSpec("from_seq", f"must be an event sequence number from 0 to {INT64_MAX}, got "
+                                      f"{echo(text)}")
+    return int(text)
+
+
+def _client_address(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _chunk(offset: int, data: bytes, finish: bool) -> pb.UploadModelRequest:
+    return pb.UploadModelRequest(chunk=pb.UploadChunk(write_offset=offset, data=data, finish_write=finish))
+
+
+async def _abandon(call, offset: int) -> None:
+    """End an upload stream so the server keeps nothing: finish_write short of the size is its SIZE_MISMATCH."""
+    async def finish():
+        await call.write(_chunk(offset, b"", True))
+        await call.done_writing()
+        await call
+
+    try:
+        await asyncio.wait_for(finish(), 10.0)
+    except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError):
+        pass
 
 
 def _preprocess(query) -> dict | None:
@@ -476,6 +772,7 @@ def _preprocess(query) -> dict | None:
         try:
             values[key] = [float(v) for v in query.get(key, "").split(",")]
         except ValueError:
-            raise InvalidSpec(key, f"expected 1 or 3 comma-separated numbers, got {_short(query.get(key))!r}") \
-                from None
+            values[key] = [math.nan]
+        if not all(math.isfinite(v) for v in values[key]):
+            raise InvalidSpec(key, f"expected 1 or 3 comma-separated finite numbers, got {echo(query.get(key, ''))}")
     return {**values, "channel_order": "BGR" if query.get("bgr") in ("1", "true") else "RGB"}

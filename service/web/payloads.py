@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import shlex
 
 from featureviz.client.convert import spec_from_proto
@@ -19,11 +20,28 @@ from featureviz.spec import normalize_objective
 from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["model_json", "layer_json", "job_json", "event_json", "spec_json", "objective_text", "image_labels",
-           "objective_summary", "cli_command", "state_name", "STATES"]
+__all__ = ["json_text", "finite", "model_json", "layer_json", "job_json", "event_json", "spec_json", "objective_text",
+           "image_labels", "objective_summary", "cli_command", "state_name", "STATES"]
 
 STATES = {value: name.removeprefix("JOB_STATE_") for name, value in pb.JobState.items()}
 _MODEL_STATES = {value: name.removeprefix("MODEL_STATE_") for name, value in pb.ModelState.items()}
+
+
+def finite(value):
+    """``value`` with every non-finite float (NaN, +-Infinity: not JSON) replaced by None, in lists and dicts too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+def json_text(value, *, indent: int | None = None) -> str:
+    """The one JSON encoder of the explorer's responses and events: strict JSON (RFC 8259), non-finite numbers as
+    null, so a stored NaN (a model's preprocessing, a diverged objective) never breaks a page's JSON.parse."""
+    return json.dumps(finite(value), allow_nan=False, indent=indent)
 
 
 def state_name(value: int) -> str:

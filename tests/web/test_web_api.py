@@ -20,6 +20,7 @@ import urllib.request
 
 import pytest
 from web_support import Http
+from web_support import upload_path
 
 from featureviz.cli import build_parser
 from featureviz.cli import main
@@ -82,7 +83,7 @@ def test_login_refuses_a_wrong_token_and_sets_an_http_only_cookie_for_a_right_on
 
 def test_tenants_and_read_only_tokens_are_the_grpc_apis(token_server, net_onnx):
     alice, reader, bob = (Http(token_server.http_url, token) for token in ("s3cret", "look", "other"))
-    status, model = alice.json("POST", "api/models?name=net.onnx", net_onnx)
+    status, model = alice.json("POST", upload_path(net_onnx, "net.onnx"), net_onnx)
     assert status == 200 and model["name"] == "net.onnx"
     sha = model["sha256"]
     assert reader.json("GET", f"api/models/{sha}/layers")[0] == 200  # a read-only token browses
@@ -96,13 +97,14 @@ def test_tenants_and_read_only_tokens_are_the_grpc_apis(token_server, net_onnx):
                                                    "size": 16})
     assert status == 200
     assert bob.json("GET", f"api/jobs/{body['id']}")[0] == 404
-    status, body = Http(token_server.http_url).json("POST", "api/models?name=x.onnx", net_onnx)
+    status, body = Http(token_server.http_url).json("POST", upload_path(net_onnx, "x.onnx"), net_onnx)
     assert status == 401  # refused before any byte of the body is stored
 
 
 def test_upload_over_the_servers_limit_is_refused_with_413(token_server):
-    status, body = Http(token_server.http_url, "s3cret").json("POST", "api/models?name=big.onnx", b"\0" * 100_001)
-    assert status == 413 and "at most 100000 bytes" in body["error"]["message"]
+    big = b"\0" * 100_001
+    status, body = Http(token_server.http_url, "s3cret").json("POST", upload_path(big, "big.onnx"), big)
+    assert status == 413 and "at most 100000 bytes (max_upload_bytes)" in body["error"]["message"]
 
 
 def test_state_changing_requests_need_the_explorers_header(http, model):
@@ -167,7 +169,8 @@ def test_with_tls_the_explorer_serves_https_and_asks_for_client_certificates_as_
 
 def test_a_bad_upload_answers_the_import_error_and_stores_nothing(http):
     before = http.json("GET", "api/models")[1]["models"]
-    status, body = http.json("POST", "api/models?name=bad.onnx", b"\x08\x07" + b"garbage" * 50)
+    bad = b"\x08\x07" + b"garbage" * 50
+    status, body = http.json("POST", upload_path(bad, "bad.onnx"), bad)
     assert status == 400 and body["error"]["code"] == "INVALID_ARGUMENT" and body["error"]["reason"]
     assert http.json("GET", "api/models")[1]["models"] == before
 

@@ -241,9 +241,17 @@ def test_a_wrong_token_is_refused_and_the_right_one_signs_in(browser, token_serv
         page.wait_for_selector("#model-list")
         assert page.inner_text("#session .tenant") == "alice"
         assert context.request.get("api/models").status == 200
+        (cookie,) = context.cookies()  # a random session id, never the token (other apps on the host see cookies)
+        assert cookie["name"] == "featureviz_session" and cookie["value"] != "s3cret" and len(cookie["value"]) >= 40
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
 
         page.click("#logout")
         page.wait_for_selector("#login[open]")
+        assert context.request.get("api/models").status == 401
+        assert context.cookies() == []
+        context.add_cookies([{**cookie, "expires": -1}])  # the old session id, replayed, is revoked
+        assert context.request.get("api/models").status == 401
+        context.add_cookies([{**cookie, "value": "s3cret", "expires": -1}])  # and a raw token is no session
         assert context.request.get("api/models").status == 401
     finally:
         context.close()

@@ -3,12 +3,13 @@ browser is and how it is launched (Debian's chromium, driven by Playwright; neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["Http", "CHROMIUM", "CHROMIUM_ARGS", "browser_missing"]
+__all__ = ["Http", "CHROMIUM", "CHROMIUM_ARGS", "browser_missing", "upload_path"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -24,6 +25,11 @@ def browser_missing() -> str | None:
     except ImportError:
         return "no browser driver: the playwright package is missing; pip install -e '.[test]'"
     return None
+
+
+def upload_path(data: bytes, name: str) -> str:
+    """The explorer's upload URL for these bytes: the name and their SHA-256 (the page computes it too)."""
+    return f"api/models?name={name}&sha256={hashlib.sha256(data).hexdigest()}"
 
 
 class Http:

@@ -1,5 +1,6 @@
 // The explorer's one door to the server: JSON over fetch, uploads over XHR (for upload progress), job events
 // over EventSource. Every URL is relative, so the app also works behind a proxy under a sub-path.
+import { sha256File } from "./sha256.js";
 
 export class ApiError extends Error {
   constructor(status, error) {
@@ -41,9 +42,11 @@ export const api = {
   del: (path) => request("DELETE", path),
 };
 
-/** Upload a File; onProgress(sentBytes, totalBytes) while the bytes travel. Resolves with the model. */
-export function uploadModel(file, { preprocess, onProgress } = {}) {
-  const params = new URLSearchParams({ name: file.name });
+/** Upload a File: its SHA-256 first (onHashing(doneBytes, totalBytes)), then the bytes (onProgress(sentBytes,
+ *  totalBytes)); the server streams them into the store and checks the digest. Resolves with the model. */
+export async function uploadModel(file, { preprocess, onHashing, onProgress } = {}) {
+  const sha256 = await sha256File(file, onHashing);
+  const params = new URLSearchParams({ name: file.name, sha256 });
   if (preprocess) {
     params.set("mean", preprocess.mean);
     params.set("std", preprocess.std);

@@ -67,7 +67,11 @@ function uploader(state, done) {
     try {
       const model = await uploadModel(file, {
         preprocess,
+        onHashing: (done, total) => {
+          line.textContent = `Checksumming ${file.name} (${Math.round((100 * done) / Math.max(total, 1))}%)…`;
+        },
         onProgress: (sent, total) => {
+          line.textContent = `Uploading ${file.name} (${bytes(file.size)})…`;
           fill.style.width = `${Math.round((100 * sent) / Math.max(total, 1))}%`;
           if (sent >= total) {
             line.textContent = `Importing ${file.name}: converting to torch and checking against onnxruntime…`;
