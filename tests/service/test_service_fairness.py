@@ -93,7 +93,8 @@ def _sliced(tmp_path, slice_steps: int, max_batch: int = 2, **limits):
 
 def test_a_flood_of_long_jobs_lets_another_tenants_short_job_start_within_two_slices(tmp_path, tiny_onnx):
     slice_steps, long_steps = 4, 120
-    with _sliced(tmp_path, slice_steps) as running, Client(running.address, token="tok-flood", timeout=60) as flood, \
+    with _sliced(tmp_path, slice_steps) as running, \
+            Client(running.address, token="tok-flood", timeout=60) as flood, \
             Client(running.address, token="tok-calm", timeout=60) as calm:
         sha = flood.upload(tiny_onnx).sha256
         calm.upload(tiny_onnx)
@@ -116,7 +117,8 @@ def test_a_flood_of_long_jobs_lets_another_tenants_short_job_start_within_two_sl
 
 def test_an_exclusive_job_parked_and_resumed_gives_the_bytes_of_an_uninterrupted_run(tmp_path, tiny_onnx):
     spec = dict(steps=12, size=16, seed=21, exclusive=True)
-    with _sliced(tmp_path, 2, max_batch=1) as running, Client(running.address, token="tok-flood", timeout=60) as flood, \
+    with _sliced(tmp_path, 2, max_batch=1) as running, \
+            Client(running.address, token="tok-flood", timeout=60) as flood, \
             Client(running.address, token="tok-calm", timeout=60) as calm:
         sha = flood.upload(tiny_onnx).sha256
         calm.upload(tiny_onnx)
