@@ -105,6 +105,13 @@ def raise_descriptor_limit() -> None:
         log.warning("could not raise the file descriptor limit: %s", exc)
 
 
+def _worker_limits(config: ServerConfig) -> dict:
+    """The Limits a worker applies itself (WorkerConfig keywords)."""
+    limits = config.limits
+    return dict(max_image_side=limits.max_image_side, time_slice_steps=limits.time_slice_steps,
+                max_job_memory_bytes=limits.max_job_memory_bytes)
+
+
 def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, int]:
     """Build the server and bind ``config.host:config.port`` (0: a free port). Call inside a running loop.
 
@@ -118,14 +125,14 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
         worker = ray_pool(config.ray, WorkerConfig(device=config.device, max_batch=config.max_batch,
                                                    progress_interval=config.progress_interval, threads=config.threads,
                                                    models_kept=config.model_cache_size,
-                                                   max_image_side=config.limits.max_image_side),
+                                                   **_worker_limits(config)),
                           model_source=store.read_model_file, workers=config.workers,
                           max_attempts=config.ray_max_attempts)
     if worker is None:
         worker = local_worker(WorkerConfig(device=config.device, max_batch=config.max_batch,
                                            progress_interval=config.progress_interval, threads=config.threads,
                                            cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
-                                           max_image_side=config.limits.max_image_side),
+                                           **_worker_limits(config)),
                               model_source=store.read_model_file)  # bytes checked against their sha256
     scheduler = Scheduler(store, worker, loop=loop, finished_logs_kept=config.finished_logs_kept)
     metrics = None

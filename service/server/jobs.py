@@ -17,6 +17,7 @@ from featureviz.server.models import parse_model_name
 from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
 from featureviz.server.scheduler import Scheduler
+from featureviz.server.scheduler import job_cost
 from featureviz.server.store import TERMINAL_STATES
 from featureviz.spec import proto_path
 from featureviz.v1 import featureviz_pb2 as pb
@@ -140,6 +141,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             stored.judge.model = judge_sha
             if not stored.judge.HasField("preprocess") and judge.input_spec.HasField("preprocess"):
                 stored.judge.preprocess.CopyFrom(judge.input_spec.preprocess)
+        self._check_budget(tenant, stored)  # before the worker's admission work; again once the defaults are known
         try:
             admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
         except InvalidSpec as exc:
@@ -147,10 +149,22 @@ class JobServicer(pb_grpc.JobServiceServicer):
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
             if not stored.HasField(key):
                 setattr(stored, key, getattr(admission, key))
+        self._check_budget(tenant, stored)  # no await from here to submit: concurrent requests see each other
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
             self.scheduler.submit(row.id, tenant, admission)
         return row.id
+
+    def _check_budget(self, tenant: str, spec: pb.JobSpec) -> None:
+        """The tenant's queued and running images x steps plus this job's stay within max_image_steps_per_tenant."""
+        limit = self.config.limits.max_image_steps_per_tenant
+        held, cost = self.scheduler.image_steps(tenant), job_cost(spec)
+        if held + cost > limit:
+            raise ResourceExhausted(
+                f"this job is {cost} image-steps ({spec.batch if spec.HasField('batch') else 1} image(s) x "
+                f"{spec.steps if spec.HasField('steps') else 512} steps) and your queued and running jobs hold {held}; "
+                f"the limit per tenant is max_image_steps_per_tenant = {limit}; wait for some to finish, cancel some, "
+                "or ask for fewer steps or images", reason="IMAGE_STEPS_BUDGET")
 
     def _check_limits(self, spec: pb.JobSpec) -> None:
         limits = self.config.limits

@@ -4,8 +4,14 @@
   ``max_batch`` images in one device step, so the scheduler grants it jobs while the images it holds stay within
   that (a job larger than that runs when the worker is empty). Fairness across tenants: the next job is the
   oldest queued job of the tenant that holds the fewest images on the worker, ties going to the tenant served
-  least recently (FIFO within a tenant). Fairness across models is the worker's: it steps its groups (one per
-  model and input size) in turn, one device step each, so every running job advances one step per round.
+  least recently (FIFO within a tenant). When the worker is full, a tenant that holds less than its share
+  (``max_batch`` divided among the tenants with queued or granted jobs) still gets its next job: the worker then
+  holds more than one step's images and time-slices them (:mod:`featureviz.worker.slices`: a running job yields
+  its place after ``time_slice_steps`` steps, its state kept), so one tenant's long jobs cannot hold the device
+  while another's wait. Fairness across models is the worker's: it steps its groups (one per model and input
+  size) in turn, one device step each, so every running job advances one step per round.
+- Budget: :meth:`image_steps` is a tenant's queued and granted work in images x steps, which CreateJob holds
+  within ``max_image_steps_per_tenant``.
 - On start the scheduler re-queues every job it finds QUEUED or RUNNING (a crash or a stop left them so).
   Exclusive jobs rerun with the same images; others may differ (their batch-mates differ).
 - Each job has a :class:`JobLog`: events with sequence numbers, appended from the worker's event thread and read
@@ -29,9 +35,14 @@ from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
 
-__all__ = ["Scheduler", "JobLog"]
+__all__ = ["Scheduler", "JobLog", "job_cost"]
 
 log = logging.getLogger("featureviz.server")
+
+
+def job_cost(spec: pb.JobSpec) -> int:
+    """A job's images x steps (the stored spec has both; unset: one image, the engine's 512 steps)."""
+    return (spec.batch if spec.HasField("batch") else 1) * (spec.steps if spec.HasField("steps") else 512)
 
 
 class JobLog:
@@ -90,6 +101,7 @@ class Scheduler:
         self._queue: collections.deque[str] = collections.deque()  # arrival order
         self._tenant_of: dict[str, str] = {}
         self._images_of: dict[str, int] = {}  # job -> images (its batch)
+        self._cost_of: dict[str, int] = {}  # job -> images x steps
         self._tickets: dict[str, str] = {}  # job -> the worker's admission ticket
         self._exclusive: set[str] = set()
         self._served: dict[str, int] = {}  # tenant -> turn it was last granted a job
@@ -155,6 +167,7 @@ class Scheduler:
         self._queue.append(job_id)
         self._tenant_of[job_id] = tenant
         self._images_of[job_id] = spec.batch if spec.HasField("batch") else 1
+        self._cost_of[job_id] = job_cost(spec)
         if ticket:
             self._tickets[job_id] = ticket
         if spec.exclusive:
@@ -163,8 +176,20 @@ class Scheduler:
     def _held_by(self, tenant: str) -> int:
         return sum(self._images_of.get(j, 1) for j, t in self._granted.items() if t == tenant)
 
+    def image_steps(self, tenant: str) -> int:
+        """The tenant's queued and granted (running or parked) work: the sum of its jobs' images x steps."""
+        with self._cv:
+            return sum(self._cost_of.get(j, 0) for j, t in self._tenant_of.items() if t == tenant)
+
+    def _below_share(self, tenant: str, queued_tenants) -> bool:
+        """Whether the tenant holds less than its share of one device step while other tenants hold or want
+        some: then it is granted a job even when the worker is full (the worker time-slices)."""
+        tenants = set(queued_tenants) | set(self._granted.values())
+        return len(tenants) > 1 and self._held_by(tenant) < self.max_batch / len(tenants)
+
     def _dispatch(self) -> None:
-        """Grant queued jobs to the worker while it has room (call with the lock held)."""
+        """Grant queued jobs to the worker while it has room, or to a tenant below its share (call with the lock
+        held)."""
         while self._queue and not self._stopping:
             firsts: dict[str, str] = {}
             for job_id in self._queue:
@@ -172,7 +197,7 @@ class Scheduler:
             tenant = min(firsts, key=lambda t: (self._held_by(t), self._served.get(t, -1)))
             job_id = firsts[tenant]
             images = self._images_of.get(job_id, 1)
-            if self._held and self._held + images > self.max_batch:
+            if self._held and self._held + images > self.max_batch and not self._below_share(tenant, firsts):
                 return  # wait for room (the fairest job goes first, so a large job is not starved)
             self._queue.remove(job_id)
             self._turn += 1
@@ -192,6 +217,7 @@ class Scheduler:
             self._held -= self._images_of.get(job_id, 1)
         self._tenant_of.pop(job_id, None)
         self._images_of.pop(job_id, None)
+        self._cost_of.pop(job_id, None)
         self._tickets.pop(job_id, None)
         self._exclusive.discard(job_id)
         self._progress.pop(job_id, None)

@@ -34,7 +34,8 @@ class WorkerConfig:
     """``device``: cuda, cuda:N, cpu or None (cuda when available). ``max_batch``: the most images in one device
     step (None: the device's default, :func:`featureviz.worker.device.default_max_batch`). ``progress_interval``:
     at most one progress event per job every so many seconds, plus the last step. ``threads``: torch CPU
-    threads. ``cache_dir``: the importer's cache. ``models_kept``: imported models held in memory."""
+    threads. ``cache_dir``: the importer's cache. ``models_kept``: imported models held in memory.
+    ``time_slice_steps`` and ``max_job_memory_bytes``: the server's Limits of those names."""
 
     device: str | None = None
     max_batch: int | None = None
@@ -43,6 +44,8 @@ class WorkerConfig:
     cache_dir: str | None = None
     models_kept: int = 4
     max_image_side: int = 4096  # an init image larger than this is refused from its header
+    time_slice_steps: int = 64  # when jobs wait, a running job yields its place after this many steps
+    max_job_memory_bytes: int | None = None  # a job whose measured memory exceeds this is refused at admission
 
 
 @dataclass

@@ -1,16 +1,25 @@
 """The in-process worker: one device thread runs batched device steps, one output thread encodes and emits events.
 
 Device thread, each round:
+  0. calls queued for the device thread run first (admission's memory probes: they share the engine);
   1. new submissions become slots (the ticket's RenderSpec, converted once at admission; a re-queued job is
-     converted again), cancelled jobs leave, and waiting jobs join when memory admission lets them (CUDA);
-     joiners of one group get their starting objective in one forward (a STARTED event each);
-  2. the next group in round-robin order (groups: the same model, model input size and layout; an exclusive
-     job is a group of its own) runs one device step of its slots, in chunks of at most ``max_batch`` images;
-     every active job advances one step per round whatever its group (time slicing across models);
-  3. an error in a chunk of several slots (out of memory or anything else) splits the chunk in two and retries
+     converted again), cancelled jobs leave (parked ones too);
+  2. time slicing (:func:`featureviz.worker.slices.plan`): when the granted jobs hold more than ``max_batch``
+     images, at most that many step; a job that has taken ``time_slice_steps`` steps since it last waited is
+     parked (its slot keeps parameters, Adam moments, generators and schedule state; it stays RUNNING) and
+     waiting jobs take its place, tenant by tenant. New jobs join when memory admission lets them (else they
+     wait and the others step); joiners of one group get their starting objective in one forward (a STARTED
+     event each);
+  3. the next group in round-robin order (groups: the same model, model input size and layout; an exclusive
+     job is a group of its own) runs one device step of its active slots, in chunks of at most ``max_batch``
+     images; every active job advances one step per round whatever its group (time slicing across models);
+  4. an error in a chunk of several slots (out of memory or anything else) splits the chunk in two and retries
      each half (out of memory also lowers the group's chunk size); a slot that fails alone ends FAILED
      (GPU_OOM for out of memory) and the others keep running;
-  4. slots that are done, cancelled or diverged leave: their final objective, images and result.
+  5. slots that are done, cancelled or diverged leave: their final objective, images and result.
+
+Memory (featureviz.worker.device): admission measures a job's memory with a probe (CPU and CUDA) and refuses one
+above ``max_job_memory_bytes`` or the device's usable memory (RESOURCE_EXHAUSTED, JOB_TOO_LARGE).
 
 Progress is coalesced per job: at most one PROGRESS event every ``progress_interval`` seconds, plus the last
 step. PNG encoding never runs on the device thread: a small pool encodes (Pillow and torch release the GIL, so
@@ -24,6 +33,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -35,6 +45,8 @@ import torch
 
 from featureviz.engine.batch import BatchEngine
 from featureviz.engine.batch import Slot
+from featureviz.engine.batch import image_size
+from featureviz.errors import ResourceExhausted
 from featureviz.server.errors import job_error
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import adapter
@@ -42,6 +54,8 @@ from featureviz.worker import api
 from featureviz.worker import device as devices
 from featureviz.worker.models import ModelCache
 from featureviz.worker.models import describe_model
+from featureviz.worker.slices import Entry
+from featureviz.worker.slices import plan
 
 __all__ = ["LocalWorker"]
 
@@ -57,6 +71,12 @@ class _Job:
         self.emitted = 0  # last step sent as a PROGRESS event
         self.emitted_at = time.perf_counter()
         self.started = False
+        self.active = False  # in the device steps now (else waiting to join, or parked)
+        self.ran = 0  # steps since it last became active
+        self.since = 0  # the worker's tick when it last started to wait
+
+    def entry(self) -> Entry:
+        return Entry(self.sub.job_id, self.sub.tenant, self.slot.batch, self.active, self.ran, self.since)
 
 
 class LocalWorker(api.Worker):
@@ -66,6 +86,7 @@ class LocalWorker(api.Worker):
             torch.set_num_threads(config.threads)
         self.torch_device = devices.resolve_device(config.device)
         self.max_batch = config.max_batch or devices.default_max_batch(self.torch_device)
+        self.slice_steps = max(1, int(config.time_slice_steps))
         self.interval = max(0.0, float(config.progress_interval))
         self._device_pb = devices.describe_device(self.torch_device)
         self.models = ModelCache(model_source, size=config.models_kept, cache_dir=config.cache_dir,
@@ -78,8 +99,12 @@ class LocalWorker(api.Worker):
         self._cancels: set[str] = set()
         self._forgotten: list = []
         self._tickets: collections.OrderedDict[str, tuple[str, object]] = collections.OrderedDict()
-        self._jobs: dict[str, _Job] = {}  # joined: in the device steps
-        self._waiting: list[_Job] = []  # prepared, waiting for memory
+        self._jobs: dict[str, _Job] = {}  # joined (STARTED): active, or parked by time slicing
+        self._waiting: list[_Job] = []  # prepared, waiting to join (their turn, or memory)
+        self._calls: list[tuple] = []  # (function, future) to run on the device thread
+        self._device_done = False
+        self._tick = 0  # rounds of planning: orders the waits
+        self._served: dict[str, int] = {}  # tenant -> tick it last had a job activated
         self._order: collections.deque[tuple] = collections.deque()  # group keys, round robin
         self._caps: dict[tuple, int] = {}  # group key -> images per chunk after an out-of-memory split
         self._stats: list[tuple[int, float]] = []
@@ -115,6 +140,7 @@ class LocalWorker(api.Worker):
         judge = adapter.judge_of(job_spec)
         if judge is not None:
             adapter.judge_check(self.models.get(judge[0]), render_spec)
+        self._check_memory(model, render_spec)
         ticket = uuid.uuid4().hex
         with self._cv:
             self._tickets[ticket] = (sha256, render_spec)
@@ -138,10 +164,11 @@ class LocalWorker(api.Worker):
     def info(self) -> pb.WorkerInfo:
         with self._cv:
             jobs = list(self._jobs.values())
+        active = [j for j in jobs if j.active]
         allocated = torch.cuda.memory_allocated(self.torch_device) if self.torch_device.type == "cuda" else 0
-        return pb.WorkerInfo(device=self._device_pb, models=self.models.held(), active_slots=len(jobs),
-                             active_images=sum(j.slot.batch for j in jobs), max_batch=self.max_batch,
-                             memory_allocated_bytes=int(allocated))
+        return pb.WorkerInfo(device=self._device_pb, models=self.models.held(), active_slots=len(active),
+                             active_images=sum(j.slot.batch for j in active), max_batch=self.max_batch,
+                             memory_allocated_bytes=int(allocated), parked_slots=len(jobs) - len(active))
 
     def stop(self, grace: float) -> None:
         with self._cv:
@@ -229,10 +256,15 @@ class LocalWorker(api.Worker):
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._incoming or self._cancels or self._jobs or self._waiting or self._forgotten) \
-                        and not self._stopping:
+                while not (self._incoming or self._cancels or self._jobs or self._waiting or self._forgotten
+                           or self._calls) and not self._stopping:
                     self._cv.wait()
+                calls, self._calls = self._calls, []
+            self._run_calls(calls)
+            with self._cv:
                 if self._shutdown or (self._stopping and not self._jobs):
+                    self._device_done = True  # from now on calls run on their caller's thread
+                    calls, self._calls = self._calls, []
                     break
                 incoming, self._incoming = self._incoming, []
                 cancels, self._cancels = self._cancels, set()
@@ -249,11 +281,34 @@ class LocalWorker(api.Worker):
                 for job in list(self._jobs.values()):
                     self._fail(job, RuntimeError("internal error in the device loop"))
             self._flush_stats()
+        self._run_calls(calls)
         for job in list(self._jobs.values()):  # shutdown: the rest goes back to the queue, from step 0
             self.engine.drop([job.slot])
             self._remove(job)
             self._emit(api.WorkerEvent(api.REQUEUED, job.sub.job_id))
         self._flush_stats(force=True)
+
+    @staticmethod
+    def _run_calls(calls) -> None:
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # the caller gets it
+                future.set_exception(exc)
+
+    def _on_device(self, fn):
+        """Run ``fn`` on the device thread (between rounds) and return its result; inline when that thread is
+        not running (not started, or stopped)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            inline = self._device_done or not self._device_thread.is_alive() \
+                or threading.current_thread() is self._device_thread
+            if not inline:
+                self._calls.append((fn, future))
+                self._cv.notify_all()
+        if inline:
+            return fn()
+        return future.result()
 
     def _round(self, incoming, cancels) -> None:
         for job_id in cancels:
@@ -263,16 +318,19 @@ class LocalWorker(api.Worker):
                 continue
             job = self._prepare(sub)
             if job is not None:
+                job.since = self._tick
                 self._waiting.append(job)
-        self._join_waiting()
+        cancelled: dict[tuple, list[_Job]] = {}
+        for job in self._jobs.values():
+            if job.slot.is_cancelled():  # parked ones too: they leave now, not when their turn comes
+                cancelled.setdefault(job.key, []).append(job)
+        for jobs in cancelled.values():
+            self._leave(jobs)
+        self._schedule()
         key = self._next_group()
         if key is None:
             return
-        group = [job for job in self._jobs.values() if job.key == key]
-        cancelled = [job for job in group if job.slot.is_cancelled()]
-        if cancelled:
-            self._leave(cancelled)
-            group = [job for job in group if job not in cancelled]
+        group = [job for job in self._jobs.values() if job.key == key and job.active]
         if not group:
             return
         if len(group) > 1 and not self._independent(group):
@@ -281,6 +339,8 @@ class LocalWorker(api.Worker):
             chunks = self._chunks(group, self._caps.get(key, self.max_batch))
         for chunk in chunks:
             self._step(key, chunk)
+        for job in group:
+            job.ran += 1
         leaving = [job for job in group if job.sub.job_id in self._jobs and
                    (job.slot.done or job.slot.error is not None)]
         if leaving:
@@ -309,15 +369,45 @@ class LocalWorker(api.Worker):
             self._report_failure(sub.job_id, exc)
             return None
 
-    def _join_waiting(self) -> None:
-        if not self._waiting:
-            return
+    def _schedule(self) -> None:
+        """Time slicing: choose the jobs that step (:func:`featureviz.worker.slices.plan`), park the others, and
+        let the chosen new ones join when memory admission lets them; one that must wait for memory is left out
+        and the plan made again, so the others keep stepping."""
+        blocked: set[str] = set()
+        while True:
+            jobs = [job for job in (*self._jobs.values(), *self._waiting) if job.sub.job_id not in blocked]
+            if not jobs:
+                return
+            self._tick += 1
+            contended = sum(job.slot.batch for job in jobs) > self.max_batch
+            chosen = set(plan([job.entry() for job in jobs], self.max_batch, self.slice_steps, self._served))
+            for job in self._jobs.values():
+                if job.sub.job_id not in chosen:
+                    if job.active:  # parked: its slot keeps its whole state
+                        job.active, job.since = False, self._tick
+                elif not job.active or (contended and job.ran >= self.slice_steps):  # resumed, or a new slice
+                    self._activate(job)
+            joining = [job for job in self._waiting if job.sub.job_id in chosen and job.sub.job_id not in blocked]
+            waits = self._join_waiting(joining)
+            if not waits:
+                return
+            blocked.update(job.sub.job_id for job in waits)
+
+    def _activate(self, job: _Job) -> None:
+        job.active, job.ran = True, 0
+        self._served[job.sub.tenant] = self._tick
+
+    def _join_waiting(self, candidates: list[_Job]) -> list[_Job]:
+        """Join the candidates that memory admission lets in, in order; returns those that must wait."""
         joiners: list[_Job] = []
-        for job in list(self._waiting):
+        waits: list[_Job] = []
+        for i, job in enumerate(candidates):
             if not self._fits(job, joiners):
-                break  # first come, first served: later jobs wait behind this one
+                waits = candidates[i:]  # first come, first served: later jobs wait behind this one
+                break
             self._waiting.remove(job)
             joiners.append(job)
+            self._activate(job)
             with self._cv:
                 self._jobs[job.sub.job_id] = job  # counts for the next job's memory admission
         by_key: dict[tuple, list[_Job]] = {}
@@ -330,23 +420,64 @@ class LocalWorker(api.Worker):
             if key not in self._order:
                 self._order.append(key)
             self._guarded(jobs, lambda js: self.engine.join([j.slot for j in js]))
+        return waits
 
     def _fits(self, job: _Job, joining: list[_Job]) -> bool:
-        """CUDA memory admission: whether the job's estimated memory fits now (always, when nothing runs)."""
+        """Memory admission: whether the job's estimated memory fits now (always, when nothing else is held)."""
         if not self.planner.enabled or not (self._jobs or joining):
             return True
-        slot = job.slot
-        key = (BatchEngine.model_key(slot.model), slot.model_size, slot.layers)
+        estimate = self._estimate(job.slot.model, job.render_spec, job.slot)
+        if estimate is None:
+            return True
+        fixed, per_image = estimate
+        group_running = any(j.key == job.key and j.active for j in self._jobs.values())
+        need = per_image * job.slot.batch + (0.0 if group_running else fixed)
+        return self.planner.fits(need)
+
+    @staticmethod
+    def _memory_key(slot: Slot) -> tuple:
+        return (BatchEngine.model_key(slot.model), slot.model_size, slot.image_size, slot.spec.param, slot.layers)
+
+    def _estimate(self, model, render_spec, slot: Slot | None = None) -> tuple[float, float] | None:
+        """(fixed, per image) bytes of a job, measured once per memory key (device thread); None when the probe
+        failed (then the device step decides)."""
         try:
-            fixed, per_image = self.planner.estimate(key, lambda n: self.engine.probe(slot.model, job.render_spec,
-                                                                                       n))
+            if slot is None:  # the key from a one-image slot of the job
+                slot = Slot(model, dataclasses.replace(render_spec, batch=1, init_image=None, snapshot_steps=()),
+                            device=self.torch_device)
+                key = self._memory_key(slot)
+                slot.release()
+            else:
+                key = self._memory_key(slot)
+            return self.planner.estimate(key, lambda n: self.engine.probe(model, render_spec, n),
+                                         cap=self.config.max_job_memory_bytes)
         except Exception as exc:  # a probe that fails says nothing about memory: let the step decide
             log.warning("memory probe failed (%s); admitting the job without an estimate", exc)
             devices.empty_cache(self.torch_device)
-            return True
-        group_running = any(j.key == job.key for j in self._jobs.values())
-        need = per_image * slot.batch + (0.0 if group_running else fixed)
-        return self.planner.fits(need)
+            return None
+
+    def _check_memory(self, model, render_spec) -> None:
+        """Admission: refuse a job whose measured memory exceeds ``max_job_memory_bytes`` or what the device can
+        hold (RESOURCE_EXHAUSTED, JOB_TOO_LARGE)."""
+        if not self.planner.enabled:
+            return
+        estimate = self._on_device(lambda: self._estimate(model, render_spec))
+        if estimate is None:
+            return
+        need = devices.job_memory(estimate, render_spec.batch)
+        limit = self.config.max_job_memory_bytes
+        usable = self.planner.usable
+        if not (need > usable or (limit and need > limit)):
+            return
+        bound = (f"max_job_memory_bytes = {limit} ({_bytes(limit)})" if limit and limit <= usable else
+                 f"what this {self.torch_device.type} device can hold ({_bytes(usable)}: its memory less "
+                 f"{devices.HEADROOM_FRACTION:.0%} headroom)")
+        height, width = image_size(render_spec.size, model)
+        fixed, per_image = estimate
+        raise ResourceExhausted(f"this job needs about {_bytes(need)} ({render_spec.batch} image(s) of "
+                                f"{height}x{width}: {_bytes(fixed)} fixed + {_bytes(per_image)} per image, measured "
+                                f"by a probe step), more than {bound}; use fewer images "
+                                "(batch), a smaller size, or split it into several jobs", reason="JOB_TOO_LARGE")
 
     def _independent(self, group: list[_Job]) -> bool:
         try:
@@ -356,7 +487,7 @@ class LocalWorker(api.Worker):
             return False
 
     def _next_group(self) -> tuple | None:
-        live = {job.key for job in self._jobs.values()}
+        live = {job.key for job in self._jobs.values() if job.active}
         for _ in range(len(self._order)):
             key = self._order[0]
             self._order.rotate(-1)
@@ -506,3 +637,6 @@ class LocalWorker(api.Worker):
             self._stats_at = now
             self._emit(api.WorkerEvent(api.STEPS, steps=stats))
 
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

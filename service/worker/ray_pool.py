@@ -375,7 +375,7 @@ class RayPool(api.Worker):
                 info.device.CopyFrom(host.device)
                 info.max_batch = host.max_batch
                 if not host.up:
-                    info.active_slots = info.active_images = 0
+                    info.active_slots = info.active_images = info.parked_slots = 0
                 out.append(info)
         return out
 
@@ -387,6 +387,7 @@ class RayPool(api.Worker):
         total.models.extend(sorted({m for w in workers for m in w.models}))
         total.active_slots = sum(w.active_slots for w in workers)
         total.active_images = sum(w.active_images for w in workers)
+        total.parked_slots = sum(w.parked_slots for w in workers)
         total.memory_allocated_bytes = sum(w.memory_allocated_bytes for w in workers)
         return total
 

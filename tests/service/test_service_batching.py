@@ -20,6 +20,7 @@ from featureviz.client import Client
 from featureviz.client import images
 from featureviz.client import pb
 from featureviz.server import ServerConfig
+from featureviz.server.config import Limits
 from featureviz.server import serve_in_background
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
@@ -301,7 +302,9 @@ def test_a_real_cuda_out_of_memory_error_splits_the_batch_and_a_job_too_big_alon
             return self.fc(x.mean(dim=(2, 3)))
 
     cuda = torch.device("cuda", torch.cuda.current_device())  # the memory fraction needs an index
-    config = ServerConfig(tmp_path, device="cuda", max_batch=64, progress_interval=0.0, metrics_port=0)
+    # the too-big job must reach the device (about 8 GiB measured: max_job_memory_bytes would refuse it at admission)
+    config = ServerConfig(tmp_path, device="cuda", max_batch=64, progress_interval=0.0, metrics_port=0,
+                          limits=Limits(max_job_memory_bytes=1 << 40))
     caplog.set_level(logging.WARNING, logger="featureviz.worker")
     with serve_in_background(config) as running, Client(running.address, timeout=120) as fv:
         sha = fv.upload(export_onnx(Wide())).sha256

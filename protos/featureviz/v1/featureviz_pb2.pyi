@@ -783,7 +783,7 @@ class Device(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., kernels: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("device", "models", "active_slots", "active_images", "max_batch", "memory_allocated_bytes", "id", "node", "pid", "up")
+    __slots__ = ("device", "models", "active_slots", "active_images", "max_batch", "memory_allocated_bytes", "id", "node", "pid", "up", "parked_slots")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -794,6 +794,7 @@ class WorkerInfo(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
+    PARKED_SLOTS_FIELD_NUMBER: _ClassVar[int]
     device: Device
     models: _containers.RepeatedScalarFieldContainer[str]
     active_slots: int
@@ -804,7 +805,8 @@ class WorkerInfo(_message.Message):
     node: str
     pid: int
     up: bool
-    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., active_slots: _Optional[int] = ..., active_images: _Optional[int] = ..., max_batch: _Optional[int] = ..., memory_allocated_bytes: _Optional[int] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ...) -> None: ...
+    parked_slots: int
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., active_slots: _Optional[int] = ..., active_images: _Optional[int] = ..., max_batch: _Optional[int] = ..., memory_allocated_bytes: _Optional[int] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., parked_slots: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds", "workers")

@@ -1,0 +1,66 @@
+"""Time slicing: which of the worker's jobs step next (a pure function; no torch, no threads).
+
+The scheduler may grant the worker more images than fit one device step (a tenant that holds less than its share
+gets its next job even when the worker is full, :class:`featureviz.server.scheduler.Scheduler`). The worker then
+steps at most ``capacity`` images (its ``max_batch``) and parks the rest: a parked job keeps its whole state
+(parameters, Adam moments and step counts, random generators, schedule and plateau state) and stays RUNNING.
+
+:func:`plan` picks the jobs of the next steps, vLLM ``schedule()`` style:
+
+- everything fits: every job steps (no slicing);
+- else an active job keeps stepping until it has taken ``slice_steps`` steps since it last became active;
+- the free room goes to the other jobs (new, parked, or active with their slice spent) in fair order: the tenant
+  holding the fewest images in the chosen set first, then the tenant served (activated) least recently, then the
+  job that has waited longest (a job whose slice is spent counts as waiting from now, behind every parked job);
+- the fairest job that does not fit waits for room and nothing is chosen after it (a large job is not starved by
+  small ones); a job larger than ``capacity`` steps alone.
+
+So a job waits at most ``slice_steps`` steps of the running jobs before it steps, whatever the others hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Entry", "plan"]
+
+
+@dataclass
+class Entry:
+    """One job as the planner sees it. ``ran``: steps taken since it last became active. ``since``: when it last
+    started to wait (a counter: lower waited longer)."""
+
+    job_id: str
+    tenant: str
+    images: int
+    active: bool = False
+    ran: int = 0
+    since: int = 0
+
+
+def plan(entries: list[Entry], capacity: int, slice_steps: int, served: dict[str, int] | None = None) -> list[str]:
+    """The ids of the jobs that step next, in ``entries`` order (see the module docstring). ``served``: tenant ->
+    the turn it last had a job activated (absent: never)."""
+    served = served or {}
+    if sum(e.images for e in entries) <= capacity:
+        return [e.job_id for e in entries]
+    slice_steps = max(1, slice_steps)
+    chosen = {e.job_id for e in entries if e.active and e.ran < slice_steps}
+    held: dict[str, int] = {}
+    used = 0
+    for e in entries:
+        if e.job_id in chosen:
+            held[e.tenant] = held.get(e.tenant, 0) + e.images
+            used += e.images
+    rest = [e for e in entries if e.job_id not in chosen]
+    while rest:
+        best = min(rest, key=lambda e: (held.get(e.tenant, 0), served.get(e.tenant, -1), e.active, e.since))
+        if used and used + best.images > capacity:
+            break  # the fairest job waits for room; nothing jumps ahead of it
+        rest.remove(best)
+        chosen.add(best.job_id)
+        held[best.tenant] = held.get(best.tenant, 0) + best.images
+        used += best.images
+        if used >= capacity:
+            break
+    return [e.job_id for e in entries if e.job_id in chosen]
