@@ -134,8 +134,11 @@ def _guarded(handler: grpc.RpcMethodHandler, gate) -> grpc.RpcMethodHandler:
         await gate(context)
         result = behavior(request_or_iterator, context)
         if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
+            try:
+                async for item in result:
+                    yield item
+            finally:  # a cancelled call ends the servicer's stream now (its finally blocks free its slots)
+                await result.aclose()
         else:  # a behaviour that writes with context.write
             await result
 
