@@ -27,7 +27,6 @@ from featureviz.server import serve_in_background
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 5}}
-TV = pb.Objective(tv=pb.TotalVariationObjective())
 
 
 def _variant(onnx_bytes: bytes, text: str) -> bytes:
@@ -132,8 +131,12 @@ def test_models_and_bytes_are_capped_per_tenant_and_deleting_frees_quota(tmp_pat
             alice.upload(c)
         assert err.value.reason == "MODEL_QUOTA"
         assert alice.upload(a).deduplicated  # a model the tenant holds is not counted twice
+        sha_a = hashlib.sha256(a).hexdigest()
+        (config.store_dir / "models" / sha_a[:2] / f"{sha_a}.onnx").unlink()  # ... nor when its upload restores it
+        restored = alice.upload(a)
+        assert not restored.deduplicated and alice.model(sha_a).state == pb.MODEL_STATE_READY
         assert bob.upload(c).state == pb.MODEL_STATE_READY  # the quota is per tenant
-        alice.delete_model(hashlib.sha256(a).hexdigest())  # deleting frees quota
+        alice.delete_model(sha_a)  # deleting frees quota
         assert alice.upload(c).state == pb.MODEL_STATE_READY
         assert sorted(m.sha256 for m in alice.models()) == sorted(hashlib.sha256(x).hexdigest() for x in (b, c))
     # bytes: the same models under a bytes quota of 1.5 models
@@ -206,8 +209,8 @@ def test_concurrent_upload_streams_are_capped_per_tenant(tmp_path, tiny_onnx):
 # ----------------------------------------------------------------------------------------------- watch streams (item 6)
 
 
-def _open_watch(stub, job_id: str, metadata=()) -> grpc.Future:
-    stream = stub.WatchJob(pb.WatchJobRequest(job=job_id), timeout=120, metadata=metadata)
+def _open_watch(stub, job_id: str):
+    stream = stub.WatchJob(pb.WatchJobRequest(job=job_id), timeout=120)
     assert next(stream).HasField("snapshot")  # the server holds the stream now
     return stream
 
