@@ -55,6 +55,7 @@ __all__ = [
     "normalize_objective",
     "format_objective",
     "objective_layers",
+    "check_preprocess",
 ]
 
 MAX_DEPTH = 32  # nesting of composite objectives; sums of many terms are flat and not limited by this
@@ -607,3 +608,33 @@ def _keyword_text(kind: Kind, body: dict) -> str | None:
     if field.type.check is _layer:
         return f"{kind.name}:{_quote(value)}"
     return f"{kind.name}:{_number_text(value) if isinstance(value, float) else value}"
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preprocessing: the one rule, for a job's spec (the importer's Preprocess, the engine's validate) and an upload's
+# header (the server, before any byte is stored)
+
+MIN_STD = 1e-6  # model_input = (image - mean) / std: a smaller std makes float32 inputs of 1e6 and more
+MAX_PREPROCESS_ABS = 1e6
+
+
+def check_preprocess(mean, std, channel_order: str = "RGB", field: str = "preprocess") -> None:
+    """Raise :class:`InvalidSpec` naming the first bad value (``preprocess.std[0]``) unless ``mean`` and ``std``
+    have 1 or 3 values each, the same number, every mean a finite number within +-1e6, every std a finite number
+    from 1e-6 to 1e6, and ``channel_order`` is ``RGB`` or ``BGR`` (empty: RGB)."""
+    if channel_order not in ("", "RGB", "BGR"):
+        raise InvalidSpec(f"{field}.channel_order", f"must be 'RGB' or 'BGR', got {echo(channel_order)}")
+    try:
+        mean, std = list(mean), list(std)
+    except TypeError:
+        raise InvalidSpec(field, f"mean and std must be lists of numbers, got {echo(mean)} and {echo(std)}") from None
+    if len(mean) != len(std) or len(mean) not in (1, 3):
+        raise InvalidSpec(field, f"mean and std need 1 or 3 values each (one per channel, or one for all), got "
+                                 f"{echo(mean)} and {echo(std)}")
+    for name, values, low in (("mean", mean, -MAX_PREPROCESS_ABS), ("std", std, MIN_STD)):
+        for i, value in enumerate(values):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and low <= value <= MAX_PREPROCESS_ABS):
+                raise InvalidSpec(f"{field}.{name}[{i}]", f"must be a finite number from {low:g} to "
+                                                          f"{MAX_PREPROCESS_ABS:g}, got {echo(value)}")

@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                    help="run the workers as Ray actors (featureviz[ray]): 'auto' (the default with --ray) starts "
                         "a local Ray on loopback, ADDRESS joins a cluster; one actor per GPU, or --workers N CPU "
                         "actors (default: the embedded in-process worker)")
+    p.add_argument("--ray-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="with --ray ADDRESS: give up joining the cluster after this long and exit (default: "
+                        "%(default)s)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="with --ray: N CPU worker actors (default: one per GPU of the cluster, else 1)")
     p.add_argument("--threads", type=int, default=None,
@@ -74,6 +77,7 @@ def _config(args: argparse.Namespace):
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
         threads=args.threads, max_batch=args.max_batch, progress_interval=args.progress_interval,
         http_port=args.http_port, http_host=args.http_host, ray=args.ray, workers=args.workers,
+        ray_timeout_seconds=args.ray_timeout,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 
@@ -82,11 +86,16 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from featureviz.errors import FeaturevizError
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in (("--threads", args.threads), ("--max-batch", args.max_batch), ("--workers", args.workers)):
         if value is not None and value < 1:
             print(f"featureviz serve: {name} must be a positive integer, got {value}", file=sys.stderr)
             return 2
+    if not args.ray_timeout > 0:
+        print(f"featureviz serve: --ray-timeout must be > 0 seconds, got {args.ray_timeout}", file=sys.stderr)
+        return 2
     if args.progress_interval < 0:
         print(f"featureviz serve: --progress-interval must be >= 0, got {args.progress_interval}", file=sys.stderr)
         return 2
@@ -102,7 +111,11 @@ def run(args: argparse.Namespace) -> int:
             print(RAY_MISSING, file=sys.stderr)
             return 2
     config = _config(args)
-    code = asyncio.run(_serve(config))
+    try:
+        code = asyncio.run(_serve(config))
+    except FeaturevizError as err:  # e.g. --ray ADDRESS did not answer: a thread may still wait in ray.init
+        print(f"featureviz serve: error: {err}", file=sys.stderr, flush=True)
+        code = 1
     # The server has stopped: every call has its status, the jobs are done or re-queued, the store is closed.
     # Leave without the interpreter's teardown of torch and the other extensions (1-3 s), so a SIGTERM ends the
     # process within --grace.

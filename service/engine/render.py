@@ -148,13 +148,9 @@ def validate(model, spec: RenderSpec) -> None:
         if shape != want and shape != (spec.batch, *want) and shape != (1, *want):
             raise InvalidSpec("init_image", f"must be an image tensor {want} or ({spec.batch}, 3, H, W) at the "
                                             f"render size, got {shape or type(spec.init_image).__name__}")
-    if spec.preprocess is not None:
-        for name in ("mean", "std"):
-            values = getattr(spec.preprocess, name, None)
-            if values is None or len(values) not in (1, 3):
-                raise InvalidSpec(f"preprocess.{name}", f"needs 1 or 3 values, got {echo(values)}")
-        if any(s <= 0 for s in spec.preprocess.std):
-            raise InvalidSpec("preprocess.std", f"must be > 0, got {echo(spec.preprocess.std)}")
+    if spec.preprocess is not None:  # the one rule (featureviz.spec), also an upload's header's
+        specs.check_preprocess(getattr(spec.preprocess, "mean", None), getattr(spec.preprocess, "std", None),
+                               getattr(spec.preprocess, "channel_order", "RGB"))
     if isinstance(spec.objective, objs.Objective):
         objective_spec = specs.normalize_objective(spec.objective.spec())
     else:

@@ -22,6 +22,7 @@ from featureviz.errors import InvalidSpec
 from featureviz.errors import ModelImportError
 from featureviz.errors import echo
 from featureviz.importer._lazy import lazy
+from featureviz.spec import check_preprocess
 
 onnx = lazy("onnx")  # imported on first use: a cache hit never reads a graph
 
@@ -43,10 +44,7 @@ class Preprocess:
     def __post_init__(self):
         if self.channel_order not in ("RGB", "BGR"):
             raise InvalidSpec("preprocess.channel_order", f"must be 'RGB' or 'BGR', got {echo(self.channel_order)}")
-        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
-            raise InvalidSpec("preprocess", f"mean and std need 1 or 3 values each, got {echo(self.mean)} and {echo(self.std)}")
-        if any(s <= 0 for s in self.std):
-            raise InvalidSpec("preprocess.std", f"must be > 0, got {echo(self.std)}")
+        check_preprocess(self.mean, self.std, self.channel_order)  # the one rule (an upload's header too)
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 

@@ -127,7 +127,7 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
                                                    models_kept=config.model_cache_size,
                                                    **_worker_limits(config)),
                           model_source=store.read_model_file, workers=config.workers,
-                          max_attempts=config.ray_max_attempts)
+                          max_attempts=config.ray_max_attempts, timeout=config.ray_timeout_seconds)
     if worker is None:
         worker = local_worker(WorkerConfig(device=config.device, max_batch=config.max_batch,
                                            progress_interval=config.progress_interval, threads=config.threads,
@@ -145,7 +145,8 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
         scheduler.metrics = metrics
     auth = TenantResolver(config.tokens, config.read_only)
     server = grpc.aio.server(
-        interceptors=[BearerAuthInterceptor(auth), DecodeGuardInterceptor(config.limits.max_objective_depth)],
+        interceptors=[BearerAuthInterceptor(auth, config.limits.max_failed_auth_per_minute),
+                      DecodeGuardInterceptor(config.limits.max_objective_depth)],
         options=[("grpc.max_receive_message_length", config.limits.max_message_bytes),
                  ("grpc.max_send_message_length", config.limits.max_reply_bytes)],
     )

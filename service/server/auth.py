@@ -4,13 +4,20 @@ The tenant comes from the token (``ServerConfig.tokens``), never from a client-s
 reflection stay open (load balancers and grpcurl probe them without credentials). With no tokens
 configured every caller is the tenant ``default`` (the config refuses that on a non-loopback address).
 A read-only token (``ServerConfig.read_only``) gets PERMISSION_DENIED on the RPCs in :data:`WRITE_METHODS`.
+Failed sign-ins are throttled per client address (:class:`BearerAuthInterceptor`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import grpc
 
+from featureviz.ratelimit import FailureThrottle
+from featureviz.ratelimit import client_address
 from featureviz.server.errors import PermissionDenied
+from featureviz.server.errors import SignInThrottled
 from featureviz.server.errors import Unauthenticated
 from featureviz.server.errors import abort
 from featureviz.v1 import featureviz_pb2 as pb
@@ -68,40 +75,77 @@ class TenantResolver:
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, resolver: TenantResolver):
+    """Auth, and the failed sign-in throttle: a client address (not the web gateway's ``unix:`` socket, which
+    throttles per HTTP client itself) that sent ``max_failed_per_minute`` missing or unknown tokens within a minute
+    gets RESOURCE_EXHAUSTED (SIGN_IN_THROTTLED, with RetryInfo) for every call, a valid token too, until the oldest
+    of those failures is a minute old. RESOURCE_EXHAUSTED rather than UNAUTHENTICATED: the token may be right, the
+    address is over a rate (serving conventions: a quota, with the retry time); UNAUTHENTICATED would tell the
+    holder of a valid token that it is wrong."""
+
+    def __init__(self, resolver: TenantResolver, max_failed_per_minute: int = 20):
         self._resolver = resolver
+        self._throttle = FailureThrottle(max_failed_per_minute)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or not self._resolver.required or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
         metadata = handler_call_details.invocation_metadata
-        if self._resolver.tenant_of_metadata(metadata) is None:
-            return _denied(handler, Unauthenticated("missing or invalid bearer token; send 'authorization: Bearer "
-                                                    "<token>'"))
         method = handler_call_details.method
-        if method in WRITE_METHODS and not self._resolver.may_write(metadata):
-            return _denied(handler, PermissionDenied(f"this token is read-only; {method.rsplit('/', 1)[-1]} changes "
-                                                     "state and needs a read-write token", reason="READ_ONLY_TOKEN"))
-        return handler
+        error = None
+        known = self._resolver.tenant_of_metadata(metadata) is not None
+        if not known:
+            error = Unauthenticated("missing or invalid bearer token; send 'authorization: Bearer <token>'")
+        elif method in WRITE_METHODS and not self._resolver.may_write(metadata):
+            error = PermissionDenied(f"this token is read-only; {method.rsplit('/', 1)[-1]} changes state and needs "
+                                     "a read-write token", reason="READ_ONLY_TOKEN")
+        if error is None and not len(self._throttle):  # no address is throttled: the call goes on as it is
+            return handler
+        return _guarded(handler, functools.partial(self._gate, error=error, failed=not known))
+
+    async def _gate(self, context: grpc.aio.ServicerContext, *, error: Exception | None, failed: bool) -> None:
+        """At the call (the peer is known only there): refuse a throttled address, count a failed sign-in, and
+        end the call with ``error`` if there is one."""
+        peer = client_address(context.peer() or "")
+        if not peer.startswith(("unix:", "unix-abstract:")):  # the web gateway's socket: it throttles per HTTP client
+            wait = self._throttle.retry_after(peer)
+            if wait > 0:
+                limit = self._throttle.max_per_minute
+                error = SignInThrottled(f"too many failed sign-ins from this address: {limit} within a minute, the "
+                                        f"limit (max_failed_auth_per_minute = {limit}); retry in {math.ceil(wait)} s",
+                                        retry_seconds=wait)
+            elif failed:
+                self._throttle.failed(peer)
+        if error is not None:
+            await abort(context, error)
 
 
-def _denied(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that ends the call with ``error``'s status, through the one error
-    map (:mod:`featureviz.server.errors`: code, ErrorInfo reason, capped message)."""
-
-    async def abort_unary(request_or_iterator, context):
-        await abort(context, error)
-
-    async def abort_stream(request_or_iterator, context):
-        await abort(context, error)
-        yield  # pragma: no cover - makes this an async generator
-
+def _guarded(handler: grpc.RpcMethodHandler, gate) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that first awaits ``gate(context)`` (which may end the call with
+    a status, through the one error map :mod:`featureviz.server.errors`), then runs ``handler``'s behaviour."""
     serdes = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    behavior = (handler.stream_stream or handler.stream_unary or handler.unary_stream or handler.unary_unary)
+
+    async def unary(request_or_iterator, context):
+        await gate(context)
+        return await behavior(request_or_iterator, context)
+
+    async def stream(request_or_iterator, context):
+        await gate(context)
+        result = behavior(request_or_iterator, context)
+        if hasattr(result, "__aiter__"):
+            try:
+                async for item in result:
+                    yield item
+            finally:  # a cancelled call ends the servicer's stream now (its finally blocks free its slots)
+                await result.aclose()
+        else:  # a behaviour that writes with context.write
+            await result
+
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, **serdes)
+        return grpc.stream_stream_rpc_method_handler(stream, **serdes)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort_unary, **serdes)
+        return grpc.stream_unary_rpc_method_handler(unary, **serdes)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **serdes)
-    return grpc.unary_unary_rpc_method_handler(abort_unary, **serdes)
+        return grpc.unary_stream_rpc_method_handler(stream, **serdes)
+    return grpc.unary_unary_rpc_method_handler(unary, **serdes)

@@ -92,6 +92,7 @@ class ServerConfig:
     ray: str | None = None  # workers as Ray actors: "auto" (a local Ray on loopback) or a cluster ADDRESS; None: embedded
     workers: int | None = None  # with ray: that many CPU worker actors (None: one per GPU of the cluster)
     ray_max_attempts: int = 3  # with ray: a job whose worker dies this many times ends FAILED (WORKER_LOST)
+    ray_timeout_seconds: float = 30.0  # with ray ADDRESS: joining the cluster takes at most this long, else error
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -101,6 +102,8 @@ class ServerConfig:
             raise InvalidSpec("read_only", f"{len(unknown)} read-only token(s) are not among the tokens")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidSpec("tls_key", "give both the TLS certificate and its private key, or neither")
+        if not self.ray_timeout_seconds > 0:
+            raise InvalidSpec("ray_timeout", f"must be > 0 seconds, got {self.ray_timeout_seconds}")
         if not self.upload_idle_timeout_seconds > 0:
             raise InvalidSpec("upload_idle_timeout", f"must be > 0 seconds, got {self.upload_idle_timeout_seconds}")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -5,7 +5,8 @@
      +-- ModelImportError    -> INVALID_ARGUMENT
      +-- NotFound            -> NOT_FOUND
      +-- FailedPrecondition  -> FAILED_PRECONDITION
-     +-- ResourceExhausted   -> RESOURCE_EXHAUSTED + QuotaFailure, RetryInfo
+     +-- ResourceExhausted   -> RESOURCE_EXHAUSTED + QuotaFailure, RetryInfo (5 s, or its retry_seconds)
+     |    +-- SignInThrottled   (too many failed sign-ins from one address: the auth interceptor)
      +-- Cancelled           -> CANCELLED
      +-- Unavailable         -> UNAVAILABLE        (server draining)
      +-- Unauthenticated     -> UNAUTHENTICATED    (no or an unknown bearer token: the auth interceptor)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 
 import grpc
 from google.protobuf import duration_pb2
@@ -43,8 +45,8 @@ from featureviz.errors import NotFound
 from featureviz.errors import ResourceExhausted
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Unavailable", "Unauthenticated", "PermissionDenied", "Aborted", "status_code", "to_status", "rpc_errors", "job_error", "abort",
-           "cap", "DOMAIN"]
+__all__ = ["Unavailable", "Unauthenticated", "PermissionDenied", "Aborted", "SignInThrottled", "status_code",
+           "to_status", "rpc_errors", "job_error", "abort", "cap", "DOMAIN"]
 
 log = logging.getLogger("featureviz.server")
 DOMAIN = "featureviz"
@@ -68,6 +70,16 @@ class PermissionDenied(FeaturevizError):
     """A known caller whose token does not allow this RPC."""
 
     reason = "PERMISSION_DENIED"
+
+
+class SignInThrottled(ResourceExhausted):
+    """Too many failed sign-ins from one client address: refused until ``retry_seconds`` pass (RetryInfo)."""
+
+    reason = "SIGN_IN_THROTTLED"
+
+    def __init__(self, message: str, *, retry_seconds: float):
+        super().__init__(message)
+        self.retry_seconds = retry_seconds
 
 
 class Aborted(FeaturevizError):
@@ -113,7 +125,8 @@ def to_status(exc: BaseException) -> grpc.Status:
     if isinstance(exc, ResourceExhausted):
         _pack(status, error_details_pb2.QuotaFailure(
             violations=[error_details_pb2.QuotaFailure.Violation(subject=reason, description=message)]))
-        _pack(status, error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=5)))
+        retry = math.ceil(getattr(exc, "retry_seconds", 5))
+        _pack(status, error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry)))
     return rpc_status.to_status(status)
 
 

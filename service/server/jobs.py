@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from featureviz.client.convert import spec_from_proto
 from featureviz.errors import FailedPrecondition
@@ -49,6 +50,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.auth = auth
         self._draining = asyncio.Event()  # set by drain(): watch streams end with UNAVAILABLE
         self._watching = 0
+        self._watches: dict[str, int] = {}  # tenant -> its open WatchJob / CreateAndWatchJob streams
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -70,17 +72,19 @@ class JobServicer(pb_grpc.JobServiceServicer):
     @rpc_errors
     async def CreateAndWatchJob(self, request: pb.CreateAndWatchJobRequest, context):
         tenant = self.auth.tenant(context)
-        job_id = await self._create(tenant, request.spec, request.request_id)
-        async for event in self._watch(job_id, tenant, 0, request.include_previews):
-            yield event
+        with self._watch_slot(tenant):  # refused before the job is made
+            job_id = await self._create(tenant, request.spec, request.request_id)
+            async for event in self._watch(job_id, tenant, 0, request.include_previews):
+                yield event
 
     @rpc_errors
     async def WatchJob(self, request: pb.WatchJobRequest, context):
         if request.from_seq < 0:
             raise InvalidSpec("from_seq", f"must be >= 0, got {request.from_seq}")
-        async for event in self._watch(_job_id(request.job), self.auth.tenant(context), request.from_seq,
-                                       request.include_previews):
-            yield event
+        tenant = self.auth.tenant(context)
+        with self._watch_slot(tenant):
+            async for event in self._watch(_job_id(request.job), tenant, request.from_seq, request.include_previews):
+                yield event
 
     @rpc_errors
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
@@ -180,6 +184,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
                               reason="OBJECTIVE_TOO_DEEP")
         if spec.HasField("steps") and not 1 <= spec.steps <= limits.max_steps:
             raise InvalidSpec("spec.steps", f"{spec.steps}; must be 1 to {limits.max_steps}")
+        if spec.HasField("lr") and not limits.min_lr <= spec.lr <= limits.max_lr:  # NaN is in no range
+            raise InvalidSpec("spec.lr", f"{spec.lr!r}; the learning rate must be a number from {limits.min_lr:g} to "
+                                         f"{limits.max_lr:g} (min_lr, max_lr); the default is 0.05",
+                              reason="LR_OUT_OF_RANGE")
         if spec.HasField("batch") and not 1 <= spec.batch <= limits.max_batch:
             raise InvalidSpec("spec.batch", f"{spec.batch}; must be 1 to {limits.max_batch}")
         low, high = limits.min_image_side, limits.max_image_side
@@ -191,6 +199,24 @@ class JobServicer(pb_grpc.JobServiceServicer):
         # any pixel is decoded
         if spec.preview_every < 0 or spec.preview_max_side < 0:
             raise InvalidSpec("spec.preview_every", "preview_every and preview_max_side must be >= 0")
+
+    @contextlib.contextmanager
+    def _watch_slot(self, tenant: str):
+        """One of the tenant's ``max_watches_per_tenant`` open watch streams, held until the stream ends (the
+        servicer runs on the event loop: no lock needed)."""
+        limit = self.config.limits.max_watches_per_tenant
+        open_now = self._watches.get(tenant, 0)
+        if open_now >= limit:
+            raise ResourceExhausted(f"{open_now} watch streams of this tenant are open, the limit is {limit} "
+                                    "(max_watches_per_tenant); close one (one stream per job is enough)",
+                                    reason="TOO_MANY_WATCHES")
+        self._watches[tenant] = open_now + 1
+        try:
+            yield
+        finally:
+            self._watches[tenant] -= 1
+            if not self._watches[tenant]:
+                del self._watches[tenant]
 
     async def _watch(self, job_id: str, tenant: str, from_seq: int, previews: bool):
         self._watching += 1
@@ -207,13 +233,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
         snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
         events = self.scheduler.log(job_id)
         seq = min(from_seq, max(snapshot.last_seq, events.last_seq))  # a from_seq past the end: from the end
+        attached = events.last_seq  # previews logged before the watch are replayed; later ones coalesce
         yield pb.JobEvent(seq=seq, time=_now(), snapshot=snapshot)
         heartbeat = self.config.heartbeat_seconds
         while True:
             waiter = events.waiter()
             for event in events.since(seq, previews=previews):
-                yield event
                 seq = event.seq
+                if event.HasField("preview") and attached < event.seq < events.last_preview_seq:
+                    continue  # a newer preview is logged: a slow reader gets the newest, not a backlog
+                yield event
                 if event.HasField("result"):
                     return
             row = self.store.get_job(job_id)

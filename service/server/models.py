@@ -28,6 +28,7 @@ from featureviz.server.paging import page_bounds
 from featureviz.server.scheduler import Scheduler
 from featureviz.server.store import Store
 from featureviz.server.store import file_sha256
+from featureviz.spec import check_preprocess
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -54,11 +55,15 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.auth = auth
         self.metrics = metrics
         self._uploading: dict[tuple[str, str], int] = {}  # (tenant, sha256) -> declared size, while receiving
+        self._streams: dict[str, int] = {}  # tenant -> its open UploadModel streams
 
     @rpc_errors
     async def UploadModel(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.Model:
         tenant = self.auth.tenant(context)
-        requests = aiter(request_iterator)
+        with self._stream_slot(tenant):  # counted for the stream's whole lifetime
+            return await self._upload(tenant, aiter(request_iterator), context)
+
+    async def _upload(self, tenant: str, requests, context: grpc.aio.ServicerContext) -> pb.Model:
         first = await self._next(requests, None)
         if first is None or not first.HasField("header"):
             raise InvalidSpec("header", "the first message of an upload must be the header (sha256, size_bytes)")
@@ -67,6 +72,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         limit = self.config.limits.max_upload_bytes
         if not 0 < header.size_bytes <= limit:
             raise InvalidSpec("header.size_bytes", f"{header.size_bytes} bytes; a model must be 1 to {limit} bytes")
+        if header.HasField("preprocess"):  # the job's rule: a model every job would refuse is never stored
+            p = header.preprocess
+            check_preprocess(list(p.mean), list(p.std), p.channel_order, field="header.preprocess")
         existing = await self._stored(tenant, sha)
         if existing is not None:
             existing.deduplicated = True
@@ -75,6 +83,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if (tenant, sha) in self._uploading:
             raise FailedPrecondition(f"an upload of {sha} is already in progress; retry when it ends",
                                      reason="UPLOAD_IN_PROGRESS")
+        self._check_quota(tenant, sha, header.size_bytes, reserved=True)  # from the declared size, before any byte
         self._make_room(tenant, sha, header.size_bytes)
         self._uploading[(tenant, sha)] = header.size_bytes
         try:
@@ -86,6 +95,42 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             self._uploading.pop((tenant, sha), None)
         self._count("stored")
         return model
+
+    @contextlib.contextmanager
+    def _stream_slot(self, tenant: str):
+        """One of the tenant's ``max_concurrent_uploads_per_tenant`` upload streams, held until the stream ends
+        (the servicer runs on the event loop: no lock needed)."""
+        limit = self.config.limits.max_concurrent_uploads_per_tenant
+        open_now = self._streams.get(tenant, 0)
+        if open_now >= limit:
+            raise ResourceExhausted(f"{open_now} upload streams of this tenant are open, the limit is {limit} "
+                                    "(max_concurrent_uploads_per_tenant); let one finish, then retry",
+                                    reason="TOO_MANY_UPLOADS")
+        self._streams[tenant] = open_now + 1
+        try:
+            yield
+        finally:
+            self._streams[tenant] -= 1
+            if not self._streams[tenant]:
+                del self._streams[tenant]
+
+    def _check_quota(self, tenant: str, sha: str, size: int, *, reserved: bool) -> None:
+        """The tenant's models and their bytes stay within max_models_per_tenant and max_model_bytes_per_tenant.
+        A model the tenant already holds (``sha``) is not counted twice; with ``reserved``, its other uploads in
+        progress count at their declared size."""
+        limits = self.config.limits
+        count, held = self.store.usage(tenant, besides=sha)
+        if reserved:
+            others = [n for (t, s), n in self._uploading.items() if t == tenant and s != sha]
+            count, held = count + len(others), held + sum(others)
+        what = "models stored" + (" or being uploaded" if reserved else "")
+        if count + 1 > limits.max_models_per_tenant:
+            raise ResourceExhausted(f"this tenant has {count} {what}, the limit is {limits.max_models_per_tenant} "
+                                    "(max_models_per_tenant); delete a model first", reason="MODEL_QUOTA")
+        if held + size > limits.max_model_bytes_per_tenant:
+            raise ResourceExhausted(f"this model ({size} bytes) and the tenant's {count} {what} ({held} bytes) would "
+                                    f"hold {held + size} bytes, over the limit of {limits.max_model_bytes_per_tenant} "
+                                    "(max_model_bytes_per_tenant); delete a model first", reason="STORAGE_QUOTA")
 
     async def _stored(self, tenant: str, sha: str) -> pb.Model | None:
         """The tenant's model of these bytes when it is usable: READY with its file intact. Otherwise (no model,
@@ -192,6 +237,11 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if header.HasField("preprocess"):
             model.input_spec.preprocess.CopyFrom(header.preprocess)
         model.create_time.GetCurrentTime()
+        try:  # again at the end: uploads that ended meanwhile count now (no await from here to put_model)
+            self._check_quota(tenant, sha, header.size_bytes, reserved=False)
+        except ResourceExhausted:
+            _discard(partial)
+            raise
         with disk_full_discards(partial):
             self.store.commit_file(partial, sha)
             try:

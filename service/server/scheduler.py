@@ -56,6 +56,7 @@ class JobLog:
         self._on_seq = on_seq
         self._changed = asyncio.Event()
         self.finished = False
+        self.last_preview_seq = 0  # watch streams send a preview only while it is the newest (coalescing)
 
     @property
     def last_seq(self) -> int:
@@ -69,6 +70,8 @@ class JobLog:
             self._events.append(event)
             if event.HasField("result"):
                 self.finished = True
+            elif event.HasField("preview"):
+                self.last_preview_seq = event.seq
         if self._on_seq is not None:
             self._on_seq(event.seq)
         try:

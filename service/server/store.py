@@ -273,6 +273,12 @@ class Store:
             return None
         return pb.Model.FromString(rows[0][0]), pb.ListLayersResponse.FromString(rows[0][1])
 
+    def usage(self, tenant: str, *, besides: str = "") -> tuple[int, int]:
+        """(models, bytes) the tenant's rows hold, leaving out the model ``besides`` (an upload of it again is not
+        counted twice). A model shared with other tenants counts for each of them."""
+        rows = self._run("SELECT model FROM models WHERE tenant = ? AND sha256 != ?", (tenant, besides))
+        return len(rows), sum(pb.Model.FromString(row[0]).size_bytes for row in rows)
+
     def list_models(self, tenant: str, offset: int, limit: int) -> list[pb.Model]:
         rows = self._run("SELECT model FROM models WHERE tenant = ? ORDER BY create_time, sha256 LIMIT ? OFFSET ?",
                          (tenant, limit, offset))

@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -31,12 +32,14 @@ from featureviz.server.errors import Unavailable
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
 
-__all__ = ["RayPool", "WorkerHost", "ray_pool", "import_ray", "RAY_MISSING", "init_local_ray"]
+__all__ = ["RayPool", "WorkerHost", "ray_pool", "import_ray", "RAY_MISSING", "init_local_ray", "connect_ray",
+           "RayUnreachable", "RAY_CONNECT_SECONDS"]
 
 log = logging.getLogger("featureviz.worker.ray")
 
 RAY_MISSING = "serving with Ray (--ray) needs the optional extra: pip install 'featureviz[ray]'"
 POLL_SECONDS = 0.5
+RAY_CONNECT_SECONDS = 30.0  # --ray ADDRESS: joining the cluster takes at most this long, else serve exits
 UP_WAIT_SECONDS = 300.0  # a call that finds every actor restarting waits this long for one to come back
 _REFS_KEPT = 32  # model references the pool keeps (their bytes stay in the object store while referenced)
 # tests only: a job with this seed kills the actor that receives it (a job that crashes its worker)
@@ -518,11 +521,65 @@ class RayPool(api.Worker):
             return
 
 
+class RayUnreachable(FeaturevizError):
+    """The Ray cluster of ``--ray ADDRESS`` did not answer within the timeout."""
+
+    reason = "RAY_UNREACHABLE"
+
+
+def connect_ray(address: str, timeout: float = RAY_CONNECT_SECONDS) -> None:
+    """Join the Ray cluster at ``address`` (``HOST:PORT`` of its GCS, or ``ray://HOST:PORT``) within ``timeout``
+    seconds, else raise :class:`RayUnreachable` (one line naming the address and the timeout).
+
+    ``ray.init(address=...)`` does not give up on an address that does not answer: it retries (minutes), printing
+    warnings. So the GCS port is probed first with a plain TCP connect (a closed port or a silent host fails in
+    ``timeout`` at most), then ``ray.init`` runs in a daemon thread that is waited for until the deadline (a port
+    that accepts but is not Ray). A thread left hanging there is abandoned: ``featureviz serve`` then exits."""
+    ray = import_ray()
+    deadline = time.monotonic() + timeout
+    endpoint = _host_port(address)
+    if endpoint is not None:
+        try:
+            socket.create_connection(endpoint, timeout=timeout).close()
+        except OSError as exc:
+            raise RayUnreachable(f"could not reach the Ray cluster at {address} within {timeout:g} s (--ray-timeout): "
+                                 f"{exc.strerror or type(exc).__name__}; check the address and that Ray runs there "
+                                 "(ray status)") from None
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=join, name="featureviz-ray-init", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not outcome:
+        raise RayUnreachable(f"the Ray cluster at {address} did not answer within {timeout:g} s (--ray-timeout): its "
+                             "port accepts connections but ray.init did not finish; check that it is a Ray GCS "
+                             "address (ray status)")
+    if outcome[0] is not None:
+        first = (str(outcome[0]).strip().splitlines() or [type(outcome[0]).__name__])[0][:300]
+        raise RayUnreachable(f"could not join the Ray cluster at {address}: {first}") from outcome[0]
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` or ``ray://HOST:PORT`` (IPv6 in brackets); None for other forms."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
 def ray_pool(address: str, config: api.WorkerConfig, *, model_source, workers: int | None = None,
-             max_attempts: int = 3) -> RayPool:
+             max_attempts: int = 3, timeout: float = RAY_CONNECT_SECONDS) -> RayPool:
     """``address``: "auto" starts a local Ray bound to loopback; anything else joins that cluster
-    (``ray.init(address=...)``). ``workers``: that many CPU actors; None: one actor per GPU of the cluster (one
-    CPU actor when it has none)."""
+    (:func:`connect_ray`, within ``timeout`` seconds). ``workers``: that many CPU actors; None: one actor per GPU
+    of the cluster (one CPU actor when it has none)."""
     ray = import_ray()
     owns = False
     if not ray.is_initialized():
@@ -530,7 +587,7 @@ def ray_pool(address: str, config: api.WorkerConfig, *, model_source, workers: i
             init_local_ray(num_cpus=max(workers or 1, os.cpu_count() or 1))
             owns = True
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            connect_ray(address, timeout)
     gpus = 0 if workers else int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         return RayPool(config, model_source=model_source, actors=gpus, num_gpus=1, num_cpus=1,

@@ -12,10 +12,14 @@ import torch
 from PIL import Image
 
 from conftest import export_onnx
+from featureviz.client import Client
 from featureviz.client import FeaturevizClientError
 from featureviz.client import images
 from featureviz.client import pb
 from featureviz.client import to_pil
+from featureviz.server import Limits
+from featureviz.server import ServerConfig
+from featureviz.server import serve_in_background
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
 
@@ -207,9 +211,11 @@ def test_a_job_failing_while_running_ends_failed_and_the_server_keeps_serving(cl
     assert ok.state == pb.JOB_STATE_SUCCEEDED
 
 
-def test_a_diverging_job_ends_failed_naming_the_step(client, tiny_model):
-    job = client.submit(tiny_model.sha256, CHANNEL, steps=20, size=32, lr=1e308)
-    done = client.wait(job.id, timeout=120)
+def test_a_diverging_job_ends_failed_naming_the_step(tmp_path, tiny_onnx):
+    # lr 1e308 is past the default max_lr (refused at admission): a server whose operator allows it
+    config = ServerConfig(tmp_path / "store", limits=Limits(max_lr=1e308))
+    with serve_in_background(config) as server, Client(server.address, timeout=60) as fv:
+        done = fv.wait(fv.submit(fv.upload(tiny_onnx).sha256, CHANNEL, steps=20, size=32, lr=1e308).id, timeout=120)
     assert done.state == pb.JOB_STATE_FAILED, done
     assert done.error.code == "INVALID_ARGUMENT" and done.error.reason == "DIVERGED" and done.error.field == "lr"
     assert "diverged at step" in done.error.message and "lower learning rate" in done.error.message
