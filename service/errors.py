@@ -1,8 +1,10 @@
 """Errors shared by the importer, the engine and the service.
 
 Every error a user can cause is a :class:`FeaturevizError` with a stable ``reason`` code and a message that
-names the bad value, the limit and the fix. The gRPC layer maps them to status codes in one place
-(``featureviz.server``); the CLI prints ``str(err)`` as one line; nothing else needs to know.
+names the bad value, the limit and the fix. Each class has one status code name (:data:`CODE_NAMES`,
+:func:`code_name`): the gRPC layer turns the name into a status with details (``featureviz.server.errors``), the
+web gateway into an HTTP status, a failed job carries it (:func:`job_error`); the CLI prints ``str(err)`` as one
+line. This module imports neither grpc nor torch.
 
     FeaturevizError
      +-- InvalidSpec          a request field is wrong             -> INVALID_ARGUMENT (+ BadRequest field violation)
@@ -10,8 +12,14 @@ names the bad value, the limit and the fix. The gRPC layer maps them to status c
      +-- ModelImportError     the ONNX file cannot be imported     -> INVALID_ARGUMENT (+ ErrorInfo reason)
      +-- NotFound             unknown model / job / layer id       -> NOT_FOUND
      +-- FailedPrecondition   the resource is not in a usable state -> FAILED_PRECONDITION
-     +-- ResourceExhausted    over a limit or quota               -> RESOURCE_EXHAUSTED
+     +-- ResourceExhausted    over a limit or quota               -> RESOURCE_EXHAUSTED (+ QuotaFailure, RetryInfo)
+     |    +-- SignInThrottled too many failed sign-ins from one address (retry_seconds)
      +-- Cancelled            a job was cancelled                  -> CANCELLED
+     +-- Unavailable          the server is draining, or no worker  -> UNAVAILABLE
+     +-- Unauthenticated      no or an unknown bearer token        -> UNAUTHENTICATED
+     +-- PermissionDenied     a read-only token changing state     -> PERMISSION_DENIED
+     +-- Aborted              an upload stream idle too long       -> ABORTED (resume)
+    anything else             a bug                                -> INTERNAL (traceback logged, never sent)
 """
 
 from __future__ import annotations
@@ -25,11 +33,27 @@ __all__ = [
     "FailedPrecondition",
     "ResourceExhausted",
     "Cancelled",
+    "Unavailable",
+    "Unauthenticated",
+    "PermissionDenied",
+    "SignInThrottled",
+    "Aborted",
+    "CODE_NAMES",
+    "code_name",
+    "job_error",
+    "cap",
     "echo",
     "ECHO_CHARS",
+    "MAX_TEXT_CHARS",
 ]
 
 ECHO_CHARS = 100  # the most of a client-sent value an error message repeats
+MAX_TEXT_CHARS = 1000  # a status message or a detail's description, at most (an error fits 8 KB of metadata)
+
+
+def cap(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis (the safety net behind ``echo``)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def echo(value, limit: int = ECHO_CHARS) -> str:
@@ -102,3 +126,78 @@ class ResourceExhausted(FeaturevizError):
 
 class Cancelled(FeaturevizError):
     reason = "CANCELLED"
+
+
+class Unavailable(FeaturevizError):
+    reason = "UNAVAILABLE"
+
+
+class Unauthenticated(FeaturevizError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(FeaturevizError):
+    """A known caller whose token does not allow this RPC."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class SignInThrottled(ResourceExhausted):
+    """Too many failed sign-ins from one client address: refused until ``retry_seconds`` pass (RetryInfo)."""
+
+    reason = "SIGN_IN_THROTTLED"
+
+    def __init__(self, message: str, *, retry_seconds: float):
+        super().__init__(message)
+        self.retry_seconds = retry_seconds
+
+
+class Aborted(FeaturevizError):
+    """The server ended the call (an upload stream idle too long); the client may retry or resume."""
+
+    reason = "ABORTED"
+
+
+# each error class -> its status code name (google.rpc / grpc.StatusCode names); the first match wins
+CODE_NAMES: tuple[tuple[type[FeaturevizError], str], ...] = (
+    (InvalidSpec, "INVALID_ARGUMENT"),
+    (ModelImportError, "INVALID_ARGUMENT"),
+    (NotFound, "NOT_FOUND"),
+    (FailedPrecondition, "FAILED_PRECONDITION"),
+    (ResourceExhausted, "RESOURCE_EXHAUSTED"),
+    (Cancelled, "CANCELLED"),
+    (Unavailable, "UNAVAILABLE"),
+    (Unauthenticated, "UNAUTHENTICATED"),
+    (PermissionDenied, "PERMISSION_DENIED"),
+    (Aborted, "ABORTED"),
+)
+
+
+def code_name(exc: BaseException) -> str:
+    """The status code name of ``exc`` (``INTERNAL`` for anything that is not a FeaturevizError of a known kind)."""
+    for kind, name in CODE_NAMES:
+        if isinstance(exc, kind):
+            return name
+    return "INTERNAL"
+
+
+def job_error(exc: BaseException):
+    """The :class:`featureviz.v1.JobError` a failed job carries. Out of device memory becomes RESOURCE_EXHAUSTED /
+    GPU_OOM; anything unexpected INTERNAL, without its text (the worker logs the traceback)."""
+    from featureviz.v1 import featureviz_pb2 as pb  # protobuf only when a job fails
+
+    if _is_oom(exc):
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return pb.JobError(code="RESOURCE_EXHAUSTED", reason="GPU_OOM",
+                           message=cap(f"the device ran out of memory: {first}; use a smaller size or batch"))
+    if isinstance(exc, FeaturevizError):
+        field = exc.field if isinstance(exc, InvalidSpec) else ""
+        return pb.JobError(code=code_name(exc), reason=exc.reason, message=cap(exc.message), field=cap(field, 200))
+    return pb.JobError(code="INTERNAL", reason="INTERNAL_ERROR",
+                       message=f"internal error ({type(exc).__name__}); the server log has the traceback")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

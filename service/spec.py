@@ -68,7 +68,7 @@ _INT = re.compile(r"\d+")
 # ---------------------------------------------------------------------------------------------------------------
 # the declaration: one Kind per objective kind (fields, types, defaults, engine class, text form). Everything below
 # (normalize, layers, walk, parse, format) and elsewhere (the engine's build/walk/spec, the model checks of
-# featureviz.engine.render.validate, the proto conversion of featureviz.client.convert) is derived from KINDS.
+# featureviz.engine.render.validate, the proto conversion of featureviz.codec) is derived from KINDS.
 
 
 class _Required:

@@ -19,7 +19,7 @@ import grpc
 
 from featureviz.client.client import MESSAGE_BYTES
 from featureviz.client.client import channel_credentials
-from featureviz.client.convert import spec_to_proto
+from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
 from featureviz.client.upload import DEFAULT_CHUNK

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from featureviz.client.convert import spec_to_proto
+from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
 from featureviz.client.upload import DEFAULT_CHUNK
@@ -169,7 +169,7 @@ class Client:
         decay, transforms, init_image, preprocess) plus preview_every / preview_max_side, exclusive (run alone:
         the same seed on the same device gives the same PNG bytes) and judge (an uploaded classifier's sha256, or
         ``{"model": sha256, "preprocess": {...}}``: each result image's ``judge`` gives its rank of the image's class
-        and its probability; ``featureviz.client.convert.judge_score_from_proto`` reads it), lr_schedule
+        and its probability; ``featureviz.codec.judge_score_from_proto`` reads it), lr_schedule
         ("constant", "cosine" or "linear") with lr_warmup, and plateau / plateau_window (stop early once the objective
         stops rising: ``job.result.stopped_at`` says after which step). A retry with the same ``request_id``
         returns the same job (one is generated when not given)."""

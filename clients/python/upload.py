@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from featureviz.client.convert import preprocess_to_proto
+from featureviz.codec import preprocess_to_proto
 from featureviz.client.errors import RETRYABLE
 from featureviz.client.errors import from_rpc_error
 from featureviz.v1 import featureviz_pb2 as pb

@@ -43,7 +43,7 @@ def _state_name(state: int) -> str:
 
 
 def _objective_text(job) -> str:
-    from featureviz.client.convert import objective_from_proto
+    from featureviz.codec import objective_from_proto
 
     if job.objective_text:  # a listing carries the text, not the objective
         return job.objective_text

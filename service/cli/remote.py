@@ -153,7 +153,7 @@ def render_remote(args: argparse.Namespace) -> int:
     and prints the same ``--json`` fields (plus ``job`` and ``model``). ``--device`` is the server's business."""
     from featureviz.client import pb
     from featureviz.cli.options import schedule_options
-    from featureviz.client.convert import spec_to_proto
+    from featureviz.codec import spec_to_proto
     from featureviz.errors import InvalidSpec
     from featureviz.spec import parse_objective
 
@@ -188,7 +188,7 @@ def render_remote(args: argparse.Namespace) -> int:
     ends = [image.objective_end for image in ordered]
     verdicts = None
     if judge_file:
-        from featureviz.client.convert import judge_score_from_proto
+        from featureviz.codec import judge_score_from_proto
 
         verdicts = [judge_score_from_proto(image.judge) for image in ordered]
     if args.json:

@@ -9,11 +9,11 @@ from dataclasses import field
 from pathlib import Path
 
 from featureviz.errors import InvalidSpec
+from featureviz.hosts import LOOPBACK_HOSTS
 
 __all__ = ["Limits", "ServerConfig", "parse_tokens", "LOOPBACK_HOSTS"]
 
 MiB = 1 << 20
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 @dataclass(frozen=True)

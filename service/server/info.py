@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from featureviz.client.convert import OBJECTIVE_KINDS
+from featureviz.codec import OBJECTIVE_KINDS
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.errors import rpc_errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from featureviz.client.convert import spec_from_proto
+from featureviz.codec import spec_from_proto
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
@@ -290,7 +290,7 @@ SUMMARY_CHARS = 200
 def _summary(job: pb.Job, limits) -> pb.Job:
     """A job as ListJobs returns it: the objective as capped text instead of the objective tree and no init
     image, so a page of jobs stays small whatever their specs hold (GetJob carries the whole spec)."""
-    from featureviz.client.convert import objective_from_proto
+    from featureviz.codec import objective_from_proto
     from featureviz.spec import format_objective
 
     nodes, depth = objective_size(job.spec.objective, limits.max_objective_nodes, limits.max_objective_depth)

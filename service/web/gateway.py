@@ -44,14 +44,15 @@ from aiohttp import web
 from featureviz.client import AsyncClient
 from featureviz.client import FeaturevizClientError
 from featureviz.client.client import MESSAGE_BYTES
-from featureviz.client.convert import preprocess_to_proto
-from featureviz.client.convert import spec_to_proto
+from featureviz.codec import preprocess_to_proto
+from featureviz.codec import spec_to_proto
 from featureviz.client.errors import from_rpc_error
 from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
+from featureviz.errors import code_name
 from featureviz.errors import echo
+from featureviz.hosts import LOOPBACK_HOSTS
 from featureviz.ratelimit import FailureThrottle
-from featureviz.server.config import LOOPBACK_HOSTS
 from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
@@ -93,9 +94,6 @@ HTTP_STATUS = {
     "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
-_FEATUREVIZ_CODES = {"InvalidSpec": "INVALID_ARGUMENT", "ModelImportError": "INVALID_ARGUMENT",
-                     "NotFound": "NOT_FOUND", "FailedPrecondition": "FAILED_PRECONDITION",
-                     "ResourceExhausted": "RESOURCE_EXHAUSTED"}
 _JOB_KEYS = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms",
              "preview_every", "preview_max_side", "request_id")
 _SECURITY_HEADERS = {
@@ -271,9 +269,9 @@ class WebGateway:
             return _error(HTTP_STATUS.get(err.code, 500), err.code, err.message, reason=err.reason, headers=retry,
                           field_violations=[list(v) for v in err.field_violations])
         except FeaturevizError as err:  # the gateway's own checks (request parsing) before any gRPC call
-            code = _FEATUREVIZ_CODES.get(type(err).__name__, "INVALID_ARGUMENT")
+            code = code_name(err)
             field = [[err.field, err.description]] if isinstance(err, InvalidSpec) else []
-            return _error(HTTP_STATUS[code], code, str(err), reason=err.reason, field_violations=field)
+            return _error(HTTP_STATUS.get(code, 500), code, str(err), reason=err.reason, field_violations=field)
         except web.HTTPException as exc:  # aiohttp's own answers (no such route, method): JSON under api/ too
             if exc.status < 400 or not request.path.startswith("/api/"):
                 raise

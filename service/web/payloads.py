@@ -2,7 +2,7 @@
 
 Image bytes never travel inside these dicts: a finished image is a relative URL
 (``api/jobs/<id>/images/<index>.png``), a streamed preview a small ``data:`` URL. Specs are the engine's
-spec dicts (``featureviz.client.convert.spec_from_proto``, the one proto <-> spec conversion), so what a
+spec dicts (``featureviz.codec.spec_from_proto``, the one proto <-> spec conversion), so what a
 page shows, what ``spec.json`` holds and what the CLI takes are the same objects.
 """
 
@@ -13,7 +13,7 @@ import json
 import math
 import shlex
 
-from featureviz.client.convert import spec_from_proto
+from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.spec import format_objective
 from featureviz.spec import normalize_objective

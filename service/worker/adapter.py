@@ -3,7 +3,7 @@ and of a render's images into PNG messages."""
 
 from __future__ import annotations
 
-from featureviz.client.convert import spec_from_proto
+from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
@@ -64,7 +64,7 @@ def _png_size(png: bytes, width: int, height: int) -> tuple[int, int]:
 
 def judge_of(spec: pb.JobSpec) -> tuple[str, object] | None:
     """``(judge sha256, Preprocess or None)`` of a job with a judge, else None."""
-    from featureviz.client.convert import judge_from_proto
+    from featureviz.codec import judge_from_proto
 
     judge = judge_from_proto(spec)
     if judge is None:
@@ -105,7 +105,7 @@ def judge_scores(judge, preprocess, render_spec, images, device=None) -> list[di
 def job_result(result: dict) -> pb.JobResult:
     """A render's result (BatchEngine.finish's dict, with ``judge`` verdicts when the job has a judge) -> JobResult
     with PNG bytes."""
-    from featureviz.client.convert import judge_score_to_proto
+    from featureviz.codec import judge_score_to_proto
 
     images = [rendered(i, image, start=float(result["objective_start"][i]), end=float(result["objective_end"][i]))
               for i, image in enumerate(result["images"])]

@@ -47,7 +47,7 @@ from featureviz.engine.batch import BatchEngine
 from featureviz.engine.batch import Slot
 from featureviz.engine.batch import image_size
 from featureviz.errors import ResourceExhausted
-from featureviz.server.errors import job_error
+from featureviz.errors import job_error
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import adapter
 from featureviz.worker import api

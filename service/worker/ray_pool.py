@@ -28,7 +28,7 @@ import time
 import uuid
 
 from featureviz.errors import FeaturevizError
-from featureviz.server.errors import Unavailable
+from featureviz.errors import Unavailable
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from featureviz import spec as specs
-from featureviz.client.convert import objective_to_proto
+from featureviz.codec import objective_to_proto
 from featureviz.engine import objectives as O
 from featureviz.engine.render import RenderSpec
 from featureviz.engine.render import validate

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featureviz.client.convert import objective_from_proto
-from featureviz.client.convert import objective_to_proto
-from featureviz.client.convert import spec_from_proto
-from featureviz.client.convert import spec_to_proto
+from featureviz.codec import objective_from_proto
+from featureviz.codec import objective_to_proto
+from featureviz.codec import spec_from_proto
+from featureviz.codec import spec_to_proto
 from featureviz.engine.objectives import Activations
 from featureviz.engine.objectives import Bilateral
 from featureviz.engine.objectives import bilateral_filter

@@ -253,7 +253,7 @@ def test_resample_each_without_random_steps_is_the_plain_view():
 
 
 def test_the_named_stacks_are_the_ones_the_clients_can_send():
-    from featureviz.client.convert import TRANSFORM_NAMES
+    from featureviz.codec import TRANSFORM_NAMES
     from featureviz.engine.transforms import TRANSFORMS
 
     from featureviz.cli.options import TRANSFORM_CHOICES

@@ -1,7 +1,7 @@
 'use strict';
 // toObjective: the engine's objective dicts (the proto's JSON mapping, snake_case names, `{sum: [A, B]}`) become
 // proto-loader objects with no code per kind: every kind of tests/service/test_service_proto.py's ALL_KINDS
-// encodes to the same message as Python's featureviz.client.convert.objective_to_proto. No server needed.
+// encodes to the same message as Python's featureviz.codec.objective_to_proto. No server needed.
 
 const assert = require('node:assert/strict');
 const { describe, it } = require('node:test');
@@ -17,7 +17,7 @@ const ALL_KINDS = `
 import json, sys
 sys.path.insert(0, ${JSON.stringify(path.join(REPO, 'tests', 'service'))})
 from test_service_proto import ALL_KINDS
-from featureviz.client.convert import objective_to_proto
+from featureviz.codec import objective_to_proto
 print(json.dumps(ALL_KINDS))
 from featureviz.v1 import featureviz_pb2 as pb
 print(pb.CreateJobRequest(spec=pb.JobSpec(objective=objective_to_proto(ALL_KINDS))).SerializeToString().hex())

@@ -63,6 +63,24 @@ def test_no_server_module_imports_torch_numpy_pil_the_engine_importer_or_kernels
     assert not found, "\n".join(found)
 
 
+def test_no_import_runs_back_up_a_floor():
+    """The layers: the worker and the web gateway sit below the server (they never import it), and the server does
+    not import the client package (the codec, the errors and the host names live below all of them)."""
+    service = SERVER_DIR.parent
+    rules = {"worker": ("featureviz.server",), "web": ("featureviz.server",),
+             "server": ("featureviz.client",), "engine": ("featureviz.server", "featureviz.client", "featureviz.web"),
+             "importer": ("featureviz.server", "featureviz.client", "featureviz.web")}
+    found = []
+    for part, forbidden in rules.items():
+        sources = sorted((service / part).glob("*.py"))
+        assert sources, part
+        for path in sources:
+            for line, module in _imports(ast.parse(path.read_text(), filename=str(path))):
+                if any(module == bad or module.startswith(bad + ".") for bad in forbidden):
+                    found.append(f"{part}/{path.name}:{line} imports {module}")
+    assert not found, "\n".join(found)
+
+
 def test_the_server_package_imports_without_torch(tmp_path):
     # torch, numpy and PIL made unimportable: the server package and the worker's interface still import
     code = ("import sys\n"

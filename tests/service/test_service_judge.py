@@ -7,7 +7,7 @@ import io
 import pytest
 
 from featureviz.client import pb
-from featureviz.client.convert import judge_score_from_proto
+from featureviz.codec import judge_score_from_proto
 from featureviz.client import FeaturevizClientError
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from featureviz.client.convert import OBJECTIVE_KINDS
-from featureviz.client.convert import objective_from_proto
-from featureviz.client.convert import objective_to_proto
-from featureviz.client.convert import spec_from_proto
-from featureviz.client.convert import spec_to_proto
+from featureviz.codec import OBJECTIVE_KINDS
+from featureviz.codec import objective_from_proto
+from featureviz.codec import objective_to_proto
+from featureviz.codec import spec_from_proto
+from featureviz.codec import spec_to_proto
 from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1.generate import GENERATED
@@ -114,7 +114,7 @@ def test_bad_enum_names_are_rejected():
 
 
 def test_every_transform_stack_has_its_enum_value():
-    from featureviz.client.convert import TRANSFORM_NAMES
+    from featureviz.codec import TRANSFORM_NAMES
 
     for name in ("standard", "composed", "none"):
         assert spec_from_proto(spec_to_proto("m", {"tv": {}}, transforms=name))["transforms"] == name

@@ -149,7 +149,7 @@ def test_killing_a_worker_mid_job_reruns_its_job_and_loses_nothing_else(cluster)
 
 def test_a_job_with_a_judge_runs_on_an_actor(cluster, tiny_onnx_other):
     """The judge is another uploaded model: its bytes reach the actor that admits and runs the job."""
-    from featureviz.client.convert import judge_score_from_proto
+    from featureviz.codec import judge_score_from_proto
 
     with Client(cluster.address, token="tok-a", timeout=60) as fv:
         judge = fv.upload(tiny_onnx_other, name="judge.onnx").sha256

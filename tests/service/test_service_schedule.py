@@ -11,7 +11,7 @@ import pytest
 from featureviz.cli import main
 from featureviz.client import FeaturevizClientError
 from featureviz.client import pb
-from featureviz.client.convert import spec_to_proto
+from featureviz.codec import spec_to_proto
 
 # maximise |image - 0.5|: the sigmoid of the pixel parameterization bounds it by 0.5, so at a high rate it saturates
 SATURATING = {"l1": {"constant": 0.5}}

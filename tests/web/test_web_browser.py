@@ -16,7 +16,7 @@ import pytest
 from featureviz.client import Client
 from featureviz.client import images
 from featureviz.client import pb
-from featureviz.client.convert import objective_from_proto
+from featureviz.codec import objective_from_proto
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
 
