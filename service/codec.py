@@ -10,12 +10,19 @@ empty) raise :class:`featureviz.errors.InvalidSpec` naming the proto field path,
 
 from __future__ import annotations
 
+import base64
+import math
 from typing import Any
 
 from google.protobuf import json_format
 
 from featureviz.errors import InvalidSpec
 from featureviz.errors import echo
+from featureviz.options import BY_NAME
+from featureviz.options import OPTIONS
+from featureviz.options import Option
+from featureviz.options import check_value
+from featureviz.options import enum_prefix
 from featureviz.spec import normalize_objective
 from featureviz.v1 import featureviz_pb2 as pb
 
@@ -35,13 +42,18 @@ __all__ = [
 
 OBJECTIVE_KINDS = tuple(f.name for f in pb.Objective.DESCRIPTOR.oneofs_by_name["kind"].fields)
 
-# enum value <-> engine name; UNSPECIFIED means "engine default" and maps to no key at all
-PARAM_NAMES = {pb.PARAMETERIZATION_FFT: "fft", pb.PARAMETERIZATION_PIXEL: "pixel", pb.PARAMETERIZATION_MACO: "maco",
-               pb.PARAMETERIZATION_LAPLACIAN: "laplacian"}
-TRANSFORM_NAMES = {pb.TRANSFORMS_STANDARD: "standard", pb.TRANSFORMS_COMPOSED: "composed",
-                   pb.TRANSFORMS_NONE: "none"}
-SCHEDULE_NAMES = {pb.LR_SCHEDULE_CONSTANT: "constant", pb.LR_SCHEDULE_COSINE: "cosine",
-                  pb.LR_SCHEDULE_LINEAR: "linear"}
+
+def _names(option: str) -> dict[int, str]:
+    """enum number -> engine name, by the declaration's one naming rule (UNSPECIFIED: no key at all)."""
+    field = BY_NAME[option].field
+    return {field.enum_type.values_by_name[enum_prefix(field.enum_type) + name.upper()].number: name
+            for name in BY_NAME[option].choices}
+
+
+# derived from the proto enums (featureviz.options), kept for callers of the first releases
+PARAM_NAMES = _names("param")
+TRANSFORM_NAMES = _names("transforms")
+SCHEDULE_NAMES = _names("lr_schedule")
 
 # ------------------------------------------------------------------------------------------------ dict -> proto
 
@@ -55,61 +67,54 @@ def objective_to_proto(spec: dict, field: str = "objective") -> pb.Objective:
         raise InvalidSpec(field, echo(str(exc))) from None
 
 
-def spec_to_proto(
-    model: str,
-    objective: dict | pb.Objective,
-    *,
-    steps: int | None = None,
-    lr: float | None = None,
-    size: int | tuple[int, int] | None = None,
-    batch: int | None = None,
-    seed: int | None = None,
-    param: str | None = None,
-    decay: float | None = None,
-    transforms: str | None = None,
-    init_image: bytes | None = None,
-    preprocess: dict | None = None,
-    preview_every: int = 0,
-    preview_max_side: int = 0,
-    exclusive: bool = False,
-    judge: str | dict | None = None,
-    lr_schedule: str | None = None,
-    lr_warmup: int | None = None,
-    plateau: float | None = None,
-    plateau_window: int | None = None,
-) -> pb.JobSpec:
-    """Keyword arguments named as in ``RenderSpec`` -> ``pb.JobSpec`` (None: the engine default). ``exclusive``: the
-    job never shares a device step (bitwise repeatable for the same seed on the same device). ``judge``: the sha256
-    of an uploaded classifier, or ``{"model": sha256, "preprocess": {...}}``."""
-    spec = pb.JobSpec(model=model, preview_every=preview_every, preview_max_side=preview_max_side,
-                      exclusive=bool(exclusive))
+def spec_to_proto(model: str, objective: dict | pb.Objective, **options) -> pb.JobSpec:
+    """Job options named as in ``RenderSpec`` (the declaration, :data:`featureviz.options.OPTIONS`; None: the engine
+    default) -> ``pb.JobSpec``: each value checked against its declared type, written in the proto's JSON mapping
+    (enums by the naming rule: ``param="fft"`` -> ``PARAMETERIZATION_FFT``) and parsed by json_format. ``size``:
+    S or (H, W); ``init_image``: PNG/JPEG bytes; ``preprocess``: ``{"mean", "std", "channel_order"}``;
+    ``exclusive``: the job never shares a device step (bitwise repeatable for the same seed on the same device);
+    ``judge``: the sha256 of an uploaded classifier, or ``{"model": sha256, "preprocess": {...}}``. An unknown
+    keyword is InvalidSpec naming the known ones."""
+    unknown = [name for name in options if name not in BY_NAME]
+    if unknown:
+        raise InvalidSpec("spec", f"unknown job option {echo(unknown[0])}; known: {', '.join(BY_NAME)}")
+    spec = pb.JobSpec(model=model)
     if isinstance(objective, pb.Objective):
         spec.objective.CopyFrom(objective)
     else:
         spec.objective.CopyFrom(objective_to_proto(objective))
-    for key, value in (("steps", steps), ("lr", lr), ("batch", batch), ("seed", seed), ("decay", decay),
-                       ("lr_warmup", lr_warmup), ("plateau", plateau), ("plateau_window", plateau_window)):
-        if value is not None:
-            setattr(spec, key, value)
-    if lr_schedule is not None:
-        spec.lr_schedule = _enum_value(SCHEDULE_NAMES, lr_schedule, "spec.lr_schedule")
-    if size is not None:
-        height, width = (size, size) if isinstance(size, int) else size
-        spec.size.height, spec.size.width = int(height), int(width)
-    if param is not None:
-        spec.param = _enum_value(PARAM_NAMES, param, "spec.param")
-    if transforms is not None:
-        spec.transforms = _enum_value(TRANSFORM_NAMES, transforms, "spec.transforms")
-    if init_image:
-        spec.init_image = bytes(init_image)
-    if preprocess is not None:
-        spec.preprocess.CopyFrom(preprocess_to_proto(preprocess))
-    if judge:
-        body = {"model": judge} if isinstance(judge, str) else judge
-        spec.judge.model = str(body.get("model") or "")
-        if body.get("preprocess"):
-            spec.judge.preprocess.CopyFrom(preprocess_to_proto(body["preprocess"]))
+    for name, value in options.items():
+        if value is None:
+            continue
+        option = BY_NAME[name]
+        value = check_value(option, value)
+        if option.type in ("image", "judge") and not (value.get("model") if option.type == "judge" else value):
+            continue  # no image, no judge
+        try:
+            json_format.ParseDict({name: _json_value(option, value)}, spec)
+        except json_format.ParseError as exc:  # a value the field cannot hold (steps past int32)
+            raise InvalidSpec(f"spec.{name}", echo(str(exc))) from None
     return spec
+
+
+def _json_value(option: Option, value):
+    """A checked option value -> the proto's JSON mapping of its field."""
+    if option.type == "choice":
+        return enum_prefix(option.field.enum_type) + value.upper()
+    if option.type == "size":
+        return {"height": value[0], "width": value[1]}
+    if option.type == "image":
+        return base64.b64encode(value).decode("ascii")
+    if option.type == "preprocess":
+        return json_format.MessageToDict(preprocess_to_proto(value), preserving_proto_field_name=True)
+    if option.type == "judge":
+        body = {"model": str(value.get("model") or "")}
+        if value.get("preprocess"):
+            body["preprocess"] = _json_value(BY_NAME["preprocess"], value["preprocess"])
+        return body
+    if option.type == "float" and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")  # the server refuses it
+    return value
 
 
 def preprocess_to_proto(preprocess: dict) -> pb.Preprocess:
@@ -132,31 +137,37 @@ def objective_from_proto(msg: pb.Objective, field: str = "spec.objective") -> di
 
 def spec_from_proto(spec: pb.JobSpec, field: str = "spec") -> dict:
     """``pb.JobSpec`` -> ``RenderSpec`` keyword arguments (plain data; ``init_image`` stays PNG/JPEG bytes and
-    ``preprocess`` a dict: the server turns them into engine objects). Unset fields are left out."""
+    ``preprocess`` a dict: the server turns them into engine objects): the declared engine options, read through
+    json_format, enums by the naming rule. Unset fields are left out."""
+    data = json_format.MessageToDict(spec, preserving_proto_field_name=True, use_integers_for_enums=True)
     out: dict[str, Any] = {"objective": objective_from_proto(spec.objective, f"{field}.objective")}
-    for key in ("steps", "lr", "batch", "seed", "decay", "lr_warmup", "plateau", "plateau_window"):
-        if spec.HasField(key):
-            out[key] = getattr(spec, key)
-    if spec.lr_schedule != pb.LR_SCHEDULE_UNSPECIFIED:
-        if spec.lr_schedule not in SCHEDULE_NAMES:
-            raise InvalidSpec(f"{field}.lr_schedule", f"unknown value {spec.lr_schedule}; known: "
-                              f"{', '.join(pb.LrSchedule.Name(v) for v in SCHEDULE_NAMES)}")
-        out["lr_schedule"] = SCHEDULE_NAMES[spec.lr_schedule]
-    if spec.HasField("size"):
-        if spec.size.height <= 0 or spec.size.width <= 0:
-            raise InvalidSpec(f"{field}.size", f"height and width must be positive, got "
-                              f"{spec.size.height}x{spec.size.width}; leave size unset for the model default")
-        out["size"] = (spec.size.height, spec.size.width)
-    if spec.param != pb.PARAMETERIZATION_UNSPECIFIED:
-        out["param"] = PARAM_NAMES[spec.param]
-    if spec.transforms != pb.TRANSFORMS_UNSPECIFIED:
-        out["transforms"] = TRANSFORM_NAMES[spec.transforms]
-    if spec.init_image:
-        out["init_image"] = bytes(spec.init_image)
-    if spec.HasField("preprocess"):
-        p = spec.preprocess
-        out["preprocess"] = {"mean": list(p.mean), "std": list(p.std), "channel_order": p.channel_order or "RGB"}
+    for option in OPTIONS:
+        if option.engine and option.name in data:
+            value = _engine_value(option, data[option.name], spec, f"{field}.{option.name}")
+            if value is not None:
+                out[option.name] = value
     return out
+
+
+def _engine_value(option: Option, value, spec: pb.JobSpec, path: str):
+    """One field of MessageToDict's output -> the engine's value (None: the engine default)."""
+    if option.type == "choice":
+        return option.enum_name(value, path)
+    if option.type == "size":
+        if spec.size.height <= 0 or spec.size.width <= 0:
+            raise InvalidSpec(path, f"height and width must be positive, got {spec.size.height}x{spec.size.width}; "
+                                    "leave size unset for the model default")
+        return spec.size.height, spec.size.width
+    if option.type == "image":
+        return bytes(spec.init_image)
+    if option.type == "preprocess":
+        p = spec.preprocess
+        return {"mean": list(p.mean), "std": list(p.std), "channel_order": p.channel_order or "RGB"}
+    if option.type == "int":
+        return int(value)  # int64 is a string in the JSON mapping
+    if option.type == "float":
+        return float(value)  # "NaN" and "Infinity" too
+    return value
 
 
 def judge_from_proto(spec: pb.JobSpec, field: str = "spec.judge") -> dict | None:
@@ -187,13 +198,3 @@ def judge_score_from_proto(msg: pb.JudgeScore) -> dict:
     """``pb.JudgeScore`` -> ``{"target", "rank", "probability", "top": [[class, p], ...]}`` (None where unset)."""
     return {key: (getattr(msg, key) if msg.HasField(key) else None) for key in ("target", "rank", "probability")} | {
         "top": [[int(k), float(p)] for k, p in zip(msg.top_classes, msg.top_probabilities)]}
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def _enum_value(names: dict[int, str], name: str, field: str) -> int:
-    for value, known in names.items():
-        if known == name:
-            return value
-    raise InvalidSpec(field, f"unknown value {echo(name)}; known: {', '.join(names.values())}")

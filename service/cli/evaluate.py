@@ -80,17 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default="0", metavar="S,S,...", help="seeds (default 0)")
     parser.add_argument("--objective", choices=("logit", "prob"), default="logit",
                         help="what each image maximises (default logit)")
-    parser.add_argument("--steps", type=int, default=512, help="optimisation steps (default 512)")
-    parser.add_argument("--size", type=int, default=None, metavar="S", help="image size (default: the model's)")
-    parser.add_argument("--batch", type=int, default=8, metavar="B",
-                        help="classes rendered together in one optimisation (default 8; each image has its own "
-                             "class and transforms)")
-    parser.add_argument("--lr", type=float, default=0.05, metavar="X", help="Adam learning rate (default 0.05)")
-    parser.add_argument("--param", choices=("fft", "pixel", "maco", "laplacian"), default="fft")
-    parser.add_argument("--decay", type=float, default=None)
-    from featureviz.cli.options import add_transforms_arg
+    from featureviz.cli.options import add_option_args
 
-    add_transforms_arg(parser)
+    add_option_args(parser, "evaluate", defaults={"batch": 8}, helps={  # steps, lr, size, param, decay, transforms
+        "batch": "classes rendered together in one optimisation (default 8; each image has its own class and "
+                 "transforms)"})
     parser.add_argument("--mean", type=_floats, default=None, metavar="R,G,B", help="MODEL's preprocessing mean")
     parser.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="MODEL's preprocessing std")
     parser.add_argument("--bgr", action="store_true", help="MODEL takes BGR channel order")
@@ -126,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from featureviz.cli.options import make_preprocess
+    from featureviz.cli.options import option_values
     from featureviz.engine.quality import evaluate_classes
     from featureviz.importer import import_model
 
@@ -138,9 +133,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = import_model(args.model).with_preprocess(make_preprocess(args.mean, args.std, args.bgr))
     judges = load_judges(args.judge, judge_preprocess(args))
-    report = evaluate_classes(model, judges, classes, seeds, objective=args.objective, steps=args.steps,
-                              size=args.size, batch=args.batch, lr=args.lr, param=args.param, decay=args.decay,
-                              transforms=args.transforms, device=args.device, progress=None if args.json else _progress)
+    report = evaluate_classes(model, judges, classes, seeds, objective=args.objective, device=args.device,
+                              progress=None if args.json else _progress, **option_values(args, "evaluate", engine=True))
     images = report.pop("images")
     report["transforms"] = args.transforms
     if args.out:

@@ -1,11 +1,12 @@
-"""Options shared by the local and the remote render commands (torch-free)."""
+"""Options shared by the local and the remote render commands and evaluate (torch-free): the job options' flags,
+derived from their declaration (:mod:`featureviz.options`), and the preprocessing and judge helpers."""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats", "make_preprocess", "verdict_text", "add_transforms_arg",
-           "add_schedule_args", "schedule_options", "stopped_text"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "parse_floats", "parse_size", "make_preprocess", "verdict_text",
+           "add_option_args", "option_values", "stopped_text", "SIMPLE_TYPES"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,36 +46,60 @@ def verdict_text(verdict: dict) -> str:
     return f"; judge: class {verdict['target']} rank {verdict['rank']}, p {verdict['probability']:.3f}"
 
 
-# the engine's named transform stacks (featureviz.engine.transforms.TRANSFORMS; not imported here: no torch at start)
-TRANSFORM_CHOICES = ("standard", "composed", "none")
+# the option types a flag of its own carries; init_image (--init FILE), preprocess (--mean/--std/--bgr) and judge
+# (--judge FILE ...) are read from files or several flags by the commands themselves
+SIMPLE_TYPES = ("int", "float", "bool", "choice", "size")
 
 
-def add_transforms_arg(parser: argparse.ArgumentParser) -> None:
-    """``--transforms standard|composed|none`` (default standard)."""
-    parser.add_argument("--transforms", choices=TRANSFORM_CHOICES, default="standard",
-                        help="robustness transforms (default standard: lucid's pad, jitter, scale, rotate, each "
-                             "step its own resample; composed: the same in one resample, cheaper on a CPU)")
+def parse_size(text: str):
+    """``"128"`` -> 128, ``"96x128"`` -> (96, 128)."""
+    try:
+        if "x" in text.lower():
+            h, w = text.lower().split("x")
+            return int(h), int(w)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be S or HxW with integers, got {text!r}") from None
 
 
-def add_schedule_args(parser: argparse.ArgumentParser) -> None:
-    """``--schedule``, ``--warmup``, ``--stop-at-plateau`` and ``--plateau-window`` (unset: the engine's defaults)."""
-    parser.add_argument("--schedule", choices=("constant", "cosine", "linear"), default=None,
-                        help="learning-rate schedule over the steps: constant (default), or a cosine or linear "
-                             "decay from --lr to 0")
-    parser.add_argument("--warmup", type=int, default=None, metavar="N",
-                        help="steps of linear learning-rate warm-up (default 0)")
-    parser.add_argument("--stop-at-plateau", type=float, default=None, metavar="GAIN", dest="plateau",
-                        help="stop early once the objective's relative gain over the last --plateau-window steps "
-                             "(against the window before) is below GAIN, e.g. 0.01 (default: run every step)")
-    parser.add_argument("--plateau-window", type=int, default=None, metavar="N",
-                        help="steps of each window of --stop-at-plateau (default 32)")
+_ARG_TYPES = {"int": int, "float": float, "size": parse_size}
 
 
-def schedule_options(args: argparse.Namespace) -> dict:
-    """The schedule options given on the command line, as RenderSpec / spec_to_proto keywords."""
-    names = {"schedule": "lr_schedule", "warmup": "lr_warmup", "plateau": "plateau",
-             "plateau_window": "plateau_window"}
-    return {key: getattr(args, name) for name, key in names.items() if getattr(args, name, None) is not None}
+def add_option_args(parser: argparse.ArgumentParser, surface: str, *, defaults: dict | None = None,
+                    helps: dict | None = None) -> None:
+    """The flags of the job options that ``surface`` offers (``render``, ``evaluate``), from their declaration
+    (:data:`featureviz.options.OPTIONS`: flag, type, choices, help, default); each lands in ``args.<option name>``.
+    An option the command line sends explicitly defaults to the engine's default, the others to None (unset: the
+    engine's). ``defaults`` / ``helps``: a command's own (evaluate renders 8 classes at once)."""
+    from featureviz.options import offered
+
+    defaults, helps = defaults or {}, helps or {}
+    for option in offered(surface):
+        if option.type not in SIMPLE_TYPES:
+            continue
+        default = defaults.get(option.name, option.default if option.explicit else None)
+        shown = defaults.get(option.name, option.default)
+        text = helps.get(option.name, option.help)
+        if shown is not None and option.type != "bool" and "default" not in text:
+            text += f" (default {shown})"
+        kwargs = {"dest": option.name, "default": default, "help": text}
+        if option.type == "bool":
+            kwargs.update(action="store_true", default=False)
+        elif option.type == "choice":
+            kwargs["choices"] = option.choices
+        else:
+            kwargs.update(type=_ARG_TYPES[option.type], metavar=option.metavar)
+        parser.add_argument(option.flag, **kwargs)
+
+
+def option_values(args: argparse.Namespace, surface: str, *, engine: bool = False) -> dict:
+    """The job options of :func:`add_option_args` given on the command line (or defaulted explicitly), as
+    spec_to_proto keywords; with ``engine``, only the engine's (RenderSpec keywords, for a local render)."""
+    from featureviz.options import offered
+
+    values = {option.name: getattr(args, option.name, None) for option in offered(surface)
+              if option.type in SIMPLE_TYPES and (option.engine or not engine)}
+    return {name: value for name, value in values.items() if value is not None and value is not False}
 
 
 def stopped_text(stopped_at: int) -> str:

@@ -152,7 +152,7 @@ def render_remote(args: argparse.Namespace) -> int:
     server. Uploads the model unless the server has its bytes, submits, draws progress, writes the same files
     and prints the same ``--json`` fields (plus ``job`` and ``model``). ``--device`` is the server's business."""
     from featureviz.client import pb
-    from featureviz.cli.options import schedule_options
+    from featureviz.cli.options import option_values
     from featureviz.codec import spec_to_proto
     from featureviz.errors import InvalidSpec
     from featureviz.spec import parse_objective
@@ -170,11 +170,8 @@ def render_remote(args: argparse.Namespace) -> int:
         if judge_file:  # the judge is a model like any other: uploaded (or found by its sha256) first
             judge = {"model": fv.upload(judge_file).sha256, "preprocess": _remote_preprocess(argparse.Namespace(
                 mean=args.judge_mean, std=args.judge_std, bgr=args.judge_bgr))}
-        spec = spec_to_proto(model.sha256, objective, steps=args.steps, lr=args.lr, size=args.size, batch=args.batch,
-                             seed=args.seed, param=args.param, decay=args.decay, transforms=args.transforms,
-                             init_image=init_image, preprocess=_remote_preprocess(args),
-                             exclusive=bool(getattr(args, "exclusive", False)), judge=judge,
-                             **schedule_options(args))
+        spec = spec_to_proto(model.sha256, objective, init_image=init_image, preprocess=_remote_preprocess(args),
+                             judge=judge, **option_values(args, "render"))
         job = fv.submit(model.sha256, spec=spec)
         job = watch_with_progress(fv, job.id, label=f"render {Path(args.model).name}",
                                   quiet=not sys.stderr.isatty())

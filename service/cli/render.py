@@ -12,13 +12,12 @@ import sys
 
 from featureviz.cli.options import IMAGENET_MEAN
 from featureviz.cli.options import IMAGENET_STD
-from featureviz.cli.options import add_schedule_args
-from featureviz.cli.options import add_transforms_arg
+from featureviz.cli.options import add_option_args
 from featureviz.cli.options import make_preprocess
-from featureviz.cli.options import verdict_text
+from featureviz.cli.options import option_values
 from featureviz.cli.options import parse_floats
-from featureviz.cli.options import schedule_options
 from featureviz.cli.options import stopped_text
+from featureviz.cli.options import verdict_text
 from featureviz.cli.progress import ProgressBar
 
 __all__ = ["register", "run", "parse_floats"]
@@ -55,17 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("objective", metavar="OBJECTIVE",
                         help="what to maximise (syntax below); it may start with '-' (a negated objective)")
     parser.dash_positionals = True  # featureviz.cli.main lets OBJECTIVE start with '-' ("-LAYER:5")
-    parser.add_argument("--steps", type=int, default=512, help="optimisation steps (default 512)")
-    parser.add_argument("--size", type=_size, default=None, metavar="S",
-                        help="image size S or HxW (default: the model's input size)")
-    parser.add_argument("--batch", type=int, default=1, metavar="B", help="images optimised together (default 1)")
-    parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
-    parser.add_argument("--param", choices=("fft", "pixel", "maco", "laplacian"), default="fft",
-                        help="image parameterization (default fft)")
-    parser.add_argument("--decay", type=float, default=None,
-                        help="spectrum exponent 1/f^decay (default 1.0 for fft, 1.4 for maco)")
-    parser.add_argument("--lr", type=float, default=0.05, metavar="X", help="Adam learning rate (default 0.05)")
-    add_transforms_arg(parser)
+    add_option_args(parser, "render")  # steps, lr, size, batch, seed, param, decay, transforms, schedule ...
     parser.add_argument("--init", default=None, metavar="IMAGE", help="start from this image file")
     parser.add_argument("--mean", type=parse_floats, default=None, metavar="R,G,B",
                         help=f"model preprocessing mean for images in [0, 1] (default ImageNet's "
@@ -80,16 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=_positive, default=None, metavar="N",
                         help="CPU threads for a local render (default: torch's, one per core); on a busy machine "
                              "fewer threads than cores is often faster")
-    parser.add_argument("--exclusive", action="store_true",
-                        help="with --server: run alone, never sharing a device step (the same seed on the same "
-                             "device gives the same PNG bytes); a local render always runs alone")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: objective_start, objective_end, seconds_per_step, files ...")
     from featureviz.cli.evaluate import add_judge_args
     from featureviz.cli.remote import add_connection_args
 
     add_judge_args(parser)
-    add_schedule_args(parser)
 
     # --server ADDR renders on a featureviz server instead of locally; --token and --tls-ca go with it
     add_connection_args(parser, server_default=False)
@@ -104,16 +89,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
-
-
-def _size(text: str):
-    try:
-        if "x" in text:
-            h, w = text.lower().split("x")
-            return int(h), int(w)
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be S or HxW with integers, got {text!r}") from None
 
 
 def _preprocess(args):
@@ -151,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
     if args.init:
         hw = (size, size) if isinstance(size, int) else size
         init = load_image(args.init, hw)
-    spec = RenderSpec(objective=objective, steps=args.steps, lr=args.lr, size=size, batch=args.batch, seed=args.seed,
-                      param=args.param, decay=args.decay, transforms=args.transforms, init_image=init,
-                      preprocess=model.input_spec.preprocess, device=args.device, **schedule_options(args))
+    options = option_values(args, "render", engine=True) | {"size": size}
+    spec = RenderSpec(objective=objective, init_image=init, preprocess=model.input_spec.preprocess, device=args.device,
+                      **options)
     validate(model, spec)
 
     bar = ProgressBar()  # no label: silent unless stderr is a terminal

@@ -1,4 +1,4 @@
-"""InfoService: version, published limits, the device, the worker (max batch, models held, active slots), whether
+"""InfoService: version, published limits, the job options (featureviz.options), the device, the worker (max batch, models held, active slots), whether
 auth is on."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from featureviz.codec import OBJECTIVE_KINDS
+from featureviz.options import job_options
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.errors import rpc_errors
@@ -38,6 +39,7 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
             progress_interval_seconds=config.progress_interval,
             auth_required=auth.required,
             objective_kinds=list(OBJECTIVE_KINDS),
+            job_options=job_options(config.limits),  # every JobSpec option with this server's bounds
         )
 
     @rpc_errors

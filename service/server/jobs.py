@@ -10,6 +10,7 @@ from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
+from featureviz.options import check_limits
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.errors import Unavailable
@@ -182,23 +183,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise InvalidSpec("spec.objective", f"nested more than {limits.max_objective_depth} levels deep; the "
                                                 f"limit is max_objective_depth = {limits.max_objective_depth}",
                               reason="OBJECTIVE_TOO_DEEP")
-        if spec.HasField("steps") and not 1 <= spec.steps <= limits.max_steps:
-            raise InvalidSpec("spec.steps", f"{spec.steps}; must be 1 to {limits.max_steps}")
-        if spec.HasField("lr") and not limits.min_lr <= spec.lr <= limits.max_lr:  # NaN is in no range
-            raise InvalidSpec("spec.lr", f"{spec.lr!r}; the learning rate must be a number from {limits.min_lr:g} to "
-                                         f"{limits.max_lr:g} (min_lr, max_lr); the default is 0.05",
-                              reason="LR_OUT_OF_RANGE")
-        if spec.HasField("batch") and not 1 <= spec.batch <= limits.max_batch:
-            raise InvalidSpec("spec.batch", f"{spec.batch}; must be 1 to {limits.max_batch}")
-        low, high = limits.min_image_side, limits.max_image_side
-        if spec.HasField("size") and not all(low <= side <= high for side in (spec.size.height, spec.size.width)):
-            raise InvalidSpec("spec.size", f"{spec.size.height}x{spec.size.width}; each side must be {low} to {high} "
-                                           "pixels (min_image_side, max_image_side); leave size unset for the "
-                                           "model's default")
+        check_limits(spec, limits)  # the declared options a published limit bounds (steps, lr, batch, size), previews
         # an init image's size is checked from its header by the worker's admission (max_image_side), before
         # any pixel is decoded
-        if spec.preview_every < 0 or spec.preview_max_side < 0:
-            raise InvalidSpec("spec.preview_every", "preview_every and preview_max_side must be >= 0")
 
     @contextlib.contextmanager
     def _watch_slot(self, tenant: str):

@@ -27,6 +27,7 @@ temporary file), after the token's write scope and the declared size were checke
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
+from google.protobuf import json_format
 
 from featureviz.client import AsyncClient
 from featureviz.client import FeaturevizClientError
@@ -52,6 +54,7 @@ from featureviz.errors import InvalidSpec
 from featureviz.errors import code_name
 from featureviz.errors import echo
 from featureviz.hosts import LOOPBACK_HOSTS
+from featureviz.options import offered
 from featureviz.ratelimit import FailureThrottle
 from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
@@ -94,8 +97,10 @@ HTTP_STATUS = {
     "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
-_JOB_KEYS = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms",
-             "preview_every", "preview_max_side", "request_id")
+# a job's JSON keys: the model, the objective, the job options the web offers (their declaration,
+# featureviz.options) and the request id
+_JOB_OPTIONS = tuple(option.name for option in offered("web"))
+_JOB_KEYS = ("model", "objective", *_JOB_OPTIONS, "request_id")
 _SECURITY_HEADERS = {
     # everything comes from this origin: no CDN, works offline; previews are data: URLs
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -108,6 +113,16 @@ _SECURITY_HEADERS = {
 def _short(value) -> str:
     text = str(value)
     return text if len(text) <= ECHO else text[:ECHO] + "…"
+
+
+def _base64(value, field: str) -> bytes:
+    """A JSON string of base64 -> its bytes, or InvalidSpec naming the field."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise InvalidSpec(field, "must be a base64 string of PNG or JPEG bytes") from None
 
 
 def _json(data, *, status: int = 200, headers: dict | None = None, indent: int | None = None) -> web.Response:
@@ -316,6 +331,9 @@ class WebGateway:
                 "device": {"kind": info.device.kind, "name": info.device.name, "kernels": info.device.kernels},
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_image_side": limits.max_image_side,
                            "max_steps": limits.max_steps, "max_batch": limits.max_batch},
+                # the job options as the server declares them (ServerInfo.job_options): the form's choices, ranges
+                "options": {option.name: json_format.MessageToDict(option, preserving_proto_field_name=True)
+                            for option in info.job_options},
                 "grpc_port": self.grpc_port, "tls": self.tls}
 
     async def login(self, request: web.Request) -> web.Response:
@@ -524,9 +542,9 @@ class WebGateway:
         objective = body.get("objective")
         if isinstance(objective, str):
             objective = parse_objective(objective)
-        options = {key: body[key] for key in _JOB_KEYS[2:-1] if body.get(key) is not None}
-        if isinstance(options.get("size"), list):
-            options["size"] = tuple(options["size"])
+        options = {key: body[key] for key in _JOB_OPTIONS if body.get(key) is not None}
+        if "init_image" in options:  # JSON carries bytes as base64
+            options["init_image"] = _base64(options["init_image"], "spec.init_image")
         try:
             spec = spec_to_proto(str(body.get("model", "")), objective, **options)
         except (TypeError, ValueError) as exc:

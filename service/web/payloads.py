@@ -15,6 +15,8 @@ import shlex
 
 from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
+from featureviz.options import OPTIONS
+from featureviz.options import offered
 from featureviz.spec import format_objective
 from featureviz.spec import normalize_objective
 from featureviz.spec import parse_objective
@@ -100,8 +102,9 @@ def spec_json(spec: pb.JobSpec) -> dict:
         out["size"] = list(out["size"])
     if "init_image" in out:
         out["init_image"] = f"<{len(out['init_image'])} bytes of PNG/JPEG, not included>"
-    if spec.preview_every:
-        out["preview_every"] = spec.preview_every
+    for option in OPTIONS:  # the job's own options (previews, running alone), when set
+        if not option.engine and option.type in ("int", "bool") and getattr(spec, option.name):
+            out[option.name] = getattr(spec, option.name)
     return out
 
 
@@ -214,15 +217,17 @@ def cli_command(spec: dict, *, model_file: str, server: str | None = None, tls: 
     """The ``featureviz render`` command line that runs ``spec`` (a :func:`spec_json` dict) again: with
     ``server`` on that server, else locally; the same seed gives the same images on the same device."""
     args = ["featureviz", "render", model_file, objective_text(spec.get("objective"))]
-    for key in ("steps", "batch", "seed", "lr", "decay"):
-        if spec.get(key) is not None:
-            args += [f"--{key}", repr(spec[key]) if isinstance(spec[key], float) else str(spec[key])]
-    if spec.get("size"):
-        height, width = spec["size"]
-        args += ["--size", str(height) if height == width else f"{height}x{width}"]
-    for key in ("param", "transforms"):
-        if spec.get(key):
-            args += [f"--{key}", spec[key]]
+    for option in offered("render"):  # every option the command line takes as a flag of its own (the declaration)
+        value = spec.get(option.name)
+        if value is None or value is False or option.type not in ("int", "float", "bool", "choice", "size"):
+            continue
+        if option.type == "bool":
+            args.append(option.flag)
+        elif option.type == "size":
+            height, width = (value, value) if isinstance(value, int) else value
+            args += [option.flag, str(height) if height == width else f"{height}x{width}"]
+        else:
+            args += [option.flag, repr(value) if isinstance(value, float) else str(value)]
     pre = spec.get("preprocess")
     if pre:  # the preprocessing the job ran with (the model's, recorded on the job): the CLI defaults to ImageNet's
         args += ["--mean", ",".join(repr(float(v)) for v in pre["mean"]),

@@ -809,7 +809,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., active_slots: _Optional[int] = ..., active_images: _Optional[int] = ..., max_batch: _Optional[int] = ..., memory_allocated_bytes: _Optional[int] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., parked_slots: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds", "workers")
+    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds", "workers", "job_options")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -821,6 +821,7 @@ class ServerInfo(_message.Message):
     WORKER_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    JOB_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     limits: Limits
@@ -832,4 +833,35 @@ class ServerInfo(_message.Message):
     worker: WorkerInfo
     progress_interval_seconds: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    job_options: _containers.RepeatedCompositeFieldContainer[JobOption]
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., job_options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ...) -> None: ...
+
+class JobOption(_message.Message):
+    __slots__ = ("name", "type", "default", "choices", "minimum", "maximum", "below", "min_limit", "max_limit", "help", "flag", "surfaces", "engine")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_FIELD_NUMBER: _ClassVar[int]
+    BELOW_FIELD_NUMBER: _ClassVar[int]
+    MIN_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    HELP_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    SURFACES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default: str
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    minimum: float
+    maximum: float
+    below: float
+    min_limit: str
+    max_limit: str
+    help: str
+    flag: str
+    surfaces: _containers.RepeatedScalarFieldContainer[str]
+    engine: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., below: _Optional[float] = ..., min_limit: _Optional[str] = ..., max_limit: _Optional[str] = ..., help: _Optional[str] = ..., flag: _Optional[str] = ..., surfaces: _Optional[_Iterable[str]] = ..., engine: _Optional[bool] = ...) -> None: ...

@@ -32,7 +32,7 @@ export async function channelPage(root, [sha, name, channelText], state) {
   const negative = h("input#negative", { type: "checkbox", name: "negative" });
   const diversity = h("input#diversity", { type: "checkbox", name: "diversity" });
   const options = optionsForm({ steps: 256, size: side, batch: 1 }, {
-    batch: true,
+    declared: state.info?.options, batch: true,
     extra: [
       h("label.field.check", h("span", "negative"), h("span", negative, " minimise"),
         h("small", preName ? `through ${preName}` : "the channel's opposite")),

@@ -25,7 +25,8 @@ export async function classesPage(root, [sha], state) {
   const search = h("input#class-search", { type: "search", placeholder: "Search 1000 ImageNet classes, e.g. cat" });
   const matches = h("div.class-matches");
   const picked = h("div.chips#chosen-classes");
-  const options = optionsForm({ steps: 128, size: Math.min(160, state.info?.limits.max_image_side || 1024) });
+  const options = optionsForm({ steps: 128, size: Math.min(160, state.info?.limits.max_image_side || 1024) },
+    { declared: state.info?.options });
   const go = h("button.primary#render-classes", { type: "submit" }, "Render classes");
   const where = h("div");
   let panel = null;

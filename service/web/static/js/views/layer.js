@@ -27,6 +27,7 @@ export async function layerPage(root, [sha, name], state) {
   const first = h("input#channel-first", { type: "number", min: 0, max: layer.channels - 1, value: 0 });
   const options = optionsForm({ steps: LAYER_DEFAULTS.steps, size: Math.min(LAYER_DEFAULTS.size,
     state.info?.limits.max_image_side || 1024) }, {
+    declared: state.info?.options,
     extra: [h("label.field", h("span", "channels"), count, h("small", "N, rendered together")),
       h("label.field", h("span", "from channel"), first)],
   });

@@ -153,34 +153,39 @@ export function jobPanel({ labels = null, links = null, large = false } = {}) {
   return { el, follow, close: () => stop() };
 }
 
-/** The render options the CLI has, as a form row. defaults: {steps, size, param, transforms, batch, seed, lr} */
-export function optionsForm(defaults, { batch = false, extra = [] } = {}) {
+// The form's labels; which options it shows, their choices, ranges and defaults come from the server's declaration
+// (ServerInfo.job_options, `state.info.options` from api/info): the options declared for the "form" surface.
+const LABELS = { steps: "steps", size: "size (px)", param: "parameterization", transforms: "transforms",
+  batch: "batch", seed: "seed", lr: "learning rate", lr_schedule: "lr schedule" };
+const HINTS = { batch: "images at once" };
+
+/**
+ * The job options of the explorer's form, one field each. `declared`: the server's job options by name
+ * (`state.info.options`); `defaults`: this page's own values by option name; `batch`: show the batch field.
+ */
+export function optionsForm(defaults, { declared = {}, batch = false, extra = [] } = {}) {
   const field = (label, input, hint) => h("label.field", h("span", label), input, hint ? h("small", hint) : null);
-  const inputs = {
-    steps: h("input", { type: "number", name: "steps", min: 1, max: 10000, value: defaults.steps }),
-    size: h("input", { type: "number", name: "size", min: 8, max: 1024, value: defaults.size }),
-    param: h("select", { name: "param" }, ["fft", "pixel", "maco"].map((p) =>
-      h("option", { value: p, selected: p === (defaults.param || "fft") }, p))),
-    transforms: h("select", { name: "transforms" }, ["standard", "composed", "none"].map((t) =>
-      h("option", { value: t, selected: t === (defaults.transforms || "standard") }, t))),
-    seed: h("input", { type: "number", name: "seed", min: 0, value: defaults.seed ?? 0 }),
-    lr: h("input", { type: "number", name: "lr", min: 0.0001, step: "any", value: defaults.lr ?? 0.05 }),
-  };
-  if (batch) inputs.batch = h("input", { type: "number", name: "batch", min: 1, max: 64, value: defaults.batch ?? 1 });
+  const shown = Object.values(declared).filter((o) => (o.surfaces || []).includes("form")
+    && (o.name !== "batch" || batch));
+  const inputs = {};
+  for (const option of shown) {
+    const value = defaults[option.name] ?? option.default;
+    if (option.type === "choice") {
+      inputs[option.name] = h("select", { name: option.name }, option.choices.map((c) =>
+        h("option", { value: c, selected: c === value }, c)));
+    } else {
+      const bounds = { min: option.minimum, max: option.maximum };
+      if (option.name === "lr") bounds.min = Math.max(option.minimum ?? 0, 0.0001); // a usable floor for the arrows
+      inputs[option.name] = h("input", { type: "number", name: option.name, step: option.type === "float" ? "any" : 1,
+        ...Object.fromEntries(Object.entries(bounds).filter(([, v]) => v !== undefined)), value: value ?? "" });
+    }
+    inputs[option.name].title = option.help;
+  }
   const el = h("div.option-rows", h("div.options",
-    field("steps", inputs.steps),
-    field("size (px)", inputs.size),
-    field("parameterization", inputs.param),
-    field("transforms", inputs.transforms),
-    batch ? field("batch", inputs.batch, "images at once") : null,
-    field("seed", inputs.seed),
-    field("learning rate", inputs.lr)),
+    shown.map((o) => field(LABELS[o.name] || o.name.replaceAll("_", " "), inputs[o.name], HINTS[o.name]))),
   extra.length ? h("div.options.extra", extra) : null);
-  const values = () => ({
-    steps: Number(inputs.steps.value), size: Number(inputs.size.value), param: inputs.param.value,
-    transforms: inputs.transforms.value, seed: Number(inputs.seed.value), lr: Number(inputs.lr.value),
-    ...(batch ? { batch: Number(inputs.batch.value) } : {}),
-  });
+  const values = () => Object.fromEntries(shown.map((o) => [o.name,
+    o.type === "choice" ? inputs[o.name].value : Number(inputs[o.name].value)]));
   return { el, inputs, values };
 }
 

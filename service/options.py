@@ -1,0 +1,341 @@
+"""Every job option declared once: :data:`OPTIONS` (torch- and grpc-free; protobuf only).
+
+A job option is a field of the proto's ``JobSpec`` besides ``model`` and ``objective``: ``steps``, ``lr``,
+``param``, ``lr_schedule`` ... Each is one :class:`Option`: its name (the proto field name, which is also the
+engine's ``RenderSpec`` keyword and the Python clients' keyword argument), type, default (the engine's), allowed
+range or choices, help text, command-line flag, and the surfaces that offer it. Derived from it:
+
+- the choices of an enum option: the proto enum's values by one naming rule (``PARAMETERIZATION_FFT`` <-> ``fft``:
+  the enum's name in UPPER_SNAKE as a prefix, the rest in lower case; ``*_UNSPECIFIED`` is "the engine default");
+- the proto <-> spec conversion (``featureviz.codec.spec_to_proto`` / ``spec_from_proto``: one pass through
+  ``json_format`` plus that rule) and the Python clients' accepted keywords (an unknown one names the known ones);
+- the server's range checks against its published ``Limits`` (:func:`check_limits`, the errors name the field,
+  the value and the limit) and ``ServerInfo.job_options`` (:func:`job_options`), which the web explorer's form
+  and any client read their choices and ranges from;
+- the command-line flags of ``featureviz render`` and ``featureviz evaluate`` (``featureviz.cli.options``), the
+  web API's job keys (``featureviz.web.gateway``) and the README's options table (``python -m featureviz.options
+  --markdown``);
+- checked in tests against the declaration: the proto's ``JobSpec`` (every field declared, types agree), the
+  engine's ``RenderSpec`` defaults and range checks, the Node client's command line (``--json``).
+
+Adding a job option: its :class:`Option` here, its field in the proto's ``JobSpec`` (``make proto``), and the
+engine code where it acts (a ``RenderSpec`` field and what reads it). docs/ARCHITECTURE.md, "Where to change what".
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from featureviz.errors import InvalidSpec
+from featureviz.errors import echo
+from featureviz.v1 import featureviz_pb2 as pb
+
+__all__ = ["Option", "OPTIONS", "BY_NAME", "SURFACES", "offered", "enum_prefix", "enum_choices", "check_value",
+           "check_limits", "bounds", "job_options", "markdown_table", "declaration_json"]
+
+# where an option is offered: the local and remote `featureviz render` command line, `featureviz evaluate`, the
+# Node client's command line (featureviz-node render), the web API's job (POST api/jobs) and the explorer's form.
+# Every option is a keyword of the Python clients (submit, create_and_watch) and a field of the Node client's
+# createJob: those take them all.
+SURFACES = ("render", "evaluate", "node", "web", "form")
+
+# value types: int, float, bool, choice (a proto enum), size (S or (H, W)), image (PNG/JPEG bytes),
+# preprocess ({mean, std, channel_order}), judge (a model's sha256 or {model, preprocess})
+_TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge")
+# the proto field type each value type is written in (checked against JobSpec by the tests)
+PROTO_TYPES = {"int": ("int32", "int64"), "float": ("double",), "bool": ("bool",), "choice": ("enum",),
+               "size": ("ImageSize",), "image": ("bytes",), "preprocess": ("Preprocess",), "judge": ("Judge",)}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One job option. ``name``: the JobSpec field, RenderSpec keyword and client keyword. ``default``: the
+    engine's (None: the model's, or unset). ``minimum`` / ``maximum``: fixed bounds (inclusive; ``below``: an
+    exclusive upper bound); ``min_limit`` / ``max_limit``: the published ``Limits`` field that bounds it on a
+    server (the server checks those; the engine checks the fixed ones). ``flags``: its command-line flags (default
+    ``--name`` with dashes; several for compound values such as preprocess). ``engine``: the engine's RenderSpec
+    takes it (else it is the job's: previews, the judge, running alone). ``explicit``: the command line sends its
+    default, so the job records it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    below: float | None = None
+    min_limit: str | None = None
+    max_limit: str | None = None
+    reason: str | None = None  # the error reason when a server limit refuses the value
+    flags: tuple[str, ...] = ()
+    metavar: str | None = None
+    surfaces: tuple[str, ...] = ("render", "node", "web")
+    engine: bool = True
+    explicit: bool = False
+
+    @property
+    def field(self):
+        """The proto's ``JobSpec`` field descriptor."""
+        return pb.JobSpec.DESCRIPTOR.fields_by_name[self.name]
+
+    @property
+    def flag(self) -> str:
+        """The (first) command-line flag."""
+        return self.flags[0] if self.flags else "--" + self.name.replace("_", "-")
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """An enum option's names, derived from the proto enum (empty for other types)."""
+        return enum_choices(self.field.enum_type) if self.type == "choice" else ()
+
+    def enum_value(self, name: str, path: str | None = None) -> int:
+        """``"fft"`` -> ``PARAMETERIZATION_FFT``'s number; an unknown name is InvalidSpec naming the known ones."""
+        if isinstance(name, str) and name in self.choices:
+            return self.field.enum_type.values_by_name[enum_prefix(self.field.enum_type) + name.upper()].number
+        raise InvalidSpec(path or f"spec.{self.name}", f"unknown value {echo(name)}; known: {', '.join(self.choices)}")
+
+    def enum_name(self, number: int, path: str | None = None) -> str | None:
+        """An enum number -> its engine name (None for UNSPECIFIED: the engine default)."""
+        if number == 0:
+            return None
+        value = self.field.enum_type.values_by_number.get(number)
+        name = value.name.removeprefix(enum_prefix(self.field.enum_type)).lower() if value else None
+        if name not in self.choices:
+            raise InvalidSpec(path or f"spec.{self.name}", f"unknown value {number}; known: {', '.join(self.choices)}")
+        return name
+
+
+def enum_prefix(enum) -> str:
+    """The naming rule's prefix: ``Parameterization`` -> ``PARAMETERIZATION_``, ``LrSchedule`` -> ``LR_SCHEDULE_``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+
+
+def enum_choices(enum) -> tuple[str, ...]:
+    """A proto enum's engine names: its values without the prefix, in lower case, UNSPECIFIED (0) left out."""
+    prefix = enum_prefix(enum)
+    return tuple(v.name.removeprefix(prefix).lower() for v in enum.values if v.number != 0)
+
+
+_ALL_CLI = ("render", "evaluate", "node", "web", "form")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("steps", "int", 512, "optimisation steps", minimum=1, max_limit="max_steps", metavar="N",
+           surfaces=_ALL_CLI, explicit=True),
+    Option("lr", "float", 0.05, "Adam learning rate", min_limit="min_lr", max_limit="max_lr",
+           reason="LR_OUT_OF_RANGE", metavar="X", surfaces=_ALL_CLI, explicit=True),
+    Option("size", "size", None, "image size S or HxW (default: the model's input size)", min_limit="min_image_side",
+           max_limit="max_image_side", metavar="S", surfaces=_ALL_CLI),
+    Option("batch", "int", 1, "images optimised together", minimum=1, max_limit="max_batch", metavar="B",
+           surfaces=_ALL_CLI, explicit=True),
+    Option("seed", "int", 0, "random seed", minimum=0, maximum=2**63 - 1, metavar="K",
+           surfaces=("render", "node", "web", "form"), explicit=True),
+    Option("param", "choice", "fft", "image parameterization (laplacian: lucid's Laplacian pyramid)",
+           surfaces=_ALL_CLI, explicit=True),
+    Option("decay", "float", None, "spectrum exponent 1/f^decay (default 1.0 for fft, 1.4 for maco)", minimum=0, metavar="X",
+           surfaces=("render", "evaluate", "node", "web")),
+    Option("transforms", "choice", "standard", "robustness transforms (standard: lucid's pad, jitter, scale, "
+           "rotate, each step its own resample; composed: the same in one resample, cheaper on a CPU)",
+           surfaces=_ALL_CLI, explicit=True),
+    Option("init_image", "image", None, "start from this image (PNG or JPEG; the web API: base64)", flags=("--init",),
+           metavar="IMAGE"),
+    Option("preprocess", "preprocess", None, "the model's preprocessing on [0, 1] images: mean, std and "
+           "channel order (default: the model's; the command line's: ImageNet's)",
+           flags=("--mean", "--std", "--bgr"), surfaces=("render", "evaluate", "web")),
+    Option("preview_every", "int", 0, "a preview image every N steps (0: none)", minimum=0, engine=False,
+           surfaces=("web",)),
+    Option("preview_max_side", "int", 0, "previews are downscaled to this side (0: 128)", minimum=0, engine=False,
+           surfaces=("web",)),
+    Option("exclusive", "bool", False, "run alone, never sharing a device step (the same seed on the same device "
+           "gives the same PNG bytes); a local render always runs alone", engine=False),
+    Option("judge", "judge", None, "another classifier with the same classes scores each image: its rank of the "
+           "target class and its probability", flags=("--judge", "--judge-mean", "--judge-std", "--judge-bgr"),
+           metavar="JUDGE", engine=False, surfaces=("render", "evaluate", "node", "web")),
+    Option("lr_schedule", "choice", "constant", "learning-rate schedule over the steps: constant, or a cosine or "
+           "linear decay from lr to 0", flags=("--schedule",), surfaces=("render", "node", "web", "form")),
+    Option("lr_warmup", "int", 0, "steps of linear learning-rate warm-up (at most the steps)", minimum=0,
+           flags=("--warmup",), metavar="N"),
+    Option("plateau", "float", 0.0, "stop early once the objective's relative gain over the last plateau_window "
+           "steps (against the window before) is below this, e.g. 0.01 (default 0: run every step)", minimum=0, below=1,
+           flags=("--stop-at-plateau",), metavar="GAIN"),
+    Option("plateau_window", "int", 32, "steps of each window of the plateau stop", minimum=1, maximum=50_000,
+           metavar="N"),
+)
+
+BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+
+
+def offered(surface: str) -> tuple[Option, ...]:
+    """The options a surface offers, in declaration (proto) order."""
+    if surface not in SURFACES:
+        raise ValueError(f"unknown surface {surface!r}; known: {', '.join(SURFACES)}")
+    return tuple(option for option in OPTIONS if surface in option.surfaces)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_value(option: Option, value, path: str | None = None):
+    """A caller's Python value for ``option`` -> the value the proto conversion takes, or InvalidSpec naming the
+    field (``spec.steps: must be an integer, got '5'``). Ranges are the engine's and the server's business."""
+    path = path or f"spec.{option.name}"
+    kind = option.type
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise InvalidSpec(path, f"must be an integer, got {echo(value)}")
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidSpec(path, f"must be a number, got {echo(value)}")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, (bool, int)) or value not in (0, 1):
+            raise InvalidSpec(path, f"must be true or false, got {echo(value)}")
+        return bool(value)
+    if kind == "choice":
+        option.enum_value(value, path)
+        return value
+    if kind == "size":
+        sides = (value, value) if isinstance(value, numbers.Integral) else value
+        if not isinstance(sides, (list, tuple)) or len(sides) != 2 or any(
+                isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in sides):
+            raise InvalidSpec(path, f"must be an integer or [height, width], got {echo(value)}")
+        return int(sides[0]), int(sides[1])
+    if kind == "image":
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise InvalidSpec(path, f"must be the bytes of a PNG or JPEG image, got {type(value).__name__}")
+        return bytes(value)
+    if kind in ("preprocess", "judge"):
+        if kind == "judge" and isinstance(value, str):
+            return {"model": value}
+        if not isinstance(value, dict):
+            raise InvalidSpec(path, f"must be an object ({'a model sha256 or ' if kind == 'judge' else ''}"
+                                    f"{'{model, preprocess}' if kind == 'judge' else '{mean, std, channel_order}'}), "
+                                    f"got {echo(value)}")
+        return value
+    raise AssertionError(kind)
+
+
+def bounds(option: Option, limits=None) -> tuple[float | None, float | None]:
+    """The option's (minimum, maximum): the published limits' values where ``limits`` is given, else the fixed
+    bounds."""
+    low = getattr(limits, option.min_limit) if limits is not None and option.min_limit else option.minimum
+    high = getattr(limits, option.max_limit) if limits is not None and option.max_limit else option.maximum
+    return low, high
+
+
+def check_limits(spec: pb.JobSpec, limits) -> None:
+    """The server's range checks of a JobSpec's options: those that a published limit bounds (``Limits.max_steps``,
+    ``min_lr``..``max_lr``, ``max_batch``, ``min_image_side``..``max_image_side``) and the job's own (the previews),
+    which the engine never sees; the engine checks the fixed bounds of its options. InvalidSpec names the field, the
+    value, the range and the limits' names. NaN is in no range."""
+    for option in OPTIONS:
+        limited = option.min_limit or option.max_limit
+        if not (limited or (not option.engine and option.type in ("int", "float"))):
+            continue
+        if option.field.has_presence and not spec.HasField(option.name):
+            continue
+        low, high = bounds(option, limits)
+        names = f" ({', '.join(n for n in (option.min_limit, option.max_limit) if n)})" if limited else ""
+        if option.type == "size":
+            size = spec.size
+            if not all(low <= side <= high for side in (size.height, size.width)):
+                raise InvalidSpec("spec.size", f"{size.height}x{size.width}; each side must be {low} to {high} pixels"
+                                               f"{names}; leave size unset for the model's default",
+                                  reason=option.reason)
+            continue
+        value = getattr(spec, option.name)
+        if not (math.isfinite(value) and (low is None or low <= value) and (high is None or value <= high)):
+            wanted = f"{_number(low)} to {_number(high)}" if high is not None else f">= {_number(low)}"
+            default = f"; the default is {option.default}" if option.default is not None else ""
+            raise InvalidSpec(f"spec.{option.name}", f"{value!r}; {option.name} must be {wanted}{names}{default}",
+                              reason=option.reason)
+
+
+# ------------------------------------------------------------------------------------------------ published
+
+
+def job_options(limits=None) -> list[pb.JobOption]:
+    """The declaration as ``ServerInfo.job_options``: with a server's ``limits``, the bounds are the published
+    values."""
+    out = []
+    for option in OPTIONS:
+        low, high = bounds(option, limits)
+        message = pb.JobOption(name=option.name, type=option.type, help=option.help, choices=option.choices,
+                               flag=option.flag, surfaces=option.surfaces, engine=option.engine,
+                               min_limit=option.min_limit or "", max_limit=option.max_limit or "")
+        if option.default is not None:
+            message.default = _text(option.default)
+        if low is not None:
+            message.minimum = float(low)
+        if high is not None:
+            message.maximum = float(high)
+        if option.below is not None:
+            message.below = float(option.below)
+        out.append(message)
+    return out
+
+
+def _text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _range_text(option: Option) -> str:
+    if option.choices:
+        return " \\| ".join(f"`{c}`" for c in option.choices)
+    low = f"`{option.min_limit}`" if option.min_limit else (_number(option.minimum) if option.minimum is not None
+                                                            else None)
+    high = f"`{option.max_limit}`" if option.max_limit else (_number(option.maximum) if option.maximum is not None
+                                                             else None)
+    if option.below is not None:
+        return f"{low} to < {_number(option.below)}"
+    if low is not None and high is not None:
+        return f"{low} to {high}" + (" per side" if option.type == "size" else "")
+    return f">= {low}" if low is not None else ""
+
+
+def markdown_table() -> str:
+    """The README's options table (``python -m featureviz.options --markdown``)."""
+    rows = ["| option (JobSpec field, client keyword) | command line | type | default | range or choices | what |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for option in OPTIONS:
+        flags = " ".join(f"`{f}`" for f in option.flags) if option.flags else f"`{option.flag}`"
+        cli = flags if "render" in option.surfaces or "evaluate" in option.surfaces else "-"
+        default = "-" if option.default is None else f"`{_text(option.default)}`"
+        rows.append(f"| `{option.name}` | {cli} | {option.type} | {default} | {_range_text(option)} | "
+                    f"{option.help.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def declaration_json() -> list[dict]:
+    """The declaration as plain data (``python -m featureviz.options --json``; the Node tests read it)."""
+    return [{"name": o.name, "type": o.type, "default": o.default, "choices": list(o.choices), "flag": o.flag,
+             "flags": list(o.flags) or [o.flag], "minimum": o.minimum, "maximum": o.maximum, "below": o.below,
+             "min_limit": o.min_limit, "max_limit": o.max_limit, "surfaces": list(o.surfaces), "engine": o.engine,
+             "help": o.help} for o in OPTIONS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--markdown"]:
+        print(markdown_table())
+    elif args == ["--json"]:
+        print(json.dumps(declaration_json(), indent=1))
+    else:
+        print("usage: python -m featureviz.options --markdown | --json", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
