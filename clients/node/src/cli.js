@@ -8,13 +8,10 @@
  *       info                                  server version, device, limits
  *       upload FILE.onnx [--name NAME]        upload a model, print its sha256
  *       layers MODEL [--filter S] [--spatial] the layer catalog: name, op, shape, channels
- *       render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
- *              [--param fft|pixel|maco|laplacian] [--transforms standard|composed|none] [--exclusive]
- *              [--judge MODEL] [--out DIR]
- *              [--schedule constant|cosine|linear] [--warmup N] [--stop-at-plateau GAIN] [--plateau-window N]
+ *       render MODEL LAYER:C|logit:K [job options] [--out DIR]
  *                                             optimise an image for channel C of LAYER (or class K), write
- *                                             PNGs to DIR (--exclusive: never share a device step; bitwise
- *                                             repeatable; --judge: another classifier ranks the class)
+ *                                             PNGs to DIR; the job options are `featureviz render`'s flags
+ *                                             (JOB_FLAGS; --help lists them with the proto enums' choices)
  *
  * MODEL is a sha256 or a path to an .onnx file (uploaded first). --server defaults to $FEATUREVIZ_SERVER or
  * 127.0.0.1:50051, --token to $FEATUREVIZ_TOKEN, --tls-ca to $FEATUREVIZ_TLS_CA (a PEM CA: use TLS; client
@@ -26,53 +23,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
-const { Client, FeaturevizError } = require('./index');
-
-const USAGE = `usage: featureviz-node [--server HOST:PORT] [--token TOKEN]
-                       [--tls-ca PEM [--client-cert PEM --client-key PEM]] COMMAND ...
-
-commands:
-  info                                    server version, device and limits
-  upload FILE.onnx [--name NAME]          upload a model and print its sha256
-  layers MODEL [--filter S] [--spatial]   list the layer catalog
-  render MODEL LAYER:C|logit:K [--steps N] [--size S] [--seed N] [--batch N]
-         [--param fft|pixel|maco|laplacian] [--transforms standard|composed|none] [--exclusive]
-         [--judge MODEL] [--out DIR]
-         [--schedule constant|cosine|linear] [--warmup N] [--stop-at-plateau GAIN] [--plateau-window N]
-                                          render channel C of LAYER (or class K) and write PNGs to DIR
-                                          (default .); --judge: a classifier that ranks the class in each image;
-                                          --schedule: the learning rate's decay; --stop-at-plateau: stop once
-                                          the objective gains less than GAIN (relative) over a window
-
-MODEL is a sha256 or a path to an .onnx file (uploaded first).
---server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.
---tls-ca (default $FEATUREVIZ_TLS_CA) connects with TLS, verifying the server against that CA; add
---client-cert and --client-key for servers that require client certificates (mTLS).`;
-
-const OPTIONS = {
-  server: { type: 'string' },
-  token: { type: 'string' },
-  'tls-ca': { type: 'string' },
-  'client-cert': { type: 'string' },
-  'client-key': { type: 'string' },
-  name: { type: 'string' },
-  filter: { type: 'string' },
-  spatial: { type: 'boolean' },
-  steps: { type: 'string' },
-  size: { type: 'string' },
-  seed: { type: 'string' },
-  batch: { type: 'string' },
-  param: { type: 'string' },
-  transforms: { type: 'string' },
-  exclusive: { type: 'boolean' },
-  judge: { type: 'string' },
-  schedule: { type: 'string' },
-  warmup: { type: 'string' },
-  'stop-at-plateau': { type: 'string' },
-  'plateau-window': { type: 'string' },
-  out: { type: 'string' },
-  help: { type: 'boolean', short: 'h' },
-};
+const { Client, FeaturevizError, enumChoices, loadContract } = require('./index');
 
 class UsageError extends Error {}
 
@@ -92,6 +43,86 @@ function number(value, flag) {
   }
   return parsed;
 }
+
+const text = (value) => value; // an enum name (checked by toJobSpec against the proto's enum) or a model
+const flag = (value) => value;
+
+/**
+ * render's job options: flag -> [JobSpec field, parser, metavar]. The flags are `featureviz render`'s, from the
+ * declaration of the job options (featureviz.options; tests/node/options.test.js checks this table against it);
+ * an enum's choices come from the loaded proto (enumChoices), never from a copy.
+ */
+const JOB_FLAGS = {
+  steps: ['steps', integer, 'N'],
+  lr: ['lr', number, 'X'],
+  size: ['size', integer, 'S'],
+  batch: ['batch', integer, 'B'],
+  seed: ['seed', integer, 'K'],
+  param: ['param', text],
+  decay: ['decay', number, 'X'],
+  transforms: ['transforms', text],
+  init: ['initImage', (value) => fs.readFileSync(value), 'IMAGE'],
+  exclusive: ['exclusive', flag],
+  judge: ['judge', text, 'MODEL'],
+  schedule: ['lrSchedule', text],
+  warmup: ['lrWarmup', integer, 'N'],
+  'stop-at-plateau': ['plateau', number, 'GAIN'],
+  'plateau-window': ['plateauWindow', integer, 'N'],
+};
+
+/** `[--param fft|pixel|...]` for each job flag, enum choices read from the loaded contract. */
+function jobFlagsUsage() {
+  const fields = loadContract().JobSpec.type.field;
+  return Object.entries(JOB_FLAGS).map(([name, [field, parse, metavar]]) => {
+    if (parse === flag) return `[--${name}]`;
+    const fd = fields.find((f) => f.name === field);
+    const value = fd && fd.type === 'TYPE_ENUM' ? Object.keys(enumChoices(fd.typeName)).join('|') : metavar;
+    return `[--${name} ${value}]`;
+  });
+}
+
+function usage() {
+  const flags = jobFlagsUsage();
+  const lines = [];
+  for (const item of flags) {
+    if (!lines.length || lines[lines.length - 1].length + item.length > 100) lines.push('         ');
+    lines[lines.length - 1] += ` ${item}`;
+  }
+  return `usage: featureviz-node [--server HOST:PORT] [--token TOKEN]
+                       [--tls-ca PEM [--client-cert PEM --client-key PEM]] COMMAND ...
+
+commands:
+  info                                    server version, device and limits
+  upload FILE.onnx [--name NAME]          upload a model and print its sha256
+  layers MODEL [--filter S] [--spatial]   list the layer catalog
+  render MODEL LAYER:C|logit:K [--out DIR]
+${lines.join('\n')}
+                                          render channel C of LAYER (or class K) and write PNGs to DIR
+                                          (default .); --judge: a classifier that ranks the class in each image;
+                                          --schedule: the learning rate's decay; --stop-at-plateau: stop once
+                                          the objective gains less than GAIN (relative) over a window;
+                                          --exclusive: never share a device step (bitwise repeatable)
+
+MODEL is a sha256 or a path to an .onnx file (uploaded first).
+--server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.
+--tls-ca (default $FEATUREVIZ_TLS_CA) connects with TLS, verifying the server against that CA; add
+--client-cert and --client-key for servers that require client certificates (mTLS).`;
+}
+
+const OPTIONS = {
+  server: { type: 'string' },
+  token: { type: 'string' },
+  'tls-ca': { type: 'string' },
+  'client-cert': { type: 'string' },
+  'client-key': { type: 'string' },
+  name: { type: 'string' },
+  filter: { type: 'string' },
+  spatial: { type: 'boolean' },
+  ...Object.fromEntries(Object.entries(JOB_FLAGS).map(([name, [, parse]]) =>
+    [name, { type: parse === flag ? 'boolean' : 'string' }])),
+  out: { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+};
 
 function positionals(args, count, usage) {
   if (args.length !== count) throw new UsageError(`expected: ${usage}`);
@@ -151,24 +182,17 @@ const COMMANDS = {
     const [model, target] = positionals(args, 2, 'render MODEL LAYER:C|logit:K [--steps N] [--size S] [--out DIR]');
     const parsed = parseTarget(target);
     const { layer, channel } = parsed;
-    const size = integer(opts.size, 'size');
+    const options = {}; // usage errors before any upload
+    for (const [name, [field, parse]] of Object.entries(JOB_FLAGS)) {
+      if (opts[name] !== undefined) options[field] = parse(opts[name], name);
+    }
+    if (options.exclusive === false) delete options.exclusive;
     const sha = await resolveModel(fv, model);
-    const judge = opts.judge ? await resolveModel(fv, opts.judge) : undefined;
+    if (options.judge !== undefined) options.judge = await resolveModel(fv, options.judge);
     const job = await fv.createJob({
       model: sha,
       objective: parsed.kind ? { [parsed.kind]: { index: parsed.index } } : { channel: { layer, channel } },
-      judge,
-      steps: integer(opts.steps, 'steps'),
-      size,
-      seed: integer(opts.seed, 'seed'),
-      batch: integer(opts.batch, 'batch'),
-      param: opts.param,
-      transforms: opts.transforms,
-      exclusive: Boolean(opts.exclusive),
-      lrSchedule: opts.schedule,
-      lrWarmup: integer(opts.warmup, 'warmup'),
-      plateau: number(opts['stop-at-plateau'], 'stop-at-plateau'),
-      plateauWindow: integer(opts['plateau-window'], 'plateau-window'),
+      ...options,
     });
     const onInterrupt = () => {
       process.stderr.write(`\ncancelling job ${job.id}\n`);
@@ -223,17 +247,17 @@ async function main(argv) {
   try {
     parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true });
   } catch (err) {
-    console.error(`featureviz-node: error: ${err.message}\n\n${USAGE}`);
+    console.error(`featureviz-node: error: ${err.message}\n\n${usage()}`);
     return 2;
   }
   const { values: opts, positionals: args } = parsed;
   const [command, ...rest] = args;
   if (opts.help || !command) {
-    console.log(USAGE);
+    console.log(usage());
     return command || opts.help ? 0 : 2;
   }
   if (!COMMANDS[command]) {
-    console.error(`featureviz-node: error: unknown command ${JSON.stringify(command)}\n\n${USAGE}`);
+    console.error(`featureviz-node: error: unknown command ${JSON.stringify(command)}\n\n${usage()}`);
     return 2;
   }
   const address = opts.server || process.env.FEATUREVIZ_SERVER || '127.0.0.1:50051';
@@ -268,4 +292,4 @@ if (require.main === module) {
   main(process.argv.slice(2)).then((code) => { process.exitCode = code; });
 }
 
-module.exports = { main, parseTarget };
+module.exports = { main, parseTarget, JOB_FLAGS };

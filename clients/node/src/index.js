@@ -31,12 +31,6 @@ const RECONNECT_FIRST_MS = 250;
 const RECONNECT_MAX_MS = 2_000;
 const LOOPBACK = new Set(['127.0.0.1', 'localhost', '::1', '[::1]']);
 const TERMINAL_STATES = new Set(['JOB_STATE_SUCCEEDED', 'JOB_STATE_FAILED', 'JOB_STATE_CANCELLED']);
-const PARAMS = {
-  fft: 'PARAMETERIZATION_FFT', pixel: 'PARAMETERIZATION_PIXEL', maco: 'PARAMETERIZATION_MACO',
-  laplacian: 'PARAMETERIZATION_LAPLACIAN',
-};
-const TRANSFORMS = { standard: 'TRANSFORMS_STANDARD', composed: 'TRANSFORMS_COMPOSED', none: 'TRANSFORMS_NONE' };
-const SCHEDULES = { constant: 'LR_SCHEDULE_CONSTANT', cosine: 'LR_SCHEDULE_COSINE', linear: 'LR_SCHEDULE_LINEAR' };
 const LOADER_OPTIONS = { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true };
 
 // ----------------------------------------------------------------------------------------------- the contract
@@ -136,40 +130,64 @@ function toMessage(contract, typeName, value, field) {
   return out;
 }
 
+const upperSnake = (name) => name.replace(/(?!^)([A-Z])/g, '_$1').toUpperCase();
+
+/**
+ * A proto enum's choices by the one naming rule (the Python side's featureviz.options): {fft:
+ * 'PARAMETERIZATION_FFT', ...}, the enum's name in UPPER_SNAKE as the prefix, the rest in lower case; UNSPECIFIED
+ * (the engine default) left out. Read from the loaded contract: an enum value added to the proto needs nothing here.
+ */
+function enumChoices(typeName, contract = loadContract()) {
+  const type = (contract[typeName] || contract[typeName.split('.').pop()]).type;
+  const prefix = `${upperSnake(typeName.split('.').pop())}_`;
+  return Object.fromEntries(type.value.filter((v) => v.number !== 0)
+    .map((v) => [v.name.slice(prefix.length).toLowerCase(), v.name]));
+}
+
 function enumName(table, value, field) {
   if (value === undefined || value === null) return undefined;
   if (Object.values(table).includes(value)) return value;
-  if (table[value]) return table[value];
+  if (Object.hasOwn(table, value)) return table[value];
   throw invalidArgument(field, `unknown value ${JSON.stringify(value)}; known: ${Object.keys(table).join(', ')}`);
 }
 
 /**
- * A JobSpec from friendly input: `model` may be a Model, `objective` the engine's JSON form, `size` a number,
- * [height, width] or {height, width}, `param` "fft" | "pixel" | "maco" | "laplacian", `transforms` "standard" |
- * "composed" | "none", `judge` a Model, its sha256 or `{ model, preprocess }` (another classifier that scores each class image:
- * `result.images[i].judge` has its `rank` of the target class and its `probability`), `lrSchedule` "constant" |
- * "cosine" | "linear" (with `lrWarmup` steps of warm-up), `plateau` and `plateauWindow` (stop early once the
- * objective's relative gain over a window is below `plateau`: `result.stoppedAt` says after which step).
- * Everything else is passed through as the proto's JobSpec fields (steps, lr, batch, seed, decay, ...).
+ * A JobSpec from friendly input: its fields in camelCase (or snake_case), as the proto declares them (the job
+ * options: docs/ARCHITECTURE.md, the README's options table, or `serverInfo().jobOptions`). `model` may be a Model,
+ * `objective` the engine's JSON form, `size` a number, [height, width] or {height, width}, each enum field
+ * (`param`, `transforms`, `lrSchedule`) its engine name ("fft", "composed", "cosine": the enum's values by the
+ * naming rule) or the proto's, `judge` a Model, its sha256 or `{ model, preprocess }` (another classifier that
+ * scores each class image: `result.images[i].judge` has its `rank` of the target class and its `probability`).
+ * `plateau` and `plateauWindow` stop early once the objective stops rising (`result.stoppedAt`). An unknown key
+ * is an INVALID_ARGUMENT naming the known ones.
  */
 function toJobSpec(spec, contract = loadContract()) {
   if (!spec || typeof spec !== 'object') throw invalidArgument('spec', 'expected a JobSpec object');
-  const out = { ...spec, model: modelRef(spec.model, 'spec.model'),
-    objective: toObjective(spec.objective, 'spec.objective', contract) };
-  if (typeof spec.size === 'number') out.size = { height: spec.size, width: spec.size };
-  else if (Array.isArray(spec.size)) out.size = { height: spec.size[0], width: spec.size[1] };
-  if (spec.param !== undefined) out.param = enumName(PARAMS, spec.param, 'spec.param');
-  if (spec.transforms !== undefined) out.transforms = enumName(TRANSFORMS, spec.transforms, 'spec.transforms');
-  if (spec.lrSchedule !== undefined) out.lrSchedule = enumName(SCHEDULES, spec.lrSchedule, 'spec.lrSchedule');
-  if (spec.judge !== undefined && spec.judge !== null) {
-    const judge = typeof spec.judge === 'object' && !spec.judge.sha256 ? spec.judge : { model: spec.judge };
+  const fields = contract.JobSpec.type.field;
+  const out = {};
+  for (const key of Object.keys(spec)) {
+    const fd = fields.find((f) => f.name === key || snakeCase(f.name) === key);
+    if (!fd) {
+      throw invalidArgument(`spec.${key}`, `unknown job option; known: ${fields.map((f) => f.name).join(', ')}`);
+    }
+    if (spec[key] !== undefined) out[fd.name] = spec[key];
+  }
+  out.model = modelRef(spec.model, 'spec.model');
+  out.objective = toObjective(spec.objective, 'spec.objective', contract);
+  if (typeof out.size === 'number') out.size = { height: out.size, width: out.size };
+  else if (Array.isArray(out.size)) out.size = { height: out.size[0], width: out.size[1] };
+  for (const fd of fields.filter((f) => f.type === 'TYPE_ENUM' && out[f.name] !== undefined)) {
+    out[fd.name] = enumName(enumChoices(fd.typeName, contract), out[fd.name], `spec.${fd.name}`);
+  }
+  if (out.judge !== undefined && out.judge !== null) {
+    const judge = typeof out.judge === 'object' && !out.judge.sha256 ? out.judge : { model: out.judge };
     out.judge = { model: modelRef(judge.model, 'spec.judge.model') };
     if (judge.preprocess) out.judge.preprocess = judge.preprocess;
   }
-  if (spec.initImage !== undefined && !Buffer.isBuffer(spec.initImage)) {
+  if (out.initImage !== undefined && !Buffer.isBuffer(out.initImage)) {
     throw invalidArgument('spec.initImage', 'expected a Buffer of PNG or JPEG bytes');
   }
-  for (const key of Object.keys(out)) if (out[key] === undefined) delete out[key];
+  for (const key of Object.keys(out)) if (out[key] === undefined || out[key] === null) delete out[key];
   return out;
 }
 
@@ -482,4 +500,6 @@ function isTerminal(jobOrState) {
   return TERMINAL_STATES.has(typeof jobOrState === 'string' ? jobOrState : jobOrState && jobOrState.state);
 }
 
-module.exports = { Client, FeaturevizError, fromGrpcError, toJobSpec, toObjective, isTerminal, loadContract };
+module.exports = {
+  Client, FeaturevizError, fromGrpcError, toJobSpec, toObjective, enumChoices, isTerminal, loadContract,
+};
