@@ -165,14 +165,14 @@ class Client:
 
     def submit(self, model: str, objective: dict | pb.Objective | None = None, *, spec: pb.JobSpec | None = None,
                request_id: str | None = None, **options) -> pb.Job:
-        """Queue a render; returns at once. ``options`` are RenderSpec's (steps, lr, size, batch, seed, param,
-        decay, transforms, init_image, preprocess) plus preview_every / preview_max_side, exclusive (run alone:
-        the same seed on the same device gives the same PNG bytes) and judge (an uploaded classifier's sha256, or
-        ``{"model": sha256, "preprocess": {...}}``: each result image's ``judge`` gives its rank of the image's class
-        and its probability; ``featureviz.codec.judge_score_from_proto`` reads it), lr_schedule
-        ("constant", "cosine" or "linear") with lr_warmup, and plateau / plateau_window (stop early once the objective
-        stops rising: ``job.result.stopped_at`` says after which step). A retry with the same ``request_id``
-        returns the same job (one is generated when not given)."""
+        """Queue a render; returns at once. ``options``: the job options, declared in
+        :data:`featureviz.options.OPTIONS` (the README's options table; ``info().job_options``): steps, lr, size,
+        batch, seed, param, decay, transforms, init_image, preprocess, preview_every / preview_max_side, exclusive
+        (run alone: the same seed on the same device gives the same PNG bytes), judge (an uploaded classifier's
+        sha256, or ``{"model": sha256, "preprocess": {...}}``: each result image's ``judge`` gives its rank of the
+        image's class and its probability; ``featureviz.codec.judge_score_from_proto`` reads it), lr_schedule with
+        lr_warmup, plateau / plateau_window (``job.result.stopped_at``). An unknown keyword is InvalidSpec naming the
+        known ones. A retry with the same ``request_id`` returns the same job (one is generated when not given)."""
         if spec is None:
             spec = spec_to_proto(model, objective, **options)
         request = pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex)

@@ -256,6 +256,6 @@ def test_the_named_stacks_are_the_ones_the_clients_can_send():
     from featureviz.codec import TRANSFORM_NAMES
     from featureviz.engine.transforms import TRANSFORMS
 
-    from featureviz.cli.options import TRANSFORM_CHOICES
+    from featureviz.options import BY_NAME  # the command line's choices, the form's and the clients' come from it
 
-    assert sorted(TRANSFORMS) == sorted(TRANSFORM_NAMES.values()) == sorted(TRANSFORM_CHOICES)
+    assert sorted(TRANSFORMS) == sorted(TRANSFORM_NAMES.values()) == sorted(BY_NAME["transforms"].choices)
