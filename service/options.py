@@ -105,8 +105,9 @@ class Option:
             return None
         value = self.field.enum_type.values_by_number.get(number)
         name = value.name.removeprefix(enum_prefix(self.field.enum_type)).lower() if value else None
-        if name not in self.choices:
-            raise InvalidSpec(path or f"spec.{self.name}", f"unknown value {number}; known: {', '.join(self.choices)}")
+        if name not in self.choices:  # a newer client's value: name the proto's values
+            known = ", ".join(enum_prefix(self.field.enum_type) + choice.upper() for choice in self.choices)
+            raise InvalidSpec(path or f"spec.{self.name}", f"unknown value {number}; known: {known}")
         return name
 
 

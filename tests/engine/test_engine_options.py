@@ -114,4 +114,4 @@ def test_an_unknown_enum_number_names_the_field():
     message.objective.tv.SetInParent()
     with pytest.raises(InvalidSpec) as err:
         spec_from_proto(message)
-    assert err.value.field == "spec.transforms" and "standard" in str(err.value)
+    assert err.value.field == "spec.transforms" and "TRANSFORMS_STANDARD" in str(err.value)
