@@ -3,9 +3,13 @@
 - Tests marked ``gpu`` are skipped cleanly when CUDA is absent.
 - Without CUDA, Triton kernels run through the interpreter: TRITON_INTERPRET must be set before
   ``triton.jit`` decorates anything, so it is set here, before any featureviz module is imported.
+- ``tests/`` is on ``sys.path`` (whatever the import mode): the shared harnesses live in ``tests/support/``
+  (``from support.serve import ServeProcess``, ``support.fake_worker``, ``support.models``, ``support.certs``).
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +22,10 @@ except ImportError:  # client-only environment
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 def pytest_collection_modifyitems(config, items):
