@@ -85,3 +85,16 @@ def assert_close_in_norm(got, expected, rtol):
 @pytest.fixture()
 def close_in_norm():
     return assert_close_in_norm
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A folder with a test CA and the server and client certificates it signed (``support.certs.make_certs``):
+    ``ca.pem``, ``server.pem``/``server.key``, ``client.pem``/``client.key``, for 127.0.0.1 and localhost."""
+    from support.certs import make_certs
+    from support.certs import openssl_missing
+
+    reason = openssl_missing()
+    if reason:
+        pytest.skip(reason)
+    return make_certs(tmp_path_factory.mktemp("certs"))
