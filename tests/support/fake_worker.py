@@ -7,7 +7,7 @@ lost, and can hold events back to force a race. No torch, no device: a test take
         model = fv.upload(b"any bytes")                 # load_model: a made-up catalog (layers ``conv``, ``logits``)
         job = fv.submit(model.sha256, {"channel": {"layer": "conv", "channel": 0}}, steps=4)
         assert fake.granted() == [job.id]               # the scheduler's grants, in order
-        fake.start(job.id); fake.progress(job.id, 2); fake.finish(job.id)
+        fake.start_job(job.id); fake.progress(job.id, 2); fake.finish(job.id)
         assert fv.job(job.id).state == pb.JOB_STATE_SUCCEEDED
 
 Events reach the server as the real worker's do: in order, on the worker's own output thread
