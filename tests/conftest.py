@@ -3,9 +3,13 @@
 - Tests marked ``gpu`` are skipped cleanly when CUDA is absent.
 - Without CUDA, Triton kernels run through the interpreter: TRITON_INTERPRET must be set before
   ``triton.jit`` decorates anything, so it is set here, before any featureviz module is imported.
+- ``tests/`` is on ``sys.path`` (whatever the import mode): the shared harnesses live in ``tests/support/``
+  (``from support.serve import ServeProcess``, ``support.fake_worker``, ``support.models``, ``support.certs``).
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +22,10 @@ except ImportError:  # client-only environment
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -77,3 +85,16 @@ def assert_close_in_norm(got, expected, rtol):
 @pytest.fixture()
 def close_in_norm():
     return assert_close_in_norm
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """A folder with a test CA and the server and client certificates it signed (``support.certs.make_certs``):
+    ``ca.pem``, ``server.pem``/``server.key``, ``client.pem``/``client.key``, for 127.0.0.1 and localhost."""
+    from support.certs import make_certs
+    from support.certs import openssl_missing
+
+    reason = openssl_missing()
+    if reason:
+        pytest.skip(reason)
+    return make_certs(tmp_path_factory.mktemp("certs"))

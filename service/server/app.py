@@ -176,10 +176,12 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
 
 
 class BackgroundServer:
-    """A server on its own event loop thread. ``address`` is ``host:port``; ``stop()`` blocks until done."""
+    """A server on its own event loop thread. ``address`` is ``host:port``; ``stop()`` blocks until done.
+    ``worker``: as for :func:`create_server` (tests pass a scripted one)."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, worker=None):
         self.config = config
+        self.worker = worker
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -219,7 +221,7 @@ class BackgroundServer:
         self._loop.run_forever()
 
     async def _start(self) -> None:
-        self._server, self.port = create_server(self.config)
+        self._server, self.port = create_server(self.config, self.worker)
         await self._server.start()
         self.metrics_port = self._server.metrics_port
         self.http_port = self._server.http_port
@@ -240,6 +242,7 @@ class BackgroundServer:
         self.stop()
 
 
-def serve_in_background(config: ServerConfig) -> BackgroundServer:
-    """Start a server on a background thread and return once it listens."""
-    return BackgroundServer(config).start()
+def serve_in_background(config: ServerConfig, worker=None) -> BackgroundServer:
+    """Start a server on a background thread and return once it listens. ``worker``: as for :func:`create_server`
+    (None: the in-process one)."""
+    return BackgroundServer(config, worker).start()

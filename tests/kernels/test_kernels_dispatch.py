@@ -1,6 +1,5 @@
 """FEATUREVIZ_KERNELS dispatch, its error messages, and a short render with the Triton kernels vs the references."""
 
-import io
 import warnings
 
 import pytest
@@ -130,27 +129,17 @@ def test_a_kernel_measured_slower_is_skipped_by_auto_only(monkeypatch):
 
 # --- end to end: a short render with the Triton kernels matches the references -----------------------------------
 
-class _TinyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv2(torch.relu(self.conv1(x)))
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     importer = pytest.importorskip("featureviz.importer", reason="featureviz.importer is not importable")
+    from support.models import TinyNet
+    from support.models import export_onnx
+
     torch.manual_seed(0)
-    buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(_TinyNet().eval(), torch.rand(1, 3, 24, 24), buffer, input_names=["image"],
-                          output_names=["features"], dynamic_axes={"image": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    return importer.import_model(buffer.getvalue(), cache_dir=str(tmp_path_factory.mktemp("cache")))
+        data = export_onnx(TinyNet(), size=24, dynamic_axes={"image": {0: "batch"}})  # a fixed 24x24 input
+    return importer.import_model(data, cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.mark.slow  # ~10 s on 2 cores: the interpreter runs one step of both kernels, forward and backward
@@ -160,7 +149,7 @@ def test_a_render_step_with_triton_matches_torch(tiny_model, monkeypatch, first_
         from featureviz.engine.render import RenderSpec
     except ImportError as exc:
         pytest.skip(f"featureviz.engine.render is not importable yet: {exc}")
-    layer = tiny_model.layers[-1].name
+    layer = "/Relu_1"  # TinyNet's last spatial layer (16 channels)
 
     def spec():
         return RenderSpec(objective={"channel": {"layer": layer, "channel": 3}}, size=24, batch=2, seed=5,

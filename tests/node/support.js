@@ -85,35 +85,25 @@ function startServer({ env = {}, args = [], store: given, port: wanted = 0 } = {
   });
 }
 
-// conv-relu-conv-relu-pool-linear with 10 classes: a 32x32 render step takes milliseconds on a CPU
+// TinyNet of tests/support/models.py (the Python tests' network): conv-relu-conv-relu-pool-linear, 10 classes
 const EXPORT_SCRIPT = `
 import sys
 import torch
 
-class TinyNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
-        self.fc = torch.nn.Linear(16, 10)
+sys.path.insert(0, sys.argv[1])
+from support.models import TinyNet, export_onnx
 
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        return self.fc(x.mean(dim=(2, 3)))
-
-for seed, path in enumerate(sys.argv[1:]):
+for seed, path in enumerate(sys.argv[2:]):
     torch.manual_seed(seed)
-    net = TinyNet().eval()
-    torch.onnx.export(net, torch.rand(1, 3, 32, 32), path, input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}}, opset_version=17, dynamo=False)
+    with open(path, "wb") as out:
+        out.write(export_onnx(TinyNet()))
 `;
 
 /** Export `count` TinyNets (weights from seeds 0, 1, ...: other bytes each) into `dir`; resolves to their paths. */
 function exportTinyOnnx(dir, count = 1) {
   const files = Array.from({ length: count }, (_, seed) => path.join(dir, `tiny-${seed}.onnx`));
   return new Promise((resolve, reject) => {
-    execFile(PYTHON, ['-W', 'ignore', '-c', EXPORT_SCRIPT, ...files], { timeout: 180_000 },
+    execFile(PYTHON, ['-W', 'ignore', '-c', EXPORT_SCRIPT, path.join(REPO, 'tests'), ...files], { timeout: 180_000 },
       (err, stdout, stderr) => {
         if (err) reject(new Error(`torch.onnx.export failed: ${err.message}\n${stderr}`));
         else resolve(files);

@@ -306,7 +306,7 @@ def test_a_real_cuda_out_of_memory_error_splits_the_batch_and_a_job_too_big_alon
 
     import torch
 
-    from conftest import export_onnx
+    from support.models import export_onnx
 
     class Wide(torch.nn.Module):
         def __init__(self):

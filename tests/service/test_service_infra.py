@@ -198,30 +198,6 @@ def test_tenants_are_served_round_robin(secured, tiny_onnx):
         assert order == ["b1", "b2", "a1"]
 
 
-def _openssl(*args: str) -> None:
-    import subprocess
-
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("certs")
-    subject = "subjectAltName=IP:127.0.0.1,DNS:localhost"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-             "-days", "1", "-subj", "/CN=featureviz test CA")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"), "-out",
-                 str(d / f"{name}.csr"), "-subj", f"/CN={name}", "-addext", subject)
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "1", "-copy_extensions", "copy")
-    return d
-
-
 def test_tls_and_client_certificates(tmp_path, certs):
     config = ServerConfig(tmp_path, tls_cert=certs / "server.pem", tls_key=certs / "server.key",
                           tls_client_ca=certs / "ca.pem")

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import export_onnx
 from featureviz.client import Client
 from featureviz.client import FeaturevizClientError
 from featureviz.client import images
@@ -20,6 +19,7 @@ from featureviz.client import to_pil
 from featureviz.server import Limits
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
+from support.models import export_onnx
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
 

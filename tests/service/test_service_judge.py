@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 
 from featureviz.client import pb
@@ -12,15 +10,13 @@ from featureviz.client import FeaturevizClientError
 
 
 def five_classes_onnx() -> bytes:
-    """A one-conv classifier with 5 classes (a judge that lacks most classes)."""
+    """A classifier with 5 classes (a judge that lacks most classes)."""
     torch = pytest.importorskip("torch")
+    from support.models import TinyNet
+    from support.models import export_onnx
+
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(4, 5)).eval()
-    buffer = io.BytesIO()
-    torch.onnx.export(net, torch.rand(1, 3, 32, 32), buffer, input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}}, opset_version=17, dynamo=False)
-    return buffer.getvalue()
+    return export_onnx(TinyNet(classes=5))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
 from featureviz.server.app import SERVICE_NAMES
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+from support.serve import ServeProcess
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
 
@@ -117,8 +118,6 @@ def test_sigterm_with_a_job_in_flight_ends_within_the_grace(tmp_path, tiny_onnx)
     """The running job and the open calls share the --grace deadline: a watch stream is ended (UNAVAILABLE, to
     re-attach) when the job is re-queued, not kept open for another grace period (heartbeats every 0.1 s would
     show it)."""
-    from test_service_restart import ServeProcess
-
     server = ServeProcess(tmp_path / "store", "--grace", "2", "--heartbeat", "0.1")
     events, ended = [], threading.Event()
     try:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import math
 import socket
-import subprocess
-import sys
 import threading
 
 import grpc
@@ -25,6 +23,7 @@ from featureviz.server import Limits
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+from support.serve import serve_failure
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 5}}
 
@@ -320,24 +319,23 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve_ray(tmp_path, address: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(tmp_path / "s"),
-                           "--ray", address, *extra], capture_output=True, text=True, timeout=240)
+def _serve_ray(tmp_path, address: str, *extra: str) -> tuple[int, str]:
+    return serve_failure(tmp_path / "s", "--ray", address, *extra)
 
 
 def test_serve_ray_with_an_address_that_does_not_answer_exits_with_one_line(tmp_path):
     pytest.importorskip("ray")
     address = f"127.0.0.1:{_closed_port()}"
-    done = _serve_ray(tmp_path, address)  # Ray's own ray.init would retry for minutes
-    ours = [line for line in done.stderr.splitlines() if line.startswith("featureviz serve")]
-    assert done.returncode == 1 and len(ours) == 1, done.stderr
+    code, stderr = _serve_ray(tmp_path, address)  # Ray's own ray.init would retry for minutes
+    ours = [line for line in stderr.splitlines() if line.startswith("featureviz serve")]
+    assert code == 1 and len(ours) == 1, stderr
     assert address in ours[0] and "30 s (--ray-timeout)" in ours[0], ours
     # a port that accepts connections but is not Ray: ray.init is given --ray-timeout, then serve exits
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         address = f"127.0.0.1:{silent.getsockname()[1]}"
-        done = _serve_ray(tmp_path, address, "--ray-timeout", "3")
-    ours = [line for line in done.stderr.splitlines() if line.startswith("featureviz serve")]
-    assert done.returncode == 1 and len(ours) == 1, done.stderr
+        code, stderr = _serve_ray(tmp_path, address, "--ray-timeout", "3")
+    ours = [line for line in stderr.splitlines() if line.startswith("featureviz serve")]
+    assert code == 1 and len(ours) == 1, stderr
     assert address in ours[0] and "3 s (--ray-timeout)" in ours[0], ours

@@ -9,11 +9,9 @@ and the message naming the extra when Ray is missing."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from featureviz.server import ServerConfig  # noqa: E402
 from featureviz.server import serve_in_background  # noqa: E402
 from featureviz.worker.ray_pool import FAULT_CRASH_SEED  # noqa: E402
 from featureviz.worker.ray_pool import init_local_ray  # noqa: E402
+from support.serve import ServeProcess  # noqa: E402
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 3}}
 CRASH_SEED = 4242
@@ -198,37 +197,6 @@ def test_a_job_that_kills_its_worker_every_time_ends_worker_lost(cluster):
     assert after.state == pb.JOB_STATE_SUCCEEDED  # the cluster keeps serving (restarted, no crash loop)
 
 
-class ServeProcess:
-    """``featureviz serve`` as a subprocess; ``address`` once it printed its port."""
-
-    def __init__(self, store, *extra):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(store), "--grace", "0",
-             "--log-level", "WARNING", *extra],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.lines: list[str] = []
-        self._port = threading.Event()
-        self.port = 0
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._port.wait(600):
-            self.proc.kill()
-            raise AssertionError("featureviz serve did not start:\n" + "".join(self.lines))
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                self._port.set()
-        self._port.set()
-
-    def stop_code(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait()
-
-
 def test_featureviz_serve_ray_workers_2_from_the_command_line(tmp_path, tiny_onnx, capsys):
     """The real command: its own local Ray (loopback), 2 CPU actors, a job, ``jobs list`` naming the worker."""
     from featureviz.cli import main
@@ -243,7 +211,7 @@ def test_featureviz_serve_ray_workers_2_from_the_command_line(tmp_path, tiny_onn
         assert main(["jobs", "list", "--server", serve.address]) == 0
         listed = capsys.readouterr().out
     finally:
-        assert serve.stop_code() == 0, "".join(serve.lines)
+        assert serve.stop() == 0, "".join(serve.lines)
     assert sorted(w.id for w in info.workers) == ["ray-0", "ray-1"], "".join(serve.lines)
     assert all(w.node == "127.0.0.1" and w.pid > 0 for w in info.workers)  # Ray bound to loopback
     assert done.state == pb.JOB_STATE_SUCCEEDED and done.worker in ("ray-0", "ray-1")

@@ -5,12 +5,7 @@ Then a graceful stop (SIGTERM) mid-job leaves that job QUEUED."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 
 import pytest
 
@@ -18,40 +13,12 @@ from featureviz.client import Client
 from featureviz.client import images
 from featureviz.client import pb
 from featureviz.server.store import Store
+from support.serve import ServeProcess
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 5}}
 # long enough that the job is still running when the test, having seen step 5, kills the server: the job runs
 # on while that event reaches the test (seconds of margin on a loaded 2-core machine)
 RUN_STEPS = 120
-
-
-class ServeProcess:
-    def __init__(self, store, *extra):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(store), "--heartbeat", "0.5",
-             "--grace", "0", "--log-level", "WARNING", *extra],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.lines: list[str] = []
-        self._port = threading.Event()
-        self.port = 0
-        threading.Thread(target=self._drain, daemon=True).start()
-        if not self._port.wait(180):
-            self.proc.kill()
-            raise AssertionError("featureviz serve did not start:\n" + "".join(self.lines))
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if found:
-                self.port = int(found.group(1))
-                self._port.set()
-
-    def stop(self, sig) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(60)
 
 
 def _wait_for_step(fv: Client, job_id: str, step: int) -> int:

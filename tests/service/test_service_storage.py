@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -27,6 +26,8 @@ from featureviz.client import pb
 from featureviz.server import Limits
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
+from support.serve import ServeProcess
+from support.serve import serve_failure
 
 CHANNEL = {"channel": {"layer": "/Relu_1", "channel": 5}}
 
@@ -254,8 +255,6 @@ def test_partial_uploads_are_capped_per_tenant_and_expire(tmp_path, tiny_onnx):
 
 
 def test_a_stalled_upload_is_ended_and_its_lock_released(tmp_path, tiny_onnx):
-    from test_service_restart import ServeProcess
-
     server = ServeProcess(tmp_path / "store", "--upload-idle-timeout", "1")
     try:
         with Client(server.address) as fv:
@@ -287,15 +286,7 @@ def test_a_corrupt_database_is_refused_at_start_naming_the_file_and_the_recovery
     assert not (store / "featureviz.sqlite3-wal").exists()  # a clean stop checkpointed everything
     data = database.read_bytes()
     database.write_bytes(data[:-4096] + b"\xa5" * 4096)  # the last page overwritten
-    proc = subprocess.Popen([sys.executable, "-m", "featureviz", "serve", "--port", "0", "--store", str(store)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in proc.stderr:  # until it exits, or says it listens
-        lines.append(line)
-        if "listening on" in line:
-            proc.kill()
-            break
-    assert proc.wait(60) != 0, "".join(lines)
-    text = "".join(lines)
+    code, text = serve_failure(store)
+    assert code != 0, text
     assert "listening on" not in text and "Traceback" not in text, text
     assert str(database) in text and "damaged" in text and ".recover" in text, text

@@ -1,5 +1,6 @@
 """Fixtures of the web explorer tests: a REAL featureviz server with its explorer on 127.0.0.1 (free ports, a
-temporary store), real ONNX exports of small torch networks, and Debian's chromium driven by Playwright.
+temporary store), real ONNX exports of a small torch network (``support.models.TinyNet``), and Debian's chromium
+driven by Playwright.
 
 The browser tests skip with the reason when /usr/bin/chromium or the playwright package is missing (`.ci/run`
 installs chromium; Playwright's own browser download is never used).
@@ -7,7 +8,6 @@ installs chromium; Playwright's own browser download is never used).
 
 from __future__ import annotations
 
-import io
 import os
 
 import pytest
@@ -23,43 +23,21 @@ from web_support import browser_missing  # noqa: E402
 from featureviz.client import Client  # noqa: E402
 from featureviz.server import ServerConfig  # noqa: E402
 from featureviz.server import serve_in_background  # noqa: E402
-
-
-class ExplorerNet(torch.nn.Module):
-    """conv-relu-conv-relu-pool-linear with 1000 logits (ImageNet-1k's width, so the classes page applies);
-    a 32x32 render step takes milliseconds."""
-
-    def __init__(self, classes: int = 1000):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
-        self.fc = torch.nn.Linear(16, classes)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def export_onnx(module: torch.nn.Module, size: int = 32) -> bytes:
-    module.eval()
-    buffer = io.BytesIO()
-    torch.onnx.export(module, torch.rand(1, 3, size, size), buffer, input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}}, opset_version=17, dynamo=False)
-    return buffer.getvalue()
+from support.models import TinyNet  # noqa: E402
+from support.models import export_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def net_onnx() -> bytes:
     torch.manual_seed(0)
-    return export_onnx(ExplorerNet())
+    return export_onnx(TinyNet(classes=1000))  # ImageNet-1k's width: the classes page applies
 
 
 @pytest.fixture(scope="session")
 def small_onnx() -> bytes:
     """Other bytes (10 classes): what the upload test drops into the page."""
     torch.manual_seed(1)
-    return export_onnx(ExplorerNet(classes=10))
+    return export_onnx(TinyNet(classes=10))
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import signal
 import ssl
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
 
 import pytest
+from support.serve import ServeProcess
 from web_support import Http
 from web_support import upload_path
 
@@ -125,25 +123,6 @@ def test_the_explorer_refuses_a_non_loopback_address_without_tokens_like_the_grp
     ServerConfig(tmp_path, http_port=0, http_host="0.0.0.0", tokens={"t": "a"})
     ServerConfig(tmp_path, http_port=0, http_host="0.0.0.0", allow_insecure_remote=True)
     ServerConfig(tmp_path, http_port=0, http_host="0.0.0.0", tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem")
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-             "-days", "1", "-subj", "/CN=featureviz test CA")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{name}.key"), "-out",
-                 str(d / f"{name}.csr"), "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1")
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-out", str(d / f"{name}.pem"), "-days", "1", "-copy_extensions", "copy")
-    return d
 
 
 def test_with_tls_the_explorer_serves_https_and_asks_for_client_certificates_as_grpc_does(tmp_path, certs):
@@ -301,14 +280,9 @@ def test_objective_texts_summaries_and_labels():
 
 
 def test_serve_http_port_serves_the_explorer_next_to_grpc(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "featureviz", "serve", "--port", "0", "--http-port", "0",
-                                "--store", str(tmp_path / "store")], stderr=subprocess.PIPE, text=True)
+    server = ServeProcess(tmp_path / "store", "--http-port", "0")
     try:
-        url = None
-        for line in process.stderr:
-            if "web explorer on " in line:
-                url = line.split("web explorer on ", 1)[1].strip()
-                break
+        url = server.http_url
         assert url and url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(url, timeout=60) as response:
             page = response.read().decode()
@@ -319,5 +293,4 @@ def test_serve_http_port_serves_the_explorer_next_to_grpc(tmp_path):
         with Client(f"127.0.0.1:{info['grpc_port']}") as fv:
             assert fv.info().tenant == info["tenant"] == "default"
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
+        assert server.stop(signal.SIGTERM) == 0, "".join(server.lines)
