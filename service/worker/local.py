@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import os
 import queue
@@ -44,8 +43,8 @@ import uuid
 import torch
 
 from featureviz.engine.batch import BatchEngine
+from featureviz.engine.batch import CheckedSpec
 from featureviz.engine.batch import Slot
-from featureviz.engine.batch import image_size
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import job_error
 from featureviz.v1 import featureviz_pb2 as pb
@@ -65,8 +64,8 @@ _ENCODERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # PNG encoding threads (t
 
 
 class _Job:
-    def __init__(self, sub: api.Submission, spec: pb.JobSpec, render_spec, slot: Slot, key: tuple):
-        self.sub, self.spec, self.render_spec, self.slot, self.key = sub, spec, render_spec, slot, key
+    def __init__(self, sub: api.Submission, spec: pb.JobSpec, checked: CheckedSpec, slot: Slot, key: tuple):
+        self.sub, self.spec, self.checked, self.slot, self.key = sub, spec, checked, slot, key
         self.last: tuple[int, object] | None = None  # (step, values) of the latest step
         self.emitted = 0  # last step sent as a PROGRESS event
         self.emitted_at = time.perf_counter()
@@ -135,18 +134,19 @@ class LocalWorker(api.Worker):
     def admit(self, sha256: str, spec: bytes) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
-        render_spec = adapter.render_spec(model, job_spec, str(self.torch_device),
-                                                  max_image_side=self.config.max_image_side)
+        checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
+                                       max_image_side=self.config.max_image_side)
         judge = adapter.judge_of(job_spec)
         if judge is not None:
-            adapter.judge_check(self.models.get(judge[0]), render_spec)
-        self._check_memory(model, render_spec)
+            adapter.judge_check(self.models.get(judge[0]), checked)
+        self._check_memory(model, checked)
         ticket = uuid.uuid4().hex
-        with self._cv:
-            self._tickets[ticket] = (sha256, render_spec)
+        with self._cv:  # the job's slot takes this very CheckedSpec: the spec is checked once
+            self._tickets[ticket] = (sha256, checked)
             while len(self._tickets) > _TICKETS_KEPT:
                 self._tickets.popitem(last=False)
-        return api.Admission(ticket=ticket, steps=render_spec.steps, batch=render_spec.batch, seed=render_spec.seed)
+        spec = checked.spec
+        return api.Admission(ticket=ticket, steps=spec.steps, batch=spec.batch, seed=spec.seed)
 
     def submit(self, submission: api.Submission) -> None:
         with self._cv:
@@ -353,12 +353,12 @@ class LocalWorker(api.Worker):
                 ticket = self._tickets.pop(sub.ticket, None) if sub.ticket else None
             model = self.models.get(sub.model)
             if ticket is not None and ticket[0] == sub.model:
-                render_spec = ticket[1]
-            else:  # re-queued after a restart, or the ticket was dropped: convert again
-                render_spec = adapter.render_spec(model, spec, str(self.torch_device),
-                                                  max_image_side=self.config.max_image_side)
-            job = _Job(sub, spec, render_spec, None, ())
-            slot = Slot(model, render_spec, device=self.torch_device, key=sub.job_id, exclusive=sub.exclusive,
+                checked = ticket[1]
+            else:  # re-queued after a restart, or the ticket was dropped: check again
+                checked = adapter.checked_spec(model, spec, str(self.torch_device),
+                                               max_image_side=self.config.max_image_side)
+            job = _Job(sub, spec, checked, None, ())
+            slot = Slot(model, checked, device=self.torch_device, key=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
                         else None)
             job.slot = slot
@@ -426,7 +426,7 @@ class LocalWorker(api.Worker):
         """Memory admission: whether the job's estimated memory fits now (always, when nothing else is held)."""
         if not self.planner.enabled or not (self._jobs or joining):
             return True
-        estimate = self._estimate(job.slot.model, job.render_spec, job.slot)
+        estimate = self._estimate(job.slot.model, job.checked)
         if estimate is None:
             return True
         fixed, per_image = estimate
@@ -435,35 +435,31 @@ class LocalWorker(api.Worker):
         return self.planner.fits(need)
 
     @staticmethod
-    def _memory_key(slot: Slot) -> tuple:
-        return (BatchEngine.model_key(slot.model), slot.model_size, slot.image_size, slot.spec.param, slot.layers)
+    def _memory_key(model, checked: CheckedSpec) -> tuple:
+        return (BatchEngine.model_key(model), checked.model_size, checked.image_size, checked.spec.param,
+                checked.layers)
 
-    def _estimate(self, model, render_spec, slot: Slot | None = None) -> tuple[float, float] | None:
+    def _estimate(self, model, checked: CheckedSpec) -> tuple[float, float] | None:
         """(fixed, per image) bytes of a job, measured once per memory key (device thread); None when the probe
         failed (then the device step decides)."""
         try:
-            if slot is None:  # the key from a one-image slot of the job
-                slot = Slot(model, dataclasses.replace(render_spec, batch=1, init_image=None, snapshot_steps=()),
-                            device=self.torch_device)
-                key = self._memory_key(slot)
-                slot.release()
-            else:
-                key = self._memory_key(slot)
-            return self.planner.estimate(key, lambda n: self.engine.probe(model, render_spec, n),
+            return self.planner.estimate(self._memory_key(model, checked),
+                                         lambda n: self.engine.probe(model, checked, n),
                                          cap=self.config.max_job_memory_bytes)
         except Exception as exc:  # a probe that fails says nothing about memory: let the step decide
             log.warning("memory probe failed (%s); admitting the job without an estimate", exc)
             devices.empty_cache(self.torch_device)
             return None
 
-    def _check_memory(self, model, render_spec) -> None:
+    def _check_memory(self, model, checked: CheckedSpec) -> None:
         """Admission: refuse a job whose measured memory exceeds ``max_job_memory_bytes`` or what the device can
         hold (RESOURCE_EXHAUSTED, JOB_TOO_LARGE)."""
         if not self.planner.enabled:
             return
-        estimate = self._on_device(lambda: self._estimate(model, render_spec))
+        estimate = self._on_device(lambda: self._estimate(model, checked))
         if estimate is None:
             return
+        render_spec = checked.spec
         need = devices.job_memory(estimate, render_spec.batch)
         limit = self.config.max_job_memory_bytes
         usable = self.planner.usable
@@ -472,7 +468,7 @@ class LocalWorker(api.Worker):
         bound = (f"max_job_memory_bytes = {limit} ({_bytes(limit)})" if limit and limit <= usable else
                  f"what this {self.torch_device.type} device can hold ({_bytes(usable)}: its memory less "
                  f"{devices.HEADROOM_FRACTION:.0%} headroom)")
-        height, width = image_size(render_spec.size, model)
+        height, width = checked.image_size
         fixed, per_image = estimate
         raise ResourceExhausted(f"this job needs about {_bytes(need)} ({render_spec.batch} image(s) of "
                                 f"{height}x{width}: {_bytes(fixed)} fixed + {_bytes(per_image)} per image, measured "
@@ -590,7 +586,7 @@ class LocalWorker(api.Worker):
                 judge = adapter.judge_of(job.spec)
                 if judge is not None:  # the images are on the host already: one judge forward per job
                     try:
-                        result["judge"] = adapter.judge_scores(self.models.get(judge[0]), judge[1], job.render_spec,
+                        result["judge"] = adapter.judge_scores(self.models.get(judge[0]), judge[1], job.checked,
                                                                result["images"], device=self.torch_device)
                     except Exception as exc:  # the judge's failure is this job's, not the group's
                         self._remove(job)
