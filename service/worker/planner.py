@@ -106,60 +106,64 @@ def group_key(key: tuple, job_id: str, exclusive: bool) -> tuple:
 
 def schedule(state: WorkerState) -> StepPlan:
     """The next step (see the module docstring)."""
-    capacity = state.capacity
-    tick = state.tick
-    served = dict(state.served)
+    tick, served = state.tick, dict(state.served)
     jobs = {job.job_id: job for job in state.jobs}
-    waiting = [job.job_id for job in state.jobs if not job.joined]
     joined = [job.job_id for job in state.jobs if job.joined]
+    waiting = [job.job_id for job in state.jobs if not job.joined]
     joining: list[str] = []
     blocked: set[str] = set()
-    while True:
-        ids = [i for i in (*joined, *waiting) if i not in blocked]
-        if not ids:
-            break
+    while any(i not in blocked for i in (*joined, *waiting)):
         tick += 1
-        contended = sum(jobs[i].images for i in ids) > capacity
-        chosen = set(plan([jobs[i].entry() for i in ids], capacity, state.slice_steps, served))
-        for i in joined:
-            job = jobs[i]
-            if i not in chosen:
-                if job.active:  # parked: its slot keeps its whole state
-                    jobs[i] = dataclasses.replace(job, active=False, since=tick)
-            elif not job.active or (contended and job.ran >= state.slice_steps):  # resumed, or a new slice
-                jobs[i] = _activate(job, served, tick)
+        chosen = _slice(state, jobs, [i for i in (*joined, *waiting) if i not in blocked], joined, served, tick)
         candidates = [i for i in waiting if i in chosen and i not in blocked]
-        waits: list[str] = []
         for n, i in enumerate(candidates):
             if not _fits(jobs[i], jobs, joined, state.free):
-                waits = candidates[n:]  # first come, first served: the later ones wait behind it
+                blocked.update(candidates[n:])  # first come, first served: the later ones wait behind it
                 break
             waiting.remove(i)
             joined.append(i)
             joining.append(i)
             jobs[i] = _activate(dataclasses.replace(jobs[i], joined=True), served, tick)
-        if not waits:
-            break
-        blocked.update(waits)
-    order = list(state.order)
-    live = {jobs[i].group for i in joined if jobs[i].active}
-    for i in joined:  # new groups (the joiners') go to the back
-        if jobs[i].group in live and jobs[i].group not in order:
-            order.append(jobs[i].group)
-    group = None
+        else:
+            break  # everyone chosen joined: no need to plan again
+    order, group = _next_group(state.order, [jobs[i] for i in joined])
+    members = tuple(i for i in joined if jobs[i].active and jobs[i].group == group) if group is not None else ()
+    return StepPlan(tick=tick, served=served, order=order, jobs={i: jobs[i] for i in joined}, join=tuple(joining),
+                    wait=tuple(i for i in waiting if i in blocked), group=group, members=members,
+                    chunks=chunks([(i, jobs[i].images) for i in members], state.caps.get(group, state.capacity)))
+
+
+def _slice(state: WorkerState, jobs: dict[str, JobState], ids: list[str], joined: list[str], served: dict[str, int],
+           tick: int) -> set[str]:
+    """Time slicing over ``ids``: the chosen ones; joined jobs left out are parked, chosen ones that were parked, or
+    whose slice is spent while others wait, start a new slice (``jobs`` and ``served`` are updated)."""
+    contended = sum(jobs[i].images for i in ids) > state.capacity
+    chosen = set(plan([jobs[i].entry() for i in ids], state.capacity, state.slice_steps, served))
+    for i in joined:
+        job = jobs[i]
+        if i not in chosen:
+            if job.active:  # parked: its slot keeps its whole state
+                jobs[i] = dataclasses.replace(job, active=False, since=tick)
+        elif not job.active or (contended and job.ran >= state.slice_steps):  # resumed, or a new slice
+            jobs[i] = _activate(job, served, tick)
+    return chosen
+
+
+def _next_group(order: Sequence[Hashable], joined: list[JobState]) -> tuple[tuple, Hashable | None]:
+    """(the round-robin order after this step, the group that steps): the first group in ``order`` with an active
+    job, moved to the back; new groups (the joiners') join the order at the back. None when no job is active (the
+    order then keeps only groups with active jobs: none)."""
+    order = list(order)
+    live = {job.group for job in joined if job.active}
+    for job in joined:
+        if job.group in live and job.group not in order:
+            order.append(job.group)
     for _ in range(len(order)):
         key = order.pop(0)
         order.append(key)
         if key in live:
-            group = key
-            break
-    else:
-        order = [key for key in order if key in live]
-    members = tuple(i for i in joined if jobs[i].active and jobs[i].group == group) if group is not None else ()
-    cap = state.caps.get(group, capacity)
-    return StepPlan(tick=tick, served=served, order=tuple(order), jobs={i: jobs[i] for i in joined},
-                    join=tuple(joining), wait=tuple(i for i in waiting if i in blocked), group=group,
-                    members=members, chunks=chunks([(i, jobs[i].images) for i in members], cap))
+            return tuple(order), key
+    return tuple(key for key in order if key in live), None
 
 
 def _activate(job: JobState, served: dict[str, int], tick: int) -> JobState:
