@@ -16,6 +16,7 @@ from featureviz.engine.objectives import Activations
 from featureviz.engine.objectives import Objective
 from featureviz.engine.objectives import build as build_objective
 from featureviz.engine.params import make_param
+from featureviz.engine.render import CheckedSpec
 from featureviz.engine.render import RenderResult
 from featureviz.engine.render import RenderSpec
 from featureviz.engine.render import render
@@ -27,6 +28,7 @@ from featureviz.engine.transforms import parse_transforms
 __all__ = [
     "RenderSpec",
     "RenderResult",
+    "CheckedSpec",
     "render",
     "validate",
     "Objective",

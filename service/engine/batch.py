@@ -44,10 +44,9 @@ from featureviz.engine.relu import redirected_relu_grad
 from featureviz.engine.schedule import Plateau
 from featureviz.engine.schedule import lr_at
 from featureviz.engine.transforms import Transforms
-from featureviz.engine.transforms import parse_transforms
 from featureviz.errors import Diverged
 
-__all__ = ["Slot", "BatchEngine", "PHASES"]
+__all__ = ["CheckedSpec", "Slot", "BatchEngine", "PHASES"]
 
 PHASES = ("param", "transforms", "model", "optimizer")
 _TRUNCATIONS_KEPT = 32  # truncated modules kept per engine (by model and layer set)
@@ -68,8 +67,42 @@ def model_size(model, size) -> tuple[int, int]:
     return tuple(size)
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedSpec:
+    """A RenderSpec checked against a model by :func:`featureviz.engine.validate`, with what the check built: the
+    objective (built once from its normalized spec), the parsed transform steps, the image and model input sizes
+    and the model layer each objective layer reads. A :class:`Slot` takes it as it is: the worker checks a job
+    once at admission, keeps this with the ticket, and the job's slot uses that very object (no second parse)."""
+
+    spec: object  # the RenderSpec
+    objective: objs.Objective
+    transforms: tuple  # featureviz.engine.transforms steps
+    image_size: tuple[int, int]
+    model_size: tuple[int, int]
+    names: dict  # objective layer key (None: the logits) -> the model's layer name
+
+    @property
+    def layers(self) -> frozenset:
+        return frozenset(self.names.values())
+
+    def probe(self, images: int) -> CheckedSpec:
+        """The same check for a memory probe of ``images`` images (no init image, no snapshots)."""
+        spec = dataclasses.replace(self.spec, batch=images, init_image=None, snapshot_steps=())
+        return dataclasses.replace(self, spec=spec)
+
+
+def checked(model, spec) -> CheckedSpec:
+    """``spec`` itself when checked already, else :func:`featureviz.engine.validate`'s check of it."""
+    if isinstance(spec, CheckedSpec):
+        return spec
+    from featureviz.engine.render import validate  # render imports this module
+
+    return validate(model, spec)
+
+
 class Slot:
-    """One render's optimisation state (built from an ImportedModel and a validated RenderSpec).
+    """One render's optimisation state, built from an ImportedModel and a :class:`CheckedSpec` (a plain RenderSpec
+    is checked first).
 
     ``progress(step, total, values)``, ``snapshot(step, images)`` and ``cancel`` are as in
     :func:`featureviz.engine.render`. ``key`` is the caller's handle (a job id). ``exclusive``: never share a
@@ -80,16 +113,15 @@ class Slot:
                  key=None, exclusive: bool = False):
         self.key = key
         self.model = model
-        self.spec = spec
+        self.checked = checked(model, spec)
+        self.spec = spec = self.checked.spec
         self.device = device
         self.exclusive = exclusive
-        self.objective = objs.build(spec.objective)
-        self.image_size = image_size(spec.size, model)
-        self.model_size = model_size(model, self.image_size)
-        self.names: dict = {}
-        for layer in self.objective.layers:
-            self.names.setdefault(layer, model.layer(model.logits if layer is None else layer).name)
-        self.layers = frozenset(self.names.values())
+        self.objective = self.checked.objective
+        self.image_size = self.checked.image_size
+        self.model_size = self.checked.model_size
+        self.names: dict = dict(self.checked.names)
+        self.layers = self.checked.layers
         self.prefixes = {layer: model.layer(name).prefix_tokens for layer, name in self.names.items()}  # tokens
         self.batch = spec.batch
         self.steps = spec.steps
@@ -113,7 +145,7 @@ class Slot:
                                                 decay=spec.decay, init=init, device=device)
         # alignment compares images position by position: they must see the same transform (one draw per slot)
         shared = any(isinstance(node, objs.Alignment) for node in objs.walk(self.objective))
-        self.transforms = Transforms(parse_transforms(spec.transforms), self.image_size, self.model_size, preprocess,
+        self.transforms = Transforms(self.checked.transforms, self.image_size, self.model_size, preprocess,
                                      model.input_spec.channels, device=device, shared=shared)
         self.plain = self.transforms.centred()
         self.progress, self.snapshot, self.cancel = progress, snapshot, cancel
@@ -410,9 +442,9 @@ class BatchEngine:
         return result
 
     def probe(self, model, spec, images: int) -> None:
-        """A forward and backward of ``images`` images of ``spec`` (a memory probe): nothing is updated or kept."""
-        probe = dataclasses.replace(spec, batch=images, init_image=None, snapshot_steps=())
-        slot = Slot(model, probe, device=self.device)
+        """A forward and backward of ``images`` images of ``spec`` (a :class:`CheckedSpec`, or a RenderSpec to
+        check; a memory probe): nothing is updated or kept."""
+        slot = Slot(model, checked(model, spec).probe(images), device=self.device)
         try:
             trunc, layout = self._prepare([slot])
             self._forward_backward([slot], trunc, layout, _Clock(self.device, False), None)

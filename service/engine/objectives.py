@@ -593,11 +593,12 @@ def walk(objective: Objective):
         stack.extend(reversed(node.children))
 
 
-def build(spec: dict | Objective, path: str = "objective") -> Objective:
-    """An objective from a spec dict (checked with :func:`featureviz.spec.normalize_objective`) or an Objective."""
+def build(spec: dict | Objective, path: str = "objective", *, normalized: bool = False) -> Objective:
+    """An objective from a spec dict (checked with :func:`featureviz.spec.normalize_objective`, unless
+    ``normalized`` says it is that function's result already) or an Objective."""
     if isinstance(spec, Objective):
         return spec
-    return _build(specs.normalize_objective(spec, path))
+    return _build(spec if normalized else specs.normalize_objective(spec, path))
 
 
 def engine_class(kind: specs.Kind) -> type:

@@ -1,12 +1,13 @@
 """The render loop: parameters -> image -> transforms + preprocessing -> truncated model -> objective -> Adam.
 
 :func:`validate` checks a :class:`RenderSpec` against a model before any compute and raises
-:class:`InvalidSpec` naming the field; :func:`render` runs the optimisation and returns a :class:`RenderResult`.
-The loop maximises the objective (it negates it exactly once), draws all randomness from one
-``torch.Generator`` seeded with ``spec.seed`` (same seed and device, same images), checks ``cancel`` every step,
-reports ``progress`` and ``snapshot`` to callbacks, and times its phases. The backward pass is cut at the
-model input and at the image (free ``detach`` points), so the model, the transforms and the parameterization
-are timed separately without extra compute.
+:class:`InvalidSpec` naming the field, or returns a :class:`CheckedSpec` holding what it built (the objective,
+the transform steps), which a slot takes without parsing the spec again; :func:`render` runs the optimisation
+and returns a :class:`RenderResult`. The loop maximises the objective (it negates it exactly once), draws all
+randomness from one ``torch.Generator`` seeded with ``spec.seed`` (same seed and device, same images), checks
+``cancel`` every step, reports ``progress`` and ``snapshot`` to callbacks, and times its phases. The backward
+pass is cut at the model input and at the image (free ``detach`` points), so the model, the transforms and the
+parameterization are timed separately without extra compute.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from featureviz import spec as specs
 from featureviz.engine import layout as layouts
 from featureviz.engine import objectives as objs
 from featureviz.engine.batch import BatchEngine
+from featureviz.engine.batch import CheckedSpec
 from featureviz.engine.batch import Slot
 from featureviz.engine.batch import image_size
 from featureviz.engine.batch import model_size
@@ -32,7 +34,7 @@ from featureviz.errors import InvalidSpec
 from featureviz.errors import NotFound
 from featureviz.errors import echo
 
-__all__ = ["RenderSpec", "RenderResult", "render", "validate", "MAX_STEPS", "MAX_BATCH", "MAX_SIZE"]
+__all__ = ["RenderSpec", "RenderResult", "CheckedSpec", "render", "validate", "MAX_STEPS", "MAX_BATCH", "MAX_SIZE"]
 
 MAX_STEPS = 100_000
 MAX_BATCH = 256
@@ -103,8 +105,10 @@ def _int(value, path, low, high):
         raise InvalidSpec(path, f"must be an integer in [{low}, {high}], got {value!r}")
 
 
-def validate(model, spec: RenderSpec) -> None:
-    """Raise :class:`InvalidSpec` for anything wrong in ``spec`` for ``model``, before any compute."""
+def validate(model, spec: RenderSpec) -> CheckedSpec:
+    """Raise :class:`InvalidSpec` for anything wrong in ``spec`` for ``model``, before any compute; else return the
+    :class:`CheckedSpec` (the objective built and the transforms parsed once) that a Slot or :func:`render`
+    takes as it is."""
     _int(spec.steps, "steps", 1, MAX_STEPS)
     _int(spec.batch, "batch", 1, MAX_BATCH)
     _int(spec.seed, "seed", 0, 2**63 - 1)
@@ -152,10 +156,18 @@ def validate(model, spec: RenderSpec) -> None:
         specs.check_preprocess(getattr(spec.preprocess, "mean", None), getattr(spec.preprocess, "std", None),
                                getattr(spec.preprocess, "channel_order", "RGB"))
     if isinstance(spec.objective, objs.Objective):
-        objective_spec = specs.normalize_objective(spec.objective.spec())
-    else:
+        objective = spec.objective
+        objective_spec = specs.normalize_objective(objective.spec())
+    else:  # the one normalization of a job's objective: built from it, checked on it
         objective_spec = specs.normalize_objective(spec.objective)
-    _check_objective(model, objective_spec, "objective", spec.batch, _model_size(model, image_size))
+        objective = objs.build(objective_spec, normalized=True)
+    model_size = _model_size(model, image_size)
+    _check_objective(model, objective_spec, "objective", spec.batch, model_size)
+    names: dict = {}
+    for layer in objective.layers:
+        names.setdefault(layer, model.layer(model.logits if layer is None else layer).name)
+    return CheckedSpec(spec=spec, objective=objective, transforms=steps, image_size=image_size,
+                       model_size=model_size, names=names)
 
 
 def _layer_info(model, name, path):
@@ -246,8 +258,9 @@ def _spatial_at(model, info, model_size):
     return max(1, round(h * model_size[0] / dh)), max(1, round(w * model_size[1] / dw))
 
 
-def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None) -> RenderResult:
-    """Optimise ``spec.batch`` images to maximise ``spec.objective`` on ``model`` (an ImportedModel).
+def render(model, spec: RenderSpec | CheckedSpec, *, progress=None, snapshot=None, cancel=None) -> RenderResult:
+    """Optimise ``spec.batch`` images to maximise ``spec.objective`` on ``model`` (an ImportedModel). ``spec``: a
+    RenderSpec (checked here) or :func:`validate`'s CheckedSpec of it.
 
     Args:
         progress: ``progress(step, total, values)`` for every step, in order; ``values`` is the (B,) objective
@@ -258,11 +271,12 @@ def render(model, spec: RenderSpec, *, progress=None, snapshot=None, cancel=None
         cancel: a ``threading.Event`` or a callable returning True to stop; checked before every step. A
             cancelled render returns the images so far with ``cancelled=True``.
     """
-    validate(model, spec)
+    checked = spec if isinstance(spec, CheckedSpec) else validate(model, spec)
+    spec = checked.spec
     device = torch.device(spec.device) if spec.device else torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu")
     engine = BatchEngine(device, profile=spec.profile)
-    slot = Slot(model, spec, device=device, progress=progress, snapshot=snapshot, cancel=cancel)
+    slot = Slot(model, checked, device=device, progress=progress, snapshot=snapshot, cancel=cancel)
     engine.join([slot])
     while not slot.done and slot.error is None:
         if slot.is_cancelled():

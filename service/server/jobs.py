@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from featureviz.codec import spec_from_proto
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
@@ -125,8 +124,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if model.state != pb.MODEL_STATE_READY:
             raise FailedPrecondition(f"model {sha} is {pb.ModelState.Name(model.state)}, not READY",
                                      reason="MODEL_NOT_READY")
-        self._check_limits(spec)
-        spec_from_proto(spec)  # structural errors, with proto field paths
+        self._check_limits(spec)  # the rest of the spec is checked once, by the worker's admission (INVALID_ARGUMENT)
         queued = self.store.count_jobs(tenant, (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
         limit = self.config.limits.max_queued_jobs_per_tenant
         if queued >= limit:

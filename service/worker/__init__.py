@@ -1,10 +1,12 @@
 """The worker: everything on the server side that touches torch (docs/ARCHITECTURE.md, "worker").
 
 - the model cache (import by sha256) and the models' description (:mod:`featureviz.worker.models`);
-- the JobSpec -> RenderSpec adapter, run once at admission, the init-image decode and the results as PNG
+- the JobSpec -> CheckedSpec adapter, run once at admission, the init-image decode and the results as PNG
   (:mod:`featureviz.worker.adapter`);
 - the device: its description, the default max batch, memory admission and out-of-memory handling
   (:mod:`featureviz.worker.device`);
+- what each device step is made of, a pure function (:mod:`featureviz.worker.planner`, with the time slicing of
+  :mod:`featureviz.worker.slices`);
 - the batched device loop (:mod:`featureviz.worker.local`, on :mod:`featureviz.engine.batch`).
 
 The server talks to a worker only through :class:`featureviz.worker.api.Worker` (plain data: spec messages, bytes,

@@ -1,5 +1,5 @@
-"""JobSpec <-> engine: the one conversion of a job's spec into a RenderSpec (init image decoded, Preprocess built),
-and of a render's images into PNG messages."""
+"""JobSpec <-> engine: the one conversion and check of a job's spec (a RenderSpec with its init image decoded and
+its Preprocess built, checked into a CheckedSpec), and of a render's images into PNG messages."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["render_spec", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE"]
+__all__ = ["checked_spec", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE"]
 
 DEFAULT_PREVIEW_SIDE = 128
 
 
-def render_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096):
-    """pb.JobSpec -> the engine's RenderSpec, validated against ``model`` (InvalidSpec with engine paths)."""
+def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096):
+    """pb.JobSpec -> the engine's RenderSpec checked against ``model``: the :class:`featureviz.engine.CheckedSpec`
+    (objective built, transforms parsed) that the job's slot takes as it is (InvalidSpec with engine paths)."""
     from featureviz.engine import RenderSpec
     from featureviz.engine import validate
     from featureviz.engine.images import decode_image
@@ -36,8 +37,7 @@ def render_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: 
     result = RenderSpec(**kwargs, device=device)
     if spec.preview_every > 0:
         result.snapshot_steps = tuple(range(spec.preview_every, result.steps + 1, spec.preview_every))
-    validate(model, result)
-    return result
+    return validate(model, result)
 
 
 def rendered(index: int, image, *, max_side: int | None = None, start: float = 0.0,
@@ -81,24 +81,26 @@ def judge_of(spec: pb.JobSpec) -> tuple[str, object] | None:
     return judge["model"].removeprefix("models/"), preprocess
 
 
-def judge_check(judge, render_spec) -> None:
-    """InvalidSpec (``spec.judge``) unless ``judge`` is a classifier that has every class the images aim at."""
+def judge_check(judge, checked) -> None:
+    """InvalidSpec (``spec.judge``) unless ``judge`` is a classifier that has every class the images aim at
+    (``checked``: the job's CheckedSpec)."""
     from featureviz.engine.quality import class_targets
 
     if not judge.logits:
         raise InvalidSpec("spec.judge", "the judge model has no logits output: a judge must be a classifier")
     classes = judge.layer(judge.logits).channels
-    for i, target in enumerate(class_targets(render_spec.objective, render_spec.batch)):
+    for i, target in enumerate(class_targets(checked.objective, checked.spec.batch)):
         if target is not None and target >= classes:
             raise InvalidSpec("spec.judge", f"image {i} aims at class {target}, but the judge has {classes} classes")
 
 
-def judge_scores(judge, preprocess, render_spec, images, device=None) -> list[dict]:
-    """The judge's verdict on each image (JudgeScore dicts), targets read from the render's objective."""
+def judge_scores(judge, preprocess, checked, images, device=None) -> list[dict]:
+    """The judge's verdict on each image (JudgeScore dicts), targets read from the render's built objective
+    (``checked``: the job's CheckedSpec)."""
     from featureviz.engine.quality import class_targets
     from featureviz.engine.quality import judge_images
 
-    targets = class_targets(render_spec.objective, images.shape[0])
+    targets = class_targets(checked.objective, images.shape[0])
     return [s.to_dict() for s in judge_images(judge, images, targets, preprocess=preprocess, device=device)]
 
 

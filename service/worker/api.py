@@ -51,8 +51,8 @@ class WorkerConfig:
 @dataclass
 class Submission:
     """A job for the worker. ``spec`` is the serialized ``featureviz.v1.JobSpec`` as stored (defaults filled in);
-    ``ticket`` names the engine spec :meth:`Worker.admit` prepared (converted once), "" to convert again (a job
-    re-queued after a restart)."""
+    ``ticket`` names the checked engine spec :meth:`Worker.admit` prepared (checked once; the job's slot takes it),
+    "" to check again (a job re-queued after a restart)."""
 
     job_id: str
     tenant: str

@@ -1,21 +1,26 @@
 """The in-process worker: one device thread runs batched device steps, one output thread encodes and emits events.
 
+Admission (``admit``) checks a job's spec once: the :class:`featureviz.engine.CheckedSpec` (objective built,
+transforms parsed) is kept with the ticket, and the job's slot takes that very object (a re-queued job whose
+ticket is gone is checked again).
+
 Device thread, each round:
   0. calls queued for the device thread run first (admission's memory probes: they share the engine);
-  1. new submissions become slots (the ticket's RenderSpec, converted once at admission; a re-queued job is
-     converted again), cancelled jobs leave (parked ones too);
-  2. time slicing (:func:`featureviz.worker.slices.plan`): when the granted jobs hold more than ``max_batch``
+  1. new submissions become slots (waiting to join), cancelled jobs leave (parked ones too);
+  2. :func:`featureviz.worker.planner.schedule`, a pure function of a snapshot of the worker, plans the step:
+     time slicing (:func:`featureviz.worker.slices.plan`: when the granted jobs hold more than ``max_batch``
      images, at most that many step; a job that has taken ``time_slice_steps`` steps since it last waited is
-     parked (its slot keeps parameters, Adam moments, generators and schedule state; it stays RUNNING) and
-     waiting jobs take its place, tenant by tenant. New jobs join when memory admission lets them (else they
-     wait and the others step); joiners of one group get their starting objective in one forward (a STARTED
-     event each);
-  3. the next group in round-robin order (groups: the same model, model input size and layout; an exclusive
-     job is a group of its own) runs one device step of its active slots, in chunks of at most ``max_batch``
-     images; every active job advances one step per round whatever its group (time slicing across models);
+     parked, its slot keeping its parameters, Adam moments, generators and schedule state, still RUNNING, and
+     waiting jobs take its place, tenant by tenant), the joiners that memory admission lets in (else they wait
+     and the others step), the next group in round-robin order (the same model, model input size and layout;
+     an exclusive job is a group of its own) and its chunks of at most ``max_batch`` images (fewer after an out
+     of memory split); every active job advances one step per round whatever its group;
+  3. the loop applies the plan: parks and activates, joins (a STARTED event each; the joiners of one group get
+     their starting objective in one forward), steps the chunks (one per job when the group's rows are not
+     independent);
   4. an error in a chunk of several slots (out of memory or anything else) splits the chunk in two and retries
-     each half (out of memory also lowers the group's chunk size); a slot that fails alone ends FAILED
-     (GPU_OOM for out of memory) and the others keep running;
+     each half (out of memory also lowers the group's chunk size: :func:`featureviz.worker.planner.shrink`); a
+     slot that fails alone ends FAILED (GPU_OOM for out of memory) and the others keep running;
   5. slots that are done, cancelled or diverged leave: their final objective, images and result.
 
 Memory (featureviz.worker.device): admission measures a job's memory with a probe (CPU and CUDA) and refuses one
@@ -33,7 +38,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import os
 import queue
@@ -44,18 +48,17 @@ import uuid
 import torch
 
 from featureviz.engine.batch import BatchEngine
+from featureviz.engine.batch import CheckedSpec
 from featureviz.engine.batch import Slot
-from featureviz.engine.batch import image_size
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import job_error
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import adapter
 from featureviz.worker import api
 from featureviz.worker import device as devices
+from featureviz.worker import planner
 from featureviz.worker.models import ModelCache
 from featureviz.worker.models import describe_model
-from featureviz.worker.slices import Entry
-from featureviz.worker.slices import plan
 
 __all__ = ["LocalWorker"]
 
@@ -65,8 +68,8 @@ _ENCODERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # PNG encoding threads (t
 
 
 class _Job:
-    def __init__(self, sub: api.Submission, spec: pb.JobSpec, render_spec, slot: Slot, key: tuple):
-        self.sub, self.spec, self.render_spec, self.slot, self.key = sub, spec, render_spec, slot, key
+    def __init__(self, sub: api.Submission, spec: pb.JobSpec, checked: CheckedSpec, slot: Slot, key: tuple):
+        self.sub, self.spec, self.checked, self.slot, self.key = sub, spec, checked, slot, key
         self.last: tuple[int, object] | None = None  # (step, values) of the latest step
         self.emitted = 0  # last step sent as a PROGRESS event
         self.emitted_at = time.perf_counter()
@@ -74,9 +77,12 @@ class _Job:
         self.active = False  # in the device steps now (else waiting to join, or parked)
         self.ran = 0  # steps since it last became active
         self.since = 0  # the worker's tick when it last started to wait
+        self.memory: tuple[float, float] | None = None  # (fixed, per image) bytes; None: unknown
+        self.measured = False
 
-    def entry(self) -> Entry:
-        return Entry(self.sub.job_id, self.sub.tenant, self.slot.batch, self.active, self.ran, self.since)
+    def state(self, *, joined: bool) -> planner.JobState:
+        return planner.JobState(self.sub.job_id, self.sub.tenant, self.slot.batch, self.key, joined=joined,
+                                active=self.active, ran=self.ran, since=self.since, memory=self.memory)
 
 
 class LocalWorker(api.Worker):
@@ -92,7 +98,7 @@ class LocalWorker(api.Worker):
         self.models = ModelCache(model_source, size=config.models_kept, cache_dir=config.cache_dir,
                                  on_drop=self._forget)
         self.engine = BatchEngine(self.torch_device)
-        self.planner = devices.MemoryPlanner(self.torch_device)
+        self.memory_planner = devices.MemoryPlanner(self.torch_device)
         self._fault = devices.fault_hook()
         self._cv = threading.Condition()
         self._incoming: list[api.Submission] = []
@@ -135,18 +141,19 @@ class LocalWorker(api.Worker):
     def admit(self, sha256: str, spec: bytes) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
-        render_spec = adapter.render_spec(model, job_spec, str(self.torch_device),
-                                                  max_image_side=self.config.max_image_side)
+        checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
+                                       max_image_side=self.config.max_image_side)
         judge = adapter.judge_of(job_spec)
         if judge is not None:
-            adapter.judge_check(self.models.get(judge[0]), render_spec)
-        self._check_memory(model, render_spec)
+            adapter.judge_check(self.models.get(judge[0]), checked)
+        self._check_memory(model, checked)
         ticket = uuid.uuid4().hex
-        with self._cv:
-            self._tickets[ticket] = (sha256, render_spec)
+        with self._cv:  # the job's slot takes this very CheckedSpec: the spec is checked once
+            self._tickets[ticket] = (sha256, checked)
             while len(self._tickets) > _TICKETS_KEPT:
                 self._tickets.popitem(last=False)
-        return api.Admission(ticket=ticket, steps=render_spec.steps, batch=render_spec.batch, seed=render_spec.seed)
+        spec = checked.spec
+        return api.Admission(ticket=ticket, steps=spec.steps, batch=spec.batch, seed=spec.seed)
 
     def submit(self, submission: api.Submission) -> None:
         with self._cv:
@@ -326,19 +333,18 @@ class LocalWorker(api.Worker):
                 cancelled.setdefault(job.key, []).append(job)
         for jobs in cancelled.values():
             self._leave(jobs)
-        self._schedule()
-        key = self._next_group()
-        if key is None:
-            return
-        group = [job for job in self._jobs.values() if job.key == key and job.active]
+        step = planner.schedule(self._state())
+        self._apply(step)
+        group = [self._jobs[i] for i in step.members if i in self._jobs]  # a joiner may have failed its join
         if not group:
             return
         if len(group) > 1 and not self._independent(group):
             chunks = [[job] for job in group]
         else:
-            chunks = self._chunks(group, self._caps.get(key, self.max_batch))
+            chunks = [[self._jobs[i] for i in chunk if i in self._jobs] for chunk in step.chunks]
         for chunk in chunks:
-            self._step(key, chunk)
+            if chunk:
+                self._step(step.group, chunk)
         for job in group:
             job.ran += 1
         leaving = [job for job in group if job.sub.job_id in self._jobs and
@@ -353,126 +359,92 @@ class LocalWorker(api.Worker):
                 ticket = self._tickets.pop(sub.ticket, None) if sub.ticket else None
             model = self.models.get(sub.model)
             if ticket is not None and ticket[0] == sub.model:
-                render_spec = ticket[1]
-            else:  # re-queued after a restart, or the ticket was dropped: convert again
-                render_spec = adapter.render_spec(model, spec, str(self.torch_device),
-                                                  max_image_side=self.config.max_image_side)
-            job = _Job(sub, spec, render_spec, None, ())
-            slot = Slot(model, render_spec, device=self.torch_device, key=sub.job_id, exclusive=sub.exclusive,
+                checked = ticket[1]
+            else:  # re-queued after a restart, or the ticket was dropped: check again
+                checked = adapter.checked_spec(model, spec, str(self.torch_device),
+                                               max_image_side=self.config.max_image_side)
+            job = _Job(sub, spec, checked, None, ())
+            slot = Slot(model, checked, device=self.torch_device, key=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
                         else None)
             job.slot = slot
-            key = BatchEngine.group_key(slot)
-            job.key = ("exclusive", sub.job_id, *key) if sub.exclusive else key
+            job.key = planner.group_key(BatchEngine.group_key(slot), sub.job_id, sub.exclusive)
             return job
         except Exception as exc:
             self._report_failure(sub.job_id, exc)
             return None
 
-    def _schedule(self) -> None:
-        """Time slicing: choose the jobs that step (:func:`featureviz.worker.slices.plan`), park the others, and
-        let the chosen new ones join when memory admission lets them; one that must wait for memory is left out
-        and the plan made again, so the others keep stepping."""
-        blocked: set[str] = set()
-        while True:
-            jobs = [job for job in (*self._jobs.values(), *self._waiting) if job.sub.job_id not in blocked]
-            if not jobs:
-                return
-            self._tick += 1
-            contended = sum(job.slot.batch for job in jobs) > self.max_batch
-            chosen = set(plan([job.entry() for job in jobs], self.max_batch, self.slice_steps, self._served))
-            for job in self._jobs.values():
-                if job.sub.job_id not in chosen:
-                    if job.active:  # parked: its slot keeps its whole state
-                        job.active, job.since = False, self._tick
-                elif not job.active or (contended and job.ran >= self.slice_steps):  # resumed, or a new slice
-                    self._activate(job)
-            joining = [job for job in self._waiting if job.sub.job_id in chosen and job.sub.job_id not in blocked]
-            waits = self._join_waiting(joining)
-            if not waits:
-                return
-            blocked.update(job.sub.job_id for job in waits)
+    def _state(self) -> planner.WorkerState:
+        """The planner's snapshot of this worker (device thread). The free memory is read, and the waiting jobs'
+        estimates made (once per job: admission measured them already), only when a job may have to wait."""
+        jobs = [*self._jobs.values(), *self._waiting]
+        free = None
+        if self.memory_planner.enabled and self._waiting and len(jobs) > 1:
+            for job in self._waiting:
+                if not job.measured:
+                    job.memory, job.measured = self._estimate(job.slot.model, job.checked), True
+            free = self.memory_planner.free() - self.memory_planner.headroom
+        return planner.WorkerState(
+            jobs=[job.state(joined=i < len(self._jobs)) for i, job in enumerate(jobs)], capacity=self.max_batch,
+            slice_steps=self.slice_steps, tick=self._tick, served=self._served, order=tuple(self._order),
+            caps=dict(self._caps), free=free)
 
-    def _activate(self, job: _Job) -> None:
-        job.active, job.ran = True, 0
-        self._served[job.sub.tenant] = self._tick
-
-    def _join_waiting(self, candidates: list[_Job]) -> list[_Job]:
-        """Join the candidates that memory admission lets in, in order; returns those that must wait."""
-        joiners: list[_Job] = []
-        waits: list[_Job] = []
-        for i, job in enumerate(candidates):
-            if not self._fits(job, joiners):
-                waits = candidates[i:]  # first come, first served: later jobs wait behind this one
-                break
-            self._waiting.remove(job)
-            joiners.append(job)
-            self._activate(job)
-            with self._cv:
-                self._jobs[job.sub.job_id] = job  # counts for the next job's memory admission
+    def _apply(self, step: planner.StepPlan) -> None:
+        """Carry out a plan's parking, activations and joins: the joiners' STARTED events, then one forward per
+        group for their starting objective."""
+        self._tick, self._served, self._order = step.tick, step.served, collections.deque(step.order)
+        waiting = {job.sub.job_id: job for job in self._waiting}
+        for job_id, state in step.jobs.items():
+            job = self._jobs.get(job_id) or waiting[job_id]
+            job.active, job.ran, job.since = state.active, state.ran, state.since
         by_key: dict[tuple, list[_Job]] = {}
-        for job in joiners:
+        for job_id in step.join:
+            job = waiting[job_id]
+            self._waiting.remove(job)
+            with self._cv:
+                self._jobs[job_id] = job
             by_key.setdefault(job.key, []).append(job)
-        for key, jobs in by_key.items():
+        for jobs in by_key.values():
             for job in jobs:
                 self._emit(api.WorkerEvent(api.STARTED, job.sub.job_id))
                 job.started = True
-            if key not in self._order:
-                self._order.append(key)
             self._guarded(jobs, lambda js: self.engine.join([j.slot for j in js]))
-        return waits
-
-    def _fits(self, job: _Job, joining: list[_Job]) -> bool:
-        """Memory admission: whether the job's estimated memory fits now (always, when nothing else is held)."""
-        if not self.planner.enabled or not (self._jobs or joining):
-            return True
-        estimate = self._estimate(job.slot.model, job.render_spec, job.slot)
-        if estimate is None:
-            return True
-        fixed, per_image = estimate
-        group_running = any(j.key == job.key and j.active for j in self._jobs.values())
-        need = per_image * job.slot.batch + (0.0 if group_running else fixed)
-        return self.planner.fits(need)
 
     @staticmethod
-    def _memory_key(slot: Slot) -> tuple:
-        return (BatchEngine.model_key(slot.model), slot.model_size, slot.image_size, slot.spec.param, slot.layers)
+    def _memory_key(model, checked: CheckedSpec) -> tuple:
+        return (BatchEngine.model_key(model), checked.model_size, checked.image_size, checked.spec.param,
+                checked.layers)
 
-    def _estimate(self, model, render_spec, slot: Slot | None = None) -> tuple[float, float] | None:
+    def _estimate(self, model, checked: CheckedSpec) -> tuple[float, float] | None:
         """(fixed, per image) bytes of a job, measured once per memory key (device thread); None when the probe
         failed (then the device step decides)."""
         try:
-            if slot is None:  # the key from a one-image slot of the job
-                slot = Slot(model, dataclasses.replace(render_spec, batch=1, init_image=None, snapshot_steps=()),
-                            device=self.torch_device)
-                key = self._memory_key(slot)
-                slot.release()
-            else:
-                key = self._memory_key(slot)
-            return self.planner.estimate(key, lambda n: self.engine.probe(model, render_spec, n),
-                                         cap=self.config.max_job_memory_bytes)
+            return self.memory_planner.estimate(self._memory_key(model, checked),
+                                                lambda n: self.engine.probe(model, checked, n),
+                                                cap=self.config.max_job_memory_bytes)
         except Exception as exc:  # a probe that fails says nothing about memory: let the step decide
             log.warning("memory probe failed (%s); admitting the job without an estimate", exc)
             devices.empty_cache(self.torch_device)
             return None
 
-    def _check_memory(self, model, render_spec) -> None:
+    def _check_memory(self, model, checked: CheckedSpec) -> None:
         """Admission: refuse a job whose measured memory exceeds ``max_job_memory_bytes`` or what the device can
         hold (RESOURCE_EXHAUSTED, JOB_TOO_LARGE)."""
-        if not self.planner.enabled:
+        if not self.memory_planner.enabled:
             return
-        estimate = self._on_device(lambda: self._estimate(model, render_spec))
+        estimate = self._on_device(lambda: self._estimate(model, checked))
         if estimate is None:
             return
+        render_spec = checked.spec
         need = devices.job_memory(estimate, render_spec.batch)
         limit = self.config.max_job_memory_bytes
-        usable = self.planner.usable
+        usable = self.memory_planner.usable
         if not (need > usable or (limit and need > limit)):
             return
         bound = (f"max_job_memory_bytes = {limit} ({_bytes(limit)})" if limit and limit <= usable else
                  f"what this {self.torch_device.type} device can hold ({_bytes(usable)}: its memory less "
                  f"{devices.HEADROOM_FRACTION:.0%} headroom)")
-        height, width = image_size(render_spec.size, model)
+        height, width = checked.image_size
         fixed, per_image = estimate
         raise ResourceExhausted(f"this job needs about {_bytes(need)} ({render_spec.batch} image(s) of "
                                 f"{height}x{width}: {_bytes(fixed)} fixed + {_bytes(per_image)} per image, measured "
@@ -485,29 +457,6 @@ class LocalWorker(api.Worker):
         except Exception:
             log.exception("row-independence probe failed; running the slots one by one")
             return False
-
-    def _next_group(self) -> tuple | None:
-        live = {job.key for job in self._jobs.values() if job.active}
-        for _ in range(len(self._order)):
-            key = self._order[0]
-            self._order.rotate(-1)
-            if key in live:
-                return key
-        self._order = collections.deque(k for k in self._order if k in live)
-        return None
-
-    @staticmethod
-    def _chunks(group: list[_Job], cap: int) -> list[list[_Job]]:
-        chunks, current, images = [], [], 0
-        for job in group:
-            if current and images + job.slot.batch > cap:
-                chunks.append(current)
-                current, images = [], 0
-            current.append(job)
-            images += job.slot.batch
-        if current:
-            chunks.append(current)
-        return chunks
 
     def _step(self, key: tuple, chunk: list[_Job]) -> None:
         images = sum(job.slot.batch for job in chunk)
@@ -524,11 +473,10 @@ class LocalWorker(api.Worker):
                 self._fail(chunk[0], exc)
                 return
             if oom:  # the group's chunks shrink until one fits: the largest size below the one that failed
-                self._caps[key] = min(self._caps.get(key, images), images - 1)
+                self._caps[key] = planner.shrink(self._caps.get(key), images)
                 log.warning("out of memory in a step of %d images: splitting (chunks of at most %d)", images,
                             self._caps[key])
-            half = len(chunk) // 2
-            for part in (chunk[:half], chunk[half:]):
+            for part in planner.halves(chunk):
                 self._step(key, part)
             return
         self._stats.append((images, time.perf_counter() - began))
@@ -590,7 +538,7 @@ class LocalWorker(api.Worker):
                 judge = adapter.judge_of(job.spec)
                 if judge is not None:  # the images are on the host already: one judge forward per job
                     try:
-                        result["judge"] = adapter.judge_scores(self.models.get(judge[0]), judge[1], job.render_spec,
+                        result["judge"] = adapter.judge_scores(self.models.get(judge[0]), judge[1], job.checked,
                                                                result["images"], device=self.torch_device)
                     except Exception as exc:  # the judge's failure is this job's, not the group's
                         self._remove(job)

@@ -16,6 +16,7 @@ steps at most ``capacity`` images (its ``max_batch``) and parks the rest: a park
   small ones); a job larger than ``capacity`` steps alone.
 
 So a job waits at most ``slice_steps`` steps of the running jobs before it steps, whatever the others hold.
+:func:`featureviz.worker.planner.schedule` calls it when it plans each device step.
 """
 
 from __future__ import annotations
