@@ -129,11 +129,11 @@ def run(args: argparse.Namespace) -> int:
     options = option_values(args, "render", engine=True) | {"size": size}
     spec = RenderSpec(objective=objective, init_image=init, preprocess=model.input_spec.preprocess, device=args.device,
                       **options)
-    validate(model, spec)
+    checked = validate(model, spec)  # render takes the checked spec as it is (no second check)
 
     bar = ProgressBar()  # no label: silent unless stderr is a terminal
     try:
-        result = render(model, spec, progress=lambda step, total, values: bar.update(
+        result = render(model, checked, progress=lambda step, total, values: bar.update(
             step, total, f"objective {float(values.mean()):.4g}" if bar.enabled else ""))
     finally:
         bar.close()
