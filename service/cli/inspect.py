@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
         if layer.layout == "NHWC":
             notes.append(f"channels last: {layer.channels} channels on axis 3")
         shape = "x".join(str(s) for s in layer.shape)
-        print(f"{layer.depth:>5}  {_printable(layer.name):<{width}}  {layer.op_type:<18} {shape:<20} {'; '.join(notes)}")
+        name = _printable(layer.name)
+        print(f"{layer.depth:>5}  {name:<{width}}  {layer.op_type:<18} {shape:<20} {'; '.join(notes)}")
     return 0
 
 

@@ -56,9 +56,9 @@ def conv_relu(p: str, *, extra_domain: str | None = None, auto_pad: str | None =
     conv_attrs = {"auto_pad": auto_pad} if auto_pad is not None else {"pads": [1, 1, 1, 1]}
     conv = helper.make_node("Conv", [p, "w" + p, "b" + p], ["pre" + p], name="conv" + p, doc_string=p, **conv_attrs)
     relu = helper.make_node("Relu", ["pre" + p], ["out" + p], name=p, doc_string=p)
-    graph = helper.make_graph([conv, relu], p, [helper.make_tensor_value_info(p, TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("out" + p, TensorProto.FLOAT, [1, 4, 16, 16])], [weight, bias],
-                              doc_string=p)
+    inputs = [helper.make_tensor_value_info(p, TensorProto.FLOAT, [1, 3, 16, 16])]
+    outputs = [helper.make_tensor_value_info("out" + p, TensorProto.FLOAT, [1, 4, 16, 16])]
+    graph = helper.make_graph([conv, relu], p, inputs, outputs, [weight, bias], doc_string=p)
     opsets = [helper.make_opsetid("", 13)] + ([helper.make_opsetid(extra_domain, 1)] if extra_domain else [])
     model = helper.make_model(graph, opset_imports=opsets, producer_name=p, doc_string=p, domain=p)
     helper.set_model_props(model, {p: p, "k" + p: "v"})
