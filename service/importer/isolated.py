@@ -1,14 +1,17 @@
 """Imports in a separate process: defence in depth for the server's uploads.
 
     parent (server worker)                               child: python -I -m featureviz.importer.isolated
-    cache hit? -> done                                   imports its modules, then (root only) drops to
-    spawn (no fork of the threaded server), empty   -->  nobody, sets rlimits (address space, CPU seconds,
-      0700 temp dir as cwd and HOME, a small env,        file size, no core), then reads the request and the
-      no inherited descriptors, own session              file's bytes from stdin; parse, check, safe names,
-                                                         clean-up, convert, verify (model.prepare)
+    cache hit? -> done                                   imports its modules, (root only) drops to nobody,
+    spawn (no fork of the threaded server), empty        waits for the request (a spare started ahead waits
+      0700 temp dir as cwd and HOME, a small env,   -->  here), sets rlimits (address space, CPU seconds,
+      no inherited descriptors, own session              file size, no core), reads the file's bytes; parse,
+                                                         checks, safe names, clean-up, convert, verify
     JSON and bytes checked: every name a safe id    <--  one JSON line (input spec, check report, the file's
     onnx2torch on the sanitized graph, catalog,          names by safe id) and the cleaned ONNX bytes; or
     cache (featureviz.importer.model.assemble)           {"error", "reason"}
+
+Each child imports one file and is killed; with ``Isolation.warm`` the next one is started at once, so that an
+import does not wait for python, torch, onnx and onnxruntime to load.
 
 What comes back is data, never code: the parent parses JSON and an ONNX protobuf and refuses a graph holding any
 name that is not a safe identifier before it converts it (no unpickling). A child that crashes, hits a limit or
@@ -27,6 +30,7 @@ the child (the child can then write what the server can); the verification figur
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -35,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from dataclasses import fields
@@ -56,7 +61,8 @@ __all__ = ["Isolation", "import_isolated", "FAULT_ENV"]
 
 _LOG = logging.getLogger(__name__)
 GiB = 1 << 30
-# tests only: "crash" | "hang" | "memory" make the child misbehave; "write:PATH" reports whether it may write PATH
+# tests only, read by the parent at each import: "crash" | "hang" | "memory" make the child misbehave;
+# "write:PATH" makes it report whether it may write PATH
 FAULT_ENV = "FEATUREVIZ_FAULT_IMPORT"
 _MAX_REPORT_BYTES = 64 << 20
 
@@ -72,6 +78,9 @@ class Isolation:
     cpu_seconds: int = 1200
     file_bytes: int = 1 * GiB  # RLIMIT_FSIZE: the largest file it may write (its temp dir is its cwd)
     user: str | None = "nobody"  # the child's user when the server runs as root; None: keep the uid
+    # keep one child started ahead (its imports done, waiting for a file): an import then skips the ~3 s start,
+    # for about 1 GB of memory held while idle
+    warm: bool = True
 
 
 def import_isolated(source, *, cache_dir=None, limits: ImportLimits | None = None,
@@ -119,43 +128,75 @@ def _child_user(isolation: Isolation):
 def _env(workdir: str) -> dict[str, str]:
     env = {"HOME": workdir, "TMPDIR": workdir, "PYTHONDONTWRITEBYTECODE": "1", "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    for name in ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", FAULT_ENV):
+    for name in ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
 
 
-def _spawn(workdir: str, isolation: Isolation, user) -> subprocess.Popen:
-    """Start the child. It drops to ``user`` itself, after importing its (trusted) modules and before reading the
-    file: ``Popen(user=...)`` forks the threaded server and calls setuid before exec, which crashed now and then
-    here, and the interpreter may live where that user cannot read (pyenv under /root)."""
+@dataclass
+class _Child:
+    process: subprocess.Popen
+    workdir: str
+    user: tuple[int, int] | None
+
+    def close(self) -> None:
+        _kill(self.process)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _spawn(user) -> _Child:
+    """Start a child. It drops to ``user`` itself, after importing its (trusted) modules and before reading the
+    request: ``Popen(user=...)`` forks the threaded server and calls setuid before exec, which crashed now and
+    then here, and the interpreter may live where that user cannot read (pyenv under /root)."""
+    workdir = tempfile.mkdtemp(prefix="featureviz-import-")
     uid, gid = user if user is not None else (-1, -1)
     if user is not None:
         os.chown(workdir, uid, gid)
-    argv = [sys.executable, "-I", "-m", "featureviz.importer.isolated", str(isolation.memory_bytes),
-            str(isolation.cpu_seconds), str(isolation.file_bytes), str(uid), str(gid)]
-    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=workdir, env=_env(workdir), close_fds=True, start_new_session=True)
+    argv = [sys.executable, "-I", "-m", "featureviz.importer.isolated", str(uid), str(gid)]
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=workdir, env=_env(workdir), close_fds=True, start_new_session=True)
+    return _Child(process, workdir, user)
+
+
+_SPARE: list[_Child] = []  # at most one child started ahead
+_SPARE_LOCK = threading.Lock()
+
+
+def _take_child(isolation: Isolation) -> _Child:
+    """The spare child if it suits (same user, still alive), else a new one; with ``warm``, start the next spare."""
+    user = _child_user(isolation)
+    with _SPARE_LOCK:
+        spare = _SPARE.pop() if _SPARE else None
+        if isolation.warm:
+            _SPARE.append(_spawn(user))  # starts importing now, in its own process
+    if spare is not None and (spare.user != user or spare.process.poll() is not None):
+        spare.close()
+        spare = None
+    return spare or _spawn(user)
+
+
+@atexit.register
+def _close_spare() -> None:
+    with _SPARE_LOCK:
+        while _SPARE:
+            _SPARE.pop().close()
 
 
 def _run_child(data: bytes, limits: ImportLimits, tolerance: float, isolation: Isolation) -> Prepared:
     request = json.dumps({"limits": {f.name: getattr(limits, f.name) for f in fields(limits)},
-                          "tolerance": tolerance}).encode() + b"\n"
-    workdir = tempfile.mkdtemp(prefix="featureviz-import-")
+                          "tolerance": tolerance, "fault": os.environ.get(FAULT_ENV, ""),
+                          "rlimits": [isolation.memory_bytes, isolation.cpu_seconds, isolation.file_bytes]})
+    child = _take_child(isolation)
     try:
-        process = _spawn(workdir, isolation, _child_user(isolation))
-        try:
-            out, err = process.communicate(request + data, timeout=isolation.timeout_seconds)
-        except subprocess.TimeoutExpired:
-            _kill(process)
-            raise ModelImportError(f"the import did not finish within {isolation.timeout_seconds:g} s (the import "
-                                   "time limit); simplify the model or export it at a smaller size",
-                                   reason="IMPORT_TIMEOUT") from None
-        finally:
-            _kill(process)
+        out, err = child.process.communicate(request.encode() + b"\n" + data, timeout=isolation.timeout_seconds)
+    except subprocess.TimeoutExpired:
+        raise ModelImportError(f"the import did not finish within {isolation.timeout_seconds:g} s (the import "
+                               "time limit); simplify the model or export it at a smaller size",
+                               reason="IMPORT_TIMEOUT") from None
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return _parse_result(process.returncode, out, err, isolation)
+        child.close()
+    return _parse_result(child.process.returncode, out, err, isolation)
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -286,6 +327,11 @@ def _preload() -> None:
 def _drop_privileges(uid: int, gid: int) -> None:
     if uid < 0:
         return
+    for entry in os.listdir("."):  # what the imports wrote as root (a ~/.cache): the new user could not remove it
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            os.unlink(entry)
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
@@ -323,18 +369,23 @@ def _child(argv: list[str]) -> int:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     _preload()
-    _drop_privileges(int(argv[3]), int(argv[4]))
-    _limit_self(int(argv[0]), int(argv[1]), int(argv[2]))
-    request = json.loads(sys.stdin.buffer.readline())
+    _drop_privileges(int(argv[0]), int(argv[1]))
+    line = sys.stdin.buffer.readline()  # the parent's request (it may come much later: a spare waits here)
+    if not line:  # the parent closed the pipe (it exited): a spare that was never used
+        shutil.rmtree(os.getcwd(), ignore_errors=True)
+        return 0
+    request = json.loads(line)
+    memory = int(request["rlimits"][0])
+    _limit_self(*(int(v) for v in request["rlimits"]))  # before a byte of the file is read
     data = sys.stdin.buffer.read()
-    fault = os.environ.get(FAULT_ENV, "")
+    fault = str(request.get("fault", ""))
     try:
         if fault == "crash":
             os.kill(os.getpid(), signal.SIGSEGV)
         if fault == "hang":
             time.sleep(3600)
         if fault == "memory":
-            bytearray(int(argv[0]))
+            bytearray(memory)
         if fault.startswith("write:"):  # may the import process write there?
             _probe_write(fault[len("write:"):])
         from featureviz.importer.model import prepare
@@ -345,7 +396,7 @@ def _child(argv: list[str]) -> int:
         _answer(out, {"error": exc.message, "reason": exc.reason})
         return 0
     except MemoryError:
-        _answer(out, {"error": f"the import needs more than {int(argv[0]) / GiB:.3g} GiB of memory (the import "
+        _answer(out, {"error": f"the import needs more than {memory / GiB:.3g} GiB of memory (the import "
                                "memory limit); export the model at a smaller size", "reason": "MODEL_TOO_LARGE"})
         return 0
     except Exception as exc:  # a converter bug: one line, the model refused
@@ -361,4 +412,6 @@ def _child(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
+    code = _child(sys.argv[1:])
+    sys.stderr.flush()
+    os._exit(code)  # the answer is written and flushed: skip the interpreter's teardown (a second with torch)
