@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from featureviz.errors import ModelImportError
+from featureviz.errors import echo
 from featureviz.importer import load
 from featureviz.importer.cache import ModelCache
 from featureviz.importer.catalog import LayerInfo
@@ -198,7 +199,7 @@ def prepare(data: bytes, base_dir=None, *, verify: bool = True, tolerance: float
     spec = detect_input(original)
     if spec.batch not in (None, 1):
         raise ModelImportError(
-            f"input {spec.name!r} has a fixed batch of {spec.batch}; re-export with batch 1 or a dynamic batch",
+            f"input {echo(spec.name)} has a fixed batch of {spec.batch}; re-export with batch 1 or a dynamic batch",
             reason="UNSUPPORTED_INPUT",
         )
     check_input_size(original, spec, limits or ImportLimits())

@@ -179,3 +179,21 @@ def test_inspect_text_escapes_control_characters(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\x1b" not in result.stdout and "\r" not in result.stdout and "fake row" not in result.stdout.splitlines()
     assert "\\x1b[2J\\x1b[31mrelu\\rok\\nfake row" in result.stdout
+
+
+def test_a_refusal_quotes_a_long_name_short(tmp_path):
+    """Names from the file in an error are echoed: ASCII, cut at 100 characters, one line."""
+    from featureviz.errors import ModelImportError
+    from featureviz.importer import import_model
+
+    name = "\n" + "z" * 4000
+    model = conv_relu(name)
+    del model.graph.node[0].attribute[:]
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 2  # 2 channels: refused, naming the input
+    try:
+        import_model(model.SerializeToString(), use_cache=False)
+    except ModelImportError as exc:
+        assert exc.reason in ("UNSUPPORTED_INPUT", "INVALID_MODEL"), exc
+        assert len(exc.message) < 400 and "\n" not in exc.message and "(4001 characters)" in exc.message
+    else:
+        raise AssertionError("a 2-channel input was accepted")
