@@ -115,7 +115,7 @@ def _check_length(name: str, what: str) -> None:
 
 
 def _rename_graph(graph, renamer: _Renamer, top: bool = True) -> None:
-    graph.name = renamer.fresh("g", graph.name)
+    graph.name = renamer.fresh("g", "")  # the file's graph name is not kept: nothing shows it
     graph.doc_string = ""
     for value in (*graph.input, *graph.output, *graph.value_info):
         value.name = renamer.value(value.name)
@@ -135,6 +135,7 @@ def _rename_graph(graph, renamer: _Renamer, top: bool = True) -> None:
                 "no standard definition; only ai.onnx operators can be imported (export without custom ops)",
                 reason="CUSTOM_DOMAIN")
         node.domain = ""
+        original = node.name
         # an unnamed node of the main graph stays unnamed until finalize: the clean-up names what it builds
         # from it by its output, as before
         node.name = renamer.fresh("n", node.name) if node.name or not top else ""
@@ -147,8 +148,10 @@ def _rename_graph(graph, renamer: _Renamer, top: bool = True) -> None:
             node.output[i] = renamer.value(name)
         for attr in node.attribute:
             attr.doc_string = ""
+            for tensor in ([attr.t] if attr.HasField("t") else []) + list(attr.tensors):
+                tensor.name, tensor.doc_string = "", ""  # a Constant's value: its name is the node's output
             if attr.ref_attr_name:
-                raise ModelImportError(f"node {echo(node.name)} refers to a function attribute outside a function",
+                raise ModelImportError(f"node {echo(original)} refers to a function attribute outside a function",
                                        reason="INVALID_MODEL")
             if attr.HasField("g"):
                 _rename_graph(attr.g, renamer, top=False)
