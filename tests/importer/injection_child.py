@@ -34,9 +34,10 @@ def outcome(path: Path) -> dict:
     layers = [layer.name for layer in model.layers]
     names = {n for layer in model.layers for n in (layer.name, *layer.aliases)}
     p = model.input_spec.name
-    wanted = names | {p, "out" + p, "conv" + p, "pre" + p, p + ":pre", ("conv" + p).replace(".", "/").lstrip("/")}
+    wanted = names | {p, "out" + p, "conv" + p, "pre" + p, p + ":pre", ("conv" + p).replace(".", "/").lstrip("/"),
+                      p + "/featureviz/t"}
     x = torch.rand(1, 3, 16, 16)
-    keys = [p, p + ":pre", "out" + p]
+    keys = [key for key in (p, p + ":pre", "out" + p) if key in names]
     got = model.truncate(keys)(x)
     cached = import_model(path)
     return {"input": p, "layers": layers, "resolved": resolve_all(model, wanted), "logits": model.logits,
