@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     spec = model.input_spec
     size = f"{spec.height or '?'}x{spec.width or '?'}"
-    print(f"model   {model.sha256[:16]}  ({len(model.layers)} layers, logits: {model.logits or '-'})")
+    print(f"model   {model.sha256[:16]}  ({len(model.layers)} layers, logits: {_printable(model.logits or '-')})")
     print(f"input   {spec.name!r} {spec.layout} {spec.channels} channel(s), {size}, batch {spec.batch or 'dynamic'}, "
           f"default size {spec.default_size[0]}x{spec.default_size[1]}")
     check = model.check
@@ -55,16 +55,23 @@ def _run(args: argparse.Namespace) -> int:
               f"{check.tolerance:g}{', batch rewritten' if check.batch_rewritten else ''}")
     else:
         print("check   not verified")
-    width = max((len(layer.name) for layer in model.layers), default=4)
+    width = max((len(_printable(layer.name)) for layer in model.layers), default=4)
     print(f"{'depth':>5}  {'name':<{width}}  {'op':<18} {'shape':<20} notes")
     for layer in model.layers:
         notes = []
         if layer.is_logits:
             notes.append("logits")
         if layer.pre_activation_of:
-            notes.append(f"pre-activation of {layer.pre_activation_of}")
+            notes.append(f"pre-activation of {_printable(layer.pre_activation_of)}")
         if layer.layout == "NHWC":
             notes.append(f"channels last: {layer.channels} channels on axis 3")
         shape = "x".join(str(s) for s in layer.shape)
-        print(f"{layer.depth:>5}  {layer.name:<{width}}  {layer.op_type:<18} {shape:<20} {'; '.join(notes)}")
+        name = _printable(layer.name)
+        print(f"{layer.depth:>5}  {name:<{width}}  {layer.op_type:<18} {shape:<20} {'; '.join(notes)}")
     return 0
+
+
+def _printable(name: str) -> str:
+    """A name from the file as one line of text: control and format characters (newlines, terminal escapes,
+    bidirectional overrides) escaped, so a name cannot rewrite the terminal or forge table rows."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")

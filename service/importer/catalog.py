@@ -140,11 +140,15 @@ def _input_dependent(gm: fx.GraphModule) -> set[str]:
 
 
 def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Tensor,
-                  values: dict[str, object] | None = None) -> list[LayerInfo]:
+                  values: dict[str, object] | None = None, names=None) -> list[LayerInfo]:
     """List the target tensors of ``gm`` (converted from the cleaned, named ``model``), shapes from ``example``
-    (or from ``values``, the recorded outputs of a batch-1 run at the default size)."""
+    (or from ``values``, the recorded outputs of a batch-1 run at the default size). ``names``
+    (:class:`featureviz.importer.names.Names`) gives the file's name of each safe node and value id; the catalog
+    speaks only those."""
     if not values:
         values = record_outputs(gm, example)
+    node_name = names.node_name if names is not None else (lambda name: name)
+    tensor_name_of = names.tensor_name if names is not None else (lambda name: name)
     dependent = _input_dependent(gm)
     onnx_nodes = {module_name(node.name): node for node in model.graph.node}
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -153,7 +157,7 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
     pre_of: dict[str, str] = {}
     for node in model.graph.node:
         if node.op_type in ACTIVATIONS and node.input and node.input[0] in producer:
-            pre_of.setdefault(node.input[0], node.name)
+            pre_of.setdefault(node.input[0], node_name(node.name))
 
     logits_tensor = model.graph.output[0].name if model.graph.output else None
     head = producer.get(logits_tensor)
@@ -168,16 +172,18 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
         value = values.get(n.name)
         outputs = value if isinstance(value, (tuple, list)) else (value,)
         multi = len(onnx_node.output) > 1
-        for index, (tensor_name, out) in enumerate(zip(onnx_node.output, outputs)):
+        shown = node_name(onnx_node.name)
+        for index, (tensor, out) in enumerate(zip(onnx_node.output, outputs)):
             if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.dim() < 2:
                 continue
             if out.shape[0] != example.shape[0]:  # axis 0 is not the batch (Swin's windows): no per-image target
                 continue
-            name = tensor_name if multi else onnx_node.name
-            aliases = [tensor_name] if not multi else [f"{onnx_node.name}:{index}"]
-            if n.target != name:
-                aliases.append(n.target)
-            pre = pre_of.get(tensor_name)
+            tensor_name = tensor_name_of(tensor)
+            name = tensor_name if multi else shown
+            aliases = [tensor_name] if not multi else [f"{shown}:{index}"]
+            if module_name(shown) not in (name, ""):
+                aliases.append(module_name(shown))
+            pre = pre_of.get(tensor)
             if pre is not None:
                 aliases.append(f"{pre}:pre")
             shape = tuple(int(s) for s in out.shape)
@@ -192,7 +198,7 @@ def build_catalog(gm: fx.GraphModule, model: onnx.ModelProto, example: torch.Ten
                 channels=shape[_CHANNEL_AXIS.get(axes, 1)],
                 spatial=len(shape) == 4,
                 depth=len(layers),
-                is_logits=tensor_name == logits_tensor,
+                is_logits=tensor == logits_tensor,
                 pre_activation_of=pre,
                 target=Target(n.name, index if isinstance(value, (tuple, list)) else None),
                 prefix_tokens=layout[0] if layout else None,

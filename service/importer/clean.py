@@ -1,4 +1,4 @@
-"""Graph clean-up before conversion: opset upgrade, NHWC front, simplification, batch rewrite, node names.
+"""Graph clean-up before conversion: opset upgrade, NHWC front, simplification, batch rewrite.
 
 Why each step (all seen on real files, see docs/ARCHITECTURE.md and the importer tests):
 
@@ -37,7 +37,6 @@ __all__ = [
     "nhwc_to_nchw",
     "simplify",
     "make_batch_dynamic",
-    "name_nodes",
     "infer_shapes",
     "constants_to_initializers",
     "uint8_to_float_input",
@@ -305,25 +304,6 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     if attr.name in scalars:
         return np.asarray(helper.get_attribute_value(attr), dtype=scalars[attr.name])
     return None  # sparse and string constants stay nodes
-
-
-def _module_name(node_name: str) -> str:
-    return node_name.replace(".", "/").lstrip("/")  # as onnx2torch names the node's module
-
-
-def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give every node a unique, non-empty name (the catalog's stable node names)."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        base, k = name, 1
-        while name in seen or _module_name(name) in seen:
-            name = f"{base}_{k}"
-            k += 1
-        seen.add(name)
-        seen.add(_module_name(name))
-        node.name = name
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- batch rewrite

@@ -20,6 +20,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from featureviz.errors import ModelImportError
+from featureviz.errors import echo
 from featureviz.importer._lazy import lazy
 
 # imported on first use: a cache hit reads the file's bytes but never parses them (featureviz.importer.model)
@@ -159,8 +160,8 @@ def check_model(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         if node.domain not in _STANDARD_DOMAINS:
             raise ModelImportError(
-                f"operator {node.op_type!r} of custom domain {node.domain!r} (node {node.name!r}) has no standard "
-                "definition; only ai.onnx operators can be imported (export without custom ops)",
+                f"operator {echo(node.op_type)} of custom domain {echo(node.domain)} (node {echo(node.name)}) has no "
+                "standard definition; only ai.onnx operators can be imported (export without custom ops)",
                 reason="CUSTOM_DOMAIN",
             )
     return model

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from featureviz.errors import ModelImportError
+from featureviz.errors import echo
 from featureviz.importer import load
 from featureviz.importer.cache import ModelCache
 from featureviz.importer.catalog import LayerInfo
@@ -39,7 +40,7 @@ from featureviz.importer.verify import CheckReport
 # imported by the functions that need them: parsing, cleaning, converting, verifying), so a cached model
 # starts in about the time of `import torch` (tests/importer/test_importer_startup.py).
 
-__all__ = ["ImportedModel", "import_model"]
+__all__ = ["ImportedModel", "import_model", "prepare", "assemble", "Prepared"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -146,65 +147,124 @@ def _verify(module, original, spec, tolerance, rewritten, recorded=None) -> Chec
                   per_image_fallback=fallback)
 
 
+class _Laps:
+    """Seconds per import phase."""
+
+    def __init__(self, timings: dict[str, float] | None = None):
+        self.timings = timings if timings is not None else {}
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+@dataclass
+class Prepared:
+    """A model parsed, checked, cleaned and verified: what :func:`assemble` turns into an ImportedModel.
+
+    ``model`` is the cleaned graph whose every name is a safe identifier, ``names`` the file's names by safe id,
+    ``spec`` the input with the file's input name. ``module`` and ``recorded`` (the converted module and its
+    outputs at batch 1) are there when the conversion ran in this process; an isolated import sends the rest
+    across (``featureviz.importer.isolated``) and the parent converts ``model`` itself.
+    """
+
+    model: object  # onnx.ModelProto
+    names: object  # featureviz.importer.names.Names
+    spec: InputSpec
+    check: CheckReport
+    module: torch.nn.Module | None = None
+    recorded: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def _import(data: bytes, base_dir, sha: str, *, verify: bool, tolerance: float, limits: ImportLimits
             ) -> ImportedModel:
+    return assemble(sha, prepare(data, base_dir, verify=verify, tolerance=tolerance, limits=limits))
+
+
+def prepare(data: bytes, base_dir=None, *, verify: bool = True, tolerance: float = DEFAULT_TOLERANCE,
+            limits: ImportLimits | None = None) -> Prepared:
+    """Parse, check, rename to safe identifiers, clean up, convert and verify (everything that reads the file)."""
     from featureviz.importer import clean
-    from featureviz.importer.catalog import build_catalog
-    from featureviz.importer.converters import convert
-    from featureviz.importer.portable import make_portable
+    from featureviz.importer.names import finalize
+    from featureviz.importer.names import sanitize
     from featureviz.importer.spec import detect_input
 
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        timings[name] = now - t
-        t = now
-
+    lap = _Laps()
     parsed = load.parse_model(data, base_dir)
-    check_graph_size(parsed, limits)
+    check_graph_size(parsed, limits or ImportLimits())
     original = load.check_model(parsed)
     spec = detect_input(original)
     if spec.batch not in (None, 1):
         raise ModelImportError(
-            f"input {spec.name!r} has a fixed batch of {spec.batch}; re-export with batch 1 or a dynamic batch",
+            f"input {echo(spec.name)} has a fixed batch of {spec.batch}; re-export with batch 1 or a dynamic batch",
             reason="UNSUPPORTED_INPUT",
         )
-    check_input_size(original, spec, limits)
-    lap("parse")
-    model = clean.upgrade_opset(clean.uint8_to_float_input(original, spec))
-    model = clean.nhwc_to_nchw(model, spec)
-    lap("upgrade")
-    model = clean.constants_to_initializers(clean.simplify(model))
-    lap("simplify")
-    model, rewritten = clean.make_batch_dynamic(model, spec)
-    model = clean.name_nodes(clean.structural(clean.infer_shapes, model))
-    lap("batch")
+    check_input_size(original, spec, limits or ImportLimits())
+    # from here on every name is a safe identifier (featureviz.importer.names); ``names`` keeps the file's names
+    safe, names = sanitize(original)
+    safe_spec = replace(spec, name=names.value(spec.name))
+    with names.in_errors():  # a message names the file's nodes, not their safe ids
+        lap("parse")
+        model = clean.upgrade_opset(clean.uint8_to_float_input(safe, safe_spec))
+        model = clean.nhwc_to_nchw(model, safe_spec)
+        lap("upgrade")
+        model = clean.constants_to_initializers(clean.simplify(model))
+        lap("simplify")
+        model, rewritten = clean.make_batch_dynamic(model, safe_spec)
+        model = finalize(clean.structural(clean.infer_shapes, model), names)
+        lap("batch")
+        module = _convert(model, spec)
+        lap("convert")
+        recorded: dict = {}
+        if verify:
+            check = _verify(module, original, spec, tolerance, rewritten, recorded)
+        else:
+            check = CheckReport.skipped(tolerance, rewritten)
+        lap("verify")
+    return Prepared(model, names, spec, check, module, recorded, lap.timings)
+
+
+def _convert(model, spec: InputSpec) -> torch.nn.Module:
+    """onnx2torch on a graph of safe names, checked before and after; leaf modules made portable."""
+    from featureviz.importer.converters import convert
+    from featureviz.importer.names import check_graph_module
+    from featureviz.importer.names import check_safe
+    from featureviz.importer.portable import make_portable
+
+    check_safe(model)
     module = freeze(convert(model))
+    check_graph_module(module)
     foreign = make_portable(module, torch.zeros(1, spec.channels, *spec.default_size))
+    check_graph_module(module)
     if foreign:
-        _LOG.info("model %s: loading it from the cache will import %s", sha, ", ".join(foreign))
-    lap("convert")
-    recorded: dict = {}
-    if verify:
-        check = _verify(module, original, spec, tolerance, rewritten, recorded)
-    else:
-        check = CheckReport.skipped(tolerance, rewritten)
-    if check.per_image:
-        _LOG.warning("model %s: the batch rewrite left batch-specific constants; running it image by image", sha)
-    lap("verify")
-    example = torch.zeros(1, spec.channels, *spec.default_size)
-    try:
-        layers = build_catalog(module, model, example, recorded)
-    except RuntimeError as exc:
-        raise ModelImportError(
-            f"the converted model fails at its default size {spec.default_size}: {str(exc).strip().splitlines()[0]}",
-            reason="CONVERSION_FAILED",
-        ) from exc
-    lap("catalog")
+        _LOG.info("loading this model from the cache will import %s", ", ".join(foreign))
+    return module
+
+
+def assemble(sha: str, prepared: Prepared) -> ImportedModel:
+    """The catalog and the ImportedModel; converts ``prepared.model`` first when the module came from elsewhere."""
+    from featureviz.importer.catalog import build_catalog
+
+    lap = _Laps(dict(prepared.timings))
+    spec, check, names = prepared.spec, prepared.check, prepared.names
+    with names.in_errors():
+        module = prepared.module
+        if module is None:
+            module = _convert(prepared.model, spec)
+            lap("convert")
+        if check.per_image:
+            _LOG.warning("model %s: the batch rewrite left batch-specific constants; running it image by image", sha)
+        example = torch.zeros(1, spec.channels, *spec.default_size)
+        try:
+            layers = build_catalog(module, prepared.model, example, prepared.recorded, names)
+        except RuntimeError as exc:
+            raise ModelImportError(f"the converted model fails at its default size {spec.default_size}: "
+                                   f"{str(exc).strip().splitlines()[0]}", reason="CONVERSION_FAILED") from exc
+        lap("catalog")
     logits = next((layer.name for layer in layers if layer.is_logits), None)
     runnable = freeze(PerImage(module)) if check.per_image else module
     return ImportedModel(sha256=sha, input_spec=spec, layers=layers, check=check, module=runnable, logits=logits,
-                         timings=timings)
+                         timings=lap.timings)

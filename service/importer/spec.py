@@ -128,7 +128,8 @@ def detect_input(model: onnx.ModelProto) -> InputSpec:
     """Find the one image input and its layout; refuse what the engine cannot drive."""
     inputs = graph_inputs(model)
     if len(inputs) != 1:
-        names = ", ".join(repr(i.name) for i in inputs) or "none"
+        names = ", ".join(echo(i.name) for i in inputs[:5]) or "none"
+        names += f" and {len(inputs) - 5} more" if len(inputs) > 5 else ""
         raise ModelImportError(
             f"the model needs exactly one image input, it has {len(inputs)} ({names})", reason="UNSUPPORTED_INPUT"
         )
@@ -137,19 +138,19 @@ def detect_input(model: onnx.ModelProto) -> InputSpec:
     uint8 = value.type.HasField("tensor_type") and tensor_type.elem_type == onnx.TensorProto.UINT8
     if uint8 and not _casts_to_float(model, value.name):
         raise ModelImportError(
-            f"input {value.name!r} is UINT8 and is used other than through a Cast to float; only float32 inputs, "
+            f"input {echo(value.name)} is UINT8 and is used other than through a Cast to float; only float32 inputs, "
             "or uint8 inputs cast to float at the front, are supported", reason="UNSUPPORTED_INPUT"
         )
     if not value.type.HasField("tensor_type") or (tensor_type.elem_type != onnx.TensorProto.FLOAT and not uint8):
         dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
         raise ModelImportError(
-            f"input {value.name!r} is {dtype}; only float32 image inputs (or uint8 cast to float) are supported",
+            f"input {echo(value.name)} is {dtype}; only float32 image inputs (or uint8 cast to float) are supported",
             reason="UNSUPPORTED_INPUT"
         )
     if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) != 4:
         rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else "unknown"
         raise ModelImportError(
-            f"input {value.name!r} has rank {rank}; an image input has rank 4 (NCHW or NHWC)",
+            f"input {echo(value.name)} has rank {rank}; an image input has rank 4 (NCHW or NHWC)",
             reason="UNSUPPORTED_INPUT",
         )
     n, d1, d2, d3 = _dims(value)
@@ -160,7 +161,7 @@ def detect_input(model: onnx.ModelProto) -> InputSpec:
     if channels not in (1, 3):
         shown = [d if d is not None else "?" for d in (n, d1, d2, d3)]
         raise ModelImportError(
-            f"input {value.name!r} of shape {shown} ({layout}) has {channels if channels else 'dynamic'} channels; "
+            f"input {echo(value.name)} of shape {shown} ({layout}) has {channels if channels else 'dynamic'} channels; "
             "only 1 (grayscale) or 3 (colour) channel images are supported",
             reason="UNSUPPORTED_INPUT",
         )

@@ -14,9 +14,15 @@ __all__ = ["ModelCache", "describe_model"]
 
 class ModelCache:
     """Imported models by sha256, least recently used dropped first. ``source(sha256)`` gives the bytes or the
-    path of a model the cache does not hold (None: unknown). Imports happen outside the lock, one per model."""
+    path of a model the cache does not hold (None: unknown). Imports happen outside the lock, one per model.
 
-    def __init__(self, source, *, size: int = 4, cache_dir: str | None = None, on_drop=None):
+    Imports run in a separate, limited process (``featureviz.importer.isolated``: the file is parsed, cleaned,
+    converted and verified there; this process converts the sanitized graph it returns). ``isolation``: True
+    (the default bounds), a ``featureviz.importer.isolated.Isolation``, or None to import in this process."""
+
+    def __init__(self, source, *, size: int = 4, cache_dir: str | None = None, on_drop=None,
+                 isolation=True):
+        self._isolation = isolation
         self._source = source
         self._size = max(1, size)
         self._cache_dir = cache_dir
@@ -51,6 +57,8 @@ class ModelCache:
                     return self._models[sha256]
             from featureviz.importer import ImportLimits
             from featureviz.importer import import_model
+            from featureviz.importer.isolated import Isolation
+            from featureviz.importer.isolated import import_isolated
 
             if source is None:
                 source = self._source(sha256)
@@ -58,7 +66,11 @@ class ModelCache:
                 raise FailedPrecondition(f"the file of model {sha256} is missing from the store; upload it again",
                                          reason="MODEL_FILE_MISSING")
             bounds = ImportLimits(**limits) if limits is not None else ImportLimits.unbounded()
-            model = import_model(source, cache_dir=self._cache_dir, limits=bounds)
+            if self._isolation:
+                bound = self._isolation if isinstance(self._isolation, Isolation) else None
+                model = import_isolated(source, cache_dir=self._cache_dir, limits=bounds, isolation=bound)
+            else:
+                model = import_model(source, cache_dir=self._cache_dir, limits=bounds)
             self.put(sha256, model)
             return model
 
