@@ -59,6 +59,10 @@ class Limits:
     max_http_connections_per_client: int = 64
     http_body_idle_timeout_seconds: float = 30.0
     session_ttl_seconds: int = 12 * 3600
+    # the import of an upload runs in a separate process (featureviz.importer.isolated): its bounds
+    import_timeout_seconds: float = 600.0
+    import_memory_bytes: int = 16 << 30
+    max_model_name_chars: int = 4096  # featureviz.importer.names.MAX_NAME_CHARS (a test checks they agree)
 
 
 @dataclass

@@ -325,7 +325,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
 def import_limits(limits) -> dict:
     """The importer's limits (``featureviz.importer.ImportLimits`` keywords) from the server's published ones."""
     return dict(max_image_side=limits.max_image_side, max_nodes=limits.max_model_nodes,
-                max_activation_bytes=limits.max_activation_bytes)
+                max_activation_bytes=limits.max_activation_bytes,
+                import_timeout_seconds=limits.import_timeout_seconds, import_memory_bytes=limits.import_memory_bytes)
 
 
 def _discard(path: Path) -> None:

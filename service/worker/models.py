@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 
@@ -10,6 +11,9 @@ from featureviz.errors import FailedPrecondition
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["ModelCache", "describe_model"]
+
+# the server's published bounds of the import process -> featureviz.importer.isolated.Isolation fields
+_ISOLATION_LIMITS = {"import_timeout_seconds": "timeout_seconds", "import_memory_bytes": "memory_bytes"}
 
 
 class ModelCache:
@@ -65,9 +69,12 @@ class ModelCache:
             if source is None:
                 raise FailedPrecondition(f"the file of model {sha256} is missing from the store; upload it again",
                                          reason="MODEL_FILE_MISSING")
+            limits = dict(limits) if limits is not None else None
+            process = {name: limits.pop(name) for name in _ISOLATION_LIMITS if name in limits} if limits else {}
             bounds = ImportLimits(**limits) if limits is not None else ImportLimits.unbounded()
             if self._isolation:
-                bound = self._isolation if isinstance(self._isolation, Isolation) else None
+                bound = self._isolation if isinstance(self._isolation, Isolation) else Isolation()
+                bound = dataclasses.replace(bound, **{_ISOLATION_LIMITS[name]: value for name, value in process.items()})
                 model = import_isolated(source, cache_dir=self._cache_dir, limits=bounds, isolation=bound)
             else:
                 model = import_model(source, cache_dir=self._cache_dir, limits=bounds)

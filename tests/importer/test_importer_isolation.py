@@ -68,6 +68,24 @@ def test_an_import_past_its_time_limit_is_killed(tmp_path, monkeypatch):
     assert refused.value.reason == "IMPORT_TIMEOUT" and "3 s" in refused.value.message
 
 
+def test_the_servers_published_import_bounds_reach_the_import_process(tmp_path, monkeypatch):
+    """Limits.import_timeout_seconds is the isolation's time limit over a real server (published, named in the
+    refusal); the name limit the server publishes is the importer's."""
+    from featureviz.importer.names import MAX_NAME_CHARS
+    from featureviz.server import Limits
+
+    monkeypatch.setenv("FEATUREVIZ_CACHE", str(tmp_path / "cache"))
+    with serve_in_background(ServerConfig(tmp_path / "store", limits=Limits(import_timeout_seconds=3))) as server:
+        with Client(server.address, timeout=120) as client:
+            assert client.info().limits.import_timeout_seconds == 3
+            assert client.info().limits.max_model_name_chars == MAX_NAME_CHARS
+            monkeypatch.setenv(FAULT_ENV, "hang")
+            error = _refusal(client, _conv(3))
+            assert error.reason == "IMPORT_TIMEOUT" and "3 s" in error.message, error
+            monkeypatch.delenv(FAULT_ENV)
+            assert client.info().device.kind  # the server is still up
+
+
 def test_the_childs_answer_is_checked_not_trusted(tmp_path, monkeypatch):
     """A child that answers a graph whose names are not safe identifiers (as a compromised one could) is refused
     before anything converts it."""
