@@ -8,13 +8,13 @@ Device thread, each round:
   0. calls queued for the device thread run first (admission's memory probes: they share the engine);
   1. new submissions become slots (waiting to join), cancelled jobs leave (parked ones too);
   2. :func:`featureviz.worker.planner.schedule`, a pure function of a snapshot of the worker, plans the step:
-     time slicing (:func:`featureviz.worker.slices.plan`: when the granted jobs hold more than ``max_batch``
-     images, at most that many step; a job that has taken ``time_slice_steps`` steps since it last waited is
-     parked, its slot keeping its parameters, Adam moments, generators and schedule state, still RUNNING, and
-     waiting jobs take its place, tenant by tenant), the joiners that memory admission lets in (else they wait
-     and the others step), the next group in round-robin order (the same model, model input size and layout;
-     an exclusive job is a group of its own) and its chunks of at most ``max_batch`` images (fewer after an out
-     of memory split); every active job advances one step per round whatever its group;
+     time slicing (:func:`featureviz.worker.slices.plan`: when the granted jobs hold more than
+     ``max_step_images`` images, at most that many step; a job that has taken ``time_slice_steps`` steps since it
+     last waited is parked, its slot keeping its parameters, Adam moments, generators and schedule state, still
+     RUNNING, and waiting jobs take its place, tenant by tenant), the joiners that memory admission lets in (else
+     they wait and the others step), the next group in round-robin order (the same model, model input size and
+     layout; an exclusive job is a group of its own) and its chunks of at most ``max_step_images`` images (fewer
+     after an out of memory split); every active job advances one step per round whatever its group;
   3. the loop applies the plan: parks and activates, joins (a STARTED event each; the joiners of one group get
      their starting objective in one forward), steps the chunks (one per job when the group's rows are not
      independent);
@@ -91,7 +91,7 @@ class LocalWorker(api.Worker):
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.torch_device = devices.resolve_device(config.device)
-        self.max_batch = config.max_batch or devices.default_max_batch(self.torch_device)
+        self.max_step_images = config.max_step_images or devices.default_step_images(self.torch_device)
         self.slice_steps = max(1, int(config.time_slice_steps))
         self.interval = max(0.0, float(config.progress_interval))
         self._device_pb = devices.describe_device(self.torch_device)
@@ -174,7 +174,7 @@ class LocalWorker(api.Worker):
         active = [j for j in jobs if j.active]
         allocated = torch.cuda.memory_allocated(self.torch_device) if self.torch_device.type == "cuda" else 0
         return pb.WorkerInfo(device=self._device_pb, models=self.models.held(), active_slots=len(active),
-                             active_images=sum(j.slot.batch for j in active), max_batch=self.max_batch,
+                             active_images=sum(j.slot.batch for j in active), max_step_images=self.max_step_images,
                              memory_allocated_bytes=int(allocated), parked_slots=len(jobs) - len(active))
 
     def stop(self, grace: float) -> None:
@@ -385,7 +385,7 @@ class LocalWorker(api.Worker):
                     job.memory, job.measured = self._estimate(job.slot.model, job.checked), True
             free = self.memory_planner.free() - self.memory_planner.headroom
         return planner.WorkerState(
-            jobs=[job.state(joined=i < len(self._jobs)) for i, job in enumerate(jobs)], capacity=self.max_batch,
+            jobs=[job.state(joined=i < len(self._jobs)) for i, job in enumerate(jobs)], capacity=self.max_step_images,
             slice_steps=self.slice_steps, tick=self._tick, served=self._served, order=tuple(self._order),
             caps=dict(self._caps), free=free)
 

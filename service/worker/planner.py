@@ -61,7 +61,7 @@ class JobState:
 @dataclass(frozen=True)
 class WorkerState:
     """A snapshot of the worker. ``jobs``: the joined jobs in the order they joined, then the waiting ones in the
-    order they came. ``capacity``: images per device step (``max_batch``). ``tick``: planning rounds so far.
+    order they came. ``capacity``: images per device step (``max_step_images``). ``tick``: planning rounds so far.
     ``served``: tenant -> the tick it last had a job activated. ``order``: group keys, round robin. ``caps``: group
     -> images per chunk after an out-of-memory split. ``free``: the memory a joining job may take now (free less
     the headroom); None: no memory admission."""

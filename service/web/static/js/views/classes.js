@@ -20,7 +20,7 @@ export async function classesPage(root, [sha], state) {
     return undefined;
   }
   const { names } = await api.get("api/classes");
-  const maxBatch = Math.min(state.info?.limits.max_batch || 64, 16);
+  const maxBatch = Math.min(state.info?.limits.max_images_per_job || state.info?.limits.max_batch || 64, 16);
   const chosen = [];
   const search = h("input#class-search", { type: "search", placeholder: "Search 1000 ImageNet classes, e.g. cat" });
   const matches = h("div.class-matches");

@@ -21,7 +21,7 @@ export async function layerPage(root, [sha, name], state) {
       h("div.notice.bad", `No layer ${name} in this model.`));
     return undefined;
   }
-  const maxBatch = state.info?.limits.max_batch || 64;
+  const maxBatch = state.info?.limits.max_images_per_job || state.info?.limits.max_batch || 64;
   const count = h("input#channel-count", { type: "number", min: 1, max: Math.min(maxBatch, layer.channels),
     value: Math.min(LAYER_DEFAULTS.channels, layer.channels, maxBatch) });
   const first = h("input#channel-first", { type: "number", min: 0, max: layer.channels - 1, value: 0 });
