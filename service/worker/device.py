@@ -192,27 +192,28 @@ class MemoryPlanner:
         """The most memory one job may ever have here: the device's total less the headroom."""
         return self.total - self.headroom
 
-    def estimate(self, key: tuple, probe, cap: float | None = None) -> tuple[float, float]:
-        """(fixed bytes, bytes per image) of ``key``, measured once. On a CPU a probe that holds more than ``cap``
-        bytes stops: the estimate is then a lower bound, the held bytes per image of the probe (fixed 0)."""
-        found = self.estimates.get(key)
+    def estimate(self, memory_key: tuple, probe, cap: float | None = None) -> tuple[float, float]:
+        """(fixed bytes, bytes per image) of ``memory_key`` (what a job's memory depends on), measured once. On a
+        CPU a probe that holds more than ``cap`` bytes stops: the estimate is then a lower bound, the held bytes per
+        image of the probe (fixed 0)."""
+        found = self.estimates.get(memory_key)
         if found is None:
             try:
                 peaks = [self._peak(probe, n, cap) for n in (1, 2)]
             except ProbeTooLarge as exc:
                 found = (0.0, exc.held / exc.images)
-                log.info("memory estimate %s: more than %.1f MiB per image (probe stopped)", key[1:],
+                log.info("memory estimate %s: more than %.1f MiB per image (probe stopped)", memory_key[1:],
                          found[1] / 2**20)
             else:
                 per_image = max(peaks[1] - peaks[0], 1.0)
                 found = (max(peaks[0] - per_image, 0.0), per_image)
-                log.info("memory estimate %s: %.1f MiB fixed + %.1f MiB per image", key[1:], found[0] / 2**20,
+                log.info("memory estimate %s: %.1f MiB fixed + %.1f MiB per image", memory_key[1:], found[0] / 2**20,
                          found[1] / 2**20)
-            self.estimates[key] = found
+            self.estimates[memory_key] = found
             while len(self.estimates) > _ESTIMATES_KEPT:
                 self.estimates.popitem(last=False)
         else:
-            self.estimates.move_to_end(key)
+            self.estimates.move_to_end(memory_key)
         return found
 
     def _peak(self, probe, n: int, cap: float | None) -> float:

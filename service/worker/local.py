@@ -68,8 +68,8 @@ _ENCODERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # PNG encoding threads (t
 
 
 class _Job:
-    def __init__(self, sub: api.Submission, spec: pb.JobSpec, checked: CheckedSpec, slot: Slot, key: tuple):
-        self.sub, self.spec, self.checked, self.slot, self.key = sub, spec, checked, slot, key
+    def __init__(self, sub: api.Submission, spec: pb.JobSpec, checked: CheckedSpec, slot: Slot, group: tuple):
+        self.sub, self.spec, self.checked, self.slot, self.group = sub, spec, checked, slot, group
         self.last: tuple[int, object] | None = None  # (step, values) of the latest step
         self.emitted = 0  # last step sent as a PROGRESS event
         self.emitted_at = time.perf_counter()
@@ -81,7 +81,7 @@ class _Job:
         self.measured = False
 
     def state(self, *, joined: bool) -> planner.JobState:
-        return planner.JobState(self.sub.job_id, self.sub.tenant, self.slot.batch, self.key, joined=joined,
+        return planner.JobState(self.sub.job_id, self.sub.tenant, self.slot.batch, self.group, joined=joined,
                                 active=self.active, ran=self.ran, since=self.since, memory=self.memory)
 
 
@@ -330,7 +330,7 @@ class LocalWorker(api.Worker):
         cancelled: dict[tuple, list[_Job]] = {}
         for job in self._jobs.values():
             if job.slot.is_cancelled():  # parked ones too: they leave now, not when their turn comes
-                cancelled.setdefault(job.key, []).append(job)
+                cancelled.setdefault(job.group, []).append(job)
         for jobs in cancelled.values():
             self._leave(jobs)
         step = planner.schedule(self._state())
@@ -364,11 +364,11 @@ class LocalWorker(api.Worker):
                 checked = adapter.checked_spec(model, spec, str(self.torch_device),
                                                max_image_side=self.config.max_image_side)
             job = _Job(sub, spec, checked, None, ())
-            slot = Slot(model, checked, device=self.torch_device, key=sub.job_id, exclusive=sub.exclusive,
+            slot = Slot(model, checked, device=self.torch_device, handle=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
                         else None)
             job.slot = slot
-            job.key = planner.group_key(BatchEngine.group_key(slot), sub.job_id, sub.exclusive)
+            job.group = planner.group_key(BatchEngine.group_key(slot), sub.job_id, sub.exclusive)
             return job
         except Exception as exc:
             self._report_failure(sub.job_id, exc)
@@ -397,14 +397,14 @@ class LocalWorker(api.Worker):
         for job_id, state in step.jobs.items():
             job = self._jobs.get(job_id) or waiting[job_id]
             job.active, job.ran, job.since = state.active, state.ran, state.since
-        by_key: dict[tuple, list[_Job]] = {}
+        by_group: dict[tuple, list[_Job]] = {}
         for job_id in step.join:
             job = waiting[job_id]
             self._waiting.remove(job)
             with self._cv:
                 self._jobs[job_id] = job
-            by_key.setdefault(job.key, []).append(job)
-        for jobs in by_key.values():
+            by_group.setdefault(job.group, []).append(job)
+        for jobs in by_group.values():
             for job in jobs:
                 self._emit(api.WorkerEvent(api.STARTED, job.sub.job_id))
                 job.started = True
@@ -570,8 +570,8 @@ class LocalWorker(api.Worker):
     def _remove(self, job: _Job) -> None:
         with self._cv:
             self._jobs.pop(job.sub.job_id, None)
-        if job.key and not any(j.key == job.key for j in self._jobs.values()):
-            self._caps.pop(job.key, None)
+        if job.group and not any(j.group == job.group for j in self._jobs.values()):
+            self._caps.pop(job.group, None)
 
     def _forget(self, model) -> None:
         with self._cv:

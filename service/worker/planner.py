@@ -98,10 +98,10 @@ class StepPlan:
         return tuple(job_id for job_id, job in self.jobs.items() if not job.active)
 
 
-def group_key(key: tuple, job_id: str, exclusive: bool) -> tuple:
+def group_key(engine_group: tuple, job_id: str, exclusive: bool) -> tuple:
     """A job's group: the engine's group key (model, model input size, layout), or a group of its own when it is
     exclusive (it never shares a device step)."""
-    return ("exclusive", job_id, *key) if exclusive else key
+    return ("exclusive", job_id, *engine_group) if exclusive else engine_group
 
 
 def schedule(state: WorkerState) -> StepPlan:
