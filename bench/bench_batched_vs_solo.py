@@ -50,13 +50,13 @@ def measure(model, kinds: dict, seeds: list[int], steps: int, size: int, device:
         for seed in seeds:
             out[kind]["solo"].append(statistics.fmean(render(model, spec(objective, seed)).objective_end))
     engine = BatchEngine(dev)
-    slots = [Slot(model, spec(objective, seed), device=dev, key=(kind, seed))
+    slots = [Slot(model, spec(objective, seed), device=dev, handle=(kind, seed))
              for kind, objective in kinds.items() for seed in seeds]
     engine.join(slots)
     for _ in range(steps):
         engine.step(slots)
     for slot, result in zip(slots, engine.finish(slots)):
-        out[slot.key[0]]["batched"].append(statistics.fmean(result["objective_end"]))
+        out[slot.handle[0]]["batched"].append(statistics.fmean(result["objective_end"]))
     return out
 
 

@@ -1,8 +1,8 @@
 """Batched device steps against one job at a time, through real servers on loopback, in one run.
 
-Two ``featureviz serve`` processes on one device: one with the default (or given) ``--max-batch``, one with
-``--max-batch 1`` (one job at a time, the behaviour before batching). For each concurrency level (1, 4, 16, 64
-by default) the same set of single-image jobs (a channel of EfficientNet-Lite0 at 224 px, fixed seeds) is
+Two ``featureviz serve`` processes on one device: one with the default (or given) ``--max-step-images``, one
+with ``--max-step-images 1`` (one job at a time, the behaviour before batching). For each concurrency level (1, 4,
+16, 64 by default) the same set of single-image jobs (a channel of EfficientNet-Lite0 at 224 px, fixed seeds) is
 submitted at once to each server in turn, and the run measures:
 
 - throughput: image-steps per second, from the first job's creation to the last job's end (server timestamps);
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=16, help="steps per job (default %(default)s)")
     parser.add_argument("--size", type=int, default=224, help="image side (default %(default)s)")
     parser.add_argument("--layer", default=LAYER)
-    parser.add_argument("--max-batch", type=int, default=None,
+    parser.add_argument("--max-step-images", type=int, default=None,
                         help="the batched server's (default: the largest level, so every level can share a step)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--phases", action="store_true", help="also time the batched engine's phases in-process")
@@ -195,9 +195,9 @@ def main(argv=None) -> int:
                      "layer": args.layer, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                      "levels": []}
     with tempfile.TemporaryDirectory() as tmp:
-        batched_args = ["--max-batch", str(args.max_batch or max(levels))]
+        batched_args = ["--max-step-images", str(args.max_step_images or max(levels))]
         servers = {"batched": Server(Path(tmp) / "batched", *batched_args, *extra),
-                   "solo": Server(Path(tmp) / "solo", "--max-batch", "1", *extra)}
+                   "solo": Server(Path(tmp) / "solo", "--max-step-images", "1", *extra)}
         try:
             shas = {}
             for name, server in servers.items():
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
                                       size=args.size, seed=s) for s in range(2)]
                     for job in warm:
                         fv.wait(job.id, timeout=3600)
-                    figures.setdefault("max_batch", {})[name] = fv.info().max_batch
+                    figures.setdefault("max_step_images", {})[name] = fv.info().max_step_images
             for jobs in levels:
                 row = {"jobs": jobs}
                 for name, server in servers.items():  # the two in turn at each level: the same machine load
@@ -239,8 +239,8 @@ def report(figures: dict) -> str:
     lines = [f"### bench_batching.py: {figures['device']}, {figures['date']}, commit {figures['commit']}",
              "",
              f"{figures.get('model', 'EfficientNet-Lite0')}, `{figures['layer']}` channel, {figures['size']} px, {figures['steps']} steps per "
-             f"single-image job; batched = `--max-batch {figures['max_batch']['batched']}`, solo = `--max-batch 1`. "
-             "Ratios are batched / solo (throughput: higher is better; latency: lower is better).",
+             f"single-image job; batched = `--max-step-images {figures['max_step_images']['batched']}`, "
+             "solo = `--max-step-images 1`. Ratios are batched / solo (throughput: higher is better; latency: lower is better).",
              "",
              "| jobs | img-steps/s batched | solo | ratio | p50 s batched | solo | ratio | p95 s batched | solo | ratio "
              "| images/step batched | device ms/image batched | solo |",

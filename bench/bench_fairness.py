@@ -8,7 +8,7 @@
    size) in turn, one device step each, so every running job advances one step per round. Measured: each job's
    steps per second while all four run; min / max across jobs (1.0 is perfectly even).
 
-    .venv/bin/python bench/bench_fairness.py [--flood 16] [--max-batch 4] [--results bench/RESULTS.md]
+    .venv/bin/python bench/bench_fairness.py [--flood 16] [--max-step-images 4] [--results bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ LAYER = "/_blocks.4/_swish/Clip"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=16)
-    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--max-step-images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--results", type=Path, default=None)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     objective = {"channel": {"layer": LAYER, "channel": 7}}
     tokens = {"tok-flood": "flood", "tok-calm": "calm"}
     with tempfile.TemporaryDirectory() as tmp:
-        config = ServerConfig(tmp, tokens=tokens, max_batch=args.max_batch, progress_interval=0.0)
+        config = ServerConfig(tmp, tokens=tokens, max_step_images=args.max_step_images, progress_interval=0.0)
         with serve_in_background(config) as server, Client(server.address, token="tok-flood", timeout=3600) as flood, \
                 Client(server.address, token="tok-calm", timeout=3600) as calm:
             dynamic = zoo.efficientnet_lite0(dynamic_size=True)
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                             text=True).stdout.strip() or "?"
     text = "\n".join([
         f"### bench_fairness.py: {device_name(None)}, commit {commit}", "",
-        f"EfficientNet-Lite0, {args.size} px, `--max-batch {args.max_batch}`.", "",
+        f"EfficientNet-Lite0, {args.size} px, `--max-step-images {args.max_step_images}`.", "",
         f"- Tenants: {args.flood} flood jobs of {args.steps} steps queued first, then one job of another tenant. "
         f"Flood jobs started before it: {before} of {args.flood} (FIFO: {args.flood}); its queue wait "
         f"{wait:.2f} s, against a median flood-job wait of {statistics.median(flood_waits):.2f} s (max "

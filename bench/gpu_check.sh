@@ -89,7 +89,7 @@ if [ $DRY = 1 ]; then
   SCALE=4  # a shared CPU is slow and the point is the plumbing
   KERNELS=(--ops affine_resample --batches 1 --sizes 8)
   STEP=(--models resnet18 --batches 1 --sizes 16 --kernels torch --transforms composed,standard)
-  BATCHING=(--levels 1,2 --steps 2 --size 64 --max-batch 4)
+  BATCHING=(--levels 1,2 --steps 2 --size 64 --max-step-images 4)
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
   VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
 else
@@ -108,7 +108,7 @@ stage "bench_kernels.py" 75 "$RESULTS/kernels.md" "$PY" bench/bench_kernels.py "
 # 4. one step outside the model vs the model's own forward + backward (goal: < 10%), under the shipping dispatch
 #    (auto: cuFFT above SPECTRUM_TRITON_MAX_BATCH images) and each kernel set forced
 stage "bench_step.py" 90 "$RESULTS/step.md" "$PY" bench/bench_step.py "${STEP[@]}"
-# 5. batching through real servers: 64 concurrent jobs vs --max-batch 1 (goal: >= 20x throughput)
+# 5. batching through real servers: 64 concurrent jobs vs --max-step-images 1 (goal: >= 20x throughput)
 stage "bench_batching.py" 180 "$RESULTS/batching.md" "$PY" bench/bench_batching.py "${BATCHING[@]}" \
   --json "$RESULTS/batching.json"
 # 6. the engine's device step alone, 1 vs 64 jobs, under layout and cuDNN settings (no server costs)

@@ -131,7 +131,7 @@ OPTIONS: tuple[Option, ...] = (
            reason="LR_OUT_OF_RANGE", metavar="X", surfaces=_ALL_CLI, explicit=True),
     Option("size", "size", None, "image size S or HxW (default: the model's input size)", min_limit="min_image_side",
            max_limit="max_image_side", metavar="S", surfaces=_ALL_CLI),
-    Option("batch", "int", 1, "images optimised together", minimum=1, max_limit="max_batch", metavar="B",
+    Option("batch", "int", 1, "images optimised together", minimum=1, max_limit="max_images_per_job", metavar="B",
            surfaces=_ALL_CLI, explicit=True),
     Option("seed", "int", 0, "random seed", minimum=0, maximum=2**63 - 1, metavar="K",
            surfaces=("render", "node", "web", "form"), explicit=True),
@@ -231,9 +231,9 @@ def bounds(option: Option, limits=None) -> tuple[float | None, float | None]:
 
 def check_limits(spec: pb.JobSpec, limits) -> None:
     """The server's range checks of a JobSpec's options: those that a published limit bounds (``Limits.max_steps``,
-    ``min_lr``..``max_lr``, ``max_batch``, ``min_image_side``..``max_image_side``) and the job's own (the previews),
-    which the engine never sees; the engine checks the fixed bounds of its options. InvalidSpec names the field, the
-    value, the range and the limits' names. NaN is in no range."""
+    ``min_lr``..``max_lr``, ``max_images_per_job``, ``min_image_side``..``max_image_side``) and the job's own (the
+    previews), which the engine never sees; the engine checks the fixed bounds of its options. InvalidSpec names
+    the field, the value, the range and the limits' names. NaN is in no range."""
     for option in OPTIONS:
         limited = option.min_limit or option.max_limit
         if not (limited or (not option.engine and option.type in ("int", "float"))):

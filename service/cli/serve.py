@@ -44,9 +44,11 @@ def register(subparsers) -> None:
                    help="with --ray: N CPU worker actors (default: one per GPU of the cluster, else 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the compute worker (default: torch's, one per core)")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--max-step-images", type=int, default=None, metavar="N",
                    help="most images in one device step, over all the jobs sharing it (1: one job at a time; "
                         "default: 64 on CUDA, 4 on a CPU, see the README)")
+    p.add_argument("--max-batch", type=int, dest="max_step_images", metavar="N",
+                   help="deprecated alias of --max-step-images")
     p.add_argument("--progress-interval", type=float, default=0.25,
                    help="at most one progress event per job every so many seconds, plus the last step "
                         "(0: every step; default: %(default)s)")
@@ -75,7 +77,7 @@ def _config(args: argparse.Namespace):
         allow_insecure_remote=args.allow_insecure_remote, device=args.device, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
-        threads=args.threads, max_batch=args.max_batch, progress_interval=args.progress_interval,
+        threads=args.threads, max_step_images=args.max_step_images, progress_interval=args.progress_interval,
         http_port=args.http_port, http_host=args.http_host, ray=args.ray, workers=args.workers,
         ray_timeout_seconds=args.ray_timeout,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from featureviz.errors import FeaturevizError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, value in (("--threads", args.threads), ("--max-batch", args.max_batch), ("--workers", args.workers)):
+    for name, value in (("--threads", args.threads), ("--max-step-images", args.max_step_images),
+                        ("--workers", args.workers)):
         if value is not None and value < 1:
             print(f"featureviz serve: {name} must be a positive integer, got {value}", file=sys.stderr)
             return 2
@@ -135,8 +138,8 @@ async def _serve(config) -> int:
     await server.start()
     tls = "mTLS" if config.tls_client_ca else ("TLS" if config.tls_cert else "plaintext")
     print(f"featureviz serve: listening on {config.host}:{port} ({tls}, store {config.store_dir}, "
-          f"token auth {'on' if config.tokens else 'off'}, max batch {server.scheduler.max_batch})", file=sys.stderr,
-          flush=True)
+          f"token auth {'on' if config.tokens else 'off'}, images per step {server.scheduler.max_step_images})",
+          file=sys.stderr, flush=True)
     if config.ray is not None:
         workers = server.scheduler.worker.workers()
         print(f"featureviz serve: {len(workers)} Ray worker(s): " + ", ".join(

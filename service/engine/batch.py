@@ -105,13 +105,13 @@ class Slot:
     is checked first).
 
     ``progress(step, total, values)``, ``snapshot(step, images)`` and ``cancel`` are as in
-    :func:`featureviz.engine.render`. ``key`` is the caller's handle (a job id). ``exclusive``: never share a
+    :func:`featureviz.engine.render`. ``handle`` is the caller's handle (a job id). ``exclusive``: never share a
     device step with another slot.
     """
 
     def __init__(self, model, spec, *, device: torch.device, progress=None, snapshot=None, cancel=None,
-                 key=None, exclusive: bool = False):
-        self.key = key
+                 handle=None, exclusive: bool = False):
+        self.handle = handle
         self.model = model
         self.checked = checked(model, spec)
         self.spec = spec = self.checked.spec
@@ -495,13 +495,13 @@ class BatchEngine:
                 slot.snapshot(slot.steps_done, slot.images())
 
     def _forward_backward(self, slots, trunc, layout, clock, before_model):
-        """Forward and backward of one step. The parameterizations render per :func:`render_group` key and the
-        transforms resample per ``Transforms.key``, each group in one call, so the launches per step grow with
+        """Forward and backward of one step. The parameterizations render per ``ImageFn.render_key`` and the
+        transforms resample per ``Transforms.resample_key``, each group in one call, so the launches per step grow with
         the number of kinds of slot, not with the number of slots. Each stage is cut from the next (a leaf
         that requires grad), and the gradients are handed back stage by stage."""
         inputs: list = [None] * len(slots)
         rendered = []  # (image of a param group, its cut leaf)
-        for group in _groups(range(len(slots)), lambda i: _param_key(slots[i], i)):
+        for group in _groups(range(len(slots)), lambda i: _render_key(slots[i], i)):
             image = render_group([slots[i].image_fn for i in group])
             leaf = image.detach().requires_grad_(True)  # cut: the parameterization's graph ends here
             rendered.append((image, leaf))
@@ -510,7 +510,7 @@ class BatchEngine:
         clock.lap("param")
         model_slots = [i for i, s in enumerate(slots) if s.layers]
         order, xs = [], []  # model rows go in transform-group order
-        for group in _groups(model_slots, lambda i: slots[i].transforms.key):
+        for group in _groups(model_slots, lambda i: slots[i].transforms.resample_key):
             first = slots[group[0]].transforms
             theta = first.maps(torch.cat([slots[i].transforms.draw(slots[i].batch, slots[i].draws) for i in group]))
             image = inputs[group[0]] if len(group) == 1 else torch.cat([inputs[i] for i in group])
@@ -662,9 +662,9 @@ def _groups(indices, key) -> list[list[int]]:
     return list(found.values())
 
 
-def _param_key(slot: Slot, i: int):
-    key = getattr(slot.image_fn, "key", None)
-    return ("alone", i) if key is None else key
+def _render_key(slot: Slot, i: int):
+    render_key = getattr(slot.image_fn, "render_key", None)
+    return ("alone", i) if render_key is None else render_key
 
 
 def _rows_independent(module, layout: str, channels: int, size, device) -> bool:

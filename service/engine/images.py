@@ -13,7 +13,8 @@ from featureviz.outputs import GRID_PAD
 from featureviz.outputs import grid_layout
 from featureviz.outputs import output_paths
 
-__all__ = ["to_uint8", "png_bytes", "grid", "save_images", "load_image", "decode_image", "image_size"]
+__all__ = ["to_uint8", "png_bytes", "grid", "save_images", "load_image", "decode_image", "image_size",
+           "MAX_DECODE_SIDE"]
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -59,7 +60,8 @@ def save_images(images: torch.Tensor, out: str | os.PathLike, *, as_grid: bool =
     return paths
 
 
-MAX_IMAGE_SIDE = 4096  # the largest side decode_image accepts unless told a smaller one
+# the largest side decode_image accepts unless told a smaller one (a server tells its Limits.max_image_side)
+MAX_DECODE_SIDE = 4096
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 
@@ -69,7 +71,7 @@ def image_size(data: bytes, *, field: str = "init_image") -> tuple[int, int]:
         return img.size
 
 
-def decode_image(data: bytes, size: tuple[int, int] | None = None, *, max_side: int = MAX_IMAGE_SIDE,
+def decode_image(data: bytes, size: tuple[int, int] | None = None, *, max_side: int = MAX_DECODE_SIDE,
                  field: str = "init_image", formats: tuple[str, ...] | None = IMAGE_FORMATS,
                  resample: str = "bicubic") -> torch.Tensor:
     """PNG or JPEG bytes -> a (3, H, W) float tensor in [0, 1], resized to ``size`` = (H, W) if given

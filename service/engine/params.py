@@ -2,7 +2,7 @@
 
 Each builder returns ``(params, image_fn)`` (lucid's convention): ``params`` is the list of leaf tensors for
 the optimizer, ``image_fn()`` renders the current (B, 3, H, W) image. ``image_fn`` is an :class:`ImageFn`:
-parameterizations with the same ``key`` (kind, size and settings) render together in one call
+parameterizations with the same ``render_key`` (kind, size and settings) render together in one call
 (:func:`render_group`: their parameters concatenated along the batch), which is how the batched engine renders
 all the slots of a device step with one kernel launch per parameterization. Random initial values come from an
 explicit ``torch.Generator``, so the same seed on the same device gives the same start.
@@ -121,23 +121,23 @@ def image_to_spectrum(image: torch.Tensor, scale: torch.Tensor, *, decorrelate: 
 
 
 class ImageFn:
-    """``image_fn()`` of a parameterization: ``fn(*params)``. Two with equal ``key`` compute the same function of
-    their parameters, so :func:`render_group` may run them as one batch (``key`` None: never grouped)."""
+    """``image_fn()`` of a parameterization: ``fn(*params)``. Two with equal ``render_key`` compute the same function
+    of their parameters, so :func:`render_group` may run them as one batch (``render_key`` None: never grouped)."""
 
-    def __init__(self, fn, params: list, key: tuple | None):
-        self.fn, self.params, self.key = fn, params, key
+    def __init__(self, fn, params: list, render_key: tuple | None):
+        self.fn, self.params, self.render_key = fn, params, render_key
 
     def __call__(self) -> torch.Tensor:
         return self.fn(*self.params)
 
 
 def render_group(fns: list) -> torch.Tensor:
-    """The images of several parameterizations of one ``key``, concatenated along the batch, in one call."""
+    """The images of several parameterizations of one ``render_key``, concatenated along the batch, in one call."""
     if len(fns) == 1:
         return fns[0]()
-    keys = {getattr(f, "key", None) for f in fns}
+    keys = {getattr(f, "render_key", None) for f in fns}
     if len(keys) != 1 or None in keys:
-        raise ValueError("render_group needs image functions of one key")
+        raise ValueError("render_group needs image functions of one render_key")
     return fns[0].fn(*(torch.cat(group) for group in zip(*(f.params for f in fns))))
 
 
@@ -173,8 +173,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         else:
             pixels = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid)
         pixels.requires_grad_(True)
-        key = ("pixel", tuple(size), decorrelate, sigmoid, str(device))
-        return [pixels], ImageFn(lambda p: _to_rgb(p, color, sigmoid), [pixels], key)
+        render_key = ("pixel", tuple(size), decorrelate, sigmoid, str(device))
+        return [pixels], ImageFn(lambda p: _to_rgb(p, color, sigmoid), [pixels], render_key)
 
     if kind == "fft":
         scale = fft_scale(height, width, 1.0 if decay is None else decay, device=device)
@@ -184,12 +184,12 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         else:
             spectrum = image_to_spectrum(init, scale, decorrelate=decorrelate, sigmoid=sigmoid)
         spectrum.requires_grad_(True)
-        key = ("fft", tuple(size), decay, decorrelate, sigmoid, str(device))
+        render_key = ("fft", tuple(size), decay, decorrelate, sigmoid, str(device))
         if sigmoid:
             return [spectrum], ImageFn(lambda p: spectrum_to_image(p, scale, color, size, sigmoid=True), [spectrum],
-                                       key)
+                                       render_key)
         return [spectrum], ImageFn(lambda p: _to_rgb(spectrum_to_image(p, scale, None, size, sigmoid=False), color,
-                                                     False), [spectrum], key)
+                                                     False), [spectrum], render_key)
 
     if kind == "laplacian":
         levels = []
@@ -208,8 +208,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
                 t = t + F.interpolate(level, size=size, mode="bilinear", align_corners=False)
             return _to_rgb(t, color, sigmoid)
 
-        key = ("laplacian", tuple(size), decorrelate, sigmoid, str(device))
-        return levels, ImageFn(pyramid, levels, key)
+        render_key = ("laplacian", tuple(size), decorrelate, sigmoid, str(device))
+        return levels, ImageFn(pyramid, levels, render_key)
 
     if kind == "maco":
         magnitude = fft_scale(height, width, MACO_DEFAULT_DECAY if decay is None else decay, gain=1.0, device=device)
@@ -228,8 +228,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
             t = spectrum_to_image(unit, magnitude, None, size, sigmoid=False)
             return _to_rgb(_standardize(t) * _MACO_STD, color, sigmoid)
 
-        key = ("maco", tuple(size), decay, standardize_phase, decorrelate, sigmoid, str(device))
-        return [phase], ImageFn(image_fn, [phase], key)
+        render_key = ("maco", tuple(size), decay, standardize_phase, decorrelate, sigmoid, str(device))
+        return [phase], ImageFn(image_fn, [phase], render_key)
 
     raise InvalidSpec("param", f"unknown parameterization {kind!r}; use one of {', '.join(PARAMS)}")
 

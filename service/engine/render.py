@@ -34,10 +34,11 @@ from featureviz.errors import InvalidSpec
 from featureviz.errors import NotFound
 from featureviz.errors import echo
 
-__all__ = ["RenderSpec", "RenderResult", "CheckedSpec", "render", "validate", "MAX_STEPS", "MAX_BATCH", "MAX_SIZE"]
+__all__ = ["RenderSpec", "RenderResult", "CheckedSpec", "render", "validate", "MAX_STEPS",
+           "MAX_IMAGES_PER_RENDER", "MAX_SIZE"]
 
 MAX_STEPS = 100_000
-MAX_BATCH = 256
+MAX_IMAGES_PER_RENDER = 256  # the engine's bound on spec.batch (a server's Limits.max_images_per_job is lower)
 MAX_SIZE = 4096
 MIN_SIZE = 8
 RELU_WARMUP_STEPS = 16  # lucid's default for the redirected ReLU gradient
@@ -110,7 +111,7 @@ def validate(model, spec: RenderSpec) -> CheckedSpec:
     :class:`CheckedSpec` (the objective built and the transforms parsed once) that a Slot or :func:`render`
     takes as it is."""
     _int(spec.steps, "steps", 1, MAX_STEPS)
-    _int(spec.batch, "batch", 1, MAX_BATCH)
+    _int(spec.batch, "batch", 1, MAX_IMAGES_PER_RENDER)
     _int(spec.seed, "seed", 0, 2**63 - 1)
     _int(spec.relu_warmup, "relu_warmup", 0, MAX_STEPS)
     if spec.memory_format not in layouts.LAYOUTS:

@@ -5,8 +5,8 @@ jitter 4) followed by the resize to the model's input size are all affine maps, 
 affine matrix per image, drawn from an explicit ``torch.Generator`` (independent draws per image; the engine
 uses a CPU generator per render, so a device step of many renders builds its matrices on the host and sends them
 in one copy), and one bilinear resample (``featureviz.kernels.affine_resample``): the ``"composed"`` stack.
-Renders whose stacks have the same ``key`` resample together in one call (:meth:`Transforms.resample` with their
-matrices concatenated). A constant pad is exact as the resample's constant border; a reflect pad is applied to
+Renders whose stacks have the same ``resample_key`` resample together in one call (:meth:`Transforms.resample`
+with their matrices concatenated). A constant pad is exact as the resample's constant border; a reflect pad is applied to
 the image first. The model's preprocessing (channel
 order, grey for 1-channel models, mean and std) is a per-pixel affine colour map folded into the same call.
 
@@ -324,7 +324,7 @@ class Transforms:
         self._canvas_size = (src_h, src_w)
         matrix, bias = preprocess_map(preprocess, channels)
         # stacks with equal keys are the same function of (image, random draws): they may resample together
-        self.key = (self.steps, self.shared, self.image_size, self.model_size, self.reflect, self.border,
+        self.resample_key = (self.steps, self.shared, self.image_size, self.model_size, self.reflect, self.border,
                     tuple(matrix.flatten().tolist()), tuple(bias.tolist()), str(self.device))
         self.matrix, self.bias = matrix.to(self.device), bias.to(self.device)
 
@@ -340,7 +340,7 @@ class Transforms:
         return self.maps(self.draw(batch, generator))
 
     def maps(self, u: torch.Tensor) -> torch.Tensor:
-        """Inverse affine maps from (B, U) uniforms (of several renders with this ``key`` at once): (B, 2, 3),
+        """Inverse affine maps from (B, U) uniforms (of several renders with this ``resample_key`` at once): (B, 2, 3),
         output -> source normalised coordinates; with ``Resample("each")`` (B, n + 1, 2, 3), one map per random
         step (canvas -> canvas, in order) and the view last (output -> canvas)."""
         b = u.shape[0]
@@ -374,7 +374,7 @@ class Transforms:
 
     def resample(self, image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """The stack under the given inverse maps (from :meth:`maps`): the images of several renders with this
-        ``key`` and their maps concatenated go through in one call."""
+        ``resample_key`` and their maps concatenated go through in one call."""
         if self.reflect:
             image = F.pad(image, [self.reflect] * 4, mode="reflect")
         if self.explicit:

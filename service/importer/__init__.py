@@ -10,8 +10,8 @@ from featureviz.importer.catalog import LayerInfo
 from featureviz.importer.limits import ImportLimits
 from featureviz.importer.model import ImportedModel
 from featureviz.importer.model import import_model
-from featureviz.importer.spec import InputSpec
-from featureviz.importer.spec import Preprocess
+from featureviz.importer.inputs import InputSpec
+from featureviz.importer.inputs import Preprocess
 from featureviz.importer.verify import CheckReport
 
 __all__ = ["import_model", "ImportedModel", "InputSpec", "Preprocess", "LayerInfo", "CheckReport", "ImportLimits"]

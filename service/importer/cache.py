@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ModelCache", "default_cache_dir", "CACHE_FORMAT", "KEY_FILE"]
+__all__ = ["ImportCache", "default_cache_dir", "CACHE_FORMAT", "MAC_KEY_FILE"]
 
 # Bump when the pipeline changes what it produces for the same bytes.
 CACHE_FORMAT = 8  # 8: safe names and keyed entries (issue 21); 7: LayerInfo.layout; 6: portable leaf modules
-KEY_FILE = ".key"
+MAC_KEY_FILE = ".key"  # the secret of the entries' HMAC
 _KEY_BYTES = 32
 _MAGIC = b"featureviz-cache"
 
@@ -45,7 +45,7 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "featureviz") / "models"
 
 
-class ModelCache:
+class ImportCache:
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
 
@@ -56,8 +56,8 @@ class ModelCache:
         path = self.path(sha256)
         if not path.is_file():
             return None
-        key = self._key(create=False)
-        if key is None:
+        mac_key = self._mac_key(create=False)
+        if mac_key is None:
             return None
         try:
             data = path.read_bytes()
@@ -65,7 +65,7 @@ class ModelCache:
             magic, version, mac = header.split(b" ")
             if magic != _MAGIC or int(version) != CACHE_FORMAT:
                 return None  # another importer version's entry
-            if not hmac.compare_digest(_mac(key, sha256, body).encode(), mac):
+            if not hmac.compare_digest(_mac(mac_key, sha256, body).encode(), mac):
                 _LOG.warning("ignoring cache entry %s: its payload does not match its keyed digest (damaged or not "
                              "written by this cache)", path)
                 return None
@@ -83,10 +83,10 @@ class ModelCache:
             torch.save({"format": CACHE_FORMAT, "model": model}, buffer)
             body = buffer.getvalue()
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            key = self._key(create=True)
-            if key is None:
+            mac_key = self._mac_key(create=True)
+            if mac_key is None:
                 return
-            header = b"%s %d %s\n" % (_MAGIC, CACHE_FORMAT, _mac(key, sha256, body).encode())
+            header = b"%s %d %s\n" % (_MAGIC, CACHE_FORMAT, _mac(mac_key, sha256, body).encode())
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as out:
@@ -102,48 +102,48 @@ class ModelCache:
             _LOG.warning("cannot cache model %s (%s: %s); it stays imported in memory", sha256[:12],
                          type(exc).__name__, exc)
 
-    def _key(self, *, create: bool) -> bytes | None:
+    def _mac_key(self, *, create: bool) -> bytes | None:
         """The cache's secret; None (the cache is off) when it is absent (and not ``create``) or not safe."""
-        path = self.directory / KEY_FILE
+        path = self.directory / MAC_KEY_FILE
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             if not create:
                 return None
-            return _create_key(path)
+            return _create_mac_key(path)
         except OSError as exc:  # a symlink (ELOOP) or unreadable
             _LOG.warning("model cache disabled: its key %s cannot be opened safely (%s)", path, exc)
             return None
         with os.fdopen(fd, "rb") as file:
             info = os.fstat(file.fileno())
-            key = file.read(_KEY_BYTES + 1)
+            mac_key = file.read(_KEY_BYTES + 1)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
             _LOG.warning("model cache disabled: its key %s must be a file of this user with mode 0600 (it has mode "
                          "%o, owner %d); remove it to start a new cache", path, info.st_mode & 0o7777, info.st_uid)
             return None
-        if len(key) != _KEY_BYTES:
+        if len(mac_key) != _KEY_BYTES:
             _LOG.warning("model cache disabled: its key %s is not %d bytes; remove it to start a new cache", path,
                          _KEY_BYTES)
             return None
-        return key
+        return mac_key
 
 
-def _create_key(path: Path) -> bytes | None:
+def _create_mac_key(path: Path) -> bytes | None:
     """Write a new secret (mode 0600) unless another process just did; return the one in the file."""
-    key = secrets.token_bytes(_KEY_BYTES)
+    mac_key = secrets.token_bytes(_KEY_BYTES)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key.", suffix=".tmp")  # mkstemp: mode 0600
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(key)
+            out.write(mac_key)
         os.link(tmp, path)  # atomic, and fails if the key exists: every process then uses the same one
     except FileExistsError:
-        return ModelCache(path.parent)._key(create=False)
+        return ImportCache(path.parent)._mac_key(create=False)
     finally:
         os.unlink(tmp)
-    return key
+    return mac_key
 
 
-def _mac(key: bytes, sha256: str, body: bytes) -> str:
-    message = hmac.new(key, b"%s %d %s\n" % (_MAGIC, CACHE_FORMAT, sha256.encode("ascii", "replace")), hashlib.sha256)
+def _mac(mac_key: bytes, sha256: str, body: bytes) -> str:
+    message = hmac.new(mac_key, b"%s %d %s\n" % (_MAGIC, CACHE_FORMAT, sha256.encode("ascii", "replace")), hashlib.sha256)
     message.update(body)
     return message.hexdigest()

@@ -29,7 +29,7 @@ from onnx import shape_inference
 from onnx import version_converter
 
 from featureviz.errors import ModelImportError
-from featureviz.importer.spec import InputSpec
+from featureviz.importer.inputs import InputSpec
 
 __all__ = [
     "TARGET_OPSET",

@@ -47,13 +47,13 @@ from dataclasses import replace
 
 from featureviz.errors import ModelImportError
 from featureviz.importer import load
-from featureviz.importer.cache import ModelCache
+from featureviz.importer.cache import ImportCache
 from featureviz.importer.limits import ImportLimits
 from featureviz.importer.model import ImportedModel
 from featureviz.importer.model import Prepared
 from featureviz.importer.model import assemble
-from featureviz.importer.spec import InputSpec
-from featureviz.importer.spec import Preprocess
+from featureviz.importer.inputs import InputSpec
+from featureviz.importer.inputs import Preprocess
 from featureviz.importer.verify import DEFAULT_TOLERANCE
 from featureviz.importer.verify import CheckReport
 
@@ -91,7 +91,7 @@ def import_isolated(source, *, cache_dir=None, limits: ImportLimits | None = Non
     data = source if isinstance(source, (bytes, bytearray, memoryview)) else load.read_source(source)[0]
     data = bytes(data)
     sha = load.sha256_of(data)
-    cache = ModelCache(cache_dir)
+    cache = ImportCache(cache_dir)
     start = time.perf_counter()
     cached = cache.get(sha)
     if cached is not None and cached.check.verified:

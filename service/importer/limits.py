@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from featureviz.errors import ModelImportError
 from featureviz.importer._lazy import lazy
-from featureviz.importer.spec import InputSpec
+from featureviz.importer.inputs import InputSpec
 
 onnx = lazy("onnx")  # imported on first use: a cache hit never checks a graph
 

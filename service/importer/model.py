@@ -21,15 +21,15 @@ from torch import fx
 from featureviz.errors import ModelImportError
 from featureviz.errors import echo
 from featureviz.importer import load
-from featureviz.importer.cache import ModelCache
+from featureviz.importer.cache import ImportCache
 from featureviz.importer.catalog import LayerInfo
 from featureviz.importer.catalog import name_index
 from featureviz.importer.catalog import resolve
 from featureviz.importer.limits import ImportLimits
 from featureviz.importer.limits import check_graph_size
 from featureviz.importer.limits import check_input_size
-from featureviz.importer.spec import InputSpec
-from featureviz.importer.spec import Preprocess
+from featureviz.importer.inputs import InputSpec
+from featureviz.importer.inputs import Preprocess
 from featureviz.importer.truncate import PerImage
 from featureviz.importer.truncate import freeze
 from featureviz.importer.truncate import truncate_graph
@@ -107,7 +107,7 @@ def import_model(
     limits = limits or ImportLimits()
     data, base_dir = load.read_source(source)
     sha = load.sha256_of(data)
-    cache = ModelCache(cache_dir) if use_cache else None
+    cache = ImportCache(cache_dir) if use_cache else None
     start = time.perf_counter()
     cached = cache.get(sha) if cache is not None else None
     if cached is not None:
@@ -190,7 +190,7 @@ def prepare(data: bytes, base_dir=None, *, verify: bool = True, tolerance: float
     from featureviz.importer import clean
     from featureviz.importer.names import finalize
     from featureviz.importer.names import sanitize
-    from featureviz.importer.spec import detect_input
+    from featureviz.importer.inputs import detect_input
 
     lap = _Laps()
     parsed = load.parse_model(data, base_dir)

@@ -18,7 +18,7 @@ import torch
 from featureviz.errors import ModelImportError
 from featureviz.importer._lazy import lazy
 from featureviz.importer.catalog import record_outputs
-from featureviz.importer.spec import InputSpec
+from featureviz.importer.inputs import InputSpec
 
 onnx = lazy("onnx")  # imported on first use: a cache hit never verifies
 

@@ -116,20 +116,20 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
     """Build the server and bind ``config.host:config.port`` (0: a free port). Call inside a running loop.
 
     ``worker``: a ``featureviz.worker.api.Worker``; by default an in-process one (``featureviz.worker.local``,
-    which imports torch) on ``config.device`` with ``config.max_batch``."""
+    which imports torch) on ``config.device`` with ``config.max_step_images``."""
     loop = asyncio.get_running_loop()
     store = Store(config.store_dir)
     if worker is None and config.ray is not None:  # workers as Ray actors (featureviz[ray])
         from featureviz.worker.ray_pool import ray_pool
 
-        worker = ray_pool(config.ray, WorkerConfig(device=config.device, max_batch=config.max_batch,
+        worker = ray_pool(config.ray, WorkerConfig(device=config.device, max_step_images=config.max_step_images,
                                                    progress_interval=config.progress_interval, threads=config.threads,
                                                    models_kept=config.model_cache_size,
                                                    **_worker_limits(config)),
                           model_source=store.read_model_file, workers=config.workers,
                           max_attempts=config.ray_max_attempts, timeout=config.ray_timeout_seconds)
     if worker is None:
-        worker = local_worker(WorkerConfig(device=config.device, max_batch=config.max_batch,
+        worker = local_worker(WorkerConfig(device=config.device, max_step_images=config.max_step_images,
                                            progress_interval=config.progress_interval, threads=config.threads,
                                            cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
                                            **_worker_limits(config)),

@@ -27,7 +27,7 @@ class Limits:
     max_model_nodes: int = 20_000
     max_activation_bytes: int = 4 << 30  # every tensor of one image at the model's default size
     max_steps: int = 10_000
-    max_batch: int = 64
+    max_images_per_job: int = 64  # a job's batch at most (published also as the deprecated Limits.max_batch)
     max_queued_jobs_per_tenant: int = 32
     # requests: uploads are chunked, so they stay small; replies: a finished job carries its PNG batch
     max_message_bytes: int = 8 * MiB
@@ -80,7 +80,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     heartbeat_seconds: float = 10.0
     device: str | None = None  # "cuda", "cpu" or None (cuda when available)
-    max_batch: int | None = None  # most images in one device step (None: the device's default; 1: one job at a time)
+    max_step_images: int | None = None  # most images in one device step (None: the device's default; 1: one job
+    # at a time)
     progress_interval: float = 0.25  # at most one progress event per job every so many seconds, plus the last step
     threads: int | None = None  # torch CPU threads of the worker (None: torch's default)
     grace_seconds: float = 5.0  # on stop: how long a running job may finish before it is re-queued

@@ -10,7 +10,7 @@ from featureviz.errors import InvalidSpec
 __all__ = ["page_bounds", "next_token"]
 
 
-def _key(query: str) -> str:
+def _query_digest(query: str) -> str:
     return hashlib.sha256(query.encode()).hexdigest()[:12]
 
 
@@ -23,11 +23,11 @@ def page_bounds(page_size: int, page_token: str, query: str, *, default: int, ma
         return 0, limit
     try:
         text = base64.urlsafe_b64decode(page_token.encode()).decode()
-        offset_text, key = text.split(":", 1)
+        offset_text, digest = text.split(":", 1)
         offset = int(offset_text)
     except (ValueError, UnicodeDecodeError):
         raise InvalidSpec("page_token", "not a token this server issued; start again without page_token") from None
-    if key != _key(query) or offset < 0:
+    if digest != _query_digest(query) or offset < 0:
         raise InvalidSpec("page_token", "the token belongs to another query (filter or resource changed); "
                                         "start again without page_token")
     return offset, limit
@@ -37,4 +37,4 @@ def next_token(offset: int, limit: int, returned: int, total: int | None, query:
     end = offset + returned
     if returned < limit or (total is not None and end >= total):
         return ""
-    return base64.urlsafe_b64encode(f"{end}:{_key(query)}".encode()).decode()
+    return base64.urlsafe_b64encode(f"{end}:{_query_digest(query)}".encode()).decode()

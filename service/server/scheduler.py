@@ -1,11 +1,11 @@
 """The scheduler: the server's queue, its grants to the worker, and the event log of every job. No torch here.
 
 - Jobs come from the store (SQLite rows) and wait in the queue until the worker has room: the worker runs at most
-  ``max_batch`` images in one device step, so the scheduler grants it jobs while the images it holds stay within
+  ``max_step_images`` images in one device step, so the scheduler grants it jobs while the images it holds stay within
   that (a job larger than that runs when the worker is empty). Fairness across tenants: the next job is the
   oldest queued job of the tenant that holds the fewest images on the worker, ties going to the tenant served
   least recently (FIFO within a tenant). When the worker is full, a tenant that holds less than its share
-  (``max_batch`` divided among the tenants with queued or granted jobs) still gets its next job: the worker then
+  (``max_step_images`` divided among the tenants with queued or granted jobs) still gets its next job: the worker then
   holds more than one step's images and time-slices them (:mod:`featureviz.worker.slices`: a running job yields
   its place after ``time_slice_steps`` steps, its state kept), so one tenant's long jobs cannot hold the device
   while another's wait. Fairness across models is the worker's: it steps its groups (one per model and input
@@ -98,7 +98,7 @@ class Scheduler:
                  finished_logs_kept: int = 256):
         self.store = store
         self.worker = worker
-        self.max_batch = max(1, int(worker.max_batch))
+        self.max_step_images = max(1, int(worker.max_step_images))
         self._loop = loop
         self._cv = threading.Condition()
         self._queue: collections.deque[str] = collections.deque()  # arrival order
@@ -188,7 +188,7 @@ class Scheduler:
         """Whether the tenant holds less than its share of one device step while other tenants hold or want
         some: then it is granted a job even when the worker is full (the worker time-slices)."""
         tenants = set(queued_tenants) | set(self._granted.values())
-        return len(tenants) > 1 and self._held_by(tenant) < self.max_batch / len(tenants)
+        return len(tenants) > 1 and self._held_by(tenant) < self.max_step_images / len(tenants)
 
     def _dispatch(self) -> None:
         """Grant queued jobs to the worker while it has room, or to a tenant below its share (call with the lock
@@ -200,7 +200,7 @@ class Scheduler:
             tenant = min(firsts, key=lambda t: (self._held_by(t), self._served.get(t, -1)))
             job_id = firsts[tenant]
             images = self._images_of.get(job_id, 1)
-            if self._held and self._held + images > self.max_batch and not self._below_share(tenant, firsts):
+            if self._held and self._held + images > self.max_step_images and not self._below_share(tenant, firsts):
                 return  # wait for room (the fairest job goes first, so a large job is not starved)
             self._queue.remove(job_id)
             self._turn += 1

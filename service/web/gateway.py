@@ -330,7 +330,8 @@ class WebGateway:
         return {"version": info.version, "tenant": info.tenant, "auth_required": info.auth_required,
                 "device": {"kind": info.device.kind, "name": info.device.name, "kernels": info.device.kernels},
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_image_side": limits.max_image_side,
-                           "max_steps": limits.max_steps, "max_batch": limits.max_batch},
+                           "max_steps": limits.max_steps, "max_images_per_job": limits.max_images_per_job,
+                           "max_batch": limits.max_images_per_job},  # deprecated: max_images_per_job
                 # the job options as the server declares them (ServerInfo.job_options): the form's choices, ranges
                 "options": {option.name: json_format.MessageToDict(option, preserving_proto_field_name=True)
                             for option in info.job_options},

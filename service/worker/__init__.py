@@ -3,7 +3,7 @@
 - the model cache (import by sha256) and the models' description (:mod:`featureviz.worker.models`);
 - the JobSpec -> CheckedSpec adapter, run once at admission, the init-image decode and the results as PNG
   (:mod:`featureviz.worker.adapter`);
-- the device: its description, the default max batch, memory admission and out-of-memory handling
+- the device: its description, the default images per step, memory admission and out-of-memory handling
   (:mod:`featureviz.worker.device`);
 - what each device step is made of, a pure function (:mod:`featureviz.worker.planner`, with the time slicing of
   :mod:`featureviz.worker.slices`);

@@ -31,19 +31,20 @@ LOST = "lost"  # the worker running the job died (a Ray actor): the server queue
 
 @dataclass
 class WorkerConfig:
-    """``device``: cuda, cuda:N, cpu or None (cuda when available). ``max_batch``: the most images in one device
-    step (None: the device's default, :func:`featureviz.worker.device.default_max_batch`). ``progress_interval``:
-    at most one progress event per job every so many seconds, plus the last step. ``threads``: torch CPU
-    threads. ``cache_dir``: the importer's cache. ``models_kept``: imported models held in memory.
-    ``time_slice_steps`` and ``max_job_memory_bytes``: the server's Limits of those names."""
+    """``device``: cuda, cuda:N, cpu or None (cuda when available). ``max_step_images``: the most images in one
+    device step (None: the device's default, :func:`featureviz.worker.device.default_step_images`).
+    ``progress_interval``: at most one progress event per job every so many seconds, plus the last step.
+    ``threads``: torch CPU threads. ``cache_dir``: the importer's cache. ``models_kept``: imported models held in
+    memory. ``time_slice_steps`` and ``max_job_memory_bytes``: the server's Limits of those names."""
 
     device: str | None = None
-    max_batch: int | None = None
+    max_step_images: int | None = None
     progress_interval: float = 0.25
     threads: int | None = None
     cache_dir: str | None = None
     models_kept: int = 4
-    max_image_side: int = 4096  # an init image larger than this is refused from its header
+    max_image_side: int = 4096  # an init image larger than this is refused from its header (the server passes its
+    # Limits.max_image_side; the default is the engine's MAX_DECODE_SIDE)
     time_slice_steps: int = 64  # when jobs wait, a running job yields its place after this many steps
     max_job_memory_bytes: int | None = None  # a job whose measured memory exceeds this is refused at admission
 
@@ -91,10 +92,10 @@ class WorkerEvent:
 
 
 class Worker:
-    """The interface a worker implements (see the module docstring). ``max_batch`` is the most images the worker
-    runs in one device step; the server grants it jobs up to that many images at once."""
+    """The interface a worker implements (see the module docstring). ``max_step_images`` is the most images the
+    worker runs in one device step; the server grants it jobs up to that many images at once."""
 
-    max_batch: int = 1
+    max_step_images: int = 1
 
     def start(self, sink) -> None:
         raise NotImplementedError

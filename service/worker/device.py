@@ -1,4 +1,4 @@
-"""The worker's device: its description, the default max batch, out-of-memory errors and memory admission.
+"""The worker's device: its description, the default images per step, out-of-memory errors and memory admission.
 
 Memory admission: before a job joins a device step the worker estimates what it adds to the step's peak memory.
 :class:`MemoryPlanner` measures it once per (model, model input size, image size, parameterization, layer set)
@@ -30,8 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["describe_device", "default_max_batch", "is_oom", "empty_cache", "MemoryPlanner", "fault_hook",
-           "SimulatedOutOfMemory", "DEFAULT_MAX_BATCH_CPU", "DEFAULT_MAX_BATCH_CUDA", "LiveBytes", "ProbeTooLarge",
+__all__ = ["describe_device", "default_step_images", "is_oom", "empty_cache", "MemoryPlanner", "fault_hook",
+           "SimulatedOutOfMemory", "DEFAULT_STEP_IMAGES_CPU", "DEFAULT_STEP_IMAGES_CUDA", "LiveBytes", "ProbeTooLarge",
            "host_memory", "job_memory"]
 
 log = logging.getLogger("featureviz.worker")
@@ -39,11 +39,11 @@ log = logging.getLogger("featureviz.worker")
 # bench/RESULTS.md (2-core AMD EPYC): a shared step gave 1.6x the throughput of one job at a time at 96 px and
 # 0.56-0.95x at 224 px (the issue's figures: 9.4 ms per image at batch 1, 11.3 ms at batch 16, block 4); a small
 # batch also lets short jobs start beside long ones.
-DEFAULT_MAX_BATCH_CPU = 4
+DEFAULT_STEP_IMAGES_CPU = 4  # images in one device step on a CPU
 # On a GPU a 224-px image leaves the device mostly idle: on an H200 (bench/RESULTS.md) 64 single-image jobs per
 # step gave 7.7x the throughput of one at a time through the server (18.7x for the device step alone), and memory
 # admission keeps any batch within the device's memory.
-DEFAULT_MAX_BATCH_CUDA = 64
+DEFAULT_STEP_IMAGES_CUDA = 64
 HEADROOM_FRACTION = 0.08  # of the device's memory kept free when admitting a job
 _ESTIMATES_KEPT = 256  # memory estimates kept (a tenant may try many image sizes)
 
@@ -84,8 +84,9 @@ def resolve_device(requested: str | None) -> torch.device:
     return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def default_max_batch(device: torch.device) -> int:
-    return DEFAULT_MAX_BATCH_CUDA if device.type == "cuda" else DEFAULT_MAX_BATCH_CPU
+def default_step_images(device: torch.device) -> int:
+    """The most images in one device step when the server names none (``--max-step-images``)."""
+    return DEFAULT_STEP_IMAGES_CUDA if device.type == "cuda" else DEFAULT_STEP_IMAGES_CPU
 
 
 def describe_device(device: torch.device):
@@ -191,27 +192,28 @@ class MemoryPlanner:
         """The most memory one job may ever have here: the device's total less the headroom."""
         return self.total - self.headroom
 
-    def estimate(self, key: tuple, probe, cap: float | None = None) -> tuple[float, float]:
-        """(fixed bytes, bytes per image) of ``key``, measured once. On a CPU a probe that holds more than ``cap``
-        bytes stops: the estimate is then a lower bound, the held bytes per image of the probe (fixed 0)."""
-        found = self.estimates.get(key)
+    def estimate(self, memory_key: tuple, probe, cap: float | None = None) -> tuple[float, float]:
+        """(fixed bytes, bytes per image) of ``memory_key`` (what a job's memory depends on), measured once. On a
+        CPU a probe that holds more than ``cap`` bytes stops: the estimate is then a lower bound, the held bytes per
+        image of the probe (fixed 0)."""
+        found = self.estimates.get(memory_key)
         if found is None:
             try:
                 peaks = [self._peak(probe, n, cap) for n in (1, 2)]
             except ProbeTooLarge as exc:
                 found = (0.0, exc.held / exc.images)
-                log.info("memory estimate %s: more than %.1f MiB per image (probe stopped)", key[1:],
+                log.info("memory estimate %s: more than %.1f MiB per image (probe stopped)", memory_key[1:],
                          found[1] / 2**20)
             else:
                 per_image = max(peaks[1] - peaks[0], 1.0)
                 found = (max(peaks[0] - per_image, 0.0), per_image)
-                log.info("memory estimate %s: %.1f MiB fixed + %.1f MiB per image", key[1:], found[0] / 2**20,
+                log.info("memory estimate %s: %.1f MiB fixed + %.1f MiB per image", memory_key[1:], found[0] / 2**20,
                          found[1] / 2**20)
-            self.estimates[key] = found
+            self.estimates[memory_key] = found
             while len(self.estimates) > _ESTIMATES_KEPT:
                 self.estimates.popitem(last=False)
         else:
-            self.estimates.move_to_end(key)
+            self.estimates.move_to_end(memory_key)
         return found
 
     def _peak(self, probe, n: int, cap: float | None) -> float:

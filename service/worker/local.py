@@ -8,13 +8,13 @@ Device thread, each round:
   0. calls queued for the device thread run first (admission's memory probes: they share the engine);
   1. new submissions become slots (waiting to join), cancelled jobs leave (parked ones too);
   2. :func:`featureviz.worker.planner.schedule`, a pure function of a snapshot of the worker, plans the step:
-     time slicing (:func:`featureviz.worker.slices.plan`: when the granted jobs hold more than ``max_batch``
-     images, at most that many step; a job that has taken ``time_slice_steps`` steps since it last waited is
-     parked, its slot keeping its parameters, Adam moments, generators and schedule state, still RUNNING, and
-     waiting jobs take its place, tenant by tenant), the joiners that memory admission lets in (else they wait
-     and the others step), the next group in round-robin order (the same model, model input size and layout;
-     an exclusive job is a group of its own) and its chunks of at most ``max_batch`` images (fewer after an out
-     of memory split); every active job advances one step per round whatever its group;
+     time slicing (:func:`featureviz.worker.slices.plan`: when the granted jobs hold more than
+     ``max_step_images`` images, at most that many step; a job that has taken ``time_slice_steps`` steps since it
+     last waited is parked, its slot keeping its parameters, Adam moments, generators and schedule state, still
+     RUNNING, and waiting jobs take its place, tenant by tenant), the joiners that memory admission lets in (else
+     they wait and the others step), the next group in round-robin order (the same model, model input size and
+     layout; an exclusive job is a group of its own) and its chunks of at most ``max_step_images`` images (fewer
+     after an out of memory split); every active job advances one step per round whatever its group;
   3. the loop applies the plan: parks and activates, joins (a STARTED event each; the joiners of one group get
      their starting objective in one forward), steps the chunks (one per job when the group's rows are not
      independent);
@@ -68,8 +68,8 @@ _ENCODERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # PNG encoding threads (t
 
 
 class _Job:
-    def __init__(self, sub: api.Submission, spec: pb.JobSpec, checked: CheckedSpec, slot: Slot, key: tuple):
-        self.sub, self.spec, self.checked, self.slot, self.key = sub, spec, checked, slot, key
+    def __init__(self, sub: api.Submission, spec: pb.JobSpec, checked: CheckedSpec, slot: Slot, group: tuple):
+        self.sub, self.spec, self.checked, self.slot, self.group = sub, spec, checked, slot, group
         self.last: tuple[int, object] | None = None  # (step, values) of the latest step
         self.emitted = 0  # last step sent as a PROGRESS event
         self.emitted_at = time.perf_counter()
@@ -81,7 +81,7 @@ class _Job:
         self.measured = False
 
     def state(self, *, joined: bool) -> planner.JobState:
-        return planner.JobState(self.sub.job_id, self.sub.tenant, self.slot.batch, self.key, joined=joined,
+        return planner.JobState(self.sub.job_id, self.sub.tenant, self.slot.batch, self.group, joined=joined,
                                 active=self.active, ran=self.ran, since=self.since, memory=self.memory)
 
 
@@ -91,7 +91,7 @@ class LocalWorker(api.Worker):
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.torch_device = devices.resolve_device(config.device)
-        self.max_batch = config.max_batch or devices.default_max_batch(self.torch_device)
+        self.max_step_images = config.max_step_images or devices.default_step_images(self.torch_device)
         self.slice_steps = max(1, int(config.time_slice_steps))
         self.interval = max(0.0, float(config.progress_interval))
         self._device_pb = devices.describe_device(self.torch_device)
@@ -174,7 +174,7 @@ class LocalWorker(api.Worker):
         active = [j for j in jobs if j.active]
         allocated = torch.cuda.memory_allocated(self.torch_device) if self.torch_device.type == "cuda" else 0
         return pb.WorkerInfo(device=self._device_pb, models=self.models.held(), active_slots=len(active),
-                             active_images=sum(j.slot.batch for j in active), max_batch=self.max_batch,
+                             active_images=sum(j.slot.batch for j in active), max_step_images=self.max_step_images,
                              memory_allocated_bytes=int(allocated), parked_slots=len(jobs) - len(active))
 
     def stop(self, grace: float) -> None:
@@ -330,7 +330,7 @@ class LocalWorker(api.Worker):
         cancelled: dict[tuple, list[_Job]] = {}
         for job in self._jobs.values():
             if job.slot.is_cancelled():  # parked ones too: they leave now, not when their turn comes
-                cancelled.setdefault(job.key, []).append(job)
+                cancelled.setdefault(job.group, []).append(job)
         for jobs in cancelled.values():
             self._leave(jobs)
         step = planner.schedule(self._state())
@@ -364,11 +364,11 @@ class LocalWorker(api.Worker):
                 checked = adapter.checked_spec(model, spec, str(self.torch_device),
                                                max_image_side=self.config.max_image_side)
             job = _Job(sub, spec, checked, None, ())
-            slot = Slot(model, checked, device=self.torch_device, key=sub.job_id, exclusive=sub.exclusive,
+            slot = Slot(model, checked, device=self.torch_device, handle=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
                         else None)
             job.slot = slot
-            job.key = planner.group_key(BatchEngine.group_key(slot), sub.job_id, sub.exclusive)
+            job.group = planner.group_key(BatchEngine.group_key(slot), sub.job_id, sub.exclusive)
             return job
         except Exception as exc:
             self._report_failure(sub.job_id, exc)
@@ -385,7 +385,7 @@ class LocalWorker(api.Worker):
                     job.memory, job.measured = self._estimate(job.slot.model, job.checked), True
             free = self.memory_planner.free() - self.memory_planner.headroom
         return planner.WorkerState(
-            jobs=[job.state(joined=i < len(self._jobs)) for i, job in enumerate(jobs)], capacity=self.max_batch,
+            jobs=[job.state(joined=i < len(self._jobs)) for i, job in enumerate(jobs)], capacity=self.max_step_images,
             slice_steps=self.slice_steps, tick=self._tick, served=self._served, order=tuple(self._order),
             caps=dict(self._caps), free=free)
 
@@ -397,14 +397,14 @@ class LocalWorker(api.Worker):
         for job_id, state in step.jobs.items():
             job = self._jobs.get(job_id) or waiting[job_id]
             job.active, job.ran, job.since = state.active, state.ran, state.since
-        by_key: dict[tuple, list[_Job]] = {}
+        by_group: dict[tuple, list[_Job]] = {}
         for job_id in step.join:
             job = waiting[job_id]
             self._waiting.remove(job)
             with self._cv:
                 self._jobs[job_id] = job
-            by_key.setdefault(job.key, []).append(job)
-        for jobs in by_key.values():
+            by_group.setdefault(job.group, []).append(job)
+        for jobs in by_group.values():
             for job in jobs:
                 self._emit(api.WorkerEvent(api.STARTED, job.sub.job_id))
                 job.started = True
@@ -570,8 +570,8 @@ class LocalWorker(api.Worker):
     def _remove(self, job: _Job) -> None:
         with self._cv:
             self._jobs.pop(job.sub.job_id, None)
-        if job.key and not any(j.key == job.key for j in self._jobs.values()):
-            self._caps.pop(job.key, None)
+        if job.group and not any(j.group == job.group for j in self._jobs.values()):
+            self._caps.pop(job.group, None)
 
     def _forget(self, model) -> None:
         with self._cv:

@@ -61,7 +61,7 @@ class JobState:
 @dataclass(frozen=True)
 class WorkerState:
     """A snapshot of the worker. ``jobs``: the joined jobs in the order they joined, then the waiting ones in the
-    order they came. ``capacity``: images per device step (``max_batch``). ``tick``: planning rounds so far.
+    order they came. ``capacity``: images per device step (``max_step_images``). ``tick``: planning rounds so far.
     ``served``: tenant -> the tick it last had a job activated. ``order``: group keys, round robin. ``caps``: group
     -> images per chunk after an out-of-memory split. ``free``: the memory a joining job may take now (free less
     the headroom); None: no memory admission."""
@@ -98,10 +98,10 @@ class StepPlan:
         return tuple(job_id for job_id, job in self.jobs.items() if not job.active)
 
 
-def group_key(key: tuple, job_id: str, exclusive: bool) -> tuple:
+def group_key(engine_group: tuple, job_id: str, exclusive: bool) -> tuple:
     """A job's group: the engine's group key (model, model input size, layout), or a group of its own when it is
     exclusive (it never shares a device step)."""
-    return ("exclusive", job_id, *key) if exclusive else key
+    return ("exclusive", job_id, *engine_group) if exclusive else engine_group
 
 
 def schedule(state: WorkerState) -> StepPlan:

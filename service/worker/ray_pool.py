@@ -126,7 +126,7 @@ class WorkerHost:
 
     def hello(self) -> dict:
         return {"incarnation": self.incarnation, "pid": os.getpid(), "node": self.node,
-                "max_batch": self.worker.max_batch, "device": self.worker.device().SerializeToString()}
+                "max_step_images": self.worker.max_step_images, "device": self.worker.device().SerializeToString()}
 
     def load_model(self, sha256: str, refs: list, limits: dict | None):
         self._learn(sha256, refs)
@@ -178,7 +178,7 @@ class _Host:
     incarnation: str = ""
     pid: int = 0
     node: str = ""
-    max_batch: int = 1
+    max_step_images: int = 1
     device: pb.Device | None = None
     up: bool = True
     jobs: dict = dataclasses.field(default_factory=dict)  # job id -> images
@@ -228,14 +228,14 @@ class RayPool(api.Worker):
         self._hosts = [_Host(i, f"ray-{i}", cls.options(**options).remote(f"ray-{i}", config)) for i in range(actors)]
         for host, hello in zip(self._hosts, ray.get([h.actor.hello.remote() for h in self._hosts])):
             self._greet(host, hello)
-        self.max_batch = sum(h.max_batch for h in self._hosts)
+        self.max_step_images = sum(h.max_step_images for h in self._hosts)
         self._pollers = [threading.Thread(target=self._poll_loop, args=(h,), name=f"featureviz-{h.id}", daemon=True)
                          for h in self._hosts]
 
     @staticmethod
     def _greet(host: _Host, hello: dict) -> None:
         host.incarnation, host.pid, host.node = hello["incarnation"], hello["pid"], hello["node"]
-        host.max_batch = int(hello["max_batch"])
+        host.max_step_images = int(hello["max_step_images"])
         host.device = pb.Device.FromString(hello["device"])
         host.models = set()
         host.up = True
@@ -329,8 +329,8 @@ class RayPool(api.Worker):
     def _place(self, sha256: str, images: int, *, commit: bool = True) -> _Host:
         """Model affinity if that worker has room, else the least-loaded worker (call with the lock held)."""
         hosts = [h for h in self._hosts if h.up] or self._hosts
-        holding = [h for h in hosts if sha256 in h.models and (h.load == 0 or h.load + images <= h.max_batch)]
-        host = min(holding or hosts, key=lambda h: (h.load / max(1, h.max_batch), h.turn))
+        holding = [h for h in hosts if sha256 in h.models and (h.load == 0 or h.load + images <= h.max_step_images)]
+        host = min(holding or hosts, key=lambda h: (h.load / max(1, h.max_step_images), h.turn))
         if commit:
             self._turn += 1
             host.turn = self._turn
@@ -376,16 +376,16 @@ class RayPool(api.Worker):
                     info.CopyFrom(host.info)
                 info.id, info.node, info.pid, info.up = host.id, host.node, host.pid, host.up
                 info.device.CopyFrom(host.device)
-                info.max_batch = host.max_batch
+                info.max_step_images = host.max_step_images
                 if not host.up:
                     info.active_slots = info.active_images = info.parked_slots = 0
                 out.append(info)
         return out
 
     def info(self) -> pb.WorkerInfo:
-        """All workers together: the models any holds, the slots and images of all, their max batch summed."""
+        """All workers together: the models any holds, the slots and images of all, their images per step summed."""
         workers = self.workers()
-        total = pb.WorkerInfo(device=self.device(), max_batch=self.max_batch, id="ray", node="",
+        total = pb.WorkerInfo(device=self.device(), max_step_images=self.max_step_images, id="ray", node="",
                               up=all(w.up for w in workers))
         total.models.extend(sorted({m for w in workers for m in w.models}))
         total.active_slots = sum(w.active_slots for w in workers)

@@ -2,7 +2,7 @@
 
 The scheduler may grant the worker more images than fit one device step (a tenant that holds less than its share
 gets its next job even when the worker is full, :class:`featureviz.server.scheduler.Scheduler`). The worker then
-steps at most ``capacity`` images (its ``max_batch``) and parks the rest: a parked job keeps its whole state
+steps at most ``capacity`` images (its ``max_step_images``) and parks the rest: a parked job keeps its whole state
 (parameters, Adam moments and step counts, random generators, schedule and plateau state) and stays RUNNING.
 
 :func:`plan` picks the jobs of the next steps, vLLM ``schedule()`` style:

@@ -122,7 +122,7 @@ def test_slots_join_and_leave_between_steps(lite0):
 
     def make(key, steps, seed):
         return Slot(lite0, RenderSpec(objective=chan(MID, 5), steps=steps, size=SIZE, seed=seed), device=CPU,
-                    key=key, progress=lambda step, total, v: seen.setdefault(key, []).append(step))
+                    handle=key, progress=lambda step, total, v: seen.setdefault(key, []).append(step))
 
     a = make("a", 6, 1)
     engine.join([a])
@@ -135,7 +135,7 @@ def test_slots_join_and_leave_between_steps(lite0):
         engine.step(active)
         leaving = [s for s in active if s.done]
         for slot, result in zip(leaving, engine.finish(leaving)):
-            results[slot.key] = result
+            results[slot.handle] = result
         active = [s for s in active if not s.done]
     assert seen == {"a": [1, 2, 3, 4, 5, 6], "b": [1, 2, 3], "c": [1, 2, 3, 4, 5]}
     assert {k: r["steps_done"] for k, r in results.items()} == {"a": 6, "b": 3, "c": 5}

@@ -35,12 +35,13 @@ def test_laplacian_pyramid_levels_and_image():
 
 
 def test_laplacian_pyramids_of_one_size_render_as_one_group():
-    """The batched engine renders parameterizations of one key in one call (params.render_group)."""
+    """The batched engine renders parameterizations of one render_key in one call (params.render_group)."""
     from featureviz.engine.params import render_group
 
     a = make_param("laplacian", 2, (20, 17), generator=torch.Generator().manual_seed(0))[1]
     b = make_param("laplacian", 1, (20, 17), generator=torch.Generator().manual_seed(1))[1]
-    assert a.key == b.key != make_param("laplacian", 1, (20, 16), generator=torch.Generator())[1].key
+    other = make_param("laplacian", 1, (20, 16), generator=torch.Generator())[1]
+    assert a.render_key == b.render_key != other.render_key
     with torch.no_grad():
         torch.testing.assert_close(render_group([a, b]), torch.cat([a(), b()]))
 

@@ -199,7 +199,7 @@ def test_resample_each_applies_every_step_on_the_canvas_in_order(size, model_siz
     # and it is not the composed resample: the two blur differently (zoom then rotate, each bilinear)
     once = Transforms(steps[:-1], size, model_size, IDENTITY)
     assert (once.resample(img, once.maps(u)) - out).abs().max() > 0.05
-    assert once.key != t.key
+    assert once.resample_key != t.resample_key
 
 
 def test_resample_each_shifts_whole_pixels_exactly():

@@ -17,8 +17,8 @@ from onnx import numpy_helper
 
 from featureviz.importer import import_model
 from featureviz.importer.cache import CACHE_FORMAT
-from featureviz.importer.cache import KEY_FILE
-from featureviz.importer.cache import ModelCache
+from featureviz.importer.cache import MAC_KEY_FILE
+from featureviz.importer.cache import ImportCache
 
 
 class _Canary:
@@ -60,7 +60,7 @@ def test_a_forged_cache_entry_is_never_loaded(tmp_path):
     assert not canary.exists(), "the forged cache entry was unpickled"
     assert "cache" not in again.timings and again.layer("relu").op_type == "Relu"  # imported again
     assert "cache" in import_model(data, cache_dir=cache).timings  # and its entry rewritten
-    assert (cache / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert (cache / MAC_KEY_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_an_entry_moved_to_another_models_name_is_a_miss(tmp_path):
@@ -69,7 +69,7 @@ def test_an_entry_moved_to_another_models_name_is_a_miss(tmp_path):
     sha_a = import_model(a, cache_dir=cache).sha256
     sha_b = import_model(b, cache_dir=cache).sha256
     shutil.copy(cache / f"{sha_b}.pt", cache / f"{sha_a}.pt")
-    assert ModelCache(cache).get(sha_a) is None
+    assert ImportCache(cache).get(sha_a) is None
     assert import_model(a, cache_dir=cache).sha256 == sha_a
 
 
@@ -79,7 +79,7 @@ def test_a_key_others_can_read_turns_the_cache_off(tmp_path, caplog):
     cache = tmp_path / "cache"
     data = _conv(0)
     sha = import_model(data, cache_dir=cache).sha256
-    (cache / KEY_FILE).chmod(0o644)
-    assert ModelCache(cache).get(sha) is None
+    (cache / MAC_KEY_FILE).chmod(0o644)
+    assert ImportCache(cache).get(sha) is None
     assert "mode 0600" in caplog.text
     assert "cache" not in import_model(data, cache_dir=cache).timings

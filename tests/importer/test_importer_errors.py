@@ -104,14 +104,14 @@ def test_a_model_this_torch_cannot_pickle_is_imported_uncached(tmp_path, caplog)
     graph's globals did, on a GPU machine) must cost the cache entry, not the import."""
     import torch
 
-    from featureviz.importer.cache import ModelCache
+    from featureviz.importer.cache import ImportCache
 
     class Unpicklable(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.hook = lambda x: x  # a lambda: pickle refuses it
 
-    cache = ModelCache(tmp_path)
+    cache = ImportCache(tmp_path)
     with caplog.at_level("WARNING"):
         cache.put("ab" * 32, Unpicklable())
     assert cache.get("ab" * 32) is None and not list(tmp_path.iterdir())  # no entry, no partial file

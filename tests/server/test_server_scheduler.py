@@ -34,7 +34,7 @@ def _states(fv: Client, job_id: str) -> list[str]:
 
 
 def test_grants_go_to_the_tenant_holding_the_fewest_images_then_the_one_served_least_recently(serve):
-    fake = FakeWorker(max_batch=2)
+    fake = FakeWorker(max_step_images=2)
     server = serve(fake)
     with Client(server.address, token="tok-flood") as flood, Client(server.address, token="tok-calm") as calm:
         sha = flood.upload(MODEL).sha256
@@ -42,7 +42,7 @@ def test_grants_go_to_the_tenant_holding_the_fewest_images_then_the_one_served_l
         a = [flood.submit(sha, CHANNEL, steps=4).id for _ in range(4)]
         assert fake.granted() == a[:2]  # the worker is full
         b = [calm.submit(sha, CHANNEL, steps=4).id for _ in range(2)]
-        # calm holds less than its share (max_batch / 2 tenants): b1 is granted beside the full worker (it
+        # calm holds less than its share (max_step_images / 2 tenants): b1 is granted beside the full worker (it
         # time-slices); b2 would put calm at more than its share and waits, as flood's a3 and a4 do
         assert fake.granted() == [*a[:2], b[0]]
         assert calm.job(b[1]).queue_position == 2  # behind a3 and a4 in arrival order, yet it goes first
@@ -55,7 +55,7 @@ def test_grants_go_to_the_tenant_holding_the_fewest_images_then_the_one_served_l
 
 
 def test_between_tenants_holding_as_many_images_the_one_served_least_recently_goes_first(serve):
-    fake = FakeWorker(max_batch=3)
+    fake = FakeWorker(max_step_images=3)
     server = serve(fake)
     with Client(server.address, token="tok-third") as third, Client(server.address, token="tok-flood") as flood, \
             Client(server.address, token="tok-calm") as calm:
@@ -71,7 +71,7 @@ def test_between_tenants_holding_as_many_images_the_one_served_least_recently_go
 
 
 def test_a_job_larger_than_the_worker_runs_when_it_is_empty_and_nothing_jumps_ahead_of_it(serve):
-    fake = FakeWorker(max_batch=2)
+    fake = FakeWorker(max_step_images=2)
     server = serve(fake)
     with Client(server.address, token="tok-flood") as fv:
         sha = fv.upload(MODEL).sha256
@@ -93,7 +93,7 @@ def test_a_job_larger_than_the_worker_runs_when_it_is_empty_and_nothing_jumps_ah
 
 @pytest.mark.parametrize("crash", [True, False], ids=["crash", "graceful-stop"])
 def test_a_running_job_is_queued_again_by_the_restarted_server_and_finishes(serve, crash):
-    first = FakeWorker(max_batch=1)
+    first = FakeWorker(max_step_images=1)
     server = serve(first)
     with Client(server.address, token="tok-flood") as fv:
         sha = fv.upload(MODEL).sha256
@@ -108,7 +108,7 @@ def test_a_running_job_is_queued_again_by_the_restarted_server_and_finishes(serv
     server.stop()
     assert first.held() == ([running] if crash else [])  # a stop re-queues (REQUEUED); a crash sends nothing
 
-    second = FakeWorker(max_batch=1)
+    second = FakeWorker(max_step_images=1)
     server = serve(second)  # the same store
     with Client(server.address, token="tok-flood") as fv:
         again = second.wait_granted(running)
@@ -132,7 +132,7 @@ def test_a_running_job_is_queued_again_by_the_restarted_server_and_finishes(serv
 
 
 def test_a_lost_job_is_queued_again_at_the_head_and_runs_again(serve):
-    fake = FakeWorker(max_batch=1)
+    fake = FakeWorker(max_step_images=1)
     server = serve(fake)
     with Client(server.address, token="tok-flood") as fv:
         sha = fv.upload(MODEL).sha256
@@ -155,7 +155,7 @@ def test_a_lost_job_is_queued_again_at_the_head_and_runs_again(serve):
 def test_a_job_whose_worker_died_too_often_ends_failed_worker_lost_and_frees_its_place(serve):
     """The pool counts the losses (``ray_max_attempts``, tests/service/test_service_ray.py with real actors) and
     then sends FINISHED FAILED WORKER_LOST: the server stores that error and grants the next job."""
-    fake = FakeWorker(max_batch=1)
+    fake = FakeWorker(max_step_images=1)
     server = serve(fake)
     with Client(server.address, token="tok-flood") as fv:
         sha = fv.upload(MODEL).sha256
@@ -179,7 +179,7 @@ def test_a_job_whose_worker_died_too_often_ends_failed_worker_lost_and_frees_its
 
 
 def test_a_cancel_while_granted_but_not_started_ends_it_without_running_and_frees_the_worker_when_it_says(serve):
-    fake = FakeWorker(max_batch=1)
+    fake = FakeWorker(max_step_images=1)
     server = serve(fake)
     with Client(server.address, token="tok-flood") as fv:
         sha = fv.upload(MODEL).sha256
@@ -196,7 +196,7 @@ def test_a_cancel_while_granted_but_not_started_ends_it_without_running_and_free
 
 
 def test_a_cancel_arriving_after_the_worker_finished_the_job_keeps_the_result(serve):
-    fake = FakeWorker(max_batch=1)
+    fake = FakeWorker(max_step_images=1)
     server = serve(fake)
     with Client(server.address, token="tok-flood") as fv:
         sha = fv.upload(MODEL).sha256
@@ -215,7 +215,7 @@ def test_a_cancel_arriving_after_the_worker_finished_the_job_keeps_the_result(se
 
 
 def test_a_cancelled_queued_job_never_reaches_the_worker(serve):
-    fake = FakeWorker(max_batch=1)
+    fake = FakeWorker(max_step_images=1)
     server = serve(fake)
     with Client(server.address, token="tok-flood") as fv:
         sha = fv.upload(MODEL).sha256

@@ -100,7 +100,7 @@ def test_the_server_package_imports_without_torch(tmp_path):
 def batched(tmp_path_factory, tiny_onnx):
     """A server with max batch 8, every step's progress, and metrics."""
     config = ServerConfig(tmp_path_factory.mktemp("store"), heartbeat_seconds=0.5, grace_seconds=2.0,
-                          max_batch=8, progress_interval=0.0, metrics_port=0)
+                          max_step_images=8, progress_interval=0.0, metrics_port=0)
     running = serve_in_background(config)
     with Client(running.address, timeout=60) as fv:
         running.sha = fv.upload(tiny_onnx).sha256
@@ -145,7 +145,7 @@ def test_jobs_join_and_leave_mid_run(batched):
         assert all(d.start_time.ToNanoseconds() > running.start_time.ToNanoseconds() for d in done)
         _steps_after(fv, long.id, fv.job(long.id).step, 3)  # and it keeps moving after they left
         info = fv.info()
-        assert info.max_batch == 8 and info.worker.active_slots == 1 and info.worker.active_images == 1
+        assert info.max_step_images == 8 and info.worker.active_slots == 1 and info.worker.active_images == 1
         assert list(info.worker.models) == [batched.sha] and info.worker.device.kind == "cpu"
         fv.cancel(long.id)
         assert fv.wait(long.id, timeout=120).state == pb.JOB_STATE_CANCELLED
@@ -216,7 +216,7 @@ def test_a_result_that_cannot_be_encoded_fails_its_job_and_the_others_end(batche
 
 
 def test_progress_is_coalesced_per_job_plus_the_last_step(tmp_path, tiny_onnx):
-    config = ServerConfig(tmp_path, max_batch=16, progress_interval=3600.0)
+    config = ServerConfig(tmp_path, max_step_images=16, progress_interval=3600.0)
     with serve_in_background(config) as running, Client(running.address, timeout=60) as fv:
         assert fv.info().progress_interval_seconds == 3600.0
         sha = fv.upload(tiny_onnx).sha256
@@ -244,7 +244,7 @@ def test_an_exclusive_job_is_bitwise_repeatable(batched):
 
 def test_two_tenants_share_the_device_fairly(tmp_path, tiny_onnx):
     tokens = {"tok-flood": "flood", "tok-calm": "calm"}
-    config = ServerConfig(tmp_path, tokens=tokens, max_batch=2, progress_interval=0.0)
+    config = ServerConfig(tmp_path, tokens=tokens, max_step_images=2, progress_interval=0.0)
     with serve_in_background(config) as running, Client(running.address, token="tok-flood") as flood, \
             Client(running.address, token="tok-calm") as calm:
         sha = flood.upload(tiny_onnx).sha256
@@ -263,7 +263,7 @@ def test_two_tenants_share_the_device_fairly(tmp_path, tiny_onnx):
 @pytest.fixture()
 def oom_server(tmp_path, tiny_onnx, monkeypatch):
     monkeypatch.setenv("FEATUREVIZ_FAULT_OOM_IMAGES", "2")  # test-only fault hook: steps of > 2 images fail
-    config = ServerConfig(tmp_path, max_batch=8, progress_interval=0.0, metrics_port=0)
+    config = ServerConfig(tmp_path, max_step_images=8, progress_interval=0.0, metrics_port=0)
     with serve_in_background(config) as running, Client(running.address, timeout=60) as fv:
         running.sha = fv.upload(tiny_onnx).sha256
         yield running, fv
@@ -321,7 +321,7 @@ def test_a_real_cuda_out_of_memory_error_splits_the_batch_and_a_job_too_big_alon
 
     cuda = torch.device("cuda", torch.cuda.current_device())  # the memory fraction needs an index
     # the too-big job must reach the device (about 8 GiB measured: max_job_memory_bytes would refuse it at admission)
-    config = ServerConfig(tmp_path, device="cuda", max_batch=64, progress_interval=0.0, metrics_port=0,
+    config = ServerConfig(tmp_path, device="cuda", max_step_images=64, progress_interval=0.0, metrics_port=0,
                           limits=Limits(max_job_memory_bytes=1 << 40))
     caplog.set_level(logging.WARNING, logger="featureviz.worker")
     with serve_in_background(config) as running, Client(running.address, timeout=120) as fv:

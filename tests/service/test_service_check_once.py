@@ -37,7 +37,7 @@ def test_a_job_normalizes_its_objective_at_most_twice_from_create_to_result(tmp_
             calls.append(path)
         return normalize(spec, path, depth, defaults, bare)
 
-    config = ServerConfig(tmp_path, progress_interval=0.0, max_batch=2)
+    config = ServerConfig(tmp_path, progress_interval=0.0, max_step_images=2)
     with serve_in_background(config) as running, Client(running.address, timeout=60) as fv:
         sha = fv.upload(tiny_onnx).sha256
         spec = spec_to_proto(sha, OBJECTIVE, steps=3, size=16, seed=1)  # the client's own check, not counted
@@ -57,7 +57,8 @@ def test_the_slot_takes_the_very_checked_spec_that_admission_built(tiny_onnx):
         events.append(event)
         (started if event.kind == "started" else finished if event.kind == "finished" else threading.Event()).set()
 
-    worker = local_worker(WorkerConfig(device="cpu", max_batch=2, progress_interval=0.0), model_source=lambda sha: None)
+    worker = local_worker(WorkerConfig(device="cpu", max_step_images=2, progress_interval=0.0),
+                          model_source=lambda sha: None)
     worker.start(sink)
     try:
         sha = "a" * 64

@@ -84,9 +84,9 @@ def _wait_for_step(fv: Client, job_id: str, step: int) -> None:
     raise AssertionError(f"job {job_id} ended before step {step}")
 
 
-def _sliced(tmp_path, slice_steps: int, max_batch: int = 2, **limits):
+def _sliced(tmp_path, slice_steps: int, max_step_images: int = 2, **limits):
     """Two tenants, every step's progress, a small max batch and time slice."""
-    config = ServerConfig(tmp_path, tokens=TOKENS, max_batch=max_batch, progress_interval=0.0,
+    config = ServerConfig(tmp_path, tokens=TOKENS, max_step_images=max_step_images, progress_interval=0.0,
                           limits=Limits(time_slice_steps=slice_steps, **limits))
     return serve_in_background(config)
 
@@ -117,7 +117,7 @@ def test_a_flood_of_long_jobs_lets_another_tenants_short_job_start_within_two_sl
 
 def test_an_exclusive_job_parked_and_resumed_gives_the_bytes_of_an_uninterrupted_run(tmp_path, tiny_onnx):
     spec = dict(steps=12, size=16, seed=21, exclusive=True)
-    with _sliced(tmp_path, 2, max_batch=1) as running, \
+    with _sliced(tmp_path, 2, max_step_images=1) as running, \
             Client(running.address, token="tok-flood", timeout=60) as flood, \
             Client(running.address, token="tok-calm", timeout=60) as calm:
         sha = flood.upload(tiny_onnx).sha256
@@ -139,7 +139,7 @@ def test_an_exclusive_job_parked_and_resumed_gives_the_bytes_of_an_uninterrupted
 
 def test_a_parked_job_can_be_cancelled(tmp_path, tiny_onnx):
     slice_steps = 200
-    with _sliced(tmp_path, slice_steps, max_batch=1) as running, \
+    with _sliced(tmp_path, slice_steps, max_step_images=1) as running, \
             Client(running.address, token="tok-flood", timeout=60) as flood, \
             Client(running.address, token="tok-calm", timeout=60) as calm:
         sha = flood.upload(tiny_onnx).sha256

@@ -33,6 +33,6 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     figures = json.loads((tmp_path / "batching.json").read_text())
     assert [row["jobs"] for row in figures["levels"]] == [1, 2]
     assert all(row[mode]["throughput"] > 0 for row in figures["levels"] for mode in ("batched", "solo"))
-    assert figures["max_batch"]["solo"] == 1
+    assert figures["max_step_images"]["solo"] == 1
     assert "| bench_batching" not in summary and "### bench_batching.py" in summary
     assert "### bench_engine_variants.py" in summary and "| default | 2 |" in summary

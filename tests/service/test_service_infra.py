@@ -184,7 +184,7 @@ def test_tenants_are_served_round_robin(secured, tiny_onnx):
         sha = alice.upload(tiny_onnx).sha256
         bob.upload(tiny_onnx)
         # a blocker as large as the worker's batch: alice holds the whole step, bob nothing
-        blocker = alice.submit(sha, CHANNEL, steps=10_000, size=32, batch=alice.info().max_batch)
+        blocker = alice.submit(sha, CHANNEL, steps=10_000, size=32, batch=alice.info().max_step_images)
         next(e for e in alice.watch(blocker.id, timeout=120) if e.HasField("progress"))  # alice is being served
         a1 = alice.submit(sha, CHANNEL, steps=2, size=32)
         b1 = bob.submit(sha, CHANNEL, steps=2, size=32)

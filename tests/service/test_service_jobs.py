@@ -110,7 +110,7 @@ def test_cancel_mid_run_stops_within_a_few_steps(client, tiny_model):
 
 def test_cancel_a_queued_job_and_a_finished_one(client, tiny_model):
     # a blocker as large as the worker's batch: the next job waits in the queue
-    blocker = client.submit(tiny_model.sha256, CHANNEL, steps=5000, size=32, batch=client.info().max_batch)
+    blocker = client.submit(tiny_model.sha256, CHANNEL, steps=5000, size=32, batch=client.info().max_step_images)
     queued = client.submit(tiny_model.sha256, CHANNEL, steps=5, size=32)
     assert client.job(queued.id).state == pb.JOB_STATE_QUEUED
     assert client.cancel(queued.id).state == pb.JOB_STATE_CANCELLED
@@ -240,7 +240,7 @@ def test_list_jobs_pages_and_filters(client, tiny_model):
 
 
 def test_heartbeats_keep_an_idle_stream_alive(client, tiny_model):
-    blocker = client.submit(tiny_model.sha256, CHANNEL, steps=10_000, size=32, batch=client.info().max_batch)
+    blocker = client.submit(tiny_model.sha256, CHANNEL, steps=10_000, size=32, batch=client.info().max_step_images)
     next(e for e in client.watch(blocker.id, timeout=120) if e.HasField("progress"))  # it runs
     waiting = client.submit(tiny_model.sha256, CHANNEL, steps=2, size=32)
     beats, snapshot = 0, None

@@ -72,7 +72,7 @@ def test_both_clients_take_every_declared_option_and_nothing_else(client, server
 @pytest.mark.parametrize("options, field, needles", [
     ({"steps": 0}, "spec.steps", ["1 to 10000", "max_steps"]),
     ({"lr": 0.0}, "spec.lr", ["1e-06 to 10", "min_lr, max_lr"]),
-    ({"batch": Limits().max_batch + 1}, "spec.batch", ["1 to 64", "max_batch"]),
+    ({"batch": Limits().max_images_per_job + 1}, "spec.batch", ["1 to 64", "max_images_per_job"]),
     ({"size": (4, 16)}, "spec.size", ["8 to 1024", "min_image_side, max_image_side"]),
     ({"preview_max_side": -1}, "spec.preview_max_side", [">= 0"]),
 ])

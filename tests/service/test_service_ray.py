@@ -42,7 +42,7 @@ def cluster(tmp_path_factory, tiny_onnx):
     os.environ[FAULT_CRASH_SEED] = str(CRASH_SEED)  # the actors inherit it: that seed crashes its worker
     init_local_ray(num_cpus=2)
     config = ServerConfig(tmp_path_factory.mktemp("store"), tokens=TOKENS, heartbeat_seconds=0.5, grace_seconds=2.0,
-                          max_batch=2, threads=1, progress_interval=0.0, metrics_port=0, ray="auto", workers=2,
+                          max_step_images=2, threads=1, progress_interval=0.0, metrics_port=0, ray="auto", workers=2,
                           ray_max_attempts=2)
     running = serve_in_background(config)
     with Client(running.address, token="tok-a", timeout=60) as fv:
@@ -77,8 +77,8 @@ def test_server_info_lists_both_workers(cluster):
     assert all(w.node == "127.0.0.1" and w.pid > 0 and w.pid != os.getpid() and w.up for w in workers.values()), \
         workers
     assert len({w.pid for w in workers.values()}) == 2
-    assert all(w.device.kind == "cpu" and w.max_batch == 2 for w in workers.values())
-    assert info.max_batch == 4 and info.worker.max_batch == 4
+    assert all(w.device.kind == "cpu" and w.max_step_images == 2 for w in workers.values())
+    assert info.max_step_images == 4 and info.worker.max_step_images == 4
 
 
 def test_jobs_spread_over_both_workers_with_model_affinity(cluster):

@@ -33,7 +33,7 @@ def _wait_for_step(fv: Client, job_id: str, step: int) -> int:
 @pytest.mark.slow
 def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
     store = tmp_path / "store"
-    first = ServeProcess(store, "--max-batch", "1")  # one job at a time: the second one waits in the queue
+    first = ServeProcess(store, "--max-step-images", "1")  # one job at a time: the second one waits in the queue
     try:
         with Client(first.address) as fv:
             model = fv.upload(tiny_onnx)
@@ -63,7 +63,7 @@ def test_jobs_survive_a_crash_and_a_graceful_restart(tmp_path, tiny_onnx):
             assert other.state == pb.JOB_STATE_SUCCEEDED and other.attempts == 1
             # an uninterrupted exclusive run of the same spec gives the same bytes (the restarted one ran beside the
             # other job, which the default max batch lets share the device: exclusive kept them apart)
-            assert fv.info().max_batch > 1
+            assert fv.info().max_step_images > 1
             reference = fv.wait(fv.submit(model.sha256, CHANNEL, steps=RUN_STEPS, size=32, seed=7,
                                           exclusive=True).id, timeout=240)
             assert images(reference) == images(done)

@@ -2,7 +2,7 @@
 log) with only the worker replaced, so the test decides when each job starts, progresses, finishes, fails or is
 lost, and can hold events back to force a race. No torch, no device: a test takes milliseconds.
 
-    fake = FakeWorker(max_batch=2)
+    fake = FakeWorker(max_step_images=2)
     with serve_in_background(ServerConfig(tmp_path), worker=fake) as server, Client(server.address) as fv:
         model = fv.upload(b"any bytes")                 # load_model: a made-up catalog (layers ``conv``, ``logits``)
         job = fv.submit(model.sha256, {"channel": {"layer": "conv", "channel": 0}}, steps=4)
@@ -68,11 +68,11 @@ class _Delivery:
 
 class FakeWorker(api.Worker):
     """A :class:`featureviz.worker.api.Worker` whose events the test scripts (see the module docstring).
-    ``max_batch``: the images the scheduler may grant it at once (its share rule may grant more). ``worker_id``:
+    ``max_step_images``: the images the scheduler may grant it at once (its share rule may grant more). ``worker_id``:
     what STARTED events carry (the job's ``worker``)."""
 
-    def __init__(self, max_batch: int = 1, *, worker_id: str = "fake", layers=LAYERS):
-        self.max_batch = max_batch
+    def __init__(self, max_step_images: int = 1, *, worker_id: str = "fake", layers=LAYERS):
+        self.max_step_images = max_step_images
         self.worker_id = worker_id
         self.layers = list(layers)
         self.submissions: list[api.Submission] = []  # every grant, in order (a lost or re-queued job again)
@@ -138,7 +138,7 @@ class FakeWorker(api.Worker):
     def info(self) -> pb.WorkerInfo:
         with self._cv:
             started = [s for j, s in self._held.items() if j in self._started]
-            return pb.WorkerInfo(device=self.device(), max_batch=self.max_batch, active_slots=len(started),
+            return pb.WorkerInfo(device=self.device(), max_step_images=self.max_step_images, active_slots=len(started),
                                  active_images=sum(s.images for s in started), id=self.worker_id)
 
     def stop(self, grace: float, *, crash: bool | None = None) -> None:

@@ -1,7 +1,7 @@
 """``featureviz serve`` as a real subprocess of this environment's Python: started on a free port, its stderr read
 line by line (``lines``), stopped with a signal.
 
-    server = ServeProcess(tmp_path / "store", "--max-batch", "1")     # returns once it listens
+    server = ServeProcess(tmp_path / "store", "--max-step-images", "1")     # returns once it listens
     with Client(server.address) as fv: ...
     assert server.stop(signal.SIGTERM) == 0                            # its exit code
 

@@ -152,7 +152,8 @@ const COMMANDS = {
     const { limits, device } = info;
     console.log(`featureviz ${info.version} (api ${info.apiVersion}) at ${fv.address}, tenant ${info.tenant}`);
     console.log(`device: ${device.kind} ${device.name}, kernels ${device.kernels}`);
-    console.log(`limits: image side ${limits.maxImageSide}, steps ${limits.maxSteps}, batch ${limits.maxBatch}, ` +
+    const batch = limits.maxImagesPerJob || limits.maxBatch;  // maxBatch: the deprecated name (older servers)
+    console.log(`limits: image side ${limits.maxImageSide}, steps ${limits.maxSteps}, batch ${batch}, ` +
       `upload ${limits.maxUploadBytes} bytes`);
     for (const w of info.workers || []) {
       console.log(`worker ${w.id} on ${w.node} (pid ${w.pid}, ${w.device ? w.device.kind : '?'}${w.up ? '' : ', restarting'}): ` +

@@ -703,7 +703,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -739,6 +739,7 @@ class Limits(_message.Message):
     IMPORT_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IMPORT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_NAME_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_JOB_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -774,7 +775,8 @@ class Limits(_message.Message):
     import_timeout_seconds: float
     import_memory_bytes: int
     max_model_name_chars: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ...) -> None: ...
+    max_images_per_job: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")
@@ -789,7 +791,7 @@ class Device(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., kernels: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("device", "models", "active_slots", "active_images", "max_batch", "memory_allocated_bytes", "id", "node", "pid", "up", "parked_slots")
+    __slots__ = ("device", "models", "active_slots", "active_images", "max_batch", "memory_allocated_bytes", "id", "node", "pid", "up", "parked_slots", "max_step_images")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -801,6 +803,7 @@ class WorkerInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
     PARKED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_IMAGES_FIELD_NUMBER: _ClassVar[int]
     device: Device
     models: _containers.RepeatedScalarFieldContainer[str]
     active_slots: int
@@ -812,10 +815,11 @@ class WorkerInfo(_message.Message):
     pid: int
     up: bool
     parked_slots: int
-    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., active_slots: _Optional[int] = ..., active_images: _Optional[int] = ..., max_batch: _Optional[int] = ..., memory_allocated_bytes: _Optional[int] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., parked_slots: _Optional[int] = ...) -> None: ...
+    max_step_images: int
+    def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., active_slots: _Optional[int] = ..., active_images: _Optional[int] = ..., max_batch: _Optional[int] = ..., memory_allocated_bytes: _Optional[int] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., parked_slots: _Optional[int] = ..., max_step_images: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds", "workers", "job_options")
+    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds", "workers", "job_options", "max_step_images")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -828,6 +832,7 @@ class ServerInfo(_message.Message):
     PROGRESS_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     JOB_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_IMAGES_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     limits: Limits
@@ -840,7 +845,8 @@ class ServerInfo(_message.Message):
     progress_interval_seconds: float
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     job_options: _containers.RepeatedCompositeFieldContainer[JobOption]
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., job_options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ...) -> None: ...
+    max_step_images: int
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., job_options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ..., max_step_images: _Optional[int] = ...) -> None: ...
 
 class JobOption(_message.Message):
     __slots__ = ("name", "type", "default", "choices", "minimum", "maximum", "below", "min_limit", "max_limit", "help", "flag", "surfaces", "engine")

@@ -20,7 +20,8 @@ export async function classesPage(root, [sha], state) {
     return undefined;
   }
   const { names } = await api.get("api/classes");
-  const maxBatch = Math.min(state.info?.limits.max_batch || 64, 16);
+  const limits = state.info?.limits || {};
+  const maxImages = Math.min(limits.max_images_per_job || limits.max_batch || 64, 16);  // max_batch: the old name
   const chosen = [];
   const search = h("input#class-search", { type: "search", placeholder: "Search 1000 ImageNet classes, e.g. cat" });
   const matches = h("div.class-matches");
@@ -39,7 +40,7 @@ export async function classesPage(root, [sha], state) {
       onclick: () => add(k) }, n, h("small", ` ${k}`))) : h("span.muted", "no class matches"));
   }
   function add(k) {
-    if (chosen.includes(k) || chosen.length >= maxBatch) return;
+    if (chosen.includes(k) || chosen.length >= maxImages) return;
     chosen.push(k);
     showPicked();
   }
@@ -48,7 +49,7 @@ export async function classesPage(root, [sha], state) {
     go.textContent = chosen.length ? `Render ${chosen.length} class${chosen.length > 1 ? "es" : ""}` : "Render classes";
     clear(picked, chosen.length ? chosen.map((k) => h("button.chip.on", { type: "button", title: "remove",
       onclick: () => { chosen.splice(chosen.indexOf(k), 1); showPicked(); } }, names[k], " ×"))
-      : h("span.muted", `Pick up to ${maxBatch} classes.`));
+      : h("span.muted", `Pick up to ${maxImages} classes.`));
   }
   search.addEventListener("input", showMatches);
 

@@ -21,9 +21,9 @@ export async function layerPage(root, [sha, name], state) {
       h("div.notice.bad", `No layer ${name} in this model.`));
     return undefined;
   }
-  const maxBatch = state.info?.limits.max_batch || 64;
-  const count = h("input#channel-count", { type: "number", min: 1, max: Math.min(maxBatch, layer.channels),
-    value: Math.min(LAYER_DEFAULTS.channels, layer.channels, maxBatch) });
+  const maxImages = state.info?.limits.max_images_per_job || state.info?.limits.max_batch || 64;  // images per job
+  const count = h("input#channel-count", { type: "number", min: 1, max: Math.min(maxImages, layer.channels),
+    value: Math.min(LAYER_DEFAULTS.channels, layer.channels, maxImages) });
   const first = h("input#channel-first", { type: "number", min: 0, max: layer.channels - 1, value: 0 });
   const options = optionsForm({ steps: LAYER_DEFAULTS.steps, size: Math.min(LAYER_DEFAULTS.size,
     state.info?.limits.max_image_side || 1024) }, {
@@ -37,7 +37,7 @@ export async function layerPage(root, [sha, name], state) {
 
   async function render(event) {
     event?.preventDefault();
-    const n = Math.max(1, Math.min(Number(count.value), layer.channels - Number(first.value), maxBatch));
+    const n = Math.max(1, Math.min(Number(count.value), layer.channels - Number(first.value), maxImages));
     const from = Math.max(0, Number(first.value));
     const values = options.values();
     go.disabled = true;
