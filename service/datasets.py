@@ -268,7 +268,7 @@ def _zip(source: Path, collector: _Collector, limits: DatasetLimits) -> None:
                     raise InvalidSpec("archive", f"member {echo(info.filename)} is a symbolic link; links are refused, "
                                                  "nothing was stored: pack the files themselves",
                                       reason="LINK_MEMBER")
-                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # 0: a plain file
                     raise InvalidSpec("archive", f"member {echo(info.filename)} is a device file, FIFO or socket; "
                                                  "refused, nothing was stored", reason="SPECIAL_MEMBER")
             if info.is_dir():

@@ -17,6 +17,7 @@ import grpc
 
 from featureviz.codec import preprocess_to_proto
 from featureviz.client.errors import RETRYABLE
+from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
 from featureviz.v1 import featureviz_pb2 as pb
 
@@ -134,14 +135,17 @@ class DatasetUpload(Upload):
             head = bytes(source[:512])
             kind = _archive_kind(head)
             if kind is None:
-                raise ValueError("bytes given to upload_dataset must be a zip or tar archive")
+                raise FeaturevizClientError("INVALID_ARGUMENT", "bytes given to upload_dataset must be a zip or tar "
+                                                                "archive; give a folder or image files by path")
             self.parts = [bytes(source)]
             default_name = ""
+        elif not isinstance(source, (list, tuple)) and not Path(source).exists():
+            raise FeaturevizClientError("INVALID_ARGUMENT", f"{source}: no such file or folder")
         elif isinstance(source, (list, tuple)) or Path(source).is_dir():
             entries = (_folder_files(Path(source)) if not isinstance(source, (list, tuple))
                        else [(Path(p).name, Path(p)) for p in source])
             if not entries:
-                raise ValueError(f"no files to upload in {source}")
+                raise FeaturevizClientError("INVALID_ARGUMENT", f"no files to upload in {source}")
             kind = pb.DATASET_SOURCE_KIND_FILES
             for relative, path in entries:
                 sha, size = file_sha256(path)
