@@ -232,7 +232,7 @@ def _zip_entries(source: Path) -> tuple[int, int]:
         tail = f.read()
         at = tail.rfind(b"PK\x05\x06")
         if at < 0 or at + 22 > len(tail):
-            raise InvalidSpec("archive", "not a zip file (no end of central directory record); send a zip, a tar, "
+            raise InvalidSpec("archive", "not a zip file (no end of central directory record), nothing was stored; send a zip, a tar, "
                                          "or single files", reason="CORRUPT_ARCHIVE")
         entries, cd_size = struct.unpack("<HI", tail[at + 10: at + 16])
         if entries == 0xFFFF or cd_size == 0xFFFFFFFF:  # zip64: the locator just before the end record

@@ -10,7 +10,7 @@ import tarfile
 import zipfile
 import zlib
 
-__all__ = ["image_bytes", "png_header_only", "zip_of", "tar_of", "tar_special", "zip_symlink", "gz_zeros_tar"]
+__all__ = ["image_bytes", "noisy_png", "png_header_only", "zip_of", "tar_of", "tar_special", "zip_symlink", "gz_zeros_tar"]
 
 
 def image_bytes(fmt: str = "png", size=(16, 12), mode: str = "RGB", color=(200, 30, 40), **save) -> bytes:
@@ -86,3 +86,15 @@ def tar_special(name: str, kind: bytes, extra: dict[str, bytes] | None = None, l
 def gz_zeros_tar(name: str, size: int, extra: dict[str, bytes] | None = None) -> bytes:
     """A .tar.gz with a member of ``size`` zero bytes (it packs a thousandfold)."""
     return tar_of({**(extra or {}), name: bytes(size)}, mode="w:gz")
+
+
+def noisy_png(side: int, seed: int) -> bytes:
+    """A side x side RGB PNG of random pixels, stored uncompressed: about 3 * side**2 bytes that do not pack."""
+    import random
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pixels = random.Random(seed).randbytes(side * side * 3)
+    Image.frombytes("RGB", (side, side), pixels).save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
