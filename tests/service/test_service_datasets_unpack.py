@@ -238,3 +238,17 @@ def test_single_files_are_checked_against_their_digests(tmp_path):
     with pytest.raises(InvalidSpec) as err:
         _unpack(tmp_path, a + b, "files", files=files)
     assert err.value.reason == "DIGEST_MISMATCH" and err.value.field == "header.files[1].sha256"
+
+
+def test_png_whose_pixel_data_is_short_of_its_header_is_corrupt():
+    """Every chunk whole and its CRC right, but IDAT holds 10 rows of the 20 its header declares."""
+    import zlib
+
+    from support.images import _chunk
+
+    ihdr = __import__("struct").pack(">IIBBBBB", 20, 20, 8, 2, 0, 0, 0)
+    rows = b"".join(b"\0" + bytes(60) for _ in range(10))
+    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))
+    with pytest.raises(SkipFile, match="not the 1220") as skip:
+        image_info(data, 4096)
+    assert skip.value.cause == "corrupt"
