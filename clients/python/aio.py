@@ -23,6 +23,7 @@ from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
 from featureviz.client.upload import DEFAULT_CHUNK
+from featureviz.client.upload import DatasetUpload
 from featureviz.client.upload import Upload
 from featureviz.client.upload import file_sha256
 from featureviz.client.watch import Reattach
@@ -52,6 +53,7 @@ class AsyncClient:
         self._models = pb_grpc.ModelServiceStub(self._channel)
         self._jobs = pb_grpc.JobServiceStub(self._channel)
         self._info = pb_grpc.InfoServiceStub(self._channel)
+        self._datasets = pb_grpc.DatasetServiceStub(self._channel)
 
     async def close(self) -> None:
         if self._owns_channel:
@@ -114,6 +116,38 @@ class AsyncClient:
                page_size: int = 0) -> AsyncIterator[pb.Layer]:
         return self._pages(self._models.ListLayers, pb.ListLayersRequest(
             model=model, page_size=page_size, filter=filter, spatial_only=spatial_only), "layers")
+
+    async def upload_dataset(self, source: bytes | str | os.PathLike | list, *, name: str | None = None,
+                             chunk_size: int = DEFAULT_CHUNK, retries: int = 3,
+                             progress: Callable[[int, int], None] | None = None) -> pb.Dataset:
+        """As :meth:`Client.upload_dataset`: a folder, image files or an archive; resumed after a broken stream."""
+        upload = await asyncio.to_thread(DatasetUpload, source, name=name, chunk_size=chunk_size, retries=retries,
+                                         progress=progress)
+        for attempt in upload.attempts:
+            status = await self._call(self._datasets.GetDatasetUpload, upload.status_request())
+            try:
+                return await self._datasets.UploadDataset(_aiter(upload.requests(status.committed_bytes)),
+                                                          metadata=self._metadata)
+            except grpc.RpcError as err:
+                await asyncio.sleep(upload.broken(err, attempt))
+        raise AssertionError("unreachable")
+
+    async def dataset_upload_status(self, sha256: str, size: int = 0) -> pb.UploadStatus:
+        return await self._call(self._datasets.GetDatasetUpload,
+                                pb.GetDatasetUploadRequest(sha256=sha256, size_bytes=size))
+
+    async def dataset(self, dataset: str) -> pb.Dataset:
+        return await self._call(self._datasets.GetDataset, pb.GetDatasetRequest(dataset=dataset))
+
+    def datasets(self, *, page_size: int = 0) -> AsyncIterator[pb.Dataset]:
+        return self._pages(self._datasets.ListDatasets, pb.ListDatasetsRequest(page_size=page_size), "datasets")
+
+    def dataset_images(self, dataset: str, *, page_size: int = 0) -> AsyncIterator[pb.DatasetImage]:
+        return self._pages(self._datasets.ListDatasetImages,
+                           pb.ListDatasetImagesRequest(dataset=dataset, page_size=page_size), "images")
+
+    async def delete_dataset(self, dataset: str) -> None:
+        await self._call(self._datasets.DeleteDataset, pb.DeleteDatasetRequest(dataset=dataset))
 
     async def _pages(self, method, request, field: str) -> AsyncIterator:
         while True:

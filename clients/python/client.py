@@ -28,6 +28,7 @@ from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
 from featureviz.client.upload import DEFAULT_CHUNK
+from featureviz.client.upload import DatasetUpload
 from featureviz.client.upload import Upload
 from featureviz.client.upload import file_sha256
 from featureviz.client.watch import Reattach
@@ -87,6 +88,7 @@ class Client:
         self._models = pb_grpc.ModelServiceStub(self._channel)
         self._jobs = pb_grpc.JobServiceStub(self._channel)
         self._info = pb_grpc.InfoServiceStub(self._channel)
+        self._datasets = pb_grpc.DatasetServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -151,6 +153,40 @@ class Client:
         """The layer catalog, fetched page by page as the iterator advances."""
         return self._pages(self._models.ListLayers, pb.ListLayersRequest(
             model=model, page_size=page_size, filter=filter, spatial_only=spatial_only), "layers")
+
+    # ------------------------------------------------------------------------------------------- datasets
+
+    def upload_dataset(self, source: bytes | str | os.PathLike | list, *, name: str | None = None,
+                       chunk_size: int = DEFAULT_CHUNK, retries: int = 3,
+                       progress: Callable[[int, int], None] | None = None) -> pb.Dataset:
+        """Upload an image set: a folder (its files, by relative name), a list of image files, one image file, or
+        a zip or tar archive (a path or bytes). A broken stream resumes from what the server holds, up to
+        ``retries`` times; a set the tenant holds already comes back with ``deduplicated``. The answer's
+        ``report`` says what was skipped and why."""
+        upload = DatasetUpload(source, name=name, chunk_size=chunk_size, retries=retries, progress=progress)
+        for attempt in upload.attempts:
+            status = self._call(self._datasets.GetDatasetUpload, upload.status_request())
+            try:
+                return self._datasets.UploadDataset(upload.requests(status.committed_bytes), metadata=self._metadata)
+            except grpc.RpcError as err:
+                time.sleep(upload.broken(err, attempt))
+        raise AssertionError("unreachable")
+
+    def dataset_upload_status(self, sha256: str, size: int = 0) -> pb.UploadStatus:
+        return self._call(self._datasets.GetDatasetUpload, pb.GetDatasetUploadRequest(sha256=sha256, size_bytes=size))
+
+    def dataset(self, dataset: str) -> pb.Dataset:
+        return self._call(self._datasets.GetDataset, pb.GetDatasetRequest(dataset=dataset))
+
+    def datasets(self, *, page_size: int = 0) -> Iterator[pb.Dataset]:
+        return self._pages(self._datasets.ListDatasets, pb.ListDatasetsRequest(page_size=page_size), "datasets")
+
+    def dataset_images(self, dataset: str, *, page_size: int = 0) -> Iterator[pb.DatasetImage]:
+        return self._pages(self._datasets.ListDatasetImages,
+                           pb.ListDatasetImagesRequest(dataset=dataset, page_size=page_size), "images")
+
+    def delete_dataset(self, dataset: str) -> None:
+        self._call(self._datasets.DeleteDataset, pb.DeleteDatasetRequest(dataset=dataset))
 
     def _pages(self, method, request, field: str) -> Iterator:
         """The items of a paged List call, one page fetched at a time."""

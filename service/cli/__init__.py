@@ -16,7 +16,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # name of the module under featureviz.cli, in the order of `featureviz --help`
-_COMMANDS = ["inspect", "render", "evaluate", "demo", "serve", "models", "jobs"]
+_COMMANDS = ["inspect", "render", "evaluate", "demo", "serve", "models", "datasets", "jobs"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

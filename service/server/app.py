@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2_grpc
 from featureviz.server.auth import BearerAuthInterceptor
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
+from featureviz.server.datasets import DatasetServicer
 from featureviz.server.decoding import DecodeGuardInterceptor
 from featureviz.server.info import InfoServicer
 from featureviz.server.metrics import Metrics
@@ -40,7 +41,7 @@ __all__ = ["FeaturevizServer", "create_server", "serve_in_background", "Backgrou
 log = logging.getLogger("featureviz.server")
 
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
-                      for name in ("ModelService", "JobService", "InfoService"))
+                      for name in ("ModelService", "JobService", "InfoService", "DatasetService"))
 
 
 class FeaturevizServer:
@@ -150,7 +151,9 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
         options=[("grpc.max_receive_message_length", config.limits.max_message_bytes),
                  ("grpc.max_send_message_length", config.limits.max_reply_bytes)],
     )
-    pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(config, store, scheduler, auth, metrics), server)
+    models = ModelServicer(config, store, scheduler, auth, metrics)
+    pb_grpc.add_ModelServiceServicer_to_server(models, server)
+    pb_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(config, store, auth, models), server)
     jobs = JobServicer(config, scheduler, auth)
     pb_grpc.add_JobServiceServicer_to_server(jobs, server)
     pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(config, auth, worker), server)

@@ -35,7 +35,8 @@ def _methods(service: str, *names: str) -> frozenset[str]:
 
 # the RPCs that change state: a rename in the .proto fails here, at import, not silently at run time
 WRITE_METHODS = (_methods("ModelService", "UploadModel", "DeleteModel")
-                 | _methods("JobService", "CreateJob", "CreateAndWatchJob", "CancelJob"))
+                 | _methods("JobService", "CreateJob", "CreateAndWatchJob", "CancelJob")
+                 | _methods("DatasetService", "UploadDataset", "DeleteDataset"))
 
 
 def _bearer(metadata) -> str | None:

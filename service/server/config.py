@@ -63,6 +63,15 @@ class Limits:
     import_timeout_seconds: float = 600.0
     import_memory_bytes: int = 16 << 30
     max_model_name_chars: int = 4096  # featureviz.importer.names.MAX_NAME_CHARS (a test checks they agree)
+    # datasets (featureviz.datasets): per set, from the header and the archive's directory, then on the bytes
+    # actually unpacked; an image over the side or byte limit is skipped (the report names it), not the set
+    max_dataset_images: int = 20_000
+    max_dataset_bytes: int = 2048 * MiB
+    max_dataset_image_side: int = 8192  # read from the header, before any decoding
+    max_dataset_image_bytes: int = 64 * MiB
+    max_archive_members: int = 50_000  # entries of a zip or tar, directories included
+    max_compression_ratio: int = 200  # unpacked / packed bytes, per zip member and per archive
+    max_datasets_per_tenant: int = 64
 
 
 @dataclass

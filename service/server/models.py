@@ -55,6 +55,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self.auth = auth
         self.metrics = metrics
         self._uploading: dict[tuple[str, str], int] = {}  # (tenant, sha256) -> declared size, while receiving
+        # other partial uploads being received (the DatasetService's): path -> (tenant, declared size); they count
+        # in the tenant's max_partial_upload_bytes and are never dropped to make room
+        self.receiving: dict[Path, tuple[str, int]] = {}
         self._streams: dict[str, int] = {}  # tenant -> its open UploadModel streams
 
     @rpc_errors
@@ -156,15 +159,17 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
             raise Aborted(f"the upload sent nothing for {idle:g} s (upload_idle_timeout_seconds) and was "
                           f"ended{held}", reason="UPLOAD_IDLE_TIMEOUT") from None
 
-    def _make_room(self, tenant: str, sha: str, size: int) -> None:
+    def _make_room(self, tenant: str, sha: str, size: int, own: Path | None = None) -> None:
         """Drop expired partial uploads (any tenant), then this tenant's oldest idle ones while its unfinished
-        uploads (the ones in progress at their declared size) would hold more than max_partial_upload_bytes."""
+        uploads (the ones in progress at their declared size) would hold more than max_partial_upload_bytes.
+        ``own``: the partial file of this upload (default: the model upload's of ``sha``)."""
         limits = self.config.limits
-        receiving = {self.store.upload_path(s, t) for t, s in self._uploading}
+        receiving = {self.store.upload_path(s, t) for t, s in self._uploading} | set(self.receiving)
         self.store.expire_partials(limits.partial_upload_ttl_seconds, keep=receiving)
-        own = self.store.upload_path(sha, tenant)
+        own = self.store.upload_path(sha, tenant) if own is None else own
         idle = [(path, held) for path, held in self.store.partials(tenant) if path not in receiving and path != own]
-        held = size + sum(n for (t, _), n in self._uploading.items() if t == tenant) + sum(n for _, n in idle)
+        held = size + sum(n for (t, _), n in self._uploading.items() if t == tenant) + sum(n for _, n in idle) \
+            + sum(n for t, n in self.receiving.values() if t == tenant)
         for path, n in idle:  # oldest first
             if held <= limits.max_partial_upload_bytes:
                 break

@@ -3,8 +3,12 @@
 Layout under the store directory::
 
     models/ab/abcdef....onnx      one file per distinct content (sha256), shared by the tenants that uploaded it
+    images/ab/abcdef....          one dataset image per distinct content (sha256), shared by every set and tenant
     uploads/<sha256>.<tenant>.part  a partial upload, kept across broken streams so the client can resume
-    featureviz.sqlite3            tables ``models`` (tenant, sha256 -> Model, catalog) and ``jobs``
+    uploads/dataset-<sha256>.<tenant>.part  the same for a dataset upload's stream (archive or files)
+    staging/<random>/             a dataset upload being unpacked and checked (removed when it ends, and at start)
+    featureviz.sqlite3            tables ``models`` (tenant, sha256 -> Model, catalog), ``jobs``, ``datasets``
+                                  (tenant, id -> Dataset, image list) and ``dataset_images`` (id -> image sha256)
 
 Model rows and job rows hold their protos serialized, so the metadata is exactly what the API returns.
 One connection serves the event loop and the scheduler thread behind a lock; every call is a short
@@ -17,6 +21,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -29,7 +34,7 @@ from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Store", "StoreCorrupt", "JobRow", "TERMINAL_STATES", "file_sha256"]
+__all__ = ["Store", "StoreCorrupt", "JobRow", "TERMINAL_STATES", "file_sha256", "DISK_FULL_MESSAGE"]
 
 UPLOAD_TTL_SECONDS = 24 * 3600
 TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
@@ -60,6 +65,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_seq INTEGER NOT NULL DEFAULT 0,
     worker TEXT NOT NULL DEFAULT ''          -- the worker of the latest attempt
 );
+CREATE TABLE IF NOT EXISTS datasets (
+    tenant TEXT NOT NULL,
+    id TEXT NOT NULL,             -- sha256 of the sorted image sha256 hex digests
+    dataset BLOB NOT NULL,        -- featureviz.v1.Dataset (with this tenant's report)
+    images BLOB NOT NULL,         -- featureviz.v1.ListDatasetImagesResponse holding every image, sorted by name
+    create_time REAL NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
+CREATE TABLE IF NOT EXISTS dataset_images (   -- which set holds which image file (any tenant): deletes by refcount
+    dataset TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (dataset, sha256)
+);
+CREATE INDEX IF NOT EXISTS dataset_images_sha ON dataset_images (sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
@@ -117,6 +136,9 @@ class Store:
         self.root = Path(root)
         (self.root / "models").mkdir(parents=True, exist_ok=True)
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.root / "staging", ignore_errors=True)  # unpacking that a stop or a crash cut short
+        (self.root / "staging").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._intact: dict[str, tuple[int, int, int]] = {}  # sha256 -> stat signature of the file last found intact
         self.db_path = self.root / "featureviz.sqlite3"
@@ -132,6 +154,9 @@ class Store:
             self._db.executescript(_SCHEMA)
             if "worker" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:  # a store before it
                 self._db.execute("ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
+            if "dataset" not in {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}:
+                # the dataset a job reads (the exemplar index job); '' for renders
+                self._db.execute("ALTER TABLE jobs ADD COLUMN dataset TEXT NOT NULL DEFAULT ''")
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StoreCorrupt(self.db_path, str(exc)) from None
@@ -310,9 +335,113 @@ class Store:
         if users == 0 and pending == 0:
             self.model_path(sha256).unlink(missing_ok=True)
 
+    # ------------------------------------------------------------------------------------------- datasets
+
+    def image_path(self, sha256: str) -> Path:
+        return self.root / "images" / sha256[:2] / sha256
+
+    def dataset_upload_path(self, sha256: str, tenant: str) -> Path:
+        """A dataset upload's partial stream (``*.<tenant>.part``: counted with the models' partial uploads)."""
+        return self.root / "uploads" / f"dataset-{sha256}.{_tenant_key(tenant)}.part"
+
+    def staging_dir(self) -> Path:
+        """A fresh folder for one upload being unpacked; the caller removes it."""
+        path = self.root / "staging" / uuid.uuid4().hex
+        path.mkdir(parents=True)
+        return path
+
+    def commit_dataset(self, tenant: str, dataset: pb.Dataset, images: pb.ListDatasetImagesResponse,
+                       staged: dict[str, Path]) -> None:
+        """Move the staged images (sha256 -> file) that are not stored yet into ``images/`` and insert the tenant's
+        row, as one step under the lock (a delete of another set cannot drop a file between the two). A failure
+        (a full disk) removes the files this call added and leaves the rows as they were."""
+        added: list[Path] = []
+        with self._lock:
+            try:
+                with _disk_full():
+                    for sha, path in staged.items():
+                        final = self.image_path(sha)
+                        if final.exists():
+                            continue
+                        final.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(path, final)  # the same file system: atomic, no new blocks
+                        added.append(final)
+                    with self._db:  # one transaction
+                        self._db.execute("BEGIN")
+                        self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?)",
+                                         (tenant, dataset.id, dataset.SerializeToString(), images.SerializeToString(),
+                                          time.time()))
+                        self._db.executemany("INSERT OR IGNORE INTO dataset_images VALUES (?, ?)",
+                                             [(dataset.id, sha) for sha in staged])
+            except BaseException:
+                for final in added:
+                    final.unlink(missing_ok=True)
+                raise
+
+    def get_dataset(self, tenant: str, dataset_id: str) -> pb.Dataset:
+        rows = self._run("SELECT dataset FROM datasets WHERE tenant = ? AND id = ?", (tenant, dataset_id))
+        if not rows:
+            raise NotFound(f"dataset {echo(dataset_id)} not found; upload it first (featureviz datasets upload "
+                           "DIR|ARCHIVE)", reason="DATASET_NOT_FOUND")
+        return pb.Dataset.FromString(rows[0][0])
+
+    def dataset_images(self, tenant: str, dataset_id: str) -> list[pb.DatasetImage]:
+        """The set's images (name, sha256, size, format, size in pixels), sorted by name: what an index job reads,
+        each file at :meth:`image_path`."""
+        rows = self._run("SELECT images FROM datasets WHERE tenant = ? AND id = ?", (tenant, dataset_id))
+        if not rows:
+            raise NotFound(f"dataset {echo(dataset_id)} not found", reason="DATASET_NOT_FOUND")
+        return list(pb.ListDatasetImagesResponse.FromString(rows[0][0]).images)
+
+    def list_datasets(self, tenant: str, offset: int, limit: int) -> list[pb.Dataset]:
+        rows = self._run("SELECT dataset FROM datasets WHERE tenant = ? ORDER BY create_time, id LIMIT ? OFFSET ?",
+                         (tenant, limit, offset))
+        return [pb.Dataset.FromString(r[0]) for r in rows]
+
+    def count_datasets(self, tenant: str, *, besides: str = "") -> int:
+        return self._run("SELECT COUNT(*) FROM datasets WHERE tenant = ? AND id != ?", (tenant, besides))[0][0]
+
+    def jobs_using_dataset(self, tenant: str, dataset_id: str) -> list[str]:
+        """The ids of the tenant's queued or running jobs that read the set, oldest first."""
+        return [row[0] for row in self._run(
+            "SELECT id FROM jobs WHERE tenant = ? AND dataset = ? AND state IN (?, ?) ORDER BY ord",
+            (tenant, dataset_id, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))]
+
+    def delete_dataset(self, tenant: str, dataset_id: str) -> int:
+        """Drop the tenant's row; the images no set of any tenant holds any more go too. Refused (FAILED_PRECONDITION,
+        DATASET_IN_USE, naming the jobs) while the tenant has queued or running jobs on the set. -> files removed."""
+        self.get_dataset(tenant, dataset_id)
+        with self._lock, _disk_full():
+            mine = [row[0] for row in self._db.execute(
+                "SELECT id FROM jobs WHERE tenant = ? AND dataset = ? AND state IN (?, ?) ORDER BY ord",
+                (tenant, dataset_id, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))]
+            if mine:
+                named = ", ".join(f"jobs/{job_id}" for job_id in mine[:5]) + (f" and {len(mine) - 5} more"
+                                                                             if len(mine) > 5 else "")
+                raise FailedPrecondition(f"dataset {dataset_id} is used by {len(mine)} queued or running job(s): "
+                                         f"{named}; cancel them or let them finish, then delete the dataset",
+                                         reason="DATASET_IN_USE")
+            orphans: list[str] = []
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("DELETE FROM datasets WHERE tenant = ? AND id = ?", (tenant, dataset_id))
+                holders = self._db.execute("SELECT COUNT(*) FROM datasets WHERE id = ?", (dataset_id,)).fetchone()[0]
+                pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE dataset = ? AND state IN (?, ?)",
+                                           (dataset_id, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)).fetchone()[0]
+                if holders == 0 and pending == 0:
+                    shas = [row[0] for row in self._db.execute(
+                        "SELECT sha256 FROM dataset_images WHERE dataset = ?", (dataset_id,))]
+                    self._db.execute("DELETE FROM dataset_images WHERE dataset = ?", (dataset_id,))
+                    orphans = [sha for sha in shas if not self._db.execute(
+                        "SELECT 1 FROM dataset_images WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()]
+            for sha in orphans:
+                self.image_path(sha).unlink(missing_ok=True)
+        return len(orphans)
+
     # ------------------------------------------------------------------------------------------- jobs
 
-    def create_job(self, tenant: str, request_id: str, spec: pb.JobSpec, model_sha: str) -> tuple[JobRow, bool]:
+    def create_job(self, tenant: str, request_id: str, spec: pb.JobSpec, model_sha: str,
+                   dataset: str = "") -> tuple[JobRow, bool]:
         """Insert a QUEUED job; with a request id already used by this tenant return that job. -> (row, created)."""
         with self._lock, _disk_full():
             if request_id:
@@ -322,9 +451,10 @@ class Store:
                     return JobRow(*row), False
             job_id = uuid.uuid4().hex[:16]
             self._db.execute(
-                "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, tenant, request_id, model_sha, pb.JOB_STATE_QUEUED, spec.SerializeToString(), time.time()),
+                "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time, dataset) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, tenant, request_id, model_sha, pb.JOB_STATE_QUEUED, spec.SerializeToString(), time.time(),
+                 dataset),
             )
             row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return JobRow(*row), True

@@ -17,6 +17,13 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_READY: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
 
+class DatasetSourceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATASET_SOURCE_KIND_UNSPECIFIED: _ClassVar[DatasetSourceKind]
+    DATASET_SOURCE_KIND_ZIP: _ClassVar[DatasetSourceKind]
+    DATASET_SOURCE_KIND_TAR: _ClassVar[DatasetSourceKind]
+    DATASET_SOURCE_KIND_FILES: _ClassVar[DatasetSourceKind]
+
 class Parameterization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PARAMETERIZATION_UNSPECIFIED: _ClassVar[Parameterization]
@@ -51,6 +58,10 @@ MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_VALIDATING: ModelState
 MODEL_STATE_READY: ModelState
 MODEL_STATE_FAILED: ModelState
+DATASET_SOURCE_KIND_UNSPECIFIED: DatasetSourceKind
+DATASET_SOURCE_KIND_ZIP: DatasetSourceKind
+DATASET_SOURCE_KIND_TAR: DatasetSourceKind
+DATASET_SOURCE_KIND_FILES: DatasetSourceKind
 PARAMETERIZATION_UNSPECIFIED: Parameterization
 PARAMETERIZATION_FFT: Parameterization
 PARAMETERIZATION_PIXEL: Parameterization
@@ -272,6 +283,181 @@ class ListLayersResponse(_message.Message):
     next_page_token: str
     total_size: int
     def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class DatasetFile(_message.Message):
+    __slots__ = ("name", "size_bytes", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class DatasetUploadHeader(_message.Message):
+    __slots__ = ("sha256", "size_bytes", "display_name", "kind", "files")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size_bytes: int
+    display_name: str
+    kind: DatasetSourceKind
+    files: _containers.RepeatedCompositeFieldContainer[DatasetFile]
+    def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., display_name: _Optional[str] = ..., kind: _Optional[_Union[DatasetSourceKind, str]] = ..., files: _Optional[_Iterable[_Union[DatasetFile, _Mapping]]] = ...) -> None: ...
+
+class UploadDatasetRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: DatasetUploadHeader
+    chunk: UploadChunk
+    def __init__(self, header: _Optional[_Union[DatasetUploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[UploadChunk, _Mapping]] = ...) -> None: ...
+
+class GetDatasetUploadRequest(_message.Message):
+    __slots__ = ("sha256", "size_bytes")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size_bytes: int
+    def __init__(self, sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class SkippedFiles(_message.Message):
+    __slots__ = ("cause", "count", "names", "detail")
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    cause: str
+    count: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    detail: str
+    def __init__(self, cause: _Optional[str] = ..., count: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ConvertedImages(_message.Message):
+    __slots__ = ("kind", "count", "names")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    count: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DatasetReport(_message.Message):
+    __slots__ = ("images", "files", "skipped", "skipped_by_cause", "converted", "formats")
+    class FormatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_BY_CAUSE_FIELD_NUMBER: _ClassVar[int]
+    CONVERTED_FIELD_NUMBER: _ClassVar[int]
+    FORMATS_FIELD_NUMBER: _ClassVar[int]
+    images: int
+    files: int
+    skipped: int
+    skipped_by_cause: _containers.RepeatedCompositeFieldContainer[SkippedFiles]
+    converted: _containers.RepeatedCompositeFieldContainer[ConvertedImages]
+    formats: _containers.ScalarMap[str, int]
+    def __init__(self, images: _Optional[int] = ..., files: _Optional[int] = ..., skipped: _Optional[int] = ..., skipped_by_cause: _Optional[_Iterable[_Union[SkippedFiles, _Mapping]]] = ..., converted: _Optional[_Iterable[_Union[ConvertedImages, _Mapping]]] = ..., formats: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class Dataset(_message.Message):
+    __slots__ = ("name", "id", "display_name", "image_count", "size_bytes", "report", "create_time", "deduplicated")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    id: str
+    display_name: str
+    image_count: int
+    size_bytes: int
+    report: DatasetReport
+    create_time: _timestamp_pb2.Timestamp
+    deduplicated: bool
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., display_name: _Optional[str] = ..., image_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., report: _Optional[_Union[DatasetReport, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deduplicated: _Optional[bool] = ...) -> None: ...
+
+class DatasetImage(_message.Message):
+    __slots__ = ("name", "sha256", "size_bytes", "format", "width", "height", "converted")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONVERTED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    size_bytes: int
+    format: str
+    width: int
+    height: int
+    converted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., converted: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets", "next_page_token")
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
+    next_page_token: str
+    def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListDatasetImagesRequest(_message.Message):
+    __slots__ = ("dataset", "page_size", "page_token")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    page_size: int
+    page_token: str
+    def __init__(self, dataset: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListDatasetImagesResponse(_message.Message):
+    __slots__ = ("images", "next_page_token", "total_size")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[DatasetImage]
+    next_page_token: str
+    total_size: int
+    def __init__(self, images: _Optional[_Iterable[_Union[DatasetImage, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Objective(_message.Message):
     __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral")
@@ -703,7 +889,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -740,6 +926,13 @@ class Limits(_message.Message):
     IMPORT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_NAME_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATASET_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATASET_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATASET_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ARCHIVE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_DATASETS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -776,7 +969,14 @@ class Limits(_message.Message):
     import_memory_bytes: int
     max_model_name_chars: int
     max_images_per_job: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ...) -> None: ...
+    max_dataset_images: int
+    max_dataset_bytes: int
+    max_dataset_image_side: int
+    max_dataset_image_bytes: int
+    max_archive_members: int
+    max_compression_ratio: int
+    max_datasets_per_tenant: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")

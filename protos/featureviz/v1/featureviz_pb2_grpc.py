@@ -330,6 +330,318 @@ class ModelService:
             _registered_method=True)
 
 
+class DatasetServiceStub:
+    """---------------------------------------------------------------------------------------------------------
+    Datasets: image sets, uploaded as a zip or tar archive or as single files (featureviz.datasets checks them).
+    Each image is stored once by its sha256 (shared by every set and tenant that holds it); a set's id is the
+    sha256 of its sorted image hashes, so the same images give the same id whatever the archive or the names.
+    ---------------------------------------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadDataset = channel.stream_unary(
+                '/featureviz.v1.DatasetService/UploadDataset',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.GetDatasetUpload = channel.unary_unary(
+                '/featureviz.v1.DatasetService/GetDatasetUpload',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.GetDatasetUploadRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.UploadStatus.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/featureviz.v1.DatasetService/GetDataset',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/featureviz.v1.DatasetService/ListDatasets',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.ListDatasetImages = channel.unary_unary(
+                '/featureviz.v1.DatasetService/ListDatasetImages',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetImagesRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetImagesResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/featureviz.v1.DatasetService/DeleteDataset',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
+
+
+class DatasetServiceServicer:
+    """---------------------------------------------------------------------------------------------------------
+    Datasets: image sets, uploaded as a zip or tar archive or as single files (featureviz.datasets checks them).
+    Each image is stored once by its sha256 (shared by every set and tenant that holds it); a set's id is the
+    sha256 of its sorted image hashes, so the same images give the same id whatever the archive or the names.
+    ---------------------------------------------------------------------------------------------------------
+
+    """
+
+    def UploadDataset(self, request_iterator, context):
+        """Client-streaming upload, as UploadModel: a header first, then chunks of the stream (the archive, or the
+        files one after another in the header's order) with their write offsets. The server checks the whole stream's
+        size and sha256, unpacks and checks every member, and answers with the stored set and its report. A stream
+        that ends without finish_write keeps the received prefix: GetDatasetUpload tells where to resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDatasetUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasetImages(self, request, context):
+        """The set's images (name, sha256, size, format), in the order of their names, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Refused (FAILED_PRECONDITION, DATASET_IN_USE, naming the jobs) while a queued or running job of the tenant uses
+        the set. The images go when no set of any tenant holds them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DatasetServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.Dataset.SerializeToString,
+            ),
+            'GetDatasetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatasetUpload,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.GetDatasetUploadRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.UploadStatus.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.GetDatasetRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.Dataset.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'ListDatasetImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasetImages,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetImagesRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.ListDatasetImagesResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'featureviz.v1.DatasetService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('featureviz.v1.DatasetService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class DatasetService:
+    """---------------------------------------------------------------------------------------------------------
+    Datasets: image sets, uploaded as a zip or tar archive or as single files (featureviz.datasets checks them).
+    Each image is stored once by its sha256 (shared by every set and tenant that holds it); a set's id is the
+    sha256 of its sorted image hashes, so the same images give the same id whatever the archive or the names.
+    ---------------------------------------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/featureviz.v1.DatasetService/UploadDataset',
+            featureviz_dot_v1_dot_featureviz__pb2.UploadDatasetRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatasetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.DatasetService/GetDatasetUpload',
+            featureviz_dot_v1_dot_featureviz__pb2.GetDatasetUploadRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.UploadStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.DatasetService/GetDataset',
+            featureviz_dot_v1_dot_featureviz__pb2.GetDatasetRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.DatasetService/ListDatasets',
+            featureviz_dot_v1_dot_featureviz__pb2.ListDatasetsRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasetImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.DatasetService/ListDatasetImages',
+            featureviz_dot_v1_dot_featureviz__pb2.ListDatasetImagesRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.ListDatasetImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.DatasetService/DeleteDataset',
+            featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class JobServiceStub:
     """---------------------------------------------------------------------------------------------------------
     Jobs

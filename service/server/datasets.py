@@ -1,0 +1,282 @@
+"""DatasetService: chunked, resumable uploads of image sets (a zip, a tar, or single files), checked by
+``featureviz.datasets`` (standard library only, run in a thread), stored by content; get, list, images, delete.
+
+An upload streams like a model's (header, then chunks with write offsets; a broken stream keeps its prefix under
+``uploads/dataset-<sha256>.<tenant>.part`` for GetDatasetUpload and a resume). Once the whole stream is there and
+matches its size and sha256, it is unpacked into a fresh ``staging/`` folder, each image under its sha256; the
+images not stored yet move to ``images/`` and the tenant's row is inserted in one step (``Store.commit_dataset``).
+Whatever the outcome after the stream is whole, the partial file and the staging folder are removed: a refused or
+failed upload leaves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+
+import grpc
+
+from featureviz.datasets import DatasetLimits
+from featureviz.datasets import Report
+from featureviz.datasets import Unpacked
+from featureviz.datasets import check_member_name
+from featureviz.datasets import unpack
+from featureviz.errors import FailedPrecondition
+from featureviz.errors import FeaturevizError
+from featureviz.errors import InvalidSpec
+from featureviz.errors import ResourceExhausted
+from featureviz.errors import echo
+from featureviz.server.auth import TenantResolver
+from featureviz.server.config import ServerConfig
+from featureviz.server.errors import rpc_errors
+from featureviz.server.models import ModelServicer
+from featureviz.server.models import _discard
+from featureviz.server.models import disk_full_discards
+from featureviz.server.models import parse_model_name
+from featureviz.server.paging import next_token
+from featureviz.server.paging import page_bounds
+from featureviz.server.store import Store
+from featureviz.server.store import file_sha256
+from featureviz.v1 import featureviz_pb2 as pb
+from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+
+__all__ = ["DatasetServicer", "parse_dataset_name", "report_to_proto"]
+
+log = logging.getLogger("featureviz.server")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_KINDS = {pb.DATASET_SOURCE_KIND_ZIP: "zip", pb.DATASET_SOURCE_KIND_TAR: "tar", pb.DATASET_SOURCE_KIND_FILES: "files"}
+DISPLAY_NAME_CHARS = 200
+
+
+def parse_dataset_name(name: str, field: str = "dataset") -> str:
+    """``"datasets/<id>"`` or ``"<id>"`` -> the id (a sha256 hex digest)."""
+    ident = name.removeprefix("datasets/").strip().lower()
+    if not _SHA256.fullmatch(ident):
+        raise InvalidSpec(field, f"expected a dataset id (sha256 hex digest) or 'datasets/<id>', got {echo(name)}")
+    return ident
+
+
+def report_to_proto(report: Report) -> pb.DatasetReport:
+    out = pb.DatasetReport(images=report.images, files=report.files, skipped=report.skipped_count,
+                           formats=report.formats)
+    for cause, (count, names, detail) in report.skipped.items():
+        out.skipped_by_cause.add(cause=cause, count=count, names=[n[:DISPLAY_NAME_CHARS] for n in names],
+                                 detail=detail)
+    for kind, (count, names) in report.converted.items():
+        out.converted.add(kind=kind, count=count, names=[n[:DISPLAY_NAME_CHARS] for n in names])
+    return out
+
+
+class DatasetServicer(pb_grpc.DatasetServiceServicer):
+    """Shares the model uploads' stream slots, idle timeout and partial-upload budget (``models``)."""
+
+    def __init__(self, config: ServerConfig, store: Store, auth: TenantResolver, models: ModelServicer):
+        self.config = config
+        self.store = store
+        self.auth = auth
+        self.models = models
+        self._uploading: set[tuple[str, str]] = set()  # (tenant, stream sha256) while receiving or unpacking
+
+    # --------------------------------------------------------------------------------------------- upload
+
+    @rpc_errors
+    async def UploadDataset(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.Dataset:
+        tenant = self.auth.tenant(context)
+        with self.models._stream_slot(tenant):
+            return await self._upload(tenant, aiter(request_iterator))
+
+    def _check_header(self, header: pb.DatasetUploadHeader) -> str:
+        limits = self.config.limits
+        sha = parse_model_name(header.sha256, "header.sha256")
+        if header.kind not in _KINDS:
+            raise InvalidSpec("header.kind", "give the kind of the upload: zip, tar or files")
+        if not 0 < header.size_bytes <= limits.max_dataset_bytes:
+            raise InvalidSpec("header.size_bytes", f"{header.size_bytes} bytes; a dataset upload must be 1 to "
+                                                   f"{limits.max_dataset_bytes} bytes (max_dataset_bytes)",
+                              reason="DATASET_TOO_LARGE" if header.size_bytes > 0 else None)
+        if header.kind != pb.DATASET_SOURCE_KIND_FILES:
+            if header.files:
+                raise InvalidSpec("header.files", "only an upload of kind files lists its files")
+            return sha
+        if not header.files:
+            raise InvalidSpec("header.files", "an upload of kind files lists its files (name, size_bytes, sha256)")
+        if len(header.files) > limits.max_archive_members:
+            raise InvalidSpec("header.files", f"{len(header.files)} files, over {limits.max_archive_members} "
+                                              "(max_archive_members); split the set", reason="TOO_MANY_MEMBERS")
+        total = 0
+        for index, item in enumerate(header.files):
+            if not check_member_name(item.name):
+                raise InvalidSpec(f"header.files[{index}].name", "empty; give the file's name")
+            parse_model_name(item.sha256, f"header.files[{index}].sha256")
+            if item.size_bytes < 0:
+                raise InvalidSpec(f"header.files[{index}].size_bytes", f"must be >= 0, got {item.size_bytes}")
+            total += item.size_bytes
+        if total != header.size_bytes:
+            raise InvalidSpec("header.files", f"the files add up to {total} bytes, the header declares "
+                                              f"{header.size_bytes}", reason="SIZE_MISMATCH")
+        return sha
+
+    def _check_quota(self, tenant: str, besides: str = "", *, reserved: bool) -> None:
+        limit = self.config.limits.max_datasets_per_tenant
+        held = self.store.count_datasets(tenant, besides=besides)
+        others = sum(1 for t, _ in self._uploading if t == tenant) - 1 if reserved else 0
+        if held + max(others, 0) + 1 > limit:
+            raise ResourceExhausted(f"this tenant has {held} datasets" + (f" and {others} being uploaded" if others
+                                                                            > 0 else "") +
+                                    f", the limit is {limit} (max_datasets_per_tenant); delete a dataset first",
+                                    reason="DATASET_QUOTA")
+
+    async def _upload(self, tenant: str, requests) -> pb.Dataset:
+        first = await self.models._next(requests, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidSpec("header", "the first message of an upload must be the header (sha256, size_bytes, "
+                                        "kind)")
+        header = first.header
+        sha = self._check_header(header)
+        if (tenant, sha) in self._uploading:
+            raise FailedPrecondition(f"an upload of {sha} is already in progress; retry when it ends",
+                                     reason="UPLOAD_IN_PROGRESS")
+        self._uploading.add((tenant, sha))
+        partial = self.store.dataset_upload_path(sha, tenant)
+        try:
+            self._check_quota(tenant, reserved=True)
+            self.models._make_room(tenant, sha, header.size_bytes, own=partial)
+            self.models.receiving[partial] = (tenant, header.size_bytes)
+            try:
+                await self._receive(header, partial, requests)
+            finally:
+                self.models.receiving.pop(partial, None)
+            try:
+                return await self._store(tenant, header, sha, partial)
+            finally:
+                _discard(partial)
+        finally:
+            self._uploading.discard((tenant, sha))
+
+    async def _receive(self, header: pb.DatasetUploadHeader, partial, requests) -> None:
+        """The stream into ``partial`` (appended from what it holds), checked against the declared size and sha256.
+        A broken stream keeps the prefix; a bad one (or a full disk) leaves nothing."""
+        committed = partial.stat().st_size if partial.exists() else 0
+        if committed > header.size_bytes:
+            partial.unlink()
+            committed = 0
+        max_chunk = self.config.limits.max_chunk_bytes
+        finished = False
+        with disk_full_discards(partial), open(partial, "ab") as out:
+            while (message := await self.models._next(requests, committed)) is not None:
+                if not message.HasField("chunk"):
+                    _discard(partial)
+                    raise InvalidSpec("header", "only the first message of an upload may be a header")
+                chunk = message.chunk
+                if chunk.write_offset != committed:
+                    raise FailedPrecondition(f"write_offset {chunk.write_offset} but the server holds {committed} "
+                                             f"bytes; resume from {committed}", reason="WRITE_OFFSET_MISMATCH")
+                if len(chunk.data) > max_chunk:
+                    _discard(partial)
+                    raise InvalidSpec("chunk.data", f"{len(chunk.data)} bytes; chunks are at most {max_chunk} bytes")
+                if committed + len(chunk.data) > header.size_bytes:
+                    _discard(partial)
+                    raise InvalidSpec("header.size_bytes", f"received more than the declared {header.size_bytes} "
+                                                           "bytes", reason="SIZE_MISMATCH")
+                out.write(chunk.data)
+                out.flush()
+                committed += len(chunk.data)
+                if chunk.finish_write:
+                    finished = True
+                    break
+        if not finished and committed < header.size_bytes:
+            raise FailedPrecondition(f"the stream ended after {committed} of {header.size_bytes} bytes without "
+                                     f"finish_write; resume from {committed}", reason="UPLOAD_INCOMPLETE")
+        if committed != header.size_bytes:
+            _discard(partial)
+            raise InvalidSpec("header.size_bytes", f"declared {header.size_bytes} bytes but the stream ended after "
+                                                   f"{committed}", reason="SIZE_MISMATCH")
+        digest = await asyncio.to_thread(file_sha256, partial)
+        if digest != parse_model_name(header.sha256):
+            _discard(partial)
+            raise InvalidSpec("header.sha256", f"the bytes hash to {digest}, not the declared "
+                                               f"{echo(header.sha256)}", reason="DIGEST_MISMATCH")
+
+    async def _store(self, tenant: str, header: pb.DatasetUploadHeader, sha: str, partial) -> pb.Dataset:
+        staging = self.store.staging_dir()
+        try:
+            files = [(f.name, f.size_bytes, f.sha256.lower()) for f in header.files]
+            limits = DatasetLimits.from_limits(self.config.limits)
+            with disk_full_discards(partial):
+                unpacked = await asyncio.to_thread(unpack, partial, _KINDS[header.kind], staging, limits, files)
+            ident = unpacked.id
+            try:
+                existing = self.store.get_dataset(tenant, ident)
+            except FeaturevizError:
+                existing = None
+            if existing is not None:
+                existing.deduplicated = True
+                return existing
+            self._check_quota(tenant, besides=ident, reserved=False)  # no await from here to the commit
+            dataset, images = self._protos(header, ident, unpacked)
+            with disk_full_discards(partial):
+                self.store.commit_dataset(tenant, dataset, images, {i.sha256: i.path for i in unpacked.images})
+            log.info("dataset %s uploaded (%d images, %d skipped) by %s", ident[:12], unpacked.report.images,
+                     unpacked.report.skipped_count, tenant)
+            return dataset
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    @staticmethod
+    def _protos(header: pb.DatasetUploadHeader, ident: str, unpacked: Unpacked):
+        dataset = pb.Dataset(name=f"datasets/{ident}", id=ident, display_name=header.display_name[:DISPLAY_NAME_CHARS],
+                             image_count=len(unpacked.images), size_bytes=unpacked.size_bytes,
+                             report=report_to_proto(unpacked.report))
+        dataset.create_time.GetCurrentTime()
+        images = pb.ListDatasetImagesResponse(total_size=len(unpacked.images))
+        for image in unpacked.images:
+            images.images.add(name=image.name, sha256=image.sha256, size_bytes=image.size, format=image.info.format,
+                              width=image.info.width, height=image.info.height, converted=image.info.converted)
+        return dataset, images
+
+    # --------------------------------------------------------------------------------------------- reads
+
+    @rpc_errors
+    async def GetDatasetUpload(self, request: pb.GetDatasetUploadRequest, context) -> pb.UploadStatus:
+        tenant = self.auth.tenant(context)
+        sha = parse_model_name(request.sha256, "sha256")
+        partial = self.store.dataset_upload_path(sha, tenant)
+        committed = partial.stat().st_size if partial.exists() else 0
+        if request.size_bytes and committed > request.size_bytes:
+            committed = 0
+        return pb.UploadStatus(sha256=sha, committed_bytes=committed)
+
+    @rpc_errors
+    async def GetDataset(self, request: pb.GetDatasetRequest, context) -> pb.Dataset:
+        return self.store.get_dataset(self.auth.tenant(context), parse_dataset_name(request.dataset))
+
+    @rpc_errors
+    async def ListDatasets(self, request: pb.ListDatasetsRequest, context) -> pb.ListDatasetsResponse:
+        tenant = self.auth.tenant(context)
+        limits = self.config.limits
+        offset, limit = page_bounds(request.page_size, request.page_token, "datasets",
+                                    default=limits.default_page_size, maximum=limits.max_page_size)
+        datasets = self.store.list_datasets(tenant, offset, limit)
+        for dataset in datasets:  # a page stays small: the names are in GetDataset
+            for entry in (*dataset.report.skipped_by_cause, *dataset.report.converted):
+                del entry.names[:]
+        return pb.ListDatasetsResponse(datasets=datasets, next_page_token=next_token(offset, limit, len(datasets),
+                                                                                     None, "datasets"))
+
+    @rpc_errors
+    async def ListDatasetImages(self, request: pb.ListDatasetImagesRequest, context) -> pb.ListDatasetImagesResponse:
+        ident = parse_dataset_name(request.dataset)
+        images = self.store.dataset_images(self.auth.tenant(context), ident)
+        limits = self.config.limits
+        offset, limit = page_bounds(request.page_size, request.page_token, ident,
+                                    default=limits.default_page_size, maximum=limits.max_page_size)
+        page = images[offset: offset + limit]
+        return pb.ListDatasetImagesResponse(images=page, total_size=len(images),
+                                            next_page_token=next_token(offset, limit, len(page), len(images), ident))
+
+    @rpc_errors
+    async def DeleteDataset(self, request: pb.DeleteDatasetRequest, context) -> pb.DeleteDatasetResponse:
+        self.store.delete_dataset(self.auth.tenant(context), parse_dataset_name(request.dataset))
+        return pb.DeleteDatasetResponse()
