@@ -63,9 +63,10 @@ MAX_IMAGE_SIDE = 4096  # the largest side decode_image accepts unless told a sma
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 
-def image_size(data: bytes, *, field: str = "init_image") -> tuple[int, int]:
-    """(width, height) of PNG or JPEG bytes, read from the header: no pixel is decoded."""
-    with _open(data, field) as img:
+def image_size(data: bytes, *, field: str = "init_image",
+               formats: tuple[str, ...] | None = IMAGE_FORMATS) -> tuple[int, int]:
+    """(width, height) of PNG or JPEG bytes (or ``formats``), read from the header: no pixel is decoded."""
+    with _open(data, field, formats) as img:
         return img.size
 
 
