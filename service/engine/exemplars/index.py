@@ -14,6 +14,7 @@ import json
 import math
 import os
 import stat
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,7 +271,8 @@ class ExemplarIndex:
             sizes = np.array(arrays["image_sizes"], dtype=np.int32)
             if sizes.shape != (len(meta["names"]), 2):
                 raise ValueError("image_sizes does not match the names")
-        except (OSError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError,
+                ValueError) as exc:
             raise ValueError(f"not a readable exemplar index ({type(exc).__name__}: {exc})") from None
         return cls(meta, states, sizes)
 
