@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     extra = [name.strip() for name in (args.layers or "").split(",") if name.strip()]
     layers = index_layers(model, [layer, *extra])  # unknown layers: NotFound before any compute
     target = layers[0]
+    layers.sort(key=lambda name: model.layer(name).depth)  # one cache entry whatever the order they are named in
     channels = model.layer(target).channels
     if not 0 <= channel < channels:
         raise InvalidSpec("unit", f"channel {channel} is out of range: {target} has {channels} channels "

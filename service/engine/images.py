@@ -115,7 +115,10 @@ def _open(data: bytes, field: str, formats: tuple[str, ...] | None = IMAGE_FORMA
     except UnidentifiedImageError:
         wanted = " or ".join(formats) if formats else "an image"
         raise InvalidSpec(field, f"not a {wanted} image ({len(data)} bytes in no format it reads)") from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InvalidSpec(field, f"the image is too large to open ({exc}); the largest side allowed is at most "
+                                 f"{MAX_IMAGE_SIDE}", reason="IMAGE_TOO_LARGE") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidSpec(field, f"the image header could not be read ({type(exc).__name__}: truncated or corrupt "
                                  "data)") from None
     return img
