@@ -6,7 +6,7 @@ overlapped with compute, preprocessing, top-k/bottom-k/sketch bookkeeping, a sta
 ``truncated(x)`` over the same images already decoded in memory, same batch size, in one run. Then the peak
 resident memory of the pass in fresh processes at two set sizes. Writes only under a temp folder it removes.
 
-    .venv/bin/python bench/bench_exemplars.py [--images 256] [--batch 32] [--layers few|all]
+    .venv/bin/python bench/bench_exemplars.py [--images 160] [--batch 32] [--layers few|all]
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def peak(folder: Path, batch: int, which: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=160)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--layers", choices=("few", "all"), default="few")
     parser.add_argument("--peak", default=None, help=argparse.SUPPRESS)  # child mode: a folder
