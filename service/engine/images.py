@@ -65,9 +65,10 @@ MAX_DECODE_SIDE = 4096
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 
-def image_size(data: bytes, *, field: str = "init_image") -> tuple[int, int]:
-    """(width, height) of PNG or JPEG bytes, read from the header: no pixel is decoded."""
-    with _open(data, field) as img:
+def image_size(data: bytes, *, field: str = "init_image",
+               formats: tuple[str, ...] | None = IMAGE_FORMATS) -> tuple[int, int]:
+    """(width, height) of PNG or JPEG bytes (or ``formats``), read from the header: no pixel is decoded."""
+    with _open(data, field, formats) as img:
         return img.size
 
 
@@ -116,7 +117,10 @@ def _open(data: bytes, field: str, formats: tuple[str, ...] | None = IMAGE_FORMA
     except UnidentifiedImageError:
         wanted = " or ".join(formats) if formats else "an image"
         raise InvalidSpec(field, f"not a {wanted} image ({len(data)} bytes in no format it reads)") from None
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InvalidSpec(field, f"the image is too large to open ({exc}); the largest side allowed is at most "
+                                 f"{MAX_IMAGE_SIDE}", reason="IMAGE_TOO_LARGE") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidSpec(field, f"the image header could not be read ({type(exc).__name__}: truncated or corrupt "
                                  "data)") from None
     return img
