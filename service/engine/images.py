@@ -119,7 +119,7 @@ def _open(data: bytes, field: str, formats: tuple[str, ...] | None = IMAGE_FORMA
         raise InvalidSpec(field, f"not a {wanted} image ({len(data)} bytes in no format it reads)") from None
     except Image.DecompressionBombError as exc:
         raise InvalidSpec(field, f"the image is too large to open ({exc}); the largest side allowed is at most "
-                                 f"{MAX_IMAGE_SIDE}", reason="IMAGE_TOO_LARGE") from None
+                                 f"{MAX_DECODE_SIDE}", reason="IMAGE_TOO_LARGE") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidSpec(field, f"the image header could not be read ({type(exc).__name__}: truncated or corrupt "
                                  "data)") from None
