@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
@@ -19,6 +18,7 @@ from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
 from featureviz.server.scheduler import Scheduler
 from featureviz.server.scheduler import job_cost
+from featureviz.server.slots import TenantSlots
 from featureviz.server.store import TERMINAL_STATES
 from featureviz.spec import proto_path
 from featureviz.v1 import featureviz_pb2 as pb
@@ -50,7 +50,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.auth = auth
         self._draining = asyncio.Event()  # set by drain(): watch streams end with UNAVAILABLE
         self._watching = 0
-        self._watches: dict[str, int] = {}  # tenant -> its open WatchJob / CreateAndWatchJob streams
+        self._watches = TenantSlots("watch streams", "max_watches_per_tenant", "TOO_MANY_WATCHES",
+                                    "close one (one stream per job is enough)")  # WatchJob, CreateAndWatchJob
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -185,23 +186,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
         # an init image's size is checked from its header by the worker's admission (max_image_side), before
         # any pixel is decoded
 
-    @contextlib.contextmanager
     def _watch_slot(self, tenant: str):
-        """One of the tenant's ``max_watches_per_tenant`` open watch streams, held until the stream ends (the
-        servicer runs on the event loop: no lock needed)."""
-        limit = self.config.limits.max_watches_per_tenant
-        open_now = self._watches.get(tenant, 0)
-        if open_now >= limit:
-            raise ResourceExhausted(f"{open_now} watch streams of this tenant are open, the limit is {limit} "
-                                    "(max_watches_per_tenant); close one (one stream per job is enough)",
-                                    reason="TOO_MANY_WATCHES")
-        self._watches[tenant] = open_now + 1
-        try:
-            yield
-        finally:
-            self._watches[tenant] -= 1
-            if not self._watches[tenant]:
-                del self._watches[tenant]
+        """One of the tenant's ``max_watches_per_tenant`` open watch streams, held until the stream ends."""
+        return self._watches.hold(tenant, self.config.limits.max_watches_per_tenant)
 
     async def _watch(self, job_id: str, tenant: str, from_seq: int, previews: bool):
         self._watching += 1

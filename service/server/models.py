@@ -26,6 +26,7 @@ from featureviz.server.errors import rpc_errors
 from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
 from featureviz.server.scheduler import Scheduler
+from featureviz.server.slots import TenantSlots
 from featureviz.server.store import Store
 from featureviz.server.store import file_sha256
 from featureviz.spec import check_preprocess
@@ -58,7 +59,8 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         # other partial uploads being received (the DatasetService's): path -> (tenant, declared size); they count
         # in the tenant's max_partial_upload_bytes and are never dropped to make room
         self.receiving: dict[Path, tuple[str, int]] = {}
-        self._streams: dict[str, int] = {}  # tenant -> its open UploadModel streams
+        self._streams = TenantSlots("upload streams", "max_concurrent_uploads_per_tenant", "TOO_MANY_UPLOADS",
+                                    "let one finish, then retry")  # UploadModel and UploadDataset
 
     @rpc_errors
     async def UploadModel(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.Model:
@@ -99,23 +101,10 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         self._count("stored")
         return model
 
-    @contextlib.contextmanager
     def _stream_slot(self, tenant: str):
         """One of the tenant's ``max_concurrent_uploads_per_tenant`` upload streams, held until the stream ends
-        (the servicer runs on the event loop: no lock needed)."""
-        limit = self.config.limits.max_concurrent_uploads_per_tenant
-        open_now = self._streams.get(tenant, 0)
-        if open_now >= limit:
-            raise ResourceExhausted(f"{open_now} upload streams of this tenant are open, the limit is {limit} "
-                                    "(max_concurrent_uploads_per_tenant); let one finish, then retry",
-                                    reason="TOO_MANY_UPLOADS")
-        self._streams[tenant] = open_now + 1
-        try:
-            yield
-        finally:
-            self._streams[tenant] -= 1
-            if not self._streams[tenant]:
-                del self._streams[tenant]
+        (dataset uploads share them)."""
+        return self._streams.hold(tenant, self.config.limits.max_concurrent_uploads_per_tenant)
 
     def _check_quota(self, tenant: str, sha: str, size: int, *, reserved: bool) -> None:
         """The tenant's models and their bytes stay within max_models_per_tenant and max_model_bytes_per_tenant.
