@@ -39,6 +39,7 @@ from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
 from featureviz.server.store import Store
 from featureviz.server.store import file_sha256
+from featureviz.server.store import resume_offset
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 
@@ -158,10 +159,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     async def _receive(self, header: pb.DatasetUploadHeader, partial, requests) -> None:
         """The stream into ``partial`` (appended from what it holds), checked against the declared size and sha256.
         A broken stream keeps the prefix; a bad one (or a full disk) leaves nothing."""
-        committed = partial.stat().st_size if partial.exists() else 0
-        if committed > header.size_bytes:
-            partial.unlink()
-            committed = 0
+        committed = resume_offset(partial, header.size_bytes, drop=True)
         max_chunk = self.config.limits.max_chunk_bytes
         finished = False
         with disk_full_discards(partial), open(partial, "ab") as out:
@@ -243,10 +241,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         tenant = self.auth.tenant(context)
         sha = parse_model_name(request.sha256, "sha256")
         partial = self.store.dataset_upload_path(sha, tenant)
-        committed = partial.stat().st_size if partial.exists() else 0
-        if request.size_bytes and committed > request.size_bytes:
-            committed = 0
-        return pb.UploadStatus(sha256=sha, committed_bytes=committed)
+        return pb.UploadStatus(sha256=sha, committed_bytes=resume_offset(partial, request.size_bytes))
 
     @rpc_errors
     async def GetDataset(self, request: pb.GetDatasetRequest, context) -> pb.Dataset:

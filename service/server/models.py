@@ -29,6 +29,7 @@ from featureviz.server.scheduler import Scheduler
 from featureviz.server.slots import TenantSlots
 from featureviz.server.store import Store
 from featureviz.server.store import file_sha256
+from featureviz.server.store import resume_offset
 from featureviz.spec import check_preprocess
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
@@ -178,10 +179,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def _receive(self, tenant: str, header: pb.UploadHeader, sha: str, request_iterator,
                        context: grpc.aio.ServicerContext) -> pb.Model:
         partial = self.store.upload_path(sha, tenant)
-        committed = partial.stat().st_size if partial.exists() else 0
-        if committed > header.size_bytes:
-            partial.unlink()
-            committed = 0
+        committed = resume_offset(partial, header.size_bytes, drop=True)
         max_chunk = self.config.limits.max_chunk_bytes
         finished = False
         # a broken stream leaves `partial` for GetUpload + resume; a bad upload (or a full disk) leaves nothing
@@ -268,10 +266,7 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
         if await self._stored(tenant, sha) is not None:
             return pb.UploadStatus(sha256=sha, committed_bytes=request.size_bytes, model_exists=True)
         partial = self.store.upload_path(sha, tenant)
-        committed = partial.stat().st_size if partial.exists() else 0
-        if request.size_bytes and committed > request.size_bytes:
-            committed = 0
-        return pb.UploadStatus(sha256=sha, committed_bytes=committed)
+        return pb.UploadStatus(sha256=sha, committed_bytes=resume_offset(partial, request.size_bytes))
 
     @rpc_errors
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.Model:

@@ -34,7 +34,7 @@ from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Store", "StoreCorrupt", "JobRow", "TERMINAL_STATES", "file_sha256", "DISK_FULL_MESSAGE"]
+__all__ = ["Store", "StoreCorrupt", "JobRow", "TERMINAL_STATES", "file_sha256", "resume_offset", "DISK_FULL_MESSAGE"]
 
 UPLOAD_TTL_SECONDS = 24 * 3600
 TERMINAL_STATES = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
@@ -502,6 +502,17 @@ class Store:
 
     def set_last_seq(self, job_id: str, seq: int) -> None:
         self._run("UPDATE jobs SET last_seq = ? WHERE id = ?", (seq, job_id))
+
+
+def resume_offset(partial: Path, size: int, *, drop: bool = False) -> int:
+    """The bytes an unfinished upload holds, where its stream resumes; 0 when it holds more than the declared
+    ``size`` (another file: with ``drop`` the partial is removed). ``size`` 0: not declared, whatever it holds."""
+    held = partial.stat().st_size if partial.exists() else 0
+    if size and held > size:
+        if drop:
+            partial.unlink(missing_ok=True)
+        return 0
+    return held
 
 
 def file_sha256(path: Path) -> str:
