@@ -145,6 +145,53 @@ def test_receptive_field_of_the_stride_two_stack(model):
         r3.crop_box((8, 0))
 
 
+def _saturating_pool_net() -> bytes:
+    """Conv 3x3 (pad 1, large positive weights) -> Clip 0..6 (saturates: zero gradient almost everywhere) ->
+    MaxPool 2x2 stride 2 with SAME_UPPER (the importer's own PaddedMaxPool, not nn.MaxPool2d) -> Conv 3x3 (pad 1,
+    mixed signs) -> Relu -> ReduceMax over H, W. Fields by hand: c1 and r1 3 (stride 1, offset 1); p1 4 (stride 2,
+    offset 1); c2 and r2 4 + 2 * 2 = 8 (stride 2, offset 1 + 2 = 3); the ReduceMax the whole image."""
+    import onnx
+    from onnx import TensorProto
+    from onnx import helper
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.random((4, 3, 3, 3)) * 2 + 1).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["c1"], name="c1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], name="r1"),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="p1", kernel_shape=[2, 2], strides=[2, 2],
+                              auto_pad="SAME_UPPER"),
+             helper.make_node("Conv", ["p1", "w2"], ["c2"], name="c2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="r2"),
+             helper.make_node("ReduceMax", ["r2"], ["g"], name="g", axes=[2, 3], keepdims=1)]
+    graph = helper.make_graph(nodes, "saturating_pool",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("g", TensorProto.FLOAT, ["N", 4, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_receptive_fields_through_saturating_clamps_and_the_importers_max_pool():
+    """Before SupportMode the gradient through the saturated Clip was zero and every layer after it said 'whole';
+    max pools that are not nn.MaxPool2d (the importer's PaddedMaxPool) kept only their winners."""
+    from featureviz.importer import import_model
+
+    model = import_model(_saturating_pool_net(), use_cache=False, verify=False)
+    assert "PaddedMaxPool" in {type(m).__name__ for m in model.module.modules()}
+    fields = {name: receptive_field(model, name, (32, 32)) for name in ("c1", "r1", "p1", "c2", "r2", "g")}
+    assert [(f.size, f.stride, f.offset) for f in (fields[n] for n in ("c1", "r1", "p1", "c2", "r2"))] == [
+        ((3, 3), (1, 1), (1, 1)), ((3, 3), (1, 1), (1, 1)), ((4, 4), (2, 2), (1, 1)), ((8, 8), (2, 2), (3, 3)),
+        ((8, 8), (2, 2), (3, 3))]
+    assert all(fields[n].regular and not fields[n].whole for n in ("c1", "r1", "p1", "c2", "r2"))
+    assert fields["r2"].crop_box((3, 3)) == (3, 3, 11, 11)
+    assert fields["r2"].crop_box((0, 15)) == (0, 27, 5, 32)  # clipped at the left and bottom borders
+    assert fields["g"].whole
+
+
 def test_whole_image_layers_say_so_in_the_query(model, index):
     (first,) = index.exemplars("flat", 0, "max", k=1, model=model)
     assert first.whole and first.position is None and first.box == (0, 0, 32, 32)

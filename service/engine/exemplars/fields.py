@@ -1,8 +1,12 @@
 """Receptive fields from the graph itself: the support of the gradient of one activation with respect to the input.
 
-The gradient is taken through a positive copy of the truncated model (every floating parameter ``|w| + 0.01``,
-max pooling replaced by average pooling of the same window) at a positive random input, so no zero tap, dead ReLU
-or max-pool winner shrinks the support below the field the graph allows. The boxes of a few positions per axis are
+The gradient is taken through a positive copy of the truncated model (every floating parameter ``|w| + 0.01``, in
+float64) at a positive random input, under :class:`SupportMode`, which swaps every op whose gradient is zero
+somewhere for one with the same reach: clamps and rectifiers (ReLU, ReLU6, Clip, hard-tanh, hard-swish ...) pass
+their input through, max pooling (``nn.MaxPool2d``, the importer's ``PaddedMaxPool``, a traced graph's
+``max_pool2d`` alike: the mode sees the call, not the module) becomes average pooling of the same window, and a
+max or min over axes becomes a mean. So no zero tap, dead or saturated unit, or max-pool winner shrinks the
+support below the field the graph allows. The boxes of a few positions per axis are
 fitted to ``x0 = clip(p * stride - offset)``, ``x1 = clip(p * stride - offset + size)``; when every sampled
 position fits, the layer is *regular* and any box is arithmetic, else each asked position takes its own gradient.
 A field that covers the whole image at every sampled position (global pooling, attention, SE blocks) is
@@ -15,8 +19,10 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["ReceptiveField", "receptive_field", "positive_copy"]
+__all__ = ["ReceptiveField", "receptive_field", "positive_copy", "SupportMode"]
 
 _SAMPLES = 9  # positions sampled per axis
 
@@ -77,19 +83,72 @@ def _list(value):
     return list(value) if value is not None else None
 
 
-def positive_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose every floating parameter is ``|w| + 0.01`` and whose max pools are average pools."""
+def positive_copy(module: torch.nn.Module, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A copy whose every floating parameter is ``|w| + 0.01``, in ``dtype`` (float64: a deep stack of positive
+    layers without clamps grows fast; float32 could overflow to inf, whose gradient is no support)."""
     module = copy.deepcopy(module)
     with torch.no_grad():
         for p in module.parameters():
             if p.is_floating_point():
                 p.copy_(p.abs() + 0.01)
-    for name, child in list(module.named_modules()):
-        if isinstance(child, torch.nn.MaxPool2d) and not child.return_indices:
-            parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-            setattr(parent, name.rsplit(".", 1)[-1], torch.nn.AvgPool2d(
-                child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode, count_include_pad=True))
-    return module.eval()
+    return module.to(dtype).eval()
+
+
+_PASS_THROUGH = frozenset({"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "clamp", "clamp_", "clip", "clip_",
+                           "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "hardswish", "hardsigmoid",
+                           "threshold", "threshold_"})
+_MAX_POOLS = {"max_pool1d": F.avg_pool1d, "max_pool2d": F.avg_pool2d, "max_pool3d": F.avg_pool3d}
+_ADAPTIVE = {"adaptive_max_pool1d": F.adaptive_avg_pool1d, "adaptive_max_pool2d": F.adaptive_avg_pool2d,
+             "adaptive_max_pool3d": F.adaptive_avg_pool3d}
+
+
+class SupportMode(TorchFunctionMode):
+    """Inside it, ops whose gradient vanishes somewhere are replaced by ops of the same reach (see the module
+    docstring): only for measuring where a gradient can be nonzero, never for values."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _PASS_THROUGH and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name in _MAX_POOLS and not kwargs.get("return_indices", False) and len(args) + len(kwargs) >= 2:
+            return _as_average(_MAX_POOLS[name], args, kwargs)
+        if name in _ADAPTIVE and not kwargs.get("return_indices", False):
+            return _ADAPTIVE[name](args[0], args[1] if len(args) > 1 else kwargs["output_size"])
+        if name in ("amax", "amin"):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", ())
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            return args[0].mean(dim=dim if dim != () else None, keepdim=keepdim) if dim != () else args[0].mean()
+        if name in ("max", "min") and args and isinstance(args[0], torch.Tensor):
+            other = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("dim"))
+            if isinstance(other, torch.Tensor):  # elementwise: the union of both supports
+                return args[0] + other
+            if other is None:
+                return args[0].mean()
+            keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            values = args[0].mean(dim=other, keepdim=keepdim)
+            return torch.return_types.max((values, torch.zeros_like(values, dtype=torch.int64)))
+        if name in ("maximum", "minimum", "fmax", "fmin"):
+            return args[0] + args[1]
+        return func(*args, **kwargs)
+
+
+def _as_average(pool, args, kwargs):
+    """A max pool's call as an average pool of the same reach (dilation d widens the window to d * (k - 1) + 1)."""
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    given = {**dict(zip(names, args)), **kwargs}
+    x, kernel = given["input"], given["kernel_size"]
+    rank = x.dim() - 2
+    def per_axis(value, default):
+        value = default if value is None or value == [] or value == () else value
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * rank
+    kernel = per_axis(kernel, 1)
+    stride = per_axis(given.get("stride"), kernel)
+    padding = per_axis(given.get("padding", 0), 0)
+    dilation = per_axis(given.get("dilation", 1), 1)
+    kernel = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+    padding = tuple(min(p, k // 2) for p, k in zip(padding, kernel))  # avg pools allow at most half the window
+    return pool(x, kernel, stride, padding, ceil_mode=bool(given.get("ceil_mode", False)), count_include_pad=True)
 
 
 def _support(grad: torch.Tensor) -> tuple[int, int, int, int]:
@@ -107,14 +166,19 @@ def receptive_field(model, layer: str, image_size: tuple[int, int], *, channels:
     """The :class:`ReceptiveField` of ``layer`` (a catalog name of ``model``, an ImportedModel) at input
     ``image_size`` = (H, W). Costs one forward and backward of a batch of ``2 * 9`` positions."""
     info = model.layer(layer)
-    positive = positive_copy(model.truncate([layer]))
+    truncated = model.truncate([layer])
     h, w = image_size
     channels = channels or model.input_spec.channels
     generator = torch.Generator().manual_seed(seed)
-    base = torch.rand(1, channels, h, w, generator=generator) * 0.5 + 0.5
-
-    with torch.no_grad():
-        shape = tuple(positive(base)[layer].shape)
+    base = torch.rand(1, channels, h, w, generator=generator, dtype=torch.float64) * 0.5 + 0.5
+    positive = positive_copy(truncated)
+    try:
+        with torch.no_grad(), SupportMode():
+            shape = tuple(positive(base)[layer].shape)
+    except RuntimeError:  # an op that insists on float32 (a constant made in forward): the same in float32
+        positive, base = positive_copy(truncated, torch.float32), base.float()
+        with torch.no_grad(), SupportMode():
+            shape = tuple(positive(base)[layer].shape)
     if len(shape) == 4:
         map_size = shape[2:4]
     elif len(shape) == 3:
@@ -125,7 +189,8 @@ def receptive_field(model, layer: str, image_size: tuple[int, int], *, channels:
 
     def probe(positions):
         x = base.expand(len(positions), -1, -1, -1).clone().requires_grad_(True)
-        act = positive(x)[layer]
+        with SupportMode():
+            act = positive(x)[layer]
         picked = []
         for i, position in enumerate(positions):
             if act.dim() == 4:
@@ -135,7 +200,8 @@ def receptive_field(model, layer: str, image_size: tuple[int, int], *, channels:
                 picked.append(act[i, token, :].sum())
             else:
                 picked.append(act[i].sum())
-        (grad,) = torch.autograd.grad(torch.stack(picked).sum(), x)
+        with SupportMode():
+            (grad,) = torch.autograd.grad(torch.stack(picked).sum(), x)
         return [_support(g) for g in grad]
 
     if map_size is None:
