@@ -410,15 +410,16 @@ class IndexPass:
         if good:
             _forward(index, self._truncated, self.infos, good, self._matrix, self._bias, self.device, self.size)
         self._next += 1
-        if self.progress is not None:
-            self.progress(span[1], self.total)
-        if span[1] % self.chunk_images == 0 or span[1] == self.total:
+        chunk_end = span[1] % self.chunk_images == 0 or span[1] == self.total
+        if chunk_end:  # saved before the progress is told: a reader of the progress may rely on it
             meta["position"] = span[1]
             meta["complete"] = span[1] == self.total
             if self.state_path is not None:
                 index.save(self.state_path)
-            if self.on_chunk is not None:
-                self.on_chunk(span[1], self.total)
+        if self.progress is not None:
+            self.progress(span[1], self.total)
+        if chunk_end and self.on_chunk is not None:
+            self.on_chunk(span[1], self.total)
         if self.finished:
             self.close()
         return self.finished
@@ -457,7 +458,7 @@ def build_index(model, source: ImageSource, *, layers: Sequence[str] | None = No
     ``size`` (H, W) the input size (default the model's), each image resized to it (bicubic); ``preprocess``
     (default the model's). ``state_path``: where each finished chunk is saved and a rerun resumes from (a state of
     other inputs is started over); the finished index is saved there too. ``progress(done, total)`` after each
-    batch, ``on_chunk(position, total)`` after each chunk is saved, ``cancel()`` checked before each batch (then
+    batch (after its chunk's state is saved, when it ends one), ``on_chunk(position, total)`` after each chunk is saved, ``cancel()`` checked before each batch (then
     :class:`Cancelled`; the last saved chunk stays). The loop over an :class:`IndexPass`."""
     run = IndexPass(model, source, layers=layers, k=k, size=size, preprocess=preprocess, batch_size=batch_size,
                     chunk_images=chunk_images, state_path=state_path, set_hash=set_hash, max_side=max_side,
