@@ -14,6 +14,7 @@ import json
 import math
 import os
 import stat
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -237,7 +238,7 @@ class ExemplarIndex:
         for i, layer in enumerate(self.meta["layers"]):
             arrays.update(self.states[layer].arrays(f"L{i}."))
         arrays["meta"] = np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # two passes, two names
         try:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
