@@ -151,6 +151,8 @@ def test_an_index_job_runs_end_to_end_and_finds_the_expected_images(setup, worke
     assert not setup["store"].index_state_path(result.index).exists()  # the partial state went
     assert setup["store"].find_indexes("alice", setup["model"], setup["dataset"])[0].index == result.index
     assert job.id in worker.index_submissions
+    listed = next(j for j in fv.jobs() if j.id == job.id)
+    assert listed.objective_text == f"exemplar index of datasets/{setup['dataset']} at 2 layer(s), k=16"
 
 
 def test_default_layers_are_every_layer_with_channels(setup, worker):

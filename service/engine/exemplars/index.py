@@ -34,8 +34,8 @@ from .fields import receptive_field
 from .state import LayerState
 from .state import reduce_activation
 
-__all__ = ["ImageSource", "ImageFolder", "ImageFiles", "ExemplarIndex", "Exemplar", "IndexPass", "build_index", "index_layers", "DEFAULT_K",
-           "MAX_K", "ORDERS", "FORMAT", "SKIP_CAUSES", "MAX_FILE_BYTES"]
+__all__ = ["ImageSource", "ImageFolder", "ImageFiles", "ExemplarIndex", "Exemplar", "IndexPass", "build_index",
+           "index_layers", "DEFAULT_K", "MAX_K", "ORDERS", "FORMAT", "SKIP_CAUSES", "MAX_FILE_BYTES"]
 
 FORMAT = 1
 DEFAULT_K = 16
@@ -459,8 +459,9 @@ def build_index(model, source: ImageSource, *, layers: Sequence[str] | None = No
     ``size`` (H, W) the input size (default the model's), each image resized to it (bicubic); ``preprocess``
     (default the model's). ``state_path``: where each finished chunk is saved and a rerun resumes from (a state of
     other inputs is started over); the finished index is saved there too. ``progress(done, total)`` after each
-    batch (after its chunk's state is saved, when it ends one), ``on_chunk(position, total)`` after each chunk is saved, ``cancel()`` checked before each batch (then
-    :class:`Cancelled`; the last saved chunk stays). The loop over an :class:`IndexPass`."""
+    batch (after its chunk's state is saved, when it ends one), ``on_chunk(position, total)`` after each chunk is
+    saved, ``cancel()`` checked before each batch (then :class:`Cancelled`; the last saved chunk stays). The loop
+    over an :class:`IndexPass`."""
     run = IndexPass(model, source, layers=layers, k=k, size=size, preprocess=preprocess, batch_size=batch_size,
                     chunk_images=chunk_images, state_path=state_path, set_hash=set_hash, max_side=max_side,
                     workers=workers, device=device, progress=progress, on_chunk=on_chunk)
