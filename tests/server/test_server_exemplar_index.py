@@ -40,6 +40,7 @@ SIDE = 32
 REDS = [50, 200, 120, 250, 10, 90, 160, 30, 220, 70, 180, 140]
 EXPECTED = sorted(range(len(REDS)), key=lambda i: -REDS[i])
 CHUNK = 4  # the server's index_chunk_images: batches of 2 save every 2 batches
+MEMORY = 64 << 20  # the worker's max_job_memory_bytes
 
 
 def _image_set(folder: Path) -> Path:
@@ -65,7 +66,7 @@ def setup(tmp_path_factory):
     """One server for the module (alice and bob hold the model and the set; carol only the model)."""
     root = tmp_path_factory.mktemp("index")
     store = root / "store"
-    worker = held_worker(store)
+    worker = held_worker(store, max_job_memory_bytes=MEMORY)
     server = serve_in_background(ServerConfig(store, tokens=TOKENS, index_chunk_images=CHUNK, progress_interval=0.0,
                                               heartbeat_seconds=0.5, limits=Limits(max_exemplar_k=20)),
                                  worker=worker)
@@ -228,6 +229,18 @@ def test_render_options_and_out_of_range_settings_are_refused(setup, worker, cha
     change(spec)
     error = _refused(setup["clients"]["alice"], spec)
     assert [f for f, _ in error.field_violations] == [field] and needle in error.message
+
+
+def test_a_pass_holding_too_many_decoded_images_is_refused_before_any_compute(setup, worker):
+    fv = setup["clients"]["alice"]
+    submitted = list(worker.index_submissions)
+    spec = _spec(setup["model"], setup["dataset"], batch_size=64)
+    spec.size.height = spec.size.width = 256  # 4 batches of 64 float32 images of 256 x 256: 201 MB
+    with pytest.raises(FeaturevizClientError) as err:
+        fv.submit(setup["model"], spec=spec)
+    assert (err.value.code, err.value.reason) == ("RESOURCE_EXHAUSTED", "JOB_TOO_LARGE")
+    assert "max_job_memory_bytes" in err.value.message and "batch_size" in err.value.message
+    assert worker.index_submissions == submitted
 
 
 def test_published_limits_and_options(setup):

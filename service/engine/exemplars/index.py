@@ -365,6 +365,12 @@ class IndexPass:
         self._next = 0
         self._model, self._preprocess, self._map = model, preprocess, preprocess_map
 
+    @staticmethod
+    def decoded_bytes(batch_size: int, size: tuple[int, int], workers: int = 2) -> int:
+        """The most bytes of decoded images a pass holds at once: the batches decoded ahead (``max(2, workers +
+        1)``) and the one in the forward pass, each ``batch_size`` float32 (3, H, W) images."""
+        return (max(2, workers + 1) + 1) * batch_size * 3 * int(size[0]) * int(size[1]) * 4
+
     @property
     def done(self) -> int:
         """Images passed so far (the resume point, then each batch's end)."""
