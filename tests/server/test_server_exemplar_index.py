@@ -231,6 +231,11 @@ def test_render_options_and_out_of_range_settings_are_refused(setup, worker, cha
     assert [f for f, _ in error.field_violations] == [field] and needle in error.message
 
 
+def test_a_render_without_an_objective_is_refused_naming_it(setup):
+    error = _refused(setup["clients"]["alice"], pb.JobSpec(model=setup["model"], steps=3))
+    assert [f for f, _ in error.field_violations] == ["spec.objective"] and "exemplar_index" in error.message
+
+
 def test_a_pass_holding_too_many_decoded_images_is_refused_before_any_compute(setup, worker):
     fv = setup["clients"]["alice"]
     submitted = list(worker.index_submissions)
