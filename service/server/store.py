@@ -7,6 +7,9 @@ Layout under the store directory::
     uploads/<sha256>.<tenant>.part  a partial upload, kept across broken streams so the client can resume
     uploads/dataset-<sha256>.<tenant>.part  the same for a dataset upload's stream (archive or files)
     staging/<random>/             a dataset upload being unpacked and checked (removed when it ends, and at start)
+    indexes/<id>.npz              a finished exemplar index (``featureviz.engine.exemplars.ExemplarIndex`` format;
+                                  written by the worker), shared by every tenant holding its model and set
+    indexes/<id>.partial.npz      an unfinished pass's state after its last finished chunk (a rerun resumes it)
     featureviz.sqlite3            tables ``models`` (tenant, sha256 -> Model, catalog), ``jobs``, ``datasets``
                                   (tenant, id -> Dataset, image list) and ``dataset_images`` (id -> image sha256)
 
@@ -79,6 +82,19 @@ CREATE TABLE IF NOT EXISTS dataset_images (   -- which set holds which image fil
     PRIMARY KEY (dataset, sha256)
 );
 CREATE INDEX IF NOT EXISTS dataset_images_sha ON dataset_images (sha256);
+CREATE TABLE IF NOT EXISTS exemplar_indexes (   -- finished exemplar indexes, by the sha256 of their key
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    info BLOB NOT NULL,           -- featureviz.v1.ExemplarIndexResult (cached unset)
+    create_time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tenant_indexes (     -- which tenant's jobs made or reused which index
+    tenant TEXT NOT NULL,
+    id TEXT NOT NULL,
+    use_time REAL NOT NULL,
+    PRIMARY KEY (tenant, id)
+);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
@@ -109,6 +125,8 @@ class JobRow:
         if self.result:
             job.result.ParseFromString(self.result)
             job.step = job.result.steps_done
+            if job.result.HasField("exemplar_index"):  # an index job's steps are the set's images
+                job.steps = job.step
             job.objective.extend(image.objective_end for image in job.result.images)
             if not with_images:
                 for image in job.result.images:
@@ -137,6 +155,9 @@ class Store:
         (self.root / "models").mkdir(parents=True, exist_ok=True)
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
         (self.root / "images").mkdir(parents=True, exist_ok=True)
+        (self.root / "indexes").mkdir(parents=True, exist_ok=True)
+        for stale in (self.root / "indexes").glob(".*.tmp"):  # an index write a kill cut short
+            stale.unlink(missing_ok=True)
         shutil.rmtree(self.root / "staging", ignore_errors=True)  # unpacking that a stop or a crash cut short
         (self.root / "staging").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -438,6 +459,62 @@ class Store:
                 self.image_path(sha).unlink(missing_ok=True)
         return len(orphans)
 
+    # ------------------------------------------------------------------------------------------- exemplar indexes
+
+    def index_path(self, index_id: str) -> Path:
+        """Where the finished index ``index_id`` (a sha256 hex digest, the server's) lives."""
+        return self.root / "indexes" / f"{_hex(index_id)}.npz"
+
+    def index_state_path(self, index_id: str) -> Path:
+        """Where an unfinished pass of ``index_id`` keeps its state after each finished chunk."""
+        return self.root / "indexes" / f"{_hex(index_id)}.partial.npz"
+
+    def record_index(self, tenant: str, model: str, info: pb.ExemplarIndexResult) -> None:
+        """Remember a finished index of ``model`` (sha256; once, for every tenant) and that ``tenant`` made or
+        reused it."""
+        now = time.time()
+        stored = pb.ExemplarIndexResult()
+        stored.CopyFrom(info)
+        stored.cached = False
+        with self._lock, _disk_full(), self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR IGNORE INTO exemplar_indexes VALUES (?, ?, ?, ?, ?)",
+                             (info.index, model, info.dataset, stored.SerializeToString(), now))
+            self._db.execute("INSERT OR REPLACE INTO tenant_indexes VALUES (?, ?, ?)", (tenant, info.index, now))
+
+    def get_index(self, index_id: str) -> tuple[str, pb.ExemplarIndexResult] | None:
+        """(model sha256, info) of a finished index whose file is there, any tenant's; None otherwise."""
+        rows = self._run("SELECT model, info FROM exemplar_indexes WHERE id = ?", (index_id,))
+        if not rows or not self.index_path(index_id).is_file():
+            return None
+        return rows[0][0], pb.ExemplarIndexResult.FromString(rows[0][1])
+
+    def find_indexes(self, tenant: str, model: str, dataset: str) -> list[pb.ExemplarIndexResult]:
+        """The tenant's finished indexes of ``model`` over ``dataset``, newest use first."""
+        rows = self._run("SELECT i.info FROM tenant_indexes t JOIN exemplar_indexes i ON i.id = t.id "
+                         "WHERE t.tenant = ? AND i.model = ? AND i.dataset = ? ORDER BY t.use_time DESC",
+                         (tenant, model, dataset))
+        return [pb.ExemplarIndexResult.FromString(r[0]) for r in rows]
+
+    def forget_indexes(self, tenant: str, keep: int) -> None:
+        """Keep the tenant's ``keep`` most recently used indexes (Limits.max_indexes_per_tenant); an index no tenant
+        uses any more is deleted with its file."""
+        with self._lock, _disk_full():
+            dropped = [row[0] for row in self._db.execute(
+                "SELECT id FROM tenant_indexes WHERE tenant = ? ORDER BY use_time DESC LIMIT -1 OFFSET ?",
+                (tenant, keep))]
+            orphans = []
+            with self._db:
+                self._db.execute("BEGIN")
+                for index_id in dropped:
+                    self._db.execute("DELETE FROM tenant_indexes WHERE tenant = ? AND id = ?", (tenant, index_id))
+                    if not self._db.execute("SELECT 1 FROM tenant_indexes WHERE id = ? LIMIT 1",
+                                            (index_id,)).fetchone():
+                        self._db.execute("DELETE FROM exemplar_indexes WHERE id = ?", (index_id,))
+                        orphans.append(index_id)
+        for index_id in orphans:
+            self.index_path(index_id).unlink(missing_ok=True)
+
     # ------------------------------------------------------------------------------------------- jobs
 
     def create_job(self, tenant: str, request_id: str, spec: pb.JobSpec, model_sha: str,
@@ -526,6 +603,13 @@ def file_sha256(path: Path) -> str:
 def _signature(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _hex(digest: str) -> str:
+    """A sha256 hex digest, checked: only those name files under the store."""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"not a sha256 hex digest: {digest[:80]!r}")
+    return digest
 
 
 def _tenant_key(tenant: str) -> str:

@@ -24,6 +24,13 @@ class DatasetSourceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATASET_SOURCE_KIND_TAR: _ClassVar[DatasetSourceKind]
     DATASET_SOURCE_KIND_FILES: _ClassVar[DatasetSourceKind]
 
+class ExemplarOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXEMPLAR_ORDER_UNSPECIFIED: _ClassVar[ExemplarOrder]
+    EXEMPLAR_ORDER_MAX: _ClassVar[ExemplarOrder]
+    EXEMPLAR_ORDER_MEAN: _ClassVar[ExemplarOrder]
+    EXEMPLAR_ORDER_MIN: _ClassVar[ExemplarOrder]
+
 class Parameterization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PARAMETERIZATION_UNSPECIFIED: _ClassVar[Parameterization]
@@ -62,6 +69,10 @@ DATASET_SOURCE_KIND_UNSPECIFIED: DatasetSourceKind
 DATASET_SOURCE_KIND_ZIP: DatasetSourceKind
 DATASET_SOURCE_KIND_TAR: DatasetSourceKind
 DATASET_SOURCE_KIND_FILES: DatasetSourceKind
+EXEMPLAR_ORDER_UNSPECIFIED: ExemplarOrder
+EXEMPLAR_ORDER_MAX: ExemplarOrder
+EXEMPLAR_ORDER_MEAN: ExemplarOrder
+EXEMPLAR_ORDER_MIN: ExemplarOrder
 PARAMETERIZATION_UNSPECIFIED: Parameterization
 PARAMETERIZATION_FFT: Parameterization
 PARAMETERIZATION_PIXEL: Parameterization
@@ -459,6 +470,148 @@ class DeleteDatasetResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ExemplarIndexSpec(_message.Message):
+    __slots__ = ("dataset", "layers", "k", "batch_size")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    batch_size: int
+    def __init__(self, dataset: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ExemplarIndexResult(_message.Message):
+    __slots__ = ("index", "dataset", "layers", "images", "skipped", "k", "size", "cached", "channels")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    dataset: str
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    images: int
+    skipped: int
+    k: int
+    size: ImageSize
+    cached: bool
+    channels: int
+    def __init__(self, index: _Optional[str] = ..., dataset: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., images: _Optional[int] = ..., skipped: _Optional[int] = ..., k: _Optional[int] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., cached: _Optional[bool] = ..., channels: _Optional[int] = ...) -> None: ...
+
+class GetExemplarsRequest(_message.Message):
+    __slots__ = ("model", "dataset", "layer", "channel", "order", "k", "size")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    dataset: str
+    layer: str
+    channel: int
+    order: ExemplarOrder
+    k: int
+    size: ImageSize
+    def __init__(self, model: _Optional[str] = ..., dataset: _Optional[str] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., order: _Optional[_Union[ExemplarOrder, str]] = ..., k: _Optional[int] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ...) -> None: ...
+
+class CropBox(_message.Message):
+    __slots__ = ("x0", "y0", "x1", "y1")
+    X0_FIELD_NUMBER: _ClassVar[int]
+    Y0_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    def __init__(self, x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ...) -> None: ...
+
+class Exemplar(_message.Message):
+    __slots__ = ("rank", "image", "name", "value", "x", "y", "box", "image_box", "whole")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BOX_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    image: str
+    name: str
+    value: float
+    x: int
+    y: int
+    box: CropBox
+    image_box: CropBox
+    whole: bool
+    def __init__(self, rank: _Optional[int] = ..., image: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[float] = ..., x: _Optional[int] = ..., y: _Optional[int] = ..., box: _Optional[_Union[CropBox, _Mapping]] = ..., image_box: _Optional[_Union[CropBox, _Mapping]] = ..., whole: _Optional[bool] = ...) -> None: ...
+
+class GetExemplarsResponse(_message.Message):
+    __slots__ = ("exemplars", "layer", "channel", "order", "index", "size", "images", "p50", "p99", "max", "field_size", "field_stride", "whole")
+    EXEMPLARS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    P50_FIELD_NUMBER: _ClassVar[int]
+    P99_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    FIELD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_FIELD_NUMBER: _ClassVar[int]
+    exemplars: _containers.RepeatedCompositeFieldContainer[Exemplar]
+    layer: str
+    channel: int
+    order: ExemplarOrder
+    index: str
+    size: ImageSize
+    images: int
+    p50: float
+    p99: float
+    max: float
+    field_size: int
+    field_stride: int
+    whole: bool
+    def __init__(self, exemplars: _Optional[_Iterable[_Union[Exemplar, _Mapping]]] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., order: _Optional[_Union[ExemplarOrder, str]] = ..., index: _Optional[str] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., images: _Optional[int] = ..., p50: _Optional[float] = ..., p99: _Optional[float] = ..., max: _Optional[float] = ..., field_size: _Optional[int] = ..., field_stride: _Optional[int] = ..., whole: _Optional[bool] = ...) -> None: ...
+
+class GetDatasetImageRequest(_message.Message):
+    __slots__ = ("dataset", "image", "box", "max_side")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    MAX_SIDE_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    image: str
+    box: CropBox
+    max_side: int
+    def __init__(self, dataset: _Optional[str] = ..., image: _Optional[str] = ..., box: _Optional[_Union[CropBox, _Mapping]] = ..., max_side: _Optional[int] = ...) -> None: ...
+
+class DatasetImageData(_message.Message):
+    __slots__ = ("png", "width", "height", "name", "sha256")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    width: int
+    height: int
+    name: str
+    sha256: str
+    def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
 class Objective(_message.Message):
     __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral")
     NEURON_FIELD_NUMBER: _ClassVar[int]
@@ -624,7 +777,7 @@ class ImageSize(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge", "lr_schedule", "lr_warmup", "plateau", "plateau_window")
+    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge", "lr_schedule", "lr_warmup", "plateau", "plateau_window", "exemplar_index")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -645,6 +798,7 @@ class JobSpec(_message.Message):
     LR_WARMUP_FIELD_NUMBER: _ClassVar[int]
     PLATEAU_FIELD_NUMBER: _ClassVar[int]
     PLATEAU_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    EXEMPLAR_INDEX_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     steps: int
@@ -665,7 +819,8 @@ class JobSpec(_message.Message):
     lr_warmup: int
     plateau: float
     plateau_window: int
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup: _Optional[int] = ..., plateau: _Optional[float] = ..., plateau_window: _Optional[int] = ...) -> None: ...
+    exemplar_index: ExemplarIndexSpec
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup: _Optional[int] = ..., plateau: _Optional[float] = ..., plateau_window: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexSpec, _Mapping]] = ...) -> None: ...
 
 class Judge(_message.Message):
     __slots__ = ("model", "preprocess")
@@ -708,7 +863,7 @@ class RenderedImage(_message.Message):
     def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., objective_start: _Optional[float] = ..., objective_end: _Optional[float] = ..., judge: _Optional[_Union[JudgeScore, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description", "stopped_at")
+    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description", "stopped_at", "exemplar_index")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -722,13 +877,15 @@ class JobResult(_message.Message):
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXEMPLAR_INDEX_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[RenderedImage]
     steps_done: int
     seconds_per_step: float
     phase_seconds: _containers.ScalarMap[str, float]
     objective_description: str
     stopped_at: int
-    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ..., stopped_at: _Optional[int] = ...) -> None: ...
+    exemplar_index: ExemplarIndexResult
+    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ..., stopped_at: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexResult, _Mapping]] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "reason", "message", "field")
@@ -889,7 +1046,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -933,6 +1090,9 @@ class Limits(_message.Message):
     MAX_ARCHIVE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MAX_COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
     MAX_DATASETS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXEMPLAR_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_INDEX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_INDEXES_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -976,7 +1136,10 @@ class Limits(_message.Message):
     max_archive_members: int
     max_compression_ratio: int
     max_datasets_per_tenant: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ...) -> None: ...
+    max_exemplar_k: int
+    max_index_batch: int
+    max_indexes_per_tenant: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")
@@ -1049,7 +1212,7 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., job_options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ..., max_step_images: _Optional[int] = ...) -> None: ...
 
 class JobOption(_message.Message):
-    __slots__ = ("name", "type", "default", "choices", "minimum", "maximum", "below", "min_limit", "max_limit", "help", "flag", "surfaces", "engine")
+    __slots__ = ("name", "type", "default", "choices", "minimum", "maximum", "below", "min_limit", "max_limit", "help", "flag", "surfaces", "engine", "kinds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -1063,6 +1226,7 @@ class JobOption(_message.Message):
     FLAG_FIELD_NUMBER: _ClassVar[int]
     SURFACES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     default: str
@@ -1076,4 +1240,5 @@ class JobOption(_message.Message):
     flag: str
     surfaces: _containers.RepeatedScalarFieldContainer[str]
     engine: bool
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., below: _Optional[float] = ..., min_limit: _Optional[str] = ..., max_limit: _Optional[str] = ..., help: _Optional[str] = ..., flag: _Optional[str] = ..., surfaces: _Optional[_Iterable[str]] = ..., engine: _Optional[bool] = ...) -> None: ...
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., below: _Optional[float] = ..., min_limit: _Optional[str] = ..., max_limit: _Optional[str] = ..., help: _Optional[str] = ..., flag: _Optional[str] = ..., surfaces: _Optional[_Iterable[str]] = ..., engine: _Optional[bool] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...

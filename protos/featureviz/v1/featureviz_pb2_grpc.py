@@ -375,6 +375,16 @@ class DatasetServiceStub:
                 request_serializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.GetExemplars = channel.unary_unary(
+                '/featureviz.v1.DatasetService/GetExemplars',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.GetExemplarsRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.GetExemplarsResponse.FromString,
+                _registered_method=True)
+        self.GetDatasetImage = channel.unary_unary(
+                '/featureviz.v1.DatasetService/GetDatasetImage',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.GetDatasetImageRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.DatasetImageData.FromString,
+                _registered_method=True)
 
 
 class DatasetServiceServicer:
@@ -429,6 +439,23 @@ class DatasetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExemplars(self, request, context):
+        """One channel's ranked dataset examples from a finished exemplar index (a job with JobSpec.exemplar_index) of
+        this model and set: image references, values, positions in the layer's map and receptive-field crop boxes.
+        NOT_FOUND (EXEMPLAR_INDEX_NOT_FOUND) when no finished index of the tenant's holds the layer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDatasetImage(self, request, context):
+        """One image of a set as a PNG: whole, or the crop of a box (in the pixels of the original file), downscaled to
+        max_side.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DatasetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -461,6 +488,16 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'GetExemplars': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExemplars,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.GetExemplarsRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.GetExemplarsResponse.SerializeToString,
+            ),
+            'GetDatasetImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatasetImage,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.GetDatasetImageRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.DatasetImageData.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +668,60 @@ class DatasetService:
             '/featureviz.v1.DatasetService/DeleteDataset',
             featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetRequest.SerializeToString,
             featureviz_dot_v1_dot_featureviz__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExemplars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.DatasetService/GetExemplars',
+            featureviz_dot_v1_dot_featureviz__pb2.GetExemplarsRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.GetExemplarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatasetImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.DatasetService/GetDatasetImage',
+            featureviz_dot_v1_dot_featureviz__pb2.GetDatasetImageRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.DatasetImageData.FromString,
             options,
             channel_credentials,
             insecure,
