@@ -285,3 +285,52 @@ def test_async_client_twins(setup):
     answer, data = asyncio.run(scenario())
     assert [e.name for e in answer.exemplars] == [NAMES[4], NAMES[1]]
     assert _decode(data).shape == (1, 1, 3) and _decode(data)[0, 0, 0] == 250
+
+
+def _cli(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "featureviz", "exemplars", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_cli_remote_and_local_give_the_same_keys_and_grid(setup, tmp_path):
+    remote_grid, local_grid = tmp_path / "remote.png", tmp_path / "local.png"
+    model_file = tmp_path / "colour.onnx"
+    model_file.write_bytes(setup["model_bytes"])
+    remote = _cli(setup["model"], setup["dataset"], "colour_relu:0", "--k", "4", "--size", SIDE, "--json",
+                  "--out", remote_grid, "--server", setup["server"].address, "--token", "token-a")
+    assert remote.returncode == 0, remote.stderr
+    by_file = _cli(model_file, setup["folder"], "colour_relu:0", "--k", "4", "--size", SIDE, "--json",
+                   env={"FEATUREVIZ_SERVER": setup["server"].address, "FEATUREVIZ_TOKEN": "token-a"})
+    assert by_file.returncode == 0, by_file.stderr  # the file and the folder: found on the server by their bytes
+    local = _cli(model_file, setup["folder"], "colour_relu:0", "--k", "4", "--size", SIDE, "--json", "--out",
+                 local_grid, "--local", "--cache-dir", tmp_path / "cache", "--layers", "r3,pool,flat")
+    assert local.returncode == 0, local.stderr
+    remote_json, file_json, local_json = (json.loads(r.stdout) for r in (remote, by_file, local))
+    assert set(remote_json) == set(local_json) and remote_json == {**file_json, "grid": str(remote_grid)}
+    assert [set(e) for e in remote_json["exemplars"]] == [set(e) for e in local_json["exemplars"]]
+    for key in ("name", "value", "position", "box", "image_box", "whole", "rank"):
+        assert [e[key] for e in remote_json["exemplars"]] == [e[key] for e in local_json["exemplars"]], key
+    assert (remote_json["layer"], remote_json["indexed"], remote_json["input_size"]) == ("colour_relu", 6, [64, 64])
+    assert remote_json["index"] == setup["index"] and remote_json["field"] == local_json["field"]
+    images = {i.name: i.sha256 for i in Client(setup["server"].address, token="token-a").dataset_images(
+        setup["dataset"])}
+    assert [e["image"] for e in remote_json["exemplars"]] == [images[e["name"]] for e in remote_json["exemplars"]]
+    assert np.array_equal(_decode(remote_grid.read_bytes()), _decode(local_grid.read_bytes()))
+    top = _decode(remote_grid.read_bytes())[2 + 48, 2 + 48]  # the first tile's middle: the top image's red pixel
+    assert tuple(top) == (250, 68, 0)
+
+
+def test_cli_remote_errors_are_one_line(setup, tmp_path):
+    missing = _cli(setup["model"], setup["dataset"], "r1:0", "--server", setup["server"].address, "--token",
+                   "token-a", "--size", "32")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    bad = _cli(setup["model"], setup["dataset"], "colour_relu:9", "--size", SIDE, "--server",
+               setup["server"].address, "--token", "token-a")
+    assert bad.returncode == 1 and "4 channels" in bad.stderr and "Traceback" not in bad.stderr
+    other = _cli(setup["model"], setup["dataset"], "colour_relu:0", "--server", setup["server"].address, "--token",
+                 "token-b")
+    assert other.returncode == 1 and "DATASET_NOT_FOUND" in other.stderr
