@@ -325,12 +325,51 @@ def test_cli_remote_and_local_give_the_same_keys_and_grid(setup, tmp_path):
 
 
 def test_cli_remote_errors_are_one_line(setup, tmp_path):
-    missing = _cli(setup["model"], setup["dataset"], "r1:0", "--server", setup["server"].address, "--token",
-                   "token-a", "--size", "32")
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    missing = _cli(setup["model"], setup["dataset"], "nope:0", "--server", setup["server"].address, "--token",
+                   "token-a", "--size", SIDE)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "UNKNOWN_LAYER" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
     bad = _cli(setup["model"], setup["dataset"], "colour_relu:9", "--size", SIDE, "--server",
                setup["server"].address, "--token", "token-a")
     assert bad.returncode == 1 and "4 channels" in bad.stderr and "Traceback" not in bad.stderr
     other = _cli(setup["model"], setup["dataset"], "colour_relu:0", "--server", setup["server"].address, "--token",
                  "token-b")
     assert other.returncode == 1 and "DATASET_NOT_FOUND" in other.stderr
+
+
+def test_index_job_through_the_clients_then_its_examples(setup, alice):
+    job = alice.index_exemplars(setup["model"], setup["dataset"], ["r1", "colour"], k=5, batch_size=4, size=SIDE)
+    assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED)
+    done = alice.wait(job.id, timeout=600)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    result = done.result.exemplar_index
+    assert set(result.layers) == {"r1", "colour"} and result.k == 5 and result.images == len(RED)
+    answer = alice.exemplars(setup["model"], setup["dataset"], "colour_pre", 0, k=5)  # colour, by its alias
+    assert answer.index == result.index and answer.layer == "colour"
+    assert [e.name for e in answer.exemplars] == [NAMES[i] for i in _ranked(lambda i: -RED[i])[:5]]
+    r1 = alice.exemplars(setup["model"], setup["dataset"], "r1", 2, k=5)
+    assert (r1.field_size, r1.field_stride) == (3, 2) and r1.index == result.index
+
+    async def again():
+        async with AsyncClient(setup["server"].address, token="token-a") as fv:
+            return await fv.index_exemplars(setup["model"], setup["dataset"], ["r1", "colour"], k=5, size=SIDE,
+                                            wait=True, timeout=600)
+
+    cached = asyncio.run(again())
+    assert cached.state == pb.JOB_STATE_SUCCEEDED and cached.result.exemplar_index.cached
+    assert cached.result.exemplar_index.index == result.index
+
+
+def test_cli_remote_runs_the_index_job_when_none_holds_the_layer(setup, tmp_path):
+    grid = tmp_path / "grid.png"
+    run = _cli(setup["model"], setup["dataset"], "r2:1", "--k", "3", "--index-k", "4", "--size", SIDE, "--json",
+               "--out", grid, "--server", setup["server"].address, "--token", "token-a")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["layer"] == "r2" and len(data["exemplars"]) == 3 and data["indexed"] == len(RED)
+    assert data["field"] == {"whole": False, "regular": True, "size": [7, 7], "stride": [4, 4]}
+    with Client(setup["server"].address, token="token-a") as fv:
+        jobs = [j for j in fv.jobs() if j.spec.HasField("exemplar_index") and list(j.spec.exemplar_index.layers)
+                == ["r2"]]
+    assert len(jobs) == 1 and jobs[0].result.exemplar_index.index == data["index"]
+    assert _decode(grid.read_bytes()).shape == (2 + 2 * 98, 2 + 2 * 98, 3)
