@@ -373,3 +373,38 @@ def test_cli_remote_runs_the_index_job_when_none_holds_the_layer(setup, tmp_path
                 == ["r2"]]
     assert len(jobs) == 1 and jobs[0].result.exemplar_index.index == data["index"]
     assert _decode(grid.read_bytes()).shape == (2 + 2 * 98, 2 + 2 * 98, 3)
+
+
+def test_concurrent_queries_compute_a_field_once(setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = setup["server"]
+    build_server_index(server, "alice", setup["model_bytes"], setup["dataset"], ["c2"], size=SIDE, k=3)
+    queries = server._server.scheduler.worker.queries
+    with Client(server.address, token="token-a") as fv:
+        fv.exemplars(setup["model"], setup["dataset"], "r3", 0, k=1)  # another field of that model and size
+    before = queries.computed
+
+    def ask(channel):
+        with Client(server.address, token="token-a") as fv:
+            return fv.exemplars(setup["model"], setup["dataset"], "c2", channel % 4, k=3)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert queries.computed == before + 1
+    assert {(a.field_size, a.field_stride) for a in answers} == {(7, 4)}
+    assert answers[0] == answers[4] and answers[1] == answers[5]
+    sidecar = next(server._server.store.index_path(setup["index"]).parent.glob("fields-*.json"))
+    assert {"c2", "r3"} <= set(json.loads(sidecar.read_text())["fields"])  # merged, none lost
+    from featureviz.worker.api import ExemplarQuery
+    from featureviz.worker.queries import Queries
+
+    fresh = Queries(models=None)  # another process (a restart, another Ray actor): the sidecar, no model needed
+    path = str(server._server.store.index_path(setup["index"]))
+    again = fresh.exemplars(ExemplarQuery(index_path=path, model=setup["model"], layer="r3", channel=0, order="max",
+                                          k=3))
+    assert fresh.computed == 0 and (again.field_size, again.field_stride) == (15, 8)
+    sidecar.write_text("{not json")  # damaged: ignored, computed again and rewritten
+    with pytest.raises(AttributeError):  # no model to compute it with: it did try
+        Queries(models=None).exemplars(ExemplarQuery(index_path=path, model=setup["model"], layer="r3", channel=0,
+                                                     order="max", k=3))
