@@ -148,6 +148,8 @@ def index_admission(model, spec: pb.JobSpec, *, max_k: int = 100):
         raise InvalidSpec("spec.exemplar_index.layers", err.description, reason=err.reason) from err
     if not names:
         raise InvalidSpec("spec.exemplar_index.layers", "the model has no layer with channels to index")
+    order = {info.name: i for i, info in enumerate(model.layers)}
+    names = sorted(names, key=order.__getitem__)  # catalog order: the same set of layers is the same index
     inputs = model.input_spec
     size = (spec.size.height, spec.size.width) if spec.HasField("size") else tuple(inputs.default_size)
     for axis, fixed, want in (("height", inputs.height, size[0]), ("width", inputs.width, size[1])):

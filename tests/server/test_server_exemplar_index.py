@@ -172,8 +172,8 @@ def test_a_second_tenant_holding_the_model_and_set_reuses_the_index(setup, worke
     first = alice.wait(alice.submit(setup["model"], spec=spec).id, timeout=300)
     assert first.state == pb.JOB_STATE_SUCCEEDED and not first.result.exemplar_index.cached
     submitted = list(worker.index_submissions)
-    # the same key under an alias (colour_out is colour_relu's output tensor) and another batch size
-    again = _spec(setup["model"], setup["dataset"], layers=("colour_out", "r3"), batch_size=3, k=7)
+    # the same key under an alias (colour_out is colour_relu's output tensor), in another order, with another batch
+    again = _spec(setup["model"], setup["dataset"], layers=("r3", "colour_out"), batch_size=3, k=7)
     job = bob.submit(setup["model"], spec=again)
     events = list(bob.watch(job.id, timeout=60))
     assert events[-1].HasField("result") and events[-1].result.state == pb.JOB_STATE_SUCCEEDED
