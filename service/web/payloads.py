@@ -22,7 +22,7 @@ from featureviz.spec import normalize_objective
 from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["json_text", "finite", "model_json", "layer_json", "job_json", "event_json", "spec_json", "objective_text",
+__all__ = ["json_text", "finite", "model_json", "layer_json", "dataset_json", "job_json", "event_json", "spec_json", "objective_text",
            "image_labels", "objective_summary", "cli_command", "state_name", "STATES"]
 
 STATES = {value: name.removeprefix("JOB_STATE_") for name, value in pb.JobState.items()}
@@ -82,6 +82,22 @@ def layer_json(layer: pb.Layer) -> dict:
     return {"name": layer.name, "aliases": list(layer.aliases), "op_type": layer.op_type, "shape": list(layer.shape),
             "channels": layer.channels, "spatial": layer.spatial, "depth": layer.depth, "is_logits": layer.is_logits,
             "pre_activation_of": layer.pre_activation_of, "layout": layer.layout}
+
+
+def dataset_json(dataset: pb.Dataset) -> dict:
+    """A set and its upload's report: images, files, skipped per cause (count, up to 10 names, the first problem in
+    words), converted kinds (count, names), formats."""
+    report = dataset.report
+    return {
+        "id": dataset.id, "name": dataset.display_name or dataset.id[:12], "display_name": dataset.display_name,
+        "image_count": dataset.image_count, "size_bytes": dataset.size_bytes,
+        "create_time": _time(dataset.create_time), "deduplicated": dataset.deduplicated,
+        "report": {"images": report.images, "files": report.files, "skipped": report.skipped,
+                   "skipped_by_cause": [{"cause": s.cause, "count": s.count, "names": list(s.names),
+                                         "detail": s.detail} for s in report.skipped_by_cause],
+                   "converted": [{"kind": c.kind, "count": c.count, "names": list(c.names)} for c in report.converted],
+                   "formats": dict(sorted(report.formats.items()))},
+    }
 
 
 def spec_json(spec: pb.JobSpec) -> dict:
