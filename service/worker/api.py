@@ -8,6 +8,8 @@ the device and everything torch. They talk through :class:`Worker`:
     worker.admit(sha256, spec_bytes)    # JobSpec -> the engine's spec, validated before any compute: Admission
     worker.submit(Submission(...))      # run it: it joins the next device step
     worker.cancel(job_id)               # it leaves at the next step (a FINISHED event, CANCELLED)
+    worker.exemplars(ExemplarQuery(...))   # one channel's ranked examples from a finished index file
+    worker.dataset_image(ImageQuery(...))  # one stored image (or a crop of it) as PNG bytes
     worker.info() / worker.stop(grace)
 
 Every argument and event is picklable plain data, so a worker can live in another process or on another
@@ -21,8 +23,8 @@ from dataclasses import field
 
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Submission", "Admission", "WorkerEvent", "WorkerConfig", "Worker", "STARTED", "PROGRESS", "PREVIEW",
-           "FINISHED", "REQUEUED", "STEPS", "LOST"]
+__all__ = ["Submission", "Admission", "ExemplarQuery", "ImageQuery", "WorkerEvent", "WorkerConfig", "Worker",
+           "STARTED", "PROGRESS", "PREVIEW", "FINISHED", "REQUEUED", "STEPS", "LOST"]
 
 STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
     "steps"
@@ -75,6 +77,32 @@ class Admission:
 
 
 @dataclass
+class ExemplarQuery:
+    """GetExemplars for the worker: the finished index file (``Store.index_path``), the model it was built with
+    (sha256: the receptive field is computed with it the first time), the layer (catalog name, checked by the
+    server), the channel, ``order`` ("max" | "mean" | "min") and ``k`` (checked by the server)."""
+
+    index_path: str
+    model: str
+    layer: str
+    channel: int
+    order: str
+    k: int
+
+
+@dataclass
+class ImageQuery:
+    """GetDatasetImage for the worker: a stored image file, ``box`` (x0, y0, x1, y1) in its pixels, end exclusive,
+    already checked against its size by the server (None: the whole image), the output's ``max_side`` and the
+    largest side decoded (read from the header before any pixel: ``Limits.max_dataset_image_side``)."""
+
+    path: str
+    box: tuple[int, int, int, int] | None
+    max_side: int
+    max_decode_side: int
+
+
+@dataclass
 class WorkerEvent:
     """One event of a job (or, for ``kind == STEPS``, of the device). ``state`` is a ``pb.JobState`` for FINISHED
     (SUCCEEDED, FAILED, CANCELLED) with ``result`` and/or ``error``; ``steps`` holds (images, seconds) per device
@@ -114,6 +142,17 @@ class Worker:
         raise NotImplementedError
 
     def cancel(self, job_id: str) -> None:
+        raise NotImplementedError
+
+    def exemplars(self, query: ExemplarQuery) -> pb.GetExemplarsResponse:
+        """One channel's ranked examples (``featureviz.worker.queries.exemplars``): values, positions and crop boxes
+        in model and file pixels, the channel's quantiles and the layer's field. The server fills the images'
+        sha256 (the index knows their names)."""
+        raise NotImplementedError
+
+    def dataset_image(self, query: ImageQuery) -> pb.DatasetImageData:
+        """The image (or the crop of ``query.box``) decoded and downscaled to ``query.max_side``, as PNG bytes
+        with its width and height (``featureviz.worker.queries.dataset_image``)."""
         raise NotImplementedError
 
     def device(self) -> pb.Device:

@@ -59,6 +59,8 @@ from featureviz.worker import device as devices
 from featureviz.worker import planner
 from featureviz.worker.models import ModelCache
 from featureviz.worker.models import describe_model
+from featureviz.worker.queries import Queries
+from featureviz.worker.queries import dataset_image
 
 __all__ = ["LocalWorker"]
 
@@ -98,6 +100,7 @@ class LocalWorker(api.Worker):
         self.models = ModelCache(model_source, size=config.models_kept, cache_dir=config.cache_dir,
                                  on_drop=self._forget)
         self.engine = BatchEngine(self.torch_device)
+        self.queries = Queries(self.models, on_device=self._on_device)
         self.memory_planner = devices.MemoryPlanner(self.torch_device)
         self._fault = devices.fault_hook()
         self._cv = threading.Condition()
@@ -164,6 +167,12 @@ class LocalWorker(api.Worker):
         with self._cv:
             self._cancels.add(job_id)
             self._cv.notify_all()
+
+    def exemplars(self, query: api.ExemplarQuery) -> pb.GetExemplarsResponse:
+        return self.queries.exemplars(query)  # in the caller's thread; the field's computation on the device thread
+
+    def dataset_image(self, query: api.ImageQuery) -> pb.DatasetImageData:
+        return dataset_image(query)
 
     def device(self) -> pb.Device:
         return self._device_pb
