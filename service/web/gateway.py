@@ -65,6 +65,7 @@ from featureviz.web.connections import ConnectionGuard
 from featureviz.web.payloads import cli_command
 from featureviz.web.payloads import dataset_json
 from featureviz.web.payloads import event_json
+from featureviz.web.payloads import exemplars_json
 from featureviz.web.payloads import json_text
 from featureviz.web.payloads import job_json
 from featureviz.web.payloads import layer_json
@@ -105,6 +106,7 @@ HTTP_STATUS = {
 # featureviz.options) and the request id
 _JOB_OPTIONS = tuple(option.name for option in offered("web"))
 _JOB_KEYS = ("model", "objective", *_JOB_OPTIONS, "request_id")
+_INDEX_KEYS = ("model", "dataset", "layers", "k", "batch_size", "size")  # POST api/exemplars/index
 _SECURITY_HEADERS = {
     # everything comes from this origin: no CDN, works offline; previews are data: URLs
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -250,6 +252,9 @@ class WebGateway:
             web.post("/api/datasets", self.upload_dataset),
             web.get("/api/datasets/{id}", self.get_dataset),
             web.delete("/api/datasets/{id}", self.delete_dataset),
+            web.get("/api/datasets/{id}/images/{image:[0-9a-f]{64}}.png", self.dataset_image),
+            web.get("/api/exemplars", self.exemplars),
+            web.post("/api/exemplars/index", self.index_exemplars),
             web.get("/api/classes", self.classes),
             web.get("/api/jobs", self.list_jobs),
             web.post("/api/jobs", self.create_job),
@@ -408,6 +413,51 @@ class WebGateway:
     async def delete_dataset(self, request: web.Request) -> web.Response:
         await self._client(request).delete_dataset(request.match_info["id"])
         return _json({})
+
+    async def dataset_image(self, request: web.Request) -> web.Response:
+        """One image of a set as PNG (GetDatasetImage): ``?box=x0,y0,x1,y1`` crops it (the file's pixels, end
+        exclusive), ``?max_side=`` downscales it (0 or none: max_image_side)."""
+        box = _ints(request.query["box"], "box", 4) if request.query.get("box") else None
+        max_side = _ints(request.query.get("max_side", "0"), "max_side", 1)[0]
+        png = await self._client(request).dataset_image(request.match_info["id"], request.match_info["image"],
+                                                        box=box, max_side=max_side)
+        return web.Response(body=png, content_type="image/png",
+                            headers={"Cache-Control": "private, max-age=86400"})  # stored by content: never changes
+
+    async def exemplars(self, request: web.Request) -> web.Response:
+        """One channel's dataset examples (GetExemplars): ``?model=&dataset=&layer=&channel=&order=max|mean|min&k=``;
+        each with the URLs of its crop and of its whole image (``api/datasets/<id>/images/<sha256>.png``) and its
+        box as fractions of the image, to draw on the whole image."""
+        query = request.query
+        order = query.get("order", "max")
+        if order not in ("max", "mean", "min"):
+            raise InvalidSpec("order", f"order must be max, mean or min, got {echo(order)}")
+        channel = _ints(query.get("channel", ""), "channel", 1)[0]
+        k = _ints(query.get("k", "9"), "k", 1)[0]
+        response = await self._client(request).exemplars(query.get("model", ""), query.get("dataset", ""),
+                                                         query.get("layer", ""), channel, order=order, k=k)
+        return _json(exemplars_json(response, query.get("dataset", "").removeprefix("datasets/").lower()))
+
+    async def index_exemplars(self, request: web.Request) -> web.Response:
+        """Run the exemplar index job (``JobSpec.exemplar_index``) for a model and a set: ``{"model", "dataset",
+        "layers": [...], "k", "batch_size", "size"}`` (all but model and dataset optional) -> the job; follow it
+        with ``api/jobs/<id>/events`` (progress: images done of the set's)."""
+        body = await self._json_body(request)
+        unknown = sorted(set(body) - set(_INDEX_KEYS))
+        if unknown:
+            raise InvalidSpec(_short(unknown[0]), f"unknown key; an index job takes: {', '.join(_INDEX_KEYS)}")
+        layers = body.get("layers") or []
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, list) or not all(isinstance(layer, str) for layer in layers):
+            raise InvalidSpec("layers", "expected a list of layer names")
+        options = {key: body[key] for key in ("k", "batch_size", "size") if body.get(key) is not None}
+        for key, value in options.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidSpec(key, f"expected an integer, got {echo(json.dumps(value))}")
+        job = await self._client(request).index_exemplars(str(body.get("model", "")), str(body.get("dataset", "")),
+                                                          layers, **options)
+        return _json(job_json(job))
 
     async def upload_model(self, request: web.Request) -> web.Response:
         """The request body is the ONNX file, ``?sha256=`` its digest (the page computes it), ``?name=`` and the
@@ -861,6 +911,15 @@ def _depth(value) -> int:
         if depth <= JSON_DEPTH:
             stack.extend((child, depth + 1) for child in children)
     return deepest
+
+
+def _ints(text: str, field: str, count: int) -> list[int]:
+    """``count`` comma-separated non-negative integers (a box, a channel, k), or InvalidSpec naming the field."""
+    parts = text.split(",")
+    if len(parts) != count or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        raise InvalidSpec(field, f"expected {count} comma-separated non-negative integer{'s' if count > 1 else ''}, "
+                                 f"got {echo(text)}")
+    return [int(p) for p in parts]
 
 
 def _from_seq(text: str) -> int:
