@@ -23,8 +23,8 @@ from dataclasses import field
 
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Submission", "Admission", "ExemplarQuery", "ImageQuery", "WorkerEvent", "WorkerConfig", "Worker",
-           "STARTED", "PROGRESS", "PREVIEW", "FINISHED", "REQUEUED", "STEPS", "LOST"]
+__all__ = ["Submission", "Admission", "IndexWork", "ExemplarQuery", "ImageQuery", "WorkerEvent", "WorkerConfig",
+           "Worker", "STARTED", "PROGRESS", "PREVIEW", "FINISHED", "REQUEUED", "STEPS", "LOST"]
 
 STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
     "steps"
@@ -47,8 +47,33 @@ class WorkerConfig:
     models_kept: int = 4
     max_image_side: int = 4096  # an init image larger than this is refused from its header (the server passes its
     # Limits.max_image_side; the default is the engine's MAX_DECODE_SIDE)
+    max_dataset_image_side: int = 8192  # an index job decodes a set's image up to this side (Limits of that name)
     time_slice_steps: int = 64  # when jobs wait, a running job yields its place after this many steps
     max_job_memory_bytes: int | None = None  # a job whose measured memory exceeds this is refused at admission
+
+
+@dataclass
+class IndexWork:
+    """What an exemplar index job reads and writes, resolved by the server (plain data). ``names`` and ``paths``:
+    the set's images in its order (names as in the set, each file at the server store's ``image_path``: a worker
+    in another process or on another machine needs the store's folder mounted at the same path).
+    ``state_path``: the unfinished pass's state (saved after each chunk of ``chunk_images``, what a rerun
+    resumes); ``final_path``: the finished index (``ExemplarIndex.save``, atomic). ``layers`` (catalog names),
+    ``size`` (H, W), ``preprocess`` ({mean, std, channel_order}), ``k`` and ``batch_size`` as admission resolved
+    them (the job's stored spec records them)."""
+
+    index: str
+    dataset: str
+    names: list[str]
+    paths: list[str]
+    state_path: str
+    final_path: str
+    layers: list[str]
+    size: tuple[int, int]
+    preprocess: dict
+    k: int
+    batch_size: int
+    chunk_images: int = 256
 
 
 @dataclass
@@ -64,16 +89,27 @@ class Submission:
     images: int = 1
     exclusive: bool = False
     ticket: str = ""
+    index: IndexWork | None = None  # an exemplar index job (JobSpec.exemplar_index): what it reads and writes
 
 
 @dataclass
 class Admission:
-    """What :meth:`Worker.admit` found: the engine defaults the job runs with, and the ticket of its engine spec."""
+    """What :meth:`Worker.admit` found: the engine defaults the job runs with, and the ticket of its engine spec.
+    An exemplar index job (``kind == "exemplar_index"``, no ticket) gets what it resolved against the model:
+    ``layers`` (catalog names), ``size`` (H, W), ``preprocess`` ({mean, std, channel_order}), ``k``,
+    ``batch_size`` and ``channels`` (the total over the layers): the server's index key is built from them."""
 
     ticket: str
-    steps: int
-    batch: int
-    seed: int
+    steps: int = 0
+    batch: int = 0
+    seed: int = 0
+    kind: str = "render"
+    layers: list[str] = field(default_factory=list)
+    size: tuple[int, int] | None = None
+    preprocess: dict | None = None
+    k: int = 0
+    batch_size: int = 0
+    channels: int = 0
 
 
 @dataclass

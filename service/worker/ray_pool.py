@@ -328,7 +328,8 @@ class RayPool(api.Worker):
         host, admission = self._call(sha256, "admit", sha256, [ref], spec, self._extra(spec))
         with self._lock:
             host.models.add(sha256)
-            self._tickets[admission.ticket] = host.index
+            if admission.ticket:  # an exemplar index job has none: it is resolved, not checked into a spec
+                self._tickets[admission.ticket] = host.index
             while len(self._tickets) > 4096:
                 self._tickets.pop(next(iter(self._tickets)))
         return admission
