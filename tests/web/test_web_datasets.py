@@ -9,15 +9,18 @@ import hashlib
 import json
 
 import pytest
+from support.fake_worker import FakeWorker
 from support.images import image_bytes
 from support.images import zip_of
 from web_support import Http
 from web_support import drop_files
 
 from featureviz.client import Client
+from featureviz.client import pb
 from featureviz.server import Limits
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
+from featureviz.worker import api
 
 TOKENS = {"w": "alice", "r": "alice", "b": "bob"}
 
@@ -222,3 +225,44 @@ def test_an_upload_the_server_refuses_shows_its_one_line(page, web_server):
     assert alert.inner_text().startswith("INVALID_ARGUMENT")
     assert "image" in alert.inner_text()
     assert page.is_hidden(".upload-status")
+
+
+# ------------------------------------------------------------------------------------ a set in use by a job
+
+
+class _IndexingWorker(FakeWorker):
+    """The scripted worker (``support.fake_worker``) with an admission that resolves an index job as the real
+    worker's does (layers, size, preprocess, k): the job is queued and granted, and never finishes."""
+
+    def admit(self, sha256: str, spec: bytes) -> api.Admission:
+        admission = super().admit(sha256, spec)
+        if not pb.JobSpec.FromString(spec).HasField("exemplar_index"):
+            return admission
+        return api.Admission(ticket=admission.ticket, kind="exemplar_index", layers=["conv"], size=(32, 32),
+                             preprocess={"mean": [0.0], "std": [1.0], "channel_order": "RGB"}, k=4, batch_size=2,
+                             channels=8)
+
+
+def test_deleting_a_set_a_running_job_reads_shows_the_one_line_and_keeps_it(browser, tmp_path):
+    fake = _IndexingWorker()
+    running = serve_in_background(ServerConfig(tmp_path / "store", http_port=0), worker=fake)
+    context = browser.new_context(base_url=running.http_url)
+    try:
+        with Client(running.address) as fv:
+            model = fv.upload(b"a model the scripted worker takes")
+            archive = zip_of({"a.png": image_bytes("png", (8, 8))})
+            dataset = fv.upload_dataset(archive, name="busy")
+            job = fv.index_exemplars(model.sha256, dataset.id, ["conv"])
+            page = context.new_page()
+            page.goto("/#/datasets")
+            delete = page.wait_for_selector(f".dataset[data-id='{dataset.id}'] button.danger")
+            delete.click()
+            delete.click()
+            alert = page.wait_for_selector(f".dataset[data-id='{dataset.id}'] [role=alert]")
+            text = alert.inner_text()
+            assert text.startswith("FAILED_PRECONDITION") and f"jobs/{job.id}" in text
+            assert "\n" not in text.strip()  # one line
+            assert fv.dataset(dataset.id).id == dataset.id  # kept
+    finally:
+        context.close()
+        running.stop()
