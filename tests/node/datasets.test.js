@@ -11,10 +11,18 @@ const path = require('node:path');
 const { after, before, describe, it } = require('node:test');
 
 const { Client, FeaturevizError, toJobSpec } = require('../../clients/node/src');
-const { REPO, python, startServer, tempDir } = require('./support');
+const { PNG_SIGNATURE, REPO, python, startServer, tempDir } = require('./support');
 
 const TIMEOUT = { timeout: 180_000 };
 const TOKENS = 'tok-alice=alice,tok-bob=bob';
+
+// the hand-built colour model (tests/support/exemplar_models.py: channel 0 of colour_relu is a pixel's red level)
+const MAKE_COLOUR_NET = `
+import sys
+sys.path.insert(0, sys.argv[1])
+from support.exemplar_models import colour_net
+open(sys.argv[2], "wb").write(colour_net())
+`;
 
 // a folder of 3 RGB PNGs, a grayscale JPEG in a sub-folder and a text file; a zip and a gzip tar of other images
 const MAKE_IMAGES = `
@@ -183,6 +191,44 @@ describe('the Node client\'s datasets against a real server', () => {
     assert.throws(() => toJobSpec({ model: 'a'.repeat(64), exemplarIndex: { dataset, depth: 3 } }),
       /unknown field of ExemplarIndexSpec/);
     assert.throws(() => toJobSpec({ model: 'a'.repeat(64), exemplarIndex: { layers: [] } }), /expected a Dataset/);
+  });
+
+  it('runs the index job, then reads ranked examples and their crops as PNG', TIMEOUT, async () => {
+    const onnx = path.join(work, 'colour.onnx');
+    await python(MAKE_COLOUR_NET, [path.join(REPO, 'tests'), onnx]);
+    const model = await fv.uploadModel(onnx);
+    const missing = await rejection(fv.exemplars(model, dataset, 'colour_relu', 0));
+    assert.equal(missing.codeName, 'NOT_FOUND');
+    assert.equal(missing.reason, 'EXEMPLAR_INDEX_NOT_FOUND');
+    const job = await fv.indexExemplars(model, dataset, { layers: ['colour_relu'], k: 4, batchSize: 2, size: 32 });
+    const steps = [];
+    const done = await fv.waitJob(job, { onEvent: (e) => { if (e.event === 'progress') steps.push(e.progress); } });
+    assert.equal(done.state, 'JOB_STATE_SUCCEEDED', JSON.stringify(done.error));
+    assert.equal(done.result.exemplarIndex.images, 4);
+    assert.deepEqual(done.result.exemplarIndex.layers, ['colour_relu']);
+    assert.ok(steps.every((p) => p.steps === 4), JSON.stringify(steps));
+
+    const top = await fv.exemplars(model, dataset, 'colour_relu', 0, { k: 4 });
+    assert.equal(top.order, 'EXEMPLAR_ORDER_MAX');
+    assert.equal(top.exemplars[0].name, 'img0.png'); // the red one: channel 0 is the red level
+    assert.deepEqual(top.exemplars.map((e) => e.rank), [0, 1, 2, 3]);
+    const green = await fv.exemplars(model, dataset, 'colour_relu', 1, { k: 1 });
+    assert.equal(green.exemplars[0].name, 'img1.png');
+    const bottom = await fv.exemplars(model, dataset, 'colour_relu', 0, { order: 'min', k: 2 });
+    assert.equal(bottom.order, 'EXEMPLAR_ORDER_MIN');
+    assert.equal((await rejection(fv.exemplars(model, dataset, 'colour_relu', 0, { order: 'best' }))).codeName,
+      'INVALID_ARGUMENT');
+
+    const best = top.exemplars[0];
+    const whole = await fv.datasetImage(dataset, best.image);
+    assert.ok(whole.png.subarray(0, 8).equals(PNG_SIGNATURE));
+    assert.deepEqual([whole.width, whole.height, whole.name], [24, 16, 'img0.png']);
+    const box = best.imageBox;
+    const crop = await fv.datasetImage(dataset, best, { box });
+    assert.deepEqual([crop.png.readUInt32BE(16), crop.png.readUInt32BE(20)], [box.x1 - box.x0, box.y1 - box.y0]);
+    const byName = await fv.datasetImage(dataset, 'sub/gray.jpg', { maxSide: 10 });
+    assert.deepEqual([byName.width, byName.height], [10, 10]);
+    await fv.deleteModel(model);
   });
 
   it('deletes the set', async () => {
