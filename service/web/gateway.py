@@ -49,11 +49,15 @@ from featureviz.client.client import MESSAGE_BYTES
 from featureviz.codec import preprocess_to_proto
 from featureviz.codec import spec_to_proto
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.exemplars import ORDERS
 from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
 from featureviz.errors import code_name
 from featureviz.errors import echo
 from featureviz.hosts import LOOPBACK_HOSTS
+from featureviz.options import BY_NAME
+from featureviz.options import EXEMPLAR_INDEX
+from featureviz.options import OPTIONS
 from featureviz.options import offered
 from featureviz.ratelimit import FailureThrottle
 from featureviz.spec import parse_objective
@@ -106,7 +110,12 @@ HTTP_STATUS = {
 # featureviz.options) and the request id
 _JOB_OPTIONS = tuple(option.name for option in offered("web"))
 _JOB_KEYS = ("model", "objective", *_JOB_OPTIONS, "request_id")
-_INDEX_KEYS = ("model", "dataset", "layers", "k", "batch_size", "size")  # POST api/exemplars/index
+# POST api/exemplars/index: the model, the set, the layers, the parts of the exemplar_index option and the other
+# options an index job takes (their declaration, featureviz.options: size)
+_INDEX_PARTS = tuple(part.name for part in BY_NAME["exemplar_index"].parts)
+_INDEX_OPTIONS = tuple(option.name for option in OPTIONS if EXEMPLAR_INDEX in option.kinds
+                       and option.type in ("int", "size"))
+_INDEX_KEYS = ("model", "dataset", "layers", *_INDEX_PARTS, *_INDEX_OPTIONS)
 _SECURITY_HEADERS = {
     # everything comes from this origin: no CDN, works offline; previews are data: URLs
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -430,8 +439,8 @@ class WebGateway:
         box as fractions of the image, to draw on the whole image."""
         query = request.query
         order = query.get("order", "max")
-        if order not in ("max", "mean", "min"):
-            raise InvalidSpec("order", f"order must be max, mean or min, got {echo(order)}")
+        if order not in ORDERS:
+            raise InvalidSpec("order", f"order must be one of {', '.join(ORDERS)}, got {echo(order)}")
         channel = _ints(query.get("channel", ""), "channel", 1)[0]
         k = _ints(query.get("k", "9"), "k", 1)[0]
         response = await self._client(request).exemplars(query.get("model", ""), query.get("dataset", ""),
@@ -451,10 +460,12 @@ class WebGateway:
             layers = [layers]
         if not isinstance(layers, list) or not all(isinstance(layer, str) for layer in layers):
             raise InvalidSpec("layers", "expected a list of layer names")
-        options = {key: body[key] for key in ("k", "batch_size", "size") if body.get(key) is not None}
+        options = {key: body[key] for key in (*_INDEX_PARTS, *_INDEX_OPTIONS) if body.get(key) is not None}
         for key, value in options.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise InvalidSpec(key, f"expected an integer, got {echo(json.dumps(value))}")
+            values = value if key == "size" and isinstance(value, list) and len(value) == 2 else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise InvalidSpec(key, f"expected an integer{' or [height, width]' if key == 'size' else ''}, got "
+                                       f"{echo(json.dumps(value))}")
         job = await self._client(request).index_exemplars(str(body.get("model", "")), str(body.get("dataset", "")),
                                                           layers, **options)
         return _json(job_json(job))

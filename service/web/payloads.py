@@ -15,6 +15,7 @@ import shlex
 
 from google.protobuf import json_format
 
+from featureviz.client.exemplars import ORDERS
 from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.options import OPTIONS
@@ -102,8 +103,7 @@ def dataset_json(dataset: pb.Dataset) -> dict:
     }
 
 
-_ORDERS = {pb.EXEMPLAR_ORDER_UNSPECIFIED: "max", pb.EXEMPLAR_ORDER_MAX: "max", pb.EXEMPLAR_ORDER_MEAN: "mean",
-           pb.EXEMPLAR_ORDER_MIN: "min"}
+_ORDERS = {value: name for name, value in ORDERS.items()}  # the client's names of ExemplarOrder (unset: max)
 CROP_SIDE = 160  # a crop's PNG side at most (the page shows them small)
 WHOLE_SIDE = 640  # the whole image's, when a crop is clicked
 

@@ -46,7 +46,11 @@ export async function channelPage(root, [sha, name, channelText], state) {
   const go = h("button.primary#render-channel", { type: "submit" }, "Render");
   const where = h("div.render-side");
   let panel = null;
-  const chooser = datasetChooser(() => examples.show());
+  let last = null; // the last finished render and whether it was the channel itself: its ratio follows the set
+  const chooser = datasetChooser(() => {
+    examples.show();
+    if (last) showRatio(...last);
+  });
   const examples = examplesPanel(sha, layer.name, channel, chooser);
   const ratioLine = h("div.ratio-line#channel-ratio");
   examples.el.append(ratioLine);
@@ -65,6 +69,7 @@ export async function channelPage(root, [sha, name, channelText], state) {
   /** The activation ratio of a finished render of the channel itself (not negative, no diversity term): its best
    *  image's objective over the best real image's spatial mean. */
   async function showRatio(result, plain) {
+    last = [result, plain];
     clear(ratioLine);
     const ends = (result.result?.images || []).map((i) => i.objective_end);
     if (!plain || result.state !== "SUCCEEDED" || !ends.length || !chooser.value) return;

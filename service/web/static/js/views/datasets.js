@@ -39,9 +39,24 @@ async function dropped(transfer) {
   if (!entries.length || entries.every((e) => e.isFile)) return fromFiles([...transfer.files].map((file) => ({
     name: file.name, file })));
   const files = [];
-  for (const entry of entries) await walk(entry, "", files);
-  const folder = entries.length === 1 && entries[0].isDirectory ? entries[0].name : "";
-  return { ...(await fromFiles(files)), folder };
+  if (entries.length === 1) { // one folder: its files by their paths inside it
+    for (const child of await children(entries[0])) await walk(child, "", files);
+    return { ...(await fromFiles(files)), folder: entries[0].name };
+  }
+  for (const entry of entries) await walk(entry, "", files); // several: each folder's name starts its files' names
+  return fromFiles(files);
+}
+
+/** A folder entry's entries, by name (readEntries answers in batches until an empty one). */
+async function children(folder) {
+  const reader = folder.createReader();
+  const all = [];
+  for (;;) {
+    const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+    if (!batch.length) break;
+    all.push(...batch);
+  }
+  return all.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
 
 async function walk(entry, prefix, out) {
@@ -50,16 +65,7 @@ async function walk(entry, prefix, out) {
     out.push({ name: prefix + entry.name, file: await new Promise((resolve, reject) => entry.file(resolve, reject)) });
     return;
   }
-  const reader = entry.createReader();
-  const children = [];
-  for (;;) { // readEntries answers in batches until an empty one
-    const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
-    if (!batch.length) break;
-    children.push(...batch);
-  }
-  children.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  const inner = entry.fullPath.split("/").length > 2 || prefix ? `${prefix}${entry.name}/` : "";
-  for (const child of children) await walk(child, inner, out);
+  for (const child of await children(entry)) await walk(child, `${prefix}${entry.name}/`, out);
 }
 
 /** One archive alone is sent as it is; anything else as single files. */
