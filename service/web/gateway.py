@@ -445,7 +445,7 @@ class WebGateway:
         k = _ints(query.get("k", "9"), "k", 1)[0]
         response = await self._client(request).exemplars(query.get("model", ""), query.get("dataset", ""),
                                                          query.get("layer", ""), channel, order=order, k=k)
-        return _json(exemplars_json(response, query.get("dataset", "").removeprefix("datasets/").lower()))
+        return _json(exemplars_json(response, query.get("dataset", "").strip().removeprefix("datasets/").lower()))
 
     async def index_exemplars(self, request: web.Request) -> web.Response:
         """Run the exemplar index job (``JobSpec.exemplar_index``) for a model and a set: ``{"model", "dataset",
