@@ -1,5 +1,6 @@
 """The explorer's Datasets page and its API against a real server: a folder of generated images (chosen as a folder,
-uploaded as single files) and a zip (dropped) through the gateway, with the progress bar, the report (a skipped
+and dropped as a real folder with Chromium's own drag events; uploaded as single files) and a zip (dropped) through
+the gateway, with the progress bar, the report (a skipped
 text file by name, a converted grayscale image), and delete; the uploads follow the model uploads' rules (auth,
 read-only tokens, the size bound, the digest). Images are real files written by Pillow."""
 
@@ -192,6 +193,36 @@ def test_a_folder_uploads_as_single_files_shows_its_report_and_deletes(page, web
     page.wait_for_selector(f".dataset[data-id='{ident}']", state="detached")
     with Client(web_server.address) as fv:
         assert ident not in [d.id for d in fv.datasets()]
+
+
+def _drag_and_drop_paths(page, selector: str, paths: list[str]) -> None:
+    """A real drag and drop of files or folders from the file system onto an element: Chromium's own drag events
+    (DevTools' Input.dispatchDragEvent), so a folder arrives as a directory entry the page walks."""
+    box = page.locator(selector).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    session = page.context.new_cdp_session(page)
+    data = {"items": [], "files": paths, "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        session.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+
+
+def test_a_dropped_folder_is_walked_and_sent_as_single_files_by_their_paths_inside_it(page, web_server, tmp_path):
+    files = _images()
+    folder = tmp_path / "holiday"
+    for name, data in {**files, ".hidden.png": image_bytes("png", (5, 5))}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    page.goto("/#/datasets")
+    page.wait_for_selector("#dataset-list :is(.empty, .dataset)")
+    _drag_and_drop_paths(page, "#dataset-dropzone", [str(folder)])
+    page.wait_for_selector(".upload-status.done")
+    assert page.inner_text(".upload-line") == "Uploaded holiday: 4 images, 1 file skipped."
+    ident = _set_id(files)
+    page.wait_for_selector(f".dataset[data-id='{ident}']")
+    with Client(web_server.address) as fv:  # hidden files left out, as the clients do
+        assert [i.name for i in fv.dataset_images(ident)] == ["img0.png", "img1.png", "img2.png", "sub/gray.jpg"]
+        assert fv.dataset(ident).report.files == 5
+        fv.delete_dataset(ident)
 
 
 def test_a_dropped_zip_and_dropped_files_upload_with_their_reports(page, web_server):
