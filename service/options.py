@@ -408,8 +408,8 @@ def _range_text(option: Option) -> str:
 
 def markdown_table() -> str:
     """The README's options table (``python -m featureviz.options --markdown``)."""
-    rows = ["| option (JobSpec field, client keyword) | jobs | command line | type | default | range or choices | what |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| option (JobSpec field, client keyword) | jobs | command line | type | default | range or choices "
+            "| what |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for option in OPTIONS:
         for row in (option, *option.parts):
             flags = " ".join(f"`{f}`" for f in row.flags) if row.flags else f"`{row.flag}`"

@@ -52,6 +52,7 @@ def index_work(store: Store, tenant: str, model: str, spec: pb.JobSpec, chunk_im
                          paths=[str(store.image_path(image.sha256)) for image in images],
                          state_path=str(store.index_state_path(ident)), final_path=str(store.index_path(ident)),
                          layers=list(spec.exemplar_index.layers), size=(spec.size.height, spec.size.width),
-                         preprocess={"mean": list(p.mean), "std": list(p.std), "channel_order": p.channel_order or "RGB"},
+                         preprocess={"mean": list(p.mean), "std": list(p.std),
+                                     "channel_order": p.channel_order or "RGB"},
                          k=spec.exemplar_index.k, batch_size=spec.exemplar_index.batch_size,
                          chunk_images=chunk_images)

@@ -116,9 +116,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if request_id:  # idempotent retry: the job this request id already made
             existing = self.store.job_by_request(tenant, request_id)
             if existing is not None:
-                if pb.JobSpec.FromString(existing.spec).objective != spec.objective:
-                    raise InvalidSpec("request_id", f"{echo(request_id)} was used for a job with another objective; "
-                                                    "use a new request id for a new job")
+                before = pb.JobSpec.FromString(existing.spec)
+                if before.objective != spec.objective or before.exemplar_index.dataset.removeprefix("datasets/") \
+                        != spec.exemplar_index.dataset.removeprefix("datasets/").strip().lower():
+                    raise InvalidSpec("request_id", f"{echo(request_id)} was used for a job with another objective "
+                                                    "or dataset; use a new request id for a new job")
                 return existing.id
         sha = parse_model_name(spec.model, "spec.model")
         model = self.store.get_model(tenant, sha)
@@ -304,7 +306,10 @@ def _summary(job: pb.Job, limits) -> pb.Job:
     from featureviz.spec import format_objective
 
     nodes, depth = objective_size(job.spec.objective, limits.max_objective_nodes, limits.max_objective_depth)
-    if nodes > limits.max_objective_nodes or depth > limits.max_objective_depth:
+    if job.spec.HasField("exemplar_index"):  # no objective: say what it indexes
+        index = job.spec.exemplar_index
+        text = f"exemplar index of datasets/{index.dataset} at {len(index.layers)} layer(s), k={index.k}"
+    elif nodes > limits.max_objective_nodes or depth > limits.max_objective_depth:
         text = f"(an objective of more than {min(nodes, limits.max_objective_nodes)} parts)"
     else:
         try:

@@ -22,7 +22,10 @@
 - Exemplar index jobs (``JobSpec.exemplar_index``) go through the same queue, grants, events and re-queues; their
   Submission carries :class:`featureviz.worker.api.IndexWork` (:func:`featureviz.server.indexes.index_work`: the
   set's files, the state and final paths). A job whose index is finished already (another job made it meanwhile)
-  ends at once, cached (:meth:`finish_cached`); a finished pass is recorded for the tenant
+  ends at once, cached (:meth:`finish_cached`). An index job takes no room in the device steps (0 images: the
+  worker runs one index batch per round beside them); at most ``MAX_INDEX_PASSES`` run at once, one per tenant,
+  the others wait in the queue without holding up their tenant's renders; a job whose index another granted job is
+  computing waits for it (and then ends cached). A finished pass is recorded for the tenant
   (``Store.record_index``), whose least recently used indexes beyond ``max_indexes_per_tenant`` go.
 """
 
@@ -40,9 +43,22 @@ from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
 
-__all__ = ["Scheduler", "JobLog", "job_cost"]
+__all__ = ["Scheduler", "JobLog", "job_cost", "MAX_INDEX_PASSES"]
 
 log = logging.getLogger("featureviz.server")
+# exemplar index passes the worker runs at once (one per tenant): each holds a decode pool and a few batches of
+# decoded images; the others wait in the queue
+MAX_INDEX_PASSES = 2
+
+
+def _index_key(spec: pb.JobSpec) -> str:
+    """A stored index job's index id ("" when its spec cannot say: the job then fails when it is granted)."""
+    from featureviz.server.indexes import index_id
+
+    try:
+        return index_id(spec.model, spec)
+    except Exception:
+        return ""
 
 
 def job_cost(spec: pb.JobSpec) -> int:
@@ -117,6 +133,7 @@ class Scheduler:
         self._cost_of: dict[str, int] = {}  # job -> images x steps
         self._tickets: dict[str, str] = {}  # job -> the worker's admission ticket
         self._exclusive: set[str] = set()
+        self._indexing: dict[str, str] = {}  # queued or granted exemplar index jobs -> their index id
         self._served: dict[str, int] = {}  # tenant -> turn it was last granted a job
         self._turn = 0
         self._granted: dict[str, str] = {}  # job -> tenant: held by the worker, until its end is logged
@@ -179,7 +196,10 @@ class Scheduler:
     def _enqueue(self, job_id: str, tenant: str, spec: pb.JobSpec, ticket: str = "") -> None:
         self._queue.append(job_id)
         self._tenant_of[job_id] = tenant
-        self._images_of[job_id] = spec.batch if spec.HasField("batch") else 1
+        # an index job takes no room in the device steps (the worker runs one index batch per round beside them)
+        self._images_of[job_id] = 0 if spec.HasField("exemplar_index") else spec.batch if spec.HasField("batch") else 1
+        if spec.HasField("exemplar_index"):
+            self._indexing[job_id] = _index_key(spec)
         self._cost_of[job_id] = job_cost(spec)
         if ticket:
             self._tickets[job_id] = ticket
@@ -205,8 +225,15 @@ class Scheduler:
         held)."""
         while self._queue and not self._stopping:
             firsts: dict[str, str] = {}
+            passes = [j for j in self._granted if j in self._indexing]
             for job_id in self._queue:
-                firsts.setdefault(self._tenant_of.get(job_id, ""), job_id)
+                tenant = self._tenant_of.get(job_id, "")
+                if job_id in self._indexing and (len(passes) >= MAX_INDEX_PASSES or any(
+                        self._granted[j] == tenant or self._indexing[j] == self._indexing[job_id] for j in passes)):
+                    continue  # it waits for a pass to end (the same index: then it is cached); later renders go
+                firsts.setdefault(tenant, job_id)
+            if not firsts:
+                return
             tenant = min(firsts, key=lambda t: (self._held_by(t), self._served.get(t, -1)))
             job_id = firsts[tenant]
             images = self._images_of.get(job_id, 1)
@@ -273,6 +300,7 @@ class Scheduler:
         self._cost_of.pop(job_id, None)
         self._tickets.pop(job_id, None)
         self._exclusive.discard(job_id)
+        self._indexing.pop(job_id, None)
         self._progress.pop(job_id, None)
         self._started.pop(job_id, None)
 

@@ -156,6 +156,8 @@ class Store:
         (self.root / "uploads").mkdir(parents=True, exist_ok=True)
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         (self.root / "indexes").mkdir(parents=True, exist_ok=True)
+        for stale in (self.root / "indexes").glob(".*.tmp"):  # an index write a kill cut short
+            stale.unlink(missing_ok=True)
         shutil.rmtree(self.root / "staging", ignore_errors=True)  # unpacking that a stop or a crash cut short
         (self.root / "staging").mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()

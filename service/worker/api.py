@@ -6,7 +6,9 @@ the device and everything torch. They talk through :class:`Worker`:
     worker.start(sink)                  # events come back through sink(WorkerEvent), in order per job
     worker.load_model(sha256, source, limits)  # import an upload: -> (pb.Model, pb.ListLayersResponse)
     worker.admit(sha256, spec_bytes)    # JobSpec -> the engine's spec, validated before any compute: Admission
-    worker.submit(Submission(...))      # run it: it joins the next device step
+                                        # (an exemplar index job: its layers, size, preprocess, k resolved)
+    worker.submit(Submission(...))      # run it: it joins the next device step (an index job: IndexWork, one
+                                        # batch per device round)
     worker.cancel(job_id)               # it leaves at the next step (a FINISHED event, CANCELLED)
     worker.exemplars(ExemplarQuery(...))   # one channel's ranked examples from a finished index file
     worker.dataset_image(ImageQuery(...))  # one stored image (or a crop of it) as PNG bytes

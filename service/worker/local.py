@@ -29,7 +29,8 @@ ONE index job runs ONE batch (index jobs in turn), so a render job submitted whi
 round. The pass saves its state after each chunk (``IndexWork.state_path``) and resumes from it when the job runs
 again (a cancel, a stop or a killed server keep it); when done the index is saved at ``IndexWork.final_path`` and
 the partial state removed. Progress: images done of the set's images. Not in the planner's time slicing or memory
-admission: one batch of a forward pass in inference mode (``batch_size`` at most ``Limits.max_index_batch``).
+planner: one batch of a forward pass in inference mode (``batch_size`` at most ``Limits.max_index_batch``); admission
+refuses a pass whose decoded batches exceed ``max_job_memory_bytes`` (:meth:`LocalWorker._check_index_memory`).
 
 Memory (featureviz.worker.device): admission measures a job's memory with a probe (CPU and CUDA) and refuses one
 above ``max_job_memory_bytes`` or the device's usable memory (RESOURCE_EXHAUSTED, JOB_TOO_LARGE).
@@ -163,7 +164,9 @@ class LocalWorker(api.Worker):
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
         if job_spec.HasField("exemplar_index"):  # resolved against the model before any compute; no ticket
-            return adapter.index_admission(model, job_spec)
+            admission = adapter.index_admission(model, job_spec)
+            self._check_index_memory(admission)
+            return admission
         checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
                                        max_image_side=self.config.max_image_side)
         judge = adapter.judge_of(job_spec)
@@ -567,6 +570,20 @@ class LocalWorker(api.Worker):
                                 f"{height}x{width}: {_bytes(fixed)} fixed + {_bytes(per_image)} per image, measured "
                                 f"by a probe step), more than {bound}; use fewer images "
                                 "(batch), a smaller size, or split it into several jobs", reason="JOB_TOO_LARGE")
+
+    def _check_index_memory(self, admission: api.Admission) -> None:
+        """An index pass holds a few batches of decoded images (IndexPass.decoded_bytes): refused (RESOURCE_EXHAUSTED,
+        JOB_TOO_LARGE) above ``max_job_memory_bytes``, before any compute."""
+        from featureviz.engine.exemplars import IndexPass
+
+        need = IndexPass.decoded_bytes(admission.batch_size, admission.size)
+        limit = self.config.max_job_memory_bytes
+        if limit and need > limit:
+            height, width = admission.size
+            raise ResourceExhausted(f"this index pass holds about {_bytes(need)} of decoded images (batches of "
+                                    f"{admission.batch_size} images of {height}x{width}, a few decoded ahead), more "
+                                    f"than max_job_memory_bytes = {limit} ({_bytes(limit)}); use a smaller batch_size "
+                                    "or size", reason="JOB_TOO_LARGE")
 
     def _independent(self, group: list[_Job]) -> bool:
         try:

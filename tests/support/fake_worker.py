@@ -117,6 +117,16 @@ class FakeWorker(api.Worker):
             ticket = f"ticket-{len(self.admissions)}"
         if self.refuse_admission is not None:
             raise self.refuse_admission
+        if job_spec.HasField("exemplar_index"):  # an index job: resolved as the real worker does, on the fake catalog
+            index = job_spec.exemplar_index
+            size = (job_spec.size.height, job_spec.size.width) if job_spec.HasField("size") else (32, 32)
+            p = job_spec.preprocess
+            return api.Admission(ticket="", kind="exemplar_index",
+                                 layers=list(index.layers) or [layer.name for layer in self.layers], size=size,
+                                 preprocess={"mean": list(p.mean) or [0.0] * 3, "std": list(p.std) or [1.0] * 3,
+                                             "channel_order": p.channel_order or "RGB"},
+                                 k=index.k if index.HasField("k") else 16,
+                                 batch_size=index.batch_size if index.HasField("batch_size") else 32, channels=4)
         return api.Admission(ticket=ticket, steps=job_spec.steps if job_spec.HasField("steps") else 512,
                              batch=job_spec.batch if job_spec.HasField("batch") else 1,
                              seed=job_spec.seed if job_spec.HasField("seed") else 0)
@@ -209,9 +219,18 @@ class FakeWorker(api.Worker):
 
     def finish(self, job_id: str, state: int = SUCCEEDED, *, error: pb.JobError | None = None) -> None:
         """FINISHED: SUCCEEDED (a result of one 1x1 PNG per image), CANCELLED (a result, as a cancelled run has) or
-        FAILED (``error``, or an INTERNAL one)."""
+        FAILED (``error``, or an INTERNAL one). An index job's SUCCEEDED writes a stand-in file at its final path (the
+        real worker's finished index) and carries ``result.exemplar_index``."""
         result = None
-        if state != FAILED:
+        with self._cv:
+            work = next((s.index for s in reversed(self.submissions) if s.job_id == job_id), None)
+        if work is not None and state == SUCCEEDED:
+            with open(work.final_path, "wb") as f:
+                f.write(b"a stand-in for the index file")
+            result = pb.JobResult(steps_done=len(work.names), exemplar_index=pb.ExemplarIndexResult(
+                index=work.index, dataset=work.dataset, layers=work.layers, images=len(work.names), k=work.k,
+                size=pb.ImageSize(height=work.size[0], width=work.size[1]), channels=4))
+        elif state != FAILED:
             images = self._images(job_id)
             result = pb.JobResult(images=[pb.RenderedImage(index=i, png=TINY_PNG, width=1, height=1)
                                           for i in range(images)], steps_done=self._steps(job_id),

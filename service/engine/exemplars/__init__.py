@@ -20,5 +20,6 @@ from .state import LayerState
 from .state import reduce_activation
 
 __all__ = ["ReceptiveField", "positive_copy", "receptive_field", "DEFAULT_K", "MAX_K", "ORDERS", "Exemplar",
-           "ExemplarIndex", "ImageFiles", "ImageFolder", "ImageSource", "IndexPass", "build_index", "index_layers", "SKETCH_ERROR",
+           "ExemplarIndex", "ImageFiles", "ImageFolder", "ImageSource", "IndexPass", "build_index", "index_layers",
+           "SKETCH_ERROR",
            "LayerState", "reduce_activation"]

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import stat
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from .fields import receptive_field
 from .state import LayerState
 from .state import reduce_activation
 
-__all__ = ["ImageSource", "ImageFolder", "ImageFiles", "ExemplarIndex", "Exemplar", "IndexPass", "build_index", "index_layers", "DEFAULT_K",
-           "MAX_K", "ORDERS", "FORMAT", "SKIP_CAUSES", "MAX_FILE_BYTES"]
+__all__ = ["ImageSource", "ImageFolder", "ImageFiles", "ExemplarIndex", "Exemplar", "IndexPass", "build_index",
+           "index_layers", "DEFAULT_K", "MAX_K", "ORDERS", "FORMAT", "SKIP_CAUSES", "MAX_FILE_BYTES"]
 
 FORMAT = 1
 DEFAULT_K = 16
@@ -237,7 +238,7 @@ class ExemplarIndex:
         for i, layer in enumerate(self.meta["layers"]):
             arrays.update(self.states[layer].arrays(f"L{i}."))
         arrays["meta"] = np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # two passes, two names
         try:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
@@ -364,6 +365,12 @@ class IndexPass:
         self._next = 0
         self._model, self._preprocess, self._map = model, preprocess, preprocess_map
 
+    @staticmethod
+    def decoded_bytes(batch_size: int, size: tuple[int, int], workers: int = 2) -> int:
+        """The most bytes of decoded images a pass holds at once: the batches decoded ahead (``max(2, workers +
+        1)``) and the one in the forward pass, each ``batch_size`` float32 (3, H, W) images."""
+        return (max(2, workers + 1) + 1) * batch_size * 3 * int(size[0]) * int(size[1]) * 4
+
     @property
     def done(self) -> int:
         """Images passed so far (the resume point, then each batch's end)."""
@@ -410,15 +417,16 @@ class IndexPass:
         if good:
             _forward(index, self._truncated, self.infos, good, self._matrix, self._bias, self.device, self.size)
         self._next += 1
-        if self.progress is not None:
-            self.progress(span[1], self.total)
-        if span[1] % self.chunk_images == 0 or span[1] == self.total:
+        chunk_end = span[1] % self.chunk_images == 0 or span[1] == self.total
+        if chunk_end:  # saved before the progress is told: a reader of the progress may rely on it
             meta["position"] = span[1]
             meta["complete"] = span[1] == self.total
             if self.state_path is not None:
                 index.save(self.state_path)
-            if self.on_chunk is not None:
-                self.on_chunk(span[1], self.total)
+        if self.progress is not None:
+            self.progress(span[1], self.total)
+        if chunk_end and self.on_chunk is not None:
+            self.on_chunk(span[1], self.total)
         if self.finished:
             self.close()
         return self.finished
@@ -457,8 +465,9 @@ def build_index(model, source: ImageSource, *, layers: Sequence[str] | None = No
     ``size`` (H, W) the input size (default the model's), each image resized to it (bicubic); ``preprocess``
     (default the model's). ``state_path``: where each finished chunk is saved and a rerun resumes from (a state of
     other inputs is started over); the finished index is saved there too. ``progress(done, total)`` after each
-    batch, ``on_chunk(position, total)`` after each chunk is saved, ``cancel()`` checked before each batch (then
-    :class:`Cancelled`; the last saved chunk stays). The loop over an :class:`IndexPass`."""
+    batch (after its chunk's state is saved, when it ends one), ``on_chunk(position, total)`` after each chunk is
+    saved, ``cancel()`` checked before each batch (then :class:`Cancelled`; the last saved chunk stays). The loop
+    over an :class:`IndexPass`."""
     run = IndexPass(model, source, layers=layers, k=k, size=size, preprocess=preprocess, batch_size=batch_size,
                     chunk_images=chunk_images, state_path=state_path, set_hash=set_hash, max_side=max_side,
                     workers=workers, device=device, progress=progress, on_chunk=on_chunk)
