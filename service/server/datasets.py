@@ -63,7 +63,6 @@ DISPLAY_NAME_CHARS = 200
 ORDERS = {pb.EXEMPLAR_ORDER_UNSPECIFIED: "max", pb.EXEMPLAR_ORDER_MAX: "max", pb.EXEMPLAR_ORDER_MEAN: "mean",
           pb.EXEMPLAR_ORDER_MIN: "min"}
 DEFAULT_EXEMPLARS = 9  # GetExemplarsRequest.k = 0
-ENGINE_MAX_K = 100  # featureviz.engine.exemplars.MAX_K, until Limits.max_exemplar_k is configured
 
 
 def resolve_layer(layers: list[pb.Layer], name: str, field: str = "layer") -> pb.Layer:
@@ -308,9 +307,6 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
 
     # --------------------------------------------------------------------------------------------- examples
 
-    def _max_k(self) -> int:
-        return int(getattr(self.config.limits, "max_exemplar_k", 0) or ENGINE_MAX_K)
-
     @rpc_errors
     async def GetExemplars(self, request: pb.GetExemplarsRequest, context) -> pb.GetExemplarsResponse:
         tenant = self.auth.tenant(context)
@@ -328,7 +324,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         if not 0 <= request.channel < layer.channels:
             raise InvalidSpec("channel", f"channel {request.channel} is out of range: {echo(layer.name)} has "
                                          f"{layer.channels} channels (0..{layer.channels - 1})")
-        limit = self._max_k()
+        limit = self.config.limits.max_exemplar_k
         if not 0 <= request.k <= limit:
             raise InvalidSpec("k", f"k must be 1..{limit} (max_exemplar_k; 0: {DEFAULT_EXEMPLARS}), got {request.k}")
         size = None

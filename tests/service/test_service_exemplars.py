@@ -285,3 +285,126 @@ def test_async_client_twins(setup):
     answer, data = asyncio.run(scenario())
     assert [e.name for e in answer.exemplars] == [NAMES[4], NAMES[1]]
     assert _decode(data).shape == (1, 1, 3) and _decode(data)[0, 0, 0] == 250
+
+
+def _cli(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "featureviz", "exemplars", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_cli_remote_and_local_give_the_same_keys_and_grid(setup, tmp_path):
+    remote_grid, local_grid = tmp_path / "remote.png", tmp_path / "local.png"
+    model_file = tmp_path / "colour.onnx"
+    model_file.write_bytes(setup["model_bytes"])
+    remote = _cli(setup["model"], setup["dataset"], "colour_relu:0", "--k", "4", "--size", SIDE, "--json",
+                  "--out", remote_grid, "--server", setup["server"].address, "--token", "token-a")
+    assert remote.returncode == 0, remote.stderr
+    by_file = _cli(model_file, setup["folder"], "colour_relu:0", "--k", "4", "--size", SIDE, "--json",
+                   env={"FEATUREVIZ_SERVER": setup["server"].address, "FEATUREVIZ_TOKEN": "token-a"})
+    assert by_file.returncode == 0, by_file.stderr  # the file and the folder: found on the server by their bytes
+    local = _cli(model_file, setup["folder"], "colour_relu:0", "--k", "4", "--size", SIDE, "--json", "--out",
+                 local_grid, "--local", "--cache-dir", tmp_path / "cache", "--layers", "r3,pool,flat")
+    assert local.returncode == 0, local.stderr
+    remote_json, file_json, local_json = (json.loads(r.stdout) for r in (remote, by_file, local))
+    assert set(remote_json) == set(local_json) and remote_json == {**file_json, "grid": str(remote_grid)}
+    assert [set(e) for e in remote_json["exemplars"]] == [set(e) for e in local_json["exemplars"]]
+    for key in ("name", "value", "position", "box", "image_box", "whole", "rank"):
+        assert [e[key] for e in remote_json["exemplars"]] == [e[key] for e in local_json["exemplars"]], key
+    assert (remote_json["layer"], remote_json["indexed"], remote_json["input_size"]) == ("colour_relu", 6, [64, 64])
+    assert remote_json["index"] == setup["index"] and remote_json["field"] == local_json["field"]
+    images = {i.name: i.sha256 for i in Client(setup["server"].address, token="token-a").dataset_images(
+        setup["dataset"])}
+    assert [e["image"] for e in remote_json["exemplars"]] == [images[e["name"]] for e in remote_json["exemplars"]]
+    assert np.array_equal(_decode(remote_grid.read_bytes()), _decode(local_grid.read_bytes()))
+    top = _decode(remote_grid.read_bytes())[2 + 48, 2 + 48]  # the first tile's middle: the top image's red pixel
+    assert tuple(top) == (250, 68, 0)
+
+
+def test_cli_remote_errors_are_one_line(setup, tmp_path):
+    missing = _cli(setup["model"], setup["dataset"], "nope:0", "--server", setup["server"].address, "--token",
+                   "token-a", "--size", SIDE)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "UNKNOWN_LAYER" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    bad = _cli(setup["model"], setup["dataset"], "colour_relu:9", "--size", SIDE, "--server",
+               setup["server"].address, "--token", "token-a")
+    assert bad.returncode == 1 and "4 channels" in bad.stderr and "Traceback" not in bad.stderr
+    other = _cli(setup["model"], setup["dataset"], "colour_relu:0", "--server", setup["server"].address, "--token",
+                 "token-b")
+    assert other.returncode == 1 and "DATASET_NOT_FOUND" in other.stderr
+
+
+def test_index_job_through_the_clients_then_its_examples(setup, alice):
+    job = alice.index_exemplars(setup["model"], setup["dataset"], ["r1", "colour"], k=5, batch_size=4, size=SIDE)
+    assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED)
+    done = alice.wait(job.id, timeout=600)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+    result = done.result.exemplar_index
+    assert set(result.layers) == {"r1", "colour"} and result.k == 5 and result.images == len(RED)
+    answer = alice.exemplars(setup["model"], setup["dataset"], "colour_pre", 0, k=5)  # colour, by its alias
+    assert answer.index == result.index and answer.layer == "colour"
+    assert [e.name for e in answer.exemplars] == [NAMES[i] for i in _ranked(lambda i: -RED[i])[:5]]
+    r1 = alice.exemplars(setup["model"], setup["dataset"], "r1", 2, k=5)
+    assert (r1.field_size, r1.field_stride) == (3, 2) and r1.index == result.index
+
+    async def again():
+        async with AsyncClient(setup["server"].address, token="token-a") as fv:
+            return await fv.index_exemplars(setup["model"], setup["dataset"], ["r1", "colour"], k=5, size=SIDE,
+                                            wait=True, timeout=600)
+
+    cached = asyncio.run(again())
+    assert cached.state == pb.JOB_STATE_SUCCEEDED and cached.result.exemplar_index.cached
+    assert cached.result.exemplar_index.index == result.index
+
+
+def test_cli_remote_runs_the_index_job_when_none_holds_the_layer(setup, tmp_path):
+    grid = tmp_path / "grid.png"
+    run = _cli(setup["model"], setup["dataset"], "r2:1", "--k", "3", "--index-k", "4", "--size", SIDE, "--json",
+               "--out", grid, "--server", setup["server"].address, "--token", "token-a")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["layer"] == "r2" and len(data["exemplars"]) == 3 and data["indexed"] == len(RED)
+    assert data["field"] == {"whole": False, "regular": True, "size": [7, 7], "stride": [4, 4]}
+    with Client(setup["server"].address, token="token-a") as fv:
+        jobs = [j for j in fv.jobs() if j.spec.HasField("exemplar_index") and list(j.spec.exemplar_index.layers)
+                == ["r2"]]
+    assert len(jobs) == 1 and jobs[0].result.exemplar_index.index == data["index"]
+    assert _decode(grid.read_bytes()).shape == (2 + 2 * 98, 2 + 2 * 98, 3)
+
+
+def test_concurrent_queries_compute_a_field_once(setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = setup["server"]
+    build_server_index(server, "alice", setup["model_bytes"], setup["dataset"], ["c2"], size=SIDE, k=3)
+    queries = server._server.scheduler.worker.queries
+    with Client(server.address, token="token-a") as fv:
+        fv.exemplars(setup["model"], setup["dataset"], "r3", 0, k=1)  # another field of that model and size
+    before = queries.computed
+
+    def ask(channel):
+        with Client(server.address, token="token-a") as fv:
+            return fv.exemplars(setup["model"], setup["dataset"], "c2", channel % 4, k=3)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert queries.computed == before + 1
+    assert {(a.field_size, a.field_stride) for a in answers} == {(7, 4)}
+    assert answers[0] == answers[4] and answers[1] == answers[5]
+    sidecar = next(server._server.store.index_path(setup["index"]).parent.glob("fields-*.json"))
+    assert {"c2", "r3"} <= set(json.loads(sidecar.read_text())["fields"])  # merged, none lost
+    from featureviz.worker.api import ExemplarQuery
+    from featureviz.worker.queries import Queries
+
+    fresh = Queries(models=None)  # another process (a restart, another Ray actor): the sidecar, no model needed
+    path = str(server._server.store.index_path(setup["index"]))
+    again = fresh.exemplars(ExemplarQuery(index_path=path, model=setup["model"], layer="r3", channel=0, order="max",
+                                          k=3))
+    assert fresh.computed == 0 and (again.field_size, again.field_stride) == (15, 8)
+    sidecar.write_text("{not json")  # damaged: ignored, computed again and rewritten
+    with pytest.raises(AttributeError):  # no model to compute it with: it did try
+        Queries(models=None).exemplars(ExemplarQuery(index_path=path, model=setup["model"], layer="r3", channel=0,
+                                                     order="max", k=3))

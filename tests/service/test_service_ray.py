@@ -1,7 +1,8 @@
 """Workers as Ray actors (``serve --ray``), on ONE local Ray cluster on loopback for the whole module (Ray starts
 slowly) with 2 CPU worker actors: jobs spread over both workers (model affinity first), an exclusive job gives the
 same images as the embedded worker, killing one actor's process mid-job still ends the job SUCCEEDED and loses
-nothing else, a job with a judge gets the judge's bytes on its actor, a cancel reaches the actor, tenants stay isolated, ServerInfo lists the workers and metrics carry
+nothing else, a job with a judge gets the judge's bytes on its actor, a cancel reaches the actor, tenants stay isolated,
+an index job with its examples and crops runs on the actors, ServerInfo lists the workers and metrics carry
 their labels, and a job that kills its worker every time ends FAILED (WORKER_LOST) after a bounded number of
 attempts (it crashes both actors). Then the real ``featureviz serve --ray --workers 2`` command (its own Ray),
 and the message naming the extra when Ray is missing."""
@@ -185,6 +186,29 @@ def test_tenants_stay_isolated(cluster, tiny_onnx):
                 other.job(job.id)
             assert hidden.value.code == "NOT_FOUND"
         assert theirs.id not in {j.id for j in a.jobs()} and mine.id not in {j.id for j in b.jobs()}
+
+
+def test_an_index_job_its_examples_and_crops_on_the_actors(cluster, tmp_path):
+    """The index job, GetExemplars (the receptive field computed on an actor) and GetDatasetImage (decoded on an
+    actor) through the pool: the actors read the store's files by path (one machine here)."""
+    from support.images import noisy_png
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"n{i}.png").write_bytes(noisy_png(16, i))
+    with Client(cluster.address, token="tok-a", timeout=120) as fv:
+        dataset = fv.upload_dataset(folder)
+        job = fv.index_exemplars(cluster.sha, dataset.id, ["/Relu_1"], k=3, size=16, wait=True, timeout=300)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        answer = fv.exemplars(cluster.sha, dataset.id, "/Relu_1", 3, k=3)
+        assert len(answer.exemplars) == 3 and answer.index == job.result.exemplar_index.index
+        values = [e.value for e in answer.exemplars]
+        assert values == sorted(values, reverse=True) and {e.name for e in answer.exemplars} <= {
+            f"n{i}.png" for i in range(4)}
+        top = answer.exemplars[0]
+        crop = fv.dataset_image(dataset.id, top, box=top.image_box)
+        assert crop[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_job_that_kills_its_worker_every_time_ends_worker_lost(cluster):
