@@ -17,11 +17,9 @@ from web_support import Http
 from web_support import drop_files
 
 from featureviz.client import Client
-from featureviz.client import pb
 from featureviz.server import Limits
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
-from featureviz.worker import api
 
 TOKENS = {"w": "alice", "r": "alice", "b": "bob"}
 
@@ -261,21 +259,8 @@ def test_an_upload_the_server_refuses_shows_its_one_line(page, web_server):
 # ------------------------------------------------------------------------------------ a set in use by a job
 
 
-class _IndexingWorker(FakeWorker):
-    """The scripted worker (``support.fake_worker``) with an admission that resolves an index job as the real
-    worker's does (layers, size, preprocess, k): the job is queued and granted, and never finishes."""
-
-    def admit(self, sha256: str, spec: bytes) -> api.Admission:
-        admission = super().admit(sha256, spec)
-        if not pb.JobSpec.FromString(spec).HasField("exemplar_index"):
-            return admission
-        return api.Admission(ticket=admission.ticket, kind="exemplar_index", layers=["conv"], size=(32, 32),
-                             preprocess={"mean": [0.0], "std": [1.0], "channel_order": "RGB"}, k=4, batch_size=2,
-                             channels=8)
-
-
 def test_deleting_a_set_a_running_job_reads_shows_the_one_line_and_keeps_it(browser, tmp_path):
-    fake = _IndexingWorker()
+    fake = FakeWorker()  # it answers an index job's admission as the real worker does, and holds the job
     running = serve_in_background(ServerConfig(tmp_path / "store", http_port=0), worker=fake)
     context = browser.new_context(base_url=running.http_url)
     try:

@@ -64,8 +64,9 @@ def _loaded_crops(page, selector: str, count: int) -> list[dict]:
         const imgs = [...document.querySelectorAll(selector)];
         return imgs.length === count && imgs.every((img) => img.complete && img.naturalWidth > 0);
     }""", arg=[selector, count])
-    return page.eval_on_selector_all(selector, "imgs => imgs.map((i) => ({name: i.dataset.name, image: i.dataset.image, "
-                                               "width: i.naturalWidth, height: i.naturalHeight}))")
+    return page.eval_on_selector_all(selector, "imgs => imgs.map((i) => ({name: i.dataset.name, "
+                                               "image: i.dataset.image, width: i.naturalWidth, "
+                                               "height: i.naturalHeight}))")
 
 
 def test_the_channel_page_indexes_the_set_and_shows_the_crops_the_api_gives(tab, setup):
