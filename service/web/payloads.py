@@ -26,8 +26,8 @@ from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["json_text", "finite", "model_json", "layer_json", "dataset_json", "exemplars_json", "job_json",
-           "event_json", "spec_json", "objective_text", "image_labels", "objective_summary", "cli_command", "state_name",
-           "STATES"]
+           "event_json", "spec_json", "objective_text", "image_labels", "objective_summary", "cli_command",
+           "state_name", "STATES"]
 
 STATES = {value: name.removeprefix("JOB_STATE_") for name, value in pb.JobState.items()}
 _MODEL_STATES = {value: name.removeprefix("MODEL_STATE_") for name, value in pb.ModelState.items()}
