@@ -279,7 +279,11 @@ def test_image_serves_persists_across_a_restart_and_runs_as_non_root(image, tmp_
 
     def start(name: str) -> None:
         t = time.monotonic()
-        podman(*podman.run_args(name), "-d", "-v", f"{volume}:{STORE}", "-v", f"{tokens}:{SECRET}:ro",
+        # as the Kubernetes manifests run it: a read-only root filesystem (podman adds tmpfs on /tmp and /run; the
+        # home gets its own, like the emptyDir there), no capabilities, no privilege escalation
+        podman(*podman.run_args(name), "-d", "--read-only", "--tmpfs", f"/home/featureviz:rw,uid={UID},gid={UID}",
+               "--cap-drop=ALL", "--security-opt", "no-new-privileges",
+               "-v", f"{volume}:{STORE}", "-v", f"{tokens}:{SECRET}:ro",
                "-e", f"FEATUREVIZ_SERVER=127.0.0.1:{port}", image.tag,
                "serve", "--host", "0.0.0.0", "--port", str(port), "--token-file", SECRET, "--grace", "30")
         _wait_listening(image, name)
