@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 UID = 10001
 TOKEN = "deploy-test-token"
 SECRET = "/run/secrets/featureviz/tokens"
+NEEDS_DISK = 18 << 30  # at the peak: the build's working copy and the image (6.5 GB each), the wheels (3 GB), the base
 STORE = "/var/lib/featureviz"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -79,7 +80,14 @@ def _unusable() -> str | None:
         return "building the base image needs root (debootstrap) and rootful podman"
     if _apt_mirror() is None:
         return "no Debian mirror in the apt sources to debootstrap a base image from"
+    free = shutil.disk_usage(_storage()).free
+    if free < NEEDS_DISK:
+        return f"{free >> 30} GiB free for podman's storage; the image, the wheels and the build need {NEEDS_DISK >> 30}"
     return None
+
+
+def _storage() -> str:
+    return "/var/lib/containers" if Path("/var/lib/containers").exists() else "/"
 
 
 class Podman:
@@ -104,8 +112,8 @@ class Podman:
 
 
 def _disk_used() -> int:
-    usage = shutil.disk_usage("/var/lib/containers" if Path("/var/lib/containers").exists() else "/")
-    return usage.used
+    """Bytes used on the file system of podman's storage (other processes' files count too)."""
+    return shutil.disk_usage(_storage()).used
 
 
 def _requirements() -> list[str]:
