@@ -289,7 +289,7 @@ def test_image_serves_persists_across_a_restart_and_runs_as_non_root(image, tmp_
         t = time.monotonic()
         # as the Kubernetes manifests run it: a read-only root filesystem (podman adds tmpfs on /tmp and /run; the
         # home gets its own, like the emptyDir there), no capabilities, no privilege escalation
-        podman(*podman.run_args(name), "-d", "--read-only", "--tmpfs", f"/home/featureviz:rw,uid={UID},gid={UID}",
+        podman(*podman.run_args(name), "-d", "--read-only", "--tmpfs", "/home/featureviz:rw,mode=1777",
                "--cap-drop=ALL", "--security-opt", "no-new-privileges",
                "-v", f"{volume}:{STORE}", "-v", f"{tokens}:{SECRET}:ro",
                "-e", f"FEATUREVIZ_SERVER=127.0.0.1:{port}", image.tag,
