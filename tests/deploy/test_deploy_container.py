@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 UID = 10001
 TOKEN = "deploy-test-token"
 SECRET = "/run/secrets/featureviz/tokens"
-NEEDS_DISK = 18 << 30  # at the peak: the build's working copy and the image (6.5 GB each), the wheels (3 GB), the base
+NEEDS_DISK = 24 << 30  # at the peak: the build's working copy, its layer tar and the image (6.5 GB each), the wheels (3 GB)
 STORE = "/var/lib/featureviz"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
