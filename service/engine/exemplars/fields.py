@@ -78,17 +78,24 @@ def _list(value):
 
 
 def positive_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose every floating parameter is ``|w| + 0.01`` and whose max pools are average pools."""
+    """A copy whose every floating parameter is ``|w| + 0.01``, whose max pools are average pools, and whose
+    saturating activations (``nn.Hardtanh`` and so ``nn.ReLU6``, ``nn.Hardsigmoid``) are identities: the positive
+    copy's activations grow past any clip bound, and a saturated clip would give no gradient at all (EfficientNet-
+    Lite's ReLU6 units then measured as seeing the whole image)."""
     module = copy.deepcopy(module)
     with torch.no_grad():
         for p in module.parameters():
             if p.is_floating_point():
                 p.copy_(p.abs() + 0.01)
     for name, child in list(module.named_modules()):
+        if not name:
+            continue
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
         if isinstance(child, torch.nn.MaxPool2d) and not child.return_indices:
-            parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
             setattr(parent, name.rsplit(".", 1)[-1], torch.nn.AvgPool2d(
                 child.kernel_size, child.stride, child.padding, ceil_mode=child.ceil_mode, count_include_pad=True))
+        elif isinstance(child, (torch.nn.Hardtanh, torch.nn.Hardsigmoid)):
+            setattr(parent, name.rsplit(".", 1)[-1], torch.nn.Identity())
     return module.eval()
 
 
