@@ -67,13 +67,14 @@ def objective_to_proto(spec: dict, field: str = "objective") -> pb.Objective:
         raise InvalidSpec(field, echo(str(exc))) from None
 
 
-def spec_to_proto(model: str, objective: dict | pb.Objective, **options) -> pb.JobSpec:
+def spec_to_proto(model: str, objective: dict | pb.Objective | None, **options) -> pb.JobSpec:
     """Job options named as in ``RenderSpec`` (the declaration, :data:`featureviz.options.OPTIONS`; None: the engine
     default) -> ``pb.JobSpec``: each value checked against its declared type, written in the proto's JSON mapping
     (enums by the naming rule: ``param="fft"`` -> ``PARAMETERIZATION_FFT``) and parsed by json_format. ``size``:
     S or (H, W); ``init_image``: PNG/JPEG bytes; ``preprocess``: ``{"mean", "std", "channel_order"}``;
     ``exclusive``: the job never shares a device step (bitwise repeatable for the same seed on the same device);
-    ``judge``: the sha256 of an uploaded classifier, or ``{"model": sha256, "preprocess": {...}}``. An unknown
+    ``judge``: the sha256 of an uploaded classifier, or ``{"model": sha256, "preprocess": {...}}``;
+    ``exemplar_index``: ``{"dataset", "layers", "k", "batch_size"}`` (then ``objective`` is None). An unknown
     keyword is InvalidSpec naming the known ones."""
     unknown = [name for name in options if name not in BY_NAME]
     if unknown:
@@ -81,7 +82,7 @@ def spec_to_proto(model: str, objective: dict | pb.Objective, **options) -> pb.J
     spec = pb.JobSpec(model=model)
     if isinstance(objective, pb.Objective):
         spec.objective.CopyFrom(objective)
-    else:
+    elif objective is not None:  # None: an exemplar_index job (no objective)
         spec.objective.CopyFrom(objective_to_proto(objective))
     for name, value in options.items():
         if value is None:
@@ -107,6 +108,8 @@ def _json_value(option: Option, value):
         return base64.b64encode(value).decode("ascii")
     if option.type == "preprocess":
         return json_format.MessageToDict(preprocess_to_proto(value), preserving_proto_field_name=True)
+    if option.type == "exemplar_index":
+        return {key: item for key, item in value.items() if item is not None}
     if option.type == "judge":
         body = {"model": str(value.get("model") or "")}
         if value.get("preprocess"):

@@ -18,6 +18,12 @@ range or choices, help text, command-line flag, and the surfaces that offer it. 
 - checked in tests against the declaration: the proto's ``JobSpec`` (every field declared, types agree), the
   engine's ``RenderSpec`` defaults and range checks, the Node client's command line (``--json``).
 
+Job kinds (:data:`KINDS`): a job renders (``render``: an objective and the render options) or indexes a dataset's
+images (``exemplar_index``: ``JobSpec.exemplar_index`` set, no objective). Each option says which kinds it applies
+to (``kinds``: ``size`` and ``preprocess`` apply to both); :func:`check_kind` refuses an option of the other kind,
+an index job with an objective and a render without one. The index job's own settings (``k``, ``batch_size``) are
+declared as the ``parts`` of its option, bounded by published limits like the top-level options.
+
 Adding a job option: its :class:`Option` here, its field in the proto's ``JobSpec`` (``make proto``), and the
 engine code where it acts (a ``RenderSpec`` field and what reads it). docs/ARCHITECTURE.md, "Where to change what".
 """
@@ -35,8 +41,9 @@ from featureviz.errors import InvalidSpec
 from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Option", "OPTIONS", "BY_NAME", "SURFACES", "offered", "enum_prefix", "enum_choices", "check_value",
-           "check_limits", "bounds", "job_options", "markdown_table", "declaration_json"]
+__all__ = ["Option", "OPTIONS", "BY_NAME", "SURFACES", "KINDS", "RENDER", "EXEMPLAR_INDEX", "offered", "enum_prefix",
+           "enum_choices", "check_value", "check_limits", "check_kind", "job_kind", "bounds", "job_options",
+           "markdown_table", "declaration_json"]
 
 # where an option is offered: the local and remote `featureviz render` command line, `featureviz evaluate`, the
 # Node client's command line (featureviz-node render), the web API's job (POST api/jobs) and the explorer's form.
@@ -44,12 +51,19 @@ __all__ = ["Option", "OPTIONS", "BY_NAME", "SURFACES", "offered", "enum_prefix",
 # createJob: those take them all.
 SURFACES = ("render", "evaluate", "node", "web", "form")
 
+# job kinds: a render (an objective optimised into images) or an exemplar index (a dataset's images through the
+# model, JobSpec.exemplar_index set); each option applies to some of them
+RENDER, EXEMPLAR_INDEX = "render", "exemplar_index"
+KINDS = (RENDER, EXEMPLAR_INDEX)
+
 # value types: int, float, bool, choice (a proto enum), size (S or (H, W)), image (PNG/JPEG bytes),
-# preprocess ({mean, std, channel_order}), judge (a model's sha256 or {model, preprocess})
-_TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge")
+# preprocess ({mean, std, channel_order}), judge (a model's sha256 or {model, preprocess}), exemplar_index
+# ({dataset, layers, k, batch_size}: the index job's spec)
+_TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge", "exemplar_index")
 # the proto field type each value type is written in (checked against JobSpec by the tests)
 PROTO_TYPES = {"int": ("int32", "int64"), "float": ("double",), "bool": ("bool",), "choice": ("enum",),
-               "size": ("ImageSize",), "image": ("bytes",), "preprocess": ("Preprocess",), "judge": ("Judge",)}
+               "size": ("ImageSize",), "image": ("bytes",), "preprocess": ("Preprocess",), "judge": ("Judge",),
+               "exemplar_index": ("ExemplarIndexSpec",)}
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,9 @@ class Option:
     server (the server checks those; the engine checks the fixed ones). ``flags``: its command-line flags (default
     ``--name`` with dashes; several for compound values such as preprocess). ``engine``: the engine's RenderSpec
     takes it (else it is the job's: previews, the judge, running alone). ``explicit``: the command line sends its
-    default, so the job records it."""
+    default, so the job records it. ``kinds``: the job kinds it applies to (:data:`KINDS`). ``parent``: for a part
+    of a message option (``exemplar_index.k``), the JobSpec field whose message holds it; ``parts``: a message
+    option's declared fields."""
 
     name: str
     type: str
@@ -77,11 +93,21 @@ class Option:
     surfaces: tuple[str, ...] = ("render", "node", "web")
     engine: bool = True
     explicit: bool = False
+    kinds: tuple[str, ...] = (RENDER,)
+    parent: str | None = None
+    parts: tuple["Option", ...] = ()
 
     @property
     def field(self):
-        """The proto's ``JobSpec`` field descriptor."""
+        """The proto's field descriptor (``JobSpec``'s, or its parent message's for a part)."""
+        if self.parent:
+            return pb.JobSpec.DESCRIPTOR.fields_by_name[self.parent].message_type.fields_by_name[self.name]
         return pb.JobSpec.DESCRIPTOR.fields_by_name[self.name]
+
+    @property
+    def path(self) -> str:
+        """The field's path in a CreateJob request's errors (``spec.steps``, ``spec.exemplar_index.k``)."""
+        return f"spec.{self.parent}.{self.name}" if self.parent else f"spec.{self.name}"
 
     @property
     def flag(self) -> str:
@@ -123,14 +149,16 @@ def enum_choices(enum) -> tuple[str, ...]:
 
 
 _ALL_CLI = ("render", "evaluate", "node", "web", "form")
+_BOTH = KINDS
 
 OPTIONS: tuple[Option, ...] = (
     Option("steps", "int", 512, "optimisation steps", minimum=1, max_limit="max_steps", metavar="N",
            surfaces=_ALL_CLI, explicit=True),
     Option("lr", "float", 0.05, "Adam learning rate", min_limit="min_lr", max_limit="max_lr",
            reason="LR_OUT_OF_RANGE", metavar="X", surfaces=_ALL_CLI, explicit=True),
-    Option("size", "size", None, "image size S or HxW (default: the model's input size)", min_limit="min_image_side",
-           max_limit="max_image_side", metavar="S", surfaces=_ALL_CLI),
+    Option("size", "size", None, "image size S or HxW (default: the model's input size; an index job resizes each "
+           "image to it)", min_limit="min_image_side", max_limit="max_image_side", metavar="S", surfaces=_ALL_CLI,
+           kinds=_BOTH),
     Option("batch", "int", 1, "images optimised together", minimum=1, max_limit="max_images_per_job", metavar="B",
            surfaces=_ALL_CLI, explicit=True),
     Option("seed", "int", 0, "random seed", minimum=0, maximum=2**63 - 1, metavar="K",
@@ -146,7 +174,7 @@ OPTIONS: tuple[Option, ...] = (
            metavar="IMAGE"),
     Option("preprocess", "preprocess", None, "the model's preprocessing on [0, 1] images: mean, std and "
            "channel order (default: the model's; the command line's: ImageNet's)",
-           flags=("--mean", "--std", "--bgr"), surfaces=("render", "evaluate", "web")),
+           flags=("--mean", "--std", "--bgr"), surfaces=("render", "evaluate", "web"), kinds=_BOTH),
     Option("preview_every", "int", 0, "a preview image every N steps (0: none)", minimum=0, engine=False,
            surfaces=("web",)),
     Option("preview_max_side", "int", 0, "previews are downscaled to this side (0: 128)", minimum=0, engine=False,
@@ -165,6 +193,14 @@ OPTIONS: tuple[Option, ...] = (
            flags=("--stop-at-plateau",), metavar="GAIN"),
     Option("plateau_window", "int", 32, "steps of each window of the plateau stop", minimum=1, maximum=50_000,
            metavar="N"),
+    Option("exemplar_index", "exemplar_index", None, "index a dataset's images instead of rendering: {dataset, "
+           "layers (default: every layer with channels), k, batch_size}; the job has no objective and takes only "
+           "size and preprocess besides", engine=False, surfaces=(), kinds=(EXEMPLAR_INDEX,), parts=(
+               Option("k", "int", 16, "examples kept per channel and order", minimum=1, max_limit="max_exemplar_k",
+                      engine=False, surfaces=(), kinds=(EXEMPLAR_INDEX,), parent="exemplar_index"),
+               Option("batch_size", "int", 32, "images per forward of the index pass", minimum=1,
+                      max_limit="max_index_batch", engine=False, surfaces=(), kinds=(EXEMPLAR_INDEX,),
+                      parent="exemplar_index"))),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -210,6 +246,8 @@ def check_value(option: Option, value, path: str | None = None):
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise InvalidSpec(path, f"must be the bytes of a PNG or JPEG image, got {type(value).__name__}")
         return bytes(value)
+    if kind == "exemplar_index":
+        return _index_value(value, path)
     if kind in ("preprocess", "judge"):
         if kind == "judge" and isinstance(value, str):
             return {"model": value}
@@ -219,6 +257,59 @@ def check_value(option: Option, value, path: str | None = None):
                                     f"got {echo(value)}")
         return value
     raise AssertionError(kind)
+
+
+def _index_value(value, path: str) -> dict:
+    """An index job's spec as the caller gives it: ``{"dataset": id, "layers": [...], "k": int, "batch_size": int}``
+    (a bare string: the dataset)."""
+    if isinstance(value, str):
+        value = {"dataset": value}
+    if not isinstance(value, dict):
+        raise InvalidSpec(path, f"must be an object {{dataset, layers, k, batch_size}}, got {echo(value)}")
+    unknown = [key for key in value if key not in ("dataset", "layers", "k", "batch_size")]
+    if unknown:
+        raise InvalidSpec(path, f"unknown key {echo(unknown[0])}; known: dataset, layers, k, batch_size")
+    if not isinstance(value.get("dataset"), str) or not value["dataset"]:
+        raise InvalidSpec(f"{path}.dataset", f"name the dataset (its id or 'datasets/<id>'), got "
+                                             f"{echo(value.get('dataset'))}")
+    layers = value.get("layers") or []
+    if isinstance(layers, str) or not all(isinstance(layer, str) for layer in layers):
+        raise InvalidSpec(f"{path}.layers", f"must be a list of layer names, got {echo(layers)}")
+    out = {"dataset": value["dataset"], "layers": list(layers)}
+    for part in BY_NAME["exemplar_index"].parts:
+        if value.get(part.name) is not None:
+            out[part.name] = check_value(part, value[part.name], f"{path}.{part.name}")
+    return out
+
+
+def job_kind(spec: pb.JobSpec) -> str:
+    """The kind of a JobSpec: ``exemplar_index`` when that field is set, else ``render``."""
+    return EXEMPLAR_INDEX if spec.HasField("exemplar_index") else RENDER
+
+
+def _is_set(option: Option, message) -> bool:
+    if option.field.has_presence:
+        return message.HasField(option.name)
+    value = getattr(message, option.name)
+    return bool(len(value)) if option.field.is_repeated else bool(value)
+
+
+def check_kind(spec: pb.JobSpec) -> str:
+    """The job's kind (:func:`job_kind`), after refusing (InvalidSpec naming the field) an option set that does not
+    apply to it (``spec.steps`` on an index job), an index job with an objective and a render without one."""
+    kind = job_kind(spec)
+    if kind == EXEMPLAR_INDEX and spec.HasField("objective"):
+        raise InvalidSpec("spec.objective", "an exemplar_index job has no objective: it indexes a dataset's images; "
+                                            "leave the objective unset, or leave exemplar_index unset to render")
+    if kind == RENDER and not spec.HasField("objective"):
+        raise InvalidSpec("spec.objective", "a render job needs an objective (or set exemplar_index to index a "
+                                            "dataset)")
+    for option in OPTIONS:
+        if kind not in option.kinds and _is_set(option, spec):
+            takes = ", ".join(o.name for o in OPTIONS if kind in o.kinds)
+            raise InvalidSpec(f"spec.{option.name}", f"{option.name} applies to {' and '.join(option.kinds)} jobs, "
+                                                     f"not to {kind} jobs (which take {takes}); leave it unset")
+    return kind
 
 
 def bounds(option: Option, limits=None) -> tuple[float | None, float | None]:
@@ -233,12 +324,14 @@ def check_limits(spec: pb.JobSpec, limits) -> None:
     """The server's range checks of a JobSpec's options: those that a published limit bounds (``Limits.max_steps``,
     ``min_lr``..``max_lr``, ``max_images_per_job``, ``min_image_side``..``max_image_side``) and the job's own (the
     previews), which the engine never sees; the engine checks the fixed bounds of its options. InvalidSpec names
-    the field, the value, the range and the limits' names. NaN is in no range."""
-    for option in OPTIONS:
+    the field, the value, the range and the limits' names. NaN is in no range. The parts of a message option
+    (``exemplar_index.k`` within ``max_exemplar_k``, ``batch_size`` within ``max_index_batch``) are checked when
+    it is set."""
+    for option, message in _checked(spec):
         limited = option.min_limit or option.max_limit
         if not (limited or (not option.engine and option.type in ("int", "float"))):
             continue
-        if option.field.has_presence and not spec.HasField(option.name):
+        if option.field.has_presence and not message.HasField(option.name):
             continue
         low, high = bounds(option, limits)
         names = f" ({', '.join(n for n in (option.min_limit, option.max_limit) if n)})" if limited else ""
@@ -249,12 +342,21 @@ def check_limits(spec: pb.JobSpec, limits) -> None:
                                                f"{names}; leave size unset for the model's default",
                                   reason=option.reason)
             continue
-        value = getattr(spec, option.name)
+        value = getattr(message, option.name)
         if not (math.isfinite(value) and (low is None or low <= value) and (high is None or value <= high)):
             wanted = f"{_number(low)} to {_number(high)}" if high is not None else f">= {_number(low)}"
             default = f"; the default is {option.default}" if option.default is not None else ""
-            raise InvalidSpec(f"spec.{option.name}", f"{value!r}; {option.name} must be {wanted}{names}{default}",
+            raise InvalidSpec(option.path, f"{value!r}; {option.name} must be {wanted}{names}{default}",
                               reason=option.reason)
+
+
+def _checked(spec: pb.JobSpec):
+    """(option, the message holding its field) for every declared option and the parts of the set message ones."""
+    for option in OPTIONS:
+        yield option, spec
+        if option.parts and spec.HasField(option.name):
+            for part in option.parts:
+                yield part, getattr(spec, option.name)
 
 
 # ------------------------------------------------------------------------------------------------ published
@@ -268,7 +370,8 @@ def job_options(limits=None) -> list[pb.JobOption]:
         low, high = bounds(option, limits)
         message = pb.JobOption(name=option.name, type=option.type, help=option.help, choices=option.choices,
                                flag=option.flag, surfaces=option.surfaces, engine=option.engine,
-                               min_limit=option.min_limit or "", max_limit=option.max_limit or "")
+                               min_limit=option.min_limit or "", max_limit=option.max_limit or "",
+                               kinds=option.kinds)
         if option.default is not None:
             message.default = _text(option.default)
         if low is not None:
@@ -305,14 +408,17 @@ def _range_text(option: Option) -> str:
 
 def markdown_table() -> str:
     """The README's options table (``python -m featureviz.options --markdown``)."""
-    rows = ["| option (JobSpec field, client keyword) | command line | type | default | range or choices | what |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| option (JobSpec field, client keyword) | jobs | command line | type | default | range or choices | what |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for option in OPTIONS:
-        flags = " ".join(f"`{f}`" for f in option.flags) if option.flags else f"`{option.flag}`"
-        cli = flags if "render" in option.surfaces or "evaluate" in option.surfaces else "-"
-        default = "-" if option.default is None else f"`{_text(option.default)}`"
-        rows.append(f"| `{option.name}` | {cli} | {option.type} | {default} | {_range_text(option)} | "
-                    f"{option.help.replace('|', '/')} |")
+        for row in (option, *option.parts):
+            flags = " ".join(f"`{f}`" for f in row.flags) if row.flags else f"`{row.flag}`"
+            cli = flags if "render" in row.surfaces or "evaluate" in row.surfaces else "-"
+            default = "-" if row.default is None else f"`{_text(row.default)}`"
+            name = f"{row.parent}.{row.name}" if row.parent else row.name
+            kinds = "both" if set(row.kinds) == set(KINDS) else " ".join(row.kinds)
+            rows.append(f"| `{name}` | {kinds} | {cli} | {row.type} | {default} | {_range_text(row)} | "
+                        f"{row.help.replace('|', '/')} |")
     return "\n".join(rows)
 
 
@@ -321,7 +427,7 @@ def declaration_json() -> list[dict]:
     return [{"name": o.name, "type": o.type, "default": o.default, "choices": list(o.choices), "flag": o.flag,
              "flags": list(o.flags) or [o.flag], "minimum": o.minimum, "maximum": o.maximum, "below": o.below,
              "min_limit": o.min_limit, "max_limit": o.max_limit, "surfaces": list(o.surfaces), "engine": o.engine,
-             "help": o.help} for o in OPTIONS]
+             "help": o.help, "kinds": list(o.kinds)} for o in OPTIONS]
 
 
 def main(argv: list[str] | None = None) -> int:

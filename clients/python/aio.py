@@ -22,6 +22,9 @@ from featureviz.client.client import channel_credentials
 from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.exemplars import exemplars_request
+from featureviz.client.exemplars import image_request
+from featureviz.client.exemplars import index_job_spec
 from featureviz.client.upload import DEFAULT_CHUNK
 from featureviz.client.upload import DatasetUpload
 from featureviz.client.upload import Upload
@@ -148,6 +151,24 @@ class AsyncClient:
 
     async def delete_dataset(self, dataset: str) -> None:
         await self._call(self._datasets.DeleteDataset, pb.DeleteDatasetRequest(dataset=dataset))
+
+    async def index_exemplars(self, model: str, dataset: str, layers: list[str] | None = None, *,
+                              k: int | None = None, batch_size: int | None = None, size=None,
+                              preprocess: dict | None = None, request_id: str | None = None, wait: bool = False,
+                              timeout: float | None = None) -> pb.Job:
+        spec = index_job_spec(model, dataset, layers=layers, k=k, batch_size=batch_size, size=size,
+                              preprocess=preprocess)
+        job = await self._call(self._jobs.CreateJob,
+                               pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
+        return await self.wait(job.id, timeout=timeout) if wait else job
+
+    async def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,
+                        size=None) -> pb.GetExemplarsResponse:
+        return await self._call(self._datasets.GetExemplars,
+                                exemplars_request(model, dataset, layer, channel, order, k, size))
+
+    async def dataset_image(self, dataset: str, image: str, *, box=None, max_side: int = 0) -> bytes:
+        return (await self._call(self._datasets.GetDatasetImage, image_request(dataset, image, box, max_side))).png
 
     async def _pages(self, method, request, field: str) -> AsyncIterator:
         while True:

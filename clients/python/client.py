@@ -27,6 +27,9 @@ import grpc
 from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.exemplars import exemplars_request
+from featureviz.client.exemplars import image_request
+from featureviz.client.exemplars import index_job_spec
 from featureviz.client.upload import DEFAULT_CHUNK
 from featureviz.client.upload import DatasetUpload
 from featureviz.client.upload import Upload
@@ -187,6 +190,36 @@ class Client:
 
     def delete_dataset(self, dataset: str) -> None:
         self._call(self._datasets.DeleteDataset, pb.DeleteDatasetRequest(dataset=dataset))
+
+    # ------------------------------------------------------------------------------------------- dataset examples
+
+    def index_exemplars(self, model: str, dataset: str, layers: list[str] | None = None, *, k: int | None = None,
+                        batch_size: int | None = None, size=None, preprocess: dict | None = None,
+                        request_id: str | None = None, wait: bool = False, timeout: float | None = None) -> pb.Job:
+        """Queue an exemplar index job (``JobSpec.exemplar_index``): one pass of the set's images through the model
+        keeping every channel's top-k of ``layers`` (None: every layer with channels). Returns the job at once, or
+        with ``wait`` the finished job (``job.result.exemplar_index``; ``cached`` when an identical index was
+        reused). Then :meth:`exemplars` reads it."""
+        spec = index_job_spec(model, dataset, layers=layers, k=k, batch_size=batch_size, size=size,
+                              preprocess=preprocess)
+        job = self._call(self._jobs.CreateJob,
+                         pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
+        return self.wait(job.id, timeout=timeout) if wait else job
+
+    def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,
+                  size=None) -> pb.GetExemplarsResponse:
+        """One channel's ranked dataset examples from the newest finished index holding ``layer`` (``size``: the
+        index of that input size): ``order`` max (top by spatial max), mean (top by spatial mean) or min (bottom
+        by spatial max). Each ``Exemplar``: image (sha256), name, value, x/y, ``box`` (model pixels),
+        ``image_box`` (file pixels), ``whole``; :meth:`dataset_image` fetches the crop."""
+        return self._call(self._datasets.GetExemplars,
+                          exemplars_request(model, dataset, layer, channel, order, k, size))
+
+    def dataset_image(self, dataset: str, image: str, *, box=None, max_side: int = 0) -> bytes:
+        """One image of a set (its sha256 or name, or a pb.Exemplar) as PNG bytes: whole, or the crop of ``box``
+        (x0, y0, x1, y1) in the file's pixels (an exemplar's ``image_box``), downscaled to ``max_side`` (0: the
+        server's max_image_side)."""
+        return self._call(self._datasets.GetDatasetImage, image_request(dataset, image, box, max_side)).png
 
     def _pages(self, method, request, field: str) -> Iterator:
         """The items of a paged List call, one page fetched at a time."""

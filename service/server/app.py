@@ -109,7 +109,8 @@ def raise_descriptor_limit() -> None:
 def _worker_limits(config: ServerConfig) -> dict:
     """The Limits a worker applies itself (WorkerConfig keywords)."""
     limits = config.limits
-    return dict(max_image_side=limits.max_image_side, time_slice_steps=limits.time_slice_steps,
+    return dict(max_image_side=limits.max_image_side, max_dataset_image_side=limits.max_dataset_image_side,
+                time_slice_steps=limits.time_slice_steps,
                 max_job_memory_bytes=limits.max_job_memory_bytes)
 
 
@@ -135,7 +136,9 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
                                            cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
                                            **_worker_limits(config)),
                               model_source=store.read_model_file)  # bytes checked against their sha256
-    scheduler = Scheduler(store, worker, loop=loop, finished_logs_kept=config.finished_logs_kept)
+    scheduler = Scheduler(store, worker, loop=loop, finished_logs_kept=config.finished_logs_kept,
+                          index_chunk_images=config.index_chunk_images,
+                          max_indexes_per_tenant=config.limits.max_indexes_per_tenant)
     metrics = None
     if config.metrics_port is not None:
         def worker_info():

@@ -72,6 +72,11 @@ class Limits:
     max_archive_members: int = 50_000  # entries of a zip or tar, directories included
     max_compression_ratio: int = 200  # unpacked / packed bytes, per zip member and per archive
     max_datasets_per_tenant: int = 64
+    # exemplar indexes (the exemplar_index job, featureviz.engine.exemplars): examples kept per channel and order,
+    # images per forward of the pass, and finished indexes a tenant keeps (the least recently used go first)
+    max_exemplar_k: int = 100  # also featureviz.engine.exemplars.MAX_K, the engine's own bound
+    max_index_batch: int = 256
+    max_indexes_per_tenant: int = 64
 
 
 @dataclass
@@ -107,6 +112,8 @@ class ServerConfig:
     workers: int | None = None  # with ray: that many CPU worker actors (None: one per GPU of the cluster)
     ray_max_attempts: int = 3  # with ray: a job whose worker dies this many times ends FAILED (WORKER_LOST)
     ray_timeout_seconds: float = 30.0  # with ray ADDRESS: joining the cluster takes at most this long, else error
+    index_chunk_images: int = 256  # an index pass saves its state after every so many images (rounded up to a
+    # multiple of its batch): what a killed pass resumes from
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -118,6 +125,8 @@ class ServerConfig:
             raise InvalidSpec("tls_key", "give both the TLS certificate and its private key, or neither")
         if not self.ray_timeout_seconds > 0:
             raise InvalidSpec("ray_timeout", f"must be > 0 seconds, got {self.ray_timeout_seconds}")
+        if not self.index_chunk_images >= 1:
+            raise InvalidSpec("index_chunk_images", f"must be >= 1, got {self.index_chunk_images}")
         if not self.upload_idle_timeout_seconds > 0:
             raise InvalidSpec("upload_idle_timeout", f"must be > 0 seconds, got {self.upload_idle_timeout_seconds}")
         if self.tls_client_ca is not None and self.tls_cert is None:

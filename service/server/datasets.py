@@ -1,5 +1,6 @@
 """DatasetService: chunked, resumable uploads of image sets (a zip, a tar, or single files), checked by
-``featureviz.datasets`` (standard library only, run in a thread), stored by content; get, list, images, delete.
+``featureviz.datasets`` (standard library only, run in a thread), stored by content; get, list, images, delete;
+the dataset examples of a finished exemplar index (GetExemplars) and the images themselves (GetDatasetImage).
 
 An upload streams like a model's (header, then chunks with write offsets; a broken stream keeps its prefix under
 ``uploads/dataset-<sha256>.<tenant>.part`` for GetDatasetUpload and a resume). Once the whole stream is there and
@@ -7,11 +8,17 @@ matches its size and sha256, it is unpacked into a fresh ``staging/`` folder, ea
 images not stored yet move to ``images/`` and the tenant's row is inserted in one step (``Store.commit_dataset``).
 Whatever the outcome after the stream is whole, the partial file and the staging folder are removed: a refused or
 failed upload leaves nothing.
+
+GetExemplars and GetDatasetImage check everything the server knows (the tenant's model, set, catalog layer,
+channel, k, order, the index the tenant made or reused, the box against the image's size) and leave the numbers
+and the pixels to the worker (``Worker.exemplars``, ``Worker.dataset_image``: plain data, run in a thread off
+the event loop); the server reads no index file and decodes no image.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import re
 import shutil
@@ -26,6 +33,7 @@ from featureviz.datasets import unpack
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
+from featureviz.errors import NotFound
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
 from featureviz.server.auth import TenantResolver
@@ -42,13 +50,33 @@ from featureviz.server.store import file_sha256
 from featureviz.server.store import resume_offset
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
+from featureviz.worker.api import ExemplarQuery
+from featureviz.worker.api import ImageQuery
 
-__all__ = ["DatasetServicer", "parse_dataset_name", "report_to_proto"]
+__all__ = ["DatasetServicer", "parse_dataset_name", "report_to_proto", "resolve_layer", "ORDERS",
+           "DEFAULT_EXEMPLARS"]
 
 log = logging.getLogger("featureviz.server")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KINDS = {pb.DATASET_SOURCE_KIND_ZIP: "zip", pb.DATASET_SOURCE_KIND_TAR: "tar", pb.DATASET_SOURCE_KIND_FILES: "files"}
 DISPLAY_NAME_CHARS = 200
+ORDERS = {pb.EXEMPLAR_ORDER_UNSPECIFIED: "max", pb.EXEMPLAR_ORDER_MAX: "max", pb.EXEMPLAR_ORDER_MEAN: "mean",
+          pb.EXEMPLAR_ORDER_MIN: "min"}
+DEFAULT_EXEMPLARS = 9  # GetExemplarsRequest.k = 0
+
+
+def resolve_layer(layers: list[pb.Layer], name: str, field: str = "layer") -> pb.Layer:
+    """The catalog entry of ``name`` (its catalog name or an alias); InvalidSpec naming it and close matches."""
+    for layer in layers:
+        if layer.name == name:
+            return layer
+    for layer in layers:
+        if name in layer.aliases:
+            return layer
+    names = [layer.name for layer in layers]
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; close: {', '.join(echo(c) for c in close)}" if close else "; list them with featureviz models layers"
+    raise InvalidSpec(field, f"the model has no layer {echo(name)}{hint}", reason="UNKNOWN_LAYER")
 
 
 def parse_dataset_name(name: str, field: str = "dataset") -> str:
@@ -78,6 +106,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self.store = store
         self.auth = auth
         self.models = models
+        self.worker = models.scheduler.worker
         self._uploading: set[tuple[str, str]] = set()  # (tenant, stream sha256) while receiving or unpacking
 
     # --------------------------------------------------------------------------------------------- upload
@@ -275,3 +304,88 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     async def DeleteDataset(self, request: pb.DeleteDatasetRequest, context) -> pb.DeleteDatasetResponse:
         self.store.delete_dataset(self.auth.tenant(context), parse_dataset_name(request.dataset))
         return pb.DeleteDatasetResponse()
+
+    # --------------------------------------------------------------------------------------------- examples
+
+    @rpc_errors
+    async def GetExemplars(self, request: pb.GetExemplarsRequest, context) -> pb.GetExemplarsResponse:
+        tenant = self.auth.tenant(context)
+        sha = parse_model_name(request.model)
+        ident = parse_dataset_name(request.dataset)
+        self.store.get_model(tenant, sha)  # NOT_FOUND unless the tenant holds both
+        images = self.store.dataset_images(tenant, ident)
+        if request.order not in ORDERS:
+            raise InvalidSpec("order", f"order {request.order} is not one of max, mean, min "
+                                       "(EXEMPLAR_ORDER_MAX, _MEAN, _MIN)")
+        order = ORDERS[request.order]
+        layer = resolve_layer(self.store.layers(tenant, sha), request.layer)
+        if layer.channels <= 0:
+            raise InvalidSpec("layer", f"layer {echo(layer.name)} has no channels to rank")
+        if not 0 <= request.channel < layer.channels:
+            raise InvalidSpec("channel", f"channel {request.channel} is out of range: {echo(layer.name)} has "
+                                         f"{layer.channels} channels (0..{layer.channels - 1})")
+        limit = self.config.limits.max_exemplar_k
+        if not 0 <= request.k <= limit:
+            raise InvalidSpec("k", f"k must be 1..{limit} (max_exemplar_k; 0: {DEFAULT_EXEMPLARS}), got {request.k}")
+        size = None
+        if request.HasField("size"):
+            size = (request.size.height, request.size.width)
+            if min(size) <= 0:
+                raise InvalidSpec("size", f"size must be positive, got {size[0]}x{size[1]}")
+        found = [info for info in self.store.find_indexes(tenant, sha, ident) if layer.name in info.layers
+                 and (size is None or (info.size.height, info.size.width) == size)]
+        found = [info for info in found if self.store.get_index(info.index) is not None]  # its file is there
+        if not found:
+            at = f" at {size[0]}x{size[1]}" if size else ""
+            raise NotFound(f"no finished exemplar index of model {sha[:12]} over dataset {ident[:12]} holds layer "
+                           f"{echo(layer.name)}{at}; run the index job first (featureviz exemplars MODEL DATASET "
+                           f"'{echo(layer.name)}:{request.channel}' --server ADDR, or CreateJob with "
+                           "spec.exemplar_index)", reason="EXEMPLAR_INDEX_NOT_FOUND")
+        info = found[0]
+        k = request.k or min(DEFAULT_EXEMPLARS, info.k)
+        if k > info.k:
+            raise InvalidSpec("k", f"k {k} is over what the index keeps ({info.k}); run the index job with a larger "
+                                   f"k (at most {limit}, max_exemplar_k)")
+        query = ExemplarQuery(index_path=str(self.store.index_path(info.index)), model=sha, layer=layer.name,
+                              channel=request.channel, order=order, k=k)
+        response = await asyncio.to_thread(self.worker.exemplars, query)
+        response.order = request.order or pb.EXEMPLAR_ORDER_MAX
+        response.index = info.index
+        by_name = {image.name: image.sha256 for image in images}
+        held = set(by_name.values())
+        for example in response.exemplars:
+            example.image = by_name.get(example.name) or (example.name if example.name in held else "")
+        return response
+
+    @rpc_errors
+    async def GetDatasetImage(self, request: pb.GetDatasetImageRequest, context) -> pb.DatasetImageData:
+        tenant = self.auth.tenant(context)
+        ident = parse_dataset_name(request.dataset)
+        images = self.store.dataset_images(tenant, ident)
+        wanted = request.image.strip()
+        if not wanted:
+            raise InvalidSpec("image", "give the image's sha256 or its name in the set")
+        sha = wanted.lower()
+        image = next((i for i in images if i.sha256 == sha), None) or next((i for i in images if i.name == wanted),
+                                                                           None)
+        if image is None:
+            raise NotFound(f"image {echo(wanted)} is not in dataset {ident}", reason="IMAGE_NOT_FOUND")
+        limits = self.config.limits
+        if not 0 <= request.max_side <= limits.max_image_side:
+            raise InvalidSpec("max_side", f"max_side must be 1..{limits.max_image_side} (max_image_side; 0: that), "
+                                          f"got {request.max_side}")
+        box = None
+        if request.HasField("box"):
+            b = request.box
+            if b.x1 <= b.x0 or b.y1 <= b.y0:
+                raise InvalidSpec("box", f"the box ({b.x0}, {b.y0}, {b.x1}, {b.y1}) is empty: x1 > x0 and y1 > y0")
+            box = (max(0, b.x0), max(0, b.y0), min(image.width, b.x1), min(image.height, b.y1))
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise InvalidSpec("box", f"the box ({b.x0}, {b.y0}, {b.x1}, {b.y1}) is outside the "
+                                         f"{image.width}x{image.height} image")
+        query = ImageQuery(path=str(self.store.image_path(image.sha256)), box=box,
+                           max_side=request.max_side or limits.max_image_side,
+                           max_decode_side=limits.max_dataset_image_side)
+        data = await asyncio.to_thread(self.worker.dataset_image, query)
+        data.name, data.sha256 = image.name[:DISPLAY_NAME_CHARS], image.sha256
+        return data

@@ -8,6 +8,8 @@ from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
+from featureviz.options import EXEMPLAR_INDEX
+from featureviz.options import check_kind
 from featureviz.options import check_limits
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
@@ -125,7 +127,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if model.state != pb.MODEL_STATE_READY:
             raise FailedPrecondition(f"model {sha} is {pb.ModelState.Name(model.state)}, not READY",
                                      reason="MODEL_NOT_READY")
-        self._check_limits(spec)  # the rest of the spec is checked once, by the worker's admission (INVALID_ARGUMENT)
+        kind = self._check_limits(spec)  # the rest is checked once, by the worker's admission (INVALID_ARGUMENT)
+        dataset = ""
+        if kind == EXEMPLAR_INDEX:  # the tenant must hold the set (NOT_FOUND, DATASET_NOT_FOUND)
+            from featureviz.server.indexes import dataset_of
+
+            dataset = dataset_of(spec)
+            self.store.get_dataset(tenant, dataset)
         queued = self.store.count_jobs(tenant, (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
         limit = self.config.limits.max_queued_jobs_per_tenant
         if queued >= limit:
@@ -150,6 +158,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
             admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+        if kind == EXEMPLAR_INDEX:
+            return self._create_index(tenant, request_id, stored, sha, dataset, admission)
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
             if not stored.HasField(key):
                 setattr(stored, key, getattr(admission, key))
@@ -157,6 +167,30 @@ class JobServicer(pb_grpc.JobServiceServicer):
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
             self.scheduler.submit(row.id, tenant, admission)
+        return row.id
+
+    def _create_index(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, dataset: str,
+                      admission) -> str:
+        """An exemplar index job: the spec records what admission resolved (its index key: layers, size,
+        preprocess, k; and batch_size); a finished index of that key, any tenant's (this one holds the model and
+        the set), ends the job at once, cached; otherwise it is queued like a render."""
+        from featureviz.server.indexes import index_id
+
+        index = stored.exemplar_index
+        index.dataset = dataset
+        index.layers[:] = admission.layers
+        index.k, index.batch_size = admission.k, admission.batch_size
+        stored.size.height, stored.size.width = admission.size
+        stored.preprocess.CopyFrom(pb.Preprocess(mean=admission.preprocess["mean"], std=admission.preprocess["std"],
+                                                 channel_order=admission.preprocess["channel_order"]))
+        check_limits(stored, self.config.limits)  # the resolved size and defaults are within this server's limits
+        found = self.store.get_index(index_id(sha, stored))
+        row, created = self.store.create_job(tenant, request_id, stored, sha, dataset=dataset)
+        if created:
+            if found is not None:
+                self.scheduler.finish_cached(row.id, tenant, sha, found[1])
+            else:
+                self.scheduler.submit(row.id, tenant, admission)
         return row.id
 
     def _check_budget(self, tenant: str, spec: pb.JobSpec) -> None:
@@ -170,8 +204,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 f"the limit per tenant is max_image_steps_per_tenant = {limit}; wait for some to finish, cancel some, "
                 "or ask for fewer steps or images", reason="IMAGE_STEPS_BUDGET")
 
-    def _check_limits(self, spec: pb.JobSpec) -> None:
+    def _check_limits(self, spec: pb.JobSpec) -> str:
+        """The checks before the worker's admission; -> the job's kind (a render option on an index job, an index
+        job with an objective, a render without one: INVALID_ARGUMENT naming the field)."""
         limits = self.config.limits
+        kind = check_kind(spec)
         nodes, depth = objective_size(spec.objective, limits.max_objective_nodes, limits.max_objective_depth)
         if nodes > limits.max_objective_nodes:
             raise InvalidSpec("spec.objective", f"more than {limits.max_objective_nodes} objectives (sum terms, "
@@ -185,6 +222,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         check_limits(spec, limits)  # the declared options a published limit bounds (steps, lr, batch, size), previews
         # an init image's size is checked from its header by the worker's admission (max_image_side), before
         # any pixel is decoded
+        return kind
 
     def _watch_slot(self, tenant: str):
         """One of the tenant's ``max_watches_per_tenant`` open watch streams, held until the stream ends."""

@@ -19,6 +19,13 @@
 - The worker sends events back (:class:`featureviz.worker.api.WorkerEvent`): STARTED, PROGRESS (coalesced per
   job by the worker), PREVIEW, FINISHED, REQUEUED (on stop), and STEPS (device step statistics for metrics).
 - Stopping lets running jobs finish within ``grace_seconds``, then the worker stops them and they stay QUEUED.
+- Exemplar index jobs (``JobSpec.exemplar_index``) go through the same queue, grants, events and re-queues; their
+  Submission carries :class:`featureviz.worker.api.IndexWork` (:func:`featureviz.server.indexes.index_work`: the
+  set's files, the state and final paths). A job whose index is finished already (another job made it meanwhile)
+  ends at once, cached (:meth:`finish_cached`). An index job takes no room in the device steps (0 images: the
+  worker runs one index batch per round beside them); at most ``MAX_INDEX_PASSES`` run at once, one per tenant,
+  the others wait in the queue without holding up their tenant's renders. A finished pass is recorded for the tenant
+  (``Store.record_index``), whose least recently used indexes beyond ``max_indexes_per_tenant`` go.
 """
 
 from __future__ import annotations
@@ -35,13 +42,19 @@ from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
 
-__all__ = ["Scheduler", "JobLog", "job_cost"]
+__all__ = ["Scheduler", "JobLog", "job_cost", "MAX_INDEX_PASSES"]
 
 log = logging.getLogger("featureviz.server")
+# exemplar index passes the worker runs at once (one per tenant): each holds a decode pool and a few batches of
+# decoded images; the others wait in the queue
+MAX_INDEX_PASSES = 2
 
 
 def job_cost(spec: pb.JobSpec) -> int:
-    """A job's images x steps (the stored spec has both; unset: one image, the engine's 512 steps)."""
+    """A job's images x steps (the stored spec has both; unset: one image, the engine's 512 steps). An exemplar
+    index job costs none of this budget (a forward pass per image, bounded by the set's max_dataset_images)."""
+    if spec.HasField("exemplar_index"):
+        return 0
     return (spec.batch if spec.HasField("batch") else 1) * (spec.steps if spec.HasField("steps") else 512)
 
 
@@ -95,8 +108,10 @@ class JobLog:
 
 class Scheduler:
     def __init__(self, store: Store, worker: api.Worker, *, loop: asyncio.AbstractEventLoop,
-                 finished_logs_kept: int = 256):
+                 finished_logs_kept: int = 256, index_chunk_images: int = 256, max_indexes_per_tenant: int = 64):
         self.store = store
+        self.index_chunk_images = index_chunk_images
+        self.max_indexes_per_tenant = max_indexes_per_tenant
         self.worker = worker
         self.max_step_images = max(1, int(worker.max_step_images))
         self._loop = loop
@@ -107,6 +122,7 @@ class Scheduler:
         self._cost_of: dict[str, int] = {}  # job -> images x steps
         self._tickets: dict[str, str] = {}  # job -> the worker's admission ticket
         self._exclusive: set[str] = set()
+        self._indexing: set[str] = set()  # queued or granted exemplar index jobs
         self._served: dict[str, int] = {}  # tenant -> turn it was last granted a job
         self._turn = 0
         self._granted: dict[str, str] = {}  # job -> tenant: held by the worker, until its end is logged
@@ -169,7 +185,10 @@ class Scheduler:
     def _enqueue(self, job_id: str, tenant: str, spec: pb.JobSpec, ticket: str = "") -> None:
         self._queue.append(job_id)
         self._tenant_of[job_id] = tenant
-        self._images_of[job_id] = spec.batch if spec.HasField("batch") else 1
+        # an index job takes no room in the device steps (the worker runs one index batch per round beside them)
+        self._images_of[job_id] = 0 if spec.HasField("exemplar_index") else spec.batch if spec.HasField("batch") else 1
+        if spec.HasField("exemplar_index"):
+            self._indexing.add(job_id)
         self._cost_of[job_id] = job_cost(spec)
         if ticket:
             self._tickets[job_id] = ticket
@@ -195,8 +214,15 @@ class Scheduler:
         held)."""
         while self._queue and not self._stopping:
             firsts: dict[str, str] = {}
+            passes = [j for j in self._granted if j in self._indexing]
             for job_id in self._queue:
-                firsts.setdefault(self._tenant_of.get(job_id, ""), job_id)
+                tenant = self._tenant_of.get(job_id, "")
+                if job_id in self._indexing and (len(passes) >= MAX_INDEX_PASSES or any(
+                        self._granted[j] == tenant for j in passes)):
+                    continue  # it waits for a pass to end; the tenant's later renders may go first
+                firsts.setdefault(tenant, job_id)
+            if not firsts:
+                return
             tenant = min(firsts, key=lambda t: (self._held_by(t), self._served.get(t, -1)))
             job_id = firsts[tenant]
             images = self._images_of.get(job_id, 1)
@@ -211,9 +237,49 @@ class Scheduler:
             if row.state in TERMINAL_STATES:  # finished meanwhile (a cancel raced the grant)
                 self._release(job_id)
                 continue
+            work = None
+            spec = pb.JobSpec.FromString(row.spec)
+            if spec.HasField("exemplar_index"):
+                work = self._index_work(job_id, tenant, row.model, spec)
+                if work is None:  # ended here: cached, or its set is gone
+                    continue
             self.worker.submit(api.Submission(job_id=job_id, tenant=tenant, model=row.model, spec=row.spec,
                                               images=images, exclusive=job_id in self._exclusive,
-                                              ticket=self._tickets.pop(job_id, "")))
+                                              ticket=self._tickets.pop(job_id, ""), index=work))
+
+    def _index_work(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec) -> api.IndexWork | None:
+        """An index job's IndexWork; None when it ended here instead (call with the lock held): its index is
+        finished already (cached), or the set cannot be read (FAILED)."""
+        from featureviz.errors import job_error
+        from featureviz.server.indexes import index_id
+        from featureviz.server.indexes import index_work
+
+        try:
+            found = self.store.get_index(index_id(model, spec))
+            if found is not None:
+                self._release(job_id)
+                self.finish_cached(job_id, tenant, model, found[1])
+                return None
+            return index_work(self.store, tenant, model, spec, self.index_chunk_images)
+        except Exception as exc:  # the set went (or the store failed): the job ends, the queue goes on
+            log.warning("index job %s cannot start: %s", job_id, exc)
+            self._release(job_id)
+            self.store.finish_job(job_id, pb.JOB_STATE_FAILED, error=job_error(exc))
+            self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+            return None
+
+    def finish_cached(self, job_id: str, tenant: str, model: str, info: pb.ExemplarIndexResult) -> None:
+        """End an index job at once, SUCCEEDED, with a finished index's result (``cached``): nothing computed. The
+        tenant is recorded as a user of the index; watchers see the usual result event."""
+        result = pb.JobResult(steps_done=info.images + info.skipped)
+        result.exemplar_index.CopyFrom(info)
+        result.exemplar_index.cached = True
+        self.store.record_index(tenant, model, info)
+        self.store.forget_indexes(tenant, self.max_indexes_per_tenant)
+        self.store.finish_job(job_id, pb.JOB_STATE_SUCCEEDED, result=result)
+        self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+        if self.metrics is not None:
+            self.metrics.jobs.labels("succeeded").inc()
 
     def _release(self, job_id: str) -> None:
         if self._granted.pop(job_id, None) is not None:
@@ -223,6 +289,7 @@ class Scheduler:
         self._cost_of.pop(job_id, None)
         self._tickets.pop(job_id, None)
         self._exclusive.discard(job_id)
+        self._indexing.discard(job_id)
         self._progress.pop(job_id, None)
         self._started.pop(job_id, None)
 
@@ -319,6 +386,11 @@ class Scheduler:
 
     def _on_finished(self, event: api.WorkerEvent) -> None:
         job_id = event.job_id
+        if event.state == pb.JOB_STATE_SUCCEEDED and event.result is not None \
+                and event.result.HasField("exemplar_index"):  # recorded before the job ends: its watchers may ask
+            row = self.store.get_job(job_id)
+            self.store.record_index(row.tenant, row.model, event.result.exemplar_index)
+            self.store.forget_indexes(row.tenant, self.max_indexes_per_tenant)
         self.store.finish_job(job_id, event.state, result=event.result,
                               error=event.error if event.state == pb.JOB_STATE_FAILED else None)
         with self._cv:

@@ -125,6 +125,8 @@ class JobRow:
         if self.result:
             job.result.ParseFromString(self.result)
             job.step = job.result.steps_done
+            if job.result.HasField("exemplar_index"):  # an index job's steps are the set's images
+                job.steps = job.step
             job.objective.extend(image.objective_end for image in job.result.images)
             if not with_images:
                 for image in job.result.images:

@@ -7,6 +7,7 @@
   (:mod:`featureviz.worker.device`);
 - what each device step is made of, a pure function (:mod:`featureviz.worker.planner`, with the time slicing of
   :mod:`featureviz.worker.slices`);
+- the queries of finished exemplar indexes and of dataset images (:mod:`featureviz.worker.queries`);
 - the batched device loop (:mod:`featureviz.worker.local`, on :mod:`featureviz.engine.batch`).
 
 The server talks to a worker only through :class:`featureviz.worker.api.Worker` (plain data: spec messages, bytes,

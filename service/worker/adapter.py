@@ -7,7 +7,8 @@ from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["checked_spec", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE"]
+__all__ = ["checked_spec", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE",
+           "index_admission", "index_result"]
 
 DEFAULT_PREVIEW_SIDE = 128
 
@@ -120,3 +121,78 @@ def job_result(result: dict) -> pb.JobResult:
     for key, value in (result.get("phase_seconds") or {}).items():
         out.phase_seconds[key] = float(value)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ exemplar index
+
+
+def index_admission(model, spec: pb.JobSpec, *, max_k: int = 100):
+    """An exemplar index job's spec resolved against ``model`` before any compute: the layers (catalog names; an
+    unknown one is InvalidSpec naming it and its close matches; none given: every catalog layer with channels), the
+    input size (the model's default unless set; a fixed input side must match), the preprocessing (the model's
+    unless set), k and batch_size (their declared defaults) -> :class:`featureviz.worker.api.Admission`."""
+    from featureviz.engine.exemplars import index_layers
+    from featureviz.errors import NotFound
+    from featureviz.importer import Preprocess
+    from featureviz.options import BY_NAME
+    from featureviz.worker.api import Admission
+
+    index = spec.exemplar_index
+    layers = list(index.layers) or None
+    try:
+        names = index_layers(model, layers)
+    except NotFound as err:
+        bad = next((i for i, name in enumerate(layers or ()) if _missing(model, name)), 0)
+        raise InvalidSpec(f"spec.exemplar_index.layers[{bad}]", str(err), reason="LAYER_NOT_FOUND") from err
+    except InvalidSpec as err:
+        raise InvalidSpec("spec.exemplar_index.layers", err.description, reason=err.reason) from err
+    if not names:
+        raise InvalidSpec("spec.exemplar_index.layers", "the model has no layer with channels to index")
+    inputs = model.input_spec
+    size = (spec.size.height, spec.size.width) if spec.HasField("size") else tuple(inputs.default_size)
+    for axis, fixed, want in (("height", inputs.height, size[0]), ("width", inputs.width, size[1])):
+        if fixed is not None and fixed != want:
+            raise InvalidSpec("spec.size", f"the model's input {axis} is fixed at {fixed}; got {want}")
+    if spec.HasField("preprocess"):
+        p = spec.preprocess
+        try:
+            preprocess = Preprocess(mean=tuple(p.mean), std=tuple(p.std), channel_order=p.channel_order or "RGB")
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpec("spec.preprocess", str(exc)) from exc
+    else:
+        preprocess = inputs.preprocess
+    try:
+        preprocess = preprocess.for_channels(inputs.channels)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSpec("spec.preprocess", str(exc)) from exc
+    parts = {part.name: part for part in BY_NAME["exemplar_index"].parts}
+    k = index.k if index.HasField("k") else parts["k"].default
+    batch_size = index.batch_size if index.HasField("batch_size") else parts["batch_size"].default
+    if not 1 <= k <= max_k:
+        raise InvalidSpec("spec.exemplar_index.k", f"k must be 1..{max_k}, got {k}")
+    return Admission(ticket="", kind="exemplar_index", layers=names, size=(int(size[0]), int(size[1])),
+                     preprocess={"mean": [float(v) for v in preprocess.mean], "std": [float(v) for v in preprocess.std],
+                                 "channel_order": preprocess.channel_order},
+                     k=int(k), batch_size=int(batch_size),
+                     channels=sum(int(model.layer(name).channels) for name in names))
+
+
+def _missing(model, name: str) -> bool:
+    from featureviz.errors import NotFound
+
+    try:
+        model.layer(name)
+        return False
+    except NotFound:
+        return True
+
+
+def index_result(index, work) -> pb.JobResult:
+    """A finished pass (an ExemplarIndex) of ``work`` (api.IndexWork) -> JobResult with ``exemplar_index``."""
+    meta = index.meta
+    info = pb.ExemplarIndexResult(index=work.index, dataset=work.dataset, layers=list(index.layers),
+                                  images=int(meta["indexed"]),
+                                  skipped=sum(int(v["count"]) for v in meta["skipped"].values()), k=int(meta["k"]),
+                                  size=pb.ImageSize(height=int(meta["size"][0]), width=int(meta["size"][1])),
+                                  cached=False, channels=sum(int(c) for c in meta["channels"].values()))
+    return pb.JobResult(exemplar_index=info, steps_done=int(meta["position"]))

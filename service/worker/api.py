@@ -8,6 +8,8 @@ the device and everything torch. They talk through :class:`Worker`:
     worker.admit(sha256, spec_bytes)    # JobSpec -> the engine's spec, validated before any compute: Admission
     worker.submit(Submission(...))      # run it: it joins the next device step
     worker.cancel(job_id)               # it leaves at the next step (a FINISHED event, CANCELLED)
+    worker.exemplars(ExemplarQuery(...))   # one channel's ranked examples from a finished index file
+    worker.dataset_image(ImageQuery(...))  # one stored image (or a crop of it) as PNG bytes
     worker.info() / worker.stop(grace)
 
 Every argument and event is picklable plain data, so a worker can live in another process or on another
@@ -21,8 +23,8 @@ from dataclasses import field
 
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Submission", "Admission", "WorkerEvent", "WorkerConfig", "Worker", "STARTED", "PROGRESS", "PREVIEW",
-           "FINISHED", "REQUEUED", "STEPS", "LOST"]
+__all__ = ["Submission", "Admission", "IndexWork", "ExemplarQuery", "ImageQuery", "WorkerEvent", "WorkerConfig",
+           "Worker", "STARTED", "PROGRESS", "PREVIEW", "FINISHED", "REQUEUED", "STEPS", "LOST"]
 
 STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
     "steps"
@@ -45,8 +47,33 @@ class WorkerConfig:
     models_kept: int = 4
     max_image_side: int = 4096  # an init image larger than this is refused from its header (the server passes its
     # Limits.max_image_side; the default is the engine's MAX_DECODE_SIDE)
+    max_dataset_image_side: int = 8192  # an index job decodes a set's image up to this side (Limits of that name)
     time_slice_steps: int = 64  # when jobs wait, a running job yields its place after this many steps
     max_job_memory_bytes: int | None = None  # a job whose measured memory exceeds this is refused at admission
+
+
+@dataclass
+class IndexWork:
+    """What an exemplar index job reads and writes, resolved by the server (plain data). ``names`` and ``paths``:
+    the set's images in its order (names as in the set, each file at the server store's ``image_path``: a worker
+    in another process or on another machine needs the store's folder mounted at the same path).
+    ``state_path``: the unfinished pass's state (saved after each chunk of ``chunk_images``, what a rerun
+    resumes); ``final_path``: the finished index (``ExemplarIndex.save``, atomic). ``layers`` (catalog names),
+    ``size`` (H, W), ``preprocess`` ({mean, std, channel_order}), ``k`` and ``batch_size`` as admission resolved
+    them (the job's stored spec records them)."""
+
+    index: str
+    dataset: str
+    names: list[str]
+    paths: list[str]
+    state_path: str
+    final_path: str
+    layers: list[str]
+    size: tuple[int, int]
+    preprocess: dict
+    k: int
+    batch_size: int
+    chunk_images: int = 256
 
 
 @dataclass
@@ -62,16 +89,53 @@ class Submission:
     images: int = 1
     exclusive: bool = False
     ticket: str = ""
+    index: IndexWork | None = None  # an exemplar index job (JobSpec.exemplar_index): what it reads and writes
 
 
 @dataclass
 class Admission:
-    """What :meth:`Worker.admit` found: the engine defaults the job runs with, and the ticket of its engine spec."""
+    """What :meth:`Worker.admit` found: the engine defaults the job runs with, and the ticket of its engine spec.
+    An exemplar index job (``kind == "exemplar_index"``, no ticket) gets what it resolved against the model:
+    ``layers`` (catalog names), ``size`` (H, W), ``preprocess`` ({mean, std, channel_order}), ``k``,
+    ``batch_size`` and ``channels`` (the total over the layers): the server's index key is built from them."""
 
     ticket: str
-    steps: int
-    batch: int
-    seed: int
+    steps: int = 0
+    batch: int = 0
+    seed: int = 0
+    kind: str = "render"
+    layers: list[str] = field(default_factory=list)
+    size: tuple[int, int] | None = None
+    preprocess: dict | None = None
+    k: int = 0
+    batch_size: int = 0
+    channels: int = 0
+
+
+@dataclass
+class ExemplarQuery:
+    """GetExemplars for the worker: the finished index file (``Store.index_path``), the model it was built with
+    (sha256: the receptive field is computed with it the first time), the layer (catalog name, checked by the
+    server), the channel, ``order`` ("max" | "mean" | "min") and ``k`` (checked by the server)."""
+
+    index_path: str
+    model: str
+    layer: str
+    channel: int
+    order: str
+    k: int
+
+
+@dataclass
+class ImageQuery:
+    """GetDatasetImage for the worker: a stored image file, ``box`` (x0, y0, x1, y1) in its pixels, end exclusive,
+    already checked against its size by the server (None: the whole image), the output's ``max_side`` and the
+    largest side decoded (read from the header before any pixel: ``Limits.max_dataset_image_side``)."""
+
+    path: str
+    box: tuple[int, int, int, int] | None
+    max_side: int
+    max_decode_side: int
 
 
 @dataclass
@@ -114,6 +178,17 @@ class Worker:
         raise NotImplementedError
 
     def cancel(self, job_id: str) -> None:
+        raise NotImplementedError
+
+    def exemplars(self, query: ExemplarQuery) -> pb.GetExemplarsResponse:
+        """One channel's ranked examples (``featureviz.worker.queries.exemplars``): values, positions and crop boxes
+        in model and file pixels, the channel's quantiles and the layer's field. The server fills the images'
+        sha256 (the index knows their names)."""
+        raise NotImplementedError
+
+    def dataset_image(self, query: ImageQuery) -> pb.DatasetImageData:
+        """The image (or the crop of ``query.box``) decoded and downscaled to ``query.max_side``, as PNG bytes
+        with its width and height (``featureviz.worker.queries.dataset_image``)."""
         raise NotImplementedError
 
     def device(self) -> pb.Device:

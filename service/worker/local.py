@@ -23,6 +23,14 @@ Device thread, each round:
      slot that fails alone ends FAILED (GPU_OOM for out of memory) and the others keep running;
   5. slots that are done, cancelled or diverged leave: their final objective, images and result.
 
+Exemplar index jobs (a Submission with ``index``): an :class:`featureviz.engine.exemplars.IndexPass` each (its
+decode thread pool reads the set's files ahead of the forward passes); every round, after the render group's step,
+ONE index job runs ONE batch (index jobs in turn), so a render job submitted while a long pass runs starts within one
+round. The pass saves its state after each chunk (``IndexWork.state_path``) and resumes from it when the job runs
+again (a cancel, a stop or a killed server keep it); when done the index is saved at ``IndexWork.final_path`` and
+the partial state removed. Progress: images done of the set's images. Not in the planner's time slicing or memory
+admission: one batch of a forward pass in inference mode (``batch_size`` at most ``Limits.max_index_batch``).
+
 Memory (featureviz.worker.device): admission measures a job's memory with a probe (CPU and CUDA) and refuses one
 above ``max_job_memory_bytes`` or the device's usable memory (RESOURCE_EXHAUSTED, JOB_TOO_LARGE).
 
@@ -59,6 +67,8 @@ from featureviz.worker import device as devices
 from featureviz.worker import planner
 from featureviz.worker.models import ModelCache
 from featureviz.worker.models import describe_model
+from featureviz.worker.queries import Queries
+from featureviz.worker.queries import dataset_image
 
 __all__ = ["LocalWorker"]
 
@@ -85,6 +95,15 @@ class _Job:
                                 active=self.active, ran=self.ran, since=self.since, memory=self.memory)
 
 
+class _IndexJob:
+    """A running exemplar index job: its submission and its pass."""
+
+    def __init__(self, sub: api.Submission, run):
+        self.sub, self.run = sub, run
+        self.emitted = 0
+        self.emitted_at = time.perf_counter()
+
+
 class LocalWorker(api.Worker):
     def __init__(self, config: api.WorkerConfig, *, model_source):
         self.config = config
@@ -98,6 +117,7 @@ class LocalWorker(api.Worker):
         self.models = ModelCache(model_source, size=config.models_kept, cache_dir=config.cache_dir,
                                  on_drop=self._forget)
         self.engine = BatchEngine(self.torch_device)
+        self.queries = Queries(self.models, on_device=self._on_device)
         self.memory_planner = devices.MemoryPlanner(self.torch_device)
         self._fault = devices.fault_hook()
         self._cv = threading.Condition()
@@ -107,6 +127,7 @@ class LocalWorker(api.Worker):
         self._tickets: collections.OrderedDict[str, tuple[str, object]] = collections.OrderedDict()
         self._jobs: dict[str, _Job] = {}  # joined (STARTED): active, or parked by time slicing
         self._waiting: list[_Job] = []  # prepared, waiting to join (their turn, or memory)
+        self._indexes: dict[str, _IndexJob] = {}  # exemplar index jobs, stepped in turn (insertion order)
         self._calls: list[tuple] = []  # (function, future) to run on the device thread
         self._device_done = False
         self._tick = 0  # rounds of planning: orders the waits
@@ -141,6 +162,8 @@ class LocalWorker(api.Worker):
     def admit(self, sha256: str, spec: bytes) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
+        if job_spec.HasField("exemplar_index"):  # resolved against the model before any compute; no ticket
+            return adapter.index_admission(model, job_spec)
         checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
                                        max_image_side=self.config.max_image_side)
         judge = adapter.judge_of(job_spec)
@@ -165,15 +188,22 @@ class LocalWorker(api.Worker):
             self._cancels.add(job_id)
             self._cv.notify_all()
 
+    def exemplars(self, query: api.ExemplarQuery) -> pb.GetExemplarsResponse:
+        return self.queries.exemplars(query)  # in the caller's thread; the field's computation on the device thread
+
+    def dataset_image(self, query: api.ImageQuery) -> pb.DatasetImageData:
+        return dataset_image(query)
+
     def device(self) -> pb.Device:
         return self._device_pb
 
     def info(self) -> pb.WorkerInfo:
         with self._cv:
             jobs = list(self._jobs.values())
+            indexes = len(self._indexes)
         active = [j for j in jobs if j.active]
         allocated = torch.cuda.memory_allocated(self.torch_device) if self.torch_device.type == "cuda" else 0
-        return pb.WorkerInfo(device=self._device_pb, models=self.models.held(), active_slots=len(active),
+        return pb.WorkerInfo(device=self._device_pb, models=self.models.held(), active_slots=len(active) + indexes,
                              active_images=sum(j.slot.batch for j in active), max_step_images=self.max_step_images,
                              memory_allocated_bytes=int(allocated), parked_slots=len(jobs) - len(active))
 
@@ -264,7 +294,7 @@ class LocalWorker(api.Worker):
         while True:
             with self._cv:
                 while not (self._incoming or self._cancels or self._jobs or self._waiting or self._forgotten
-                           or self._calls) and not self._stopping:
+                           or self._calls or self._indexes) and not self._stopping:
                     self._cv.wait()
                 calls, self._calls = self._calls, []
             self._run_calls(calls)
@@ -279,6 +309,7 @@ class LocalWorker(api.Worker):
             if self._stopping:
                 incoming = []  # stopping: start nothing new (those jobs stay QUEUED in the store)
                 self._waiting.clear()
+                self._requeue_indexes()  # a pass goes back at once: it resumes from its last chunk
             for model in forgotten:
                 self.engine.forget(model)
             try:
@@ -289,6 +320,7 @@ class LocalWorker(api.Worker):
                     self._fail(job, RuntimeError("internal error in the device loop"))
             self._flush_stats()
         self._run_calls(calls)
+        self._requeue_indexes()
         for job in list(self._jobs.values()):  # shutdown: the rest goes back to the queue, from step 0
             self.engine.drop([job.slot])
             self._remove(job)
@@ -323,6 +355,9 @@ class LocalWorker(api.Worker):
         for sub in incoming:
             if sub.job_id in cancels:
                 continue
+            if sub.index is not None:
+                self._start_index(sub)
+                continue
             job = self._prepare(sub)
             if job is not None:
                 job.since = self._tick
@@ -336,8 +371,11 @@ class LocalWorker(api.Worker):
         step = planner.schedule(self._state())
         self._apply(step)
         group = [self._jobs[i] for i in step.members if i in self._jobs]  # a joiner may have failed its join
-        if not group:
-            return
+        if group:
+            self._step_group(step, group)
+        self._step_index()
+
+    def _step_group(self, step: planner.StepPlan, group: list[_Job]) -> None:
         if len(group) > 1 and not self._independent(group):
             chunks = [[job] for job in group]
         else:
@@ -351,6 +389,85 @@ class LocalWorker(api.Worker):
                    (job.slot.done or job.slot.error is not None)]
         if leaving:
             self._leave(leaving)
+
+    # ------------------------------------------------------------------------------------------- index jobs
+
+    def _start_index(self, sub: api.Submission) -> None:
+        """A new (or re-queued) index job: its pass, resumed from the saved state of the same inputs if any."""
+        from featureviz.engine.exemplars import ImageFiles
+        from featureviz.engine.exemplars import IndexPass
+        from featureviz.importer import Preprocess
+
+        work = sub.index
+        try:
+            model = self.models.get(sub.model)
+            p = work.preprocess
+            holder: list[_IndexJob] = []
+            run = IndexPass(model, ImageFiles(work.names, work.paths), layers=work.layers, k=work.k,
+                            size=tuple(work.size), batch_size=work.batch_size, chunk_images=work.chunk_images,
+                            preprocess=Preprocess(mean=tuple(p["mean"]), std=tuple(p["std"]),
+                                                  channel_order=p["channel_order"]),
+                            state_path=work.state_path, set_hash=work.dataset,
+                            max_side=self.config.max_dataset_image_side, device=self.torch_device,
+                            progress=lambda done, total: self._index_progress(holder[0], done, total))
+        except Exception as exc:
+            self._report_failure(sub.job_id, exc)
+            return
+        job = _IndexJob(sub, run)
+        holder.append(job)
+        job.emitted = run.done
+        with self._cv:
+            self._indexes[sub.job_id] = job
+        self._emit(api.WorkerEvent(api.STARTED, sub.job_id))
+        if run.done:  # resumed: say where it stands
+            self._emit(api.WorkerEvent(api.PROGRESS, sub.job_id, progress=pb.Progress(step=run.done,
+                                                                                      steps=run.total)))
+
+    def _index_progress(self, job: _IndexJob, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done >= total or now - job.emitted_at >= self.interval:
+            seconds = (now - job.emitted_at) / max(1, done - job.emitted)
+            self._emit(api.WorkerEvent(api.PROGRESS, job.sub.job_id, progress=pb.Progress(
+                step=done, steps=total, seconds_per_step=seconds)))
+            job.emitted, job.emitted_at = done, now
+
+    def _step_index(self) -> None:
+        """One batch of one index job (the first in turn, which then goes to the back); its end when done."""
+        with self._cv:
+            if not self._indexes:
+                return
+            job_id = next(iter(self._indexes))
+            job = self._indexes.pop(job_id)
+            self._indexes[job_id] = job  # to the back: index jobs take turns
+        began = time.perf_counter()
+        try:
+            before = job.run.done
+            finished = job.run.step()
+            self._stats.append((job.run.done - before, time.perf_counter() - began))
+            if not finished:
+                return
+            index = job.run.result()
+            work = job.sub.index
+            index.save(work.final_path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(work.state_path)
+            result = adapter.index_result(index, work)
+        except Exception as exc:
+            job.run.close()
+            with self._cv:
+                self._indexes.pop(job_id, None)
+            self._report_failure(job_id, exc)
+            return
+        with self._cv:
+            self._indexes.pop(job_id, None)
+        self._emit(api.WorkerEvent(api.FINISHED, job_id, state=pb.JOB_STATE_SUCCEEDED, result=result))
+
+    def _requeue_indexes(self) -> None:
+        with self._cv:
+            jobs, self._indexes = list(self._indexes.values()), {}
+        for job in jobs:
+            job.run.close()
+            self._emit(api.WorkerEvent(api.REQUEUED, job.sub.job_id))
 
     def _prepare(self, sub: api.Submission) -> _Job | None:
         try:
@@ -513,6 +630,12 @@ class LocalWorker(api.Worker):
             if sub.job_id == job_id:  # never started: it ends without images
                 self._finished(job_id, pb.JOB_STATE_CANCELLED)
                 return
+        with self._cv:
+            index_job = self._indexes.pop(job_id, None)
+        if index_job is not None:  # its saved state stays: a later identical job resumes it
+            index_job.run.close()
+            self._finished(job_id, pb.JOB_STATE_CANCELLED)
+            return
         for job in list(self._waiting):
             if job.sub.job_id == job_id:
                 self._waiting.remove(job)

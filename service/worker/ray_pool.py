@@ -146,6 +146,13 @@ class WorkerHost:
     def cancel(self, job_id: str) -> None:
         self.worker.cancel(job_id)
 
+    def exemplars(self, sha256: str, refs: list, query: api.ExemplarQuery) -> pb.GetExemplarsResponse:
+        self._learn(sha256, refs)
+        return self.worker.exemplars(query)
+
+    def dataset_image(self, query: api.ImageQuery) -> pb.DatasetImageData:
+        return self.worker.dataset_image(query)
+
     def drop_model(self, sha256: str) -> None:
         self._refs.pop(sha256, None)
         self.worker.drop_model(sha256)
@@ -321,10 +328,24 @@ class RayPool(api.Worker):
         host, admission = self._call(sha256, "admit", sha256, [ref], spec, self._extra(spec))
         with self._lock:
             host.models.add(sha256)
-            self._tickets[admission.ticket] = host.index
+            if admission.ticket:  # an exemplar index job has none: it is resolved, not checked into a spec
+                self._tickets[admission.ticket] = host.index
             while len(self._tickets) > 4096:
                 self._tickets.pop(next(iter(self._tickets)))
         return admission
+
+    def exemplars(self, query: api.ExemplarQuery) -> pb.GetExemplarsResponse:
+        """On the worker that holds the model (its field is computed there the first time). The index file's path
+        is the server's store: the actors must see the same store folder (one machine, or a shared volume)."""
+        ref = self._ref(query.model)
+        host, result = self._call(query.model, "exemplars", query.model, [ref], query)
+        with self._lock:
+            host.models.add(query.model)
+        return result
+
+    def dataset_image(self, query: api.ImageQuery) -> pb.DatasetImageData:
+        """On any worker (the store's image file by path: a shared store folder, as for :meth:`exemplars`)."""
+        return self._call("", "dataset_image", query)[1]
 
     def _place(self, sha256: str, images: int, *, commit: bool = True) -> _Host:
         """Model affinity if that worker has room, else the least-loaded worker (call with the lock held)."""

@@ -21,7 +21,8 @@ from featureviz.v1 import featureviz_pb2 as pb
 ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile", "memory_format"}
 # a valid value of each option's type, for the round trip
 SAMPLES = {"int": 3, "float": 0.25, "bool": True, "size": (24, 32), "image": b"\x89PNG...",
-           "preprocess": {"mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "judge": "b" * 64}
+           "preprocess": {"mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "judge": "b" * 64,
+           "exemplar_index": {"dataset": "d" * 64, "layers": ["conv1"], "k": 3, "batch_size": 4}}
 
 
 def test_every_jobspec_field_is_declared_in_order_with_its_type():
@@ -93,6 +94,7 @@ def test_every_option_round_trips_through_the_codec():
     assert back == {"objective": {"tv": {}}, **engine, "preprocess": {**given["preprocess"]}}
     assert message.exclusive and message.preview_every == 3 and message.judge.model == "b" * 64
     assert message.param == pb.PARAMETERIZATION_LAPLACIAN and message.lr_schedule == pb.LR_SCHEDULE_LINEAR
+    assert message.exemplar_index == pb.ExemplarIndexSpec(dataset="d" * 64, layers=["conv1"], k=3, batch_size=4)
 
 
 @pytest.mark.parametrize("options, field, needle", [
@@ -115,3 +117,75 @@ def test_an_unknown_enum_number_names_the_field():
     with pytest.raises(InvalidSpec) as err:
         spec_from_proto(message)
     assert err.value.field == "spec.transforms" and "TRANSFORMS_STANDARD" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ job kinds
+
+
+def _index_spec(**fields) -> pb.JobSpec:
+    spec = pb.JobSpec(model="m")
+    spec.exemplar_index.dataset = "d" * 64
+    for name, value in fields.items():
+        if name == "objective":
+            spec.objective.tv.SetInParent()
+        elif name == "size":
+            spec.size.height = spec.size.width = value
+        else:
+            setattr(spec, name, value)
+    return spec
+
+
+def test_every_option_declares_its_job_kinds():
+    assert opts.KINDS == ("render", "exemplar_index")
+    for option in opts.OPTIONS:
+        assert option.kinds and set(option.kinds) <= set(opts.KINDS), option.name
+    both = {o.name for o in opts.OPTIONS if set(o.kinds) == set(opts.KINDS)}
+    assert both == {"size", "preprocess"}
+    assert opts.BY_NAME["exemplar_index"].kinds == ("exemplar_index",)
+    assert opts.BY_NAME["steps"].kinds == ("render",) and opts.BY_NAME["transforms"].kinds == ("render",)
+    parts = opts.BY_NAME["exemplar_index"].parts
+    assert [(p.name, p.max_limit, p.path) for p in parts] == [("k", "max_exemplar_k", "spec.exemplar_index.k"), (
+        "batch_size", "max_index_batch", "spec.exemplar_index.batch_size")]
+    for part in parts:  # each part is a field of ExemplarIndexSpec with its declared type
+        assert part.field.containing_type.name == "ExemplarIndexSpec" and part.field.type == part.field.TYPE_INT32
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"steps": 10}, "spec.steps"), ({"lr": 0.1}, "spec.lr"), ({"param": pb.PARAMETERIZATION_PIXEL}, "spec.param"),
+    ({"transforms": pb.TRANSFORMS_COMPOSED}, "spec.transforms"), ({"preview_every": 2}, "spec.preview_every"),
+    ({"exclusive": True}, "spec.exclusive"), ({"objective": True}, "spec.objective"),
+])
+def test_a_render_option_on_an_index_job_is_refused_naming_it(fields, field):
+    with pytest.raises(InvalidSpec) as err:
+        opts.check_kind(_index_spec(**fields))
+    assert err.value.field == field
+    assert opts.check_kind(_index_spec(size=32)) == "exemplar_index"
+
+
+def test_a_render_needs_an_objective():
+    with pytest.raises(InvalidSpec) as err:
+        opts.check_kind(pb.JobSpec(model="m", steps=3))
+    assert err.value.field == "spec.objective" and "exemplar_index" in str(err.value)
+
+
+def test_index_parts_are_checked_against_the_published_limits():
+    from featureviz.server.config import Limits
+
+    limits = Limits(max_exemplar_k=20, max_index_batch=8)
+    spec = _index_spec()
+    spec.exemplar_index.k, spec.exemplar_index.batch_size = 20, 8
+    opts.check_limits(spec, limits)
+    for part, value, limit in (("k", 21, "max_exemplar_k"), ("k", 0, "max_exemplar_k"),
+                               ("batch_size", 9, "max_index_batch")):
+        bad = _index_spec()
+        setattr(bad.exemplar_index, part, value)
+        with pytest.raises(InvalidSpec) as err:
+            opts.check_limits(bad, limits)
+        assert err.value.field == f"spec.exemplar_index.{part}" and limit in str(err.value)
+
+
+def test_the_published_options_carry_their_kinds():
+    published = {o.name: o for o in opts.job_options()}
+    assert list(published["size"].kinds) == ["render", "exemplar_index"]
+    assert list(published["steps"].kinds) == ["render"]
+    assert published["exemplar_index"].type == "exemplar_index"

@@ -1212,7 +1212,7 @@ class ServerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., job_options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ..., max_step_images: _Optional[int] = ...) -> None: ...
 
 class JobOption(_message.Message):
-    __slots__ = ("name", "type", "default", "choices", "minimum", "maximum", "below", "min_limit", "max_limit", "help", "flag", "surfaces", "engine")
+    __slots__ = ("name", "type", "default", "choices", "minimum", "maximum", "below", "min_limit", "max_limit", "help", "flag", "surfaces", "engine", "kinds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -1226,6 +1226,7 @@ class JobOption(_message.Message):
     FLAG_FIELD_NUMBER: _ClassVar[int]
     SURFACES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     default: str
@@ -1239,4 +1240,5 @@ class JobOption(_message.Message):
     flag: str
     surfaces: _containers.RepeatedScalarFieldContainer[str]
     engine: bool
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., below: _Optional[float] = ..., min_limit: _Optional[str] = ..., max_limit: _Optional[str] = ..., help: _Optional[str] = ..., flag: _Optional[str] = ..., surfaces: _Optional[_Iterable[str]] = ..., engine: _Optional[bool] = ...) -> None: ...
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., below: _Optional[float] = ..., min_limit: _Optional[str] = ..., max_limit: _Optional[str] = ..., help: _Optional[str] = ..., flag: _Optional[str] = ..., surfaces: _Optional[_Iterable[str]] = ..., engine: _Optional[bool] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -9,8 +9,10 @@ from .index import MAX_K
 from .index import ORDERS
 from .index import Exemplar
 from .index import ExemplarIndex
+from .index import ImageFiles
 from .index import ImageFolder
 from .index import ImageSource
+from .index import IndexPass
 from .index import build_index
 from .index import index_layers
 from .state import SKETCH_ERROR
@@ -18,5 +20,5 @@ from .state import LayerState
 from .state import reduce_activation
 
 __all__ = ["ReceptiveField", "positive_copy", "receptive_field", "DEFAULT_K", "MAX_K", "ORDERS", "Exemplar",
-           "ExemplarIndex", "ImageFolder", "ImageSource", "build_index", "index_layers", "SKETCH_ERROR",
+           "ExemplarIndex", "ImageFiles", "ImageFolder", "ImageSource", "IndexPass", "build_index", "index_layers", "SKETCH_ERROR",
            "LayerState", "reduce_activation"]

@@ -119,6 +119,9 @@ def receptive_field(model, layer: str, image_size: tuple[int, int], *, channels:
     channels = channels or model.input_spec.channels
     generator = torch.Generator().manual_seed(seed)
     base = torch.rand(1, channels, h, w, generator=generator) * 0.5 + 0.5
+    weights = next(positive.parameters(), None)
+    if weights is not None:  # the model may live on the worker's device (a render moved it): follow it
+        base = base.to(weights.device)
 
     with torch.no_grad():
         shape = tuple(positive(base)[layer].shape)

@@ -33,7 +33,7 @@ from .fields import receptive_field
 from .state import LayerState
 from .state import reduce_activation
 
-__all__ = ["ImageSource", "ImageFolder", "ExemplarIndex", "Exemplar", "build_index", "index_layers", "DEFAULT_K",
+__all__ = ["ImageSource", "ImageFolder", "ImageFiles", "ExemplarIndex", "Exemplar", "IndexPass", "build_index", "index_layers", "DEFAULT_K",
            "MAX_K", "ORDERS", "FORMAT", "SKIP_CAUSES", "MAX_FILE_BYTES"]
 
 FORMAT = 1
@@ -298,6 +298,154 @@ def _decode(source: ImageSource, i: int, size: tuple[int, int], max_side: int):
     return tensor, (width, height)
 
 
+class IndexPass:
+    """One index pass made steppable: :meth:`step` runs one batch (decoded ahead by the pass's thread pool), so a
+    caller can interleave it with other device work (the server's worker runs one batch per device round beside
+    the render steps). The arguments are :func:`build_index`'s, which is the loop over it: resume from
+    ``state_path`` (a state of other inputs is started over), a state save after each finished chunk, the same
+    arrays whether run at once, stepped, or resumed after a kill. ``done``/``total``: images passed / in the set;
+    ``finished``: every batch ran (then :meth:`result`). Call :meth:`close` when leaving early (cancel, error):
+    it drops the decodes still pending; the saved state stays."""
+
+    def __init__(self, model, source: ImageSource, *, layers: Sequence[str] | None = None, k: int = DEFAULT_K,
+                 size: tuple[int, int] | int | None = None, preprocess=None, batch_size: int = 32,
+                 chunk_images: int = 256, state_path: str | os.PathLike | None = None, set_hash: str = "",
+                 max_side: int = 4096, workers: int = 2, device=None,
+                 progress: Callable[[int, int], None] | None = None,
+                 on_chunk: Callable[[int, int], None] | None = None):
+        from featureviz.engine.transforms import preprocess_map
+
+        if not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise InvalidSpec("k", f"k must be 1..{MAX_K}, got {echo(k)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidSpec("batch_size", f"batch_size must be a positive integer, got {echo(batch_size)}")
+        names = index_layers(model, layers)
+        spec = model.input_spec
+        size = (size, size) if isinstance(size, int) else tuple(size or spec.default_size)
+        for axis, fixed, want in (("height", spec.height, size[0]), ("width", spec.width, size[1])):
+            if fixed is not None and fixed != want:
+                raise InvalidSpec("size", f"the model's input {axis} is fixed at {fixed}; got {want}")
+        preprocess = (preprocess or spec.preprocess).for_channels(spec.channels)
+        chunk_images = max(batch_size, -(-chunk_images // batch_size) * batch_size)  # a multiple of the batch
+        total = len(source.names)
+        meta_key = {"format": FORMAT, "model": model.sha256, "set": set_hash, "layers": names, "k": k,
+                    "size": list(size), "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std),
+                                                       "channel_order": preprocess.channel_order},
+                    "batch_size": batch_size, "chunk_images": chunk_images, "names": list(source.names)}
+
+        index = None
+        if state_path is not None and Path(state_path).exists():
+            try:
+                index = ExemplarIndex.load(state_path)
+            except ValueError:
+                index = None
+            if index is not None and any(index.meta.get(key) != value for key, value in meta_key.items()):
+                index = None  # another pass's state: start over
+        infos = {name: model.layer(name) for name in names}
+        if index is None:
+            meta = {**meta_key, "position": 0, "indexed": 0, "complete": False, "maps": {},
+                    "channels": {name: int(infos[name].channels) for name in names},
+                    "skipped": {cause: {"count": 0, "names": []} for cause in SKIP_CAUSES}, "fields": {}}
+            states = {name: LayerState(infos[name].channels, k) for name in names}
+            index = ExemplarIndex(meta, states, np.zeros((total, 2), dtype=np.int32))
+        self.index, self.source, self.total, self.size = index, source, total, size
+        self.state_path, self.chunk_images, self.max_side = state_path, chunk_images, max_side
+        self.progress, self.on_chunk, self.device, self.infos = progress, on_chunk, device, infos
+        self.layers = names
+        self._truncated = None
+        self._pool = None
+        self._pending: collections.deque = collections.deque()
+        self._ahead = max(2, workers + 1)
+        self._workers = max(1, workers)
+        start = int(index.meta["position"])
+        self._batches = [] if index.meta["complete"] else [
+            (s, min(s + batch_size, total, (s // chunk_images + 1) * chunk_images))
+            for s in range(start, total, batch_size)]
+        self._next = 0
+        self._model, self._preprocess, self._map = model, preprocess, preprocess_map
+
+    @property
+    def done(self) -> int:
+        """Images passed so far (the resume point, then each batch's end)."""
+        return self._batches[self._next - 1][1] if self._next else int(self.index.meta["position"])
+
+    @property
+    def finished(self) -> bool:
+        return self._next >= len(self._batches)
+
+    def _start(self) -> None:
+        self._truncated = self._model.truncate(self.layers)
+        self._matrix, self._bias = self._map(self._preprocess, self._model.input_spec.channels, device=self.device)
+        if self.device is not None:
+            self._truncated = self._truncated.to(self.device)
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="exemplar-decode")
+        self._pending.extend(self._pool.submit(self._decode_batch, span) for span in self._batches[:self._ahead])
+
+    def _decode_batch(self, span):
+        return [(i, *_decode(self.source, i, self.size, self.max_side)) for i in range(*span)]
+
+    def step(self) -> bool:
+        """Run the next batch (decode, forward, top-k update; a state save at a chunk's end). -> finished."""
+        if self.finished:
+            return True
+        if self._pool is None:
+            self._start()
+        n = self._next
+        span = self._batches[n]
+        index, meta = self.index, self.index.meta
+        decoded = self._pending.popleft().result()
+        if n + self._ahead < len(self._batches):
+            self._pending.append(self._pool.submit(self._decode_batch, self._batches[n + self._ahead]))
+        good = []
+        for i, tensor, info in decoded:
+            if tensor is None:
+                cause, line = info
+                entry = meta["skipped"][cause]
+                entry["count"] += 1
+                if len(entry["names"]) < NAMES_PER_CAUSE:
+                    entry["names"].append([self.source.names[i], line])
+            else:
+                index.image_sizes[i] = info
+                good.append((i, tensor))
+        if good:
+            _forward(index, self._truncated, self.infos, good, self._matrix, self._bias, self.device, self.size)
+        self._next += 1
+        chunk_end = span[1] % self.chunk_images == 0 or span[1] == self.total
+        if chunk_end:  # saved before the progress is told: a reader of the progress may rely on it
+            meta["position"] = span[1]
+            meta["complete"] = span[1] == self.total
+            if self.state_path is not None:
+                index.save(self.state_path)
+        if self.progress is not None:
+            self.progress(span[1], self.total)
+        if chunk_end and self.on_chunk is not None:
+            self.on_chunk(span[1], self.total)
+        if self.finished:
+            self.close()
+        return self.finished
+
+    def result(self) -> ExemplarIndex:
+        """The finished index; InvalidSpec when no image of the set could be indexed."""
+        meta = self.index.meta
+        if self.total == 0 and not meta["complete"]:
+            meta["complete"] = True
+            if self.state_path is not None:
+                self.index.save(self.state_path)
+        if meta["indexed"] == 0:
+            raise InvalidSpec("images", f"none of the {self.total} files could be indexed as an image ("
+                                        + ", ".join(f"{c}: {v['count']}" for c, v in meta["skipped"].items()) + ")")
+        return self.index
+
+    def close(self) -> None:
+        """Drop the pending decodes and the thread pool (the saved state stays)."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 def build_index(model, source: ImageSource, *, layers: Sequence[str] | None = None, k: int = DEFAULT_K,
                 size: tuple[int, int] | int | None = None, preprocess=None, batch_size: int = 32,
                 chunk_images: int = 256, state_path: str | os.PathLike | None = None, set_hash: str = "",
@@ -310,101 +458,41 @@ def build_index(model, source: ImageSource, *, layers: Sequence[str] | None = No
     ``size`` (H, W) the input size (default the model's), each image resized to it (bicubic); ``preprocess``
     (default the model's). ``state_path``: where each finished chunk is saved and a rerun resumes from (a state of
     other inputs is started over); the finished index is saved there too. ``progress(done, total)`` after each
-    batch, ``on_chunk(position, total)`` after each chunk is saved, ``cancel()`` checked before each batch (then
-    :class:`Cancelled`; the last saved chunk stays)."""
-    from featureviz.engine.transforms import preprocess_map
-
-    if not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise InvalidSpec("k", f"k must be 1..{MAX_K}, got {echo(k)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidSpec("batch_size", f"batch_size must be a positive integer, got {echo(batch_size)}")
-    names = index_layers(model, layers)
-    spec = model.input_spec
-    size = (size, size) if isinstance(size, int) else tuple(size or spec.default_size)
-    for axis, fixed, want in (("height", spec.height, size[0]), ("width", spec.width, size[1])):
-        if fixed is not None and fixed != want:
-            raise InvalidSpec("size", f"the model's input {axis} is fixed at {fixed}; got {want}")
-    preprocess = (preprocess or spec.preprocess).for_channels(spec.channels)
-    chunk_images = max(batch_size, -(-chunk_images // batch_size) * batch_size)  # a multiple of the batch
-    total = len(source.names)
-    meta_key = {"format": FORMAT, "model": model.sha256, "set": set_hash, "layers": names, "k": k,
-                "size": list(size), "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std),
-                                                   "channel_order": preprocess.channel_order},
-                "batch_size": batch_size, "chunk_images": chunk_images, "names": list(source.names)}
-
-    index = None
-    if state_path is not None and Path(state_path).exists():
-        try:
-            index = ExemplarIndex.load(state_path)
-        except ValueError:
-            index = None
-        if index is not None and any(index.meta.get(key) != value for key, value in meta_key.items()):
-            index = None  # another pass's state: start over
-    if index is None:
-        infos = {name: model.layer(name) for name in names}
-        meta = {**meta_key, "position": 0, "indexed": 0, "complete": False, "maps": {},
-                "channels": {name: int(infos[name].channels) for name in names},
-                "skipped": {cause: {"count": 0, "names": []} for cause in SKIP_CAUSES}, "fields": {}}
-        states = {name: LayerState(infos[name].channels, k) for name in names}
-        index = ExemplarIndex(meta, states, np.zeros((total, 2), dtype=np.int32))
-    meta = index.meta
-    if meta["complete"]:
-        return index
-
-    truncated = model.truncate(names)
-    matrix, bias = preprocess_map(preprocess, spec.channels, device=device)
-    if device is not None:
-        truncated = truncated.to(device)
-    infos = {name: model.layer(name) for name in names}
-    start = int(meta["position"])
-    batches = [(s, min(s + batch_size, total, (s // chunk_images + 1) * chunk_images))
-               for s in range(start, total, batch_size)]
-
-    def decode_batch(span):
-        return [(i, *_decode(source, i, size, max_side)) for i in range(*span)]
-
-    ahead = max(2, workers + 1)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="exemplar-decode") as pool:
-        pending = collections.deque(pool.submit(decode_batch, span) for span in batches[:ahead])
-        for n, span in enumerate(batches):
+    batch (after its chunk's state is saved, when it ends one), ``on_chunk(position, total)`` after each chunk is saved, ``cancel()`` checked before each batch (then
+    :class:`Cancelled`; the last saved chunk stays). The loop over an :class:`IndexPass`."""
+    run = IndexPass(model, source, layers=layers, k=k, size=size, preprocess=preprocess, batch_size=batch_size,
+                    chunk_images=chunk_images, state_path=state_path, set_hash=set_hash, max_side=max_side,
+                    workers=workers, device=device, progress=progress, on_chunk=on_chunk)
+    try:
+        while not run.finished:
             if cancel is not None and cancel():
-                for future in pending:
-                    future.cancel()
-                raise Cancelled(f"indexing cancelled at image {span[0]} of {total}; the state up to image "
-                                f"{meta['position']} is kept")
-            decoded = pending.popleft().result()
-            if n + ahead < len(batches):
-                pending.append(pool.submit(decode_batch, batches[n + ahead]))
-            good = []
-            for i, tensor, info in decoded:
-                if tensor is None:
-                    cause, line = info
-                    entry = meta["skipped"][cause]
-                    entry["count"] += 1
-                    if len(entry["names"]) < NAMES_PER_CAUSE:
-                        entry["names"].append([source.names[i], line])
-                else:
-                    index.image_sizes[i] = info
-                    good.append((i, tensor))
-            if good:
-                _forward(index, truncated, infos, good, matrix, bias, device, size)
-            if progress is not None:
-                progress(span[1], total)
-            if span[1] % chunk_images == 0 or span[1] == total:
-                meta["position"] = span[1]
-                meta["complete"] = span[1] == total
-                if state_path is not None:
-                    index.save(state_path)
-                if on_chunk is not None:
-                    on_chunk(span[1], total)
-    if total == 0:
-        meta["complete"] = True
-        if state_path is not None:
-            index.save(state_path)
-    if meta["indexed"] == 0:
-        raise InvalidSpec("images", f"none of the {total} files could be indexed as an image ("
-                                    + ", ".join(f"{c}: {v['count']}" for c, v in meta["skipped"].items()) + ")")
-    return index
+                raise Cancelled(f"indexing cancelled at image {run.done} of {run.total}; the state up to image "
+                                f"{run.index.meta['position']} is kept")
+            run.step()
+    finally:
+        run.close()
+    return run.result()
+
+
+class ImageFiles:
+    """An :class:`ImageSource` over given files: ``names`` (as indexed) and their ``paths`` (a server's stored images,
+    ``Store.image_path``). ``read`` opens without following a symbolic link and refuses (ValueError, as too large)
+    a file over ``max_bytes``."""
+
+    def __init__(self, names: Sequence[str], paths: Sequence[str | os.PathLike], *, max_bytes: int = MAX_FILE_BYTES):
+        if len(names) != len(paths):
+            raise ValueError("one path per name")
+        self.names, self.paths, self.max_bytes = list(names), [Path(p) for p in paths], max_bytes
+
+    def read(self, i: int) -> bytes:
+        fd = os.open(self.paths[i], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            data = f.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise ValueError(f"the file is over {self.max_bytes} bytes")
+        return data
 
 
 def _forward(index, truncated, infos, good, matrix, bias, device, size) -> None:
