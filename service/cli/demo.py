@@ -81,13 +81,13 @@ def run(args: argparse.Namespace) -> int:
     panels = gallery(quick=args.quick, class_names=names)
     began = time.perf_counter()
     try:
-        with _image_set(args, log) as images:
+        with _image_set(args, log) as image_set:
             if args.local:
-                results, info = _run_local(panels, settings, onnx_path, args, log, images)
-                return _finish(results, info, settings, onnx_path, names, args, began, log, images)
+                results, info = _run_local(panels, settings, onnx_path, args, log, image_set)
+                return _finish(results, info, settings, onnx_path, names, args, began, log, image_set)
             with _server(args, log) as (address, embedded):
-                results, info = _run_service(panels, settings, onnx_path, args, log, address, embedded, images)
-                status = _finish(results, info, settings, onnx_path, names, args, began, log, images)
+                results, info = _run_service(panels, settings, onnx_path, args, log, address, embedded, image_set)
+                status = _finish(results, info, settings, onnx_path, names, args, began, log, image_set)
                 if args.explore:
                     _wait_for_stop(info["explorer"])
                 return status
@@ -129,7 +129,7 @@ def _wait_for_stop(url: str) -> None:
     print("featureviz demo: stopping", file=sys.stderr, flush=True)
 
 
-def _run_local(panels, settings, onnx_path, args, log, images):
+def _run_local(panels, settings, onnx_path, args, log, image_set):
     from featureviz import zoo
     from featureviz.demo import local_renderer
     from featureviz.demo import render_gallery
@@ -147,22 +147,22 @@ def _run_local(panels, settings, onnx_path, args, log, images):
     results = render_gallery(panels, render_logged, settings)
     info = {"sha256": model.sha256, "via": "local engine (featureviz.engine.render)",
             "device": args.device or ("cuda" if _cuda() else "cpu")}
-    if images is not None:
-        _local_examples(results, model, images, args, log, info)
+    if image_set is not None:
+        _local_examples(results, model, image_set, args, log, info)
     return results, info
 
 
-def _local_examples(results, model, images, args, log, info) -> None:
+def _local_examples(results, model, image_set, args, log, info) -> None:
     """Index the image set at the channel panels' layers in this process and attach each unit's examples."""
     from featureviz.demo.examples import attach
     from featureviz.demo.examples import local_examples
     from featureviz.demo.examples import units_of
 
     units = units_of(r.panel for r in results)
-    log(f"dataset examples: indexing {images['count']} images at {len({layer for layer, _ in units})} layers "
+    log(f"dataset examples: indexing {image_set['count']} images at {len({layer for layer, _ in units})} layers "
         "in this process ...")
     t0 = time.perf_counter()
-    attach(results, local_examples(model, images["folder"], units, device=args.device))
+    attach(results, local_examples(model, image_set["folder"], units, device=args.device))
     info["examples"] = f"local engine (featureviz.engine.exemplars), {time.perf_counter() - t0:.1f} s"
 
 
@@ -192,7 +192,7 @@ def _server(args, log):
             server.stop()
 
 
-def _run_service(panels, settings, onnx_path, args, log, address, embedded, images):
+def _run_service(panels, settings, onnx_path, args, log, address, embedded, image_set):
     from featureviz import zoo
     from featureviz.cli.remote import job_failure
     from featureviz.cli.remote import watch_with_progress
@@ -229,12 +229,12 @@ def _run_service(panels, settings, onnx_path, args, log, address, embedded, imag
         device = info.device
         via = f"featureviz {info.version} server at {address}" + (" (embedded)" if embedded else "")
         answer = {"sha256": model.sha256, "via": via, "device": _device_text(device), "explorer": explorer}
-        if images is not None:
-            _service_examples(client, results, model.sha256, images, args, log, answer)
+        if image_set is not None:
+            _service_examples(client, results, model.sha256, image_set, args, log, answer)
     return results, answer
 
 
-def _service_examples(client, results, model, images, args, log, info) -> None:
+def _service_examples(client, results, model, image_set, args, log, info) -> None:
     """Upload the image set, index the channel panels' layers with an index job (a finished index of the same
     model, set, layers and k is reused), and attach each unit's examples from GetExemplars / GetDatasetImage."""
     from featureviz.cli.remote import job_failure
@@ -246,15 +246,7 @@ def _service_examples(client, results, model, images, args, log, info) -> None:
     from featureviz.demo.examples import units_of
 
     t0 = time.perf_counter()
-    if not hasattr(client, "index_exemplars"):  # TODO(merge): the index job and GetExemplars are on other branches
-        from featureviz import zoo
-        from featureviz.importer import Preprocess
-        from featureviz.importer import import_model
-
-        local = import_model(zoo.efficientnet_lite0(), preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
-        _local_examples(results, local, images, args, log, info)
-        return
-    dataset = client.upload_dataset(images["folder"], name="scikit-image-photos")
+    dataset = client.upload_dataset(image_set["folder"], name="scikit-image-photos")
     log(f"image set {dataset.id[:12]} {'already on' if dataset.deduplicated else 'uploaded to'} the server: "
         f"{dataset.image_count} images")
     units = units_of(r.panel for r in results)
@@ -276,23 +268,23 @@ def _device_text(device) -> str:
     return f"{text} ({device.kernels} kernels)" if device.kernels else text
 
 
-def _dataset_info(images) -> dict | None:
+def _dataset_info(image_set) -> dict | None:
     """The site's section on where the examples' images come from (one row per photo, its credit and licence)."""
-    if images is None:
+    if image_set is None:
         return None
-    prov, photos = images["provenance"], {}
+    prov, photos = image_set["provenance"], {}
     for record in prov["images"]:
         photos.setdefault(record["photo"], {"title": record["title"], "photo": record["photo"],
                                             "credit": record["credit"], "licence": record["licence"]})
     return {"note": f"The examples beside each channel render are the channel's top images among "
-                    f"{images['count']} images: {len(photos)} photos that ship inside the scikit-image wheel "
+                    f"{image_set['count']} images: {len(photos)} photos that ship inside the scikit-image wheel "
                     f"({prov['source'].split(',')[0]}), each whole, mirrored and two crops. Each crop is the "
                     "receptive field of the unit's strongest position; the ratio is the render's channel mean "
                     "over the best image's.",
-            "source": prov["source"], "images": images["count"], "photos": list(photos.values())}
+            "source": prov["source"], "images": image_set["count"], "photos": list(photos.values())}
 
 
-def _finish(results, info, settings, onnx_path, names, args, began, log, images=None) -> int:
+def _finish(results, info, settings, onnx_path, names, args, began, log, image_set=None) -> int:
     from featureviz import zoo
     from featureviz.demo import classify_pngs
     from featureviz.demo import write_site
@@ -309,7 +301,7 @@ def _finish(results, info, settings, onnx_path, names, args, began, log, images=
     extra = {"rendered by": info["via"], "device": info["device"], "wall time": f"{seconds:.0f} s"}
     if info.get("examples"):
         extra["dataset examples"] = info["examples"]
-    index = write_site(args.out, results, settings, model=model, extra=extra, dataset=_dataset_info(images))
+    index = write_site(args.out, results, settings, model=model, extra=extra, dataset=_dataset_info(image_set))
     hits = [(r.predictions[i][0] == k) for r in results if r.predictions
             for i, k in enumerate(r.panel.classes) if k is not None]
     images = sum(len(r.pngs) for r in results)

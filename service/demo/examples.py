@@ -88,8 +88,10 @@ def _field_text(field) -> str:
         return "receptive field unknown"
     if field.whole:
         return "the whole image (the unit's receptive field covers it)"
-    if field.regular:
-        return f"receptive field {field.size[1]} x {field.size[0]} px, stride {field.stride[1]} px"
+    if field.regular:  # the server's GetExemplars gives one side and one stride: the same words for a square field
+        size = f"{field.size[1]}" if field.size[0] == field.size[1] else f"{field.size[1]} x {field.size[0]}"
+        stride = f"{field.stride[1]}" if field.stride[0] == field.stride[1] else f"{field.stride[1]} x {field.stride[0]}"
+        return f"receptive field {size} px, stride {stride} px"
     return "receptive field measured per position"
 
 

@@ -46,7 +46,7 @@ def _results():
         found[(layer, channel)] = ChannelExamples(
             layer=layer, channel=channel, examples=examples, best_mean=1.0 if n else 0.0,
             best_mean_name=examples[0].name, images=52,
-            field="the whole image" if whole else "receptive field 67 x 67 px, stride 8 px")
+            field="the whole image" if whole else "receptive field 67 px, stride 8 px")
     attach(results, found)
     return results, found
 
