@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -280,7 +281,7 @@ def _dataset_info(image_set) -> dict | None:
                     f"{image_set['count']} images: {len(photos)} photos that ship inside the scikit-image wheel "
                     f"({prov['source'].split(',')[0]}), each whole, mirrored and two crops. Each crop is the "
                     "receptive field of the unit's strongest position; the ratio is the render's channel mean "
-                    "over the best image's.",
+                    "over the best image's. dataset.json lists every file with its photo, crop and licence.",
             "source": prov["source"], "images": image_set["count"], "photos": list(photos.values())}
 
 
@@ -302,6 +303,9 @@ def _finish(results, info, settings, onnx_path, names, args, began, log, image_s
     if info.get("examples"):
         extra["dataset examples"] = info["examples"]
     index = write_site(args.out, results, settings, model=model, extra=extra, dataset=_dataset_info(image_set))
+    if image_set is not None:  # every file of the set: its photo, crop, mirror, sha256, credit and licence
+        (index.parent / "dataset.json").write_text(json.dumps(image_set["provenance"], indent=2) + "\n",
+                                                   encoding="utf-8")
     hits = [(r.predictions[i][0] == k) for r in results if r.predictions
             for i, k in enumerate(r.panel.classes) if k is not None]
     images = sum(len(r.pngs) for r in results)

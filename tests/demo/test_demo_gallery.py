@@ -118,6 +118,10 @@ def test_each_channel_render_shows_its_dataset_examples(demo_out):
             else:
                 assert top["whole"] and top["box"] is None and "whole image" in ex["field"]
     assert '<section id="dataset">' in page and "scikit-image" in page
+    sources = json.loads((demo_out / "dataset.json").read_text())
+    assert len(sources["images"]) == len(PHOTOS) * len(VARIANTS)
+    named = {t["image"] for r in with_examples for t in r["examples"]["top"]}
+    assert named <= {record["file"] for record in sources["images"]}
     for photo in PHOTOS:
         assert f"skimage.data.{photo.key}()" in page and html.escape(photo.licence) in page
 
