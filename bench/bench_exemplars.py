@@ -245,16 +245,20 @@ def main() -> None:
     try:
         make_images(root / "all", args.images if args.skip_memory else max(sizes + [args.images]))
         result = {}
+        # memory first: a child's ru_maxrss starts from this process's own peak (Linux keeps the high-water mark
+        # across fork and exec), so the children must start while this process is small (before compare() loads
+        # the model and holds the decoded images)
+        if not args.skip_memory:
+            result["memory"] = memory(root, sizes, args.batch, args.layers)
         if not args.skip_speed:
             speed = root / "speed"
             speed.mkdir()
             for name in sorted(os.listdir(root / "all"))[:args.images]:
                 os.link(root / "all" / name, speed / name)
-            result["compare"] = c = compare(speed, args.batch, args.layers, args.device)
-        if not args.skip_memory:
-            result["memory"] = memory(root, sizes, args.batch, args.layers)
+            result["compare"] = compare(speed, args.batch, args.layers, args.device)
         print(json.dumps(result, indent=1))
         if "compare" in result:
+            c = result["compare"]
             print("\n| images | batch | device | layers (channels) | plain img/s | index pass img/s | plain / index |")
             print("| --- | --- | --- | --- | --- | --- | --- |")
             print(f"| {c['images']} | {c['batch']} | {c['device']} | {c['layers']} ({c['channels']:,}) | "
