@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (H100/H200): installs what it lacks, runs the GPU tests and the three
-# benchmarks, and writes the figures to RESULTS_DIR (at most 7 files), in under 8 minutes.
+# One prepared check for a lent GPU machine (H100/H200): installs what it lacks, runs the GPU tests and the
+# benchmarks, and writes the figures to RESULTS_DIR (at most 8 files), in under 8 minutes.
 #
 #   bench/gpu_check.sh RESULTS_DIR             # on the GPU machine, from the repository root
 #   bench/gpu_check.sh RESULTS_DIR --dry-run   # anywhere: the same stages, tiny sizes, CPU allowed (tested in CI)
@@ -13,7 +13,8 @@
 #
 # Files written: env.txt (device, versions), pytest_gpu.txt, kernels.md, step.md, batching.md, batching.json,
 # variants.md (the engine's device step under layout and cuDNN settings), summary.md (the figures to paste into
-# bench/RESULTS.md, each stage's status and seconds): 8 files, what a device run brings back at most.
+# bench/RESULTS.md, each stage's status and seconds; the exemplar index pass's table goes there, not into a file
+# of its own): 8 files, what a device run brings back at most.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -92,6 +93,7 @@ if [ $DRY = 1 ]; then
   BATCHING=(--levels 1,2 --steps 2 --size 64 --max-step-images 4)
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
   VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
+  EXEMPLARS=(--images 8 --batch 4 --skip-memory)
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
   # auto: what a render uses; standard: the engine's default stack (a resample per random step)
@@ -99,6 +101,7 @@ else
   BATCHING=(--levels 1,4,16,64 --steps 64 --size 224 --phases)
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
   VARIANTS=(--levels 1,64 --size 224 --steps 16)
+  EXEMPLARS=(--images 512 --batch 64 --skip-memory --device cuda)
 fi
 
 # 2. the GPU tests (the whole suite's gpu-marked tests)
@@ -113,6 +116,9 @@ stage "bench_batching.py" 180 "$RESULTS/batching.md" "$PY" bench/bench_batching.
   --json "$RESULTS/batching.json"
 # 6. the engine's device step alone, 1 vs 64 jobs, under layout and cuDNN settings (no server costs)
 stage "bench_engine_variants.py" 90 "$RESULTS/variants.md" "$PY" bench/bench_engine_variants.py "${VARIANTS[@]}"
+# 7. the exemplar index pass (images per second: decode in 2 threads, forward, top-k) against a plain forward of the
+#    same truncated model over the same images, batch 64, 224 px (issue 23)
+stage "bench_exemplars.py" 90 "$WORK/exemplars.md" "$PY" bench/bench_exemplars.py "${EXEMPLARS[@]}"
 
 {
   echo
@@ -126,6 +132,9 @@ stage "bench_engine_variants.py" 90 "$RESULTS/variants.md" "$PY" bench/bench_eng
   sed -n '/^### bench_batching/,$p' "$RESULTS/batching.md"
   echo
   sed -n '/^### bench_engine_variants/,$p' "$RESULTS/variants.md"
+  echo
+  echo "### bench_exemplars.py"
+  grep '^|' "$WORK/exemplars.md" || tail -n 5 "$WORK/exemplars.md"
   echo "total: $(( $(date +%s) - STARTED )) s"
 } >> "$SUMMARY"
 cat "$SUMMARY"
