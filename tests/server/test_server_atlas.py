@@ -192,6 +192,30 @@ def test_bad_selections_limits_and_other_tenants_are_refused(setup):
     fv.wait(plain.id, timeout=300)
 
 
+def test_the_async_client_twins_start_watch_list_fetch_and_cancel(setup):
+    import asyncio
+
+    from featureviz.client import AsyncClient
+
+    async def scenario():
+        async with AsyncClient(setup["server"].address, token="tok-b") as fv:
+            job = await fv.atlas(setup["model"], layers=["/Relu_1"], channels=2, seed=31, wait=True, timeout=300,
+                                 **RENDER)
+            units = [unit async for unit in fv.atlas_units(job.id)]
+            image = await fv.atlas_unit_image(job.id, 1)
+            progress = await fv.atlas_progress(job.id)
+            long = await fv.atlas(setup["model"], layers=["/Relu_1"], channels=4, seed=32, size=SIDE, steps=5000)
+            cancelled = await fv.cancel(long.id)
+            ended = await fv.wait(long.id, timeout=300)
+            return job, units, image, progress, cancelled, ended
+
+    job, units, image, progress, cancelled, ended = asyncio.run(scenario())
+    assert job.state == pb.JOB_STATE_SUCCEEDED and [u.channel for u in units] == [0, 1]
+    assert image.png.startswith(b"\x89PNG") and image.unit.key == units[1].key
+    assert (progress.units, progress.done) == (2, 2) and progress.layers[0].layer == "/Relu_1"
+    assert ended.state == pb.JOB_STATE_CANCELLED and ended.result.atlas.units == 4
+
+
 def test_published_limits_and_options(setup):
     info = setup["clients"]["alice"].info()
     assert info.limits.max_atlas_units == 40 and info.limits.max_atlases_per_tenant == Limits().max_atlases_per_tenant
