@@ -11,7 +11,9 @@ Layout under the store directory::
                                   written by the worker), shared by every tenant holding its model and set
     indexes/<id>.partial.npz      an unfinished pass's state after its last finished chunk (a rerun resumes it)
     featureviz.sqlite3            tables ``models`` (tenant, sha256 -> Model, catalog), ``jobs``, ``datasets``
-                                  (tenant, id -> Dataset, image list) and ``dataset_images`` (id -> image sha256)
+                                  (tenant, id -> Dataset, image list) and ``dataset_images`` (id -> image sha256),
+                                  ``atlas_units`` (an atlas job's units and their state) and ``unit_renders``
+                                  (finished unit renders by content key: PNG, objective, device seconds)
 
 Model rows and job rows hold their protos serialized, so the metadata is exactly what the API returns.
 One connection serves the event loop and the scheduler thread behind a lock; every call is a short
