@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"### Atlas vs single jobs ({time.strftime('%Y-%m-%d')}, {info['device']}, {os.cpu_count()} cores)",
         "",
-        f"`bench/bench_atlas.py --channels {args.channels} --size {args.size} --steps {args.steps}`: EfficientNet-Lite0,"
-        f" {len(LAYERS)} layers x {args.channels} channels = {units} units, {args.size} px, {args.steps} steps, seed 0.",
+        f"`bench/bench_atlas.py --channels {args.channels} --size {args.size} --steps {args.steps}`: "
+        f"EfficientNet-Lite0, {len(LAYERS)} layers x {args.channels} channels = {units} units, {args.size} px, "
+        f"{args.steps} steps, seed 0.",
         "",
         "| run | server | wall s | units/hour |",
         "| --- | --- | --- | --- |",

@@ -42,7 +42,8 @@ from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["Option", "OPTIONS", "BY_NAME", "SURFACES", "KINDS", "RENDER", "EXEMPLAR_INDEX", "offered", "enum_prefix",
-           "ATLAS", "ATLAS_DEFAULTS", "enum_choices", "check_value", "check_limits", "check_kind", "job_kind", "bounds", "job_options",
+           "ATLAS", "ATLAS_DEFAULTS", "enum_choices", "check_value", "check_limits", "check_kind", "job_kind",
+           "bounds", "job_options",
            "markdown_table", "declaration_json"]
 
 # where an option is offered: the local and remote `featureviz render` command line, `featureviz evaluate`, the

@@ -144,7 +144,8 @@ def test_every_option_declares_its_job_kinds():
     every = {o.name for o in opts.OPTIONS if set(o.kinds) == set(opts.KINDS)}
     assert every == {"size", "preprocess"}
     assert opts.BY_NAME["exemplar_index"].kinds == ("exemplar_index",) and opts.BY_NAME["atlas"].kinds == ("atlas",)
-    assert opts.BY_NAME["steps"].kinds == ("render", "atlas") and opts.BY_NAME["transforms"].kinds == ("render", "atlas")
+    assert opts.BY_NAME["steps"].kinds == ("render", "atlas")
+    assert opts.BY_NAME["transforms"].kinds == ("render", "atlas")
     atlas = {o.name for o in opts.OPTIONS if "atlas" in o.kinds}  # the render options a unit takes; no objective,
     assert atlas == {"steps", "lr", "size", "seed", "param", "decay", "transforms", "preprocess", "lr_schedule",
                      "lr_warmup", "atlas"}  # batch, init image, previews, judge, plateau or exclusive
