@@ -511,6 +511,48 @@ class Client {
     } while (pageToken);
   }
 
+  // ------------------------------------------------------------------------------------------------ atlases
+
+  /**
+   * Start an atlas (JobSpec.atlas): one image per channel of the selected layers (by name, op type or depth range;
+   * none: every layer with channels), the first `channels` of each (unset: all), with render options (size, steps,
+   * seed, lr, param, transforms, ...; unset: the atlas defaults 128 px, 256 steps, fft, standard, seed 0). Returns
+   * the QUEUED or RUNNING Job at once: watch it with watchJob (a progress event per finished unit), stop it with
+   * cancelJob (what is done stays), read it with listAtlasUnits and getAtlasUnit.
+   */
+  async createAtlas(model, { layers, opTypes, minDepth, maxDepth, channels, requestId = '', ...options } = {}) {
+    const atlas = {};
+    if (layers) atlas.layers = [].concat(layers);
+    if (opTypes) atlas.opTypes = [].concat(opTypes);
+    if (minDepth !== undefined) atlas.minDepth = minDepth;
+    if (maxDepth !== undefined) atlas.maxDepth = maxDepth;
+    if (channels !== undefined) atlas.channels = channels;
+    const spec = toJobSpec({ model, objective: { tv: {} }, ...options }, this._contract);
+    delete spec.objective;
+    spec.atlas = atlas;
+    return this._unary(this._jobs, 'createJob', { spec, requestId });
+  }
+
+  /** The atlas's progress per layer and in total (AtlasResult: units, done, layers, unitsPerHour, etaSeconds). */
+  async atlasProgress(job) {
+    return (await this._unary(this._jobs, 'listAtlasUnits', { job: jobRef(job), pageSize: 1 })).progress;
+  }
+
+  /** Every unit of the atlas (or of one `layer`), in order, done or not; pages are fetched as it advances. */
+  async *listAtlasUnits(job, { layer = '', pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._jobs, 'listAtlasUnits', { job: jobRef(job), layer, pageSize, pageToken });
+      yield* page.units;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** A finished unit and its PNG: {unit, png} (NOT_FOUND while it is not finished). */
+  async getAtlasUnit(job, index) {
+    return this._unary(this._jobs, 'getAtlasUnit', { job: jobRef(job), index });
+  }
+
   // --------------------------------------------------------------------------------------------- helpers
 
   _metadata() {
