@@ -58,7 +58,8 @@ SPECTRUM_BINS = np.geomspace(1.0 / SPECTRUM_CROP, 0.5 * math.sqrt(2.0), 33)
 FIT_BAND = (1.0 / 64.0, 0.35)  # below: few bins, the crop's window; above: JPEG and demosaicing artefacts
 PATCH_SIDE = 256  # images are resized (antialiased) so the shorter side is at most this before patches are taken
 PATCHES_PER_IMAGE = 1000
-COV_EPS = 1e-6  # added to each component's covariance (the mean-removed directions have none)
+COV_EPS = 1e-4  # added to each component's covariance: a noise floor (sd 0.01, ~2.5 of 255 levels: quantization,
+# JPEG) that keeps flat image sets from making a prior infinitely sharp; the mean-removed directions have no other
 FORMAT = "featureviz-patch-prior-1"
 STATS_FORMAT = "featureviz-image-stats-1"
 MAX_SIDE = 4096

@@ -203,10 +203,13 @@ def test_folder_priors_resolve_names_not_paths(leaves, tmp_path):
 
 
 def test_patch_prior_render_lowers_the_nll(lite0, small_prior):
-    """The prior alone (no model objective) in a batched render: each image's NLL falls."""
+    """The prior alone (no model objective) in a batched render from noise: each image's NLL falls a long way."""
+    noise = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     result = render(lite0, RenderSpec(objective=specs.parse_objective("-prior:leaves"), steps=24, size=32, batch=2,
-                                      patch_priors={"leaves": small_prior}))
-    assert all(end > start + 0.5 for start, end in zip(result.objective_start, result.objective_end))
+                                      init_image=noise, patch_priors={"leaves": small_prior}))
+    # measured: -218 -> -112 and -213 -> -112 nats per value in 24 steps
+    assert all(start < -10 and end - start > 0.25 * abs(start)
+               for start, end in zip(result.objective_start, result.objective_end))
 
 
 def _mean_correlation(images):
@@ -234,5 +237,7 @@ def test_learned_statistics_move_a_render_toward_the_data(lite0, tmp_path):
     assert decay_learned.mean() > decay_default.mean() + DECAY_MARGIN
 
 
-CORRELATION_MARGIN = 0.2
-DECAY_MARGIN = 0.1
+# measured over seeds 0 and 1 (3 images each): mean channel correlation 0.87 -> -0.09 and 0.85 -> -0.09, decay
+# 1.02 -> 1.57 and 0.94 -> 1.57; the margins leave half of the smallest gap
+CORRELATION_MARGIN = 0.4
+DECAY_MARGIN = 0.25
