@@ -100,19 +100,25 @@ def _preprocess(args):
     return make_preprocess(args.mean, args.std, args.bgr)
 
 
+def prior_cache_dir():
+    """Where ``--prior-images`` caches what it learns: the model cache folder (``priors/`` below it)."""
+    from featureviz.importer.cache import default_cache_dir
+
+    return default_cache_dir()
+
+
 def _priors(text: str, channels: int) -> dict:
     """``--prior-images [NAME=]DIR`` -> the RenderSpec's ``prior`` (the folder's statistics) and ``patch_priors``
     (``prior:NAME`` -> its patch prior, fitted on first use). The statistics are computed here, before the render."""
     import os
 
     from featureviz.engine.priors import FolderPriors
-    from featureviz.importer.cache import default_cache_dir
 
     name, sep, folder = text.partition("=")
     if not sep or not name or os.sep in name:
         folder = text
         name = os.path.basename(os.path.normpath(text)) or "images"
-    priors = FolderPriors({name: folder}, cache_dir=default_cache_dir(), channels=channels)
+    priors = FolderPriors({name: folder}, cache_dir=prior_cache_dir(), channels=channels)
     return {"prior": priors.stats(name), "patch_priors": priors}
 
 

@@ -241,3 +241,27 @@ def test_learned_statistics_move_a_render_toward_the_data(lite0, tmp_path):
 # 1.02 -> 1.57 and 0.94 -> 1.57; the margins leave half of the smallest gap
 CORRELATION_MARGIN = 0.4
 DECAY_MARGIN = 0.25
+
+
+# ------------------------------------------------------------------------------------------- the command line
+
+
+def test_render_prior_images_on_the_command_line(lite0, leaves, tmp_path, monkeypatch, capsys):
+    from featureviz import zoo
+    from featureviz.cli import main
+
+    import featureviz.cli.render
+
+    monkeypatch.setattr(featureviz.cli.render, "prior_cache_dir", lambda: tmp_path / "cache")
+    model = str(zoo.efficientnet_lite0(dynamic_size=True))
+    argv = ["render", model, "/_blocks.4/_swish/Clip:5 - 0.5*prior:leaves", "--prior-images", f"leaves={leaves}",
+            "--steps", "3", "--size", "32", "--out", str(tmp_path / "p.png"), "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["objective"] == "/_blocks.4/_swish/Clip:5 - 0.5*prior:leaves" and report["steps"] == 3
+    cached = sorted(p.suffix for p in (tmp_path / "cache" / "priors").iterdir())
+    assert cached == [".json", ".npz"]  # the statistics and the patch prior, fitted once
+    assert main([*argv[:2], "-prior:other", *argv[3:]]) == 1
+    assert "no image set named 'other' for a prior; known: leaves" in capsys.readouterr().err
+    assert main([*argv, "--server", "127.0.0.1:1"]) == 2
+    assert "--prior-images applies to a local render" in capsys.readouterr().err
