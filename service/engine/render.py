@@ -188,9 +188,11 @@ def validate(model, spec: RenderSpec) -> CheckedSpec:
 
 
 def _bind_priors(objective, objective_spec, resolver) -> None:
-    """Give each ``prior`` term its fitted patch prior, by name through ``resolver`` (RenderSpec.patch_priors)."""
+    """Give each ``prior`` term its fitted patch prior, by name through ``resolver`` (RenderSpec.patch_priors). Terms
+    of an Objective built in Python with its prior already bound keep it."""
+    unbound = {node.dataset for node in objs.walk(objective) if isinstance(node, objs.PatchPrior) and node.prior is None}
     wanted = {body["dataset"]: here for kind, body, here in specs.walk_spec(objective_spec)
-              if kind.name == "prior"}
+              if kind.name == "prior" and body["dataset"] in unbound}
     if not wanted:
         return
     found = {}
@@ -206,7 +208,7 @@ def _bind_priors(objective, objective_spec, resolver) -> None:
             raise NotFound(f"{here}.dataset: no image set named {echo(name)} for a prior; known: "
                            f"{', '.join(sorted(map(str, resolver))) or 'none'}", reason="PRIOR_NOT_FOUND")
     for node in objs.walk(objective):
-        if isinstance(node, objs.PatchPrior):
+        if isinstance(node, objs.PatchPrior) and node.prior is None:
             node.prior = found[node.dataset]
 
 

@@ -229,7 +229,7 @@ def test_learned_statistics_move_a_render_toward_the_data(lite0, tmp_path):
     layer = next(info.name for info in lite0.layers if info.spatial and info.depth > 12)
     results = {}
     for name, prior in (("default", None), ("learned", stats)):
-        result = render(lite0, RenderSpec(objective={"channel": {"layer": layer, "channel": 3}}, steps=64, size=64,
+        result = render(lite0, RenderSpec(objective={"channel": {"layer": layer, "channel": 3}}, steps=40, size=48,
                                           batch=3, prior=prior))
         results[name] = (_mean_correlation(result.images), np.array([spectrum_decay(i) for i in result.images]))
     (corr_default, decay_default), (corr_learned, decay_learned) = results["default"], results["learned"]
@@ -237,8 +237,10 @@ def test_learned_statistics_move_a_render_toward_the_data(lite0, tmp_path):
     assert decay_learned.mean() > decay_default.mean() + DECAY_MARGIN
 
 
-# measured over seeds 0 and 1 (3 images each): mean channel correlation 0.87 -> -0.09 and 0.85 -> -0.09, decay
-# 1.02 -> 1.57 and 0.94 -> 1.57; the margins leave half of the smallest gap
+# measured over seeds 0 to 2 (3 images each, this layer, 40 steps, 48 px): the mean channel correlation falls from
+# 0.84 to 0.10, 0.83 to 0.07 and 0.85 to 0.03, the render's spectrum decay rises from 1.02 to 1.62, 0.85 to 1.61 and
+# 0.98 to 1.51 (at
+# 64 steps and 64 px: 0.87 -> -0.09, 1.02 -> 1.57); the margins are about half of the smallest gap
 CORRELATION_MARGIN = 0.4
 DECAY_MARGIN = 0.25
 
