@@ -162,7 +162,10 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         init: optional (3, H, W) or (B, 3, H, W) image in [0, 1] to start from.
         decorrelate, sigmoid: the colour matrix and the final sigmoid (both on in lucid's defaults).
         prior: learned image statistics (:class:`featureviz.engine.priors.ImageStats`): its colour matrix replaces
-            ImageNet's (every kind), and for ``fft`` its fitted ``decay`` replaces 1/f unless ``decay`` is given.
+            ImageNet's (every kind), and for ``fft`` its fitted ``decay`` replaces 1/f unless ``decay`` is given,
+            rescaled to the RMS of the 1/f scale at the same size (the shape of the set's spectrum at lucid's
+            level: without it a steep decay multiplies the lowest frequencies by max(H, W)^(decay - 1) and the
+            sigmoid saturates into flat regions with hard edges, the opposite of a smoother image).
             ``maco`` keeps its own magnitude template.
     """
     _check(batch, size)
@@ -170,7 +173,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
     height, width = size
     learned = prior.rgb_color(device=device) if prior is not None and decorrelate else None
     color = learned if learned is not None else color_matrix(device=device) if decorrelate else None
-    if prior is not None and kind == "fft" and decay is None:
+    learned_decay = prior is not None and kind == "fft" and decay is None
+    if learned_decay:
         decay = prior.decay
     prior_key = prior.key() if prior is not None else None
     if init is not None:
@@ -193,6 +197,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
 
     if kind == "fft":
         scale = fft_scale(height, width, 1.0 if decay is None else decay, device=device)
+        if learned_decay:  # the set's spectral shape at lucid's level: the RMS over the bins of the 1/f scale
+            scale = scale * (fft_scale(height, width, 1.0, device=device).norm() / scale.norm())
         if init is None:
             shape = (batch, 3, height, width // 2 + 1, 2)
             spectrum = torch.randn(shape, generator=generator, device=device) * INIT_SD
