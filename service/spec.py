@@ -25,8 +25,8 @@ Quoting rule for ONNX names. A bare layer name is a run of letters, digits and `
 starting with a digit or '-'. So ``/_blocks.9/Clip:12`` needs no quotes, and ``+``, ``-`` and ``/`` between
 objectives must be set off by spaces (``A - B``, ``A / 2``; ``A-B`` is one name). A name with any other
 character (``:``, ``@``, ``,``, spaces, ``*``, ``+``...), or a name that is a keyword (``logit``, ``prob``,
-``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``), or that starts with a digit, goes in single or
-double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
+``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``), or that starts with
+a digit, goes in single or double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
 ``"it's"`` or ``'it\\'s'``.
 """
 

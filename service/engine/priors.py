@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
 
-__all__ = ["ImageStats", "PatchPrior", "image_statistics", "fit_patch_prior", "radial_power", "fit_decay", "spectrum_decay",
+__all__ = ["ImageStats", "PatchPrior", "image_statistics", "fit_patch_prior", "radial_power", "fit_decay",
+           "spectrum_decay",
            "MIN_IMAGES", "MIN_PATCHES", "PATCH", "LUMA", "FolderPriors"]
 
 MIN_IMAGES = 8  # decodable images a set needs for either prior

@@ -190,7 +190,8 @@ def validate(model, spec: RenderSpec) -> CheckedSpec:
 def _bind_priors(objective, objective_spec, resolver) -> None:
     """Give each ``prior`` term its fitted patch prior, by name through ``resolver`` (RenderSpec.patch_priors). Terms
     of an Objective built in Python with its prior already bound keep it."""
-    unbound = {node.dataset for node in objs.walk(objective) if isinstance(node, objs.PatchPrior) and node.prior is None}
+    unbound = {node.dataset for node in objs.walk(objective)
+               if isinstance(node, objs.PatchPrior) and node.prior is None}
     wanted = {body["dataset"]: here for kind, body, here in specs.walk_spec(objective_spec)
               if kind.name == "prior" and body["dataset"] in unbound}
     if not wanted:

@@ -116,7 +116,8 @@ def test_stats_are_plain_data_and_a_bad_dict_is_refused(leaves):
 
 def test_patch_prior_scores_natural_patches_above_noise(small_prior):
     assert small_prior.images == 12 and small_prior.patches == 4000 and small_prior.components == 4
-    assert np.isfinite(small_prior.held_out) and small_prior.held_out > small_prior.train - 0.05 * abs(small_prior.train)
+    train = small_prior.train
+    assert np.isfinite(small_prior.held_out) and small_prior.held_out > train - 0.05 * abs(train)
     held_out = torch.stack([torch.from_numpy(dead_leaves(96, seed, discs=300)).permute(2, 0, 1).float()
                             for seed in range(100, 104)])
     generator = torch.Generator().manual_seed(0)
