@@ -18,7 +18,8 @@ from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
 # RenderSpec fields that are the engine's own (the Python API), not job options
-ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile", "memory_format"}
+ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile", "memory_format", "prior",
+               "patch_priors"}
 # a valid value of each option's type, for the round trip
 SAMPLES = {"int": 3, "float": 0.25, "bool": True, "size": (24, 32), "image": b"\x89PNG...",
            "preprocess": {"mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "judge": "b" * 64,

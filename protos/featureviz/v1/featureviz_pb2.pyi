@@ -613,7 +613,7 @@ class DatasetImageData(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral")
+    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral", "prior")
     NEURON_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -632,6 +632,7 @@ class Objective(_message.Message):
     SCALE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BILATERAL_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
     neuron: NeuronObjective
     channel: ChannelObjective
     layer: LayerObjective
@@ -650,7 +651,8 @@ class Objective(_message.Message):
     scale: ScaleObjective
     batch: BatchObjective
     bilateral: BilateralObjective
-    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ..., bilateral: _Optional[_Union[BilateralObjective, _Mapping]] = ...) -> None: ...
+    prior: PriorObjective
+    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ..., bilateral: _Optional[_Union[BilateralObjective, _Mapping]] = ..., prior: _Optional[_Union[PriorObjective, _Mapping]] = ...) -> None: ...
 
 class NeuronObjective(_message.Message):
     __slots__ = ("layer", "channel", "x", "y")
@@ -745,6 +747,12 @@ class BilateralObjective(_message.Message):
     sigma_space: float
     sigma_color: float
     def __init__(self, sigma_space: _Optional[float] = ..., sigma_color: _Optional[float] = ...) -> None: ...
+
+class PriorObjective(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
 
 class SumObjective(_message.Message):
     __slots__ = ("terms",)
