@@ -42,7 +42,8 @@ def test_reflection_lists_and_describes_the_services(server):
         descriptor = database.FindFileContainingSymbol("featureviz.v1.JobService")
         assert descriptor.package == "featureviz.v1"
         methods = {m.name for s in descriptor.service if s.name == "JobService" for m in s.method}
-        assert methods == {"CreateJob", "WatchJob", "CreateAndWatchJob", "GetJob", "ListJobs", "CancelJob"}
+        assert methods == {"CreateJob", "WatchJob", "CreateAndWatchJob", "GetJob", "ListJobs", "CancelJob",
+                           "ListAtlasUnits", "GetAtlasUnit"}
 
 
 def test_server_info(client):
