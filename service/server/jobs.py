@@ -11,6 +11,7 @@ from featureviz.errors import echo
 from featureviz.options import EXEMPLAR_INDEX
 from featureviz.options import check_kind
 from featureviz.options import check_limits
+from featureviz.phases import phase
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.errors import Unavailable
@@ -91,7 +92,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @rpc_errors
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
-        return self.scheduler.job(_job_id(request.job), self.auth.tenant(context))
+        with phase("watch"):
+            return self.scheduler.job(_job_id(request.job), self.auth.tenant(context))
 
     @rpc_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
@@ -111,6 +113,21 @@ class JobServicer(pb_grpc.JobServiceServicer):
     # ------------------------------------------------------------------------------------------- helpers
 
     async def _create(self, tenant: str, spec: pb.JobSpec, request_id: str) -> str:
+        with phase("admission"):  # the synchronous parts only (the worker's admission counts on its thread)
+            found = self._before_admission(tenant, spec, request_id)
+        if isinstance(found, str):
+            return found
+        sha, kind, dataset, stored = found
+        try:
+            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
+        except InvalidSpec as exc:
+            raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+        with phase("admission"):
+            return self._after_admission(tenant, request_id, sha, kind, dataset, stored, admission)
+
+    def _before_admission(self, tenant: str, spec: pb.JobSpec, request_id: str):
+        """The checks before the worker's admission: -> the job id of an idempotent retry, or (sha, kind, dataset,
+        the spec to store)."""
         if self.scheduler.stopping:
             raise Unavailable("the server is shutting down; retry on another replica or after the restart")
         if request_id:  # idempotent retry: the job this request id already made
@@ -156,10 +173,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
             if not stored.judge.HasField("preprocess") and judge.input_spec.HasField("preprocess"):
                 stored.judge.preprocess.CopyFrom(judge.input_spec.preprocess)
         self._check_budget(tenant, stored)  # before the worker's admission work; again once the defaults are known
-        try:
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
-        except InvalidSpec as exc:
-            raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+        return sha, kind, dataset, stored
+
+    def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
+                         admission) -> str:
         if kind == EXEMPLAR_INDEX:
             return self._create_index(tenant, request_id, stored, sha, dataset, admission)
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
@@ -242,22 +259,26 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 self._idle.set()
 
     async def _events(self, job_id: str, tenant: str, from_seq: int, previews: bool):
-        snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
-        events = self.scheduler.log(job_id)
+        with phase("watch"):
+            snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
+            events = self.scheduler.log(job_id)
         seq = min(from_seq, max(snapshot.last_seq, events.last_seq))  # a from_seq past the end: from the end
         attached = events.last_seq  # previews logged before the watch are replayed; later ones coalesce
         yield pb.JobEvent(seq=seq, time=_now(), snapshot=snapshot)
         heartbeat = self.config.heartbeat_seconds
         while True:
             waiter = events.waiter()
-            for event in events.since(seq, previews=previews):
+            with phase("watch"):
+                fresh = events.since(seq, previews=previews)
+            for event in fresh:
                 seq = event.seq
                 if event.HasField("preview") and attached < event.seq < events.last_preview_seq:
                     continue  # a newer preview is logged: a slow reader gets the newest, not a backlog
                 yield event
                 if event.HasField("result"):
                     return
-            row = self.store.get_job(job_id)
+            with phase("watch"):
+                row = self.store.get_job(job_id)
             # The worker stores the end of a job before it appends the result event: while it is between the
             # two, the event is on its way (the waiter wakes us), and making one up here would repeat a seq.
             if row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id):

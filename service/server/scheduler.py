@@ -38,6 +38,7 @@ import threading
 import time
 
 from featureviz.errors import FailedPrecondition
+from featureviz.phases import phase
 from featureviz.server.store import TERMINAL_STATES
 from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
@@ -49,6 +50,8 @@ log = logging.getLogger("featureviz.server")
 # exemplar index passes the worker runs at once (one per tenant): each holds a decode pool and a few batches of
 # decoded images; the others wait in the queue
 MAX_INDEX_PASSES = 2
+# the cost counters' phase of each worker event's handling (featureviz.phases)
+_EVENT_PHASES = {api.STARTED: "start", api.FINISHED: "end", api.REQUEUED: "end", api.LOST: "end"}
 
 
 def _index_key(spec: pb.JobSpec) -> str:
@@ -87,6 +90,10 @@ class JobLog:
         return self._seq
 
     def append(self, **fields) -> pb.JobEvent:
+        with phase("events"):
+            return self._append(fields)
+
+    def _append(self, fields) -> pb.JobEvent:
         with self._lock:
             self._seq += 1
             event = pb.JobEvent(seq=self._seq, **fields)
@@ -182,11 +189,16 @@ class Scheduler:
     def admit(self, model_sha: str, spec: pb.JobSpec) -> api.Admission:
         """The worker converts and validates the spec before any compute (blocking; InvalidSpec with engine
         paths). The admission's ticket goes with the job to :meth:`submit`."""
-        return self.worker.admit(model_sha, spec.SerializeToString())
+        with phase("admission"):
+            return self.worker.admit(model_sha, spec.SerializeToString())
 
     validate = admit
 
     def submit(self, job_id: str, tenant: str, admission: api.Admission | None = None) -> None:
+        with phase("dispatch"):
+            self._submit(job_id, tenant, admission)
+
+    def _submit(self, job_id: str, tenant: str, admission: api.Admission | None) -> None:
         row = self.store.get_job(job_id)
         with self._cv:
             self._enqueue(job_id, tenant, pb.JobSpec.FromString(row.spec),
@@ -223,6 +235,10 @@ class Scheduler:
     def _dispatch(self) -> None:
         """Grant queued jobs to the worker while it has room, or to a tenant below its share (call with the lock
         held)."""
+        with phase("dispatch"):
+            self._grant()
+
+    def _grant(self) -> None:
         while self._queue and not self._stopping:
             firsts: dict[str, str] = {}
             passes = [j for j in self._granted if j in self._indexing]
@@ -368,7 +384,8 @@ class Scheduler:
         """Called on the worker's event thread, in order."""
         try:
             handler = getattr(self, f"_on_{event.kind}")
-            handler(event)
+            with phase(_EVENT_PHASES.get(event.kind, "step bookkeeping")):
+                handler(event)
         except Exception:  # the store itself failed: log and keep serving
             log.exception("worker event %s of job %s", event.kind, event.job_id)
 

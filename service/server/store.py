@@ -35,6 +35,7 @@ from featureviz.errors import FailedPrecondition
 from featureviz.errors import NotFound
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
+from featureviz.phases import phase
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["Store", "StoreCorrupt", "JobRow", "TERMINAL_STATES", "file_sha256", "resume_offset", "DISK_FULL_MESSAGE"]
@@ -216,7 +217,7 @@ class Store:
             self._db.close()
 
     def _run(self, sql: str, params=()) -> list[tuple]:
-        with self._lock, _disk_full():
+        with phase("store"), self._lock, _disk_full():
             return self._db.execute(sql, params).fetchall()
 
     # ------------------------------------------------------------------------------------------- files
@@ -520,7 +521,7 @@ class Store:
     def create_job(self, tenant: str, request_id: str, spec: pb.JobSpec, model_sha: str,
                    dataset: str = "") -> tuple[JobRow, bool]:
         """Insert a QUEUED job; with a request id already used by this tenant return that job. -> (row, created)."""
-        with self._lock, _disk_full():
+        with phase("store"), self._lock, _disk_full():
             if request_id:
                 row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?",
                                        (tenant, request_id)).fetchone()

@@ -61,6 +61,7 @@ from featureviz.engine.batch import CheckedSpec
 from featureviz.engine.batch import Slot
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import job_error
+from featureviz.phases import phase
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import adapter
 from featureviz.worker import api
@@ -246,7 +247,7 @@ class LocalWorker(api.Worker):
 
     def _finished(self, job_id: str, state: int, *, result=None, error=None) -> None:
         if result is not None:
-            encoded = self._encoder.submit(adapter.job_result, result)
+            encoded = self._encoder.submit(_encode_result, result)
 
             def make():
                 try:
@@ -281,7 +282,8 @@ class LocalWorker(api.Worker):
         job_id = job.sub.job_id
 
         def encode(images):
-            return [adapter.rendered(i, image, max_side=side) for i, image in enumerate(images)]
+            with phase("png"):
+                return [adapter.rendered(i, image, max_side=side) for i, image in enumerate(images)]
 
         def snapshot(step: int, images) -> None:
             encoded = self._encoder.submit(encode, images)
@@ -528,7 +530,11 @@ class LocalWorker(api.Worker):
             for job in jobs:
                 self._emit(api.WorkerEvent(api.STARTED, job.sub.job_id))
                 job.started = True
-            self._guarded(jobs, lambda js: self.engine.join([j.slot for j in js]))
+            self._guarded(jobs, self._join)
+
+    def _join(self, jobs: list[_Job]) -> None:
+        with phase("start forward"):
+            self.engine.join([j.slot for j in jobs])
 
     @staticmethod
     def _memory_key(model, checked: CheckedSpec) -> tuple:
@@ -673,7 +679,8 @@ class LocalWorker(api.Worker):
         ending = [job for job in jobs if job not in failed]
 
         def finish(group: list[_Job]) -> None:
-            results = self.engine.finish([job.slot for job in group])
+            with phase("end forward"):
+                results = self.engine.finish([job.slot for job in group])
             for job, result in zip(group, results):
                 judge = adapter.judge_of(job.spec)
                 if judge is not None:  # the images are on the host already: one judge forward per job
@@ -724,6 +731,11 @@ class LocalWorker(api.Worker):
             stats, self._stats = self._stats, []
             self._stats_at = now
             self._emit(api.WorkerEvent(api.STEPS, steps=stats))
+
+
+def _encode_result(result: dict):
+    with phase("png"):
+        return adapter.job_result(result)
 
 
 def _bytes(n: float) -> str:
