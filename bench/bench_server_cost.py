@@ -195,11 +195,12 @@ def measure(label: str, server: Server, sha: str, model, layer: str, jobs: int, 
             device: str) -> dict:
     engine = run_engine(model, layer, jobs, steps, size, device)  # first: the server is idle meanwhile
     served = run_server(server, sha, {"channel": {"layer": layer, "channel": 1}}, jobs, steps, size)
-    served.update(engine=engine, ratio=served["wall"] / engine, label=label, jobs=jobs, size=size,
+    served.update(engine=engine, ratio=served["wall"] / engine, label=label, jobs=jobs, size=size, steps=steps,
                   beyond_engine_ms=1000 * (served["wall"] - engine) / jobs)
     print(f"{label:>12s} {jobs:4d} jobs: server {served['wall']:.3f} s, engine {engine:.3f} s, ratio "
           f"{served['ratio']:.2f}x, beyond the device steps {served['beyond_ms']:.2f} ms/job, "
-          f"{served['images_per_step']:.0f} images/step", flush=True)
+          f"{served['images_per_step']:.0f} images/step; ms/job: "
+          + ", ".join(f"{p} {v:.2f}" for p, v in served["phases_ms"].items()), flush=True)
     return served
 
 
@@ -211,6 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each level; medians (default %(default)s)")
     parser.add_argument("--demo-jobs", type=int, default=64, help="jobs on the demo model (0: skip)")
     parser.add_argument("--demo-size", type=int, default=64)
+    parser.add_argument("--demo-steps", type=int, default=None, help="steps of the demo jobs (default: --steps)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--results", type=Path, default=None, help="append the tables to this markdown file")
     parser.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
@@ -267,7 +269,8 @@ def main(argv=None) -> int:
                                                         args.steps, args.size, device), repeat=repeat))
                 if demo is not None:
                     figures["runs"].append(dict(measure("demo", server, shas["demo"], demo, DEMO_LAYER,
-                                                        args.demo_jobs, args.steps, args.demo_size, device),
+                                                        args.demo_jobs, args.demo_steps or args.steps,
+                                                        args.demo_size, device),
                                                 repeat=repeat))
         finally:
             server.stop()
@@ -294,7 +297,7 @@ def report(figures: dict) -> str:
              f"{figures['repeats']} run(s); torch threads {figures.get('threads') or 'default'}; each ratio is taken within a run. beyond = (server wall - the device "
              "steps' seconds) / jobs; per phase: ms of self time per job (several threads: they need not add up).",
              "",
-             "| model | jobs | px | server wall s | engine s | server / engine | beyond ms/job | images/step | "
+             "| model | jobs | size, steps | server wall s | engine s | server / engine | beyond ms/job | images/step | "
              + " | ".join(PHASE_ORDER) + " |",
              "| --- " * (8 + len(PHASE_ORDER)) + "|"]
     keys = []
@@ -304,7 +307,7 @@ def report(figures: dict) -> str:
     for name, jobs in keys:
         runs = [r for r in figures["runs"] if (r["label"], r["jobs"]) == (name, jobs)]
         phases = " | ".join(f"{_median(runs, lambda r, p=p: r['phases_ms'][p]):.2f}" for p in PHASE_ORDER)
-        lines.append(f"| {name} | {jobs} | {runs[0]['size']} | {_median(runs, lambda r: r['wall']):.3f} | "
+        lines.append(f"| {name} | {jobs} | {runs[0]['size']} px, {runs[0].get('steps', figures['steps'])} steps | {_median(runs, lambda r: r['wall']):.3f} | "
                      f"{_median(runs, lambda r: r['engine']):.3f} | {_median(runs, lambda r: r['ratio']):.2f}x | "
                      f"{_median(runs, lambda r: r['beyond_ms']):.2f} | {_median(runs, lambda r: r['images_per_step']):.0f}"
                      f" | {phases} |")

@@ -277,11 +277,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 yield event
                 if event.HasField("result"):
                     return
-            with phase("watch"):
-                row = self.store.get_job(job_id)
             # The worker stores the end of a job before it appends the result event: while it is between the
-            # two, the event is on its way (the waiter wakes us), and making one up here would repeat a seq.
-            if row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id):
+            # two, the event is on its way (the waiter wakes us), and making one up here would repeat a seq. A job
+            # the worker holds is not finished: no read of its row (the row first, then the checks).
+            with phase("watch"):
+                row = None if self.scheduler.is_running(job_id) else self.store.get_job(job_id)
+            if row is not None and row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id) \
+                    and not events.pending:
                 if events.since(seq, previews=previews):
                     continue  # the result event was appended since we looked: deliver it from the log
                 # finished before this log existed (a restart), or already seen

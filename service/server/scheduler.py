@@ -15,7 +15,9 @@
 - On start the scheduler re-queues every job it finds QUEUED or RUNNING (a crash or a stop left them so).
   Exclusive jobs rerun with the same images; others may differ (their batch-mates differ).
 - Each job has a :class:`JobLog`: events with sequence numbers, appended from the worker's event thread and read
-  by watchers on the event loop, which are woken through ``call_soon_threadsafe``. ``last_seq`` is persisted.
+  by watchers on the event loop, which are woken through ``call_soon_threadsafe``. ``last_seq`` is persisted
+  before an event is published. The worker may hand over several events at once (a list): they are stored in one
+  SQLite transaction and published after its commit.
 - The worker sends events back (:class:`featureviz.worker.api.WorkerEvent`): STARTED, PROGRESS (coalesced per
   job by the worker), PREVIEW, FINISHED, REQUEUED (on stop), and STEPS (device step statistics for metrics).
 - Stopping lets running jobs finish within ``grace_seconds``, then the worker stops them and they stay QUEUED.
@@ -73,13 +75,19 @@ def job_cost(spec: pb.JobSpec) -> int:
 
 
 class JobLog:
-    """The events of one job. ``append`` may be called from any thread; ``waiter``/``since`` on the loop."""
+    """The events of one job. ``append`` may be called from any thread; ``waiter``/``since`` on the loop.
+
+    An event is *published* (``since``, ``last_seq``, the watchers' wake-up) only once its seq is stored: ``on_seq``
+    (the scheduler's) stores it and answers True, or answers False when it is part of a batch of worker events
+    whose store transaction commits later; the scheduler then calls :meth:`publish` after the commit. So a watcher
+    never sees a seq that a kill -9 could hand out again."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, start_seq: int = 0, on_seq=None):
         self._loop = loop
         self._lock = threading.Lock()
         self._events: list[pb.JobEvent] = []
-        self._seq = start_seq
+        self._seq = start_seq  # the last seq handed out
+        self._visible = start_seq  # the last seq published
         self._on_seq = on_seq
         self._changed = asyncio.Event()
         self.finished = False
@@ -87,7 +95,12 @@ class JobLog:
 
     @property
     def last_seq(self) -> int:
-        return self._seq
+        return self._visible
+
+    @property
+    def pending(self) -> bool:
+        """Whether events are logged but not yet published (their batch's transaction is committing)."""
+        return self._seq > self._visible
 
     def append(self, **fields) -> pb.JobEvent:
         with phase("events"):
@@ -103,25 +116,33 @@ class JobLog:
                 self.finished = True
             elif event.HasField("preview"):
                 self.last_preview_seq = event.seq
-        if self._on_seq is not None:
-            self._on_seq(event.seq)
+        if self._on_seq is None or self._on_seq(event.seq):
+            self.publish()
+        return event
+
+    def publish(self) -> None:
+        """Make every appended event visible and wake the watchers."""
+        with self._lock:
+            if self._visible == self._seq:
+                return
+            self._visible = self._seq
         try:
             self._loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop is closed: nobody is watching any more
             pass
-        return event
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
     def waiter(self) -> asyncio.Event:
-        """An event set at the next append. Take it *before* calling ``since`` so no append is missed."""
+        """An event set at the next publish. Take it *before* calling ``since`` so no event is missed."""
         return self._changed
 
     def since(self, seq: int, *, previews: bool) -> list[pb.JobEvent]:
         with self._lock:
-            return [e for e in self._events if e.seq > seq and (previews or not e.HasField("preview"))]
+            visible = self._visible
+            return [e for e in self._events if seq < e.seq <= visible and (previews or not e.HasField("preview"))]
 
 
 class Scheduler:
@@ -152,6 +173,7 @@ class Scheduler:
         self._stopping = False
         self._stopped = threading.Event()
         self.metrics = None  # a featureviz.server.metrics.Metrics, when the server exports metrics
+        self._batch = threading.local()  # .logs: the logs a batch of worker events appended to (event thread)
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -368,7 +390,8 @@ class Scheduler:
             found = self._logs.get(job_id)
             if found is None:
                 row = self.store.get_job(job_id)
-                found = JobLog(self._loop, row.last_seq, on_seq=lambda seq: self.store.set_last_seq(job_id, seq))
+                found = JobLog(self._loop, row.last_seq, on_seq=None)
+                found._on_seq = lambda seq, found=found: self._logged(job_id, found, seq)
                 self._logs[job_id] = found
                 self._evict_logs()
             return found
@@ -378,10 +401,35 @@ class Scheduler:
         for job_id in finished[: max(0, len(finished) - self._finished_logs_kept)]:
             del self._logs[job_id]
 
+    def _logged(self, job_id: str, log_: JobLog, seq: int) -> bool:
+        """A JobLog's event got ``seq``: store it (in the batch's transaction on the event thread, then published
+        after the commit: -> False; otherwise at once: -> True)."""
+        self.store.set_last_seq(job_id, seq)
+        batch = getattr(self._batch, "logs", None)
+        if batch is None:
+            return True
+        batch[id(log_)] = log_
+        return False
+
     # ------------------------------------------------------------------------------------------- worker events
 
-    def _on_event(self, event: api.WorkerEvent) -> None:
-        """Called on the worker's event thread, in order."""
+    def _on_event(self, event: api.WorkerEvent | list[api.WorkerEvent]) -> None:
+        """Called on the worker's event thread, in order: one event, or a list of them (what the worker had at
+        once: one store transaction for all, their events published after its commit)."""
+        events = event if isinstance(event, list) else [event]
+        self._batch.logs = logs = {}
+        try:  # the lock order everywhere: the scheduler's, then the store's
+            with self._cv, self.store.transaction():
+                for one in events:
+                    self._handle(one)
+        except Exception:  # the commit failed: what it held is logged in memory all the same
+            log.exception("storing %d worker event(s)", len(events))
+        finally:
+            self._batch.logs = None
+            for found in logs.values():
+                found.publish()
+
+    def _handle(self, event: api.WorkerEvent) -> None:
         try:
             handler = getattr(self, f"_on_{event.kind}")
             with phase(_EVENT_PHASES.get(event.kind, "step bookkeeping")):

@@ -161,7 +161,7 @@ class Store:
             stale.unlink(missing_ok=True)
         shutil.rmtree(self.root / "staging", ignore_errors=True)  # unpacking that a stop or a crash cut short
         (self.root / "staging").mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a transaction() holds it around the methods it groups
         self._intact: dict[str, tuple[int, int, int]] = {}  # sha256 -> stat signature of the file last found intact
         self.db_path = self.root / "featureviz.sqlite3"
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
@@ -215,6 +215,29 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Group the statements of this thread's calls inside the block into one SQLite transaction (one commit),
+        holding the store's lock meanwhile; nested: part of the outer one. An error rolls it back."""
+        with phase("store"), self._lock, _disk_full(), self._tx():  # the store phase: BEGIN and COMMIT
+            yield
+
+    @contextlib.contextmanager
+    def _tx(self):
+        """BEGIN ... COMMIT (ROLLBACK on an error), or nothing inside a transaction already (call with the lock
+        held)."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.rollback()
+            raise
+        self._db.commit()
 
     def _run(self, sql: str, params=()) -> list[tuple]:
         with phase("store"), self._lock, _disk_full():
@@ -388,8 +411,7 @@ class Store:
                         final.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(path, final)  # the same file system: atomic, no new blocks
                         added.append(final)
-                    with self._db:  # one transaction
-                        self._db.execute("BEGIN")
+                    with self._tx():  # one transaction
                         self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?)",
                                          (tenant, dataset.id, dataset.SerializeToString(), images.SerializeToString(),
                                           time.time()))
@@ -444,8 +466,7 @@ class Store:
                                          f"{named}; cancel them or let them finish, then delete the dataset",
                                          reason="DATASET_IN_USE")
             orphans: list[str] = []
-            with self._db:
-                self._db.execute("BEGIN")
+            with self._tx():
                 self._db.execute("DELETE FROM datasets WHERE tenant = ? AND id = ?", (tenant, dataset_id))
                 holders = self._db.execute("SELECT COUNT(*) FROM datasets WHERE id = ?", (dataset_id,)).fetchone()[0]
                 pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE dataset = ? AND state IN (?, ?)",
@@ -477,8 +498,7 @@ class Store:
         stored = pb.ExemplarIndexResult()
         stored.CopyFrom(info)
         stored.cached = False
-        with self._lock, _disk_full(), self._db:
-            self._db.execute("BEGIN")
+        with self._lock, _disk_full(), self._tx():
             self._db.execute("INSERT OR IGNORE INTO exemplar_indexes VALUES (?, ?, ?, ?, ?)",
                              (info.index, model, info.dataset, stored.SerializeToString(), now))
             self._db.execute("INSERT OR REPLACE INTO tenant_indexes VALUES (?, ?, ?)", (tenant, info.index, now))
@@ -505,8 +525,7 @@ class Store:
                 "SELECT id FROM tenant_indexes WHERE tenant = ? ORDER BY use_time DESC LIMIT -1 OFFSET ?",
                 (tenant, keep))]
             orphans = []
-            with self._db:
-                self._db.execute("BEGIN")
+            with self._tx():
                 for index_id in dropped:
                     self._db.execute("DELETE FROM tenant_indexes WHERE tenant = ? AND id = ?", (tenant, index_id))
                     if not self._db.execute("SELECT 1 FROM tenant_indexes WHERE id = ? LIMIT 1",

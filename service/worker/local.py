@@ -76,6 +76,7 @@ __all__ = ["LocalWorker"]
 
 log = logging.getLogger("featureviz.worker")
 _TICKETS_KEPT = 1024
+_EVENTS_PER_BATCH = 1024  # events handed to the sink at once, at most
 _ENCODERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # PNG encoding threads (the device thread keeps a core)
 
 
@@ -234,16 +235,33 @@ class LocalWorker(api.Worker):
         self._out.put(event)
 
     def _emit_loop(self) -> None:
+        """Hand the events to the sink in order: what is queued at once goes as one list (the server stores a list
+        in one transaction), at most ``_EVENTS_PER_BATCH``."""
         while True:
-            item = self._out.get()
-            if item is None:
+            items = [self._out.get()]
+            while items[-1] is not None and len(items) < _EVENTS_PER_BATCH:
+                try:
+                    items.append(self._out.get_nowait())
+                except queue.Empty:
+                    break
+            events = []
+            for item in items:
+                if item is None:
+                    break
+                try:
+                    event = item() if callable(item) else item
+                except Exception:  # one bad event must not stop the others
+                    log.exception("making a worker event failed")
+                    continue
+                if event is not None:
+                    events.append(event)
+            if events and self._sink is not None:
+                try:
+                    self._sink(events if len(events) > 1 else events[0])
+                except Exception:
+                    log.exception("emitting %d worker event(s) failed", len(events))
+            if items[-1] is None:
                 return
-            try:
-                event = item() if callable(item) else item
-                if event is not None and self._sink is not None:
-                    self._sink(event)
-            except Exception:  # one bad event must not stop the others
-                log.exception("emitting a worker event failed")
 
     def _finished(self, job_id: str, state: int, *, result=None, error=None) -> None:
         if result is not None:
@@ -558,7 +576,11 @@ class LocalWorker(api.Worker):
         hold (RESOURCE_EXHAUSTED, JOB_TOO_LARGE)."""
         if not self.memory_planner.enabled:
             return
-        estimate = self._on_device(lambda: self._estimate(model, checked))
+        # measured once per memory key: later admissions of the same kind of job need no trip to the device thread
+        # (which would wait for the round in progress: a burst of admissions then trickled in a few per round)
+        estimate = self.memory_planner.known(self._memory_key(model, checked))
+        if estimate is None:
+            estimate = self._on_device(lambda: self._estimate(model, checked))
         if estimate is None:
             return
         render_spec = checked.spec
