@@ -52,6 +52,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.store = scheduler.store
         self.auth = auth
         self._draining = asyncio.Event()  # set by drain(): watch streams end with UNAVAILABLE
+        self._waiting: set[asyncio.Future] = set()  # the watch streams' futures (drain() resolves them)
         self._watching = 0
         self._watches = TenantSlots("watch streams", "max_watches_per_tenant", "TOO_MANY_WATCHES",
                                     "close one (one stream per job is enough)")  # WatchJob, CreateAndWatchJob
@@ -63,6 +64,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         re-attaches, to another replica or after the restart) and wait up to ``timeout`` s until they sent it, so
         they get that status rather than a connection torn down under them."""
         self._draining.set()
+        for waiter in list(self._waiting):
+            _resolve(waiter, True)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -185,7 +188,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self._check_budget(tenant, stored)  # no await from here to submit: concurrent requests see each other
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
-            self.scheduler.submit(row.id, tenant, admission)
+            self.scheduler.submit(row.id, tenant, admission, row)
         return row.id
 
     def _create_index(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, dataset: str,
@@ -285,6 +288,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             if row is not None and row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id) \
                     and not events.pending:
                 if events.since(seq, previews=previews):
+                    waiter.cancel()
                     continue  # the result event was appended since we looked: deliver it from the log
                 # finished before this log existed (a restart), or already seen
                 yield pb.JobEvent(seq=max(seq, row.last_seq), time=_now(), result=self.scheduler.job(job_id, tenant))
@@ -292,13 +296,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
             if self._draining.is_set():  # every event so far is delivered
                 raise Unavailable(f"the server is shutting down; re-attach with from_seq={seq} (to another replica, "
                                   "or after the restart)")
-            woken = asyncio.ensure_future(waiter.wait())
-            draining = asyncio.ensure_future(self._draining.wait())
-            done, pending = await asyncio.wait((woken, draining), timeout=heartbeat,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            if not done:
+            # one future: done at the next publish, at drain() or (False) after the heartbeat interval; no tasks
+            timer = asyncio.get_running_loop().call_later(heartbeat, _resolve, waiter, False)
+            self._waiting.add(waiter)
+            try:
+                woken = await waiter
+            finally:
+                timer.cancel()
+                self._waiting.discard(waiter)
+                waiter.cancel()  # no-op when done; a cancelled watch leaves no pending future in the log
+            if not woken:
                 yield pb.JobEvent(seq=seq, time=_now(), heartbeat=pb.Heartbeat())
 
 
@@ -343,6 +350,11 @@ def _summary(job: pb.Job, limits) -> pb.Job:
     job.spec.ClearField("objective")
     job.spec.ClearField("init_image")
     return job
+
+
+def _resolve(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _now():

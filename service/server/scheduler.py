@@ -89,7 +89,7 @@ class JobLog:
         self._seq = start_seq  # the last seq handed out
         self._visible = start_seq  # the last seq published
         self._on_seq = on_seq
-        self._changed = asyncio.Event()
+        self._futures: list[asyncio.Future] = []  # the watchers waiting for the next publish (loop only)
         self.finished = False
         self.last_preview_seq = 0  # watch streams send a preview only while it is the newest (coalescing)
 
@@ -131,13 +131,19 @@ class JobLog:
         except RuntimeError:  # the loop is closed: nobody is watching any more
             pass
 
-    def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _wake(self) -> None:  # on the loop
+        futures, self._futures = self._futures, []
+        for future in futures:
+            if not future.done():
+                future.set_result(True)
 
-    def waiter(self) -> asyncio.Event:
-        """An event set at the next publish. Take it *before* calling ``since`` so no event is missed."""
-        return self._changed
+    def waiter(self) -> asyncio.Future:
+        """A future (on the loop) done at the next publish. Take it *before* calling ``since`` so no event is
+        missed; a watcher that stops waiting cancels it. One future, no task: a wake of many watchers is cheap."""
+        future = self._loop.create_future()
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(future)
+        return future
 
     def since(self, seq: int, *, previews: bool) -> list[pb.JobEvent]:
         with self._lock:
@@ -216,12 +222,12 @@ class Scheduler:
 
     validate = admit
 
-    def submit(self, job_id: str, tenant: str, admission: api.Admission | None = None) -> None:
+    def submit(self, job_id: str, tenant: str, admission: api.Admission | None = None, row=None) -> None:
+        """Queue a stored job (``row``: its JobRow when the caller has it, saving a read)."""
         with phase("dispatch"):
-            self._submit(job_id, tenant, admission)
+            self._submit(job_id, tenant, admission, row if row is not None else self.store.get_job(job_id))
 
-    def _submit(self, job_id: str, tenant: str, admission: api.Admission | None) -> None:
-        row = self.store.get_job(job_id)
+    def _submit(self, job_id: str, tenant: str, admission: api.Admission | None, row) -> None:
         with self._cv:
             self._enqueue(job_id, tenant, pb.JobSpec.FromString(row.spec),
                           admission.ticket if admission is not None else "")
