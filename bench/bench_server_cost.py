@@ -8,7 +8,7 @@ single-image jobs by default, a tiny model: one 3x3 conv, 32 px, 16 steps) and e
 
 - server: the jobs are created at once from 8 tenants (asyncio clients: CreateJob, WatchJob to the end, GetJob)
   and the wall time runs from the first job's creation to the last job's end (server timestamps);
-- engine: the same number of slots joined (the starting objective), stepped ``steps`` times as one group, and
+- engine: the same number of slots made, joined (the starting objective), stepped ``steps`` times as one group, and
   finished (the final objective and images), timed in this process;
 - the ratio server wall / engine time, and the server's time per job beyond the device steps:
   (wall - the device steps' seconds, from ``featureviz_device_step_seconds``) / jobs; and per phase (self time of
@@ -135,6 +135,7 @@ def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int,
     if failed:
         raise RuntimeError(f"{len(failed)} jobs did not succeed: {failed[0].error}")
     created = [d.create_time.ToNanoseconds() / 1e9 for d in done]
+    started = [d.start_time.ToNanoseconds() / 1e9 for d in done]
     ended = [d.end_time.ToNanoseconds() / 1e9 for d in done]
     wall = max(ended) - min(created)
 
@@ -143,14 +144,15 @@ def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int,
 
     device = delta("featureviz_device_step_seconds_sum")
     phases = {p: 1000 * delta(f'featureviz_phase_seconds_total{{phase="{p}"}}') / jobs for p in PHASE_ORDER}
-    return {"wall": wall, "device": device, "device_steps": delta("featureviz_device_step_seconds_count"),
+    return {"wall": wall, "device": device, "created_spread": max(created) - min(created),
+            "last_start": max(started) - min(created), "device_steps": delta("featureviz_device_step_seconds_count"),
             "images_per_step": (delta("featureviz_batch_images_sum") / delta("featureviz_batch_images_count")
                                 if delta("featureviz_batch_images_count") else 0.0),
             "beyond_ms": 1000 * (wall - device) / jobs, "phases_ms": phases}
 
 
 def run_engine(model, layer: str, jobs: int, steps: int, size: int, device: str) -> float:
-    """Seconds of the in-process batched engine: join, ``steps`` steps, finish of ``jobs`` single-image slots."""
+    """Seconds of the in-process batched engine: make ``jobs`` single-image slots, join, ``steps`` steps, finish."""
     import torch
 
     from featureviz.engine import RenderSpec
@@ -161,9 +163,9 @@ def run_engine(model, layer: str, jobs: int, steps: int, size: int, device: str)
     engine = BatchEngine(dev)
 
     def once(n: int, k: int) -> float:
+        began = time.perf_counter()  # the slots' making counts: the server's worker makes them too
         slots = [Slot(model, RenderSpec(objective={"channel": {"layer": layer, "channel": 1}}, steps=k, size=size,
                                         seed=i), device=dev) for i in range(n)]
-        began = time.perf_counter()
         engine.join(slots)
         for _ in range(k):
             engine.step(slots)
@@ -199,7 +201,8 @@ def measure(label: str, server: Server, sha: str, model, layer: str, jobs: int, 
                   beyond_engine_ms=1000 * (served["wall"] - engine) / jobs)
     print(f"{label:>12s} {jobs:4d} jobs: server {served['wall']:.3f} s, engine {engine:.3f} s, ratio "
           f"{served['ratio']:.2f}x, beyond the device steps {served['beyond_ms']:.2f} ms/job, "
-          f"{served['images_per_step']:.0f} images/step; ms/job: "
+          f"{served['images_per_step']:.0f} images/step, created over {served['created_spread']:.2f} s, last start "
+          f"{served['last_start']:.2f} s; ms/job: "
           + ", ".join(f"{p} {v:.2f}" for p, v in served["phases_ms"].items()), flush=True)
     return served
 
@@ -297,9 +300,9 @@ def report(figures: dict) -> str:
              f"{figures['repeats']} run(s); torch threads {figures.get('threads') or 'default'}; each ratio is taken within a run. beyond = (server wall - the device "
              "steps' seconds) / jobs; per phase: ms of self time per job (several threads: they need not add up).",
              "",
-             "| model | jobs | size, steps | server wall s | engine s | server / engine | beyond ms/job | images/step | "
+             "| model | jobs | size, steps | server wall s | engine s | server / engine | beyond ms/job | images/step | created over s | "
              + " | ".join(PHASE_ORDER) + " |",
-             "| --- " * (8 + len(PHASE_ORDER)) + "|"]
+             "| --- " * (9 + len(PHASE_ORDER)) + "|"]
     keys = []
     for run in figures["runs"]:
         if (run["label"], run["jobs"]) not in keys:
@@ -310,7 +313,7 @@ def report(figures: dict) -> str:
         lines.append(f"| {name} | {jobs} | {runs[0]['size']} px, {runs[0].get('steps', figures['steps'])} steps | {_median(runs, lambda r: r['wall']):.3f} | "
                      f"{_median(runs, lambda r: r['engine']):.3f} | {_median(runs, lambda r: r['ratio']):.2f}x | "
                      f"{_median(runs, lambda r: r['beyond_ms']):.2f} | {_median(runs, lambda r: r['images_per_step']):.0f}"
-                     f" | {phases} |")
+                     f" | {_median(runs, lambda r: r.get('created_spread', 0.0)):.2f} | {phases} |")
     return "\n".join(lines) + "\n"
 
 
