@@ -185,6 +185,11 @@ class Store:
         except StoreCorrupt:
             self._db.close()
             raise
+        # reads of other threads go to a second connection while this one may hold a batch's transaction (WAL:
+        # they see what is committed, never wait for the writer); the thread in a transaction reads its own writes
+        self._reader = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        self._read_lock = threading.Lock()
+        self._tx_owner: int | None = None
         self._purge_stale_uploads()
 
     def _purge_stale_uploads(self) -> None:
@@ -213,15 +218,20 @@ class Store:
         return [(path, size) for _, path, size in sorted(found)]
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     @contextlib.contextmanager
     def transaction(self):
         """Group the statements of this thread's calls inside the block into one SQLite transaction (one commit),
         holding the store's lock meanwhile; nested: part of the outer one. An error rolls it back."""
         with phase("store"), self._lock, _disk_full(), self._tx():  # the store phase: BEGIN and COMMIT
-            yield
+            outer, self._tx_owner = self._tx_owner, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._tx_owner = outer
 
     @contextlib.contextmanager
     def _tx(self):
@@ -240,6 +250,9 @@ class Store:
         self._db.commit()
 
     def _run(self, sql: str, params=()) -> list[tuple]:
+        if sql.startswith("SELECT") and self._tx_owner != threading.get_ident():
+            with phase("store"), self._read_lock:  # committed rows, without waiting for a batch's transaction
+                return self._reader.execute(sql, params).fetchall()
         with phase("store"), self._lock, _disk_full():
             return self._db.execute(sql, params).fetchall()
 
