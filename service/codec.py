@@ -74,7 +74,8 @@ def spec_to_proto(model: str, objective: dict | pb.Objective | None, **options) 
     S or (H, W); ``init_image``: PNG/JPEG bytes; ``preprocess``: ``{"mean", "std", "channel_order"}``;
     ``exclusive``: the job never shares a device step (bitwise repeatable for the same seed on the same device);
     ``judge``: the sha256 of an uploaded classifier, or ``{"model": sha256, "preprocess": {...}}``;
-    ``exemplar_index``: ``{"dataset", "layers", "k", "batch_size"}`` (then ``objective`` is None). An unknown
+    ``exemplar_index``: ``{"dataset", "layers", "k", "batch_size"}``, ``atlas``: ``{"layers", "op_types",
+    "min_depth", "max_depth", "channels"}`` (then ``objective`` is None). An unknown
     keyword is InvalidSpec naming the known ones."""
     unknown = [name for name in options if name not in BY_NAME]
     if unknown:
@@ -108,7 +109,7 @@ def _json_value(option: Option, value):
         return base64.b64encode(value).decode("ascii")
     if option.type == "preprocess":
         return json_format.MessageToDict(preprocess_to_proto(value), preserving_proto_field_name=True)
-    if option.type == "exemplar_index":
+    if option.type in ("exemplar_index", "atlas"):
         return {key: item for key, item in value.items() if item is not None}
     if option.type == "judge":
         body = {"model": str(value.get("model") or "")}

@@ -42,7 +42,8 @@ from featureviz.errors import echo
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["Option", "OPTIONS", "BY_NAME", "SURFACES", "KINDS", "RENDER", "EXEMPLAR_INDEX", "offered", "enum_prefix",
-           "enum_choices", "check_value", "check_limits", "check_kind", "job_kind", "bounds", "job_options",
+           "ATLAS", "ATLAS_DEFAULTS", "enum_choices", "check_value", "check_limits", "check_kind", "job_kind",
+           "bounds", "job_options",
            "markdown_table", "declaration_json"]
 
 # where an option is offered: the local and remote `featureviz render` command line, `featureviz evaluate`, the
@@ -53,17 +54,21 @@ SURFACES = ("render", "evaluate", "node", "web", "form")
 
 # job kinds: a render (an objective optimised into images) or an exemplar index (a dataset's images through the
 # model, JobSpec.exemplar_index set); each option applies to some of them
-RENDER, EXEMPLAR_INDEX = "render", "exemplar_index"
-KINDS = (RENDER, EXEMPLAR_INDEX)
+RENDER, EXEMPLAR_INDEX, ATLAS = "render", "exemplar_index", "atlas"
+KINDS = (RENDER, EXEMPLAR_INDEX, ATLAS)
+# an atlas job's defaults where they differ from a render's, or where a render leaves them to the engine or the
+# model (size: the model's fixed input side wins); the server stores them in the job's spec, so every unit's key
+# names every option
+ATLAS_DEFAULTS = {"size": 128, "steps": 256, "param": "fft", "transforms": "standard", "seed": 0}
 
 # value types: int, float, bool, choice (a proto enum), size (S or (H, W)), image (PNG/JPEG bytes),
 # preprocess ({mean, std, channel_order}), judge (a model's sha256 or {model, preprocess}), exemplar_index
 # ({dataset, layers, k, batch_size}: the index job's spec)
-_TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge", "exemplar_index")
+_TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge", "exemplar_index", "atlas")
 # the proto field type each value type is written in (checked against JobSpec by the tests)
 PROTO_TYPES = {"int": ("int32", "int64"), "float": ("double",), "bool": ("bool",), "choice": ("enum",),
                "size": ("ImageSize",), "image": ("bytes",), "preprocess": ("Preprocess",), "judge": ("Judge",),
-               "exemplar_index": ("ExemplarIndexSpec",)}
+               "exemplar_index": ("ExemplarIndexSpec",), "atlas": ("AtlasSpec",)}
 
 
 @dataclass(frozen=True)
@@ -149,32 +154,33 @@ def enum_choices(enum) -> tuple[str, ...]:
 
 
 _ALL_CLI = ("render", "evaluate", "node", "web", "form")
-_BOTH = KINDS
+_BOTH = (RENDER, EXEMPLAR_INDEX)
+_RA = (RENDER, ATLAS)  # the render options an atlas's units take
 
 OPTIONS: tuple[Option, ...] = (
     Option("steps", "int", 512, "optimisation steps", minimum=1, max_limit="max_steps", metavar="N",
-           surfaces=_ALL_CLI, explicit=True),
+           surfaces=_ALL_CLI, explicit=True, kinds=_RA),
     Option("lr", "float", 0.05, "Adam learning rate", min_limit="min_lr", max_limit="max_lr",
-           reason="LR_OUT_OF_RANGE", metavar="X", surfaces=_ALL_CLI, explicit=True),
+           reason="LR_OUT_OF_RANGE", metavar="X", surfaces=_ALL_CLI, explicit=True, kinds=_RA),
     Option("size", "size", None, "image size S or HxW (default: the model's input size; an index job resizes each "
            "image to it)", min_limit="min_image_side", max_limit="max_image_side", metavar="S", surfaces=_ALL_CLI,
-           kinds=_BOTH),
+           kinds=KINDS),
     Option("batch", "int", 1, "images optimised together", minimum=1, max_limit="max_images_per_job", metavar="B",
            surfaces=_ALL_CLI, explicit=True),
     Option("seed", "int", 0, "random seed", minimum=0, maximum=2**63 - 1, metavar="K",
-           surfaces=("render", "node", "web", "form"), explicit=True),
+           surfaces=("render", "node", "web", "form"), explicit=True, kinds=_RA),
     Option("param", "choice", "fft", "image parameterization (laplacian: lucid's Laplacian pyramid)",
-           surfaces=_ALL_CLI, explicit=True),
+           surfaces=_ALL_CLI, explicit=True, kinds=_RA),
     Option("decay", "float", None, "spectrum exponent 1/f^decay (default 1.0 for fft, 1.4 for maco)", minimum=0, metavar="X",
-           surfaces=("render", "evaluate", "node", "web")),
+           surfaces=("render", "evaluate", "node", "web"), kinds=_RA),
     Option("transforms", "choice", "standard", "robustness transforms (standard: lucid's pad, jitter, scale, "
            "rotate, each step its own resample; composed: the same in one resample, cheaper on a CPU)",
-           surfaces=_ALL_CLI, explicit=True),
+           surfaces=_ALL_CLI, explicit=True, kinds=_RA),
     Option("init_image", "image", None, "start from this image (PNG or JPEG; the web API: base64)", flags=("--init",),
            metavar="IMAGE"),
     Option("preprocess", "preprocess", None, "the model's preprocessing on [0, 1] images: mean, std and "
            "channel order (default: the model's; the command line's: ImageNet's)",
-           flags=("--mean", "--std", "--bgr"), surfaces=("render", "evaluate", "web"), kinds=_BOTH),
+           flags=("--mean", "--std", "--bgr"), surfaces=("render", "evaluate", "web"), kinds=KINDS),
     Option("preview_every", "int", 0, "a preview image every N steps (0: none)", minimum=0, engine=False,
            surfaces=("web",)),
     Option("preview_max_side", "int", 0, "previews are downscaled to this side (0: 128)", minimum=0, engine=False,
@@ -185,9 +191,9 @@ OPTIONS: tuple[Option, ...] = (
            "target class and its probability", flags=("--judge", "--judge-mean", "--judge-std", "--judge-bgr"),
            metavar="JUDGE", engine=False, surfaces=("render", "evaluate", "node", "web")),
     Option("lr_schedule", "choice", "constant", "learning-rate schedule over the steps: constant, or a cosine or "
-           "linear decay from lr to 0", flags=("--schedule",), surfaces=("render", "node", "web", "form")),
+           "linear decay from lr to 0", flags=("--schedule",), surfaces=("render", "node", "web", "form"), kinds=_RA),
     Option("lr_warmup", "int", 0, "steps of linear learning-rate warm-up (at most the steps)", minimum=0,
-           flags=("--warmup",), metavar="N"),
+           flags=("--warmup",), metavar="N", kinds=_RA),
     Option("plateau", "float", 0.0, "stop early once the objective's relative gain over the last plateau_window "
            "steps (against the window before) is below this, e.g. 0.01 (default 0: run every step)", minimum=0, below=1,
            flags=("--stop-at-plateau",), metavar="GAIN"),
@@ -201,6 +207,12 @@ OPTIONS: tuple[Option, ...] = (
                Option("batch_size", "int", 32, "images per forward of the index pass", minimum=1,
                       max_limit="max_index_batch", engine=False, surfaces=(), kinds=(EXEMPLAR_INDEX,),
                       parent="exemplar_index"))),
+    Option("atlas", "atlas", None, "render one image per unit (a channel of a layer) instead of one objective: "
+           "{layers, op_types, min_depth, max_depth, channels}; the layers by name, op type or depth range (default: "
+           "every layer with channels); the job has no objective and takes the render options (atlas defaults: size "
+           "128, 256 steps, fft, standard transforms, seed 0)", engine=False, surfaces=(), kinds=(ATLAS,), parts=(
+               Option("channels", "int", 0, "the first N channels of each layer (0: all)", minimum=0, engine=False,
+                      surfaces=(), kinds=(ATLAS,), parent="atlas"),)),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -248,6 +260,8 @@ def check_value(option: Option, value, path: str | None = None):
         return bytes(value)
     if kind == "exemplar_index":
         return _index_value(value, path)
+    if kind == "atlas":
+        return _atlas_value(value, path)
     if kind in ("preprocess", "judge"):
         if kind == "judge" and isinstance(value, str):
             return {"model": value}
@@ -282,8 +296,38 @@ def _index_value(value, path: str) -> dict:
     return out
 
 
+def _atlas_value(value, path: str) -> dict:
+    """An atlas's spec as the caller gives it: ``{"layers": [...], "op_types": [...], "min_depth": int,
+    "max_depth": int, "channels": int}`` (every key optional; ``{}``: every layer, every channel)."""
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise InvalidSpec(path, f"must be an object {{layers, op_types, min_depth, max_depth, channels}}, got "
+                                f"{echo(value)}")
+    known = ("layers", "op_types", "min_depth", "max_depth", "channels")
+    unknown = [key for key in value if key not in known]
+    if unknown:
+        raise InvalidSpec(path, f"unknown key {echo(unknown[0])}; known: {', '.join(known)}")
+    out: dict = {}
+    for key in ("layers", "op_types"):
+        names = value.get(key) or []
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise InvalidSpec(f"{path}.{key}", f"must be a list of names, got {echo(names)}")
+        if names:
+            out[key] = list(names)
+    for key in ("min_depth", "max_depth", "channels"):
+        if value.get(key) is not None:
+            number = value[key]
+            if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 0:
+                raise InvalidSpec(f"{path}.{key}", f"must be an integer >= 0, got {echo(number)}")
+            out[key] = int(number)
+    return out
+
+
 def job_kind(spec: pb.JobSpec) -> str:
-    """The kind of a JobSpec: ``exemplar_index`` when that field is set, else ``render``."""
+    """The kind of a JobSpec: ``exemplar_index`` or ``atlas`` when that field is set, else ``render``."""
+    if spec.HasField("atlas"):
+        return ATLAS
     return EXEMPLAR_INDEX if spec.HasField("exemplar_index") else RENDER
 
 
@@ -298,6 +342,14 @@ def check_kind(spec: pb.JobSpec) -> str:
     """The job's kind (:func:`job_kind`), after refusing (InvalidSpec naming the field) an option set that does not
     apply to it (``spec.steps`` on an index job), an index job with an objective and a render without one."""
     kind = job_kind(spec)
+    if spec.HasField("atlas") and spec.HasField("exemplar_index"):
+        raise InvalidSpec("spec.atlas", "a job is an atlas or an exemplar index, not both; set one of them")
+    if kind == ATLAS and spec.HasField("objective"):
+        raise InvalidSpec("spec.objective", "an atlas job has no objective: each unit's is channel(layer, c); leave "
+                                            "the objective unset, or leave atlas unset to render it")
+    if kind == ATLAS and spec.atlas.dataset:
+        raise InvalidSpec("spec.atlas.dataset", "joining an atlas to a dataset's examples is not supported yet; "
+                                                "leave it unset and run an exemplar_index job beside it")
     if kind == EXEMPLAR_INDEX and spec.HasField("objective"):
         raise InvalidSpec("spec.objective", "an exemplar_index job has no objective: it indexes a dataset's images; "
                                             "leave the objective unset, or leave exemplar_index unset to render")
@@ -416,7 +468,7 @@ def markdown_table() -> str:
             cli = flags if "render" in row.surfaces or "evaluate" in row.surfaces else "-"
             default = "-" if row.default is None else f"`{_text(row.default)}`"
             name = f"{row.parent}.{row.name}" if row.parent else row.name
-            kinds = "both" if set(row.kinds) == set(KINDS) else " ".join(row.kinds)
+            kinds = "all" if set(row.kinds) == set(KINDS) else " ".join(row.kinds)
             rows.append(f"| `{name}` | {kinds} | {cli} | {row.type} | {default} | {_range_text(row)} | "
                         f"{row.help.replace('|', '/')} |")
     return "\n".join(rows)

@@ -17,6 +17,7 @@ Text syntax (objectives are maximised)::
     LAYER              DeepDream: mean(LAYER ** 2)
     logit:K  prob:K    class K's logit / softmax probability
     diversity:LAYER  alignment:LAYER  l1  l2  tv  blur  bilateral   (regularizers; see the kinds below)
+    prior:DATASET      the learned patch prior (EPLL) of an image set: its NLL, to subtract (- 0.1*prior:DATASET)
     -OBJ   2*OBJ   OBJ*0.5   OBJ / 4   A + B   A - 0.5*B   (A + B) * 2
     {...}              a whole JSON objective spec (for direction, interpolate, batch, ...)
 
@@ -24,8 +25,8 @@ Quoting rule for ONNX names. A bare layer name is a run of letters, digits and `
 starting with a digit or '-'. So ``/_blocks.9/Clip:12`` needs no quotes, and ``+``, ``-`` and ``/`` between
 objectives must be set off by spaces (``A - B``, ``A / 2``; ``A-B`` is one name). A name with any other
 character (``:``, ``@``, ``,``, spaces, ``*``, ``+``...), or a name that is a keyword (``logit``, ``prob``,
-``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``), or that starts with a digit, goes in single or
-double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
+``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``), or that starts with
+a digit, goes in single or double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
 ``"it's"`` or ``'it\\'s'``.
 """
 
@@ -91,6 +92,18 @@ def _index(value, path):
     return value
 
 
+_DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+def _dataset(value, path):
+    """A learned prior's image set: a dataset id on a server, a name given with ``--prior-images NAME=DIR`` locally.
+    Only a key to look up (never a path): letters, digits, ``_ . -``, not starting with ``.`` or ``-``, 1..128."""
+    if not isinstance(value, str) or not _DATASET_NAME.fullmatch(value):
+        raise InvalidSpec(path, f"must be an image set name or dataset id (letters, digits, '_', '.', '-', up to 128, "
+                                f"not starting with '.' or '-'), got {echo(value)}")
+    return value
+
+
 def _opt_index(value, path):
     return None if value is None else _index(value, path)
 
@@ -147,6 +160,7 @@ NUMBER = Type("number", _number, None, "C")
 NONNEG = Type("nonneg", _nonneg, None, "C")
 POSITIVE = Type("positive", _positive, None, "C")
 VECTOR = Type("vector", _vector, "vector", "V")
+DATASET = Type("dataset", _dataset, "dataset", "DATASET")
 OBJECTIVE = Type("objective", None, "objective")
 OBJECTIVES = Type("objectives", None, "objectives")
 
@@ -246,6 +260,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("blur", {}, "Blur", Keyword()),
     Kind("bilateral", {"sigma_space": Field(POSITIVE, 1.0), "sigma_color": Field(POSITIVE, 0.1)}, "Bilateral",
          Keyword()),
+    Kind("prior", {"dataset": Field(DATASET)}, "PatchPrior", Keyword("dataset")),
     Kind("sum", {"terms": Field(OBJECTIVES)}, "Sum", _text_sum, bare="terms"),
     Kind("scale", {"factor": Field(NUMBER), "objective": Field(OBJECTIVE)}, "Scale", _text_scale),
     Kind("batch", {"index": Field(IMAGE), "objective": Field(OBJECTIVE)}, "Batch"),
@@ -491,6 +506,17 @@ class _Parser:
         self.pos = match.end()
         return match.group(), False
 
+    def dataset_name(self) -> str:
+        """A dataset name: quoted, or a bare run of letters, digits and ``_ . -`` (it may start with a digit: a
+        server's dataset id is a sha256)."""
+        if self.peek() in ("'", '"'):
+            return self.name()[0]
+        match = _DATASET_NAME.match(self.text, self.pos)
+        if not match:
+            self.fail("expected an image set name or dataset id")
+        self.pos = match.end()
+        return match.group()
+
     def integer(self, what: str) -> int:
         self.skip()
         match = _INT.match(self.text, self.pos)
@@ -536,6 +562,8 @@ class _Parser:
     def argument(self, name: str, type_: Type):
         if type_.check is _layer:
             return self.name()[0]
+        if type_.check is _dataset:
+            return self.dataset_name()
         if type_.check in (_index, _opt_index):
             return self.integer("a class index" if type_ is CLASS else f"the {name}")
         return self.number(f"the {name}")
@@ -607,6 +635,8 @@ def _keyword_text(kind: Kind, body: dict) -> str | None:
         return kind.name
     if field.type.check is _layer:
         return f"{kind.name}:{_quote(value)}"
+    if field.type.check is _dataset:
+        return f"{kind.name}:{value}"  # the name's own characters need no quotes
     return f"{kind.name}:{_number_text(value) if isinstance(value, float) else value}"
 
 

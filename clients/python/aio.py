@@ -22,6 +22,9 @@ from featureviz.client.client import channel_credentials
 from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.atlas import atlas_job_spec
+from featureviz.client.atlas import atlas_unit_request
+from featureviz.client.atlas import atlas_units_request
 from featureviz.client.exemplars import exemplars_request
 from featureviz.client.exemplars import image_request
 from featureviz.client.exemplars import index_job_spec
@@ -161,6 +164,26 @@ class AsyncClient:
         job = await self._call(self._jobs.CreateJob,
                                pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
         return await self.wait(job.id, timeout=timeout) if wait else job
+
+    async def atlas(self, model, *, layers=None, op_types=None, min_depth: int | None = None,
+                    max_depth: int | None = None, channels: int | None = None, request_id: str | None = None,
+                    wait: bool = False, timeout: float | None = None, **options) -> pb.Job:
+        spec = atlas_job_spec(model, layers=layers, op_types=op_types, min_depth=min_depth, max_depth=max_depth,
+                              channels=channels, **options)
+        job = await self._call(self._jobs.CreateJob,
+                               pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
+        return await self.wait(job.id, timeout=timeout) if wait else job
+
+    async def atlas_progress(self, job) -> pb.AtlasResult:
+        request = atlas_units_request(job, page_size=1)
+        return (await self._call(self._jobs.ListAtlasUnits, request)).progress
+
+    async def atlas_units(self, job, *, layer: str = "", page_size: int = 0) -> AsyncIterator[pb.AtlasUnit]:
+        async for unit in self._pages(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size), "units"):
+            yield unit
+
+    async def atlas_unit_image(self, job, index: int) -> pb.AtlasUnitImage:
+        return await self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index))
 
     async def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,
                         size=None) -> pb.GetExemplarsResponse:

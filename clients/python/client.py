@@ -27,6 +27,9 @@ import grpc
 from featureviz.codec import spec_to_proto
 from featureviz.client.errors import FeaturevizClientError
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.atlas import atlas_job_spec
+from featureviz.client.atlas import atlas_unit_request
+from featureviz.client.atlas import atlas_units_request
 from featureviz.client.exemplars import exemplars_request
 from featureviz.client.exemplars import image_request
 from featureviz.client.exemplars import index_job_spec
@@ -205,6 +208,35 @@ class Client:
         job = self._call(self._jobs.CreateJob,
                          pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
         return self.wait(job.id, timeout=timeout) if wait else job
+
+    # ------------------------------------------------------------------------------------------- atlases
+
+    def atlas(self, model, *, layers=None, op_types=None, min_depth: int | None = None, max_depth: int | None = None,
+              channels: int | None = None, request_id: str | None = None, wait: bool = False,
+              timeout: float | None = None, **options) -> pb.Job:
+        """Start an atlas (``JobSpec.atlas``): one image per channel of the selected layers (by name, op type, depth
+        range; none: every layer with channels), the first ``channels`` of each (None: all), with the render
+        ``options`` (unset: the atlas defaults, 128 px, 256 steps, fft, standard transforms, seed 0). Returns the
+        job at once, or with ``wait`` the finished one (``job.result.atlas``). Watch it with :meth:`watch` (a
+        progress event per finished unit), stop it with :meth:`cancel` (what is done stays), read it with
+        :meth:`atlas_units` and :meth:`atlas_unit_image`."""
+        spec = atlas_job_spec(model, layers=layers, op_types=op_types, min_depth=min_depth, max_depth=max_depth,
+                              channels=channels, **options)
+        job = self._call(self._jobs.CreateJob,
+                         pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
+        return self.wait(job.id, timeout=timeout) if wait else job
+
+    def atlas_progress(self, job) -> pb.AtlasResult:
+        """The atlas's progress per layer and in total, with its measured rate and ETA."""
+        return self._call(self._jobs.ListAtlasUnits, atlas_units_request(job, page_size=1)).progress
+
+    def atlas_units(self, job, *, layer: str = "", page_size: int = 0) -> Iterator[pb.AtlasUnit]:
+        """Every unit of the atlas (or of one ``layer``), in order, done or not."""
+        return self._pages(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size), "units")
+
+    def atlas_unit_image(self, job, index: int) -> pb.AtlasUnitImage:
+        """A finished unit with its PNG (``.png``); NOT_FOUND while it is not finished."""
+        return self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index))
 
     def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,
                   size=None) -> pb.GetExemplarsResponse:

@@ -16,7 +16,8 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # name of the module under featureviz.cli, in the order of `featureviz --help`
-_COMMANDS = ["inspect", "render", "evaluate", "exemplars", "demo", "serve", "models", "datasets", "jobs"]
+_COMMANDS = ["inspect", "render", "evaluate", "exemplars", "atlas", "demo", "serve", "health", "models", "datasets",
+             "jobs"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -54,7 +55,10 @@ _NEEDS_SERVER_EXTRA = {
                "featureviz server (featureviz models upload FILE --server ADDR; featureviz models layers SHA256)",
     "evaluate": "evaluating class visualizations needs the server extra: pip install 'featureviz[server]'",
     "serve": "the server needs the server extra: pip install 'featureviz[server]'",
+    "health": "the health check needs grpcio-health-checking: pip install 'featureviz[server]'",
     "exemplars": "dataset examples need the server extra: pip install 'featureviz[server]'",
+    "atlas": "an atlas without --server runs an embedded server, which needs the server extra: pip install "
+             "'featureviz[server]', or pass --server ADDR",
     "demo": "the local demo needs the server and demo extras: pip install 'featureviz[server,demo]', or pass "
             "--server ADDR to render on a featureviz server",
 }

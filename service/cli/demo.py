@@ -4,7 +4,10 @@ Renders the gallery of :mod:`featureviz.demo` (channels of two layers, classes a
 trained EfficientNet-Lite0) through the service: it starts an embedded server on a free local port with a
 temporary store (or uses ``--server``), uploads the model with :class:`featureviz.client.Client`, runs each
 panel as a job with a progress bar, classifies the class images with onnxruntime, and writes the PNGs and an
-``index.html``. ``--local`` renders in this process with the engine instead, without any server. ``--explore``
+``index.html``. Beside each channel render the site shows the channel's top dataset examples: the demo writes
+real photos bundled in scikit-image's wheel as an image set (:mod:`featureviz.demo.images`), uploads it, indexes
+the channel panels' layers with an index job and fetches each unit's top crops (GetExemplars, GetDatasetImage);
+``--no-examples`` leaves them out. ``--local`` renders in this process with the engine instead, without any server. ``--explore``
 also serves the web explorer (``featureviz.web``) from the embedded server, prints its URL, and keeps it running
 after the gallery until Ctrl-C.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -43,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--explore", action="store_true",
                         help="serve the web explorer from the embedded server (its URL is printed first) and keep "
                              "it running after the gallery, until Ctrl-C")
+    parser.add_argument("--no-examples", dest="examples", action="store_false",
+                        help="leave out the dataset examples beside the channel renders (no image set, no index)")
     parser.add_argument("--http-port", type=int, default=0, metavar="P",
                         help="the explorer's port with --explore (default: a free one)")
     parser.set_defaults(func=run)
@@ -76,18 +82,36 @@ def run(args: argparse.Namespace) -> int:
     panels = gallery(quick=args.quick, class_names=names)
     began = time.perf_counter()
     try:
-        if args.local:
-            results, info = _run_local(panels, settings, onnx_path, args, log)
-            return _finish(results, info, settings, onnx_path, names, args, began, log)
-        with _server(args, log) as (address, embedded):
-            results, info = _run_service(panels, settings, onnx_path, args, log, address, embedded)
-            status = _finish(results, info, settings, onnx_path, names, args, began, log)
-            if args.explore:
-                _wait_for_stop(info["explorer"])
-            return status
+        with _image_set(args, log) as image_set:
+            if args.local:
+                results, info = _run_local(panels, settings, onnx_path, args, log, image_set)
+                return _finish(results, info, settings, onnx_path, names, args, began, log, image_set)
+            with _server(args, log) as (address, embedded):
+                results, info = _run_service(panels, settings, onnx_path, args, log, address, embedded, image_set)
+                status = _finish(results, info, settings, onnx_path, names, args, began, log, image_set)
+                if args.explore:
+                    _wait_for_stop(info["explorer"])
+                return status
     except FeaturevizClientError as err:
         print(f"featureviz demo: error: {err}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _image_set(args, log):
+    """The demo's image set (:mod:`featureviz.demo.images`) in a temporary folder, with its provenance; None with
+    ``--no-examples``."""
+    if not args.examples:
+        yield None
+        return
+    from featureviz.demo.images import PHOTOS
+    from featureviz.demo.images import provenance
+    from featureviz.demo.images import write_dataset
+
+    with tempfile.TemporaryDirectory(prefix="featureviz-demo-images-") as folder:
+        written = write_dataset(folder)
+        log(f"image set: {len(written)} images from {len(PHOTOS)} photos bundled in scikit-image")
+        yield {"folder": folder, "count": len(written), "provenance": provenance(written)}
 
 
 def _wait_for_stop(url: str) -> None:
@@ -106,7 +130,7 @@ def _wait_for_stop(url: str) -> None:
     print("featureviz demo: stopping", file=sys.stderr, flush=True)
 
 
-def _run_local(panels, settings, onnx_path, args, log):
+def _run_local(panels, settings, onnx_path, args, log, image_set):
     from featureviz import zoo
     from featureviz.demo import local_renderer
     from featureviz.demo import render_gallery
@@ -122,8 +146,25 @@ def _run_local(panels, settings, onnx_path, args, log):
         return renderer(panel, s)
 
     results = render_gallery(panels, render_logged, settings)
-    return results, {"sha256": model.sha256, "via": "local engine (featureviz.engine.render)",
-                     "device": args.device or ("cuda" if _cuda() else "cpu")}
+    info = {"sha256": model.sha256, "via": "local engine (featureviz.engine.render)",
+            "device": args.device or ("cuda" if _cuda() else "cpu")}
+    if image_set is not None:
+        _local_examples(results, model, image_set, args, log, info)
+    return results, info
+
+
+def _local_examples(results, model, image_set, args, log, info) -> None:
+    """Index the image set at the channel panels' layers in this process and attach each unit's examples."""
+    from featureviz.demo.examples import attach
+    from featureviz.demo.examples import local_examples
+    from featureviz.demo.examples import units_of
+
+    units = units_of(r.panel for r in results)
+    log(f"dataset examples: indexing {image_set['count']} images at {len({layer for layer, _ in units})} layers "
+        "in this process ...")
+    t0 = time.perf_counter()
+    attach(results, local_examples(model, image_set["folder"], units, device=args.device))
+    info["examples"] = f"local engine (featureviz.engine.exemplars), {time.perf_counter() - t0:.1f} s"
 
 
 def _cuda() -> bool:
@@ -152,7 +193,7 @@ def _server(args, log):
             server.stop()
 
 
-def _run_service(panels, settings, onnx_path, args, log, address, embedded):
+def _run_service(panels, settings, onnx_path, args, log, address, embedded, image_set):
     from featureviz import zoo
     from featureviz.cli.remote import job_failure
     from featureviz.cli.remote import watch_with_progress
@@ -188,7 +229,38 @@ def _run_service(panels, settings, onnx_path, args, log, address, embedded):
                 seconds=job.result.seconds_per_step * job.result.steps_done))
         device = info.device
         via = f"featureviz {info.version} server at {address}" + (" (embedded)" if embedded else "")
-    return results, {"sha256": model.sha256, "via": via, "device": _device_text(device), "explorer": explorer}
+        answer = {"sha256": model.sha256, "via": via, "device": _device_text(device), "explorer": explorer}
+        if image_set is not None:
+            _service_examples(client, results, model.sha256, image_set, args, log, answer)
+    return results, answer
+
+
+def _service_examples(client, results, model, image_set, args, log, info) -> None:
+    """Upload the image set, index the channel panels' layers with an index job (a finished index of the same
+    model, set, layers and k is reused), and attach each unit's examples from GetExemplars / GetDatasetImage."""
+    from featureviz.cli.remote import job_failure
+    from featureviz.cli.remote import watch_with_progress
+    from featureviz.client import FeaturevizClientError
+    from featureviz.client import pb
+    from featureviz.demo.examples import attach
+    from featureviz.demo.examples import service_examples
+    from featureviz.demo.examples import units_of
+
+    t0 = time.perf_counter()
+    dataset = client.upload_dataset(image_set["folder"], name="scikit-image-photos")
+    log(f"image set {dataset.id[:12]} {'already on' if dataset.deduplicated else 'uploaded to'} the server: "
+        f"{dataset.image_count} images")
+    units = units_of(r.panel for r in results)
+
+    def watch(job):
+        job = watch_with_progress(client, job.id, label=f"index ({dataset.image_count} images)", quiet=args.quiet)
+        if job.state != pb.JOB_STATE_SUCCEEDED:
+            raise FeaturevizClientError(job.error.code or "ABORTED", job_failure(job))
+        return job
+
+    attach(results, service_examples(client, model, dataset.id, units, on_job=watch))
+    info["examples"] = (f"index job, GetExemplars and GetDatasetImage on the server, dataset {dataset.id[:12]}, "
+                        f"{time.perf_counter() - t0:.1f} s")
 
 
 def _device_text(device) -> str:
@@ -197,7 +269,23 @@ def _device_text(device) -> str:
     return f"{text} ({device.kernels} kernels)" if device.kernels else text
 
 
-def _finish(results, info, settings, onnx_path, names, args, began, log) -> int:
+def _dataset_info(image_set) -> dict | None:
+    """The site's section on where the examples' images come from (one row per photo, its credit and licence)."""
+    if image_set is None:
+        return None
+    prov, photos = image_set["provenance"], {}
+    for record in prov["images"]:
+        photos.setdefault(record["photo"], {"title": record["title"], "photo": record["photo"],
+                                            "credit": record["credit"], "licence": record["licence"]})
+    return {"note": f"The examples beside each channel render are the channel's top images among "
+                    f"{image_set['count']} images: {len(photos)} photos that ship inside the scikit-image wheel "
+                    f"({prov['source'].split(',')[0]}), each whole, mirrored and two crops. Each crop is the "
+                    "receptive field of the unit's strongest position; the ratio is the render's channel mean "
+                    "over the best image's. dataset.json lists every file with its photo, crop and licence.",
+            "source": prov["source"], "images": image_set["count"], "photos": list(photos.values())}
+
+
+def _finish(results, info, settings, onnx_path, names, args, began, log, image_set=None) -> int:
     from featureviz import zoo
     from featureviz.demo import classify_pngs
     from featureviz.demo import write_site
@@ -212,7 +300,12 @@ def _finish(results, info, settings, onnx_path, names, args, began, log) -> int:
              "input": "3 x 224 x 224, (x - 127/255) / (128/255)"}
     seconds = time.perf_counter() - began
     extra = {"rendered by": info["via"], "device": info["device"], "wall time": f"{seconds:.0f} s"}
-    index = write_site(args.out, results, settings, model=model, extra=extra)
+    if info.get("examples"):
+        extra["dataset examples"] = info["examples"]
+    index = write_site(args.out, results, settings, model=model, extra=extra, dataset=_dataset_info(image_set))
+    if image_set is not None:  # every file of the set: its photo, crop, mirror, sha256, credit and licence
+        (index.parent / "dataset.json").write_text(json.dumps(image_set["provenance"], indent=2) + "\n",
+                                                   encoding="utf-8")
     hits = [(r.predictions[i][0] == k) for r in results if r.predictions
             for i, k in enumerate(r.panel.classes) if k is not None]
     images = sum(len(r.pngs) for r in results)

@@ -61,15 +61,21 @@ def watch_with_progress(client, job_id: str, *, label: str, quiet: bool = False,
     from featureviz.client import pb
 
     bar = None if quiet else ProgressBar(label)
+    indexing = False  # an exemplar index job counts images, and has no objective
     for event in client.watch(job_id, timeout=timeout):
         if bar is None:
             continue
-        if event.HasField("snapshot") and event.snapshot.state == pb.JOB_STATE_QUEUED:
-            bar.update(0, event.snapshot.steps or 1, f"queued (position {event.snapshot.queue_position})")
+        if event.HasField("snapshot"):
+            indexing = event.snapshot.spec.HasField("exemplar_index")
+            if event.snapshot.state == pb.JOB_STATE_QUEUED:
+                bar.update(0, event.snapshot.steps or 1, f"queued (position {event.snapshot.queue_position})")
         elif event.HasField("progress"):
             p = event.progress
-            mean = sum(p.objective) / len(p.objective) if p.objective else 0.0
-            bar.update(p.step, p.steps, f"objective {mean:.4g}")
+            if indexing:
+                bar.update(p.step, p.steps, "images")
+            else:
+                mean = sum(p.objective) / len(p.objective) if p.objective else 0.0
+                bar.update(p.step, p.steps, f"objective {mean:.4g}")
     job = client.job(job_id)
     if bar is not None:
         bar.close(pb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower())

@@ -56,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.dash_positionals = True  # featureviz.cli.main lets OBJECTIVE start with '-' ("-LAYER:5")
     add_option_args(parser, "render")  # steps, lr, size, batch, seed, param, decay, transforms, schedule ...
     parser.add_argument("--init", default=None, metavar="IMAGE", help="start from this image file")
+    parser.add_argument("--prior-images", default=None, metavar="[NAME=]DIR",
+                        help="learn priors from this folder of images (local renders): its colour matrix and spectrum "
+                             "decay replace ImageNet's in the parameterization, and 'prior:NAME' objective terms use "
+                             "its patch prior (NAME: the folder's name unless given); both cached under the model "
+                             "cache's priors/")
     parser.add_argument("--mean", type=parse_floats, default=None, metavar="R,G,B",
                         help=f"model preprocessing mean for images in [0, 1] (default ImageNet's "
                              f"{','.join(map(str, IMAGENET_MEAN))})")
@@ -95,10 +100,36 @@ def _preprocess(args):
     return make_preprocess(args.mean, args.std, args.bgr)
 
 
+def prior_cache_dir():
+    """Where ``--prior-images`` caches what it learns: the model cache folder (``priors/`` below it)."""
+    from featureviz.importer.cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _priors(text: str, channels: int) -> dict:
+    """``--prior-images [NAME=]DIR`` -> the RenderSpec's ``prior`` (the folder's statistics) and ``patch_priors``
+    (``prior:NAME`` -> its patch prior, fitted on first use). The statistics are computed here, before the render."""
+    import os
+
+    from featureviz.engine.priors import FolderPriors
+
+    name, sep, folder = text.partition("=")
+    if not sep or not name or os.sep in name:
+        folder = text
+        name = os.path.basename(os.path.normpath(text)) or "images"
+    priors = FolderPriors({name: folder}, cache_dir=prior_cache_dir(), channels=channels)
+    return {"prior": priors.stats(name), "patch_priors": priors}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.server:
         from featureviz.cli.remote import render_remote
 
+        if args.prior_images:
+            print("featureviz render: --prior-images applies to a local render; a server's priors come from its "
+                  "datasets (not wired yet)", file=sys.stderr)
+            return 2
         if args.threads is not None:
             print("featureviz render: --threads applies to a local render; a server sets its own "
                   "(featureviz serve --threads)", file=sys.stderr)
@@ -127,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         hw = (size, size) if isinstance(size, int) else size
         init = load_image(args.init, hw)
     options = option_values(args, "render", engine=True) | {"size": size}
+    if args.prior_images:
+        options |= _priors(args.prior_images, model.input_spec.channels)
     spec = RenderSpec(objective=objective, init_image=init, preprocess=model.input_spec.preprocess, device=args.device,
                       **options)
     checked = validate(model, spec)  # render takes the checked spec as it is (no second check)

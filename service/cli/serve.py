@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "store_problem"]
 
 DEFAULT_PORT = 50051
 
@@ -69,8 +69,7 @@ def _config(args: argparse.Namespace):
 
     text = os.environ.get("FEATUREVIZ_TOKENS", "")
     if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            text += "\n" + f.read()
+        text += "\n" + _read_token_file(args.token_file)
     tokens, read_only = parse_tokens(text)
     return ServerConfig(
         store_dir=args.store, host=args.host, port=args.port, tokens=tokens, read_only=read_only,
@@ -82,6 +81,70 @@ def _config(args: argparse.Namespace):
         ray_timeout_seconds=args.ray_timeout,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
+
+
+def _read_token_file(path: str) -> str:
+    """The token file's text; one line naming the file and the problem when it is missing, unreadable or empty (an
+    operator who names a token file means auth: an empty one never starts a server without it)."""
+    from featureviz.errors import InvalidSpec
+    from featureviz.server import parse_tokens
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except OSError as exc:
+        raise InvalidSpec("token_file", f"cannot read {path} as uid {os.getuid()}: {exc.strerror}; mount the "
+                                        "token file there (one 'TOKEN TENANT [read|write]' a line)") from None
+    except UnicodeDecodeError:
+        raise InvalidSpec("token_file", f"{path} is not UTF-8 text") from None
+    if not parse_tokens(text)[0]:
+        raise InvalidSpec("token_file", f"{path} holds no tokens (one 'TOKEN TENANT [read|write]' a line)")
+    return text
+
+
+def _user() -> str:
+    """``uid N (name)`` of this process, the name when the passwd database has one."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def store_problem(path: str | os.PathLike) -> str | None:
+    """Why this process cannot keep its store at ``path`` (one line naming the uid), or None.
+
+    Checked before anything starts: the directory is created if missing, a file is created and removed in it, and
+    every entry already at its top (the SQLite file and its folders, say from a run as another user) must be
+    writable. A volume mounted with the wrong owner fails here rather than at the first upload."""
+    import tempfile
+    from pathlib import Path
+
+    store = Path(path)
+    who = _user()
+    fix = f"give it to {who} (Kubernetes: securityContext.fsGroup {os.getgid()}) or pass another --store"
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--store {store}: cannot create it as {who}: {exc.strerror}; {fix}"
+    if not store.is_dir():
+        return f"--store {store} is not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".featureviz-write-check-", dir=store)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"--store {store} is not writable by {who}: {exc.strerror}; {fix}"
+    try:
+        entries = sorted(store.iterdir())
+    except OSError as exc:
+        return f"--store {store} cannot be listed by {who}: {exc.strerror}; {fix}"
+    for entry in entries:
+        if not os.access(entry, os.W_OK) or (entry.is_dir() and not os.access(entry, os.X_OK)):
+            return f"--store {store}: {entry.name} in it is not writable by {who}; {fix}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +176,11 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("ray") is None:
             print(RAY_MISSING, file=sys.stderr)
             return 2
-    config = _config(args)
+    config = _config(args)  # token file, auth on a non-loopback --host: FeaturevizError, one line (cli.main)
+    problem = store_problem(config.store_dir)
+    if problem:
+        print(f"featureviz serve: error: {problem}", file=sys.stderr)
+        return 1
     try:
         code = asyncio.run(_serve(config))
     except FeaturevizError as err:  # e.g. --ray ADDRESS did not answer: a thread may still wait in ray.init

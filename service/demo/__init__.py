@@ -20,6 +20,11 @@ and was dropped). The classes were checked the same way: all four renders are cl
 :class:`featureviz.client.Client`) turns each into PNGs and objective values; :func:`write_site` (``site.py``) writes the
 PNG files and an ``index.html`` that shows every image with its objective, start and end values, the model's
 prediction for class images, and the settings used.
+
+Dataset examples: ``images.py`` writes real photos bundled in scikit-image's wheel as an image set (torch-free,
+deterministic, with each photo's credit and licence); ``examples.py`` gets each channel render's top images from an
+index of that set (the server's index job and GetExemplars, or the engine in this process) as crops at the unit's
+receptive field, with the render / best image ratio, and the site shows them beside the render.
 """
 
 from __future__ import annotations

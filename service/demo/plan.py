@@ -49,6 +49,8 @@ class Panel:
     labels: tuple[str, ...]   # caption of each image
     objectives: tuple[str, ...]  # each image's objective in CLI syntax
     classes: tuple[int | None, ...]  # target ImageNet class per image (class panels), else None
+    units: tuple[tuple[str, int] | None, ...] = ()  # (layer, channel) of each channel render, else None: the
+                                                    # units whose dataset examples the site shows beside the render
 
     @property
     def batch(self) -> int:
@@ -63,6 +65,7 @@ class PanelResult:
     objective_end: list[float]
     seconds: float
     predictions: list[tuple[int, str, float]] | None = None  # (class index, name, probability) per image
+    examples: list | None = None  # per image: its unit's featureviz.demo.examples.ChannelExamples, or None
 
 
 def _per_image(objectives: Sequence[dict]) -> dict:
@@ -86,7 +89,8 @@ def gallery(*, quick: bool = False, class_names: Sequence[str] | None = None) ->
         objectives = [_channel(layer, c) for c in channels]
         return Panel(key=key, title=title, note=note, objective=_per_image(objectives),
                      labels=tuple(f"channel {c}" for c in channels),
-                     objectives=tuple(describe_objective(o) for o in objectives), classes=(None,) * len(channels))
+                     objectives=tuple(describe_objective(o) for o in objectives), classes=(None,) * len(channels),
+                     units=tuple((layer, c) for c in channels))
 
     panels = [
         channel_panel("early", "Early layer: block 4", f"{EARLY_LAYER}, a ReLU6 with 240 channels at 28 x 28. "

@@ -142,7 +142,8 @@ class Slot:
         if spec.init_image is not None:
             init = torch.as_tensor(spec.init_image, dtype=torch.float32).to(device)
         self.params, self.image_fn = make_param(spec.param, spec.batch, self.image_size, generator=self.generator,
-                                                decay=spec.decay, init=init, device=device)
+                                                decay=spec.decay, init=init, device=device,
+                                                prior=getattr(spec, "prior", None))
         # alignment compares images position by position: they must see the same transform (one draw per slot)
         shared = any(isinstance(node, objs.Alignment) for node in objs.walk(self.objective))
         self.transforms = Transforms(self.checked.transforms, self.image_size, self.model_size, preprocess,

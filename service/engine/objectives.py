@@ -10,8 +10,8 @@ and reports the per-image values. Objectives compose like numbers (lucid's algeb
 Kinds (lucid optvis/objectives.py unless noted): neuron, channel, layer (DeepDream), logit, prob (new),
 direction and neuron_direction (with lucid's cosine power), interpolate, diversity (Gram-matrix cosine, as a
 value to maximise: minus the mean similarity to the other images), alignment; image regularizers l1, l2, tv,
-blur and bilateral (an edge-preserving blur) measure the image (per-pixel means; lucid sums) and are meant to be
-subtracted: ``-0.05 * l1``.
+blur, bilateral (an edge-preserving blur) and prior (a learned patch prior's NLL) measure the image (per-pixel
+means; lucid sums) and are meant to be subtracted: ``-0.05 * l1``.
 
 Token tensors (N, tokens, C) of vision transformers are first-class targets. Their first ``prefix`` tokens (the
 CLS token, a distillation token: ``LayerInfo.prefix_tokens``) are followed by the patch tokens of a grid laid out
@@ -47,6 +47,7 @@ __all__ = [
     "TotalVariation",
     "Blur",
     "Bilateral",
+    "PatchPrior",
     "Sum",
     "Scale",
     "Batch",
@@ -527,6 +528,27 @@ def bilateral_filter(x: torch.Tensor, sigma_space: float, sigma_color: float) ->
             total += weight * shifted
             weights += weight
     return total / weights
+
+
+class PatchPrior(_ImageObjective):
+    """The learned patch prior of an image set (EPLL, Zoran and Weiss 2011; :mod:`featureviz.engine.priors`): the
+    mean over each image's patches of their negative log-likelihood under the set's Gaussian mixture, per pixel value
+    (nats). Meant to be subtracted: ``channel - 0.1 * prior:DATASET``. ``dataset`` only names the set; the fitted
+    mixture is bound by :func:`featureviz.engine.validate` through the spec's resolver (``RenderSpec.patch_priors``),
+    so no name ever reaches a path or code."""
+
+    kind = "prior"
+
+    def __init__(self, dataset, prior=None):
+        self.dataset = dataset
+        self.prior = prior  # a featureviz.engine.priors.PatchPrior, bound at validation
+
+    def __call__(self, acts):
+        if self.prior is None:
+            from featureviz.errors import InvalidSpec
+            raise InvalidSpec("objective.prior.dataset", f"the prior of image set {self.dataset!r} was not resolved; "
+                                                         "pass RenderSpec.patch_priors (--prior-images locally)")
+        return self.prior.nll(acts.image)
 
 
 class Sum(Objective):

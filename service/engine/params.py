@@ -14,6 +14,8 @@ explicit ``torch.Generator``, so the same seed on the same device gives the same
   :data:`LAPLACIAN_LEVELS` tensors at full, 1/2, 1/4 and 1/8 resolution, each upsampled bilinearly, then colour
   matrix and sigmoid. With Adam every level takes steps of the same size, so coarse structure moves as fast as
   fine detail (a preconditioner towards low frequencies, like the 1/f scale of ``fft``).
+- Learned statistics (``prior``, :mod:`featureviz.engine.priors`) replace ImageNet's colour matrix (every kind) and,
+  for ``fft``, the 1/f scale by the image set's fitted 1/f^decay.
 - ``maco``: only the phase is optimised; the magnitude is a fixed natural-image template 1/f^decay
   (Fel et al. 2023, MaCo; Horama). Phase and image are standardised per image before the colour matrix.
 
@@ -94,28 +96,34 @@ def _to_rgb(t: torch.Tensor, color: torch.Tensor | None, sigmoid: bool) -> torch
     return t + 0.5 + (torch.clamp(t + 0.5, 0.0, 1.0) - (t + 0.5)).detach()
 
 
-def _inverse_rgb(image: torch.Tensor, color: torch.Tensor | None, sigmoid: bool) -> torch.Tensor:
+def _inverse_rgb(image: torch.Tensor, color: torch.Tensor | None, sigmoid: bool, *, pinv: bool = False) -> torch.Tensor:
     if sigmoid:
         image = image.clamp(_EPS_SIGMOID, 1.0 - _EPS_SIGMOID)
         t = torch.log(image) - torch.log1p(-image)
     else:
         t = image - 0.5
-    if color is not None:
-        t = torch.einsum("oc,bchw->bohw", torch.linalg.inv(color), t)
+    if color is not None:  # a learned matrix may be singular (a grey image set): its pseudo-inverse
+        inverse = torch.linalg.pinv(color) if pinv else torch.linalg.inv(color)
+        t = torch.einsum("oc,bchw->bohw", inverse, t)
     return t
 
 
-def image_to_pixel(image: torch.Tensor, *, decorrelate: bool = True, sigmoid: bool = True) -> torch.Tensor:
-    """Pixel parameters (B, 3, H, W) that render to ``image`` (B, 3, H, W) in [0, 1] (clipped to [1e-4, 1-1e-4])."""
-    color = color_matrix(device=image.device, dtype=image.dtype) if decorrelate else None
-    return _inverse_rgb(image, color, sigmoid)
+def image_to_pixel(image: torch.Tensor, *, decorrelate: bool = True, sigmoid: bool = True,
+                   color: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel parameters (B, 3, H, W) that render to ``image`` (B, 3, H, W) in [0, 1] (clipped to [1e-4, 1-1e-4]).
+    ``color``: a learned colour matrix instead of ImageNet's (the closest parameters when it is singular)."""
+    if not decorrelate:
+        return _inverse_rgb(image, None, sigmoid)
+    if color is not None:
+        return _inverse_rgb(image, color.to(device=image.device, dtype=image.dtype), sigmoid, pinv=True)
+    return _inverse_rgb(image, color_matrix(device=image.device, dtype=image.dtype), sigmoid)
 
 
 def image_to_spectrum(image: torch.Tensor, scale: torch.Tensor, *, decorrelate: bool = True,
-                      sigmoid: bool = True) -> torch.Tensor:
+                      sigmoid: bool = True, color: torch.Tensor | None = None) -> torch.Tensor:
     """Spectrum parameters (B, 3, H, W//2+1, 2) that render to ``image`` through ``spectrum_to_image``:
     inverse sigmoid, inverse colour matrix, ``rfft2(norm="ortho")``, divide by ``scale``."""
-    t = image_to_pixel(image, decorrelate=decorrelate, sigmoid=sigmoid)
+    t = image_to_pixel(image, decorrelate=decorrelate, sigmoid=sigmoid, color=color)
     spectrum = torch.fft.rfft2(t, norm="ortho") / scale
     return torch.view_as_real(spectrum).contiguous()
 
@@ -143,7 +151,7 @@ def render_group(fns: list) -> torch.Tensor:
 
 def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch.Generator,
                decay: float | None = None, init: torch.Tensor | None = None, decorrelate: bool = True,
-               sigmoid: bool = True, device=None):
+               sigmoid: bool = True, device=None, prior=None):
     """Build a parameterization. Returns ``(params, image_fn)``.
 
     Args:
@@ -153,11 +161,22 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         decay: spectrum exponent; default 1.0 for ``fft`` (lucid) and 1.4 for ``maco``.
         init: optional (3, H, W) or (B, 3, H, W) image in [0, 1] to start from.
         decorrelate, sigmoid: the colour matrix and the final sigmoid (both on in lucid's defaults).
+        prior: learned image statistics (:class:`featureviz.engine.priors.ImageStats`): its colour matrix replaces
+            ImageNet's (every kind), and for ``fft`` its fitted ``decay`` replaces 1/f unless ``decay`` is given,
+            rescaled to the RMS of the 1/f scale at the same size (the shape of the set's spectrum at lucid's
+            level: without it a steep decay multiplies the lowest frequencies by max(H, W)^(decay - 1) and the
+            sigmoid saturates into flat regions with hard edges, the opposite of a smoother image).
+            ``maco`` keeps its own magnitude template.
     """
     _check(batch, size)
     device = torch.device(device) if device is not None else generator.device
     height, width = size
-    color = color_matrix(device=device) if decorrelate else None
+    learned = prior.rgb_color(device=device) if prior is not None and decorrelate else None
+    color = learned if learned is not None else color_matrix(device=device) if decorrelate else None
+    learned_decay = prior is not None and kind == "fft" and decay is None
+    if learned_decay:
+        decay = prior.decay
+    prior_key = prior.key() if prior is not None else None
     if init is not None:
         init = init.to(device=device, dtype=torch.float32)
         if init.dim() == 3:
@@ -171,20 +190,22 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         if init is None:
             pixels = torch.randn(batch, 3, height, width, generator=generator, device=device) * INIT_SD
         else:
-            pixels = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid)
+            pixels = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid, color=learned)
         pixels.requires_grad_(True)
-        render_key = ("pixel", tuple(size), decorrelate, sigmoid, str(device))
+        render_key = ("pixel", tuple(size), decorrelate, sigmoid, str(device), prior_key)
         return [pixels], ImageFn(lambda p: _to_rgb(p, color, sigmoid), [pixels], render_key)
 
     if kind == "fft":
         scale = fft_scale(height, width, 1.0 if decay is None else decay, device=device)
+        if learned_decay:  # the set's spectral shape at lucid's level: the RMS over the bins of the 1/f scale
+            scale = scale * (fft_scale(height, width, 1.0, device=device).norm() / scale.norm())
         if init is None:
             shape = (batch, 3, height, width // 2 + 1, 2)
             spectrum = torch.randn(shape, generator=generator, device=device) * INIT_SD
         else:
-            spectrum = image_to_spectrum(init, scale, decorrelate=decorrelate, sigmoid=sigmoid)
+            spectrum = image_to_spectrum(init, scale, decorrelate=decorrelate, sigmoid=sigmoid, color=learned)
         spectrum.requires_grad_(True)
-        render_key = ("fft", tuple(size), decay, decorrelate, sigmoid, str(device))
+        render_key = ("fft", tuple(size), decay, decorrelate, sigmoid, str(device), prior_key)
         if sigmoid:
             return [spectrum], ImageFn(lambda p: spectrum_to_image(p, scale, color, size, sigmoid=True), [spectrum],
                                        render_key)
@@ -196,7 +217,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         for n in range(LAPLACIAN_LEVELS):
             shape = (batch, 3, max(1, height >> n), max(1, width >> n))
             if init is not None:  # the image in the finest level, the coarser ones start at zero
-                level = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid) if n == 0 \
+                level = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid, color=learned) if n == 0 \
                     else torch.zeros(shape, device=device)
             else:
                 level = torch.randn(shape, generator=generator, device=device) * INIT_SD
@@ -208,7 +229,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
                 t = t + F.interpolate(level, size=size, mode="bilinear", align_corners=False)
             return _to_rgb(t, color, sigmoid)
 
-        render_key = ("laplacian", tuple(size), decorrelate, sigmoid, str(device))
+        render_key = ("laplacian", tuple(size), decorrelate, sigmoid, str(device), prior_key)
         return levels, ImageFn(pyramid, levels, render_key)
 
     if kind == "maco":
@@ -216,7 +237,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         if init is None:
             phase = torch.randn(batch, 3, height, width // 2 + 1, generator=generator, device=device)
         else:
-            t = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid)
+            t = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid, color=learned)
             phase = torch.angle(torch.fft.rfft2(t, norm="ortho"))
         phase.requires_grad_(True)
         # MaCo standardises a random phase; an image's phase is kept as it is (standardising would change it)
@@ -228,7 +249,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
             t = spectrum_to_image(unit, magnitude, None, size, sigmoid=False)
             return _to_rgb(_standardize(t) * _MACO_STD, color, sigmoid)
 
-        render_key = ("maco", tuple(size), decay, standardize_phase, decorrelate, sigmoid, str(device))
+        render_key = ("maco", tuple(size), decay, standardize_phase, decorrelate, sigmoid, str(device), prior_key)
         return [phase], ImageFn(image_fn, [phase], render_key)
 
     raise InvalidSpec("param", f"unknown parameterization {kind!r}; use one of {', '.join(PARAMS)}")

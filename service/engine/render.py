@@ -12,6 +12,7 @@ parameterization are timed separately without extra compute.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from dataclasses import field
@@ -59,6 +60,12 @@ class RenderSpec:
     steps of linear warm-up (:mod:`featureviz.engine.schedule`). ``plateau``: stop early once the objective's
     relative gain over the last ``plateau_window`` steps (against the window before) is below this (0: never);
     ``RenderResult.stopped_at`` says after which step.
+
+    Learned priors (:mod:`featureviz.engine.priors`, engine-level: the Python API and the local CLI): ``prior`` is
+    an image set's :class:`~featureviz.engine.priors.ImageStats` (or its ``to_dict``): its colour matrix replaces
+    ImageNet's and, for ``fft``, its fitted decay the 1/f scale (unless ``decay`` is given). ``patch_priors``
+    resolves the objective's ``prior:DATASET`` terms: a mapping or a callable ``name -> PatchPrior`` (raising
+    ``NotFound`` for a name it does not hold); names are only looked up, never opened as paths.
     """
 
     objective: object
@@ -81,6 +88,8 @@ class RenderSpec:
     lr_warmup: int = 0
     plateau: float = 0.0
     plateau_window: int = DEFAULT_PLATEAU_WINDOW
+    prior: object = None
+    patch_priors: object = None
 
 
 @dataclass
@@ -162,13 +171,46 @@ def validate(model, spec: RenderSpec) -> CheckedSpec:
     else:  # the one normalization of a job's objective: built from it, checked on it
         objective_spec = specs.normalize_objective(spec.objective)
         objective = objs.build(objective_spec, normalized=True)
+    if spec.prior is not None:
+        from featureviz.engine.priors import ImageStats
+
+        stats = spec.prior if isinstance(spec.prior, ImageStats) else ImageStats.from_dict(spec.prior)
+        if stats is not spec.prior:
+            spec = dataclasses.replace(spec, prior=stats)
     model_size = _model_size(model, image_size)
     _check_objective(model, objective_spec, "objective", spec.batch, model_size)
+    _bind_priors(objective, objective_spec, spec.patch_priors)
     names: dict = {}
     for layer in objective.layers:
         names.setdefault(layer, model.layer(model.logits if layer is None else layer).name)
     return CheckedSpec(spec=spec, objective=objective, transforms=steps, image_size=image_size,
                        model_size=model_size, names=names)
+
+
+def _bind_priors(objective, objective_spec, resolver) -> None:
+    """Give each ``prior`` term its fitted patch prior, by name through ``resolver`` (RenderSpec.patch_priors). Terms
+    of an Objective built in Python with its prior already bound keep it."""
+    unbound = {node.dataset for node in objs.walk(objective)
+               if isinstance(node, objs.PatchPrior) and node.prior is None}
+    wanted = {body["dataset"]: here for kind, body, here in specs.walk_spec(objective_spec)
+              if kind.name == "prior" and body["dataset"] in unbound}
+    if not wanted:
+        return
+    found = {}
+    for name, here in wanted.items():
+        if resolver is None:
+            raise InvalidSpec(f"{here}.dataset", "no learned prior is available to this render; locally give "
+                                                 "--prior-images NAME=DIR (RenderSpec.patch_priors)")
+        if callable(resolver):
+            found[name] = resolver(name)  # NotFound for a name it does not hold
+        elif name in resolver:
+            found[name] = resolver[name]
+        else:
+            raise NotFound(f"{here}.dataset: no image set named {echo(name)} for a prior; known: "
+                           f"{', '.join(sorted(map(str, resolver))) or 'none'}", reason="PRIOR_NOT_FOUND")
+    for node in objs.walk(objective):
+        if isinstance(node, objs.PatchPrior) and node.prior is None:
+            node.prior = found[node.dataset]
 
 
 def _layer_info(model, name, path):

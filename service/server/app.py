@@ -111,7 +111,7 @@ def _worker_limits(config: ServerConfig) -> dict:
     limits = config.limits
     return dict(max_image_side=limits.max_image_side, max_dataset_image_side=limits.max_dataset_image_side,
                 time_slice_steps=limits.time_slice_steps,
-                max_job_memory_bytes=limits.max_job_memory_bytes)
+                max_job_memory_bytes=limits.max_job_memory_bytes, max_atlas_units=limits.max_atlas_units)
 
 
 def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, int]:

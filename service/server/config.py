@@ -77,6 +77,9 @@ class Limits:
     max_exemplar_k: int = 100  # also featureviz.engine.exemplars.MAX_K, the engine's own bound
     max_index_batch: int = 256
     max_indexes_per_tenant: int = 64
+    # atlases (the atlas job): units (layers x channels) of one atlas, and a tenant's unfinished atlases
+    max_atlas_units: int = 50_000
+    max_atlases_per_tenant: int = 4
 
 
 @dataclass

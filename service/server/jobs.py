@@ -8,6 +8,10 @@ from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
+from featureviz.errors import NotFound
+from featureviz.options import ATLAS
+from featureviz.options import ATLAS_DEFAULTS
+from featureviz.options import BY_NAME
 from featureviz.options import EXEMPLAR_INDEX
 from featureviz.options import check_kind
 from featureviz.options import check_limits
@@ -113,6 +117,38 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
         return self.scheduler.cancel(_job_id(request.job), self.auth.tenant(context))
 
+    @rpc_errors
+    async def ListAtlasUnits(self, request: pb.ListAtlasUnitsRequest, context) -> pb.ListAtlasUnitsResponse:
+        from featureviz.server.atlas import progress
+
+        row = self._atlas_row(request.job, self.auth.tenant(context))
+        limits = self.config.limits
+        query = f"atlas|{row.id}|{request.layer}"
+        offset, limit = page_bounds(request.page_size, request.page_token, query,
+                                    default=limits.default_page_size, maximum=limits.max_page_size)
+        units = [_unit(values) for values in self.store.atlas_units(row.id, request.layer, offset, limit)]
+        return pb.ListAtlasUnitsResponse(
+            units=units, next_page_token=next_token(offset, limit, len(units), None, query),
+            progress=progress(self.store, row.id, start_time=row.start_time, finished=row.state in TERMINAL_STATES))
+
+    @rpc_errors
+    async def GetAtlasUnit(self, request: pb.GetAtlasUnitRequest, context) -> pb.AtlasUnitImage:
+        row = self._atlas_row(request.job, self.auth.tenant(context))
+        found = self.store.atlas_units(row.id, offset=request.index, limit=1) if request.index >= 0 else []
+        if not found:
+            raise NotFound(f"atlas {row.id} has no unit {request.index}", reason="UNIT_NOT_FOUND")
+        unit = _unit(found[0])
+        stored = self.store.get_unit(unit.key) if unit.done else None
+        if stored is None:
+            raise NotFound(f"unit {request.index} of atlas {row.id} is not finished", reason="UNIT_NOT_FOUND")
+        return pb.AtlasUnitImage(unit=unit, png=stored[0])
+
+    def _atlas_row(self, name: str, tenant: str):
+        row = self.store.get_job(_job_id(name), tenant)  # NOT_FOUND for an unknown job or another tenant's
+        if not pb.JobSpec.FromString(row.spec).HasField("atlas"):
+            raise FailedPrecondition(f"job {row.id} is not an atlas", reason="NOT_AN_ATLAS")
+        return row
+
     # ------------------------------------------------------------------------------------------- helpers
 
     async def _create(self, tenant: str, spec: pb.JobSpec, request_id: str) -> str:
@@ -120,17 +156,17 @@ class JobServicer(pb_grpc.JobServiceServicer):
             found = self._before_admission(tenant, spec, request_id)
         if isinstance(found, str):
             return found
-        sha, kind, dataset, stored = found
+        sha, kind, dataset, stored, model = found
         try:
             admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
         with phase("admission"):
-            return self._after_admission(tenant, request_id, sha, kind, dataset, stored, admission)
+            return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission)
 
     def _before_admission(self, tenant: str, spec: pb.JobSpec, request_id: str):
         """The checks before the worker's admission: -> the job id of an idempotent retry, or (sha, kind, dataset,
-        the spec to store)."""
+        the spec to store, the model)."""
         if self.scheduler.stopping:
             raise Unavailable("the server is shutting down; retry on another replica or after the restart")
         if request_id:  # idempotent retry: the job this request id already made
@@ -175,20 +211,69 @@ class JobServicer(pb_grpc.JobServiceServicer):
             stored.judge.model = judge_sha
             if not stored.judge.HasField("preprocess") and judge.input_spec.HasField("preprocess"):
                 stored.judge.preprocess.CopyFrom(judge.input_spec.preprocess)
+        if kind == ATLAS:
+            self._atlas_defaults(tenant, stored)
         self._check_budget(tenant, stored)  # before the worker's admission work; again once the defaults are known
-        return sha, kind, dataset, stored
+        return sha, kind, dataset, stored, model
 
     def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
-                         admission) -> str:
+                         model: pb.Model, admission) -> str:
         if kind == EXEMPLAR_INDEX:
             return self._create_index(tenant, request_id, stored, sha, dataset, admission)
+        if kind == ATLAS:
+            return self._create_atlas(tenant, request_id, stored, sha, admission)
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
             if not stored.HasField(key):
                 setattr(stored, key, getattr(admission, key))
         self._check_budget(tenant, stored)  # no await from here to submit: concurrent requests see each other
+        from featureviz.server.atlas import render_key
+
+        inputs = model.input_spec
+        key = render_key(sha, stored, (inputs.default_height, inputs.default_width))
+        row, created = self.store.create_job(tenant, request_id, stored, sha)
+        if created and not (key and self.scheduler.finish_from_store(row.id, tenant, key)):
+            self.scheduler.submit(row.id, tenant, admission, row)
+        return row.id
+
+    def _atlas_defaults(self, tenant: str, stored: pb.JobSpec) -> None:
+        """Before admission: the atlas's defaults written into its spec (so each unit's key names every option),
+        and the tenant's unfinished atlases within max_atlases_per_tenant."""
+        limit = self.config.limits.max_atlases_per_tenant
+        held = self.scheduler.atlases(tenant)
+        if held >= limit:
+            raise ResourceExhausted(f"{held} atlases queued or running, the limit per tenant is "
+                                    f"max_atlases_per_tenant = {limit}; wait for one to finish or cancel one",
+                                    reason="TOO_MANY_ATLASES")
+        for name, value in ATLAS_DEFAULTS.items():
+            option = BY_NAME[name]
+            if name == "size":
+                if not stored.HasField("size"):
+                    stored.size.height = stored.size.width = value
+            elif option.type == "choice":
+                if not getattr(stored, name):
+                    setattr(stored, name, option.enum_value(value))
+            elif not stored.HasField(name):
+                setattr(stored, name, value)
+
+    def _create_atlas(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, admission) -> str:
+        """An atlas job: the spec records its resolved size; its units (catalog order, then channel) are stored
+        with their keys, and the scheduler grants them in the room interactive jobs leave."""
+        from featureviz.server.atlas import unit_key
+
+        limit = self.config.limits.max_atlas_units
+        if admission.channels > limit:
+            raise InvalidSpec("spec.atlas", f"{admission.channels} units ({len(admission.layers)} layers); the limit "
+                                            f"is max_atlas_units = {limit}: select fewer layers or set channels",
+                              reason="TOO_MANY_UNITS")
+        stored.size.height, stored.size.width = admission.size
+        check_limits(stored, self.config.limits)
+        units = [(layer, depth, channel, unit_key(sha, stored, layer, channel))
+                 for layer, depth, count in zip(admission.layers, admission.depths, admission.units)
+                 for channel in range(count)]
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
-            self.scheduler.submit(row.id, tenant, admission, row)
+            self.store.add_atlas_units(row.id, units)
+            self.scheduler.submit_atlas(row.id, tenant)
         return row.id
 
     def _create_index(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, dataset: str,
@@ -336,7 +421,9 @@ def _summary(job: pb.Job, limits) -> pb.Job:
     from featureviz.spec import format_objective
 
     nodes, depth = objective_size(job.spec.objective, limits.max_objective_nodes, limits.max_objective_depth)
-    if job.spec.HasField("exemplar_index"):  # no objective: say what it indexes
+    if job.spec.HasField("atlas"):
+        text = f"atlas of {job.result.atlas.units or '?'} units" if job.result.HasField("atlas") else "atlas"
+    elif job.spec.HasField("exemplar_index"):  # no objective: say what it indexes
         index = job.spec.exemplar_index
         text = f"exemplar index of datasets/{index.dataset} at {len(index.layers)} layer(s), k={index.k}"
     elif nodes > limits.max_objective_nodes or depth > limits.max_objective_depth:
@@ -355,6 +442,20 @@ def _summary(job: pb.Job, limits) -> pb.Job:
 def _resolve(future: asyncio.Future, value: bool) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _unit(values) -> pb.AtlasUnit:
+    """A row of Store.atlas_units -> AtlasUnit."""
+    from featureviz.server.atlas import UNIT_CACHED
+    from featureviz.server.atlas import UNIT_RENDERED
+
+    idx, layer, _depth, channel, key, state, objective, seconds, device, width, height = values
+    unit = pb.AtlasUnit(index=idx, layer=layer, channel=channel, key=key, done=state in (UNIT_RENDERED, UNIT_CACHED),
+                        cached=state == UNIT_CACHED)
+    if unit.done and objective is not None:
+        unit.objective, unit.device_seconds, unit.device = objective, seconds, device
+        unit.width, unit.height = width, height
+    return unit
 
 
 def _now():

@@ -37,6 +37,9 @@ class Metrics:
         self.device_step_seconds = Histogram("featureviz_device_step_seconds", "Seconds of one device step (one "
                                              "forward and backward of a batch)", buckets=_STEP_SECONDS,
                                              registry=registry)
+        self.atlas_units = Counter("featureviz_atlas_units", "Atlas units finished, by source (rendered; cached: "
+                                   "served from the unit store, by an atlas or an interactive job)", ["source"],
+                                   registry=registry)
         self.worker_steps = Counter("featureviz_worker_device_steps", "Device steps run, per worker", ["worker"],
                                     registry=registry)
         self.worker_images = Counter("featureviz_worker_step_images", "Images in the device steps, per worker",

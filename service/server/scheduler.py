@@ -29,6 +29,16 @@
   the others wait in the queue without holding up their tenant's renders; a job whose index another granted job is
   computing waits for it (and then ends cached). A finished pass is recorded for the tenant
   (``Store.record_index``), whose least recently used indexes beyond ``max_indexes_per_tenant`` go.
+- Atlas jobs (``JobSpec.atlas``, :mod:`featureviz.server.atlas`) never wait in the queue: their units are granted
+  one by one as *background* submissions (``Submission.background``, one image each) while the images granted
+  (interactive and background) stay below ``max_step_images``. Interactive grants do not count the background
+  images, so an interactive job is granted at once, and the worker's planner parks background units to give it
+  their room at its next device step. Units go to the atlas of the tenant holding the fewest units, then the one
+  served least recently. Before a unit is granted the unit store is asked: a stored key (another atlas or an
+  earlier run rendered it) is served from there, and a key in flight for another atlas waits for that render. A
+  finished unit is stored at once (``Store.put_unit``) and marked done in its atlas; a restart rebuilds each atlas
+  from its units not done (the ones in flight at a kill render again: none had been stored). Cancel stops the
+  units in flight and keeps what is done.
 """
 
 from __future__ import annotations
@@ -41,6 +51,12 @@ import time
 
 from featureviz.errors import FailedPrecondition
 from featureviz.phases import phase
+from featureviz.server.atlas import UNIT_CACHED
+from featureviz.server.atlas import UNIT_FAILED
+from featureviz.server.atlas import UNIT_RENDERED
+from featureviz.server.atlas import progress as atlas_progress
+from featureviz.server.atlas import unit_job_id
+from featureviz.server.atlas import unit_spec
 from featureviz.server.store import TERMINAL_STATES
 from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
@@ -68,8 +84,9 @@ def _index_key(spec: pb.JobSpec) -> str:
 
 def job_cost(spec: pb.JobSpec) -> int:
     """A job's images x steps (the stored spec has both; unset: one image, the engine's 512 steps). An exemplar
-    index job costs none of this budget (a forward pass per image, bounded by the set's max_dataset_images)."""
-    if spec.HasField("exemplar_index"):
+    index job costs none of this budget (a forward pass per image, bounded by the set's max_dataset_images), nor
+    does an atlas (background work, bounded by max_atlas_units and max_atlases_per_tenant)."""
+    if spec.HasField("exemplar_index") or spec.HasField("atlas"):
         return 0
     return (spec.batch if spec.HasField("batch") else 1) * (spec.steps if spec.HasField("steps") else 512)
 
@@ -151,6 +168,21 @@ class JobLog:
             return [e for e in self._events if seq < e.seq <= visible and (previews or not e.HasField("preview"))]
 
 
+class _AtlasRun:
+    """An unfinished atlas on the scheduler: its units not granted yet (``pending``: (idx, layer, channel, key)),
+    those in flight (idx -> key) and those waiting for another atlas's render of the same key."""
+
+    def __init__(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec, pending: list, total: int,
+                 done: int, order: int):
+        self.job_id, self.tenant, self.model, self.spec = job_id, tenant, model, spec
+        self.pending: collections.deque = collections.deque(pending)
+        self.running: dict[int, str] = {}
+        self.deferred: dict[str, list] = {}
+        self.total, self.done, self.order = total, done, order
+        self.cancelled = False
+        self.started = False
+
+
 class Scheduler:
     def __init__(self, store: Store, worker: api.Worker, *, loop: asyncio.AbstractEventLoop,
                  finished_logs_kept: int = 256, index_chunk_images: int = 256, max_indexes_per_tenant: int = 64):
@@ -180,6 +212,15 @@ class Scheduler:
         self._stopped = threading.Event()
         self.metrics = None  # a featureviz.server.metrics.Metrics, when the server exports metrics
         self._batch = threading.local()  # .logs: the logs a batch of worker events appended to (event thread)
+        # atlases: unfinished runs, units in flight on the worker (unit job id -> (atlas, idx, key)), keys in
+        # flight (key -> unit job id), background images granted, tenant -> turn it was last granted a unit
+        self._atlases: dict[str, _AtlasRun] = {}
+        self._units: dict[str, tuple[str, int, str]] = {}
+        self._unit_workers: dict[str, str] = {}
+        self._inflight: dict[str, str] = {}
+        self._bg_held = 0
+        self._bg_served: dict[str, int] = {}
+        self._device_name = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -190,7 +231,11 @@ class Scheduler:
                 self.store.mark_queued(row.id)
                 self.log(row.id).append(state=pb.JOB_STATE_QUEUED)
                 log.info("re-queued job %s (was running when the server stopped)", row.id)
-            self._enqueue(row.id, row.tenant, pb.JobSpec.FromString(row.spec))
+            spec = pb.JobSpec.FromString(row.spec)
+            if spec.HasField("atlas"):
+                self._add_atlas(row.id, row.tenant, row.model, spec)
+                continue
+            self._enqueue(row.id, row.tenant, spec)
         self.worker.start(self._on_event)
         with self._cv:
             self._dispatch()
@@ -207,6 +252,9 @@ class Scheduler:
         with self._cv:
             self._granted.clear()
             self._held = 0
+            self._units.clear()
+            self._inflight.clear()
+            self._bg_held = 0
 
     @property
     def stopping(self) -> bool:
@@ -261,6 +309,11 @@ class Scheduler:
         return len(tenants) > 1 and self._held_by(tenant) < self.max_step_images / len(tenants)
 
     def _dispatch(self) -> None:
+        """Grant queued jobs, then atlas units in the room left (call with the lock held)."""
+        self._dispatch_jobs()
+        self._dispatch_units()
+
+    def _dispatch_jobs(self) -> None:
         """Grant queued jobs to the worker while it has room, or to a tenant below its share (call with the lock
         held)."""
         with phase("dispatch"):
@@ -301,6 +354,179 @@ class Scheduler:
             self.worker.submit(api.Submission(job_id=job_id, tenant=tenant, model=row.model, spec=row.spec,
                                               images=images, exclusive=job_id in self._exclusive,
                                               ticket=self._tickets.pop(job_id, ""), index=work))
+
+    # ------------------------------------------------------------------------------------------- atlases
+
+    def submit_atlas(self, job_id: str, tenant: str) -> None:
+        """A new atlas job (its units are in the store): its units are granted in the room interactive jobs
+        leave."""
+        row = self.store.get_job(job_id)
+        with self._cv:
+            self._add_atlas(job_id, tenant, row.model, pb.JobSpec.FromString(row.spec))
+            self._dispatch()
+
+    def atlases(self, tenant: str) -> int:
+        """The tenant's unfinished atlases."""
+        with self._cv:
+            return sum(1 for run in self._atlases.values() if run.tenant == tenant)
+
+    def _add_atlas(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec) -> None:
+        pending = self.store.pending_units(job_id)
+        total = self.store.atlas_unit_count(job_id)
+        self._turn += 1
+        run = _AtlasRun(job_id, tenant, model, spec, pending, total, total - len(pending), self._turn)
+        self._atlases[job_id] = run
+        self._progress[job_id] = (run.done, run.total, [])
+        if not pending:
+            self._finish_atlas(run)
+
+    def _dispatch_units(self) -> None:
+        """Grant atlas units while the granted images stay below one device step (call with the lock held)."""
+        while not self._stopping and self._held + self._bg_held < self.max_step_images:
+            runs = [run for run in self._atlases.values() if run.pending and not run.cancelled]
+            if not runs:
+                return
+            held: dict[str, int] = {}
+            for atlas_id, _, _ in self._units.values():
+                owner = self._atlases.get(atlas_id)
+                if owner is not None:
+                    held[owner.tenant] = held.get(owner.tenant, 0) + 1
+            run = min(runs, key=lambda r: (held.get(r.tenant, 0), self._bg_served.get(r.tenant, -1), r.order))
+            idx, layer, channel, key = run.pending.popleft()
+            if self.store.has_unit(key):  # rendered before (another atlas, an earlier run): served from the store
+                self._unit_done(run, idx, UNIT_CACHED)
+                continue
+            if key in self._inflight:  # another atlas renders it now: this one takes it from the store after
+                run.deferred.setdefault(key, []).append((idx, layer, channel, key))
+                continue
+            unit = unit_job_id(run.job_id, idx)
+            self._units[unit] = (run.job_id, idx, key)
+            self._inflight[key] = unit
+            run.running[idx] = key
+            self._bg_held += 1
+            self._turn += 1
+            self._bg_served[run.tenant] = self._turn
+            self.worker.submit(api.Submission(job_id=unit, tenant=run.tenant, model=run.model,
+                                              spec=unit_spec(run.spec, layer, channel).SerializeToString(),
+                                              images=1, background=True))
+
+    def _unit_done(self, run: _AtlasRun, idx: int, state: int) -> None:
+        """A unit of ``run`` ended (rendered, served from the store or failed): recorded, progress logged, and
+        the atlas finished when it was the last (call with the lock held)."""
+        self.store.finish_unit(run.job_id, idx, state)
+        if state != UNIT_FAILED:
+            run.done += 1
+        if self.metrics is not None and state != UNIT_FAILED:
+            self.metrics.atlas_units.labels("rendered" if state == UNIT_RENDERED else "cached").inc()
+        self._atlas_running(run)
+        self._progress[run.job_id] = (run.done, run.total, [])
+        self.log(run.job_id).append(progress=pb.Progress(step=run.done, steps=run.total))
+        if not run.pending and not run.running and not run.deferred:
+            self._finish_atlas(run)
+
+    def _atlas_running(self, run: _AtlasRun) -> None:
+        if not run.started:
+            run.started = True
+            self.store.mark_running(run.job_id, "local")
+            self.log(run.job_id).append(state=pb.JOB_STATE_RUNNING)
+
+    def _finish_atlas(self, run: _AtlasRun) -> None:
+        """The atlas ends: SUCCEEDED when every unit is done (or failed), else CANCELLED; its result is its
+        progress (call with the lock held)."""
+        self._atlases.pop(run.job_id, None)
+        row = self.store.get_job(run.job_id)
+        state = pb.JOB_STATE_CANCELLED if run.cancelled else pb.JOB_STATE_SUCCEEDED
+        result = pb.JobResult(steps_done=run.done)
+        result.atlas.CopyFrom(atlas_progress(self.store, run.job_id, start_time=row.start_time, finished=True))
+        self.store.finish_job(run.job_id, state, result=result)
+        self._progress.pop(run.job_id, None)
+        self.log(run.job_id).append(result=self.store.get_job(run.job_id).to_proto())
+        if self.metrics is not None:
+            self.metrics.jobs.labels("cancelled" if run.cancelled else "succeeded").inc()
+        log.info("atlas %s %s: %d of %d units", run.job_id, "cancelled" if run.cancelled else "succeeded",
+                 run.done, run.total)
+
+    def _cancel_atlas(self, run: _AtlasRun) -> None:
+        run.cancelled = True
+        run.pending.clear()
+        run.deferred.clear()
+        for idx in list(run.running):
+            self.worker.cancel(unit_job_id(run.job_id, idx))
+        if not run.running:
+            self._finish_atlas(run)
+
+    def _on_unit(self, event: api.WorkerEvent) -> None:
+        """An event of an atlas unit (worker thread)."""
+        unit = event.job_id
+        if event.kind == api.STARTED:
+            with self._cv:
+                self._unit_workers[unit] = event.worker or "local"
+                found = self._units.get(unit)
+                run = self._atlases.get(found[0]) if found else None
+                if run is not None:
+                    self._atlas_running(run)
+            return
+        if event.kind not in (api.FINISHED, api.REQUEUED, api.LOST):
+            return  # a unit's progress and previews are not logged: its atlas's progress counts units
+        with self._cv:
+            found = self._units.pop(unit, None)
+            worker = self._unit_workers.pop(unit, "local")
+            if found is None:
+                return
+            atlas_id, idx, key = found
+            self._bg_held -= 1
+            self._inflight.pop(key, None)
+            run = self._atlases.get(atlas_id)
+            if run is not None:
+                run.running.pop(idx, None)
+        state = None
+        if event.kind == api.FINISHED and event.state == pb.JOB_STATE_SUCCEEDED and event.result is not None \
+                and event.result.images and run is not None:
+            seconds = event.result.steps_done * event.result.seconds_per_step
+            self.store.put_unit(key, run.model, event.result.images[0], seconds, f"{worker} ({self._device()})")
+            state = UNIT_RENDERED
+        elif event.kind == api.FINISHED and event.state == pb.JOB_STATE_FAILED:
+            log.warning("atlas %s: unit %d failed: %s", atlas_id, idx, event.error.message if event.error else "")
+            state = UNIT_FAILED
+        with self._cv:
+            for other in self._atlases.values():  # units waiting for this key: from the store now, or render it
+                other.pending.extendleft(reversed(other.deferred.pop(key, [])))
+            if run is not None:
+                if state is not None:
+                    self._unit_done(run, idx, state)
+                elif run.cancelled:
+                    if not run.running:
+                        self._finish_atlas(run)
+                else:  # re-queued (stop), lost, or cancelled by no one of ours: it renders again
+                    row = self.store.atlas_units(run.job_id, offset=idx, limit=1)[0]
+                    run.pending.appendleft((row[0], row[1], row[3], row[4]))
+            self._dispatch()
+
+    def _device(self) -> str:
+        if self._device_name is None:
+            try:
+                device = self.worker.device()
+                self._device_name = device.name or device.kind or "?"
+            except Exception:
+                self._device_name = "?"
+        return self._device_name
+
+    def finish_from_store(self, job_id: str, tenant: str, key: str) -> bool:
+        """End a batch-1 channel render at once, SUCCEEDED, with the stored unit render of its key (an atlas
+        made it); False when the key is not stored."""
+        found = self.store.get_unit(key)
+        if found is None:
+            return False
+        png, width, height, objective, _, _, _ = found
+        spec = pb.JobSpec.FromString(self.store.get_job(job_id).spec)
+        result = pb.JobResult(steps_done=spec.steps, images=[pb.RenderedImage(
+            index=0, png=png, width=width, height=height, objective_end=objective)])
+        self.store.finish_job(job_id, pb.JOB_STATE_SUCCEEDED, result=result)
+        self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+        if self.metrics is not None:
+            self.metrics.atlas_units.labels("cached").inc()
+            self.metrics.jobs.labels("succeeded").inc()
+        return True
 
     def _index_work(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec) -> api.IndexWork | None:
         """An index job's IndexWork; None when it ended here instead (call with the lock held): its index is
@@ -360,7 +586,9 @@ class Scheduler:
     def cancel(self, job_id: str, tenant: str) -> pb.Job:
         with self._cv:
             row = self.store.get_job(job_id, tenant)
-            if job_id in self._granted:
+            if job_id in self._atlases:  # the units in flight stop, what is done stays
+                self._cancel_atlas(self._atlases[job_id])
+            elif job_id in self._granted:
                 self.worker.cancel(job_id)
             elif job_id in self._queue:
                 self._queue.remove(job_id)
@@ -437,6 +665,9 @@ class Scheduler:
 
     def _handle(self, event: api.WorkerEvent) -> None:
         try:
+            if event.job_id and event.job_id in self._units:
+                self._on_unit(event)
+                return
             handler = getattr(self, f"_on_{event.kind}")
             with phase(_EVENT_PHASES.get(event.kind, "step bookkeeping")):
                 handler(event)

@@ -11,7 +11,9 @@ Layout under the store directory::
                                   written by the worker), shared by every tenant holding its model and set
     indexes/<id>.partial.npz      an unfinished pass's state after its last finished chunk (a rerun resumes it)
     featureviz.sqlite3            tables ``models`` (tenant, sha256 -> Model, catalog), ``jobs``, ``datasets``
-                                  (tenant, id -> Dataset, image list) and ``dataset_images`` (id -> image sha256)
+                                  (tenant, id -> Dataset, image list) and ``dataset_images`` (id -> image sha256),
+                                  ``atlas_units`` (an atlas job's units and their state) and ``unit_renders``
+                                  (finished unit renders by content key: PNG, objective, device seconds)
 
 Model rows and job rows hold their protos serialized, so the metadata is exactly what the API returns.
 One connection serves the event loop and the scheduler thread behind a lock; every call is a short
@@ -96,6 +98,30 @@ CREATE TABLE IF NOT EXISTS tenant_indexes (     -- which tenant's jobs made or r
     use_time REAL NOT NULL,
     PRIMARY KEY (tenant, id)
 );
+CREATE TABLE IF NOT EXISTS atlas_units (       -- an atlas job's units, in atlas order
+    job TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    layer TEXT NOT NULL,
+    depth INTEGER NOT NULL,
+    channel INTEGER NOT NULL,
+    key TEXT NOT NULL,            -- the unit_renders key of its render
+    state INTEGER NOT NULL DEFAULT 0,   -- 0 pending, 1 rendered for this atlas, 2 served from the store, 3 failed
+    done_time REAL,
+    PRIMARY KEY (job, idx)
+);
+CREATE TABLE IF NOT EXISTS unit_renders (      -- finished unit renders (atlas units), content-addressed
+    key TEXT PRIMARY KEY,         -- sha256 of (model, objective, every render option, seed): featureviz.server.atlas
+    model TEXT NOT NULL,
+    png BLOB NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    objective REAL NOT NULL,
+    device_seconds REAL NOT NULL,
+    device TEXT NOT NULL,
+    renders INTEGER NOT NULL DEFAULT 1,   -- times a render of this key finished (1, unless one ran twice)
+    create_time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS unit_renders_model ON unit_renders (model);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
@@ -612,6 +638,66 @@ class Store:
 
     def set_last_seq(self, job_id: str, seq: int) -> None:
         self._run("UPDATE jobs SET last_seq = ? WHERE id = ?", (seq, job_id))
+
+    # ------------------------------------------------------------------------------------------- atlases
+
+    def add_atlas_units(self, job_id: str, units: list[tuple[str, int, int, str]]) -> None:
+        """An atlas job's units ``(layer, depth, channel, key)``, in order (once, when the job is made)."""
+        with self._lock, _disk_full(), self._tx():
+            self._db.executemany("INSERT OR IGNORE INTO atlas_units (job, idx, layer, depth, channel, key) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", [(job_id, i, *unit) for i, unit in enumerate(units)])
+
+    def atlas_units(self, job_id: str, layer: str = "", offset: int = 0, limit: int = -1) -> list[tuple]:
+        """``(idx, layer, depth, channel, key, state, objective, device_seconds, device, width, height)`` of an
+        atlas's units in order (the render's columns None while it is not done)."""
+        where, params = ("a.job = ? AND a.layer = ?", (job_id, layer)) if layer else ("a.job = ?", (job_id,))
+        return self._run("SELECT a.idx, a.layer, a.depth, a.channel, a.key, a.state, r.objective, r.device_seconds, "
+                         "r.device, r.width, r.height FROM atlas_units a LEFT JOIN unit_renders r ON "
+                         f"(a.state IN (1, 2) AND r.key = a.key) WHERE {where} ORDER BY a.idx LIMIT ? OFFSET ?",
+                         (*params, limit, offset))
+
+    def atlas_unit_count(self, job_id: str) -> int:
+        return self._run("SELECT COUNT(*) FROM atlas_units WHERE job = ?", (job_id,))[0][0]
+
+    def atlas_layers(self, job_id: str) -> list[tuple[str, int, int, int, int, int, float]]:
+        """Per layer in atlas order: ``(layer, depth, units, rendered, cached, failed, device seconds rendered)``."""
+        return self._run("SELECT a.layer, a.depth, COUNT(*), SUM(a.state = 1), SUM(a.state = 2), SUM(a.state = 3), "
+                         "COALESCE(SUM(CASE WHEN a.state = 1 THEN r.device_seconds END), 0) FROM atlas_units a "
+                         "LEFT JOIN unit_renders r ON r.key = a.key WHERE a.job = ? GROUP BY a.layer, a.depth "
+                         "ORDER BY MIN(a.idx)", (job_id,))
+
+    def atlas_rendered_times(self, job_id: str) -> tuple[int, float | None, float | None]:
+        """(units rendered for the atlas, first and last done time) for its measured rate."""
+        row = self._run("SELECT COUNT(*), MIN(done_time), MAX(done_time) FROM atlas_units WHERE job = ? AND "
+                        "state = 1", (job_id,))[0]
+        return int(row[0]), row[1], row[2]
+
+    def pending_units(self, job_id: str) -> list[tuple[int, str, int, str]]:
+        """``(idx, layer, channel, key)`` of the units not done yet, in order (what a restart resumes)."""
+        return self._run("SELECT idx, layer, channel, key FROM atlas_units WHERE job = ? AND state = 0 ORDER BY idx",
+                         (job_id,))
+
+    def finish_unit(self, job_id: str, idx: int, state: int) -> None:
+        self._run("UPDATE atlas_units SET state = ?, done_time = ? WHERE job = ? AND idx = ? AND state = 0",
+                  (state, time.time(), job_id, idx))
+
+    def put_unit(self, key: str, model: str, image: pb.RenderedImage, device_seconds: float, device: str) -> None:
+        """A finished unit render, stored under its key (a second render of a key counts in ``renders``)."""
+        with self._lock, _disk_full():
+            self._db.execute(
+                "INSERT INTO unit_renders (key, model, png, width, height, objective, device_seconds, device, "
+                "create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET renders = renders + 1",
+                (key, model, bytes(image.png), image.width, image.height, float(image.objective_end),
+                 float(device_seconds), device, time.time()))
+
+    def get_unit(self, key: str) -> tuple | None:
+        """``(png, width, height, objective, device_seconds, device, renders)`` of a stored unit render, or None."""
+        rows = self._run("SELECT png, width, height, objective, device_seconds, device, renders FROM unit_renders "
+                         "WHERE key = ?", (key,))
+        return rows[0] if rows else None
+
+    def has_unit(self, key: str) -> bool:
+        return bool(self._run("SELECT 1 FROM unit_renders WHERE key = ?", (key,)))
 
 
 def resume_offset(partial: Path, size: int, *, drop: bool = False) -> int:

@@ -49,11 +49,15 @@ from featureviz.client.client import MESSAGE_BYTES
 from featureviz.codec import preprocess_to_proto
 from featureviz.codec import spec_to_proto
 from featureviz.client.errors import from_rpc_error
+from featureviz.client.exemplars import ORDERS
 from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
 from featureviz.errors import code_name
 from featureviz.errors import echo
 from featureviz.hosts import LOOPBACK_HOSTS
+from featureviz.options import BY_NAME
+from featureviz.options import EXEMPLAR_INDEX
+from featureviz.options import OPTIONS
 from featureviz.options import offered
 from featureviz.ratelimit import FailureThrottle
 from featureviz.spec import parse_objective
@@ -63,7 +67,9 @@ from featureviz.web.connections import AcceptErrorLog
 from featureviz.web.connections import BadRequestLog
 from featureviz.web.connections import ConnectionGuard
 from featureviz.web.payloads import cli_command
+from featureviz.web.payloads import dataset_json
 from featureviz.web.payloads import event_json
+from featureviz.web.payloads import exemplars_json
 from featureviz.web.payloads import json_text
 from featureviz.web.payloads import job_json
 from featureviz.web.payloads import layer_json
@@ -86,6 +92,9 @@ JSON_DEPTH = 64  # ... and nested at most this deep (objectives are at most max_
 INT64_MAX = (1 << 63) - 1
 UPLOAD_IDLE_STATUS = 408
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MANIFEST_BYTES = 16 << 20  # a files upload's JSON list of its files (max_archive_members entries) is at most this
+_DATASET_KINDS = {"zip": pb.DATASET_SOURCE_KIND_ZIP, "tar": pb.DATASET_SOURCE_KIND_TAR,
+                  "files": pb.DATASET_SOURCE_KIND_FILES}
 # set on a request that carried a token or a session (aiohttp >= 3.14 wants typed keys; older ones take a string)
 _CREDENTIALS = (web.RequestKey("featureviz_credentials", bool) if hasattr(web, "RequestKey")
                 else "featureviz_credentials")
@@ -101,6 +110,12 @@ HTTP_STATUS = {
 # featureviz.options) and the request id
 _JOB_OPTIONS = tuple(option.name for option in offered("web"))
 _JOB_KEYS = ("model", "objective", *_JOB_OPTIONS, "request_id")
+# POST api/exemplars/index: the model, the set, the layers, the parts of the exemplar_index option and the other
+# options an index job takes (their declaration, featureviz.options: size)
+_INDEX_PARTS = tuple(part.name for part in BY_NAME["exemplar_index"].parts)
+_INDEX_OPTIONS = tuple(option.name for option in OPTIONS if EXEMPLAR_INDEX in option.kinds
+                       and option.type in ("int", "size"))
+_INDEX_KEYS = ("model", "dataset", "layers", *_INDEX_PARTS, *_INDEX_OPTIONS)
 _SECURITY_HEADERS = {
     # everything comes from this origin: no CDN, works offline; previews are data: URLs
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -163,6 +178,7 @@ class WebGateway:
         self.connections: ConnectionGuard | None = None
         self._channel: grpc.aio.Channel | None = None
         self._models: pb_grpc.ModelServiceStub | None = None
+        self._datasets: pb_grpc.DatasetServiceStub | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._accept_log: AcceptErrorLog | None = None
@@ -180,6 +196,7 @@ class WebGateway:
         self._channel = grpc.aio.insecure_channel(self._target, options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", MESSAGE_BYTES)])
         self._models = pb_grpc.ModelServiceStub(self._channel)
+        self._datasets = pb_grpc.DatasetServiceStub(self._channel)
         # aiohttp's keep-alive timer runs from a connection's start and after each response, and closes the
         # connection when no whole request header came by then: that is the header-read timeout
         header_timeout = self.limits.http_header_timeout_seconds
@@ -240,6 +257,13 @@ class WebGateway:
             web.get("/api/models/{sha}", self.get_model),
             web.delete("/api/models/{sha}", self.delete_model),
             web.get("/api/models/{sha}/layers", self.list_layers),
+            web.get("/api/datasets", self.list_datasets),
+            web.post("/api/datasets", self.upload_dataset),
+            web.get("/api/datasets/{id}", self.get_dataset),
+            web.delete("/api/datasets/{id}", self.delete_dataset),
+            web.get("/api/datasets/{id}/images/{image:[0-9a-f]{64}}.png", self.dataset_image),
+            web.get("/api/exemplars", self.exemplars),
+            web.post("/api/exemplars/index", self.index_exemplars),
             web.get("/api/classes", self.classes),
             web.get("/api/jobs", self.list_jobs),
             web.post("/api/jobs", self.create_job),
@@ -331,7 +355,9 @@ class WebGateway:
                 "device": {"kind": info.device.kind, "name": info.device.name, "kernels": info.device.kernels},
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_image_side": limits.max_image_side,
                            "max_steps": limits.max_steps, "max_images_per_job": limits.max_images_per_job,
-                           "max_batch": limits.max_images_per_job},  # deprecated: max_images_per_job
+                           "max_batch": limits.max_images_per_job,  # deprecated: max_images_per_job
+                           "max_dataset_bytes": limits.max_dataset_bytes,
+                           "max_dataset_images": limits.max_dataset_images},
                 # the job options as the server declares them (ServerInfo.job_options): the form's choices, ranges
                 "options": {option.name: json_format.MessageToDict(option, preserving_proto_field_name=True)
                             for option in info.job_options},
@@ -383,44 +409,185 @@ class WebGateway:
         await self._client(request).delete_model(request.match_info["sha"])
         return _json({})
 
+    async def list_datasets(self, request: web.Request) -> web.Response:
+        """The tenant's sets, each with its whole report (the names too: GetDataset's; at most
+        max_datasets_per_tenant sets)."""
+        client = self._client(request)
+        listed = [dataset async for dataset in client.datasets(page_size=1000)]
+        return _json({"datasets": [dataset_json(await client.dataset(d.id)) for d in listed]})
+
+    async def get_dataset(self, request: web.Request) -> web.Response:
+        return _json(dataset_json(await self._client(request).dataset(request.match_info["id"])))
+
+    async def delete_dataset(self, request: web.Request) -> web.Response:
+        await self._client(request).delete_dataset(request.match_info["id"])
+        return _json({})
+
+    async def dataset_image(self, request: web.Request) -> web.Response:
+        """One image of a set as PNG (GetDatasetImage): ``?box=x0,y0,x1,y1`` crops it (the file's pixels, end
+        exclusive), ``?max_side=`` downscales it (0 or none: max_image_side)."""
+        box = _ints(request.query["box"], "box", 4) if request.query.get("box") else None
+        max_side = _ints(request.query.get("max_side", "0"), "max_side", 1)[0]
+        png = await self._client(request).dataset_image(request.match_info["id"], request.match_info["image"],
+                                                        box=box, max_side=max_side)
+        return web.Response(body=png, content_type="image/png",
+                            headers={"Cache-Control": "private, max-age=86400"})  # stored by content: never changes
+
+    async def exemplars(self, request: web.Request) -> web.Response:
+        """One channel's dataset examples (GetExemplars): ``?model=&dataset=&layer=&channel=&order=max|mean|min&k=``;
+        each with the URLs of its crop and of its whole image (``api/datasets/<id>/images/<sha256>.png``) and its
+        box as fractions of the image, to draw on the whole image."""
+        query = request.query
+        order = query.get("order", "max")
+        if order not in ORDERS:
+            raise InvalidSpec("order", f"order must be one of {', '.join(ORDERS)}, got {echo(order)}")
+        channel = _ints(query.get("channel", ""), "channel", 1)[0]
+        k = _ints(query.get("k", "9"), "k", 1)[0]
+        response = await self._client(request).exemplars(query.get("model", ""), query.get("dataset", ""),
+                                                         query.get("layer", ""), channel, order=order, k=k)
+        return _json(exemplars_json(response, query.get("dataset", "").strip().removeprefix("datasets/").lower()))
+
+    async def index_exemplars(self, request: web.Request) -> web.Response:
+        """Run the exemplar index job (``JobSpec.exemplar_index``) for a model and a set: ``{"model", "dataset",
+        "layers": [...], "k", "batch_size", "size"}`` (all but model and dataset optional) -> the job; follow it
+        with ``api/jobs/<id>/events`` (progress: images done of the set's)."""
+        body = await self._json_body(request)
+        unknown = sorted(set(body) - set(_INDEX_KEYS))
+        if unknown:
+            raise InvalidSpec(_short(unknown[0]), f"unknown key; an index job takes: {', '.join(_INDEX_KEYS)}")
+        layers = body.get("layers") or []
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, list) or not all(isinstance(layer, str) for layer in layers):
+            raise InvalidSpec("layers", "expected a list of layer names")
+        options = {key: body[key] for key in (*_INDEX_PARTS, *_INDEX_OPTIONS) if body.get(key) is not None}
+        for key, value in options.items():
+            values = value if key == "size" and isinstance(value, list) and len(value) == 2 else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise InvalidSpec(key, f"expected an integer{' or [height, width]' if key == 'size' else ''}, got "
+                                       f"{echo(json.dumps(value))}")
+        job = await self._client(request).index_exemplars(str(body.get("model", "")), str(body.get("dataset", "")),
+                                                          layers, **options)
+        return _json(job_json(job))
+
     async def upload_model(self, request: web.Request) -> web.Response:
-        """The request body is the ONNX file, ``?sha256=`` its digest (the page computes it). Before any byte of
-        the body is read: the token (401), its write scope (403), the declared size (411 without one, 413 over
-        max_upload_bytes). Then the body streams straight into UploadModel, chunk by chunk, declared at its
-        Content-Length (the server's partial-upload quota and concurrent-upload cap count it); a body silent for
-        http_body_idle_timeout_seconds ends the upload (408) and nothing is kept."""
-        token = self._token(request)
-        limits = (await self._client(request, token).info()).limits
-        if token is not None and token in self.config.read_only:
-            return _error(403, "PERMISSION_DENIED", "this token is read-only; uploading a model changes state and "
-                                                    "needs a read-write token", reason="READ_ONLY_TOKEN")
-        size = request.content_length
-        if size is None:
-            return _error(411, "INVALID_ARGUMENT", "an upload needs a Content-Length header (the file's size); "
-                                                   "a chunked body is not taken")
-        if size > limits.max_upload_bytes:
-            return _error(413, "INVALID_ARGUMENT", f"{size} bytes; the server takes models of at most "
-                                                   f"{limits.max_upload_bytes} bytes (max_upload_bytes)")
-        if size == 0:
-            raise InvalidSpec("body", "the request body is empty; send the ONNX file's bytes")
-        sha = request.query.get("sha256", "").strip().lower()
-        if not _SHA256.fullmatch(sha):
-            raise InvalidSpec("sha256", f"give the file's SHA-256 as 64 hex digits in ?sha256=, got "
-                                        f"{echo(request.query.get('sha256', ''))} (the explorer's page computes it)")
+        """The request body is the ONNX file, ``?sha256=`` its digest (the page computes it), ``?name=`` and the
+        preprocessing (``?mean=&std=&bgr=``) optional. Checked and streamed as every upload (``_upload_checks``,
+        ``_upload_stream``); a model the server holds already answers at once."""
+        checked = await self._upload_checks(request, "a model", "max_upload_bytes")
+        if isinstance(checked, web.Response):
+            return checked
+        token, metadata, limits, size, sha = checked
         header = pb.UploadHeader(sha256=sha, size_bytes=size, display_name=_short(request.query.get("name", "")))
         preprocess = _preprocess(request.query)
         if preprocess is not None:
             header.preprocess.CopyFrom(preprocess_to_proto(preprocess))
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
         status = await self._grpc(self._models.GetUpload(pb.GetUploadRequest(sha256=sha, size_bytes=size),
                                                          metadata=metadata, timeout=60.0))
         if status.model_exists:  # the server holds these bytes: nothing to send
             model = await self._client(request, token).model(sha)
             model.deduplicated = True
             return _json(model_json(model))
-        call = self._models.UploadModel(metadata=metadata)
+        model = await self._upload_stream(request, self._models.UploadModel(metadata=metadata),
+                                          pb.UploadModelRequest, pb.UploadModelRequest(header=header),
+                                          status.committed_bytes, size, limits)
+        return model if isinstance(model, web.Response) else _json(model_json(model))
+
+    async def upload_dataset(self, request: web.Request) -> web.Response:
+        """An image set: ``?kind=zip|tar`` and the body is the archive, or ``?kind=files&manifest=N`` and the body is
+        N bytes of a JSON list of the files (``[{"name", "size", "sha256"}, ...]``, in stream order) followed by the
+        files' bytes one after another. ``?sha256=`` is the digest of the stream after the manifest (the archive,
+        or the files' bytes), ``?name=`` the set's display name. Checked and streamed as a model upload (the size
+        bound is max_dataset_bytes), into UploadDataset; the answer is the stored set with its report."""
+        kind = _DATASET_KINDS.get(request.query.get("kind", ""))
+        if kind is None:
+            raise InvalidSpec("kind", f"give the upload's kind in ?kind=: zip, tar or files, got "
+                                      f"{echo(request.query.get('kind', ''))}")
+        manifest = 0
+        if kind == pb.DATASET_SOURCE_KIND_FILES:
+            text = request.query.get("manifest", "")
+            if not text.isdigit() or not 0 < int(text) <= MANIFEST_BYTES:
+                raise InvalidSpec("manifest", f"give the size of the files' JSON list that starts the body in "
+                                              f"?manifest=, 1 to {MANIFEST_BYTES} bytes, got {echo(text)}")
+            manifest = int(text)
+        checked = await self._upload_checks(request, "a dataset", "max_dataset_bytes", prefix=manifest)
+        if isinstance(checked, web.Response):
+            return checked
+        token, metadata, limits, size, sha = checked
+        header = pb.DatasetUploadHeader(sha256=sha, size_bytes=size, kind=kind,
+                                        display_name=_short(request.query.get("name", "")))
+        if manifest:
+            header.files.extend(await self._manifest(request, manifest))
+        status = await self._grpc(self._datasets.GetDatasetUpload(
+            pb.GetDatasetUploadRequest(sha256=sha, size_bytes=size), metadata=metadata, timeout=60.0))
+        dataset = await self._upload_stream(request, self._datasets.UploadDataset(metadata=metadata),
+                                            pb.UploadDatasetRequest, pb.UploadDatasetRequest(header=header),
+                                            status.committed_bytes, size, limits)
+        return dataset if isinstance(dataset, web.Response) else _json(dataset_json(dataset))
+
+    async def _upload_checks(self, request: web.Request, what: str, limit: str, *, prefix: int = 0):
+        """What every upload checks before any byte of its body is read: the token (401), its write scope (403),
+        the declared size (411 without one, 413 over the ``limit`` field of Limits; ``prefix`` bytes of the body
+        come before the stream and do not count) and the stream's digest in ``?sha256=``. -> (token, gRPC
+        metadata, limits, stream size, sha256), or the error response."""
+        token = self._token(request)
+        limits = (await self._client(request, token).info()).limits
+        if token is not None and token in self.config.read_only:
+            return _error(403, "PERMISSION_DENIED", f"this token is read-only; uploading {what} changes state and "
+                                                    "needs a read-write token", reason="READ_ONLY_TOKEN")
+        if request.content_length is None:
+            return _error(411, "INVALID_ARGUMENT", "an upload needs a Content-Length header (the file's size); "
+                                                   "a chunked body is not taken")
+        size, most = request.content_length - prefix, getattr(limits, limit)
+        if size > most:
+            return _error(413, "INVALID_ARGUMENT", f"{size} bytes; the server takes {what} of at most {most} bytes "
+                                                   f"({limit})")
+        if size <= 0:
+            raise InvalidSpec("body", f"the request body holds no bytes to upload; send {what}'s bytes")
+        sha = request.query.get("sha256", "").strip().lower()
+        if not _SHA256.fullmatch(sha):
+            raise InvalidSpec("sha256", f"give the file's SHA-256 as 64 hex digits in ?sha256=, got "
+                                        f"{echo(request.query.get('sha256', ''))} (the explorer's page computes it)")
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        return token, metadata, limits, size, sha
+
+    async def _manifest(self, request: web.Request, size: int) -> list[pb.DatasetFile]:
+        """The files' JSON list that starts a files upload's body: exactly ``size`` bytes, each read bounded by
+        http_body_idle_timeout_seconds. The server checks the names, sizes and digests against the stream."""
+        raw = bytearray()
         try:
-            model = await self._stream_upload(request, call, header, status.committed_bytes,
+            while len(raw) < size:
+                block = await self._body_read(request, size - len(raw))
+                if not block:
+                    raise InvalidSpec("manifest", f"the body ended inside its {size}-byte files list")
+                raw += block
+        except _BodyIdle:
+            raise InvalidSpec("body", f"the body sent nothing for {self.limits.http_body_idle_timeout_seconds:g} s "
+                                      "(http_body_idle_timeout_seconds)") from None
+        try:
+            items = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            items = None
+        if not isinstance(items, list) or not items:
+            raise InvalidSpec("manifest", "the body must start with a JSON list of the files: "
+                                          '[{"name": ..., "size": ..., "sha256": ...}, ...]')
+        files = []
+        for index, item in enumerate(items):
+            ok = (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("sha256"), str)
+                  and isinstance(item.get("size"), int) and not isinstance(item.get("size"), bool))
+            if not ok:
+                raise InvalidSpec(f"manifest[{index}]", f"expected {{\"name\": str, \"size\": int, \"sha256\": "
+                                                        f"str}}, got {echo(json.dumps(item))}")
+            files.append(pb.DatasetFile(name=item["name"], size_bytes=item["size"], sha256=item["sha256"]))
+        return files
+
+    async def _upload_stream(self, request: web.Request, call, message, first, committed: int, size: int, limits):
+        """Stream the rest of the body into a client-streaming upload ``call`` (UploadModel, UploadDataset) whose
+        requests are ``message``: ``first`` (the header), then chunks of at most max_chunk_bytes from
+        ``committed`` (what the server holds of an earlier, broken upload of the same bytes). -> the server's
+        answer, or the 408 response of a body silent for http_body_idle_timeout_seconds (nothing kept)."""
+        try:
+            return await self._stream_upload(request, call, message, first, size, committed,
                                               min(limits.max_chunk_bytes, MESSAGE_BYTES // 2))
         except _BodyIdle:
             idle = self.limits.http_body_idle_timeout_seconds
@@ -430,17 +597,16 @@ class WebGateway:
             return response
         finally:
             call.cancel()  # no-op once answered
-        return _json(model_json(model))
 
-    async def _stream_upload(self, request: web.Request, call, header: pb.UploadHeader, committed: int,
-                             chunk: int) -> pb.Model:
-        """Header, then the body's bytes from ``committed`` (what the server holds of an earlier, broken upload of
-        the same bytes) in chunks of at most ``chunk``; the last with finish_write. A body that ends short or goes
-        silent ends the stream with finish_write, so the server keeps nothing."""
-        size, read, buffer = header.size_bytes, 0, bytearray()
+    async def _stream_upload(self, request: web.Request, call, message, first, size: int, committed: int,
+                             chunk: int):
+        """``first``, then the body's bytes from ``committed`` in chunks of at most ``chunk``; the last with
+        finish_write. A body that ends short or goes silent ends the stream with finish_write, so the server keeps
+        nothing."""
+        read, buffer = 0, bytearray()
         offset = committed
         try:
-            await call.write(pb.UploadModelRequest(header=header))
+            await call.write(first)
             while read < size:
                 block = await self._body_block(request)
                 if not block:
@@ -450,18 +616,18 @@ class WebGateway:
                 buffer += block[skip:]
                 while len(buffer) >= chunk:
                     data, buffer = bytes(buffer[:chunk]), buffer[chunk:]
-                    await call.write(_chunk(offset, data, offset + len(data) >= size))
+                    await call.write(_chunk(message, offset, data, offset + len(data) >= size))
                     offset += len(data)
             if read != size:
-                await _abandon(call, offset)
+                await _abandon(call, message, offset)
                 raise InvalidSpec("body", f"the body ended after {read} of the {size} bytes its Content-Length "
                                           "declares; nothing was kept")
             if buffer or offset < size or committed == size:
-                await call.write(_chunk(offset, bytes(buffer), True))
+                await call.write(_chunk(message, offset, bytes(buffer), True))
             await call.done_writing()
             return await call
         except _BodyIdle:
-            await _abandon(call, offset)
+            await _abandon(call, message, offset)
             raise
         except (grpc.RpcError, asyncio.InvalidStateError):  # the server answered early (a limit, a quota)
             try:
@@ -469,6 +635,14 @@ class WebGateway:
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
             raise
+
+    async def _body_read(self, request: web.Request, most: int) -> bytes:
+        """At most ``most`` bytes of the request body (b"" at its end), or _BodyIdle after
+        http_body_idle_timeout_seconds of silence."""
+        try:
+            return await asyncio.wait_for(request.content.read(most), self.limits.http_body_idle_timeout_seconds)
+        except TimeoutError:
+            raise _BodyIdle() from None
 
     async def _body_block(self, request: web.Request) -> bytes:
         """The next bytes of the request body (b"" at its end), or _BodyIdle after http_body_idle_timeout_seconds
@@ -750,6 +924,15 @@ def _depth(value) -> int:
     return deepest
 
 
+def _ints(text: str, field: str, count: int) -> list[int]:
+    """``count`` comma-separated non-negative integers (a box, a channel, k), or InvalidSpec naming the field."""
+    parts = text.split(",")
+    if len(parts) != count or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        raise InvalidSpec(field, f"expected {count} comma-separated non-negative integer{'s' if count > 1 else ''}, "
+                                 f"got {echo(text)}")
+    return [int(p) for p in parts]
+
+
 def _from_seq(text: str) -> int:
     """``from_seq`` / ``Last-Event-ID``: an event sequence number, 0 to 2^63-1."""
     text = text.strip()
@@ -763,14 +946,15 @@ def _client_address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-def _chunk(offset: int, data: bytes, finish: bool) -> pb.UploadModelRequest:
-    return pb.UploadModelRequest(chunk=pb.UploadChunk(write_offset=offset, data=data, finish_write=finish))
+def _chunk(message, offset: int, data: bytes, finish: bool):
+    """An upload's chunk as ``message`` (UploadModelRequest, UploadDatasetRequest: both a header or a chunk)."""
+    return message(chunk=pb.UploadChunk(write_offset=offset, data=data, finish_write=finish))
 
 
-async def _abandon(call, offset: int) -> None:
+async def _abandon(call, message, offset: int) -> None:
     """End an upload stream so the server keeps nothing: finish_write short of the size is its SIZE_MISMATCH."""
     async def finish():
-        await call.write(_chunk(offset, b"", True))
+        await call.write(_chunk(message, offset, b"", True))
         await call.done_writing()
         await call
 

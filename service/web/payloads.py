@@ -13,6 +13,9 @@ import json
 import math
 import shlex
 
+from google.protobuf import json_format
+
+from featureviz.client.exemplars import ORDERS
 from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.options import OPTIONS
@@ -22,8 +25,9 @@ from featureviz.spec import normalize_objective
 from featureviz.spec import parse_objective
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["json_text", "finite", "model_json", "layer_json", "job_json", "event_json", "spec_json", "objective_text",
-           "image_labels", "objective_summary", "cli_command", "state_name", "STATES"]
+__all__ = ["json_text", "finite", "model_json", "layer_json", "dataset_json", "exemplars_json", "job_json",
+           "event_json", "spec_json", "objective_text", "image_labels", "objective_summary", "cli_command",
+           "state_name", "STATES"]
 
 STATES = {value: name.removeprefix("JOB_STATE_") for name, value in pb.JobState.items()}
 _MODEL_STATES = {value: name.removeprefix("MODEL_STATE_") for name, value in pb.ModelState.items()}
@@ -84,9 +88,65 @@ def layer_json(layer: pb.Layer) -> dict:
             "pre_activation_of": layer.pre_activation_of, "layout": layer.layout}
 
 
+def dataset_json(dataset: pb.Dataset) -> dict:
+    """A set and its upload's report: images, files, skipped per cause (count, up to 10 names, the first problem in
+    words), converted kinds (count, names), formats."""
+    report = dataset.report
+    return {
+        "id": dataset.id, "name": dataset.display_name or dataset.id[:12], "display_name": dataset.display_name,
+        "image_count": dataset.image_count, "size_bytes": dataset.size_bytes,
+        "create_time": _time(dataset.create_time), "deduplicated": dataset.deduplicated,
+        "report": {"images": report.images, "files": report.files, "skipped": report.skipped,
+                   "skipped_by_cause": [{"cause": s.cause, "count": s.count, "names": list(s.names),
+                                         "detail": s.detail} for s in report.skipped_by_cause],
+                   "converted": [{"kind": c.kind, "count": c.count, "names": list(c.names)} for c in report.converted],
+                   "formats": dict(sorted(report.formats.items()))},
+    }
+
+
+_ORDERS = {value: name for name, value in ORDERS.items()}  # the client's names of ExemplarOrder (unset: max)
+CROP_SIDE = 160  # a crop's PNG side at most (the page shows them small)
+WHOLE_SIDE = 640  # the whole image's, when a crop is clicked
+
+
+def _box(box: pb.CropBox) -> list[int]:
+    return [box.x0, box.y0, box.x1, box.y1]
+
+
+def exemplars_json(response: pb.GetExemplarsResponse, dataset: str) -> dict:
+    """GetExemplars -> the page's examples: each with its crop's URL (the receptive field in the file's pixels, or
+    the whole image for a unit that sees all of it), its whole image's URL and its box as fractions of the image
+    (the index stretched every image to ``size``, so the box in model pixels over the size is where it lies)."""
+    height, width = response.size.height or 1, response.size.width or 1
+    base = f"api/datasets/{dataset}/images"
+    out = []
+    for e in response.exemplars:
+        crop = e.HasField("image_box") and not e.whole
+        item = {"rank": e.rank, "image": e.image, "name": e.name, "value": e.value,
+                "x": e.x if e.HasField("x") else None, "y": e.y if e.HasField("y") else None,
+                "box": _box(e.box) if e.HasField("box") else None,
+                "image_box": _box(e.image_box) if e.HasField("image_box") else None, "whole": e.whole,
+                "image_url": f"{base}/{e.image}.png?max_side={WHOLE_SIDE}",
+                "crop_url": f"{base}/{e.image}.png?max_side={CROP_SIDE}"
+                            + (f"&box={','.join(str(v) for v in _box(e.image_box))}" if crop else "")}
+        if e.HasField("box") and not e.whole:
+            item["fraction"] = [e.box.x0 / width, e.box.y0 / height, e.box.x1 / width, e.box.y1 / height]
+        out.append(item)
+    return {"layer": response.layer, "channel": response.channel, "order": _ORDERS.get(response.order, "max"),
+            "index": response.index, "size": [response.size.height, response.size.width], "images": response.images,
+            "p50": response.p50, "p99": response.p99, "max": response.max, "field_size": response.field_size,
+            "field_stride": response.field_stride, "whole": response.whole, "exemplars": out}
+
+
 def spec_json(spec: pb.JobSpec) -> dict:
     """A job's spec as the engine's keyword arguments (``RenderSpec``), plus the model's sha256."""
     out = {"model": spec.model.removeprefix("models/")}
+    if spec.HasField("exemplar_index"):  # an index job: no objective, no render options
+        out["exemplar_index"] = json_format.MessageToDict(spec.exemplar_index, preserving_proto_field_name=True)
+        if spec.HasField("size"):
+            out["size"] = [spec.size.height, spec.size.width]
+        out["objective"] = None
+        return out
     listed = spec.objective.WhichOneof("kind") is None  # ListJobs leaves the objective out (objective_text has it)
     if listed:
         whole, spec = spec, pb.JobSpec()
@@ -189,6 +249,9 @@ def job_json(job: pb.Job) -> dict:
             "images": [_rendered(image, f"api/jobs/{job.id}/images/{image.index}.png")
                        for image in sorted(result.images, key=lambda i: i.index)],
         }
+        if result.HasField("exemplar_index"):
+            out["result"]["exemplar_index"] = json_format.MessageToDict(result.exemplar_index,
+                                                                        preserving_proto_field_name=True)
     if job.error.code:
         out["error"] = {"code": job.error.code, "reason": job.error.reason, "message": job.error.message,
                         "field": job.error.field}

@@ -8,7 +8,7 @@ from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["checked_spec", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE",
-           "index_admission", "index_result"]
+           "index_admission", "index_result", "atlas_admission"]
 
 DEFAULT_PREVIEW_SIDE = 128
 
@@ -198,3 +198,59 @@ def index_result(index, work) -> pb.JobResult:
                                   size=pb.ImageSize(height=int(meta["size"][0]), width=int(meta["size"][1])),
                                   cached=False, channels=sum(int(c) for c in meta["channels"].values()))
     return pb.JobResult(exemplar_index=info, steps_done=int(meta["position"]))
+
+
+# ------------------------------------------------------------------------------------------------ atlas
+
+
+def atlas_admission(model, spec: pb.JobSpec, *, max_units: int | None = None):
+    """An atlas job's spec resolved against ``model`` before any compute: the selected layers (catalog order; by
+    names, op types and a depth range, all of them applying; none given: every catalog layer with channels), the
+    units per layer (its channels, or the first ``spec.atlas.channels``) and the render size (the model's fixed
+    input side, else ``spec.size``). A selection matching nothing, or more units than ``max_units``, is
+    InvalidSpec naming it; a unit's render spec is checked once here (its size, preprocessing, options)."""
+    from featureviz.engine.exemplars import index_layers
+    from featureviz.errors import NotFound
+    from featureviz.worker.api import Admission
+
+    atlas = spec.atlas
+    names = list(atlas.layers)
+    try:
+        chosen = index_layers(model, names or None)
+    except NotFound as err:
+        bad = next((i for i, name in enumerate(names) if _missing(model, name)), 0)
+        raise InvalidSpec(f"spec.atlas.layers[{bad}]", str(err), reason="LAYER_NOT_FOUND") from err
+    except InvalidSpec as err:
+        raise InvalidSpec("spec.atlas.layers", err.description, reason=err.reason) from err
+    infos = [model.layer(name) for name in chosen]
+    if atlas.op_types:
+        wanted = {op.lower() for op in atlas.op_types}
+        infos = [info for info in infos if info.op_type.lower() in wanted]
+    if atlas.HasField("min_depth"):
+        infos = [info for info in infos if info.depth >= atlas.min_depth]
+    if atlas.HasField("max_depth"):
+        infos = [info for info in infos if info.depth <= atlas.max_depth]
+    if not infos:
+        from featureviz.errors import echo
+
+        said = "; ".join(part for part in (
+            f"layers {echo(names)}" if names else "", f"op types {echo(list(atlas.op_types))}" if atlas.op_types
+            else "", f"depth >= {atlas.min_depth}" if atlas.HasField("min_depth") else "",
+            f"depth <= {atlas.max_depth}" if atlas.HasField("max_depth") else "") if part) or "every layer"
+        ops = sorted({info.op_type for info in model.layers if info.channels})
+        raise InvalidSpec("spec.atlas", f"the layer selection ({said}) matches no layer with channels; the model's "
+                                        f"op types: {echo(', '.join(ops))}; depths 0..{len(model.layers) - 1}",
+                          reason="EMPTY_SELECTION")
+    order = {info.name: i for i, info in enumerate(model.layers)}
+    infos.sort(key=lambda info: order[info.name])
+    limit = atlas.channels if atlas.HasField("channels") and atlas.channels > 0 else None
+    units = [min(int(info.channels), limit) if limit else int(info.channels) for info in infos]
+    total = sum(units)
+    if max_units is not None and total > max_units:
+        raise InvalidSpec("spec.atlas", f"{total} units ({len(infos)} layers); the limit is max_atlas_units = "
+                                        f"{max_units}: select fewer layers or set channels", reason="TOO_MANY_UNITS")
+    inputs = model.input_spec
+    size = (spec.size.height, spec.size.width) if spec.HasField("size") else tuple(inputs.default_size)
+    size = (inputs.height or size[0], inputs.width or size[1])
+    return Admission(ticket="", kind="atlas", layers=[info.name for info in infos], size=(int(size[0]), int(size[1])),
+                     units=units, depths=[int(info.depth) for info in infos], channels=total)

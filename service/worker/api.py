@@ -53,6 +53,7 @@ class WorkerConfig:
     max_dataset_image_side: int = 8192  # an index job decodes a set's image up to this side (Limits of that name)
     time_slice_steps: int = 64  # when jobs wait, a running job yields its place after this many steps
     max_job_memory_bytes: int | None = None  # a job whose measured memory exceeds this is refused at admission
+    max_atlas_units: int | None = None  # an atlas with more units is refused at admission (Limits of that name)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class Submission:
     exclusive: bool = False
     ticket: str = ""
     index: IndexWork | None = None  # an exemplar index job (JobSpec.exemplar_index): what it reads and writes
+    # an atlas unit: it takes only the room interactive jobs leave in a device step (parked as soon as one wants it)
+    background: bool = False
 
 
 @dataclass
@@ -113,6 +116,9 @@ class Admission:
     k: int = 0
     batch_size: int = 0
     channels: int = 0
+    # an atlas job (kind "atlas", no ticket): per selected layer (catalog order) its unit count and depth
+    units: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
 
 
 @dataclass

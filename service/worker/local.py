@@ -95,7 +95,8 @@ class _Job:
 
     def state(self, *, joined: bool) -> planner.JobState:
         return planner.JobState(self.sub.job_id, self.sub.tenant, self.slot.batch, self.group, joined=joined,
-                                active=self.active, ran=self.ran, since=self.since, memory=self.memory)
+                                active=self.active, ran=self.ran, since=self.since, memory=self.memory,
+                                background=self.sub.background)
 
 
 class _IndexJob:
@@ -165,6 +166,15 @@ class LocalWorker(api.Worker):
     def admit(self, sha256: str, spec: bytes) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
+        if job_spec.HasField("atlas"):  # resolved against the model: its units (each checked when it is submitted)
+            admission = adapter.atlas_admission(model, job_spec, max_units=self.config.max_atlas_units)
+            unit = pb.JobSpec()
+            unit.CopyFrom(job_spec)
+            unit.ClearField("atlas")
+            unit.size.height, unit.size.width = admission.size
+            unit.objective.channel.layer, unit.objective.channel.channel = admission.layers[0], 0
+            adapter.checked_spec(model, unit, str(self.torch_device), max_image_side=self.config.max_image_side)
+            return admission
         if job_spec.HasField("exemplar_index"):  # resolved against the model before any compute; no ticket
             admission = adapter.index_admission(model, job_spec)
             self._check_index_memory(admission)

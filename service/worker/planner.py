@@ -53,9 +53,10 @@ class JobState:
     ran: int = 0
     since: int = 0
     memory: tuple[float, float] | None = None
+    background: bool = False  # an atlas unit: it takes only the room the others leave (slices.plan)
 
     def entry(self) -> Entry:
-        return Entry(self.job_id, self.tenant, self.images, self.active, self.ran, self.since)
+        return Entry(self.job_id, self.tenant, self.images, self.active, self.ran, self.since, self.background)
 
 
 @dataclass(frozen=True)

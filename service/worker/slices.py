@@ -16,6 +16,12 @@ steps at most ``capacity`` images (its ``max_step_images``) and parks the rest: 
   small ones); a job larger than ``capacity`` steps alone.
 
 So a job waits at most ``slice_steps`` steps of the running jobs before it steps, whatever the others hold.
+
+Background jobs (atlas units, ``Entry.background``) take only the room the others leave: the others are planned
+first as if the background ones were not there, then the background ones fill what is left (the active ones first,
+so a unit keeps stepping while it fits, then the fairest: the tenant holding the fewest background images, then
+the one served least recently). A job that is not background therefore steps at the next plan, parking background
+units as needed.
 :func:`featureviz.worker.planner.schedule` calls it when it plans each device step.
 """
 
@@ -37,6 +43,7 @@ class Entry:
     active: bool = False
     ran: int = 0
     since: int = 0
+    background: bool = False
 
 
 def plan(entries: list[Entry], capacity: int, slice_steps: int, served: dict[str, int] | None = None) -> list[str]:
@@ -45,6 +52,9 @@ def plan(entries: list[Entry], capacity: int, slice_steps: int, served: dict[str
     served = served or {}
     if sum(e.images for e in entries) <= capacity:
         return [e.job_id for e in entries]
+    if any(e.background for e in entries):
+        front = set(plan([e for e in entries if not e.background], capacity, slice_steps, served))
+        return [e.job_id for e in entries if e.job_id in front or e.job_id in _fill(entries, front, capacity, served)]
     slice_steps = max(1, slice_steps)
     chosen = {e.job_id for e in entries if e.active and e.ran < slice_steps}
     held: dict[str, int] = {}
@@ -65,3 +75,21 @@ def plan(entries: list[Entry], capacity: int, slice_steps: int, served: dict[str
         if used >= capacity:
             break
     return [e.job_id for e in entries if e.job_id in chosen]
+
+
+def _fill(entries: list[Entry], front: set[str], capacity: int, served: dict[str, int]) -> set[str]:
+    """The background entries that fit the room the others (``front``) leave: active ones first, then the fairest
+    (tenant holding the fewest background images, served least recently, waiting longest)."""
+    used = sum(e.images for e in entries if e.job_id in front)
+    rest = [e for e in entries if e.background]
+    held: dict[str, int] = {}
+    chosen: set[str] = set()
+    while rest and used < capacity:
+        best = min(rest, key=lambda e: (not e.active, held.get(e.tenant, 0), served.get(e.tenant, -1), e.since))
+        rest.remove(best)
+        if used + best.images > capacity:
+            continue
+        chosen.add(best.job_id)
+        held[best.tenant] = held.get(best.tenant, 0) + best.images
+        used += best.images
+    return chosen

@@ -92,7 +92,7 @@ def test_the_proto_is_the_one_other_place(peak):
 
 _PROTO_TYPES = {"layer": "string", "channel": "int32", "class": "int32", "image": "int32",
                 "x": "int32", "y": "int32", "number": "double", "nonneg": "double", "positive": "double",
-                "vector": "repeated double", "objective": "Objective", "objectives": "repeated Objective"}
+                "vector": "repeated double", "dataset": "string", "objective": "Objective", "objectives": "repeated Objective"}
 
 
 def _proto_type(fd):

@@ -18,11 +18,13 @@ from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
 # RenderSpec fields that are the engine's own (the Python API), not job options
-ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile", "memory_format"}
+ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile", "memory_format", "prior",
+               "patch_priors"}
 # a valid value of each option's type, for the round trip
 SAMPLES = {"int": 3, "float": 0.25, "bool": True, "size": (24, 32), "image": b"\x89PNG...",
            "preprocess": {"mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "judge": "b" * 64,
-           "exemplar_index": {"dataset": "d" * 64, "layers": ["conv1"], "k": 3, "batch_size": 4}}
+           "exemplar_index": {"dataset": "d" * 64, "layers": ["conv1"], "k": 3, "batch_size": 4},
+           "atlas": {"op_types": ["Conv"], "min_depth": 1, "channels": 2}}
 
 
 def test_every_jobspec_field_is_declared_in_order_with_its_type():
@@ -95,6 +97,7 @@ def test_every_option_round_trips_through_the_codec():
     assert message.exclusive and message.preview_every == 3 and message.judge.model == "b" * 64
     assert message.param == pb.PARAMETERIZATION_LAPLACIAN and message.lr_schedule == pb.LR_SCHEDULE_LINEAR
     assert message.exemplar_index == pb.ExemplarIndexSpec(dataset="d" * 64, layers=["conv1"], k=3, batch_size=4)
+    assert message.atlas == pb.AtlasSpec(op_types=["Conv"], min_depth=1, channels=2)
 
 
 @pytest.mark.parametrize("options, field, needle", [
@@ -136,13 +139,18 @@ def _index_spec(**fields) -> pb.JobSpec:
 
 
 def test_every_option_declares_its_job_kinds():
-    assert opts.KINDS == ("render", "exemplar_index")
+    assert opts.KINDS == ("render", "exemplar_index", "atlas")
     for option in opts.OPTIONS:
         assert option.kinds and set(option.kinds) <= set(opts.KINDS), option.name
-    both = {o.name for o in opts.OPTIONS if set(o.kinds) == set(opts.KINDS)}
-    assert both == {"size", "preprocess"}
-    assert opts.BY_NAME["exemplar_index"].kinds == ("exemplar_index",)
-    assert opts.BY_NAME["steps"].kinds == ("render",) and opts.BY_NAME["transforms"].kinds == ("render",)
+    every = {o.name for o in opts.OPTIONS if set(o.kinds) == set(opts.KINDS)}
+    assert every == {"size", "preprocess"}
+    assert opts.BY_NAME["exemplar_index"].kinds == ("exemplar_index",) and opts.BY_NAME["atlas"].kinds == ("atlas",)
+    assert opts.BY_NAME["steps"].kinds == ("render", "atlas")
+    assert opts.BY_NAME["transforms"].kinds == ("render", "atlas")
+    atlas = {o.name for o in opts.OPTIONS if "atlas" in o.kinds}  # the render options a unit takes; no objective,
+    assert atlas == {"steps", "lr", "size", "seed", "param", "decay", "transforms", "preprocess", "lr_schedule",
+                     "lr_warmup", "atlas"}  # batch, init image, previews, judge, plateau or exclusive
+    assert set(opts.ATLAS_DEFAULTS) <= atlas
     parts = opts.BY_NAME["exemplar_index"].parts
     assert [(p.name, p.max_limit, p.path) for p in parts] == [("k", "max_exemplar_k", "spec.exemplar_index.k"), (
         "batch_size", "max_index_batch", "spec.exemplar_index.batch_size")]
@@ -186,6 +194,6 @@ def test_index_parts_are_checked_against_the_published_limits():
 
 def test_the_published_options_carry_their_kinds():
     published = {o.name: o for o in opts.job_options()}
-    assert list(published["size"].kinds) == ["render", "exemplar_index"]
-    assert list(published["steps"].kinds) == ["render"]
+    assert list(published["size"].kinds) == ["render", "exemplar_index", "atlas"]
+    assert list(published["steps"].kinds) == ["render", "atlas"] and list(published["batch"].kinds) == ["render"]
     assert published["exemplar_index"].type == "exemplar_index"

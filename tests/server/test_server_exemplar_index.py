@@ -254,7 +254,7 @@ def test_published_limits_and_options(setup):
         20, Limits().max_index_batch, Limits().max_indexes_per_tenant)
     options = {o.name: o for o in info.job_options}
     assert list(options["exemplar_index"].kinds) == ["exemplar_index"]
-    assert list(options["preprocess"].kinds) == ["render", "exemplar_index"]
+    assert list(options["preprocess"].kinds) == ["render", "exemplar_index", "atlas"]
 
 
 # ------------------------------------------------------------------------------------------------ interleaving

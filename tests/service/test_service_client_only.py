@@ -55,6 +55,7 @@ def test_the_environment_really_is_client_only(client_python):
     (["render", "{model}", "/Relu_1:1", "--steps", "1"], "pip install 'featureviz[server]', or pass --server ADDR"),
     (["inspect", "{model}"], "pip install 'featureviz[server]'"),
     (["serve", "--port", "0"], "pip install 'featureviz[server]'"),
+    (["health", "--server", "127.0.0.1:1"], "needs grpcio-health-checking: pip install 'featureviz[server]'"),
 ])
 def test_commands_that_need_the_server_extra_say_what_to_install(client_python, tmp_path, tiny_onnx, argv, needle):
     model = tmp_path / "tiny.onnx"

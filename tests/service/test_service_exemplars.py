@@ -375,6 +375,20 @@ def test_cli_remote_runs_the_index_job_when_none_holds_the_layer(setup, tmp_path
     assert _decode(grid.read_bytes()).shape == (2 + 2 * 98, 2 + 2 * 98, 3)
 
 
+def test_the_index_jobs_progress_bar_counts_images(setup, capsys):
+    """The command line's job watcher (featureviz.cli.remote) draws an index job's progress in images: it has no
+    objective to show."""
+    from featureviz.cli.remote import watch_with_progress
+
+    with Client(setup["server"].address, token="token-a") as fv:
+        job = fv.index_exemplars(setup["model"], setup["dataset"], ["r1"], k=5, size=SIDE)
+        done = watch_with_progress(fv, job.id, label="index")
+    assert done.state == pb.JOB_STATE_SUCCEEDED
+    bar = [line for line in capsys.readouterr().err.splitlines() if line.startswith("index")]
+    assert bar and all("objective" not in line for line in bar), bar
+    assert any(f"{len(RED)}/{len(RED)} images" in line for line in bar), bar
+
+
 def test_concurrent_queries_compute_a_field_once(setup):
     from concurrent.futures import ThreadPoolExecutor
 

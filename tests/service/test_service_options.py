@@ -37,7 +37,8 @@ def test_server_info_publishes_every_option_with_its_bounds(client):
     assert published["size"].maximum == info.limits.max_image_side and published["plateau"].below == 1
     assert published["steps"].default == "512" and not published["size"].HasField("default")
     assert "node" in published["lr_schedule"].surfaces and published["lr_schedule"].flag == "--schedule"
-    assert list(published["size"].kinds) == ["render", "exemplar_index"] and list(published["lr"].kinds) == ["render"]
+    assert list(published["size"].kinds) == ["render", "exemplar_index", "atlas"]
+    assert list(published["lr"].kinds) == ["render", "atlas"] and list(published["batch"].kinds) == ["render"]
     assert list(published["exemplar_index"].kinds) == ["exemplar_index"]
 
 

@@ -132,3 +132,22 @@ def test_exclusive_jobs_are_groups_of_their_own():
         steps.append(step.members)
         state = _after(state, step)
     assert steps == [("x1",), ("x2",), ("s1", "s2")]  # never in one step with another job
+
+
+def test_background_units_take_only_the_room_interactive_jobs_leave():
+    units = [_job(f"u{i}", tenant="atlas", joined=True, background=True, ran=100) for i in range(4)]
+    step = schedule(_state(units, capacity=4))
+    assert step.members == ("u0", "u1", "u2", "u3")  # alone they fill the step
+    step = schedule(_state([*units, _job("j", tenant="t", images=2)], capacity=4))
+    assert step.join == ("j",) and "j" in step.members  # the interactive job steps at once...
+    assert sum(1 for i in step.members if i.startswith("u")) == 2  # ...two units parked for it, state kept
+    assert {i for i, job in step.jobs.items() if not job.active} == {"u2", "u3"}
+    done = _after(_state([*units, _job("j", tenant="t", images=2)], capacity=4), step)
+    left = dataclasses.replace(done, jobs=[job for job in done.jobs if job.job_id != "j"])
+    assert set(schedule(left).members) == {"u0", "u1", "u2", "u3"}  # the job ended: the parked units resume
+
+
+def test_an_interactive_job_never_waits_for_a_background_slice():
+    units = [_job(f"u{i}", tenant=f"a{i % 2}", joined=True, background=True) for i in range(4)]  # ran 0: fresh slice
+    step = schedule(_state([*units, _job("j", images=4)], capacity=4))
+    assert step.members == ("j",) and all(not step.jobs[f"u{i}"].active for i in range(4))

@@ -49,6 +49,7 @@ ALL_KINDS = {"sum": [
     {"tv": {}},
     {"blur": {}},
     {"bilateral": {"sigma_space": 1.5, "sigma_color": 0.05}},
+    {"prior": {"dataset": "3fa9c0-leaves"}},
     {"scale": {"factor": -0.25, "objective": {"tv": {}}}},
     {"batch": {"index": 1, "objective": {"layer": {"layer": "x"}}}},
 ]}

@@ -117,6 +117,13 @@ class FakeWorker(api.Worker):
             ticket = f"ticket-{len(self.admissions)}"
         if self.refuse_admission is not None:
             raise self.refuse_admission
+        if job_spec.HasField("atlas"):  # an atlas: its layers and units resolved on the fake catalog
+            atlas = job_spec.atlas
+            layers = [layer for layer in self.layers if not atlas.layers or layer.name in atlas.layers]
+            units = [min(layer.channels, atlas.channels) if atlas.channels else layer.channels for layer in layers]
+            size = (job_spec.size.height, job_spec.size.width) if job_spec.HasField("size") else (32, 32)
+            return api.Admission(ticket="", kind="atlas", layers=[layer.name for layer in layers], units=units,
+                                 depths=[layer.depth for layer in layers], size=size, channels=sum(units))
         if job_spec.HasField("exemplar_index"):  # an index job: resolved as the real worker does, on the fake catalog
             index = job_spec.exemplar_index
             size = (job_spec.size.height, job_spec.size.width) if job_spec.HasField("size") else (32, 32)

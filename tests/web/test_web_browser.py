@@ -6,7 +6,6 @@ Renders are tiny (a few steps at 32-48 px of a small network), so the module tak
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shlex
@@ -19,19 +18,7 @@ from featureviz.client import pb
 from featureviz.codec import objective_from_proto
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
-
-
-def drop_file(page, selector: str, name: str, data: bytes) -> None:
-    """Drop a file on an element as a real drag and drop does: a ``drop`` event whose DataTransfer holds it."""
-    transfer = page.evaluate_handle(
-        """([name, b64]) => {
-            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-            const transfer = new DataTransfer();
-            transfer.items.add(new File([bytes], name, { type: "application/octet-stream" }));
-            return transfer;
-        }""", [name, base64.b64encode(data).decode("ascii")])
-    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
-    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+from web_support import drop_file
 
 
 def _layer_url(sha: str, layer: str) -> str:

@@ -3,13 +3,14 @@ browser is and how it is launched (Debian's chromium, driven by Playwright; neve
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["Http", "CHROMIUM", "CHROMIUM_ARGS", "browser_missing", "upload_path"]
+__all__ = ["Http", "CHROMIUM", "CHROMIUM_ARGS", "browser_missing", "upload_path", "drop_file", "drop_files"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -30,6 +31,26 @@ def browser_missing() -> str | None:
 def upload_path(data: bytes, name: str) -> str:
     """The explorer's upload URL for these bytes: the name and their SHA-256 (the page computes it too)."""
     return f"api/models?name={name}&sha256={hashlib.sha256(data).hexdigest()}"
+
+
+def drop_file(page, selector: str, name: str, data: bytes) -> None:
+    """Drop a file on an element as a real drag and drop does: a ``drop`` event whose DataTransfer holds it."""
+    drop_files(page, selector, {name: data})
+
+
+def drop_files(page, selector: str, files: dict[str, bytes]) -> None:
+    """Drop files (name -> bytes) on an element: ``dragover`` then ``drop`` with a DataTransfer holding them."""
+    transfer = page.evaluate_handle(
+        """(files) => {
+            const transfer = new DataTransfer();
+            for (const [name, b64] of files) {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name, { type: "application/octet-stream" }));
+            }
+            return transfer;
+        }""", [[name, base64.b64encode(data).decode("ascii")] for name, data in files.items()])
+    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
 class Http:

@@ -173,7 +173,12 @@ function toJobSpec(spec, contract = loadContract()) {
     if (spec[key] !== undefined) out[fd.name] = spec[key];
   }
   out.model = modelRef(spec.model, 'spec.model');
-  out.objective = toObjective(spec.objective, 'spec.objective', contract);
+  if (out.exemplarIndex !== undefined && out.exemplarIndex !== null) { // an index job: no objective
+    if (spec.objective !== undefined) out.objective = toObjective(spec.objective, 'spec.objective', contract);
+    out.exemplarIndex = toExemplarIndex(out.exemplarIndex, contract);
+  } else {
+    out.objective = toObjective(spec.objective, 'spec.objective', contract);
+  }
   if (typeof out.size === 'number') out.size = { height: out.size, width: out.size };
   else if (Array.isArray(out.size)) out.size = { height: out.size[0], width: out.size[1] };
   for (const fd of fields.filter((f) => f.type === 'TYPE_ENUM' && out[f.name] !== undefined)) {
@@ -235,10 +240,11 @@ class Client {
     this.timeoutMs = timeoutMs;
     this._token = token;
     this._models = new v1.ModelService(address, credentials, options);
-    // one channel for all three services
+    // one channel for every service
     const shared = { ...options, channelOverride: this._models.getChannel() };
     this._jobs = new v1.JobService(address, credentials, shared);
     this._info = new v1.InfoService(address, credentials, shared);
+    this._datasets = new v1.DatasetService(address, credentials, shared);
     this._serverInfo = null;
   }
 
@@ -316,6 +322,121 @@ class Client {
       pageToken });
   }
 
+  // -------------------------------------------------------------------------------------------- datasets
+
+  /**
+   * Upload an image set and return the stored Dataset (its `report` says how many images it holds, and which
+   * files were skipped and why, per cause, with up to 10 names each). `source`: a folder (every regular file
+   * under it by relative name, hidden files and links left out), an array of image file paths (by base name),
+   * one image file, or a zip or tar archive (a path or a Buffer; the kind is read from its first bytes). Folders
+   * and files go as kind FILES (their bytes one after another, each listed in the header with its size and
+   * sha256). As uploadModel, the stream is hashed first and resumes from the bytes the server holds of an
+   * interrupted upload of the same stream; a broken stream (UNAVAILABLE and the like) resumes up to `retries`
+   * times. A set the tenant holds already comes back with `deduplicated`.
+   * @param {string|string[]|Buffer} source
+   * @param {{name?: string, chunkSize?: number, retries?: number, onProgress?: (sent: number, total: number) => void}} [options]
+   */
+  async uploadDataset(source, { name, chunkSize, retries = 3, onProgress } = {}) {
+    const upload = await datasetSource(source);
+    const header = { sha256: upload.sha256, sizeBytes: upload.sizeBytes, kind: upload.kind, files: upload.files,
+      displayName: name ?? upload.displayName };
+    const limit = chunkSize || await this._maxChunkBytes();
+    for (let attempt = 0; ; attempt++) {
+      const status = await this.getDatasetUpload(upload.sha256, upload.sizeBytes);
+      const blocks = streamChunks(partBlocks(upload.parts, status.committedBytes, limit), status.committedBytes,
+        upload.sizeBytes, onProgress);
+      try {
+        return await this._upload(header, blocks, this._datasets, 'uploadDataset');
+      } catch (err) {
+        const resumable = RESUMABLE.has(err.codeName) || err.reason === 'WRITE_OFFSET_MISMATCH';
+        if (!resumable || attempt >= retries) throw err;
+        await sleep(Math.min(2000, 200 * 2 ** attempt));
+      }
+    }
+  }
+
+  /** How many bytes of an interrupted dataset upload the server holds: UploadStatus {committedBytes}. */
+  async getDatasetUpload(sha256, sizeBytes = 0) {
+    return this._unary(this._datasets, 'getDatasetUpload', { sha256, sizeBytes });
+  }
+
+  /** One of the tenant's sets, with its whole report (NOT_FOUND for a set the tenant does not hold). */
+  async getDataset(dataset) {
+    return this._unary(this._datasets, 'getDataset', { dataset: datasetRef(dataset) });
+  }
+
+  /** The tenant's sets (their reports without the names: getDataset has them); pages fetched as it advances. */
+  async *listDatasets({ pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._datasets, 'listDatasets', { pageSize, pageToken });
+      yield* page.datasets;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** A set's images {name, sha256, sizeBytes, format, width, height, converted}, in name order, paged. */
+  async *listDatasetImages(dataset, { pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._datasets, 'listDatasetImages', { dataset: datasetRef(dataset), pageSize,
+        pageToken });
+      yield* page.images;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** Delete a set: FAILED_PRECONDITION (DATASET_IN_USE, naming the jobs) while a queued or running job uses it. */
+  async deleteDataset(dataset) {
+    await this._unary(this._datasets, 'deleteDataset', { dataset: datasetRef(dataset) });
+  }
+
+  // ------------------------------------------------------------------------------------- dataset examples
+
+  /**
+   * Queue an exemplar index job (JobSpec.exemplarIndex): one pass of the set's images through the model, keeping
+   * each channel's top images. Returns the QUEUED Job (or a SUCCEEDED one at once when a finished index is
+   * reused: `result.exemplarIndex.cached`); follow it with watchJob / waitJob. `layers`: catalog names or
+   * aliases (default: every catalog layer with channels), `k` examples kept per channel (default 16),
+   * `batchSize` images per forward, `size` the input size every image is resized to (a number, [h, w] or
+   * {height, width}; default the model's), `preprocess` (default the model's).
+   */
+  async indexExemplars(model, dataset, { layers = [], k, batchSize, size, preprocess, requestId = '' } = {}) {
+    const exemplarIndex = { dataset: datasetRef(dataset), layers: [].concat(layers) };
+    if (k !== undefined && k !== null) exemplarIndex.k = k;
+    if (batchSize !== undefined && batchSize !== null) exemplarIndex.batchSize = batchSize;
+    const spec = { model, exemplarIndex };
+    if (size !== undefined && size !== null) spec.size = size;
+    if (preprocess) spec.preprocess = preprocess;
+    return this.createJob(spec, { requestId });
+  }
+
+  /**
+   * One channel's ranked dataset examples from a finished index: GetExemplarsResponse {exemplars: [{rank, image
+   * (sha256), name, value, x, y, box, imageBox, whole}], layer, channel, order, index, size, images, p50, p99,
+   * max, fieldSize, fieldStride, whole}. `order`: "max" (top by spatial max), "mean" (top by spatial mean) or
+   * "min" (bottom by spatial max); `k` default 9. NOT_FOUND (EXEMPLAR_INDEX_NOT_FOUND) until an index job ran.
+   */
+  async exemplars(model, dataset, layer, channel, { order = 'max', k = 9, size } = {}) {
+    const request = { model: modelRef(model), dataset: datasetRef(dataset), layer, channel, k,
+      order: enumName(enumChoices('ExemplarOrder', this._contract), order, 'order') };
+    if (size !== undefined && size !== null) request.size = imageSize(size, 'size');
+    return this._unary(this._datasets, 'getExemplars', request);
+  }
+
+  /**
+   * One image of a set as a PNG Buffer: whole, or the crop of `box` {x0, y0, x1, y1} (in the original file's
+   * pixels, end exclusive: an exemplar's imageBox), downscaled to `maxSide` (0: Limits.max_image_side). `image`
+   * is the image's sha256 or its name in the set. Resolves with DatasetImageData {png, width, height, name,
+   * sha256}.
+   */
+  async datasetImage(dataset, image, { box, maxSide = 0 } = {}) {
+    const request = { dataset: datasetRef(dataset), image: typeof image === 'object' && image ? image.image
+      || image.sha256 : image, maxSide };
+    if (box) request.box = box;
+    return this._unary(this._datasets, 'getDatasetImage', request);
+  }
+
   // ------------------------------------------------------------------------------------------------ jobs
 
   /**
@@ -390,6 +511,48 @@ class Client {
     } while (pageToken);
   }
 
+  // ------------------------------------------------------------------------------------------------ atlases
+
+  /**
+   * Start an atlas (JobSpec.atlas): one image per channel of the selected layers (by name, op type or depth range;
+   * none: every layer with channels), the first `channels` of each (unset: all), with render options (size, steps,
+   * seed, lr, param, transforms, ...; unset: the atlas defaults 128 px, 256 steps, fft, standard, seed 0). Returns
+   * the QUEUED or RUNNING Job at once: watch it with watchJob (a progress event per finished unit), stop it with
+   * cancelJob (what is done stays), read it with listAtlasUnits and getAtlasUnit.
+   */
+  async createAtlas(model, { layers, opTypes, minDepth, maxDepth, channels, requestId = '', ...options } = {}) {
+    const atlas = {};
+    if (layers) atlas.layers = [].concat(layers);
+    if (opTypes) atlas.opTypes = [].concat(opTypes);
+    if (minDepth !== undefined) atlas.minDepth = minDepth;
+    if (maxDepth !== undefined) atlas.maxDepth = maxDepth;
+    if (channels !== undefined) atlas.channels = channels;
+    const spec = toJobSpec({ model, objective: { tv: {} }, ...options }, this._contract);
+    delete spec.objective;
+    spec.atlas = atlas;
+    return this._unary(this._jobs, 'createJob', { spec, requestId });
+  }
+
+  /** The atlas's progress per layer and in total (AtlasResult: units, done, layers, unitsPerHour, etaSeconds). */
+  async atlasProgress(job) {
+    return (await this._unary(this._jobs, 'listAtlasUnits', { job: jobRef(job), pageSize: 1 })).progress;
+  }
+
+  /** Every unit of the atlas (or of one `layer`), in order, done or not; pages are fetched as it advances. */
+  async *listAtlasUnits(job, { layer = '', pageSize = 0 } = {}) {
+    let pageToken = '';
+    do {
+      const page = await this._unary(this._jobs, 'listAtlasUnits', { job: jobRef(job), layer, pageSize, pageToken });
+      yield* page.units;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** A finished unit and its PNG: {unit, png} (NOT_FOUND while it is not finished). */
+  async getAtlasUnit(job, index) {
+    return this._unary(this._jobs, 'getAtlasUnit', { job: jobRef(job), index });
+  }
+
   // --------------------------------------------------------------------------------------------- helpers
 
   _metadata() {
@@ -416,12 +579,15 @@ class Client {
     return this._serverInfo.limits.maxChunkBytes || DEFAULT_CHUNK_BYTES;
   }
 
-  /** Client-streaming UploadModel: the header, then chunks with their write offsets, honouring backpressure. */
-  async _upload(header, chunkIterator) {
+  /**
+   * A client-streaming upload (UploadModel, or UploadDataset): the header, then chunks with their write offsets,
+   * honouring backpressure.
+   */
+  async _upload(header, chunkIterator, stub = this._models, method = 'uploadModel') {
     let settled = false;
     let call;
     const reply = new Promise((resolve, reject) => {
-      call = this._models.uploadModel(this._metadata(), (err, model) => {
+      call = stub[method](this._metadata(), (err, model) => {
         settled = true;
         if (err) reject(fromGrpcError(err));
         else resolve(model);
@@ -488,6 +654,163 @@ async function* chunks(source, start, size, limit) {
   }
   if (offset !== size) {
     throw invalidArgument('source', `the file changed while uploading: ${offset} bytes read, ${size} hashed`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- dataset sources
+
+const RESUMABLE = new Set(['UNAVAILABLE', 'CANCELLED', 'ABORTED', 'UNKNOWN', 'INTERNAL']); // the Python client's
+const TAR_MAGICS = [Buffer.from([0x1f, 0x8b]), Buffer.from('BZh'), Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00])];
+
+/** A Dataset, "datasets/<id>" or "<id>" -> the string the server parses. */
+function datasetRef(dataset, field = 'dataset') {
+  if (typeof dataset === 'string' && dataset) return dataset;
+  if (dataset && typeof dataset.id === 'string' && dataset.id) return dataset.id;
+  throw invalidArgument(field, `expected a Dataset or its id, got ${JSON.stringify(dataset)}`);
+}
+
+/** A size as a number, [height, width] or {height, width} -> ImageSize. */
+function imageSize(size, field) {
+  if (typeof size === 'number') return { height: size, width: size };
+  if (Array.isArray(size) && size.length === 2) return { height: size[0], width: size[1] };
+  if (size && typeof size === 'object') return { height: size.height, width: size.width };
+  throw invalidArgument(field, `expected a number, [height, width] or {height, width}, got ${JSON.stringify(size)}`);
+}
+
+/** ExemplarIndexSpec from friendly input (camelCase or snake_case; a Dataset for `dataset`). */
+function toExemplarIndex(value, contract) {
+  if (!value || typeof value !== 'object') throw invalidArgument('spec.exemplarIndex', 'expected an object');
+  const out = toMessage(contract, 'ExemplarIndexSpec', { ...value, dataset: undefined },
+    'spec.exemplar_index');
+  out.dataset = datasetRef(value.dataset, 'spec.exemplar_index.dataset');
+  return out;
+}
+
+/** The archive kind read from a stream's first bytes (the Python client's rule), or null. */
+function archiveKind(head) {
+  if (head.subarray(0, 4).equals(Buffer.from('PK\x03\x04', 'latin1'))
+    || head.subarray(0, 4).equals(Buffer.from('PK\x05\x06', 'latin1'))) return 'DATASET_SOURCE_KIND_ZIP';
+  if (TAR_MAGICS.some((magic) => head.subarray(0, magic.length).equals(magic))
+    || (head.length >= 263 && head.subarray(257, 262).toString('latin1') === 'ustar')) {
+    return 'DATASET_SOURCE_KIND_TAR';
+  }
+  return null;
+}
+
+/** Every regular file under `folder` (links not followed, hidden entries left out), by relative name, in the order
+ *  of the Python client (a folder's files sorted, then its sub-folders sorted, depth first). */
+function folderFiles(folder) {
+  const found = [];
+  const walk = (dir, prefix) => {
+    const entries = fs.readdirSync(dir, { withFileTypes: true }).filter((e) => !e.name.startsWith('.'));
+    const byName = (a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+    for (const entry of entries.filter((e) => e.isFile()).sort(byName)) {
+      found.push([prefix + entry.name, path.join(dir, entry.name)]);
+    }
+    for (const entry of entries.filter((e) => e.isDirectory()).sort(byName)) {
+      walk(path.join(dir, entry.name), `${prefix}${entry.name}/`);
+    }
+  };
+  walk(folder, '');
+  return found;
+}
+
+function readHead(file) {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const head = Buffer.alloc(512);
+    return head.subarray(0, fs.readSync(fd, head, 0, 512, 0));
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** What an uploadDataset source sends: {parts (paths or Buffers, in stream order), files, kind, sha256,
+ *  sizeBytes, displayName}. */
+async function datasetSource(source) {
+  let parts;
+  let files = [];
+  let kind;
+  let displayName = '';
+  if (Buffer.isBuffer(source) || source instanceof Uint8Array) {
+    const bytes = Buffer.from(source.buffer, source.byteOffset, source.length);
+    kind = archiveKind(bytes.subarray(0, 512));
+    if (!kind) {
+      throw invalidArgument('source', 'bytes given to uploadDataset must be a zip or tar archive; give a folder or '
+        + 'image files by path');
+    }
+    parts = [bytes];
+  } else if (Array.isArray(source) || (typeof source === 'string' && fs.existsSync(source)
+    && fs.statSync(source).isDirectory())) {
+    const entries = Array.isArray(source) ? source.map((p) => [path.basename(p), p]) : folderFiles(source);
+    if (!entries.length) throw invalidArgument('source', `no files to upload in ${source}`);
+    kind = 'DATASET_SOURCE_KIND_FILES';
+    for (const [name, file] of entries) {
+      const { sha256, sizeBytes } = await digest(file);
+      files.push({ name, sizeBytes, sha256 });
+    }
+    parts = entries.map(([, file]) => file);
+    displayName = Array.isArray(source) ? '' : path.basename(path.resolve(source));
+  } else if (typeof source === 'string') {
+    if (!fs.existsSync(source)) throw invalidArgument('source', `${source}: no such file or folder`);
+    kind = archiveKind(readHead(source));
+    if (!kind) { // one image file
+      kind = 'DATASET_SOURCE_KIND_FILES';
+      const { sha256, sizeBytes } = await digest(source);
+      files = [{ name: path.basename(source), sizeBytes, sha256 }];
+    }
+    parts = [source];
+    displayName = path.basename(source);
+  } else {
+    throw invalidArgument('source', 'expected a folder, image file paths, or a zip or tar archive (a path or a Buffer)');
+  }
+  const hash = crypto.createHash('sha256');
+  let sizeBytes = 0;
+  for await (const block of partBlocks(parts, 0, DEFAULT_CHUNK_BYTES)) {
+    hash.update(block);
+    sizeBytes += block.length;
+  }
+  return { parts, files, kind, sha256: hash.digest('hex'), sizeBytes, displayName };
+}
+
+/** The stream's bytes from `offset` (across the parts' boundaries), in blocks of exactly `limit` but the last. */
+async function* partBlocks(parts, offset, limit) {
+  let pending = [];
+  let pendingBytes = 0;
+  for (const part of parts) {
+    const size = Buffer.isBuffer(part) ? part.length : fs.statSync(part).size;
+    if (offset >= size) {
+      offset -= size;
+      continue;
+    }
+    const blocks = Buffer.isBuffer(part) ? [part.subarray(offset)]
+      : fs.createReadStream(part, { start: offset, highWaterMark: limit });
+    offset = 0;
+    for await (const block of blocks) {
+      pending.push(block);
+      pendingBytes += block.length;
+      while (pendingBytes >= limit) {
+        const joined = Buffer.concat(pending);
+        yield joined.subarray(0, limit);
+        pending = [joined.subarray(limit)];
+        pendingBytes = joined.length - limit;
+      }
+    }
+  }
+  if (pendingBytes) yield Buffer.concat(pending);
+}
+
+/** UploadChunk messages over byte blocks from `start` to `size` (finishWrite on the last); onProgress after each. */
+async function* streamChunks(blocks, start, size, onProgress) {
+  let offset = start;
+  for await (const data of blocks) {
+    const message = { writeOffset: offset, data, finishWrite: offset + data.length >= size };
+    offset += data.length;
+    if (onProgress) onProgress(offset, size);
+    yield message;
+  }
+  if (offset !== size) {
+    throw invalidArgument('source', `the files changed while uploading: ${offset} bytes read, ${size} hashed`);
   }
 }
 

@@ -613,7 +613,7 @@ class DatasetImageData(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral")
+    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral", "prior")
     NEURON_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -632,6 +632,7 @@ class Objective(_message.Message):
     SCALE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BILATERAL_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_FIELD_NUMBER: _ClassVar[int]
     neuron: NeuronObjective
     channel: ChannelObjective
     layer: LayerObjective
@@ -650,7 +651,8 @@ class Objective(_message.Message):
     scale: ScaleObjective
     batch: BatchObjective
     bilateral: BilateralObjective
-    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ..., bilateral: _Optional[_Union[BilateralObjective, _Mapping]] = ...) -> None: ...
+    prior: PriorObjective
+    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ..., bilateral: _Optional[_Union[BilateralObjective, _Mapping]] = ..., prior: _Optional[_Union[PriorObjective, _Mapping]] = ...) -> None: ...
 
 class NeuronObjective(_message.Message):
     __slots__ = ("layer", "channel", "x", "y")
@@ -746,6 +748,12 @@ class BilateralObjective(_message.Message):
     sigma_color: float
     def __init__(self, sigma_space: _Optional[float] = ..., sigma_color: _Optional[float] = ...) -> None: ...
 
+class PriorObjective(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
 class SumObjective(_message.Message):
     __slots__ = ("terms",)
     TERMS_FIELD_NUMBER: _ClassVar[int]
@@ -768,6 +776,120 @@ class BatchObjective(_message.Message):
     objective: Objective
     def __init__(self, index: _Optional[int] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ...) -> None: ...
 
+class AtlasSpec(_message.Message):
+    __slots__ = ("layers", "op_types", "min_depth", "max_depth", "channels", "dataset")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    OP_TYPES_FIELD_NUMBER: _ClassVar[int]
+    MIN_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    op_types: _containers.RepeatedScalarFieldContainer[str]
+    min_depth: int
+    max_depth: int
+    channels: int
+    dataset: str
+    def __init__(self, layers: _Optional[_Iterable[str]] = ..., op_types: _Optional[_Iterable[str]] = ..., min_depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., channels: _Optional[int] = ..., dataset: _Optional[str] = ...) -> None: ...
+
+class AtlasLayerProgress(_message.Message):
+    __slots__ = ("layer", "depth", "units", "done")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    depth: int
+    units: int
+    done: int
+    def __init__(self, layer: _Optional[str] = ..., depth: _Optional[int] = ..., units: _Optional[int] = ..., done: _Optional[int] = ...) -> None: ...
+
+class AtlasResult(_message.Message):
+    __slots__ = ("units", "done", "rendered", "cached", "device_seconds", "layers", "units_per_hour", "eta_seconds", "failed")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    RENDERED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    UNITS_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    units: int
+    done: int
+    rendered: int
+    cached: int
+    device_seconds: float
+    layers: _containers.RepeatedCompositeFieldContainer[AtlasLayerProgress]
+    units_per_hour: float
+    eta_seconds: float
+    failed: int
+    def __init__(self, units: _Optional[int] = ..., done: _Optional[int] = ..., rendered: _Optional[int] = ..., cached: _Optional[int] = ..., device_seconds: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[AtlasLayerProgress, _Mapping]]] = ..., units_per_hour: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., failed: _Optional[int] = ...) -> None: ...
+
+class AtlasUnit(_message.Message):
+    __slots__ = ("index", "layer", "channel", "key", "done", "cached", "objective", "device_seconds", "device", "width", "height")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    layer: str
+    channel: int
+    key: str
+    done: bool
+    cached: bool
+    objective: float
+    device_seconds: float
+    device: str
+    width: int
+    height: int
+    def __init__(self, index: _Optional[int] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., key: _Optional[str] = ..., done: _Optional[bool] = ..., cached: _Optional[bool] = ..., objective: _Optional[float] = ..., device_seconds: _Optional[float] = ..., device: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class ListAtlasUnitsRequest(_message.Message):
+    __slots__ = ("job", "layer", "page_size", "page_token")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    layer: str
+    page_size: int
+    page_token: str
+    def __init__(self, job: _Optional[str] = ..., layer: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAtlasUnitsResponse(_message.Message):
+    __slots__ = ("units", "next_page_token", "progress")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    units: _containers.RepeatedCompositeFieldContainer[AtlasUnit]
+    next_page_token: str
+    progress: AtlasResult
+    def __init__(self, units: _Optional[_Iterable[_Union[AtlasUnit, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., progress: _Optional[_Union[AtlasResult, _Mapping]] = ...) -> None: ...
+
+class GetAtlasUnitRequest(_message.Message):
+    __slots__ = ("job", "index")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    index: int
+    def __init__(self, job: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class AtlasUnitImage(_message.Message):
+    __slots__ = ("unit", "png")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    unit: AtlasUnit
+    png: bytes
+    def __init__(self, unit: _Optional[_Union[AtlasUnit, _Mapping]] = ..., png: _Optional[bytes] = ...) -> None: ...
+
 class ImageSize(_message.Message):
     __slots__ = ("height", "width")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -777,7 +899,7 @@ class ImageSize(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge", "lr_schedule", "lr_warmup", "plateau", "plateau_window", "exemplar_index")
+    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge", "lr_schedule", "lr_warmup", "plateau", "plateau_window", "exemplar_index", "atlas")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -799,6 +921,7 @@ class JobSpec(_message.Message):
     PLATEAU_FIELD_NUMBER: _ClassVar[int]
     PLATEAU_WINDOW_FIELD_NUMBER: _ClassVar[int]
     EXEMPLAR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATLAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     steps: int
@@ -820,7 +943,8 @@ class JobSpec(_message.Message):
     plateau: float
     plateau_window: int
     exemplar_index: ExemplarIndexSpec
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup: _Optional[int] = ..., plateau: _Optional[float] = ..., plateau_window: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexSpec, _Mapping]] = ...) -> None: ...
+    atlas: AtlasSpec
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup: _Optional[int] = ..., plateau: _Optional[float] = ..., plateau_window: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexSpec, _Mapping]] = ..., atlas: _Optional[_Union[AtlasSpec, _Mapping]] = ...) -> None: ...
 
 class Judge(_message.Message):
     __slots__ = ("model", "preprocess")
@@ -863,7 +987,7 @@ class RenderedImage(_message.Message):
     def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., objective_start: _Optional[float] = ..., objective_end: _Optional[float] = ..., judge: _Optional[_Union[JudgeScore, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description", "stopped_at", "exemplar_index")
+    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description", "stopped_at", "exemplar_index", "atlas")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -878,6 +1002,7 @@ class JobResult(_message.Message):
     OBJECTIVE_DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
     EXEMPLAR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATLAS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[RenderedImage]
     steps_done: int
     seconds_per_step: float
@@ -885,7 +1010,8 @@ class JobResult(_message.Message):
     objective_description: str
     stopped_at: int
     exemplar_index: ExemplarIndexResult
-    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ..., stopped_at: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexResult, _Mapping]] = ...) -> None: ...
+    atlas: AtlasResult
+    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ..., stopped_at: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexResult, _Mapping]] = ..., atlas: _Optional[_Union[AtlasResult, _Mapping]] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "reason", "message", "field")
@@ -1046,7 +1172,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant", "max_atlas_units", "max_atlases_per_tenant")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -1093,6 +1219,8 @@ class Limits(_message.Message):
     MAX_EXEMPLAR_K_FIELD_NUMBER: _ClassVar[int]
     MAX_INDEX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_INDEXES_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATLAS_UNITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATLASES_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -1139,7 +1267,9 @@ class Limits(_message.Message):
     max_exemplar_k: int
     max_index_batch: int
     max_indexes_per_tenant: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ...) -> None: ...
+    max_atlas_units: int
+    max_atlases_per_tenant: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ..., max_atlas_units: _Optional[int] = ..., max_atlases_per_tenant: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")

@@ -776,6 +776,16 @@ class JobServiceStub:
                 request_serializer=featureviz_dot_v1_dot_featureviz__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListAtlasUnits = channel.unary_unary(
+                '/featureviz.v1.JobService/ListAtlasUnits',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.ListAtlasUnitsRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.ListAtlasUnitsResponse.FromString,
+                _registered_method=True)
+        self.GetAtlasUnit = channel.unary_unary(
+                '/featureviz.v1.JobService/GetAtlasUnit',
+                request_serializer=featureviz_dot_v1_dot_featureviz__pb2.GetAtlasUnitRequest.SerializeToString,
+                response_deserializer=featureviz_dot_v1_dot_featureviz__pb2.AtlasUnitImage.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -827,6 +837,21 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAtlasUnits(self, request, context):
+        """An atlas job's units (every unit, done or not) with its progress per layer and in total. NOT_FOUND for an
+        unknown job or another tenant's; FAILED_PRECONDITION for a job that is not an atlas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAtlasUnit(self, request, context):
+        """One finished unit of an atlas with its PNG (NOT_FOUND: no such unit, or not finished yet).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -859,6 +884,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.CancelJobRequest.FromString,
                     response_serializer=featureviz_dot_v1_dot_featureviz__pb2.Job.SerializeToString,
+            ),
+            'ListAtlasUnits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAtlasUnits,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.ListAtlasUnitsRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.ListAtlasUnitsResponse.SerializeToString,
+            ),
+            'GetAtlasUnit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAtlasUnit,
+                    request_deserializer=featureviz_dot_v1_dot_featureviz__pb2.GetAtlasUnitRequest.FromString,
+                    response_serializer=featureviz_dot_v1_dot_featureviz__pb2.AtlasUnitImage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1027,6 +1062,60 @@ class JobService:
             '/featureviz.v1.JobService/CancelJob',
             featureviz_dot_v1_dot_featureviz__pb2.CancelJobRequest.SerializeToString,
             featureviz_dot_v1_dot_featureviz__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAtlasUnits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.JobService/ListAtlasUnits',
+            featureviz_dot_v1_dot_featureviz__pb2.ListAtlasUnitsRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.ListAtlasUnitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAtlasUnit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featureviz.v1.JobService/GetAtlasUnit',
+            featureviz_dot_v1_dot_featureviz__pb2.GetAtlasUnitRequest.SerializeToString,
+            featureviz_dot_v1_dot_featureviz__pb2.AtlasUnitImage.FromString,
             options,
             channel_credentials,
             insecure,

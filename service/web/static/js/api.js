@@ -1,6 +1,6 @@
 // The explorer's one door to the server: JSON over fetch, uploads over XHR (for upload progress), job events
 // over EventSource. Every URL is relative, so the app also works behind a proxy under a sub-path.
-import { sha256File } from "./sha256.js";
+import { sha256File, sha256Files } from "./sha256.js";
 
 export class ApiError extends Error {
   constructor(status, error) {
@@ -52,12 +52,49 @@ export async function uploadModel(file, { preprocess, onHashing, onProgress } = 
     params.set("std", preprocess.std);
     if (preprocess.bgr) params.set("bgr", "1");
   }
+  return sendUpload(`api/models?${params}`, file, onProgress);
+}
+
+/** Upload an image set: {archive: File} (a zip or tar: kind read from its first bytes, as the clients do) or
+ *  {files: [{name, file}]} (single files by relative name: kind files, the body a JSON list of the files then
+ *  their bytes). The digests first (onHashing), then the body (onProgress). Resolves with the set and its report. */
+export async function uploadDataset({ archive, files, name }, { onHashing, onProgress } = {}) {
+  let body;
+  const params = new URLSearchParams({ name: name || "" });
+  if (archive) {
+    params.set("kind", await archiveKind(archive));
+    params.set("sha256", await sha256File(archive, onHashing));
+    body = archive;
+  } else {
+    const { sha256, each } = await sha256Files(files.map((f) => f.file), onHashing);
+    const manifest = new TextEncoder().encode(JSON.stringify(
+      files.map((f, i) => ({ name: f.name, size: f.file.size, sha256: each[i] }))));
+    params.set("kind", "files");
+    params.set("sha256", sha256);
+    params.set("manifest", String(manifest.length));
+    body = new Blob([manifest, ...files.map((f) => f.file)]);
+  }
+  return sendUpload(`api/datasets?${params}`, body, onProgress);
+}
+
+/** "zip" or "tar" from a file's first bytes, or null (not an archive). */
+export async function archiveKind(file) {
+  const head = new Uint8Array(await file.slice(0, 512).arrayBuffer());
+  const starts = (...bytes) => bytes.every((b, i) => head[i] === b);
+  if (starts(0x50, 0x4b, 0x03, 0x04) || starts(0x50, 0x4b, 0x05, 0x06)) return "zip";
+  if (starts(0x1f, 0x8b) || starts(0x42, 0x5a, 0x68) || starts(0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00)) return "tar";
+  if (head.length >= 263 && String.fromCharCode(...head.subarray(257, 262)) === "ustar") return "tar";
+  return null;
+}
+
+/** POST a body over XHR (for upload progress) and resolve with the JSON answer. */
+function sendUpload(url, body, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
-    xhr.open("POST", `api/models?${params}`);
+    xhr.open("POST", url);
     xhr.setRequestHeader("X-Featureviz", "1");
     xhr.setRequestHeader("Content-Type", "application/octet-stream");
-    xhr.upload.onprogress = (e) => onProgress?.(e.loaded, e.lengthComputable ? e.total : file.size);
+    xhr.upload.onprogress = (e) => onProgress?.(e.loaded, e.lengthComputable ? e.total : body.size);
     xhr.onload = () => {
       let data = {};
       try { data = JSON.parse(xhr.responseText); } catch { /* not JSON: keep the status */ }
@@ -67,7 +104,7 @@ export async function uploadModel(file, { preprocess, onHashing, onProgress } = 
       reject(error);
     };
     xhr.onerror = () => reject(new ApiError(0, { code: "UNAVAILABLE", message: "the upload broke off (network)" }));
-    xhr.send(file);
+    xhr.send(body);
   });
 }
 

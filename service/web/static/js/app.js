@@ -7,6 +7,7 @@ import { layerPage } from "./views/layer.js";
 import { channelPage } from "./views/channel.js";
 import { classesPage } from "./views/classes.js";
 import { jobPage, jobsPage } from "./views/jobs.js";
+import { datasetsPage } from "./views/datasets.js";
 
 const view = document.getElementById("view");
 const session = document.getElementById("session");
@@ -22,6 +23,7 @@ const ROUTES = [
   [/^#\/models\/([0-9a-f]{64})\/classes$/, classesPage, "models"],
   [/^#\/models\/([0-9a-f]{64})\/layers\/([^/]+)$/, layerPage, "models"],
   [/^#\/models\/([0-9a-f]{64})\/layers\/([^/]+)\/channels\/(\d+)$/, channelPage, "models"],
+  [/^#\/datasets$/, datasetsPage, "datasets"],
   [/^#\/jobs$/, jobsPage, "jobs"],
   [/^#\/jobs\/([\w-]+)$/, jobPage, "jobs"],
 ];

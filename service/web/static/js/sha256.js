@@ -86,3 +86,24 @@ export async function sha256File(file, onProgress) {
   }
   return hash.hex();
 }
+
+/** One pass over files sent one after another: the hex SHA-256 of each and of all of them together (the stream a
+ *  dataset upload of single files sends); onProgress(doneBytes, totalBytes) after each slice. */
+export async function sha256Files(files, onProgress) {
+  const total = new Sha256();
+  const size = files.reduce((sum, file) => sum + file.size, 0);
+  const each = [];
+  let done = 0;
+  for (const file of files) {
+    const hash = new Sha256();
+    for (let at = 0; at < file.size; at += SLICE) {
+      const bytes = new Uint8Array(await file.slice(at, at + SLICE).arrayBuffer());
+      hash.update(bytes);
+      total.update(bytes);
+      done += bytes.length;
+      onProgress?.(done, size);
+    }
+    each.push(hash.hex());
+  }
+  return { sha256: total.hex(), each };
+}

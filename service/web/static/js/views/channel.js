@@ -3,6 +3,7 @@
 import { breadcrumbs, clear, h, route } from "../dom.js";
 import { loadModel } from "./catalog.js";
 import { jobPanel, optionsForm, previewEvery, submit } from "./render.js";
+import { bestMean, datasetChooser, examplesPanel, ratioBadge } from "./examples.js";
 
 export const DIVERSITY_WEIGHT = 100; // lucid's scale of the diversity term against a channel (featureviz.demo too)
 
@@ -43,8 +44,16 @@ export async function channelPage(root, [sha, name, channelText], state) {
   if (!layer.spatial) diversity.disabled = true;
   const objectiveLine = h("code#objective-text");
   const go = h("button.primary#render-channel", { type: "submit" }, "Render");
-  const where = h("div");
+  const where = h("div.render-side");
   let panel = null;
+  let last = null; // the last finished render and whether it was the channel itself: its ratio follows the set
+  const chooser = datasetChooser(() => {
+    examples.show();
+    if (last) showRatio(...last);
+  });
+  const examples = examplesPanel(sha, layer.name, channel, chooser);
+  const ratioLine = h("div.ratio-line#channel-ratio");
+  examples.el.append(ratioLine);
 
   function objective() {
     const batch = Number(options.inputs.batch.value);
@@ -55,6 +64,19 @@ export async function channelPage(root, [sha, name, channelText], state) {
     objectiveLine.textContent = JSON.stringify(objective());
   }
   for (const el of [negative, diversity, options.inputs.batch]) el.addEventListener("input", describe);
+  negative.addEventListener("input", () => examples.show(negative.checked ? "min" : "max"));
+
+  /** The activation ratio of a finished render of the channel itself (not negative, no diversity term): its best
+   *  image's objective over the best real image's spatial mean. */
+  async function showRatio(result, plain) {
+    last = [result, plain];
+    clear(ratioLine);
+    const ends = (result.result?.images || []).map((i) => i.objective_end);
+    if (!plain || result.state !== "SUCCEEDED" || !ends.length || !chooser.value) return;
+    const best = await bestMean(sha, chooser.value, layer.name, channel).catch(() => null);
+    const badge = ratioBadge(Math.max(...ends), best);
+    if (badge) clear(ratioLine, h("span.muted", "activation ratio "), badge);
+  }
 
   async function render(event) {
     event?.preventDefault();
@@ -66,8 +88,9 @@ export async function channelPage(root, [sha, name, channelText], state) {
     if (!job) return;
     panel?.close();
     const label = `${negative.checked ? "negative " : ""}channel ${channel}`;
+    const plain = !negative.checked && !(diversity.checked && values.batch > 1);
     panel = jobPanel({ labels: Array.from({ length: values.batch }, (_, i) => values.batch > 1 ? `${label} · ${i + 1}` : label),
-      large: true });
+      large: true, onResult: (result) => showRatio(result, plain) });
     clear(where, panel.el);
     panel.follow(job);
   }
@@ -80,7 +103,8 @@ export async function channelPage(root, [sha, name, channelText], state) {
       h("p.lead", `${layer.op_type} · ${layer.channels} channels`), neighbours),
     h("form.render-form#channel-form", { onsubmit: render }, options.el,
       h("div.form-actions", go, h("span.muted", "objective "), objectiveLine)),
-    where);
+    h("div.beside", where, examples.el));
   describe();
-  return () => panel?.close();
+  examples.show();
+  return () => { panel?.close(); examples.close(); };
 }

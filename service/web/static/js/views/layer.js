@@ -1,9 +1,12 @@
 // A layer: its first N channels rendered as ONE batched job (batch N, image i maximises channel from + i),
 // previews streaming in live.
-import { breadcrumbs, clear, h, route, shape } from "../dom.js";
+import { breadcrumbs, clear, errorBox, h, route, shape } from "../dom.js";
 import { loadModel } from "./catalog.js";
 import { depthChart } from "./depth.js";
 import { jobPanel, optionsForm, previewEvery, submit } from "./render.js";
+import { bestMean, cropGrid, datasetChooser, fetchExemplars, indexButton, ratioBadge } from "./examples.js";
+
+const ROW = 5; // examples under each channel's render
 
 export const LAYER_DEFAULTS = { steps: 128, size: 128, channels: 8 };
 
@@ -35,6 +38,55 @@ export async function layerPage(root, [sha, name], state) {
   const where = h("div");
   let panel = null;
 
+  // dataset examples: a row under each channel's render, and the index job's button while the set has no index
+  const chooser = datasetChooser(() => refreshExamples());
+  const status = h("div.examples-status#layer-examples-status");
+  let rows = new Map(); // channel -> {crops, ratio}
+  let stopIndex = () => {};
+
+  function exampleRow(c) {
+    const row = { crops: h("div.row-crops"), ratio: h("span.ratio-slot") };
+    rows.set(c, row);
+    fillRow(c);
+    return h("div.example-row", { dataset: { channel: c } }, row.crops, row.ratio);
+  }
+  async function fillRow(c) {
+    await chooser.ready;
+    const row = rows.get(c);
+    if (!row || !chooser.value) return;
+    try {
+      const answer = await fetchExemplars(sha, chooser.value, layer.name, c, { k: ROW });
+      clear(row.crops, answer ? cropGrid(answer, { row: true }) : null);
+    } catch (error) {
+      clear(row.crops, errorBox(error));
+    }
+  }
+  async function refreshExamples() {
+    await chooser.ready;
+    clear(status);
+    if (!chooser.value) return;
+    try {
+      if (!(await fetchExemplars(sha, chooser.value, layer.name, 0, { k: 1 }))) {
+        clear(status, indexButton(sha, chooser.value, layer.name, (stop) => { stopIndex = stop; },
+          () => refreshExamples()));
+        return;
+      }
+    } catch (error) {
+      clear(status, errorBox(error));
+      return;
+    }
+    for (const c of rows.keys()) fillRow(c);
+  }
+  async function showRatios(result, channels) {
+    if (result.state !== "SUCCEEDED" || !chooser.value) return;
+    for (const image of result.result?.images || []) {
+      const c = channels[image.index];
+      const row = rows.get(c);
+      const best = await bestMean(sha, chooser.value, layer.name, c).catch(() => null);
+      if (row) clear(row.ratio, ratioBadge(image.objective_end, best));
+    }
+  }
+
   async function render(event) {
     event?.preventDefault();
     const n = Math.max(1, Math.min(Number(count.value), layer.channels - Number(first.value), maxImages));
@@ -47,8 +99,10 @@ export async function layerPage(root, [sha, name], state) {
     if (!job) return;
     panel?.close();
     const channels = Array.from({ length: n }, (_, i) => from + i);
+    rows = new Map();
     panel = jobPanel({ labels: channels.map((c) => `channel ${c}`),
-      links: channels.map((c) => route.channel(sha, layer.name, c)) });
+      links: channels.map((c) => route.channel(sha, layer.name, c)),
+      below: (i) => exampleRow(channels[i]), onResult: (result) => showRatios(result, channels) });
     clear(where, panel.el);
     panel.follow(job);
   }
@@ -62,6 +116,8 @@ export async function layerPage(root, [sha, name], state) {
     depthChart(layers, { current: layer.name, href: (l) => route.layer(sha, l.name) }),
     h("form.render-form#layer-form", { onsubmit: render }, options.el, h("div.form-actions", go,
       h("span.muted", "One job: image i maximises channel “from + i”, all optimised together."))),
+    h("section.examples-bar", h("strong", "Dataset examples "), chooser.el, status),
     where);
-  return () => panel?.close();
+  refreshExamples();
+  return () => { panel?.close(); stopIndex(); };
 }

@@ -15,8 +15,9 @@ export async function submit(body, where) {
   }
 }
 
-/** options: {labels: [text per image], links: [href per image] | null, large: bool} */
-export function jobPanel({ labels = null, links = null, large = false } = {}) {
+/** options: {labels: [text per image], links: [href per image] | null, large: bool, below: (i) => element under
+ *  image i's tile | null, onResult: (finished job) => void} */
+export function jobPanel({ labels = null, links = null, large = false, below = null, onResult = null } = {}) {
   const badge = h("span.state");
   const line = h("span.progress-text");
   const fill = h("span");
@@ -39,7 +40,8 @@ export function jobPanel({ labels = null, links = null, large = false } = {}) {
       const caption = h("figcaption", { title: label }, links?.[i] ? h("a", { href: links[i] }, label) : label);
       const value = h("span.value");
       const download = h("span.downloads");
-      const figure = h("figure.tile", { dataset: { index: i } }, frame, h("div.tile-foot", caption, value, download));
+      const figure = h("figure.tile", { dataset: { index: i } }, frame, h("div.tile-foot", caption, value, download),
+        below ? below(i) : null);
       return { figure, img, frame, value, download };
     });
     clear(tiles, tileEls.map((t) => t.figure));
@@ -79,6 +81,7 @@ export function jobPanel({ labels = null, links = null, large = false } = {}) {
       clear(problem, h("div.notice", `Cancelled at step ${result.step} of ${result.steps}`
         + (result.result?.images?.length ? "; the images so far are kept." : ".")));
     }
+    onResult?.(result);
     await showReproduce(result);
   }
 
