@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine (H100/H200): installs what it lacks, runs the GPU tests and the
-# benchmarks, and writes the figures to RESULTS_DIR (at most 8 files), in under 8 minutes.
+# benchmarks, and writes the figures to RESULTS_DIR (at most 8 files), in under 10 minutes.
 #
 #   bench/gpu_check.sh RESULTS_DIR             # on the GPU machine, from the repository root
 #   bench/gpu_check.sh RESULTS_DIR --dry-run   # anywhere: the same stages, tiny sizes, CPU allowed (tested in CI)
@@ -13,8 +13,8 @@
 #
 # Files written: env.txt (device, versions), pytest_gpu.txt, kernels.md, step.md, batching.md, batching.json,
 # variants.md (the engine's device step under layout and cuDNN settings), summary.md (the figures to paste into
-# bench/RESULTS.md, each stage's status and seconds; the exemplar index pass's table goes there, not into a file
-# of its own): 8 files, what a device run brings back at most.
+# bench/RESULTS.md, each stage's status and seconds; the exemplar index pass's and the server cost's tables go
+# there, not into files of their own): 8 files, what a device run brings back at most.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -94,6 +94,7 @@ if [ $DRY = 1 ]; then
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
   VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
   EXEMPLARS=(--images 8 --batch 4 --skip-memory)
+  COST=(--levels 2 --steps 2 --repeats 1 --demo-jobs 0)
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
   # auto: what a render uses; standard: the engine's default stack (a resample per random step)
@@ -102,6 +103,7 @@ else
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
   VARIANTS=(--levels 1,64 --size 224 --steps 16)
   EXEMPLARS=(--images 512 --batch 64 --skip-memory --device cuda)
+  COST=(--levels 64,256 --steps 16 --repeats 2 --demo-jobs 64 --demo-size 64)
 fi
 
 # 2. the GPU tests (the whole suite's gpu-marked tests)
@@ -119,6 +121,10 @@ stage "bench_engine_variants.py" 90 "$RESULTS/variants.md" "$PY" bench/bench_eng
 # 7. the exemplar index pass (images per second: decode in 2 threads, forward, top-k) against a plain forward of the
 #    same truncated model over the same images, batch 64, 224 px (issue 23)
 stage "bench_exemplars.py" 90 "$WORK/exemplars.md" "$PY" bench/bench_exemplars.py "${EXEMPLARS[@]}"
+# 8. the server's cost per job beyond the device steps, per phase (issue 26: 256 tiny jobs within 1.25x of the
+#    in-process engine, < 2 ms per job beyond the device steps); its output joins summary.md (8 files at most)
+stage "bench_server_cost.py" 120 "$WORK/cost.md" "$PY" bench/bench_server_cost.py "${COST[@]}"
+grep -q '^### bench_server_cost' "$WORK/cost.md" || tail -n 20 "$WORK/cost.md" >> "$SUMMARY"
 
 {
   echo
@@ -135,6 +141,8 @@ stage "bench_exemplars.py" 90 "$WORK/exemplars.md" "$PY" bench/bench_exemplars.p
   echo
   echo "### bench_exemplars.py"
   grep '^|' "$WORK/exemplars.md" || tail -n 5 "$WORK/exemplars.md"
+  echo
+  sed -n '/^### bench_server_cost/,$p' "$WORK/cost.md"
   echo "total: $(( $(date +%s) - STARTED )) s"
 } >> "$SUMMARY"
 cat "$SUMMARY"

@@ -15,6 +15,7 @@ from featureviz.options import BY_NAME
 from featureviz.options import EXEMPLAR_INDEX
 from featureviz.options import check_kind
 from featureviz.options import check_limits
+from featureviz.phases import phase
 from featureviz.server.auth import TenantResolver
 from featureviz.server.config import ServerConfig
 from featureviz.server.errors import Unavailable
@@ -55,6 +56,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         self.store = scheduler.store
         self.auth = auth
         self._draining = asyncio.Event()  # set by drain(): watch streams end with UNAVAILABLE
+        self._waiting: set[asyncio.Future] = set()  # the watch streams' futures (drain() resolves them)
         self._watching = 0
         self._watches = TenantSlots("watch streams", "max_watches_per_tenant", "TOO_MANY_WATCHES",
                                     "close one (one stream per job is enough)")  # WatchJob, CreateAndWatchJob
@@ -66,6 +68,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         re-attaches, to another replica or after the restart) and wait up to ``timeout`` s until they sent it, so
         they get that status rather than a connection torn down under them."""
         self._draining.set()
+        for waiter in list(self._waiting):
+            _resolve(waiter, True)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -95,7 +99,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @rpc_errors
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
-        return self.scheduler.job(_job_id(request.job), self.auth.tenant(context))
+        with phase("watch"):
+            return self.scheduler.job(_job_id(request.job), self.auth.tenant(context))
 
     @rpc_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
@@ -147,6 +152,21 @@ class JobServicer(pb_grpc.JobServiceServicer):
     # ------------------------------------------------------------------------------------------- helpers
 
     async def _create(self, tenant: str, spec: pb.JobSpec, request_id: str) -> str:
+        with phase("admission"):  # the synchronous parts only (the worker's admission counts on its thread)
+            found = self._before_admission(tenant, spec, request_id)
+        if isinstance(found, str):
+            return found
+        sha, kind, dataset, stored, model = found
+        try:
+            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
+        except InvalidSpec as exc:
+            raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+        with phase("admission"):
+            return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission)
+
+    def _before_admission(self, tenant: str, spec: pb.JobSpec, request_id: str):
+        """The checks before the worker's admission: -> the job id of an idempotent retry, or (sha, kind, dataset,
+        the spec to store, the model)."""
         if self.scheduler.stopping:
             raise Unavailable("the server is shutting down; retry on another replica or after the restart")
         if request_id:  # idempotent retry: the job this request id already made
@@ -194,10 +214,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if kind == ATLAS:
             self._atlas_defaults(tenant, stored)
         self._check_budget(tenant, stored)  # before the worker's admission work; again once the defaults are known
-        try:
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
-        except InvalidSpec as exc:
-            raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+        return sha, kind, dataset, stored, model
+
+    def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
+                         model: pb.Model, admission) -> str:
         if kind == EXEMPLAR_INDEX:
             return self._create_index(tenant, request_id, stored, sha, dataset, admission)
         if kind == ATLAS:
@@ -212,7 +232,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         key = render_key(sha, stored, (inputs.default_height, inputs.default_width))
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created and not (key and self.scheduler.finish_from_store(row.id, tenant, key)):
-            self.scheduler.submit(row.id, tenant, admission)
+            self.scheduler.submit(row.id, tenant, admission, row)
         return row.id
 
     def _atlas_defaults(self, tenant: str, stored: pb.JobSpec) -> None:
@@ -327,26 +347,33 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 self._idle.set()
 
     async def _events(self, job_id: str, tenant: str, from_seq: int, previews: bool):
-        snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
-        events = self.scheduler.log(job_id)
+        with phase("watch"):
+            snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
+            events = self.scheduler.log(job_id)
         seq = min(from_seq, max(snapshot.last_seq, events.last_seq))  # a from_seq past the end: from the end
         attached = events.last_seq  # previews logged before the watch are replayed; later ones coalesce
         yield pb.JobEvent(seq=seq, time=_now(), snapshot=snapshot)
         heartbeat = self.config.heartbeat_seconds
         while True:
             waiter = events.waiter()
-            for event in events.since(seq, previews=previews):
+            with phase("watch"):
+                fresh = events.since(seq, previews=previews)
+            for event in fresh:
                 seq = event.seq
                 if event.HasField("preview") and attached < event.seq < events.last_preview_seq:
                     continue  # a newer preview is logged: a slow reader gets the newest, not a backlog
                 yield event
                 if event.HasField("result"):
                     return
-            row = self.store.get_job(job_id)
             # The worker stores the end of a job before it appends the result event: while it is between the
-            # two, the event is on its way (the waiter wakes us), and making one up here would repeat a seq.
-            if row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id):
+            # two, the event is on its way (the waiter wakes us), and making one up here would repeat a seq. A job
+            # the worker holds is not finished: no read of its row (the row first, then the checks).
+            with phase("watch"):
+                row = None if self.scheduler.is_running(job_id) else self.store.get_job(job_id)
+            if row is not None and row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id) \
+                    and not events.pending:
                 if events.since(seq, previews=previews):
+                    waiter.cancel()
                     continue  # the result event was appended since we looked: deliver it from the log
                 # finished before this log existed (a restart), or already seen
                 yield pb.JobEvent(seq=max(seq, row.last_seq), time=_now(), result=self.scheduler.job(job_id, tenant))
@@ -354,13 +381,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
             if self._draining.is_set():  # every event so far is delivered
                 raise Unavailable(f"the server is shutting down; re-attach with from_seq={seq} (to another replica, "
                                   "or after the restart)")
-            woken = asyncio.ensure_future(waiter.wait())
-            draining = asyncio.ensure_future(self._draining.wait())
-            done, pending = await asyncio.wait((woken, draining), timeout=heartbeat,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            if not done:
+            # one future: done at the next publish, at drain() or (False) after the heartbeat interval; no tasks
+            timer = asyncio.get_running_loop().call_later(heartbeat, _resolve, waiter, False)
+            self._waiting.add(waiter)
+            try:
+                woken = await waiter
+            finally:
+                timer.cancel()
+                self._waiting.discard(waiter)
+                waiter.cancel()  # no-op when done; a cancelled watch leaves no pending future in the log
+            if not woken:
                 yield pb.JobEvent(seq=seq, time=_now(), heartbeat=pb.Heartbeat())
 
 
@@ -407,6 +437,11 @@ def _summary(job: pb.Job, limits) -> pb.Job:
     job.spec.ClearField("objective")
     job.spec.ClearField("init_image")
     return job
+
+
+def _resolve(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _unit(values) -> pb.AtlasUnit:

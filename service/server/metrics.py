@@ -45,6 +45,7 @@ class Metrics:
         self.worker_images = Counter("featureviz_worker_step_images", "Images in the device steps, per worker",
                                      ["worker"], registry=registry)
         registry.register(_WorkerCollector(workers))
+        registry.register(_PhaseCollector())
         Gauge("featureviz_queue_depth", "Jobs waiting for the device", registry=registry).set_function(queue_depth)
         Gauge("featureviz_models_loaded", "Imported models held in memory",
               registry=registry).set_function(models_loaded)
@@ -92,3 +93,23 @@ class _WorkerCollector:
             models.add_metric(labels, len(info.models))
             up.add_metric(labels, 1.0 if info.up else 0.0)
         return [slots, models, up]
+
+
+class _PhaseCollector:
+    """The cost counters (:mod:`featureviz.phases`, on with ``FEATUREVIZ_PHASES=1``): seconds and entries per
+    phase of the server's (and the in-process worker's) work outside the device steps."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        from featureviz import phases
+
+        if not phases.enabled:
+            return []
+        seconds = CounterMetricFamily("featureviz_phase_seconds", "Self time of each phase of the server's work "
+                                      "(FEATUREVIZ_PHASES=1)", labels=["phase"])
+        entries = CounterMetricFamily("featureviz_phase_entries", "Times each phase was entered", labels=["phase"])
+        for name, (secs, count) in phases.snapshot().items():
+            seconds.add_metric([name], secs)
+            entries.add_metric([name], count)
+        return [seconds, entries]

@@ -15,7 +15,9 @@
 - On start the scheduler re-queues every job it finds QUEUED or RUNNING (a crash or a stop left them so).
   Exclusive jobs rerun with the same images; others may differ (their batch-mates differ).
 - Each job has a :class:`JobLog`: events with sequence numbers, appended from the worker's event thread and read
-  by watchers on the event loop, which are woken through ``call_soon_threadsafe``. ``last_seq`` is persisted.
+  by watchers on the event loop, which are woken through ``call_soon_threadsafe``. ``last_seq`` is persisted
+  before an event is published. The worker may hand over several events at once (a list): they are stored in one
+  SQLite transaction and published after its commit.
 - The worker sends events back (:class:`featureviz.worker.api.WorkerEvent`): STARTED, PROGRESS (coalesced per
   job by the worker), PREVIEW, FINISHED, REQUEUED (on stop), and STEPS (device step statistics for metrics).
 - Stopping lets running jobs finish within ``grace_seconds``, then the worker stops them and they stay QUEUED.
@@ -48,6 +50,7 @@ import threading
 import time
 
 from featureviz.errors import FailedPrecondition
+from featureviz.phases import phase
 from featureviz.server.atlas import UNIT_CACHED
 from featureviz.server.atlas import UNIT_FAILED
 from featureviz.server.atlas import UNIT_RENDERED
@@ -65,6 +68,8 @@ log = logging.getLogger("featureviz.server")
 # exemplar index passes the worker runs at once (one per tenant): each holds a decode pool and a few batches of
 # decoded images; the others wait in the queue
 MAX_INDEX_PASSES = 2
+# the cost counters' phase of each worker event's handling (featureviz.phases)
+_EVENT_PHASES = {api.STARTED: "start", api.FINISHED: "end", api.REQUEUED: "end", api.LOST: "end"}
 
 
 def _index_key(spec: pb.JobSpec) -> str:
@@ -87,23 +92,38 @@ def job_cost(spec: pb.JobSpec) -> int:
 
 
 class JobLog:
-    """The events of one job. ``append`` may be called from any thread; ``waiter``/``since`` on the loop."""
+    """The events of one job. ``append`` may be called from any thread; ``waiter``/``since`` on the loop.
+
+    An event is *published* (``since``, ``last_seq``, the watchers' wake-up) only once its seq is stored: ``on_seq``
+    (the scheduler's) stores it and answers True, or answers False when it is part of a batch of worker events
+    whose store transaction commits later; the scheduler then calls :meth:`publish` after the commit. So a watcher
+    never sees a seq that a kill -9 could hand out again."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, start_seq: int = 0, on_seq=None):
         self._loop = loop
         self._lock = threading.Lock()
         self._events: list[pb.JobEvent] = []
-        self._seq = start_seq
+        self._seq = start_seq  # the last seq handed out
+        self._visible = start_seq  # the last seq published
         self._on_seq = on_seq
-        self._changed = asyncio.Event()
+        self._futures: list[asyncio.Future] = []  # the watchers waiting for the next publish (loop only)
         self.finished = False
         self.last_preview_seq = 0  # watch streams send a preview only while it is the newest (coalescing)
 
     @property
     def last_seq(self) -> int:
-        return self._seq
+        return self._visible
+
+    @property
+    def pending(self) -> bool:
+        """Whether events are logged but not yet published (their batch's transaction is committing)."""
+        return self._seq > self._visible
 
     def append(self, **fields) -> pb.JobEvent:
+        with phase("events"):
+            return self._append(fields)
+
+    def _append(self, fields) -> pb.JobEvent:
         with self._lock:
             self._seq += 1
             event = pb.JobEvent(seq=self._seq, **fields)
@@ -113,25 +133,39 @@ class JobLog:
                 self.finished = True
             elif event.HasField("preview"):
                 self.last_preview_seq = event.seq
-        if self._on_seq is not None:
-            self._on_seq(event.seq)
+        if self._on_seq is None or self._on_seq(event.seq):
+            self.publish()
+        return event
+
+    def publish(self) -> None:
+        """Make every appended event visible and wake the watchers."""
+        with self._lock:
+            if self._visible == self._seq:
+                return
+            self._visible = self._seq
         try:
             self._loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop is closed: nobody is watching any more
             pass
-        return event
 
-    def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _wake(self) -> None:  # on the loop
+        futures, self._futures = self._futures, []
+        for future in futures:
+            if not future.done():
+                future.set_result(True)
 
-    def waiter(self) -> asyncio.Event:
-        """An event set at the next append. Take it *before* calling ``since`` so no append is missed."""
-        return self._changed
+    def waiter(self) -> asyncio.Future:
+        """A future (on the loop) done at the next publish. Take it *before* calling ``since`` so no event is
+        missed; a watcher that stops waiting cancels it. One future, no task: a wake of many watchers is cheap."""
+        future = self._loop.create_future()
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(future)
+        return future
 
     def since(self, seq: int, *, previews: bool) -> list[pb.JobEvent]:
         with self._lock:
-            return [e for e in self._events if e.seq > seq and (previews or not e.HasField("preview"))]
+            visible = self._visible
+            return [e for e in self._events if seq < e.seq <= visible and (previews or not e.HasField("preview"))]
 
 
 class _AtlasRun:
@@ -177,6 +211,7 @@ class Scheduler:
         self._stopping = False
         self._stopped = threading.Event()
         self.metrics = None  # a featureviz.server.metrics.Metrics, when the server exports metrics
+        self._batch = threading.local()  # .logs: the logs a batch of worker events appended to (event thread)
         # atlases: unfinished runs, units in flight on the worker (unit job id -> (atlas, idx, key)), keys in
         # flight (key -> unit job id), background images granted, tenant -> turn it was last granted a unit
         self._atlases: dict[str, _AtlasRun] = {}
@@ -230,12 +265,17 @@ class Scheduler:
     def admit(self, model_sha: str, spec: pb.JobSpec) -> api.Admission:
         """The worker converts and validates the spec before any compute (blocking; InvalidSpec with engine
         paths). The admission's ticket goes with the job to :meth:`submit`."""
-        return self.worker.admit(model_sha, spec.SerializeToString())
+        with phase("admission"):
+            return self.worker.admit(model_sha, spec.SerializeToString())
 
     validate = admit
 
-    def submit(self, job_id: str, tenant: str, admission: api.Admission | None = None) -> None:
-        row = self.store.get_job(job_id)
+    def submit(self, job_id: str, tenant: str, admission: api.Admission | None = None, row=None) -> None:
+        """Queue a stored job (``row``: its JobRow when the caller has it, saving a read)."""
+        with phase("dispatch"):
+            self._submit(job_id, tenant, admission, row if row is not None else self.store.get_job(job_id))
+
+    def _submit(self, job_id: str, tenant: str, admission: api.Admission | None, row) -> None:
         with self._cv:
             self._enqueue(job_id, tenant, pb.JobSpec.FromString(row.spec),
                           admission.ticket if admission is not None else "")
@@ -276,6 +316,10 @@ class Scheduler:
     def _dispatch_jobs(self) -> None:
         """Grant queued jobs to the worker while it has room, or to a tenant below its share (call with the lock
         held)."""
+        with phase("dispatch"):
+            self._grant()
+
+    def _grant(self) -> None:
         while self._queue and not self._stopping:
             firsts: dict[str, str] = {}
             passes = [j for j in self._granted if j in self._indexing]
@@ -580,7 +624,8 @@ class Scheduler:
             found = self._logs.get(job_id)
             if found is None:
                 row = self.store.get_job(job_id)
-                found = JobLog(self._loop, row.last_seq, on_seq=lambda seq: self.store.set_last_seq(job_id, seq))
+                found = JobLog(self._loop, row.last_seq, on_seq=None)
+                found._on_seq = lambda seq, found=found: self._logged(job_id, found, seq)
                 self._logs[job_id] = found
                 self._evict_logs()
             return found
@@ -590,16 +635,42 @@ class Scheduler:
         for job_id in finished[: max(0, len(finished) - self._finished_logs_kept)]:
             del self._logs[job_id]
 
+    def _logged(self, job_id: str, log_: JobLog, seq: int) -> bool:
+        """A JobLog's event got ``seq``: store it (in the batch's transaction on the event thread, then published
+        after the commit: -> False; otherwise at once: -> True)."""
+        self.store.set_last_seq(job_id, seq)
+        batch = getattr(self._batch, "logs", None)
+        if batch is None:
+            return True
+        batch[id(log_)] = log_
+        return False
+
     # ------------------------------------------------------------------------------------------- worker events
 
-    def _on_event(self, event: api.WorkerEvent) -> None:
-        """Called on the worker's event thread, in order."""
+    def _on_event(self, event: api.WorkerEvent | list[api.WorkerEvent]) -> None:
+        """Called on the worker's event thread, in order: one event, or a list of them (what the worker had at
+        once: one store transaction for all, their events published after its commit)."""
+        events = event if isinstance(event, list) else [event]
+        self._batch.logs = logs = {}
+        try:  # the lock order everywhere: the scheduler's, then the store's
+            with self._cv, self.store.transaction():
+                for one in events:
+                    self._handle(one)
+        except Exception:  # the commit failed: what it held is logged in memory all the same
+            log.exception("storing %d worker event(s)", len(events))
+        finally:
+            self._batch.logs = None
+            for found in logs.values():
+                found.publish()
+
+    def _handle(self, event: api.WorkerEvent) -> None:
         try:
             if event.job_id and event.job_id in self._units:
                 self._on_unit(event)
                 return
             handler = getattr(self, f"_on_{event.kind}")
-            handler(event)
+            with phase(_EVENT_PHASES.get(event.kind, "step bookkeeping")):
+                handler(event)
         except Exception:  # the store itself failed: log and keep serving
             log.exception("worker event %s of job %s", event.kind, event.job_id)
 

@@ -37,6 +37,7 @@ from featureviz.errors import FailedPrecondition
 from featureviz.errors import NotFound
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
+from featureviz.phases import phase
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["Store", "StoreCorrupt", "JobRow", "TERMINAL_STATES", "file_sha256", "resume_offset", "DISK_FULL_MESSAGE"]
@@ -186,7 +187,7 @@ class Store:
             stale.unlink(missing_ok=True)
         shutil.rmtree(self.root / "staging", ignore_errors=True)  # unpacking that a stop or a crash cut short
         (self.root / "staging").mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a transaction() holds it around the methods it groups
         self._intact: dict[str, tuple[int, int, int]] = {}  # sha256 -> stat signature of the file last found intact
         self.db_path = self.root / "featureviz.sqlite3"
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
@@ -210,6 +211,11 @@ class Store:
         except StoreCorrupt:
             self._db.close()
             raise
+        # reads of other threads go to a second connection while this one may hold a batch's transaction (WAL:
+        # they see what is committed, never wait for the writer); the thread in a transaction reads its own writes
+        self._reader = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        self._read_lock = threading.Lock()
+        self._tx_owner: int | None = None
         self._purge_stale_uploads()
 
     def _purge_stale_uploads(self) -> None:
@@ -238,11 +244,42 @@ class Store:
         return [(path, size) for _, path, size in sorted(found)]
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Group the statements of this thread's calls inside the block into one SQLite transaction (one commit),
+        holding the store's lock meanwhile; nested: part of the outer one. An error rolls it back."""
+        with phase("store"), self._lock, _disk_full(), self._tx():  # the store phase: BEGIN and COMMIT
+            outer, self._tx_owner = self._tx_owner, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._tx_owner = outer
+
+    @contextlib.contextmanager
+    def _tx(self):
+        """BEGIN ... COMMIT (ROLLBACK on an error), or nothing inside a transaction already (call with the lock
+        held)."""
+        if self._db.in_transaction:
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.rollback()
+            raise
+        self._db.commit()
 
     def _run(self, sql: str, params=()) -> list[tuple]:
-        with self._lock, _disk_full():
+        if sql.startswith("SELECT") and self._tx_owner != threading.get_ident():
+            with phase("store"), self._read_lock:  # committed rows, without waiting for a batch's transaction
+                return self._reader.execute(sql, params).fetchall()
+        with phase("store"), self._lock, _disk_full():
             return self._db.execute(sql, params).fetchall()
 
     # ------------------------------------------------------------------------------------------- files
@@ -413,8 +450,7 @@ class Store:
                         final.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(path, final)  # the same file system: atomic, no new blocks
                         added.append(final)
-                    with self._db:  # one transaction
-                        self._db.execute("BEGIN")
+                    with self._tx():  # one transaction
                         self._db.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?)",
                                          (tenant, dataset.id, dataset.SerializeToString(), images.SerializeToString(),
                                           time.time()))
@@ -469,8 +505,7 @@ class Store:
                                          f"{named}; cancel them or let them finish, then delete the dataset",
                                          reason="DATASET_IN_USE")
             orphans: list[str] = []
-            with self._db:
-                self._db.execute("BEGIN")
+            with self._tx():
                 self._db.execute("DELETE FROM datasets WHERE tenant = ? AND id = ?", (tenant, dataset_id))
                 holders = self._db.execute("SELECT COUNT(*) FROM datasets WHERE id = ?", (dataset_id,)).fetchone()[0]
                 pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE dataset = ? AND state IN (?, ?)",
@@ -502,8 +537,7 @@ class Store:
         stored = pb.ExemplarIndexResult()
         stored.CopyFrom(info)
         stored.cached = False
-        with self._lock, _disk_full(), self._db:
-            self._db.execute("BEGIN")
+        with self._lock, _disk_full(), self._tx():
             self._db.execute("INSERT OR IGNORE INTO exemplar_indexes VALUES (?, ?, ?, ?, ?)",
                              (info.index, model, info.dataset, stored.SerializeToString(), now))
             self._db.execute("INSERT OR REPLACE INTO tenant_indexes VALUES (?, ?, ?)", (tenant, info.index, now))
@@ -530,8 +564,7 @@ class Store:
                 "SELECT id FROM tenant_indexes WHERE tenant = ? ORDER BY use_time DESC LIMIT -1 OFFSET ?",
                 (tenant, keep))]
             orphans = []
-            with self._db:
-                self._db.execute("BEGIN")
+            with self._tx():
                 for index_id in dropped:
                     self._db.execute("DELETE FROM tenant_indexes WHERE tenant = ? AND id = ?", (tenant, index_id))
                     if not self._db.execute("SELECT 1 FROM tenant_indexes WHERE id = ? LIMIT 1",
@@ -546,7 +579,7 @@ class Store:
     def create_job(self, tenant: str, request_id: str, spec: pb.JobSpec, model_sha: str,
                    dataset: str = "") -> tuple[JobRow, bool]:
         """Insert a QUEUED job; with a request id already used by this tenant return that job. -> (row, created)."""
-        with self._lock, _disk_full():
+        with phase("store"), self._lock, _disk_full():
             if request_id:
                 row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?",
                                        (tenant, request_id)).fetchone()
@@ -610,16 +643,9 @@ class Store:
 
     def add_atlas_units(self, job_id: str, units: list[tuple[str, int, int, str]]) -> None:
         """An atlas job's units ``(layer, depth, channel, key)``, in order (once, when the job is made)."""
-        with self._lock, _disk_full():
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("INSERT OR IGNORE INTO atlas_units (job, idx, layer, depth, channel, key) "
-                                     "VALUES (?, ?, ?, ?, ?, ?)",
-                                     [(job_id, i, *unit) for i, unit in enumerate(units)])
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, _disk_full(), self._tx():
+            self._db.executemany("INSERT OR IGNORE INTO atlas_units (job, idx, layer, depth, channel, key) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", [(job_id, i, *unit) for i, unit in enumerate(units)])
 
     def atlas_units(self, job_id: str, layer: str = "", offset: int = 0, limit: int = -1) -> list[tuple]:
         """``(idx, layer, depth, channel, key, state, objective, device_seconds, device, width, height)`` of an

@@ -3,7 +3,8 @@
 The server (``featureviz.server``) keeps the servicers, the store, the queue and the event log; a worker owns
 the device and everything torch. They talk through :class:`Worker`:
 
-    worker.start(sink)                  # events come back through sink(WorkerEvent), in order per job
+    worker.start(sink)                  # events come back through sink(WorkerEvent), in order per job, or
+                                        # sink([WorkerEvent, ...]): several at once, in order (one store commit)
     worker.load_model(sha256, source, limits)  # import an upload: -> (pb.Model, pb.ListLayersResponse)
     worker.admit(sha256, spec_bytes)    # JobSpec -> the engine's spec, validated before any compute: Admission
                                         # (an exemplar index job: its layers, size, preprocess, k resolved)

@@ -192,6 +192,11 @@ class MemoryPlanner:
         """The most memory one job may ever have here: the device's total less the headroom."""
         return self.total - self.headroom
 
+    def known(self, memory_key: tuple) -> tuple[float, float] | None:
+        """The estimate of ``memory_key`` when it was measured already (any thread: no probe, no device
+        thread); None otherwise."""
+        return self.estimates.get(memory_key)
+
     def estimate(self, memory_key: tuple, probe, cap: float | None = None) -> tuple[float, float]:
         """(fixed bytes, bytes per image) of ``memory_key`` (what a job's memory depends on), measured once. On a
         CPU a probe that holds more than ``cap`` bytes stops: the estimate is then a lower bound, the held bytes per

@@ -61,6 +61,7 @@ from featureviz.engine.batch import CheckedSpec
 from featureviz.engine.batch import Slot
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import job_error
+from featureviz.phases import phase
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import adapter
 from featureviz.worker import api
@@ -75,6 +76,7 @@ __all__ = ["LocalWorker"]
 
 log = logging.getLogger("featureviz.worker")
 _TICKETS_KEPT = 1024
+_EVENTS_PER_BATCH = 1024  # events handed to the sink at once, at most
 _ENCODERS = max(1, min(4, (os.cpu_count() or 1) - 1))  # PNG encoding threads (the device thread keeps a core)
 
 
@@ -243,20 +245,37 @@ class LocalWorker(api.Worker):
         self._out.put(event)
 
     def _emit_loop(self) -> None:
+        """Hand the events to the sink in order: what is queued at once goes as one list (the server stores a list
+        in one transaction), at most ``_EVENTS_PER_BATCH``."""
         while True:
-            item = self._out.get()
-            if item is None:
+            items = [self._out.get()]
+            while items[-1] is not None and len(items) < _EVENTS_PER_BATCH:
+                try:
+                    items.append(self._out.get_nowait())
+                except queue.Empty:
+                    break
+            events = []
+            for item in items:
+                if item is None:
+                    break
+                try:
+                    event = item() if callable(item) else item
+                except Exception:  # one bad event must not stop the others
+                    log.exception("making a worker event failed")
+                    continue
+                if event is not None:
+                    events.append(event)
+            if events and self._sink is not None:
+                try:
+                    self._sink(events if len(events) > 1 else events[0])
+                except Exception:
+                    log.exception("emitting %d worker event(s) failed", len(events))
+            if items[-1] is None:
                 return
-            try:
-                event = item() if callable(item) else item
-                if event is not None and self._sink is not None:
-                    self._sink(event)
-            except Exception:  # one bad event must not stop the others
-                log.exception("emitting a worker event failed")
 
     def _finished(self, job_id: str, state: int, *, result=None, error=None) -> None:
         if result is not None:
-            encoded = self._encoder.submit(adapter.job_result, result)
+            encoded = self._encoder.submit(_encode_result, result)
 
             def make():
                 try:
@@ -291,7 +310,8 @@ class LocalWorker(api.Worker):
         job_id = job.sub.job_id
 
         def encode(images):
-            return [adapter.rendered(i, image, max_side=side) for i, image in enumerate(images)]
+            with phase("png"):
+                return [adapter.rendered(i, image, max_side=side) for i, image in enumerate(images)]
 
         def snapshot(step: int, images) -> None:
             encoded = self._encoder.submit(encode, images)
@@ -538,7 +558,11 @@ class LocalWorker(api.Worker):
             for job in jobs:
                 self._emit(api.WorkerEvent(api.STARTED, job.sub.job_id))
                 job.started = True
-            self._guarded(jobs, lambda js: self.engine.join([j.slot for j in js]))
+            self._guarded(jobs, self._join)
+
+    def _join(self, jobs: list[_Job]) -> None:
+        with phase("start forward"):
+            self.engine.join([j.slot for j in jobs])
 
     @staticmethod
     def _memory_key(model, checked: CheckedSpec) -> tuple:
@@ -562,7 +586,11 @@ class LocalWorker(api.Worker):
         hold (RESOURCE_EXHAUSTED, JOB_TOO_LARGE)."""
         if not self.memory_planner.enabled:
             return
-        estimate = self._on_device(lambda: self._estimate(model, checked))
+        # measured once per memory key: later admissions of the same kind of job need no trip to the device thread
+        # (which would wait for the round in progress: a burst of admissions then trickled in a few per round)
+        estimate = self.memory_planner.known(self._memory_key(model, checked))
+        if estimate is None:
+            estimate = self._on_device(lambda: self._estimate(model, checked))
         if estimate is None:
             return
         render_spec = checked.spec
@@ -683,7 +711,8 @@ class LocalWorker(api.Worker):
         ending = [job for job in jobs if job not in failed]
 
         def finish(group: list[_Job]) -> None:
-            results = self.engine.finish([job.slot for job in group])
+            with phase("end forward"):
+                results = self.engine.finish([job.slot for job in group])
             for job, result in zip(group, results):
                 judge = adapter.judge_of(job.spec)
                 if judge is not None:  # the images are on the host already: one judge forward per job
@@ -734,6 +763,11 @@ class LocalWorker(api.Worker):
             stats, self._stats = self._stats, []
             self._stats_at = now
             self._emit(api.WorkerEvent(api.STEPS, steps=stats))
+
+
+def _encode_result(result: dict):
+    with phase("png"):
+        return adapter.job_result(result)
 
 
 def _bytes(n: float) -> str:

@@ -117,11 +117,13 @@ class WorkerHost:
         while len(self._refs) > _REFS_KEPT:
             self._refs.popitem(last=False)
 
-    def _sink(self, event: api.WorkerEvent) -> None:
-        if event.kind in (api.STARTED, api.STEPS):
-            event.worker = self.worker_id
+    def _sink(self, event: api.WorkerEvent | list[api.WorkerEvent]) -> None:
+        events = event if isinstance(event, list) else [event]
+        for one in events:
+            if one.kind in (api.STARTED, api.STEPS):
+                one.worker = self.worker_id
         with self._cv:
-            self._events.append(event)
+            self._events.extend(events)
             self._cv.notify_all()
 
     def hello(self) -> dict:

@@ -1,0 +1,82 @@
+"""Cheap counters of where the server's time goes, per phase, switched on by ``FEATUREVIZ_PHASES=1``.
+
+Torch- and grpc-free (a root module: the server and the worker both record into it). ``with phase("store"):``
+adds the block's wall time to its phase; phases nest, and each phase gets its *self* time (an inner phase pauses
+the outer one on the same thread), so the phases add up to the time the instrumented code ran. Off (the
+default), ``phase`` returns one shared null context: a dictionary look-up and two no-op calls.
+
+Read them with :func:`snapshot` (phase -> (seconds, entries)); the server exports them as
+``featureviz_phase_seconds_total`` and ``featureviz_phase_entries_total`` (label ``phase``) on its metrics port
+(``bench/bench_server_cost.py`` reads them). Only synchronous blocks may be wrapped: on the event loop, a block
+that awaits would count the other coroutines' time too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+__all__ = ["phase", "snapshot", "enabled", "PHASES"]
+
+# the phases the server and the in-process worker record (a name outside this list is refused)
+PHASES = ("admission", "dispatch", "start", "step bookkeeping", "end", "events", "watch", "store", "png",
+          "start forward", "end forward")
+
+enabled = os.environ.get("FEATUREVIZ_PHASES", "") not in ("", "0")
+_totals = {name: [0.0, 0] for name in PHASES}
+_lock = threading.Lock()
+_local = threading.local()
+_NULL = contextlib.nullcontext()
+
+
+class _Phase:
+    __slots__ = ("name", "start")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.start = 0.0
+
+    def __enter__(self):
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        now = time.perf_counter()
+        if stack:  # pause the outer phase
+            outer = stack[-1]
+            _add(outer.name, now - outer.start, 0)
+        self.start = now
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        now = time.perf_counter()
+        stack = _local.stack
+        stack.pop()
+        _add(self.name, now - self.start, 1)
+        if stack:
+            stack[-1].start = now  # the outer phase resumes
+        return False
+
+
+def _add(name: str, seconds: float, entries: int) -> None:
+    with _lock:
+        total = _totals[name]
+        total[0] += seconds
+        total[1] += entries
+
+
+def phase(name: str):
+    """A context manager adding its block's self time to ``name`` (one of :data:`PHASES`); a no-op when off."""
+    if not enabled:
+        return _NULL
+    if name not in _totals:
+        raise ValueError(f"unknown phase {name!r}; one of {', '.join(PHASES)}")
+    return _Phase(name)
+
+
+def snapshot() -> dict[str, tuple[float, int]]:
+    """phase -> (seconds, entries) so far (all zero when off)."""
+    with _lock:
+        return {name: (total[0], total[1]) for name, total in _totals.items()}
