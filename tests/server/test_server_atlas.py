@@ -8,12 +8,7 @@ recorded steps."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import threading
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +24,7 @@ from featureviz.server import serve_in_background  # noqa: E402
 from support.atlas_worker import atlas_worker  # noqa: E402
 from support.models import TinyNet  # noqa: E402
 from support.models import export_onnx  # noqa: E402
-from support.serve import START_SECONDS  # noqa: E402
+from support.serve import ServeProcess  # noqa: E402
 
 TOKENS = {"tok-a": "alice", "tok-b": "bob"}
 SIDE = 32
@@ -227,38 +222,9 @@ def test_published_limits_and_options(setup):
 # ------------------------------------------------------------------------------------------------ kill -9, resume
 
 
-class _Killable:
-    """``tests/support/atlas_worker.py`` as a real server process (stepping stops after HOLD finished units)."""
-
-    def __init__(self, store: Path, hold: int, step_images: int):
-        here = Path(__file__).resolve().parents[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, str(here / "support" / "atlas_worker.py"), str(store), str(hold), str(step_images)],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])})
-        self.lines: list[str] = []
-        self.address = None
-        ready = threading.Event()
-
-        def drain():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if line.startswith("listening on "):
-                    self.address = line.split()[-1]
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        assert ready.wait(START_SECONDS) and self.address, "".join(self.lines)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(120) == -signal.SIGKILL
-
-
 def test_an_atlas_killed_part_way_resumes_with_the_units_not_done_and_renders_none_twice(tmp_path):
     store = tmp_path / "store"
-    killed = _Killable(store, hold=2, step_images=2)
+    killed = ServeProcess.support_script("atlas_worker.py", store, 2, 2)
     try:
         with Client(killed.address) as fv:
             model = fv.upload(export_onnx(TinyNet()), name="tiny.onnx")
@@ -268,7 +234,7 @@ def test_an_atlas_killed_part_way_resumes_with_the_units_not_done_and_renders_no
                     break
             before = {u.index for u in fv.atlas_units(job.id) if u.done}
     finally:
-        killed.kill()
+        assert killed.stop(signal.SIGKILL) == -signal.SIGKILL
     assert len(before) == 2
     worker = atlas_worker(store, max_step_images=2)
     server = serve_in_background(ServerConfig(store, progress_interval=0.0, heartbeat_seconds=0.5,

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +29,7 @@ from support.exemplar_models import colour_net  # noqa: E402
 from support.exemplar_models import dot_image  # noqa: E402
 from support.exemplar_models import png  # noqa: E402
 from support.held_worker import held_worker  # noqa: E402
-from support.serve import START_SECONDS  # noqa: E402
+from support.serve import ServeProcess  # noqa: E402
 
 TOKENS = {"tok-a": "alice", "tok-b": "bob", "tok-c": "carol"}
 SIDE = 32
@@ -319,38 +316,9 @@ def test_delete_refused_while_running_and_cancel_keeps_the_state_a_rerun_resumes
 # ------------------------------------------------------------------------------------------------ kill -9
 
 
-class _Held:
-    """``tests/support/held_worker.py`` as a real server process (the index pass held after HOLD_AFTER batches)."""
-
-    def __init__(self, store: Path, hold_after: int):
-        here = Path(__file__).resolve().parents[1]
-        self.proc = subprocess.Popen(
-            [sys.executable, str(here / "support" / "held_worker.py"), str(store), str(hold_after), str(CHUNK)],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])})
-        self.lines: list[str] = []
-        self.address = None
-        ready = threading.Event()
-
-        def drain():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                if line.startswith("listening on "):
-                    self.address = line.split()[-1]
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        assert ready.wait(START_SECONDS) and self.address, "".join(self.lines)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(120) == -signal.SIGKILL
-
-
 def test_a_pass_killed_part_way_resumes_after_the_last_chunk_with_the_same_index(tmp_path):
     store = tmp_path / "store"
-    killed = _Held(store, hold_after=2)
+    killed = ServeProcess.support_script("held_worker.py", store, 2, CHUNK)
     try:
         with Client(killed.address) as fv:
             model = fv.upload(colour_net(), name="colour.onnx")
@@ -360,7 +328,7 @@ def test_a_pass_killed_part_way_resumes_after_the_last_chunk_with_the_same_index
             _events_until(fv.watch(job.id, timeout=120), lambda e: e.HasField("progress") and e.progress.step >= CHUNK)
             stored = fv.job(job.id).spec
     finally:
-        killed.kill()
+        assert killed.stop(signal.SIGKILL) == -signal.SIGKILL
     from featureviz.server.indexes import index_id
 
     key = index_id(model.sha256, stored)

@@ -5,7 +5,8 @@ line by line (``lines``), stopped with a signal.
     with Client(server.address) as fv: ...
     assert server.stop(signal.SIGTERM) == 0                            # its exit code
 
-``serve_failure`` runs one that must refuse to start (a damaged store, an unreachable Ray address) and returns its
+``ServeProcess.support_script("held_worker.py", ...)`` starts a server script of tests/support/ the same way (they
+print the same ``listening on`` line). ``serve_failure`` runs one that must refuse to start (a damaged store, an unreachable Ray address) and returns its
 exit code and stderr.
 """
 
@@ -35,10 +36,11 @@ class ServeProcess:
     address with ``--http-port``; ``lines``: its stderr so far. A process that exits before it listens fails the
     test at once with what it printed."""
 
-    def __init__(self, store, *extra: str, env: dict | None = None):
+    def __init__(self, store, *extra: str, env: dict | None = None, argv: list[str] | None = None):
         args = ["--heartbeat", "0.5", "--grace", "0", "--log-level", "WARNING", *extra]
-        self.proc = subprocess.Popen(_command(store, args), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(argv or _command(store, args), stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True,
+                                     env={**(env or os.environ), "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         self.port = 0
         self.http_url: str | None = None
@@ -50,6 +52,14 @@ class ServeProcess:
             self.proc.kill()
             raise AssertionError("featureviz serve did not start:\n" + "".join(self.lines))
         self.address = f"127.0.0.1:{self.port}"
+
+    @classmethod
+    def support_script(cls, name: str, *args) -> "ServeProcess":
+        """Start ``tests/support/NAME`` with ``args`` (a server built in-process there: a held or scripted worker
+        behind the real servicers), with the tests folder importable."""
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+        return cls(None, env=env, argv=[sys.executable, os.path.join(here, "support", name), *map(str, args)])
 
     def _drain(self) -> None:
         for line in self.proc.stderr:
