@@ -31,6 +31,13 @@ class ExemplarOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXEMPLAR_ORDER_MEAN: _ClassVar[ExemplarOrder]
     EXEMPLAR_ORDER_MIN: _ClassVar[ExemplarOrder]
 
+class AtlasVariant(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATLAS_VARIANT_UNSPECIFIED: _ClassVar[AtlasVariant]
+    ATLAS_VARIANT_RENDER: _ClassVar[AtlasVariant]
+    ATLAS_VARIANT_NEGATIVE: _ClassVar[AtlasVariant]
+    ATLAS_VARIANT_DIVERSITY: _ClassVar[AtlasVariant]
+
 class Parameterization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PARAMETERIZATION_UNSPECIFIED: _ClassVar[Parameterization]
@@ -73,6 +80,10 @@ EXEMPLAR_ORDER_UNSPECIFIED: ExemplarOrder
 EXEMPLAR_ORDER_MAX: ExemplarOrder
 EXEMPLAR_ORDER_MEAN: ExemplarOrder
 EXEMPLAR_ORDER_MIN: ExemplarOrder
+ATLAS_VARIANT_UNSPECIFIED: AtlasVariant
+ATLAS_VARIANT_RENDER: AtlasVariant
+ATLAS_VARIANT_NEGATIVE: AtlasVariant
+ATLAS_VARIANT_DIVERSITY: AtlasVariant
 PARAMETERIZATION_UNSPECIFIED: Parameterization
 PARAMETERIZATION_FFT: Parameterization
 PARAMETERIZATION_PIXEL: Parameterization
@@ -777,20 +788,24 @@ class BatchObjective(_message.Message):
     def __init__(self, index: _Optional[int] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ...) -> None: ...
 
 class AtlasSpec(_message.Message):
-    __slots__ = ("layers", "op_types", "min_depth", "max_depth", "channels", "dataset")
+    __slots__ = ("layers", "op_types", "min_depth", "max_depth", "channels", "dataset", "negative", "diversity")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     OP_TYPES_FIELD_NUMBER: _ClassVar[int]
     MIN_DEPTH_FIELD_NUMBER: _ClassVar[int]
     MAX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[str]
     op_types: _containers.RepeatedScalarFieldContainer[str]
     min_depth: int
     max_depth: int
     channels: int
     dataset: str
-    def __init__(self, layers: _Optional[_Iterable[str]] = ..., op_types: _Optional[_Iterable[str]] = ..., min_depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., channels: _Optional[int] = ..., dataset: _Optional[str] = ...) -> None: ...
+    negative: bool
+    diversity: int
+    def __init__(self, layers: _Optional[_Iterable[str]] = ..., op_types: _Optional[_Iterable[str]] = ..., min_depth: _Optional[int] = ..., max_depth: _Optional[int] = ..., channels: _Optional[int] = ..., dataset: _Optional[str] = ..., negative: _Optional[bool] = ..., diversity: _Optional[int] = ...) -> None: ...
 
 class AtlasLayerProgress(_message.Message):
     __slots__ = ("layer", "depth", "units", "done")
@@ -827,7 +842,7 @@ class AtlasResult(_message.Message):
     def __init__(self, units: _Optional[int] = ..., done: _Optional[int] = ..., rendered: _Optional[int] = ..., cached: _Optional[int] = ..., device_seconds: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[AtlasLayerProgress, _Mapping]]] = ..., units_per_hour: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class AtlasUnit(_message.Message):
-    __slots__ = ("index", "layer", "channel", "key", "done", "cached", "objective", "device_seconds", "device", "width", "height")
+    __slots__ = ("index", "layer", "channel", "key", "done", "cached", "objective", "device_seconds", "device", "width", "height", "exemplar_index", "dataset_p50", "dataset_p99", "dataset_max", "render_score", "activation_ratio", "selectivity", "dead", "negative_done", "diversity_done")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
@@ -839,6 +854,16 @@ class AtlasUnit(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EXEMPLAR_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATASET_P50_FIELD_NUMBER: _ClassVar[int]
+    DATASET_P99_FIELD_NUMBER: _ClassVar[int]
+    DATASET_MAX_FIELD_NUMBER: _ClassVar[int]
+    RENDER_SCORE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SELECTIVITY_FIELD_NUMBER: _ClassVar[int]
+    DEAD_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_DONE_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_DONE_FIELD_NUMBER: _ClassVar[int]
     index: int
     layer: str
     channel: int
@@ -850,7 +875,17 @@ class AtlasUnit(_message.Message):
     device: str
     width: int
     height: int
-    def __init__(self, index: _Optional[int] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., key: _Optional[str] = ..., done: _Optional[bool] = ..., cached: _Optional[bool] = ..., objective: _Optional[float] = ..., device_seconds: _Optional[float] = ..., device: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    exemplar_index: str
+    dataset_p50: float
+    dataset_p99: float
+    dataset_max: float
+    render_score: float
+    activation_ratio: float
+    selectivity: float
+    dead: bool
+    negative_done: bool
+    diversity_done: int
+    def __init__(self, index: _Optional[int] = ..., layer: _Optional[str] = ..., channel: _Optional[int] = ..., key: _Optional[str] = ..., done: _Optional[bool] = ..., cached: _Optional[bool] = ..., objective: _Optional[float] = ..., device_seconds: _Optional[float] = ..., device: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., exemplar_index: _Optional[str] = ..., dataset_p50: _Optional[float] = ..., dataset_p99: _Optional[float] = ..., dataset_max: _Optional[float] = ..., render_score: _Optional[float] = ..., activation_ratio: _Optional[float] = ..., selectivity: _Optional[float] = ..., dead: _Optional[bool] = ..., negative_done: _Optional[bool] = ..., diversity_done: _Optional[int] = ...) -> None: ...
 
 class ListAtlasUnitsRequest(_message.Message):
     __slots__ = ("job", "layer", "page_size", "page_token")
@@ -875,12 +910,16 @@ class ListAtlasUnitsResponse(_message.Message):
     def __init__(self, units: _Optional[_Iterable[_Union[AtlasUnit, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., progress: _Optional[_Union[AtlasResult, _Mapping]] = ...) -> None: ...
 
 class GetAtlasUnitRequest(_message.Message):
-    __slots__ = ("job", "index")
+    __slots__ = ("job", "index", "variant", "image")
     JOB_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     job: str
     index: int
-    def __init__(self, job: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+    variant: AtlasVariant
+    image: int
+    def __init__(self, job: _Optional[str] = ..., index: _Optional[int] = ..., variant: _Optional[_Union[AtlasVariant, str]] = ..., image: _Optional[int] = ...) -> None: ...
 
 class AtlasUnitImage(_message.Message):
     __slots__ = ("unit", "png")
