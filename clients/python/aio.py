@@ -182,8 +182,13 @@ class AsyncClient:
         async for unit in self._pages(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size), "units"):
             yield unit
 
-    async def atlas_unit_image(self, job, index: int) -> pb.AtlasUnitImage:
-        return await self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index))
+    async def atlas_page(self, job, *, layer: str = "", page_size: int = 0,
+                         page_token: str = "") -> pb.ListAtlasUnitsResponse:
+        """One page of ListAtlasUnits (its units, next_page_token and the progress)."""
+        return await self._call(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size, page_token))
+
+    async def atlas_unit_image(self, job, index: int, *, variant: int = 0, image: int = 0) -> pb.AtlasUnitImage:
+        return await self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index, variant, image))
 
     async def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,
                         size=None) -> pb.GetExemplarsResponse:

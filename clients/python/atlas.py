@@ -35,9 +35,11 @@ def atlas_job_spec(model, *, layers: Sequence[str] | None = None, op_types: Sequ
                          **options)
 
 
-def atlas_units_request(job, layer: str = "", page_size: int = 0) -> pb.ListAtlasUnitsRequest:
-    return pb.ListAtlasUnitsRequest(job=_job(job), layer=layer or "", page_size=int(page_size or 0))
+def atlas_units_request(job, layer: str = "", page_size: int = 0, page_token: str = "") -> pb.ListAtlasUnitsRequest:
+    return pb.ListAtlasUnitsRequest(job=_job(job), layer=layer or "", page_size=int(page_size or 0),
+                                    page_token=page_token or "")
 
 
-def atlas_unit_request(job, index: int) -> pb.GetAtlasUnitRequest:
-    return pb.GetAtlasUnitRequest(job=_job(job), index=int(index))
+def atlas_unit_request(job, index: int, variant: int = 0, image: int = 0) -> pb.GetAtlasUnitRequest:
+    """``variant``: a ``pb.AtlasVariant`` (0: the render; NEGATIVE; DIVERSITY with ``image`` the set's image)."""
+    return pb.GetAtlasUnitRequest(job=_job(job), index=int(index), variant=int(variant), image=int(image))

@@ -234,9 +234,10 @@ class Client:
         """Every unit of the atlas (or of one ``layer``), in order, done or not."""
         return self._pages(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size), "units")
 
-    def atlas_unit_image(self, job, index: int) -> pb.AtlasUnitImage:
-        """A finished unit with its PNG (``.png``); NOT_FOUND while it is not finished."""
-        return self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index))
+    def atlas_unit_image(self, job, index: int, *, variant: int = 0, image: int = 0) -> pb.AtlasUnitImage:
+        """A finished unit with its PNG (``.png``); NOT_FOUND while it is not finished. ``variant``
+        ``pb.ATLAS_VARIANT_NEGATIVE`` / ``DIVERSITY`` (with ``image``, the set's image) read the join's renders."""
+        return self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index, variant, image))
 
     def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,
                   size=None) -> pb.GetExemplarsResponse:

@@ -7,6 +7,14 @@ channel with the render options of the CLI, ImageNet classes by name, and the jo
 PNG with its spec JSON and the equivalent ``featureviz render`` command.
 """
 
-from featureviz.web.gateway import WebGateway
-
 __all__ = ["WebGateway"]
+
+
+def __getattr__(name: str):
+    # lazy: the gateway needs aiohttp (the server extra), while `featureviz atlas export` reads the payloads and the
+    # static pages with the client install alone
+    if name == "WebGateway":
+        from featureviz.web.gateway import WebGateway
+
+        return WebGateway
+    raise AttributeError(f"module 'featureviz.web' has no attribute {name!r}")

@@ -55,6 +55,7 @@ from featureviz.errors import InvalidSpec
 from featureviz.errors import code_name
 from featureviz.errors import echo
 from featureviz.hosts import LOOPBACK_HOSTS
+from featureviz.options import ATLAS
 from featureviz.options import BY_NAME
 from featureviz.options import EXEMPLAR_INDEX
 from featureviz.options import OPTIONS
@@ -66,6 +67,12 @@ from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
 from featureviz.web.connections import AcceptErrorLog
 from featureviz.web.connections import BadRequestLog
 from featureviz.web.connections import ConnectionGuard
+from featureviz.client.atlas import atlas_job_spec
+from featureviz.web.payloads import ATLAS_VARIANTS
+from featureviz.web.payloads import atlas_options_json
+from featureviz.web.payloads import atlas_progress_json
+from featureviz.web.payloads import atlas_unit_cli
+from featureviz.web.payloads import atlas_unit_json
 from featureviz.web.payloads import cli_command
 from featureviz.web.payloads import dataset_json
 from featureviz.web.payloads import event_json
@@ -75,6 +82,7 @@ from featureviz.web.payloads import job_json
 from featureviz.web.payloads import layer_json
 from featureviz.web.payloads import model_json
 from featureviz.web.payloads import spec_json
+from featureviz.web.payloads import state_name
 from featureviz.web.sessions import Sessions
 
 __all__ = ["WebGateway", "HTTP_STATUS", "COOKIE", "TLS_COOKIE", "CSRF_HEADER", "UPLOAD_IDLE_STATUS"]
@@ -116,6 +124,11 @@ _INDEX_PARTS = tuple(part.name for part in BY_NAME["exemplar_index"].parts)
 _INDEX_OPTIONS = tuple(option.name for option in OPTIONS if EXEMPLAR_INDEX in option.kinds
                        and option.type in ("int", "size"))
 _INDEX_KEYS = ("model", "dataset", "layers", *_INDEX_PARTS, *_INDEX_OPTIONS)
+# POST api/atlases: the model, the selection (AtlasSpec) and the render options an atlas's units take
+_ATLAS_SELECT = ("layers", "op_types", "min_depth", "max_depth", "channels")
+_ATLAS_RENDER = tuple(option.name for option in OPTIONS if ATLAS in option.kinds and option.name != "atlas"
+                      and option.type in ("int", "float", "bool", "choice", "size"))
+_ATLAS_KEYS = ("model", *_ATLAS_SELECT, "dataset", "negative", "diversity", *_ATLAS_RENDER, "request_id")
 _SECURITY_HEADERS = {
     # everything comes from this origin: no CDN, works offline; previews are data: URLs
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
@@ -272,6 +285,12 @@ class WebGateway:
             web.get("/api/jobs/{id}/events", self.job_events),
             web.get("/api/jobs/{id}/images/{index:\\d{1,9}}.png", self.job_image),
             web.get("/api/jobs/{id}/spec.json", self.job_spec),
+            web.get("/api/atlases", self.list_atlases),
+            web.post("/api/atlases", self.create_atlas),
+            web.get("/api/atlases/{id}", self.get_atlas),
+            web.get("/api/atlases/{id}/units", self.atlas_units),
+            web.get("/api/atlases/{id}/units/{index:\\d{1,9}}", self.atlas_unit),
+            web.get("/api/atlases/{id}/units/{index:\\d{1,9}}.png", self.atlas_unit_image),
         ]
         app.router.add_routes(api)
         return app
@@ -766,6 +785,103 @@ class WebGateway:
                                         for image in out["result"]["images"]]
         return _json(body, indent=2, headers={
             "Content-Disposition": f'attachment; filename="featureviz-{job.id[:12]}.json"'})
+
+    # ------------------------------------------------------------------------------------------ atlases
+    # Every call runs with the caller's token: ListAtlasUnits / GetAtlasUnit answer NOT_FOUND for another
+    # tenant's atlas, so the gateway adds no check of its own and can miss none.
+
+    async def list_atlases(self, request: web.Request) -> web.Response:
+        """The tenant's atlas jobs (the newest 100), each with its options and progress."""
+        client = self._client(request)
+        names = {m.sha256: m.display_name async for m in client.models(page_size=1000)}
+        atlases = []
+        async for job in client.jobs(page_size=100):
+            if not job.spec.HasField("atlas"):
+                continue
+            atlases.append(await self._atlas_json(client, job, names))
+            if len(atlases) == 100:
+                break
+        return _json({"atlases": atlases})
+
+    async def _atlas_json(self, client: AsyncClient, job: pb.Job, names: dict | None = None) -> dict:
+        page = await client.atlas_page(job.id, page_size=1)
+        sha = job.spec.model.removeprefix("models/")
+        if names is None:
+            names = {sha: (await self._model_ref(client, job))["display_name"]}
+        return {"id": job.id, "state": state_name(job.state), "model": sha, "model_name": names.get(sha, ""),
+                "create_time": job.create_time.ToJsonString() if job.HasField("create_time") else None,
+                "end_time": job.end_time.ToJsonString() if job.HasField("end_time") else None,
+                "options": atlas_options_json(job.spec), "progress": atlas_progress_json(page.progress),
+                "error": job.error.message or None}
+
+    async def create_atlas(self, request: web.Request) -> web.Response:
+        """Start an atlas: ``{"model", "layers": [...], "op_types": [...], "min_depth", "max_depth", "channels",
+        "dataset", "negative", "diversity", and the render options}`` (all but model optional)."""
+        body = await self._json_body(request)
+        unknown = sorted(set(body) - set(_ATLAS_KEYS))
+        if unknown:
+            raise InvalidSpec(_short(unknown[0]), f"unknown key; an atlas takes: {', '.join(_ATLAS_KEYS)}")
+        select = {key: body[key] for key in _ATLAS_SELECT if body.get(key) not in (None, "", [])}
+        for key in ("layers", "op_types"):
+            if isinstance(select.get(key), str):
+                select[key] = [name.strip() for name in select[key].split(",") if name.strip()]
+        options = {key: body[key] for key in _ATLAS_RENDER if body.get(key) not in (None, "")}
+        try:
+            spec = atlas_job_spec(str(body.get("model", "")), **select, **options)
+            if body.get("dataset"):
+                spec.atlas.dataset = str(body["dataset"])
+            if body.get("negative"):
+                spec.atlas.negative = bool(body["negative"])
+            if body.get("diversity"):
+                spec.atlas.diversity = int(body["diversity"])
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpec("spec", f"a value has the wrong type: {_short(exc)}") from None
+        client = self._client(request)
+        job = await client.submit(spec.model, spec=spec, request_id=str(body.get("request_id") or uuid.uuid4().hex))
+        return _json(await self._atlas_json(client, job))
+
+    async def get_atlas(self, request: web.Request) -> web.Response:
+        client = self._client(request)
+        job = await client.job(request.match_info["id"])
+        if not job.spec.HasField("atlas"):
+            return _error(404, "NOT_FOUND", f"job {_short(job.id)} is not an atlas")
+        return _json(await self._atlas_json(client, job))
+
+    async def atlas_units(self, request: web.Request) -> web.Response:
+        """One page of an atlas's units (ListAtlasUnits): ``?layer=&page_size=&page_token=``, with the progress."""
+        page_size = _ints(request.query.get("page_size", "0"), "page_size", 1)[0]
+        page = await self._client(request).atlas_page(request.match_info["id"], layer=request.query.get("layer", ""),
+                                                      page_size=page_size,
+                                                      page_token=request.query.get("page_token", ""))
+        return _json({"units": [atlas_unit_json(unit) for unit in page.units],
+                      "next_page_token": page.next_page_token, "progress": atlas_progress_json(page.progress)})
+
+    async def atlas_unit(self, request: web.Request) -> web.Response:
+        """One unit (GetAtlasUnit's record) with the ``featureviz render`` command that renders it again."""
+        client = self._client(request)
+        job = await client.job(request.match_info["id"])
+        image = await client.atlas_unit_image(job.id, int(request.match_info["index"]))
+        model = await self._model_ref(client, job)
+        name = model["display_name"]
+        model_file = Path(name).name if name.lower().endswith(".onnx") else f"{model['sha256'][:12]}.onnx"
+        host = request.url.host or "127.0.0.1"
+        server = f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+        out = atlas_unit_json(image.unit)
+        out["cli"] = atlas_unit_cli(job.spec, image.unit, model_file=model_file, server=server, tls=self.tls)
+        out["model"] = model["sha256"]
+        out["dataset"] = job.spec.atlas.dataset
+        return _json(out)
+
+    async def atlas_unit_image(self, request: web.Request) -> web.Response:
+        """A finished unit's PNG: ``?variant=render|negative|diversity&image=K`` (K: the diversity image)."""
+        variant = request.query.get("variant", "render")
+        if variant not in ATLAS_VARIANTS:
+            raise InvalidSpec("variant", f"variant must be one of {', '.join(ATLAS_VARIANTS)}, got {echo(variant)}")
+        image = _ints(request.query.get("image", "0"), "image", 1)[0]
+        unit = await self._client(request).atlas_unit_image(request.match_info["id"], int(request.match_info["index"]),
+                                                            variant=ATLAS_VARIANTS[variant], image=image)
+        return web.Response(body=unit.png, content_type="image/png",
+                            headers={"Cache-Control": "private, max-age=86400"})  # a stored unit never changes
 
     async def _model_ref(self, client: AsyncClient, job: pb.Job) -> dict:
         sha = job.spec.model.removeprefix("models/")

@@ -307,3 +307,59 @@ def cli_command(spec: dict, *, model_file: str, server: str | None = None, tls: 
         if tls:
             args += ["--tls-ca", "CA.pem"]
     return shlex.join(args)
+
+
+# ------------------------------------------------------------------------------------------------- atlases
+# The atlas pages (static/js/atlas-pages.js) read these dicts from the gateway (api/atlases/...) and from an
+# exported site's manifest (featureviz atlas export): one shape, so both show the same pages. Image paths are
+# relative and built from our own ids (job id, unit index); a layer name is data only.
+
+ATLAS_VARIANTS = {"render": pb.ATLAS_VARIANT_RENDER, "negative": pb.ATLAS_VARIANT_NEGATIVE,
+                  "diversity": pb.ATLAS_VARIANT_DIVERSITY}
+_JOIN = ("exemplar_index", "dataset_p50", "dataset_p99", "dataset_max", "render_score", "activation_ratio",
+         "selectivity", "dead", "negative_done", "diversity_done")
+
+
+def atlas_unit_json(unit: pb.AtlasUnit) -> dict:
+    """One unit: where it sits (layer, channel, index), its key (the permalink), its render's record and the
+    dataset join's scores (zero / empty until joined)."""
+    out = {"index": unit.index, "layer": unit.layer, "channel": unit.channel, "key": unit.key, "done": unit.done,
+           "cached": unit.cached, "objective": unit.objective, "device_seconds": unit.device_seconds,
+           "device": unit.device, "width": unit.width, "height": unit.height}
+    out.update({name: getattr(unit, name) for name in _JOIN})
+    return finite(out)
+
+
+def atlas_progress_json(progress: pb.AtlasResult) -> dict:
+    """Progress per layer and in total, the measured rate and the ETA."""
+    return finite({"units": progress.units, "done": progress.done, "rendered": progress.rendered,
+                   "cached": progress.cached, "failed": progress.failed, "device_seconds": progress.device_seconds,
+                   "units_per_hour": progress.units_per_hour, "eta_seconds": progress.eta_seconds,
+                   "layers": [{"layer": layer.layer, "depth": layer.depth, "units": layer.units, "done": layer.done}
+                              for layer in progress.layers]})
+
+
+def atlas_options_json(spec: pb.JobSpec) -> dict:
+    """An atlas job's selection and render options (the server wrote the atlas defaults into its spec)."""
+    atlas = json_format.MessageToDict(spec.atlas, preserving_proto_field_name=True)
+    render = unit_spec(spec, "LAYER", 0)
+    render.pop("objective", None)
+    render.pop("model", None)
+    return finite({"atlas": atlas, "render": render})
+
+
+def unit_spec(spec: pb.JobSpec, layer: str, channel: int) -> dict:
+    """The spec of one unit of an atlas job as a batch-1 channel render (:func:`spec_json`'s shape)."""
+    single = pb.JobSpec()
+    single.CopyFrom(spec)
+    single.ClearField("atlas")
+    single.objective.channel.layer = layer
+    single.objective.channel.channel = channel
+    return spec_json(single)
+
+
+def atlas_unit_cli(spec: pb.JobSpec, unit: pb.AtlasUnit, *, model_file: str, server: str | None = None,
+                   tls: bool = False) -> str:
+    """The ``featureviz render`` command that renders this unit again (the same key: the same image)."""
+    return cli_command(unit_spec(spec, unit.layer, unit.channel), model_file=model_file, server=server, tls=tls,
+                       out=f"unit-{unit.index}.png")

@@ -8,6 +8,7 @@ import { channelPage } from "./views/channel.js";
 import { classesPage } from "./views/classes.js";
 import { jobPage, jobsPage } from "./views/jobs.js";
 import { datasetsPage } from "./views/datasets.js";
+import { atlasesPage, atlasPage, unitPage } from "./views/atlas.js";
 
 const view = document.getElementById("view");
 const session = document.getElementById("session");
@@ -26,6 +27,9 @@ const ROUTES = [
   [/^#\/datasets$/, datasetsPage, "datasets"],
   [/^#\/jobs$/, jobsPage, "jobs"],
   [/^#\/jobs\/([\w-]+)$/, jobPage, "jobs"],
+  [/^#\/atlas$/, atlasesPage, "atlas"],
+  [/^#\/atlas\/([\w-]+)(?:\/layer\/(\d+))?$/, atlasPage, "atlas"],
+  [/^#\/atlas\/([\w-]+)\/unit\/([0-9a-f]{64})$/, unitPage, "atlas"],
 ];
 
 async function show() {
@@ -38,7 +42,7 @@ async function show() {
     document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("active", a.dataset.nav === section));
     const root = clear(view);
     try {
-      cleanup = (await page(root, match.slice(1).map(decodeURIComponent), state)) || (() => {});
+      cleanup = (await page(root, match.slice(1).map((p) => (p === undefined ? p : decodeURIComponent(p))), state)) || (() => {});
     } catch (error) {
       if (error.status !== 401) clear(root, errorBox(error));
     }
