@@ -1,31 +1,37 @@
 """``featureviz atlas MODEL [--layers ...] [--op-types ...] [--channels N] [render options] --out DIR``: one image
 per unit (channel) of the selected layers, as an atlas job (``JobSpec.atlas``) on ``--server`` (or
 ``FEATUREVIZ_SERVER``), or on an embedded server on a free local port with a temporary store (as ``featureviz
-demo`` does). DIR receives ``units/<index>.png`` and ``atlas.json`` (per unit: layer, channel, key, objective,
-device, device seconds; the job's options and seed). No string of the model becomes a path: files are named by
-the unit's index. A DIR that is not empty and holds no ``atlas.json`` is refused."""
+demo`` does). When it finishes, DIR receives the atlas as a static site (``atlas_site.export_site``: index.html,
+``units/<index>.png``, ``atlas.json`` with per unit its layer, channel, key, options, seed, objective, device and
+device seconds). ``featureviz atlas export ATLAS --out DIR [--server ...]`` writes the site of an atlas the server
+holds. No string of the model becomes a path: files are named by the unit's index. A DIR that is not empty and
+holds no ``atlas.json`` is refused; an earlier export is updated in place."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-__all__ = ["register", "run"]
+from featureviz.cli.atlas_site import MANIFEST
+from featureviz.cli.atlas_site import check_out as _check_out
 
-MANIFEST = "atlas.json"
+__all__ = ["register", "run", "MANIFEST"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "atlas", help="render every unit of a model's layers (an atlas job)",
         description="Render one image per channel of the selected layers (default: every layer with channels) as "
-                    "one atlas job: through --server, or an embedded server. Units already rendered with the same "
-                    "options (by any atlas) are served from the server's unit store.")
+                    "one atlas job: through --server, or an embedded server; DIR receives the atlas as a static "
+                    "site. Units already rendered with the same options (by any atlas) are served from the "
+                    "server's unit store. `featureviz atlas export ATLAS --out DIR --server ADDR` writes the site "
+                    "of an atlas job the server holds.")
     parser.add_argument("model", metavar="MODEL", help="path of the ONNX file; with --server also an uploaded "
-                                                       "model's sha256")
+                                                       "model's sha256; or `export`, then ATLAS")
+    parser.add_argument("atlas", metavar="ATLAS", nargs="?", default=None,
+                        help="with `export`: the atlas job's id")
     parser.add_argument("--layers", default=None, help="layer names (catalog names or aliases), comma-separated")
     parser.add_argument("--op-types", default=None, help="layers of these op types, comma-separated (Conv,Relu)")
     parser.add_argument("--min-depth", type=int, default=None, help="layers at this catalog depth or deeper")
@@ -54,14 +60,6 @@ def _names(text: str | None) -> list[str] | None:
     return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
 
-def _check_out(out: Path) -> None:
-    from featureviz.errors import InvalidSpec
-
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise InvalidSpec("--out", f"{str(out)[:200]!r} is not empty and holds no earlier atlas ({MANIFEST}); "
-                                   "give a new or empty folder")
-
-
 def run(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
@@ -72,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidSpec("--dataset", "joining an atlas to a dataset's examples is not supported yet; run "
                                        "featureviz exemplars beside it")
     out = Path(args.out)
+    if args.atlas is not None and args.model != "export":
+        raise InvalidSpec("ATLAS", f"one MODEL only, or `export ATLAS`; got {args.atlas[:100]!r} after the model")
+    exporting = args.model == "export" and args.atlas is not None
+    if exporting and not args.server:
+        raise InvalidSpec("--server", "export reads an atlas from a server: give --server (or FEATUREVIZ_SERVER)")
     _check_out(out)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
 
@@ -91,6 +94,14 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 running.stop()
 
+    if exporting:
+        from featureviz.cli.atlas_site import export_site
+        from featureviz.client import Client
+
+        with Client(args.server, token=args.token) as fv:
+            fv.wait_ready(timeout=30)
+            export_site(fv, args.atlas, out, log)
+        return 0
     with server() as address:
         return _run(args, address, out, log)
 
@@ -123,33 +134,10 @@ def _run(args, address: str, out: Path, log) -> int:
         if job.state == pb.JOB_STATE_FAILED:
             print(f"featureviz atlas: the atlas failed: {job.error.message}", file=sys.stderr)
             return 1
-        (out / "units").mkdir(parents=True, exist_ok=True)
-        units = []
-        for unit in fv.atlas_units(job.id):
-            entry = {"index": unit.index, "layer": unit.layer, "channel": unit.channel, "key": unit.key,
-                     "done": unit.done, "cached": unit.cached}
-            if unit.done:
-                image = fv.atlas_unit_image(job.id, unit.index)
-                path = out / "units" / f"{unit.index}.png"
-                path.write_bytes(image.png)
-                entry.update(image=f"units/{unit.index}.png", objective=unit.objective, device=unit.device,
-                             device_seconds=unit.device_seconds, width=unit.width, height=unit.height)
-            units.append(entry)
-        spec = job.spec
-        atlas = job.result.atlas
-        manifest = {
-            "job": job.id, "model": model.sha256, "state": pb.JobState.Name(job.state),
-            "options": {"size": [spec.size.height, spec.size.width], "steps": spec.steps, "seed": spec.seed,
-                        "lr": spec.lr if spec.HasField("lr") else 0.05,
-                        "param": pb.Parameterization.Name(spec.param),
-                        "transforms": pb.Transforms.Name(spec.transforms)},
-            "progress": {"units": atlas.units, "done": atlas.done, "rendered": atlas.rendered, "cached": atlas.cached,
-                         "failed": atlas.failed, "device_seconds": atlas.device_seconds,
-                         "layers": [{"layer": layer.layer, "depth": layer.depth, "units": layer.units,
-                                     "done": layer.done} for layer in atlas.layers]},
-            "units": units,
-        }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        from featureviz.cli.atlas_site import export_site
+
+        export_site(fv, job.id, out, log)
+        atlas = fv.atlas_progress(job.id)
         log(f"atlas {job.id}: {atlas.done}/{atlas.units} units ({atlas.rendered} rendered, {atlas.cached} from the "
             f"store) in {out}")
     return 0 if job.state == pb.JOB_STATE_SUCCEEDED else 1
