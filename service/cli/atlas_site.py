@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-__all__ = ["MANIFEST", "SCRIPT", "check_out", "export_site"]
+__all__ = ["MANIFEST", "SCRIPT", "check_out", "export_site", "write_shell"]
 
 MANIFEST = "atlas.json"
 SCRIPT = "atlas.js"
@@ -141,13 +141,18 @@ def export_site(fv, job_id: str, out: Path, log=lambda text: None) -> dict:
     # a script, not a fetch: file:// pages cannot fetch(); "</" cannot end a script element in a .js file, and
     # ensure_ascii leaves no U+2028/2029 raw
     _write_text(out / SCRIPT, f"window.FEATUREVIZ_ATLAS_SITE = {text};\n")
+    write_shell(out)
+    log(f"atlas {job.id}: the site is in {out} (open {out / 'index.html'})")
+    return manifest
+
+
+def write_shell(out: Path) -> None:
+    """The site's page and the explorer's files it runs (the same atlas-pages.js and style.css as the explorer)."""
     _write_text(out / "index.html", _INDEX_HTML)
     for name in _STATIC:
         target = out / "static" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_static_root() / name, target)
-    log(f"atlas {job.id}: the site is in {out} (open {out / 'index.html'})")
-    return manifest
 
 
 def _examples(fv, model: str, dataset: str, unit, write, side: int) -> dict:

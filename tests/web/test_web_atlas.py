@@ -250,3 +250,65 @@ def test_the_export_opens_from_file_with_no_request_outside_its_folder(browser, 
     assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
     assert str(busy) in refused.stderr and "not empty" in refused.stderr
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
+def test_a_layer_of_1200_units_keeps_few_images_and_sorts_dead_units_last(browser, tmp_path):
+    """The grid's laziness on the pages an export runs (the live view runs the same code): a site written by the
+    exporter's shell with a manifest of one layer of 1200 done units (one real PNG for all), some dead."""
+    from featureviz.cli.atlas_site import write_shell
+    from PIL import Image
+
+    out = tmp_path / "big"
+    (out / "units").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 40, 90)).save(out / "units" / "0.png")
+    count, dead = 1200, {5, 17}
+    units = [{"index": i, "layer": "big", "channel": i, "key": f"{i:064x}", "done": True, "dead": i in dead,
+              "activation_ratio": (i % 7) / 7 + (0.5 if i in dead else 0), "selectivity": 0,
+              "files": {"render": "units/0.png"}} for i in range(count)]
+    site = {"job": "big-atlas", "state": "JOB_STATE_SUCCEEDED", "model": "0" * 64, "model_name": "big.onnx",
+            "options": {"size": [16, 16], "steps": 4, "seed": 0}, "selection": {},
+            "progress": {"units": count, "done": count, "layers": [{"layer": "big", "depth": 1, "units": count,
+                                                                     "done": count}]}, "units": units}
+    (out / "atlas.js").write_text(f"window.FEATUREVIZ_ATLAS_SITE = {json.dumps(site)};\n")
+    write_shell(out)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(60000)
+    page = context.new_page()
+    try:
+        page.goto((out / "index.html").as_uri())
+        page.wait_for_function("() => document.querySelectorAll('#unit-grid img').length > 0")
+        counts = page.evaluate("() => [document.querySelectorAll('.unit-tile').length, "
+                               "document.querySelectorAll('#unit-grid img').length]")
+        assert counts[0] < 300 and 0 < counts[1] <= counts[0]
+        # scroll to the end: tiles are added a chunk at a time; images only near the screen
+        most = _scroll_to_the_end(page, count)
+        assert 0 < most < 400
+        page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")  # the last chunk, added below
+        page.wait_for_function("() => { const t = [...document.querySelectorAll('.unit-tile')]; "
+                               "return !!t[t.length - 1].querySelector('img'); }")
+        assert page.evaluate("() => document.querySelectorAll('#unit-grid img').length") < 400
+        order = page.eval_on_selector_all(".unit-tile", "t => t.map((x) => Number(x.dataset.index))")
+        assert order[:3] == [0, 1, 2] and order[-2:] == [5, 17]  # index order, dead units last
+        page.select_option("#unit-sort", "ratio")
+        page.wait_for_function("() => document.querySelector('.unit-tile').dataset.index === '6'")
+        order = page.eval_on_selector_all(".unit-tile", "t => t.map((x) => Number(x.dataset.index))")
+        assert order[:2] == [6, 13] and len(order) < 400  # the best ratio first (a dead unit's is higher)
+        assert _scroll_to_the_end(page, count) < 400
+        order = page.eval_on_selector_all(".unit-tile", "t => t.map((x) => Number(x.dataset.index))")
+        assert order[-2:] == [5, 17] and sorted(order) == list(range(count))
+    finally:
+        context.close()
+
+
+def _scroll_to_the_end(page, count: int) -> int:
+    """Scroll the grid to its end (frame by frame, as the observers answer); the most images it held at once."""
+    return page.evaluate("""async (count) => {
+        let most = 0;
+        for (let i = 0; i < 200 && document.querySelectorAll('.unit-tile').length < count; i++) {
+            window.scrollTo(0, document.body.scrollHeight);
+            await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+            most = Math.max(most, document.querySelectorAll('#unit-grid img').length);
+        }
+        return most;
+    }""", count)

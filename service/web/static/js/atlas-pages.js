@@ -148,8 +148,8 @@
       }));
     }
 
-    // the grid: every unit of the layer as a tile, added CHUNK at a time as the end scrolls into view; a tile's
-    // image is made only when the tile is on screen and its unit is done (a 1000-unit layer never holds 1000 images)
+    // the grid: every unit of the layer as a tile, added CHUNK at a time as the end scrolls into view; a tile holds
+    // its image only while it is on screen (or near) and its unit is done (a 1000-unit layer never holds 1000 images)
     const tiles = new Map(); // index -> tile
     const visible = new Set();
     let order = [];
@@ -158,7 +158,13 @@
     const seen = new IntersectionObserver((entries) => {
       for (const entry of entries) {
         const index = Number(entry.target.dataset.index);
-        if (entry.isIntersecting) { visible.add(index); fillTile(entry.target); } else visible.delete(index);
+        if (entry.isIntersecting) {
+          visible.add(index);
+          fillTile(entry.target);
+        } else if (visible.delete(index)) { // off screen: its image goes (the browser's cache keeps the bytes)
+          const thumb = entry.target.querySelector(".unit-thumb");
+          if (thumb.querySelector("img")) clear(thumb, h("span.pending", entry.target._unit.channel));
+        }
       }
     }, { rootMargin: "300px" });
     const more = new IntersectionObserver((entries) => {
@@ -198,6 +204,7 @@
       }
       shown += next.length;
       grid.dataset.shown = shown;
+      if (next.length) { more.unobserve(sentinel); more.observe(sentinel); } // still in reach: the next chunk
     }
 
     function layoutGrid() {
@@ -225,7 +232,11 @@
       return undefined;
     }
 
-    sortSelect.addEventListener("change", () => { source.sort = sortSelect.value; layoutGrid(); });
+    sortSelect.addEventListener("change", () => {
+      source.sort = sortSelect.value;
+      sortSelect.scrollIntoView({ block: "start" }); // the new order from its start
+      layoutGrid();
+    });
     root.append(
       crumbs(source, ["Atlas " + job.slice(0, 8), null]),
       head,
