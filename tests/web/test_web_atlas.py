@@ -168,7 +168,7 @@ def test_the_live_atlas_page_shows_units_as_they_finish(atlas_page, atlas_server
     assert keys == [units[0].key, units[1].key]
 
 
-def test_a_tenant_never_sees_another_tenants_atlas(atlas_server, live_atlas):
+def test_a_tenant_never_sees_another_tenants_atlas(atlas_server, live_atlas, hostile):
     alice = Http(atlas_server.http_url, token="alice-token")
     bob = Http(atlas_server.http_url, token="bob-token")
     status, body = alice.json("GET", "api/atlases")
@@ -182,8 +182,14 @@ def test_a_tenant_never_sees_another_tenants_atlas(atlas_server, live_atlas):
         assert status == 404, (path, status, raw)
         assert json.loads(raw)["error"]["code"] == "NOT_FOUND"
     assert bob.call("POST", f"api/jobs/{live_atlas}/cancel", {})[0] == 404
+    status, body = bob.json("POST", "api/atlases", {"model": hostile.sha256, "channels": 1})
+    assert status == 404 and body["error"]["code"] == "NOT_FOUND"  # bob does not hold alice's model
     status, body = alice.json("GET", f"api/atlases/{live_atlas}/units/0.png?variant=sideways")
     assert status == 400 and body["error"]["code"] == "INVALID_ARGUMENT"
+    status, body = alice.json("POST", "api/atlases", {"model": hostile.sha256, "colour": "blue"})
+    assert status == 400 and "colour" in body["error"]["message"]
+    status, body = alice.json("POST", "api/atlases", {"model": hostile.sha256, "op_types": ["Softmax"]})
+    assert status == 400 and "matches no layer" in body["error"]["message"]  # the server's one line, as JSON
 
 
 def _export(atlas_server, job: str, out: Path):
