@@ -258,9 +258,11 @@ def test_the_export_opens_from_file_with_no_request_outside_its_folder(browser, 
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
 
 
-def test_a_layer_of_1200_units_keeps_few_images_and_sorts_dead_units_last(browser, tmp_path):
+def test_a_layer_of_1200_units_keeps_few_images_and_a_joined_unit_shows_its_variants(browser, tmp_path):
     """The grid's laziness on the pages an export runs (the live view runs the same code): a site written by the
-    exporter's shell with a manifest of one layer of 1200 done units (one real PNG for all), some dead."""
+    exporter's shell with a manifest of one layer of 1200 done units (one real PNG for all), some dead; its unit 0
+    carries the dataset join's fields (as the join will fill them): its page shows the negative, the diversity set,
+    the examples and the scores."""
     from featureviz.cli.atlas_site import write_shell
     from PIL import Image
 
@@ -271,6 +273,12 @@ def test_a_layer_of_1200_units_keeps_few_images_and_sorts_dead_units_last(browse
     units = [{"index": i, "layer": "big", "channel": i, "key": f"{i:064x}", "done": True, "dead": i in dead,
               "activation_ratio": (i % 7) / 7 + (0.5 if i in dead else 0), "selectivity": 0,
               "files": {"render": "units/0.png"}} for i in range(count)]
+    crop = {"rank": 0, "name": "cat.jpg", "value": 2.5, "crop_url": "units/0.png"}
+    units[0].update(exemplar_index="i" * 64, dataset_p50=0.5, dataset_p99=2.0, dataset_max=2.5, render_score=5.0,
+                    activation_ratio=2.0, selectivity=4.0, negative_done=True, diversity_done=2,
+                    files={"render": "units/0.png", "negative": "units/0.png",
+                           "diversity": ["units/0.png", "units/0.png"]},
+                    exemplars={"top": [crop, {**crop, "rank": 1}], "bottom": [{**crop, "name": "dog.jpg"}]})
     site = {"job": "big-atlas", "state": "JOB_STATE_SUCCEEDED", "model": "0" * 64, "model_name": "big.onnx",
             "options": {"size": [16, 16], "steps": 4, "seed": 0}, "selection": {},
             "progress": {"units": count, "done": count, "layers": [{"layer": "big", "depth": 1, "units": count,
@@ -297,12 +305,26 @@ def test_a_layer_of_1200_units_keeps_few_images_and_sorts_dead_units_last(browse
         order = page.eval_on_selector_all(".unit-tile", "t => t.map((x) => Number(x.dataset.index))")
         assert order[:3] == [0, 1, 2] and order[-2:] == [5, 17]  # index order, dead units last
         page.select_option("#unit-sort", "ratio")
-        page.wait_for_function("() => document.querySelector('.unit-tile').dataset.index === '6'")
+        page.wait_for_function("() => document.querySelector('.unit-tile').dataset.index === '0'")
         order = page.eval_on_selector_all(".unit-tile", "t => t.map((x) => Number(x.dataset.index))")
-        assert order[:2] == [6, 13] and len(order) < 400  # the best ratio first (a dead unit's is higher)
+        assert order[:3] == [0, 6, 13] and len(order) < 400  # the best ratio first (a dead unit's is higher)
         assert _scroll_to_the_end(page, count) < 400
         order = page.eval_on_selector_all(".unit-tile", "t => t.map((x) => Number(x.dataset.index))")
         assert order[-2:] == [5, 17] and sorted(order) == list(range(count))
+
+        # a joined unit's page: the negative and diversity renders, the examples' crops, the scores
+        page.goto((out / "index.html").as_uri() + f"#/atlas/big-atlas/unit/{units[0]['key']}")
+        page.wait_for_function("""() => {
+            const imgs = [...document.querySelectorAll('.unit-figure img, .example img')];
+            return imgs.length === 7 && imgs.every((i) => i.complete && i.naturalWidth === 16);
+        }""")
+        assert page.eval_on_selector_all(".unit-figure figcaption", "f => f.map((x) => x.textContent)") == [
+            "render", "negative", "diversity 1", "diversity 2"]
+        assert page.eval_on_selector_all(".example-row.top .name", "n => n.map((x) => x.textContent)") == [
+            "cat.jpg", "cat.jpg"]
+        assert page.inner_text(".example-row.bottom .name") == "dog.jpg"
+        assert page.inner_text("#unit-scores tr.ratio td") == "2.000"
+        assert page.inner_text("#unit-scores tr.selectivity td") == "4.00"
     finally:
         context.close()
 
