@@ -42,7 +42,8 @@ _INDEX_HTML = """<!doctype html>
 </head>
 <body>
   <header class="topbar">
-    <a class="brand" href="#"><img src="static/favicon.svg" alt="" width="22" height="22"> featureviz <span>atlas</span></a>
+    <a class="brand" href="#"><img src="static/favicon.svg" alt="" width="22" height="22">
+      featureviz <span>atlas</span></a>
   </header>
   <main id="view" aria-live="polite"></main>
 </body>
