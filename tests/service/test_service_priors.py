@@ -45,7 +45,8 @@ def setup(tmp_path_factory, tiny_onnx):
         folder.mkdir()
         folders[name] = write_pngs(folder, [power_law_image(SIDE, decay, mixing, 10 * count + s)
                                             for s in range(count)])
-    config = ServerConfig(root / "store", tokens=TOKENS, heartbeat_seconds=0.5, grace_seconds=1.0)
+    config = ServerConfig(root / "store", tokens=TOKENS, heartbeat_seconds=0.5, grace_seconds=1.0, metrics_port=0,
+                          progress_interval=0.0)
     server = serve_in_background(config)
     with Client(server.address, token="token-a") as alice, Client(server.address, token="token-b") as bob:
         model = alice.upload(tiny_onnx, name="tiny.onnx").sha256
@@ -119,6 +120,35 @@ def test_prior_dataset_moves_the_first_step_statistics_toward_each_set(setup, al
 # smallest gap each assert needs
 CORRELATION_MARGIN = 0.6
 DECAY_MARGIN = 0.4
+
+
+def _shared_steps(server) -> float:
+    """Device steps so far that carried more than one image (featureviz_batch_images: count - the le=1 bucket)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("featureviz_batch_images")}
+    return values["featureviz_batch_images_count"] - values['featureviz_batch_images_bucket{le="1.0"}']
+
+
+def test_jobs_with_different_priors_share_device_steps(setup, alice):
+    """A device step groups slots by model and size, not by prior: each prior's parameterization renders its own
+    slots (ImageFn.render_key holds the prior's key), then one forward and backward of the model takes them all.
+    A long job with one prior and a short one with another (one image each) run in the same steps."""
+    model, sets, server = setup["model"], setup["sets"], setup["server"]
+    before = _shared_steps(server)
+    long = alice.submit(model, LOGIT, steps=10_000, size=32, param="fft", prior_dataset=sets["steep"])
+    for event in alice.watch(long.id, timeout=120):  # it runs
+        if event.HasField("progress") and event.progress.step >= 2:
+            break
+    short = alice.wait(alice.submit(model, LOGIT, steps=6, size=32, param="laplacian",
+                                    prior_dataset=sets["flat"]).id, timeout=120)
+    assert short.state == pb.JOB_STATE_SUCCEEDED, short.error
+    assert alice.job(long.id).state == pb.JOB_STATE_RUNNING
+    alice.cancel(long.id)
+    assert alice.wait(long.id, timeout=120).state == pb.JOB_STATE_CANCELLED
+    assert _shared_steps(server) > before  # steps of two images: the two jobs together
 
 
 PRIOR_GAIN = 1.0
