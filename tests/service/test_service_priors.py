@@ -198,3 +198,24 @@ def test_a_set_under_the_minimum_is_refused_with_one_line(setup, alice):
     assert err.value.code == "FAILED_PRECONDITION" and err.value.reason == "DATASET_TOO_SMALL"
     assert "min_prior_images = 8" in err.value.message and "3 image" in err.value.message
     assert "\n" not in err.value.message
+
+
+def test_the_command_line_takes_prior_on_a_server_and_refuses_it_locally(setup, tiny_onnx, tmp_path, capsys):
+    """``featureviz render --server ... --prior DATASET`` runs the job with it; ``--prior`` without a server, and
+    ``--prior-images`` with one, are refused with one line each."""
+    import json
+
+    from featureviz.cli import main
+
+    model_file = tmp_path / "tiny.onnx"
+    model_file.write_bytes(tiny_onnx)
+    ident, address = setup["sets"]["steep"], setup["server"].address
+    common = ["render", str(model_file), "logit:1", "--steps", "1", "--size", "32", "--out", str(tmp_path / "r.png")]
+    assert main([*common, "--server", address, "--token", "token-a", "--prior", ident, "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)["job"]
+    with Client(address, token="token-a") as fv:
+        assert fv.job(job).spec.prior_dataset == ident
+    assert main([*common, "--prior", ident]) == 2
+    assert "--prior DATASET names a server's dataset" in capsys.readouterr().err
+    assert main([*common, "--server", address, "--token", "token-a", "--prior-images", str(tmp_path)]) == 2
+    assert "--prior DATASET" in capsys.readouterr().err
