@@ -68,6 +68,19 @@ def test_colour_matrix_and_spectrum_decay_are_recovered(tmp_path, decay):
     assert np.allclose(stats.mean, 0.5, atol=0.05)
 
 
+def test_a_set_of_28_pixel_images_has_a_spectrum(tmp_path):
+    """MNIST-sized images (28x28) enter the spectrum (MIN_SPECTRUM_SIDE 16): a steep and a shallow set are told
+    apart (a small crop's window blurs the slope, so only the order and a rough level are asserted)."""
+    decays = {}
+    for decay in (0.5, 1.5):
+        folder = write_pngs(tmp_path / str(decay), [power_law_image(28, decay, MIXING, seed)
+                                                    for seed in range(MIN_IMAGES)])
+        stats = image_statistics(ImageFolder(folder), channels=1)
+        assert stats.spectrum_images == MIN_IMAGES
+        decays[decay] = stats.decay
+    assert decays[1.5] > decays[0.5] + 0.5, decays
+
+
 def test_grey_images_and_the_one_channel_case(tmp_path):
     grey = [np.repeat(power_law_image(64, 1.0, np.eye(3) * 0.1, seed)[..., :1], 3, -1) for seed in range(MIN_IMAGES)]
     folder = write_pngs(tmp_path, grey)
