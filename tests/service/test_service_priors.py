@@ -168,6 +168,9 @@ def test_prior_term_raises_the_patch_likelihood_and_is_reported_and_cached(setup
     (prior,) = [p for p in alice.dataset(ident).priors if p.channels == 3]
     assert prior.patch_prior and prior.components == 8 and prior.patch_size == 8 and prior.patch_images == 8
     assert np.isfinite(prior.held_out_log_likelihood) and prior.patches > 1000
+    listed = {d.id: d for d in alice.datasets()}[ident]
+    assert [p.held_out_log_likelihood for p in listed.priors if p.channels == 3] == [prior.held_out_log_likelihood]
+    assert prior.images == 8 and len(prior.color) == 9 and prior.decay > 1.2  # the statistics too (prior_dataset)
     again = alice.wait(alice.submit(model, parse_objective(f"/Relu:2 - 0.1*prior:{ident}"), steps=2, size=32,
                                     transforms="none").id, timeout=300)
     assert again.state == pb.JOB_STATE_SUCCEEDED, again.error
@@ -219,3 +222,22 @@ def test_the_command_line_takes_prior_on_a_server_and_refuses_it_locally(setup, 
     assert "--prior DATASET names a server's dataset" in capsys.readouterr().err
     assert main([*common, "--server", address, "--token", "token-a", "--prior-images", str(tmp_path)]) == 2
     assert "--prior DATASET" in capsys.readouterr().err
+
+
+def test_the_cache_lives_with_the_set_and_goes_with_it(setup, alice, tmp_path):
+    """The learned files are in the store's folder of the set (named by its id); DeleteDataset waits for a running
+    job that learns from the set (DATASET_IN_USE), then removes them with the set."""
+    model, server = setup["model"], setup["server"]
+    folder = write_pngs(tmp_path / "gone", [power_law_image(SIDE, 1.0, np.eye(3) * 0.1, 500 + s) for s in range(8)])
+    ident = alice.upload_dataset(folder).id
+    cache = server._server.store.prior_dir(ident)
+    long = alice.submit(model, LOGIT, steps=10_000, size=32, prior_dataset=ident)
+    assert (cache / "stats-3.json").is_file() and (cache / "report-3.json").is_file()
+    assert cache.parent.name == "priors" and cache.name == ident
+    with pytest.raises(FeaturevizClientError) as err:
+        alice.delete_dataset(ident)
+    assert err.value.code == "FAILED_PRECONDITION" and err.value.reason == "DATASET_IN_USE"
+    alice.cancel(long.id)
+    assert alice.wait(long.id, timeout=120).state == pb.JOB_STATE_CANCELLED
+    alice.delete_dataset(ident)
+    assert not cache.exists()
