@@ -191,8 +191,8 @@ def run(which: str, args) -> None:
     for _ in range(args.rounds):
         for name, kw in variants.items():
             text = f"{units[0]} - {weight}*prior:set" if kw.get("term") else units[0]
-            result = render(model, RenderSpec(objective=parse_objective(text), steps=args.time_steps, batch=1, size=size,
-                                              prior=kw.get("prior"), patch_priors={"set": prior}))
+            result = render(model, RenderSpec(objective=parse_objective(text), steps=args.time_steps, batch=1,
+                                              size=size, prior=kw.get("prior"), patch_priors={"set": prior}))
             times[name].append(result.seconds_per_step)
     base = statistics.median(times[next(iter(variants))])
     print(f"\n| cost per step ({size[0]}x{size[1]}, batch 1, {args.time_steps} steps, median of {args.rounds}) | "

@@ -26,7 +26,8 @@ from dataclasses import field
 
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Submission", "Admission", "IndexWork", "PriorSource", "ExemplarQuery", "ImageQuery", "WorkerEvent", "WorkerConfig",
+__all__ = ["Submission", "Admission", "IndexWork", "PriorSource", "ExemplarQuery", "ImageQuery", "WorkerEvent",
+           "WorkerConfig",
            "Worker", "STARTED", "PROGRESS", "PREVIEW", "FINISHED", "REQUEUED", "STEPS", "LOST"]
 
 STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
