@@ -214,9 +214,9 @@ OPTIONS: tuple[Option, ...] = (
            "128, 256 steps, fft, standard transforms, seed 0)", engine=False, surfaces=(), kinds=(ATLAS,), parts=(
                Option("channels", "int", 0, "the first N channels of each layer (0: all)", minimum=0, engine=False,
                       surfaces=(), kinds=(ATLAS,), parent="atlas"),)),
-    Option("prior_dataset", "dataset", None, "learn the image statistics from this dataset (its id): the fft and "
-           "laplacian parameterizations use its colour matrix and spectrum decay instead of ImageNet's matrix and 1/f "
-           "(on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
+    Option("prior_dataset", "dataset", None, "learn the image statistics from this dataset (its id): the "
+           "parameterization uses its colour matrix instead of ImageNet's and, for fft, its spectrum decay instead of "
+           "1/f (on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
            surfaces=("render", "node", "web")),
 )
 
