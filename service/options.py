@@ -215,8 +215,8 @@ OPTIONS: tuple[Option, ...] = (
                Option("channels", "int", 0, "the first N channels of each layer (0: all)", minimum=0, engine=False,
                       surfaces=(), kinds=(ATLAS,), parent="atlas"),)),
     Option("prior_dataset", "dataset", None, "learn the image statistics from this dataset (its id): the "
-           "parameterization uses its colour matrix instead of ImageNet's and, for fft, its spectrum decay instead of "
-           "1/f (on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
+           "parameterization uses its colour matrix instead of ImageNet's and, for fft and laplacian, its spectrum decay "
+           "instead of 1/f (on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
            surfaces=("render", "node", "web")),
 )
 

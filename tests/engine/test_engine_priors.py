@@ -280,3 +280,22 @@ def test_render_prior_images_on_the_command_line(lite0, leaves, tmp_path, monkey
     assert "no image set named 'other' for a prior; known: leaves" in capsys.readouterr().err
     assert main([*argv, "--server", "127.0.0.1:1"]) == 2
     assert "--prior-images applies to a local render" in capsys.readouterr().err
+
+
+def test_the_laplacian_pyramid_takes_the_learned_decay():
+    """The same unit-variance levels through the pyramid without a prior, with a steep (1.6) and a shallow (0.5)
+    set's statistics: the image's spectrum decay follows the set's (the levels are weighted 2^(n (d - 1)))."""
+    def decay_of(prior):
+        generator = torch.Generator().manual_seed(0)
+        params, image_fn = make_param("laplacian", 2, (64, 64), generator=generator, sigmoid=False, prior=prior,
+                                      decorrelate=False)
+        with torch.no_grad():
+            for level in params:
+                level.copy_(torch.randn(level.shape, generator=generator))
+            return np.mean([spectrum_decay(image) for image in image_fn()])
+
+    def stats(decay):
+        return ImageStats(channels=3, color=np.eye(3).tolist(), mean=[0.5] * 3, decay=decay, alpha=2 * decay)
+
+    default, steep, flat = decay_of(None), decay_of(stats(1.6)), decay_of(stats(0.5))
+    assert steep > default + 0.3 and flat < default - 0.3, (flat, default, steep)
