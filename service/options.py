@@ -64,11 +64,12 @@ ATLAS_DEFAULTS = {"size": 128, "steps": 256, "param": "fft", "transforms": "stan
 # value types: int, float, bool, choice (a proto enum), size (S or (H, W)), image (PNG/JPEG bytes),
 # preprocess ({mean, std, channel_order}), judge (a model's sha256 or {model, preprocess}), exemplar_index
 # ({dataset, layers, k, batch_size}: the index job's spec)
-_TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge", "exemplar_index", "atlas")
+_TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge", "exemplar_index", "atlas",
+          "dataset")
 # the proto field type each value type is written in (checked against JobSpec by the tests)
 PROTO_TYPES = {"int": ("int32", "int64"), "float": ("double",), "bool": ("bool",), "choice": ("enum",),
                "size": ("ImageSize",), "image": ("bytes",), "preprocess": ("Preprocess",), "judge": ("Judge",),
-               "exemplar_index": ("ExemplarIndexSpec",), "atlas": ("AtlasSpec",)}
+               "exemplar_index": ("ExemplarIndexSpec",), "atlas": ("AtlasSpec",), "dataset": ("string",)}
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,10 @@ OPTIONS: tuple[Option, ...] = (
            "128, 256 steps, fft, standard transforms, seed 0)", engine=False, surfaces=(), kinds=(ATLAS,), parts=(
                Option("channels", "int", 0, "the first N channels of each layer (0: all)", minimum=0, engine=False,
                       surfaces=(), kinds=(ATLAS,), parent="atlas"),)),
+    Option("prior_dataset", "dataset", None, "learn the image statistics from this dataset (its id): the "
+           "parameterization uses its colour matrix instead of ImageNet's and, for fft and laplacian, its spectrum decay "
+           "instead of 1/f (on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
+           surfaces=("render", "node", "web")),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -262,6 +267,10 @@ def check_value(option: Option, value, path: str | None = None):
         return _index_value(value, path)
     if kind == "atlas":
         return _atlas_value(value, path)
+    if kind == "dataset":
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidSpec(path, f"must be a dataset id (or 'datasets/<id>'), got {echo(value)}")
+        return value.strip()
     if kind in ("preprocess", "judge"):
         if kind == "judge" and isinstance(value, str):
             return {"model": value}

@@ -34,11 +34,17 @@ def register(subparsers) -> None:
     im.add_argument("--json", action="store_true")
     im.set_defaults(func=_images)
 
+    sh = actions.add_parser("show", help="a dataset's report and the priors learned from it (colour matrix, "
+                                         "spectrum decay, the patch prior's held-out log-likelihood)")
+    sh.add_argument("dataset", help="the dataset's id or datasets/<id>")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=_show)
+
     rm = actions.add_parser("delete", help="delete a dataset")
     rm.add_argument("dataset", help="the dataset's id or datasets/<id>")
     rm.set_defaults(func=_delete)
 
-    for sub in (up, ls, im, rm):
+    for sub in (up, ls, im, sh, rm):
         add_connection_args(sub)
 
 
@@ -61,6 +67,38 @@ def report_lines(dataset) -> list[str]:
         more = f" and {entry.count - len(entry.names)} more" if entry.count > len(entry.names) else ""
         lines.append(f"  {entry.count} {entry.kind}, converted to RGB when used: {', '.join(entry.names)}{more}")
     return lines
+
+
+def prior_lines(dataset) -> list[str]:
+    """The priors learned from the set (issue 25), one line per channel count; none yet: a hint."""
+    if not dataset.priors:
+        return ["  no prior learned yet (a render with --prior DATASET or a prior:DATASET term learns one)"]
+    lines = []
+    for prior in dataset.priors:
+        what = "luminance" if prior.channels == 1 else "RGB"
+        text = f"  prior ({what}):"
+        if prior.images:
+            text += (f" spectrum decay {prior.decay:.3f} (power ~ f^-{prior.alpha:.2f}), colour matrix "
+                     f"[{', '.join(f'{v:.3f}' for v in prior.color)}], {prior.images} images")
+        if prior.patch_prior:
+            text += (f"{';' if prior.images else ''} patch prior: held-out log-likelihood "
+                     f"{prior.held_out_log_likelihood:.2f} nats per patch ({prior.components} components, "
+                     f"{prior.patch_size}x{prior.patch_size} patches, {prior.patches} from {prior.patch_images} "
+                     "images)")
+        lines.append(text)
+    return lines
+
+
+@client_command
+def _show(args: argparse.Namespace) -> int:
+    with connect(args) as fv:
+        dataset = fv.dataset(args.dataset)
+    if args.json:
+        print(json.dumps(_to_dict(dataset), indent=2))
+        return 0
+    print(f"{dataset.name}  {dataset.display_name}")
+    print("\n".join(report_lines(dataset) + prior_lines(dataset)))
+    return 0
 
 
 @client_command
@@ -91,8 +129,10 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps([_to_dict(d) for d in datasets], indent=2))
         return 0
     for d in datasets:
+        learned = "".join(f"  prior{p.channels}:ll={p.held_out_log_likelihood:.1f}" if p.patch_prior else
+                          f"  prior{p.channels}:decay={p.decay:.2f}" for p in d.priors)
         print(f"{d.id}  {d.image_count:6d} images  {d.size_bytes / 1e6:8.2f} MB  {d.report.skipped:5d} skipped  "
-              f"{d.display_name}")
+              f"{d.display_name}{learned}")
     if not datasets:
         print("no datasets; upload one with: featureviz datasets upload DIR|ARCHIVE", file=sys.stderr)
     return 0

@@ -48,7 +48,7 @@ def verdict_text(verdict: dict) -> str:
 
 # the option types a flag of its own carries; init_image (--init FILE), preprocess (--mean/--std/--bgr) and judge
 # (--judge FILE ...) are read from files or several flags by the commands themselves
-SIMPLE_TYPES = ("int", "float", "bool", "choice", "size")
+SIMPLE_TYPES = ("int", "float", "bool", "choice", "size", "dataset")
 
 
 def parse_size(text: str):
@@ -62,7 +62,7 @@ def parse_size(text: str):
         raise argparse.ArgumentTypeError(f"size must be S or HxW with integers, got {text!r}") from None
 
 
-_ARG_TYPES = {"int": int, "float": float, "size": parse_size}
+_ARG_TYPES = {"int": int, "float": float, "size": parse_size, "dataset": str}
 
 
 def add_option_args(parser: argparse.ArgumentParser, surface: str, *, defaults: dict | None = None,

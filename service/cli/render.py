@@ -127,14 +127,20 @@ def run(args: argparse.Namespace) -> int:
         from featureviz.cli.remote import render_remote
 
         if args.prior_images:
-            print("featureviz render: --prior-images applies to a local render; a server's priors come from its "
-                  "datasets (not wired yet)", file=sys.stderr)
+            print("featureviz render: --prior-images applies to a local render; on a server, upload the folder "
+                  "(featureviz datasets upload DIR) and give --prior DATASET (and prior:DATASET terms)",
+                  file=sys.stderr)
             return 2
         if args.threads is not None:
             print("featureviz render: --threads applies to a local render; a server sets its own "
                   "(featureviz serve --threads)", file=sys.stderr)
             return 2
         return render_remote(args)
+
+    if args.prior_dataset:
+        print("featureviz render: --prior DATASET names a server's dataset (with --server); locally give "
+              "--prior-images DIR", file=sys.stderr)
+        return 2
 
     import torch
 

@@ -26,6 +26,8 @@ phase is taken from the image; the magnitude stays the template).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -162,7 +164,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         init: optional (3, H, W) or (B, 3, H, W) image in [0, 1] to start from.
         decorrelate, sigmoid: the colour matrix and the final sigmoid (both on in lucid's defaults).
         prior: learned image statistics (:class:`featureviz.engine.priors.ImageStats`): its colour matrix replaces
-            ImageNet's (every kind), and for ``fft`` its fitted ``decay`` replaces 1/f unless ``decay`` is given,
+            ImageNet's (every kind), and for ``fft`` (and ``laplacian``: its levels' weights) its fitted ``decay``
+            replaces 1/f unless ``decay`` is given,
             rescaled to the RMS of the 1/f scale at the same size (the shape of the set's spectrum at lucid's
             level: without it a steep decay multiplies the lowest frequencies by max(H, W)^(decay - 1) and the
             sigmoid saturates into flat regions with hard edges, the opposite of a smoother image).
@@ -173,7 +176,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
     height, width = size
     learned = prior.rgb_color(device=device) if prior is not None and decorrelate else None
     color = learned if learned is not None else color_matrix(device=device) if decorrelate else None
-    learned_decay = prior is not None and kind == "fft" and decay is None
+    learned_decay = prior is not None and kind in ("fft", "laplacian") and decay is None
     if learned_decay:
         decay = prior.decay
     prior_key = prior.key() if prior is not None else None
@@ -213,23 +216,32 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
                                                      False), [spectrum], render_key)
 
     if kind == "laplacian":
+        # equal levels give about a 1/f amplitude spectrum (level n: a band near 2^-n cycles per pixel, its power
+        # spread over 4^-n of the plane); a learned decay d weights level n by 2^(n (d - 1)), normalized to an RMS
+        # of 1 over the levels (the default's level), as fft's learned scale keeps 1/f's RMS
+        weights = [1.0] * LAPLACIAN_LEVELS
+        if learned_decay:
+            raw = [2.0 ** (n * (decay - 1.0)) for n in range(LAPLACIAN_LEVELS)]
+            rms = math.sqrt(sum(w * w for w in raw) / len(raw))
+            weights = [w / rms for w in raw]
         levels = []
         for n in range(LAPLACIAN_LEVELS):
             shape = (batch, 3, max(1, height >> n), max(1, width >> n))
             if init is not None:  # the image in the finest level, the coarser ones start at zero
-                level = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid, color=learned) if n == 0 \
-                    else torch.zeros(shape, device=device)
+                level = image_to_pixel(init, decorrelate=decorrelate, sigmoid=sigmoid, color=learned) / weights[0] \
+                    if n == 0 else torch.zeros(shape, device=device)
             else:
                 level = torch.randn(shape, generator=generator, device=device) * INIT_SD
             levels.append(level.requires_grad_(True))
 
         def pyramid(*parts):  # per image: each level is upsampled on its own image
-            t = parts[0]
-            for level in parts[1:]:
-                t = t + F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            t = parts[0] * weights[0] if weights[0] != 1.0 else parts[0]
+            for level, weight in zip(parts[1:], weights[1:]):
+                up = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+                t = t + (up * weight if weight != 1.0 else up)
             return _to_rgb(t, color, sigmoid)
 
-        render_key = ("laplacian", tuple(size), decorrelate, sigmoid, str(device), prior_key)
+        render_key = ("laplacian", tuple(size), decorrelate, sigmoid, str(device), prior_key)  # the key has the decay
         return levels, ImageFn(pyramid, levels, render_key)
 
     if kind == "maco":

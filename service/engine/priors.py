@@ -53,7 +53,7 @@ MIN_PATCHES = 1000  # patches the mixture needs at least (training and held out)
 MAX_COMPONENTS = 64
 LUMA = (0.299, 0.587, 0.114)  # the luminance a 1-channel model sees (featureviz.engine.transforms.LUMA)
 SPECTRUM_CROP = 256  # the central square of at most this side is measured (no resampling: the pixel scale is kept)
-MIN_SPECTRUM_SIDE = 32  # smaller images are left out of the spectrum (still in the colour statistics)
+MIN_SPECTRUM_SIDE = 16  # smaller images are left out of the spectrum (still in the colour statistics)
 # radial bins, cycles per pixel, log-spaced from 1/256 to the corner of the spectrum; the fit uses FIT_BAND
 SPECTRUM_BINS = np.geomspace(1.0 / SPECTRUM_CROP, 0.5 * math.sqrt(2.0), 33)
 FIT_BAND = (1.0 / 64.0, 0.35)  # below: few bins, the crop's window; above: JPEG and demosaicing artefacts

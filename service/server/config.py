@@ -80,6 +80,9 @@ class Limits:
     # atlases (the atlas job): units (layers x channels) of one atlas, and a tenant's unfinished atlases
     max_atlas_units: int = 50_000
     max_atlases_per_tenant: int = 4
+    # learned priors (issue 25: JobSpec.prior_dataset, the prior:DATASET term): a set needs this many images
+    # (featureviz.engine.priors.MIN_IMAGES is the engine's own floor; a server may ask for more, not fewer)
+    min_prior_images: int = 8
 
 
 @dataclass

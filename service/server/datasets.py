@@ -45,6 +45,7 @@ from featureviz.server.models import disk_full_discards
 from featureviz.server.models import parse_model_name
 from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
+from featureviz.server.priors import dataset_priors
 from featureviz.server.store import Store
 from featureviz.server.store import file_sha256
 from featureviz.server.store import resume_offset
@@ -274,7 +275,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
 
     @rpc_errors
     async def GetDataset(self, request: pb.GetDatasetRequest, context) -> pb.Dataset:
-        return self.store.get_dataset(self.auth.tenant(context), parse_dataset_name(request.dataset))
+        dataset = self.store.get_dataset(self.auth.tenant(context), parse_dataset_name(request.dataset))
+        dataset.priors.extend(dataset_priors(self.store, dataset.id))  # what jobs learned from it (issue 25)
+        return dataset
 
     @rpc_errors
     async def ListDatasets(self, request: pb.ListDatasetsRequest, context) -> pb.ListDatasetsResponse:
@@ -286,6 +289,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         for dataset in datasets:  # a page stays small: the names are in GetDataset
             for entry in (*dataset.report.skipped_by_cause, *dataset.report.converted):
                 del entry.names[:]
+            dataset.priors.extend(dataset_priors(self.store, dataset.id))
         return pb.ListDatasetsResponse(datasets=datasets, next_page_token=next_token(offset, limit, len(datasets),
                                                                                      None, "datasets"))
 

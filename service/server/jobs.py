@@ -13,6 +13,7 @@ from featureviz.options import ATLAS
 from featureviz.options import ATLAS_DEFAULTS
 from featureviz.options import BY_NAME
 from featureviz.options import EXEMPLAR_INDEX
+from featureviz.options import RENDER
 from featureviz.options import check_kind
 from featureviz.options import check_limits
 from featureviz.phases import phase
@@ -23,6 +24,7 @@ from featureviz.server.errors import rpc_errors
 from featureviz.server.models import parse_model_name
 from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
+from featureviz.server.priors import prior_sources
 from featureviz.server.scheduler import Scheduler
 from featureviz.server.scheduler import job_cost
 from featureviz.server.slots import TenantSlots
@@ -156,9 +158,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
             found = self._before_admission(tenant, spec, request_id)
         if isinstance(found, str):
             return found
-        sha, kind, dataset, stored, model = found
-        try:
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
+        sha, kind, dataset, stored, model, priors = found
+        try:  # converted once, by the worker (a prior's statistics and patch prior: learned there on first use)
+            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, priors)
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
         with phase("admission"):
@@ -213,8 +215,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 stored.judge.preprocess.CopyFrom(judge.input_spec.preprocess)
         if kind == ATLAS:
             self._atlas_defaults(tenant, stored)
+        # the datasets of prior_dataset and the prior:DATASET terms: the tenant holds each (NOT_FOUND), each is large
+        # enough (FAILED_PRECONDITION), before any compute; the stored spec names them by bare id
+        priors = prior_sources(self.store, tenant, stored, self.config.limits.min_prior_images)
+        if priors and kind == RENDER:
+            dataset = next(iter(priors))  # DeleteDataset waits for the job (DATASET_IN_USE), as for an index job
         self._check_budget(tenant, stored)  # before the worker's admission work; again once the defaults are known
-        return sha, kind, dataset, stored, model
+        return sha, kind, dataset, stored, model, priors
 
     def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
                          model: pb.Model, admission) -> str:
@@ -230,7 +237,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
         inputs = model.input_spec
         key = render_key(sha, stored, (inputs.default_height, inputs.default_width))
-        row, created = self.store.create_job(tenant, request_id, stored, sha)
+        row, created = self.store.create_job(tenant, request_id, stored, sha, dataset=dataset)
         if created and not (key and self.scheduler.finish_from_store(row.id, tenant, key)):
             self.scheduler.submit(row.id, tenant, admission, row)
         return row.id

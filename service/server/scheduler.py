@@ -262,10 +262,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------- requests
 
-    def admit(self, model_sha: str, spec: pb.JobSpec) -> api.Admission:
+    def admit(self, model_sha: str, spec: pb.JobSpec, priors: dict | None = None) -> api.Admission:
         """The worker converts and validates the spec before any compute (blocking; InvalidSpec with engine
-        paths). The admission's ticket goes with the job to :meth:`submit`."""
+        paths). The admission's ticket goes with the job to :meth:`submit`. ``priors``: the job's prior datasets
+        (``featureviz.server.priors.prior_sources``), learned by the worker on first use."""
         with phase("admission"):
+            if priors:
+                return self.worker.admit(model_sha, spec.SerializeToString(), priors)
             return self.worker.admit(model_sha, spec.SerializeToString())
 
     validate = admit
@@ -351,9 +354,12 @@ class Scheduler:
                 work = self._index_work(job_id, tenant, row.model, spec)
                 if work is None:  # ended here: cached, or its set is gone
                     continue
+            priors = self._prior_sources(job_id, tenant, spec)
+            if priors is None:  # its prior's set is gone: FAILED
+                continue
             self.worker.submit(api.Submission(job_id=job_id, tenant=tenant, model=row.model, spec=row.spec,
                                               images=images, exclusive=job_id in self._exclusive,
-                                              ticket=self._tickets.pop(job_id, ""), index=work))
+                                              ticket=self._tickets.pop(job_id, ""), index=work, priors=priors))
 
     # ------------------------------------------------------------------------------------------- atlases
 
@@ -544,6 +550,24 @@ class Scheduler:
             return index_work(self.store, tenant, model, spec, self.index_chunk_images)
         except Exception as exc:  # the set went (or the store failed): the job ends, the queue goes on
             log.warning("index job %s cannot start: %s", job_id, exc)
+            self._release(job_id)
+            self.store.finish_job(job_id, pb.JOB_STATE_FAILED, error=job_error(exc))
+            self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+            return None
+
+    def _prior_sources(self, job_id: str, tenant: str, spec: pb.JobSpec) -> dict | None:
+        """The job's prior datasets for the worker (empty: none; what it reads when it checks the spec again after
+        a restart); None when the job ended here instead: the tenant no longer holds a set (FAILED)."""
+        from featureviz.errors import job_error
+        from featureviz.server.priors import prior_fields
+        from featureviz.server.priors import prior_sources
+
+        if not prior_fields(spec):
+            return {}
+        try:
+            return prior_sources(self.store, tenant, spec, 0)
+        except Exception as exc:
+            log.warning("job %s cannot start: %s", job_id, exc)
             self._release(job_id)
             self.store.finish_job(job_id, pb.JOB_STATE_FAILED, error=job_error(exc))
             self.log(job_id).append(result=self.store.get_job(job_id).to_proto())

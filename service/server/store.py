@@ -505,12 +505,14 @@ class Store:
                                          f"{named}; cancel them or let them finish, then delete the dataset",
                                          reason="DATASET_IN_USE")
             orphans: list[str] = []
+            unheld = False
             with self._tx():
                 self._db.execute("DELETE FROM datasets WHERE tenant = ? AND id = ?", (tenant, dataset_id))
                 holders = self._db.execute("SELECT COUNT(*) FROM datasets WHERE id = ?", (dataset_id,)).fetchone()[0]
                 pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE dataset = ? AND state IN (?, ?)",
                                            (dataset_id, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)).fetchone()[0]
                 if holders == 0 and pending == 0:
+                    unheld = True
                     shas = [row[0] for row in self._db.execute(
                         "SELECT sha256 FROM dataset_images WHERE dataset = ?", (dataset_id,))]
                     self._db.execute("DELETE FROM dataset_images WHERE dataset = ?", (dataset_id,))
@@ -518,6 +520,8 @@ class Store:
                         "SELECT 1 FROM dataset_images WHERE sha256 = ? LIMIT 1", (sha,)).fetchone()]
             for sha in orphans:
                 self.image_path(sha).unlink(missing_ok=True)
+            if unheld:  # what the worker learned from the set (its priors) goes with it
+                shutil.rmtree(self.prior_dir(dataset_id), ignore_errors=True)
         return len(orphans)
 
     # ------------------------------------------------------------------------------------------- exemplar indexes
@@ -525,6 +529,12 @@ class Store:
     def index_path(self, index_id: str) -> Path:
         """Where the finished index ``index_id`` (a sha256 hex digest, the server's) lives."""
         return self.root / "indexes" / f"{_hex(index_id)}.npz"
+
+    def prior_dir(self, dataset_id: str) -> Path:
+        """Where what the worker learns from set ``dataset_id`` (a sha256 hex digest, checked) is cached: its image
+        statistics and patch prior per channel count, and their report (``report-<channels>.json``). The id is a
+        digest of the set's images, so the cache is the same for every tenant holding the set."""
+        return self.root / "priors" / _hex(dataset_id)
 
     def index_state_path(self, index_id: str) -> Path:
         """Where an unfinished pass of ``index_id`` keeps its state after each finished chunk."""

@@ -282,7 +282,9 @@ def cli_command(spec: dict, *, model_file: str, server: str | None = None, tls: 
     args = ["featureviz", "render", model_file, objective_text(spec.get("objective"))]
     for option in offered("render"):  # every option the command line takes as a flag of its own (the declaration)
         value = spec.get(option.name)
-        if value is None or value is False or option.type not in ("int", "float", "bool", "choice", "size"):
+        if value is None or value is False or option.type not in ("int", "float", "bool", "choice", "size", "dataset"):
+            continue
+        if option.type == "dataset" and not server:  # a server's dataset (--prior): no local equivalent by id
             continue
         if option.type == "bool":
             args.append(option.flag)

@@ -13,9 +13,13 @@ __all__ = ["checked_spec", "rendered", "job_result", "judge_of", "judge_check", 
 DEFAULT_PREVIEW_SIDE = 128
 
 
-def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096):
+def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096,
+                 priors: dict | None = None, learned=None):
     """pb.JobSpec -> the engine's RenderSpec checked against ``model``: the :class:`featureviz.engine.CheckedSpec`
-    (objective built, transforms parsed) that the job's slot takes as it is (InvalidSpec with engine paths)."""
+    (objective built, transforms parsed) that the job's slot takes as it is (InvalidSpec with engine paths).
+    ``priors`` (dataset id -> api.PriorSource, the server's) and ``learned`` (a :class:`featureviz.worker.priors.
+    Priors`): ``spec.prior_dataset`` becomes the set's ImageStats (``RenderSpec.prior``), and ``prior:DATASET`` terms
+    resolve to its patch prior (``RenderSpec.patch_priors``), for the model's channel count."""
     from featureviz.engine import RenderSpec
     from featureviz.engine import validate
     from featureviz.engine.images import decode_image
@@ -35,10 +39,31 @@ def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side:
                                               channel_order=p["channel_order"])
         except (TypeError, ValueError) as exc:
             raise InvalidSpec("spec.preprocess", str(exc)) from exc
+    if priors and learned is not None:
+        kwargs |= _priors(model, spec, priors, learned)
     result = RenderSpec(**kwargs, device=device)
     if spec.preview_every > 0:
         result.snapshot_steps = tuple(range(spec.preview_every, result.steps + 1, spec.preview_every))
     return validate(model, result)
+
+
+def _priors(model, spec: pb.JobSpec, priors: dict, learned) -> dict:
+    """The RenderSpec's ``prior`` and ``patch_priors`` of a job's prior datasets (learned here on first use)."""
+    from featureviz.errors import NotFound
+
+    channels = model.input_spec.channels
+    out: dict = {}
+
+    def source(name: str, field: str):
+        found = priors.get(name.removeprefix("datasets/").strip().lower())
+        if found is None:  # the server resolves every set the spec names; anything else is not the tenant's
+            raise NotFound(f"{field}: no dataset {name[:80]!r} for a prior", reason="DATASET_NOT_FOUND")
+        return found
+
+    if spec.prior_dataset:
+        out["prior"] = learned.stats(source(spec.prior_dataset, "spec.prior_dataset"), channels)
+    out["patch_priors"] = lambda name: learned.patch(source(name, "spec.objective.prior.dataset"), channels)
+    return out
 
 
 def rendered(index: int, image, *, max_side: int | None = None, start: float = 0.0,

@@ -6,7 +6,7 @@ the device and everything torch. They talk through :class:`Worker`:
     worker.start(sink)                  # events come back through sink(WorkerEvent), in order per job, or
                                         # sink([WorkerEvent, ...]): several at once, in order (one store commit)
     worker.load_model(sha256, source, limits)  # import an upload: -> (pb.Model, pb.ListLayersResponse)
-    worker.admit(sha256, spec_bytes)    # JobSpec -> the engine's spec, validated before any compute: Admission
+    worker.admit(sha256, spec_bytes, priors)  # JobSpec -> the engine's spec, validated before any compute: Admission
                                         # (an exemplar index job: its layers, size, preprocess, k resolved)
     worker.submit(Submission(...))      # run it: it joins the next device step (an index job: IndexWork, one
                                         # batch per device round)
@@ -26,7 +26,8 @@ from dataclasses import field
 
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Submission", "Admission", "IndexWork", "ExemplarQuery", "ImageQuery", "WorkerEvent", "WorkerConfig",
+__all__ = ["Submission", "Admission", "IndexWork", "PriorSource", "ExemplarQuery", "ImageQuery", "WorkerEvent",
+           "WorkerConfig",
            "Worker", "STARTED", "PROGRESS", "PREVIEW", "FINISHED", "REQUEUED", "STEPS", "LOST"]
 
 STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
@@ -81,6 +82,19 @@ class IndexWork:
 
 
 @dataclass
+class PriorSource:
+    """A dataset a job learns a prior from (``JobSpec.prior_dataset``, ``prior:DATASET`` terms), resolved by the
+    server for the job's tenant (plain data). ``names`` and ``paths``: its images in the set's order (files at the
+    server store's ``image_path``, as :class:`IndexWork`'s); ``folder``: where the worker caches what it learns
+    from the set (the store's ``prior_dir``: built from the checked dataset id, never from a client string)."""
+
+    dataset: str
+    names: list[str]
+    paths: list[str]
+    folder: str
+
+
+@dataclass
 class Submission:
     """A job for the worker. ``spec`` is the serialized ``featureviz.v1.JobSpec`` as stored (defaults filled in);
     ``ticket`` names the checked engine spec :meth:`Worker.admit` prepared (checked once; the job's slot takes it),
@@ -96,6 +110,8 @@ class Submission:
     index: IndexWork | None = None  # an exemplar index job (JobSpec.exemplar_index): what it reads and writes
     # an atlas unit: it takes only the room interactive jobs leave in a device step (parked as soon as one wants it)
     background: bool = False
+    # the datasets the job learns priors from (dataset id -> PriorSource): read when the spec is checked again
+    priors: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -180,7 +196,10 @@ class Worker:
     def drop_model(self, sha256: str) -> None:
         raise NotImplementedError
 
-    def admit(self, sha256: str, spec: bytes) -> Admission:
+    def admit(self, sha256: str, spec: bytes, priors: dict | None = None) -> Admission:
+        """Check a job's spec before any compute. ``priors``: dataset id -> :class:`PriorSource`, every dataset the
+        spec learns a prior from (checked by the server: the tenant holds each); their statistics and patch priors
+        are computed here on first use (in the caller's thread, not the device loop) and cached."""
         raise NotImplementedError
 
     def submit(self, submission: Submission) -> None:

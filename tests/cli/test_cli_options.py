@@ -43,12 +43,14 @@ def test_render_and_evaluate_take_the_declared_flags_with_their_choices_and_defa
 def test_the_command_shown_for_a_job_parses_back_to_its_options():
     spec = {"objective": {"tv": {}}, "steps": 7, "lr": 0.125, "size": (24, 32), "batch": 2, "seed": 9,
             "param": "laplacian", "decay": 1.25, "transforms": "composed", "exclusive": True, "lr_schedule": "cosine",
-            "lr_warmup": 3, "plateau": 0.01, "plateau_window": 5}
+            "lr_warmup": 3, "plateau": 0.01, "plateau_window": 5, "prior_dataset": "d" * 64}
     simple = {o.name for o in opts.offered("render") if o.type in SIMPLE_TYPES}
     assert simple == set(spec) - {"objective"}  # a new command-line option gets a value here
-    words = cli_command(spec, model_file="m.onnx").split()[1:]
+    words = cli_command(spec, model_file="m.onnx", server="127.0.0.1:50051").split()[1:]
     args = build_parser().parse_args(words)
     assert option_values(args, "render") == {key: value for key, value in spec.items() if key != "objective"}
+    local = build_parser().parse_args(cli_command(spec, model_file="m.onnx").split()[1:])
+    assert "prior_dataset" not in option_values(local, "render")  # a server's dataset: not in a local command
 
 
 def test_the_readme_holds_the_generated_options_table():

@@ -24,7 +24,7 @@ ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile"
 SAMPLES = {"int": 3, "float": 0.25, "bool": True, "size": (24, 32), "image": b"\x89PNG...",
            "preprocess": {"mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "judge": "b" * 64,
            "exemplar_index": {"dataset": "d" * 64, "layers": ["conv1"], "k": 3, "batch_size": 4},
-           "atlas": {"op_types": ["Conv"], "min_depth": 1, "channels": 2}}
+           "atlas": {"op_types": ["Conv"], "min_depth": 1, "channels": 2}, "dataset": "e" * 64}
 
 
 def test_every_jobspec_field_is_declared_in_order_with_its_type():
@@ -33,7 +33,8 @@ def test_every_jobspec_field_is_declared_in_order_with_its_type():
     for field, option in zip(fields, opts.OPTIONS):
         proto_type = field.message_type.name if field.message_type else (
             "enum" if field.enum_type else {field.TYPE_INT32: "int32", field.TYPE_INT64: "int64", field.TYPE_DOUBLE:
-                                            "double", field.TYPE_BOOL: "bool", field.TYPE_BYTES: "bytes"}[field.type])
+                                            "double", field.TYPE_BOOL: "bool", field.TYPE_BYTES: "bytes",
+                                            field.TYPE_STRING: "string"}[field.type])
         assert proto_type in opts.PROTO_TYPES[option.type], option.name
         assert set(option.surfaces) <= set(opts.SURFACES) and option.help, option.name
 
@@ -98,6 +99,7 @@ def test_every_option_round_trips_through_the_codec():
     assert message.param == pb.PARAMETERIZATION_LAPLACIAN and message.lr_schedule == pb.LR_SCHEDULE_LINEAR
     assert message.exemplar_index == pb.ExemplarIndexSpec(dataset="d" * 64, layers=["conv1"], k=3, batch_size=4)
     assert message.atlas == pb.AtlasSpec(op_types=["Conv"], min_depth=1, channels=2)
+    assert message.prior_dataset == "e" * 64
 
 
 @pytest.mark.parametrize("options, field, needle", [

@@ -68,6 +68,19 @@ def test_colour_matrix_and_spectrum_decay_are_recovered(tmp_path, decay):
     assert np.allclose(stats.mean, 0.5, atol=0.05)
 
 
+def test_a_set_of_28_pixel_images_has_a_spectrum(tmp_path):
+    """MNIST-sized images (28x28) enter the spectrum (MIN_SPECTRUM_SIDE 16): a steep and a shallow set are told
+    apart (a small crop's window blurs the slope, so only the order and a rough level are asserted)."""
+    decays = {}
+    for decay in (0.5, 1.5):
+        folder = write_pngs(tmp_path / str(decay), [power_law_image(28, decay, MIXING, seed)
+                                                    for seed in range(MIN_IMAGES)])
+        stats = image_statistics(ImageFolder(folder), channels=1)
+        assert stats.spectrum_images == MIN_IMAGES
+        decays[decay] = stats.decay
+    assert decays[1.5] > decays[0.5] + 0.5, decays
+
+
 def test_grey_images_and_the_one_channel_case(tmp_path):
     grey = [np.repeat(power_law_image(64, 1.0, np.eye(3) * 0.1, seed)[..., :1], 3, -1) for seed in range(MIN_IMAGES)]
     folder = write_pngs(tmp_path, grey)
@@ -267,3 +280,22 @@ def test_render_prior_images_on_the_command_line(lite0, leaves, tmp_path, monkey
     assert "no image set named 'other' for a prior; known: leaves" in capsys.readouterr().err
     assert main([*argv, "--server", "127.0.0.1:1"]) == 2
     assert "--prior-images applies to a local render" in capsys.readouterr().err
+
+
+def test_the_laplacian_pyramid_takes_the_learned_decay():
+    """The same unit-variance levels through the pyramid without a prior, with a steep (1.6) and a shallow (0.5)
+    set's statistics: the image's spectrum decay follows the set's (the levels are weighted 2^(n (d - 1)))."""
+    def decay_of(prior):
+        generator = torch.Generator().manual_seed(0)
+        params, image_fn = make_param("laplacian", 2, (64, 64), generator=generator, sigmoid=False, prior=prior,
+                                      decorrelate=False)
+        with torch.no_grad():
+            for level in params:
+                level.copy_(torch.randn(level.shape, generator=generator))
+            return np.mean([spectrum_decay(image) for image in image_fn()])
+
+    def stats(decay):
+        return ImageStats(channels=3, color=np.eye(3).tolist(), mean=[0.5] * 3, decay=decay, alpha=2 * decay)
+
+    default, steep, flat = decay_of(None), decay_of(stats(1.6)), decay_of(stats(0.5))
+    assert steep > default + 0.3 and flat < default - 0.3, (flat, default, steep)

@@ -53,9 +53,10 @@ def test_the_slot_takes_the_very_checked_spec_that_admission_built(tiny_onnx):
     events: list = []
     started, finished = threading.Event(), threading.Event()
 
-    def sink(event):
-        events.append(event)
-        (started if event.kind == "started" else finished if event.kind == "finished" else threading.Event()).set()
+    def sink(batch):  # one event, or several at once (in order) when they queued together
+        for event in batch if isinstance(batch, list) else [batch]:
+            events.append(event)
+            (started if event.kind == "started" else finished if event.kind == "finished" else threading.Event()).set()
 
     worker = local_worker(WorkerConfig(device="cpu", max_step_images=2, progress_interval=0.0),
                           model_source=lambda sha: None)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from featureviz import options as opts
 from featureviz.client import AsyncClient
+from featureviz.client import Client
 from featureviz.client import FeaturevizClientError
 from featureviz.errors import InvalidSpec
 from featureviz.server.config import Limits
@@ -42,18 +43,31 @@ def test_server_info_publishes_every_option_with_its_bounds(client):
     assert list(published["exemplar_index"].kinds) == ["exemplar_index"]
 
 
-def _every_option(tiny_model) -> dict:
+@pytest.fixture(scope="module")
+def prior_set(server, tmp_path_factory):
+    """8 small PNGs (the fewest a prior takes), uploaded: a prior_dataset."""
+    from support.images import noisy_png
+
+    folder = tmp_path_factory.mktemp("prior-set")
+    for i in range(8):
+        (folder / f"n{i}.png").write_bytes(noisy_png(40, i))
+    with Client(server.address) as fv:
+        return fv.upload_dataset(folder).id
+
+
+def _every_option(tiny_model, prior_set) -> dict:
     """A valid value of every declared option."""
     values = {"steps": 2, "lr": 0.1, "size": 16, "batch": 1, "seed": 5, "param": "pixel", "decay": 1.0,
               "transforms": "none", "init_image": _png(16), "preprocess": {"mean": [0.5], "std": [0.25]},
               "preview_every": 1, "preview_max_side": 16, "exclusive": True, "judge": tiny_model.sha256,
-              "lr_schedule": "cosine", "lr_warmup": 1, "plateau": 0.5, "plateau_window": 4}
+              "lr_schedule": "cosine", "lr_warmup": 1, "plateau": 0.5, "plateau_window": 4,
+              "prior_dataset": f"datasets/{prior_set}"}
     assert set(values) == {o.name for o in opts.OPTIONS if "render" in o.kinds}  # a new option gets a value here
     return values
 
 
-def test_both_clients_take_every_declared_option_and_nothing_else(client, server, tiny_model):
-    values = _every_option(tiny_model)
+def test_both_clients_take_every_declared_option_and_nothing_else(client, server, tiny_model, prior_set):
+    values = _every_option(tiny_model, prior_set)
     sync_job = client.wait(client.submit(tiny_model.sha256, LOGIT, **values).id, timeout=120)
 
     async def submit_async():
@@ -67,6 +81,7 @@ def test_both_clients_take_every_declared_option_and_nothing_else(client, server
     for job in (sync_job, async_job):
         assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
         assert job.spec.lr_schedule == pb.LR_SCHEDULE_COSINE and job.spec.exclusive and job.spec.plateau_window == 4
+        assert job.spec.prior_dataset == prior_set  # stored by its bare id
     assert sync_job.spec == async_job.spec
     with pytest.raises(InvalidSpec, match="unknown job option 'stepz'; known: steps, lr, size"):
         client.submit(tiny_model.sha256, LOGIT, stepz=3)

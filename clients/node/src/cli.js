@@ -68,6 +68,7 @@ const JOB_FLAGS = {
   warmup: ['lrWarmup', integer, 'N'],
   'stop-at-plateau': ['plateau', number, 'GAIN'],
   'plateau-window': ['plateauWindow', integer, 'N'],
+  prior: ['priorDataset', text, 'DATASET'],
 };
 
 /** `[--param fft|pixel|...]` for each job flag, enum choices read from the loaded contract. */
@@ -101,7 +102,8 @@ ${lines.join('\n')}
                                           (default .); --judge: a classifier that ranks the class in each image;
                                           --schedule: the learning rate's decay; --stop-at-plateau: stop once
                                           the objective gains less than GAIN (relative) over a window;
-                                          --exclusive: never share a device step (bitwise repeatable)
+                                          --exclusive: never share a device step (bitwise repeatable);
+                                          --prior: learn the colour matrix and spectrum decay from a dataset
 
 MODEL is a sha256 or a path to an .onnx file (uploaded first).
 --server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.

@@ -392,7 +392,7 @@ class DatasetReport(_message.Message):
     def __init__(self, images: _Optional[int] = ..., files: _Optional[int] = ..., skipped: _Optional[int] = ..., skipped_by_cause: _Optional[_Iterable[_Union[SkippedFiles, _Mapping]]] = ..., converted: _Optional[_Iterable[_Union[ConvertedImages, _Mapping]]] = ..., formats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("name", "id", "display_name", "image_count", "size_bytes", "report", "create_time", "deduplicated")
+    __slots__ = ("name", "id", "display_name", "image_count", "size_bytes", "report", "create_time", "deduplicated", "priors")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -401,6 +401,7 @@ class Dataset(_message.Message):
     REPORT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
+    PRIORS_FIELD_NUMBER: _ClassVar[int]
     name: str
     id: str
     display_name: str
@@ -409,7 +410,38 @@ class Dataset(_message.Message):
     report: DatasetReport
     create_time: _timestamp_pb2.Timestamp
     deduplicated: bool
-    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., display_name: _Optional[str] = ..., image_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., report: _Optional[_Union[DatasetReport, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deduplicated: _Optional[bool] = ...) -> None: ...
+    priors: _containers.RepeatedCompositeFieldContainer[DatasetPrior]
+    def __init__(self, name: _Optional[str] = ..., id: _Optional[str] = ..., display_name: _Optional[str] = ..., image_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., report: _Optional[_Union[DatasetReport, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deduplicated: _Optional[bool] = ..., priors: _Optional[_Iterable[_Union[DatasetPrior, _Mapping]]] = ...) -> None: ...
+
+class DatasetPrior(_message.Message):
+    __slots__ = ("channels", "color", "mean", "decay", "alpha", "images", "patch_prior", "held_out_log_likelihood", "train_log_likelihood", "components", "patch_size", "patches", "patch_images")
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    COLOR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    DECAY_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PATCH_PRIOR_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PATCHES_FIELD_NUMBER: _ClassVar[int]
+    PATCH_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    channels: int
+    color: _containers.RepeatedScalarFieldContainer[float]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    decay: float
+    alpha: float
+    images: int
+    patch_prior: bool
+    held_out_log_likelihood: float
+    train_log_likelihood: float
+    components: int
+    patch_size: int
+    patches: int
+    patch_images: int
+    def __init__(self, channels: _Optional[int] = ..., color: _Optional[_Iterable[float]] = ..., mean: _Optional[_Iterable[float]] = ..., decay: _Optional[float] = ..., alpha: _Optional[float] = ..., images: _Optional[int] = ..., patch_prior: _Optional[bool] = ..., held_out_log_likelihood: _Optional[float] = ..., train_log_likelihood: _Optional[float] = ..., components: _Optional[int] = ..., patch_size: _Optional[int] = ..., patches: _Optional[int] = ..., patch_images: _Optional[int] = ...) -> None: ...
 
 class DatasetImage(_message.Message):
     __slots__ = ("name", "sha256", "size_bytes", "format", "width", "height", "converted")
@@ -938,7 +970,7 @@ class ImageSize(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge", "lr_schedule", "lr_warmup", "plateau", "plateau_window", "exemplar_index", "atlas")
+    __slots__ = ("model", "objective", "steps", "lr", "size", "batch", "seed", "param", "decay", "transforms", "init_image", "preprocess", "preview_every", "preview_max_side", "exclusive", "judge", "lr_schedule", "lr_warmup", "plateau", "plateau_window", "exemplar_index", "atlas", "prior_dataset")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -961,6 +993,7 @@ class JobSpec(_message.Message):
     PLATEAU_WINDOW_FIELD_NUMBER: _ClassVar[int]
     EXEMPLAR_INDEX_FIELD_NUMBER: _ClassVar[int]
     ATLAS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_DATASET_FIELD_NUMBER: _ClassVar[int]
     model: str
     objective: Objective
     steps: int
@@ -983,7 +1016,8 @@ class JobSpec(_message.Message):
     plateau_window: int
     exemplar_index: ExemplarIndexSpec
     atlas: AtlasSpec
-    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup: _Optional[int] = ..., plateau: _Optional[float] = ..., plateau_window: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexSpec, _Mapping]] = ..., atlas: _Optional[_Union[AtlasSpec, _Mapping]] = ...) -> None: ...
+    prior_dataset: str
+    def __init__(self, model: _Optional[str] = ..., objective: _Optional[_Union[Objective, _Mapping]] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., size: _Optional[_Union[ImageSize, _Mapping]] = ..., batch: _Optional[int] = ..., seed: _Optional[int] = ..., param: _Optional[_Union[Parameterization, str]] = ..., decay: _Optional[float] = ..., transforms: _Optional[_Union[Transforms, str]] = ..., init_image: _Optional[bytes] = ..., preprocess: _Optional[_Union[Preprocess, _Mapping]] = ..., preview_every: _Optional[int] = ..., preview_max_side: _Optional[int] = ..., exclusive: _Optional[bool] = ..., judge: _Optional[_Union[Judge, _Mapping]] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup: _Optional[int] = ..., plateau: _Optional[float] = ..., plateau_window: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexSpec, _Mapping]] = ..., atlas: _Optional[_Union[AtlasSpec, _Mapping]] = ..., prior_dataset: _Optional[str] = ...) -> None: ...
 
 class Judge(_message.Message):
     __slots__ = ("model", "preprocess")
@@ -1211,7 +1245,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant", "max_atlas_units", "max_atlases_per_tenant")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant", "max_atlas_units", "max_atlases_per_tenant", "min_prior_images")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -1260,6 +1294,7 @@ class Limits(_message.Message):
     MAX_INDEXES_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
     MAX_ATLAS_UNITS_FIELD_NUMBER: _ClassVar[int]
     MAX_ATLASES_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    MIN_PRIOR_IMAGES_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -1308,7 +1343,8 @@ class Limits(_message.Message):
     max_indexes_per_tenant: int
     max_atlas_units: int
     max_atlases_per_tenant: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ..., max_atlas_units: _Optional[int] = ..., max_atlases_per_tenant: _Optional[int] = ...) -> None: ...
+    min_prior_images: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ..., max_atlas_units: _Optional[int] = ..., max_atlases_per_tenant: _Optional[int] = ..., min_prior_images: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")
