@@ -80,6 +80,8 @@ class Limits:
     # atlases (the atlas job): units (layers x channels) of one atlas, and a tenant's unfinished atlases
     max_atlas_units: int = 50_000
     max_atlases_per_tenant: int = 4
+    # --- generator (issue 25): a generator's latent vector (JobSpec.generator), at most this long
+    max_latent_size: int = 4096
 
 
 @dataclass
