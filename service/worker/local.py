@@ -173,14 +173,15 @@ class LocalWorker(api.Worker):
             unit.ClearField("atlas")
             unit.size.height, unit.size.width = admission.size
             unit.objective.channel.layer, unit.objective.channel.channel = admission.layers[0], 0
-            adapter.checked_spec(model, unit, str(self.torch_device), max_image_side=self.config.max_image_side)
+            adapter.checked_spec(model, unit, str(self.torch_device), max_image_side=self.config.max_image_side,
+                                 models=self.models.get)
             return admission
         if job_spec.HasField("exemplar_index"):  # resolved against the model before any compute; no ticket
             admission = adapter.index_admission(model, job_spec)
             self._check_index_memory(admission)
             return admission
         checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
-                                       max_image_side=self.config.max_image_side)
+                                       max_image_side=self.config.max_image_side, models=self.models.get)
         judge = adapter.judge_of(job_spec)
         if judge is not None:
             adapter.judge_check(self.models.get(judge[0]), checked)
@@ -512,7 +513,7 @@ class LocalWorker(api.Worker):
                 checked = ticket[1]
             else:  # re-queued after a restart, or the ticket was dropped: check again
                 checked = adapter.checked_spec(model, spec, str(self.torch_device),
-                                               max_image_side=self.config.max_image_side)
+                                               max_image_side=self.config.max_image_side, models=self.models.get)
             job = _Job(sub, spec, checked, None, ())
             slot = Slot(model, checked, device=self.torch_device, handle=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
@@ -566,8 +567,9 @@ class LocalWorker(api.Worker):
 
     @staticmethod
     def _memory_key(model, checked: CheckedSpec) -> tuple:
+        generator = getattr(checked.spec, "generator", None)  # a generator's own memory (issue 25)
         return (BatchEngine.model_key(model), checked.model_size, checked.image_size, checked.spec.param,
-                checked.layers)
+                checked.layers, getattr(generator, "key", None))
 
     def _estimate(self, model, checked: CheckedSpec) -> tuple[float, float] | None:
         """(fixed, per image) bytes of a job, measured once per memory key (device thread); None when the probe

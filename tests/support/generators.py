@@ -14,7 +14,7 @@ __all__ = ["TinyGenerator", "export_generator"]
 
 class TinyGenerator(torch.nn.Module):
     """DCGAN-like decoder: Linear(latent -> 16x4x4), two ConvTranspose 2x up-samplings, a 3x3 conv to ``channels``,
-    then ``last`` (``tanh``, ``sigmoid``, ``none``, ``clip``); ``latent_4d``: the input is (N, Z, 1, 1);
+    then ``last`` (``tanh``, ``sigmoid``, ``none``, ``clip``), weights scaled so that the image depends on the latent; ``latent_4d``: the input is (N, Z, 1, 1);
     ``round``: a torch.round in the middle (not differentiable)."""
 
     def __init__(self, latent: int = 16, channels: int = 3, last: str = "tanh", *, latent_4d: bool = False,
@@ -26,6 +26,9 @@ class TinyGenerator(torch.nn.Module):
         self.up1 = torch.nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1)
         self.up2 = torch.nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
         self.out = torch.nn.Conv2d(8, channels, 3, padding=1)
+        with torch.no_grad():  # torch's default init makes a nearly constant image: weights x3, no biases, so the
+            for p in self.parameters():  # image varies with the latent (per-pixel std ~0.4 over latents, tanh)
+                p.mul_(3.0) if p.dim() > 1 else p.zero_()
 
     def forward(self, z):
         if self.latent_4d:
