@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--patches", type=int, default=10000, help="training patches drawn once")
     parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (per value of the image)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seconds", type=float, default=0, help="stop training after this long (0: never)")
     parser.add_argument("--out", default="/tmp/featureviz_generator.onnx")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -147,7 +148,8 @@ def main() -> int:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 250 == 0 or step == args.steps:
+        out_of_time = args.max_seconds and time.perf_counter() - start > args.max_seconds
+        if step % 250 == 0 or step == args.steps or out_of_time:
             encoder.eval(), decoder.eval()
             with torch.no_grad():
                 mu, _ = encoder(held)
@@ -155,6 +157,9 @@ def main() -> int:
             print(f"step {step}: train MSE {float(recon) / values:.4f}, KL {float(kl):.1f} nats, held-out MSE "
                   f"{held_mse:.4f} (predicting the mean: {float(held.var(0).mean()):.4f}), "
                   f"{time.perf_counter() - start:.0f} s")
+        if out_of_time:
+            print(f"stopped after {step} steps (--max-seconds {args.max_seconds:g})")
+            break
     out = Path(args.out)
     out.write_bytes(export(decoder))
     from featureviz.engine import save_images

@@ -26,7 +26,8 @@ UNIT_RENDERED, UNIT_CACHED, UNIT_FAILED = 1, 2, 3
 _RENDER_FIELDS = ("steps", "lr", "size", "seed", "param", "decay", "transforms", "preprocess", "lr_schedule",
                   "lr_warmup", "plateau", "plateau_window")
 # fields that make a render something else than a plain unit (an interactive job with any of them never hits)
-_OTHER_FIELDS = ("init_image", "judge", "exemplar_index", "atlas", "exclusive")  # exclusive: bitwise alone
+_OTHER_FIELDS = ("init_image", "judge", "exemplar_index", "atlas", "exclusive",  # exclusive: bitwise alone
+                 "generator")  # a generator's latents: not a unit
 
 
 def unit_job_id(atlas_id: str, index: int) -> str:
