@@ -69,7 +69,7 @@ def test_an_unusable_generator_is_refused_with_one_line_naming_why(kwargs, reaso
 def test_a_generator_job_raises_its_objective_and_its_image_is_the_generators_output_in_range(model, tanh_gen):
     # measured over seeds 0..9 x 2 images (10 steps, lr 0.5): starts 0.009 to 0.039, gains 0.049 to 0.084, ends
     # 2.3x to 10x the start; the bounds: a gain above 0.025 and an end above 1.5x the start
-    for seed in range(3):
+    for seed in range(2):
         result = render(model, RenderSpec(objective=OBJECTIVE, steps=10, lr=0.5, size=16, batch=2, seed=seed,
                                           param="generator", generator=tanh_gen))
         for start, end in zip(result.objective_start, result.objective_end):
@@ -105,11 +105,11 @@ def test_the_latent_penalty_is_subtracted_and_shrinks_the_latent(model, tanh_gen
     z = torch.randn(1, 16, generator=torch.Generator().manual_seed(4))  # the slot's start: the same seed's draw
     expected = plain.objective_start[0] - 0.5 * float(z.pow(2).sum())
     assert penalised.objective_start[0] == pytest.approx(expected, rel=1e-5)
-    slot = Slot(model, RenderSpec(**{**spec, "steps": 20}, latent_l2=5.0, lr=0.1), device=torch.device("cpu"))
+    slot = Slot(model, RenderSpec(**{**spec, "steps": 8}, latent_l2=5.0, lr=0.25), device=torch.device("cpu"))
     start = float(slot.params[0].norm())
     engine = BatchEngine("cpu")
     engine.join([slot])
-    for _ in range(20):
+    for _ in range(8):
         engine.step([slot])
     assert float(slot.params[0].norm()) < 0.5 * start
 
