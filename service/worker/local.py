@@ -59,6 +59,7 @@ import torch
 from featureviz.engine.batch import BatchEngine
 from featureviz.engine.batch import CheckedSpec
 from featureviz.engine.batch import Slot
+from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import job_error
 from featureviz.phases import phase
@@ -166,6 +167,10 @@ class LocalWorker(api.Worker):
     def admit(self, sha256: str, spec: bytes) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
+        if getattr(model, "generator", None) is not None:  # --- generator (issue 25): any kind of job
+            raise InvalidSpec("spec.model", "this model is a generator (a latent vector in, an image out): render a "
+                                            "classifier, and name the generator as spec.generator with param "
+                                            "generator")
         if job_spec.HasField("atlas"):  # resolved against the model: its units (each checked when it is submitted)
             admission = adapter.atlas_admission(model, job_spec, max_units=self.config.max_atlas_units)
             unit = pb.JobSpec()

@@ -106,6 +106,8 @@ def test_refusals_name_the_problem_with_the_right_status(client, generator, tiny
     assert (err.code, err.reason) == ("INVALID_ARGUMENT", "NOT_A_GENERATOR")
     err = refused(lambda: client.submit(generator.sha256, OBJECTIVE, steps=1))  # a generator is not rendered
     assert err.code == "INVALID_ARGUMENT" and "is a generator" in str(err)
+    err = refused(lambda: client.submit(generator.sha256, None, atlas={}))  # nor made an atlas of
+    assert err.code == "INVALID_ARGUMENT" and "is a generator" in str(err)
     err = refused(lambda: client.submit(tiny_model.sha256, OBJECTIVE, steps=1, generator=generator.sha256))
     assert err.code == "INVALID_ARGUMENT" and "set param generator" in str(err)
     # the server is still up, and the refused uploads left nothing behind
