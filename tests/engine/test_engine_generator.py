@@ -147,3 +147,20 @@ def test_a_generator_is_refused_as_the_rendered_model_and_with_another_param(mod
     with pytest.raises(InvalidSpec) as err:
         validate(model, RenderSpec(objective=OBJECTIVE, param="generator", generator=model))  # a classifier
     assert err.value.field == "generator" and "not a generator" in str(err.value)
+
+
+def test_a_grey_generator_drives_a_grey_model():
+    import io
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(net, torch.rand(1, 1, 16, 16), buffer, input_names=["image"], output_names=["out"],
+                      dynamic_axes={"image": {0: "batch", 2: "h", 3: "w"}}, opset_version=17, dynamo=False)
+    grey_model = import_model(buffer.getvalue(), use_cache=False)
+    assert grey_model.input_spec.channels == 1
+    grey = _generator(channels=1, last="sigmoid")
+    layer = grey_model.layers[-1].name
+    result = render(grey_model, RenderSpec(objective={"channel": {"layer": layer, "channel": 0}}, steps=3, size=16,
+                                           param="generator", generator=grey))
+    assert result.images.shape == (1, 3, 16, 16) and torch.equal(result.images[:, 0], result.images[:, 2])
