@@ -75,7 +75,8 @@ def spec_to_proto(model: str, objective: dict | pb.Objective | None, **options) 
     ``exclusive``: the job never shares a device step (bitwise repeatable for the same seed on the same device);
     ``judge``: the sha256 of an uploaded classifier, or ``{"model": sha256, "preprocess": {...}}``;
     ``exemplar_index``: ``{"dataset", "layers", "k", "batch_size"}``, ``atlas``: ``{"layers", "op_types",
-    "min_depth", "max_depth", "channels"}`` (then ``objective`` is None). An unknown
+    "min_depth", "max_depth", "channels"}`` (then ``objective`` is None); ``generator``: an uploaded generator's
+    sha256 or ``{"model": sha256, "latent_l2": x}`` (with ``param="generator"``). An unknown
     keyword is InvalidSpec naming the known ones."""
     unknown = [name for name in options if name not in BY_NAME]
     if unknown:
@@ -109,7 +110,7 @@ def _json_value(option: Option, value):
         return base64.b64encode(value).decode("ascii")
     if option.type == "preprocess":
         return json_format.MessageToDict(preprocess_to_proto(value), preserving_proto_field_name=True)
-    if option.type in ("exemplar_index", "atlas"):
+    if option.type in ("exemplar_index", "atlas", "generator"):
         return {key: item for key, item in value.items() if item is not None}
     if option.type == "judge":
         body = {"model": str(value.get("model") or "")}
@@ -167,6 +168,11 @@ def _engine_value(option: Option, value, spec: pb.JobSpec, path: str):
     if option.type == "preprocess":
         p = spec.preprocess
         return {"mean": list(p.mean), "std": list(p.std), "channel_order": p.channel_order or "RGB"}
+    if option.type == "generator":  # {model, latent_l2}: the worker resolves the model (featureviz.worker.adapter)
+        out = {"model": spec.generator.model}
+        if spec.generator.HasField("latent_l2"):
+            out["latent_l2"] = spec.generator.latent_l2
+        return out
     if option.type == "int":
         return int(value)  # int64 is a string in the JSON mapping
     if option.type == "float":

@@ -65,11 +65,12 @@ ATLAS_DEFAULTS = {"size": 128, "steps": 256, "param": "fft", "transforms": "stan
 # preprocess ({mean, std, channel_order}), judge (a model's sha256 or {model, preprocess}), exemplar_index
 # ({dataset, layers, k, batch_size}: the index job's spec)
 _TYPES = ("int", "float", "bool", "choice", "size", "image", "preprocess", "judge", "exemplar_index", "atlas",
-          "dataset")
+          "dataset", "generator")
 # the proto field type each value type is written in (checked against JobSpec by the tests)
 PROTO_TYPES = {"int": ("int32", "int64"), "float": ("double",), "bool": ("bool",), "choice": ("enum",),
                "size": ("ImageSize",), "image": ("bytes",), "preprocess": ("Preprocess",), "judge": ("Judge",),
-               "exemplar_index": ("ExemplarIndexSpec",), "atlas": ("AtlasSpec",), "dataset": ("string",)}
+               "exemplar_index": ("ExemplarIndexSpec",), "atlas": ("AtlasSpec",), "dataset": ("string",),
+               "generator": ("GeneratorSpec",)}
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,13 @@ OPTIONS: tuple[Option, ...] = (
            "parameterization uses its colour matrix instead of ImageNet's and, for fft and laplacian, its spectrum decay "
            "instead of 1/f (on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
            surfaces=("render", "node", "web")),
+    # --- generator (issue 25): param generator's model; its part latent_l2 is the RenderSpec's own keyword
+    Option("generator", "generator", None, "with param generator: an uploaded generator (a latent vector in, an "
+           "image of the model's channels out) whose latents are optimised instead of pixels: its sha256 or "
+           "{model, latent_l2}; the command line: --generator GEN.onnx (uploaded with --server)",
+           flags=("--generator", "--latent-l2"), metavar="GEN.onnx", surfaces=("render", "node", "web"), parts=(
+               Option("latent_l2", "float", 0.0, "the objective minus latent_l2 * |z|^2 per image", minimum=0,
+                      metavar="X", surfaces=("render", "node", "web"), parent="generator"),)),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -271,6 +279,8 @@ def check_value(option: Option, value, path: str | None = None):
         if not isinstance(value, str) or not value.strip():
             raise InvalidSpec(path, f"must be a dataset id (or 'datasets/<id>'), got {echo(value)}")
         return value.strip()
+    if kind == "generator":
+        return _generator_value(value, path)
     if kind in ("preprocess", "judge"):
         if kind == "judge" and isinstance(value, str):
             return {"model": value}
@@ -280,6 +290,24 @@ def check_value(option: Option, value, path: str | None = None):
                                     f"got {echo(value)}")
         return value
     raise AssertionError(kind)
+
+
+def _generator_value(value, path: str) -> dict:
+    """A generator as the caller gives it: its sha256 (or "models/<sha256>"), or ``{"model": ..., "latent_l2": x}``."""
+    if isinstance(value, str):
+        value = {"model": value}
+    if not isinstance(value, dict):
+        raise InvalidSpec(path, f"must be a model sha256 or an object {{model, latent_l2}}, got {echo(value)}")
+    unknown = [key for key in value if key not in ("model", "latent_l2")]
+    if unknown:
+        raise InvalidSpec(path, f"unknown key {echo(unknown[0])}; known: model, latent_l2")
+    if not isinstance(value.get("model"), str) or not value["model"]:
+        raise InvalidSpec(f"{path}.model", f"name the generator (an uploaded model's sha256), got "
+                                           f"{echo(value.get('model'))}")
+    out = {"model": value["model"]}
+    if value.get("latent_l2") is not None:
+        out["latent_l2"] = check_value(BY_NAME["generator"].parts[0], value["latent_l2"], f"{path}.latent_l2")
+    return out
 
 
 def _index_value(value, path: str) -> dict:

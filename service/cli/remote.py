@@ -170,14 +170,20 @@ def render_remote(args: argparse.Namespace) -> int:
     judge_file = getattr(args, "judge", None)
     if judge_file and not os.path.isfile(judge_file):
         raise InvalidSpec("--judge", f"no such file: {judge_file!r}")
+    generator_file = getattr(args, "generator", None)
+    if generator_file and not os.path.isfile(generator_file):
+        raise InvalidSpec("--generator", f"no such file: {generator_file!r}")
     with connect(args) as fv:
         model = fv.upload(args.model)
         judge = None
         if judge_file:  # the judge is a model like any other: uploaded (or found by its sha256) first
             judge = {"model": fv.upload(judge_file).sha256, "preprocess": _remote_preprocess(argparse.Namespace(
                 mean=args.judge_mean, std=args.judge_std, bgr=args.judge_bgr))}
+        generator = None
+        if generator_file:  # --- generator (issue 25): uploaded like any model, then named by its sha256
+            generator = {"model": fv.upload(generator_file).sha256, "latent_l2": getattr(args, "latent_l2", None)}
         spec = spec_to_proto(model.sha256, objective, init_image=init_image, preprocess=_remote_preprocess(args),
-                             judge=judge, **option_values(args, "render"))
+                             judge=judge, generator=generator, **option_values(args, "render"))
         job = fv.submit(model.sha256, spec=spec)
         job = watch_with_progress(fv, job.id, label=f"render {Path(args.model).name}",
                                   quiet=not sys.stderr.isatty())

@@ -80,6 +80,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from featureviz.cli.remote import add_connection_args
 
     add_judge_args(parser)
+    # --- generator (issue 25)
+    parser.add_argument("--generator", default=None, metavar="GEN.onnx",
+                        help="with --param generator: an ONNX generator (a latent vector in, an image out) whose "
+                             "latents are optimised instead of pixels (uploaded with --server)")
+    parser.add_argument("--latent-l2", dest="latent_l2", type=float, default=None, metavar="X",
+                        help="with --generator: subtract X * |z|^2 per image from the objective (default 0)")
 
     # --server ADDR renders on a featureviz server instead of locally; --token and --tls-ca go with it
     add_connection_args(parser, server_default=False)
@@ -164,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         hw = (size, size) if isinstance(size, int) else size
         init = load_image(args.init, hw)
     options = option_values(args, "render", engine=True) | {"size": size}
+    if args.generator:  # --- generator (issue 25): imported like a model; the engine checks it against the model
+        options |= {"generator": import_model(args.generator), "latent_l2": args.latent_l2 or 0.0}
     if args.prior_images:
         options |= _priors(args.prior_images, model.input_spec.channels)
     spec = RenderSpec(objective=objective, init_image=init, preprocess=model.input_spec.preprocess, device=args.device,

@@ -143,7 +143,9 @@ class Slot:
             init = torch.as_tensor(spec.init_image, dtype=torch.float32).to(device)
         self.params, self.image_fn = make_param(spec.param, spec.batch, self.image_size, generator=self.generator,
                                                 decay=spec.decay, init=init, device=device,
-                                                prior=getattr(spec, "prior", None))
+                                                prior=getattr(spec, "prior", None),
+                                                image_generator=getattr(spec, "generator", None),
+                                                latent_l2=getattr(spec, "latent_l2", 0.0))
         # alignment compares images position by position: they must see the same transform (one draw per slot)
         shared = any(isinstance(node, objs.Alignment) for node in objs.walk(self.objective))
         self.transforms = Transforms(self.checked.transforms, self.image_size, self.model_size, preprocess,
@@ -434,7 +436,7 @@ class BatchEngine:
                 rows = dict(zip([id(s) for s, _ in model_rows], _rows(out, [s.batch for s, _ in model_rows])))
             values = []
             for slot, image in zip(slots, images):
-                values.append(slot.objective(slot.activations(rows.get(id(slot), {}), image)).float())
+                values.append(_penalized(slot, slot.objective(slot.activations(rows.get(id(slot), {}), image)).float()))
             flat = torch.cat([v.reshape(-1) for v in values]).cpu().tolist()  # one host copy
         result, offset = [], 0
         for slot in slots:
@@ -537,6 +539,7 @@ class BatchEngine:
             shared = _channel_values(slots, order, out)
             for i, slot in enumerate(slots):
                 values[i] = shared[i] if i in shared else slot.objective(slot.activations(own.get(i, {}), inputs[i]))
+                values[i] = _penalized(slot, values[i])
             loss = -torch.cat([v.reshape(-1) for v in values]).sum()  # maximise: the one negation
             loss.backward()
         clock.lap("model")
@@ -601,6 +604,13 @@ class BatchEngine:
         for slot in slots:
             for p in slot.params:
                 p.grad = None
+
+
+def _penalized(slot: Slot, values: torch.Tensor) -> torch.Tensor:
+    """The slot's objective values less its parameterization's penalty (a generator's latent L2), if any: the
+    penalty's gradient reaches the latents directly (they are leaves of this graph)."""
+    penalty = getattr(slot.image_fn, "penalty", None)
+    return values if penalty is None else values - penalty().to(values.dtype)
 
 
 def _all_finite(slots, values) -> torch.Tensor:

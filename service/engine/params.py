@@ -19,7 +19,13 @@ explicit ``torch.Generator``, so the same seed on the same device gives the same
 - ``maco``: only the phase is optimised; the magnitude is a fixed natural-image template 1/f^decay
   (Fel et al. 2023, MaCo; Horama). Phase and image are standardised per image before the colour matrix.
 
-Any of them can start from a given image (:func:`image_to_pixel`, :func:`image_to_spectrum`): the inverse of
+- ``generator``: the latent of an uploaded generator (Nguyen et al. 2016; lucent's ``upconvGAN``), one N(0, 1)
+  vector per image; the generator's output is mapped from its range to [0, 1] (``featureviz.importer.generator``
+  reads the range from the graph), a 1-channel output repeated to grey RGB, and resized (bilinear) to the render
+  size. Slots of one generator render in one forward of it. ``latent_l2``: a penalty ``latent_l2 * |z|^2`` per image,
+  subtracted from the objective (:attr:`ImageFn.penalty`).
+
+Any of them (but ``generator``) can start from a given image (:func:`image_to_pixel`, :func:`image_to_spectrum`): the inverse of
 sigmoid, colour matrix and DFT, so rendering the parameters back gives the image (for ``maco`` only the
 phase is taken from the image; the magnitude stays the template).
 """
@@ -46,9 +52,10 @@ __all__ = [
     "render_group",
     "image_to_pixel",
     "image_to_spectrum",
+    "Generator",
 ]
 
-PARAMS = ("fft", "pixel", "maco", "laplacian")
+PARAMS = ("fft", "pixel", "maco", "laplacian", "generator")
 LAPLACIAN_LEVELS = 4  # lucid's default
 
 # Square root of the colour correlation of ImageNet, from its SVD (lucid param/color.py, lucent, captum):
@@ -134,8 +141,9 @@ class ImageFn:
     """``image_fn()`` of a parameterization: ``fn(*params)``. Two with equal ``render_key`` compute the same function
     of their parameters, so :func:`render_group` may run them as one batch (``render_key`` None: never grouped)."""
 
-    def __init__(self, fn, params: list, render_key: tuple | None):
+    def __init__(self, fn, params: list, render_key: tuple | None, penalty=None):
         self.fn, self.params, self.render_key = fn, params, render_key
+        self.penalty = penalty  # None, or () -> (B,) per-image values the objective loses (a latent's L2)
 
     def __call__(self) -> torch.Tensor:
         return self.fn(*self.params)
@@ -151,9 +159,66 @@ def render_group(fns: list) -> torch.Tensor:
     return fns[0].fn(*(torch.cat(group) for group in zip(*(f.params for f in fns))))
 
 
+class Generator:
+    """A generator as a parameterization (issue 25): its frozen module (latent in, image out), what the importer read
+    of it (:class:`featureviz.importer.generator.GeneratorInfo`: latent size, output channels, size and range) and a
+    ``key`` naming it (its sha256): slots with the same key and render size render in one forward."""
+
+    def __init__(self, module: torch.nn.Module, info, key: str, *, latent_4d: bool = False):
+        self.module, self.info, self.key, self.latent_4d = module, info, str(key), latent_4d
+        self._on: dict[str, torch.nn.Module] = {}
+
+    @classmethod
+    def of(cls, value) -> "Generator":
+        """``value`` itself, or the Generator of an imported generator (``ImportedModel`` with ``generator`` set)."""
+        if isinstance(value, cls):
+            return value
+        info = getattr(value, "generator", None)
+        if info is None:
+            raise InvalidSpec("generator", "this model is not a generator: a generator's input is a latent vector "
+                                           "(N, Z) or (N, Z, 1, 1) and its output an image")
+        return cls(value.module, info, value.sha256, latent_4d=value.input_spec.layout != "NC")
+
+    def on(self, device) -> torch.nn.Module:
+        """The module on ``device`` (one copy per device)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.module
+        found = self._on.get(str(device))
+        if found is None:
+            import copy
+
+            found = self._on[str(device)] = copy.deepcopy(self.module).to(device)
+        return found
+
+
+def _generator_param(gen: Generator, batch: int, size, *, generator: torch.Generator, device, latent_l2: float):
+    info = gen.info
+    module = gen.on(device)
+    latent = torch.randn(batch, info.latent, generator=generator, device=device).requires_grad_(True)
+    low, span = float(info.low), float(info.high) - float(info.low)
+    shape = (-1, info.latent, 1, 1) if gen.latent_4d else (-1, info.latent)
+
+    def image_fn(z):
+        x = module(z.reshape(shape))
+        x = (x[0] if isinstance(x, (tuple, list)) else x).float()
+        x = (x - low) / span
+        if x.shape[1] == 1:  # grey: the same value in R, G and B (the engine's images are RGB)
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-2] > size[0] or x.shape[-1] > size[1])
+        return x
+
+    penalty = (lambda: latent_l2 * latent.pow(2).sum(dim=1)) if latent_l2 else None
+    render_key = ("generator", gen.key, tuple(size), str(device))
+    return [latent], ImageFn(image_fn, [latent], render_key, penalty)
+
+
 def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch.Generator,
                decay: float | None = None, init: torch.Tensor | None = None, decorrelate: bool = True,
-               sigmoid: bool = True, device=None, prior=None):
+               sigmoid: bool = True, device=None, prior=None, image_generator: Generator | None = None,
+               latent_l2: float = 0.0):
     """Build a parameterization. Returns ``(params, image_fn)``.
 
     Args:
@@ -170,9 +235,17 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
             level: without it a steep decay multiplies the lowest frequencies by max(H, W)^(decay - 1) and the
             sigmoid saturates into flat regions with hard edges, the opposite of a smoother image).
             ``maco`` keeps its own magnitude template.
+        image_generator, latent_l2: the :class:`Generator` of ``generator`` (required for it) and its latent penalty.
     """
     _check(batch, size)
     device = torch.device(device) if device is not None else generator.device
+    if kind == "generator":
+        if image_generator is None:
+            raise InvalidSpec("generator", "param generator needs a generator (an uploaded latent-to-image model)")
+        if init is not None:
+            raise InvalidSpec("init_image", "a generator render starts from random latents, not from an image")
+        return _generator_param(Generator.of(image_generator), batch, size, generator=generator, device=device,
+                                latent_l2=float(latent_l2 or 0.0))
     height, width = size
     learned = prior.rgb_color(device=device) if prior is not None and decorrelate else None
     color = learned if learned is not None else color_matrix(device=device) if decorrelate else None

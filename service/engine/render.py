@@ -66,6 +66,9 @@ class RenderSpec:
     ImageNet's and, for ``fft``, its fitted decay the 1/f scale (unless ``decay`` is given). ``patch_priors``
     resolves the objective's ``prior:DATASET`` terms: a mapping or a callable ``name -> PatchPrior`` (raising
     ``NotFound`` for a name it does not hold); names are only looked up, never opened as paths.
+
+    ``param="generator"`` optimizes the latents of ``generator`` (an imported generator: a latent vector in, an image
+    of the model's channel count out) instead of pixels; ``latent_l2`` penalizes their squared norm.
     """
 
     objective: object
@@ -90,6 +93,10 @@ class RenderSpec:
     plateau_window: int = DEFAULT_PLATEAU_WINDOW
     prior: object = None
     patch_priors: object = None
+    # param generator (issue 25): the generator (featureviz.engine.params.Generator, or an imported generator) and the
+    # L2 penalty on its latents (the objective minus latent_l2 * |z|^2 per image)
+    generator: object = None
+    latent_l2: float = 0.0
 
 
 @dataclass
@@ -140,6 +147,7 @@ def validate(model, spec: RenderSpec) -> CheckedSpec:
     if spec.decay is not None and (isinstance(spec.decay, bool) or not isinstance(spec.decay, (int, float))
                                    or not math.isfinite(spec.decay) or spec.decay < 0):
         raise InvalidSpec("decay", f"must be a finite number >= 0, got {spec.decay!r}")
+    spec = _check_generator(model, spec)
     size = spec.size
     if size is not None:
         sizes = [size] if isinstance(size, int) and not isinstance(size, bool) else list(size) \
@@ -185,6 +193,32 @@ def validate(model, spec: RenderSpec) -> CheckedSpec:
         names.setdefault(layer, model.layer(model.logits if layer is None else layer).name)
     return CheckedSpec(spec=spec, objective=objective, transforms=steps, image_size=image_size,
                        model_size=model_size, names=names)
+
+
+def _check_generator(model, spec: RenderSpec) -> RenderSpec:
+    """param generator: the generator resolved (:class:`~featureviz.engine.params.Generator`) and checked against the
+    model (its image's channels are the model's); a generator given to another param is refused."""
+    if spec.param != "generator":
+        if spec.generator is not None:
+            raise InvalidSpec("generator", f"a generator is the generator parameterization's; set param generator "
+                                           f"(the job's param is {spec.param})")
+        return spec
+    from featureviz.engine.params import Generator
+
+    if spec.generator is None:
+        raise InvalidSpec("generator", "param generator needs a generator: an uploaded model with a latent input "
+                                       "and an image output")
+    generator = Generator.of(spec.generator)
+    channels = model.input_spec.channels
+    if generator.info.channels != channels:
+        raise InvalidSpec("generator", f"the generator makes {generator.info.channels}-channel images; the model "
+                                       f"takes {channels}-channel images")
+    l2 = spec.latent_l2
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not (math.isfinite(l2) and l2 >= 0):
+        raise InvalidSpec("latent_l2", f"must be a finite number >= 0, got {l2!r}")
+    if spec.init_image is not None:
+        raise InvalidSpec("init_image", "a generator render starts from random latents, not from an image")
+    return dataclasses.replace(spec, generator=generator) if generator is not spec.generator else spec
 
 
 def _bind_priors(objective, objective_spec, resolver) -> None:

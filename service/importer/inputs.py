@@ -74,6 +74,15 @@ class InputSpec:
     default_size: tuple[int, int]
     preprocess: Preprocess = field(default_factory=Preprocess)
     dtype: str = "float32"  # "float32" | "uint8": the element type of the file's input (the module takes float32)
+    # a generator's latent input (issue 25): its length Z; ``layout`` is "NC" for (N, Z) or "NCHW" for (N, Z, 1, 1),
+    # ``channels`` is Z and the sizes are 1 (0: an image input)
+    latent: int = 0
+
+    def shape(self, batch: int = 1) -> tuple[int, ...]:
+        """The shape of a batch of the module's (NCHW) input at the default size: a latent's (N, Z) or (N, Z, 1, 1)."""
+        if self.layout == "NC":
+            return batch, self.channels
+        return (batch, self.channels, *self.default_size)
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +94,7 @@ class InputSpec:
             "batch": self.batch,
             "default_size": list(self.default_size),
             "dtype": self.dtype,
+            "latent": self.latent,
             "preprocess": {
                 "mean": list(self.preprocess.mean),
                 "std": list(self.preprocess.std),
@@ -147,6 +157,9 @@ def detect_input(model: onnx.ModelProto) -> InputSpec:
             f"input {echo(value.name)} is {dtype}; only float32 image inputs (or uint8 cast to float) are supported",
             reason="UNSUPPORTED_INPUT"
         )
+    latent = _latent_input(value, uint8)
+    if latent is not None:
+        return latent
     if not tensor_type.HasField("shape") or len(tensor_type.shape.dim) != 4:
         rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else "unknown"
         raise ModelImportError(
@@ -178,3 +191,19 @@ def detect_input(model: onnx.ModelProto) -> InputSpec:
         else Preprocess.identity(channels),
         dtype="uint8" if uint8 else "float32",
     )
+
+
+def _latent_input(value, uint8: bool) -> InputSpec | None:
+    """A generator's latent input (issue 25): float (N, Z), or (N, Z, 1, 1) with Z not an image's channel count (1 or
+    3), Z fixed. None for anything else (an image input, or a refusal below)."""
+    dims = _dims(value) if value.type.tensor_type.HasField("shape") else []
+    if uint8 or len(dims) not in (2, 4):
+        return None
+    if len(dims) == 4 and not (dims[2] == 1 and dims[3] == 1 and dims[1] not in (None, 1, 3)):
+        return None
+    if dims[1] is None:
+        raise ModelImportError(f"input {echo(value.name)} is a latent vector of dynamic length; a generator's latent "
+                               "size must be fixed in the file", reason="UNSUPPORTED_INPUT")
+    return InputSpec(name=value.name, layout="NC" if len(dims) == 2 else "NCHW", channels=dims[1],
+                     height=None if len(dims) == 2 else 1, width=None if len(dims) == 2 else 1, batch=dims[0],
+                     default_size=(1, 1), preprocess=Preprocess.identity(3), latent=dims[1])

@@ -271,6 +271,9 @@ def _str_map(value) -> dict[str, str]:
     return dict(value)
 
 
+MAX_LATENT = 1 << 20  # a child's answer with a longer latent is not believed (the server's limit is far lower)
+
+
 def _int_or_none(value):
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise TypeError(f"not a size: {value!r}"[:100])
@@ -279,7 +282,12 @@ def _int_or_none(value):
 
 def _spec(d: dict) -> InputSpec:
     pre = d["preprocess"]
-    if d["layout"] not in ("NCHW", "NHWC") or d["channels"] not in (1, 3) or d["dtype"] not in ("float32", "uint8"):
+    latent = _int_or_none(d.get("latent", 0)) or 0
+    if latent:  # a generator's latent input (issue 25): (N, Z) or (N, Z, 1, 1), float32
+        if d["layout"] not in ("NC", "NCHW") or d["channels"] != latent or d["dtype"] != "float32" \
+                or latent > MAX_LATENT or tuple(d["default_size"]) != (1, 1):
+            raise ValueError("bad latent input spec")
+    elif d["layout"] not in ("NCHW", "NHWC") or d["channels"] not in (1, 3) or d["dtype"] not in ("float32", "uint8"):
         raise ValueError("bad input spec")
     size = tuple(_int_or_none(v) for v in d["default_size"])
     if len(size) != 2 or not all(size):
@@ -289,7 +297,7 @@ def _spec(d: dict) -> InputSpec:
                      preprocess=Preprocess(mean=tuple(float(v) for v in pre["mean"]),
                                            std=tuple(float(v) for v in pre["std"]),
                                            channel_order=str(pre["channel_order"])),
-                     dtype=d["dtype"])
+                     dtype=d["dtype"], latent=latent)
 
 
 def _check(d: dict) -> CheckReport:

@@ -82,7 +82,7 @@ def estimate_activation_bytes(model: onnx.ModelProto, spec: InputSpec) -> int:
     del probe.graph.value_info[:]
     value = next(v for v in probe.graph.input if v.name == spec.name)
     h, w = spec.default_size
-    dims = (1, h, w, spec.channels) if spec.layout == "NHWC" else (1, spec.channels, h, w)
+    dims = (1, h, w, spec.channels) if spec.layout == "NHWC" else spec.shape(1)
     for dim, size in zip(value.type.tensor_type.shape.dim, dims):
         dim.Clear()
         dim.dim_value = size

@@ -54,6 +54,8 @@ class ImportedModel:
     module: torch.nn.Module  # the fx graph, or PerImage(graph) when check.batch_mode == "per-image"
     logits: str | None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per import phase; {"cache": t} on a hit
+    # a generator (latent in, image out; issue 25): what featureviz.importer.generator read from its graph
+    generator: object = None
     _index: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -87,6 +89,7 @@ class ImportedModel:
             "check": self.check.to_dict(),
             "logits": self.logits,
             "layers": [layer.to_dict() for layer in self.layers],
+            "generator": self.generator.to_dict() if self.generator is not None else None,
         }
 
 
@@ -237,7 +240,7 @@ def _convert(model, spec: InputSpec) -> torch.nn.Module:
     check_safe(model)
     module = freeze(convert(model))
     check_graph_module(module)
-    foreign = make_portable(module, torch.zeros(1, spec.channels, *spec.default_size))
+    foreign = make_portable(module, torch.zeros(spec.shape(1)))
     check_graph_module(module)
     if foreign:
         _LOG.info("loading this model from the cache will import %s", ", ".join(foreign))
@@ -257,14 +260,19 @@ def assemble(sha: str, prepared: Prepared) -> ImportedModel:
             lap("convert")
         if check.per_image:
             _LOG.warning("model %s: the batch rewrite left batch-specific constants; running it image by image", sha)
-        example = torch.zeros(1, spec.channels, *spec.default_size)
+        example = torch.zeros(spec.shape(1))
         try:
             layers = build_catalog(module, prepared.model, example, prepared.recorded, names)
         except RuntimeError as exc:
             raise ModelImportError(f"the converted model fails at its default size {spec.default_size}: "
                                    f"{str(exc).strip().splitlines()[0]}", reason="CONVERSION_FAILED") from exc
         lap("catalog")
+        generator = None
+        if spec.latent:  # a generator: its output and range read from the graph, or refused naming why
+            from featureviz.importer.generator import read_generator
+
+            generator = read_generator(module, prepared.model, spec)
     logits = next((layer.name for layer in layers if layer.is_logits), None)
     runnable = freeze(PerImage(module)) if check.per_image else module
     return ImportedModel(sha256=sha, input_spec=spec, layers=layers, check=check, module=runnable, logits=logits,
-                         timings=lap.timings)
+                         timings=lap.timings, generator=generator)

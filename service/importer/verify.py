@@ -150,7 +150,8 @@ def verify(
     if spec.dtype == "uint8":  # whole values 0..255: the same numbers in both dtypes
         x = torch.randint(0, 256, (CHECK_BATCH, spec.channels, h, w), generator=generator).float()
     else:
-        x = torch.rand(CHECK_BATCH, spec.channels, h, w, generator=generator)
+        x = torch.rand(CHECK_BATCH, spec.channels, h, w, generator=generator) if not spec.latent \
+            else torch.randn(spec.shape(CHECK_BATCH), generator=generator)  # a generator's latent: N(0, 1)
     feed = x.permute(0, 2, 3, 1).contiguous() if spec.layout == "NHWC" else x
     if spec.dtype == "uint8":
         feed = feed.to(torch.uint8)

@@ -27,7 +27,8 @@ _RENDER_FIELDS = ("steps", "lr", "size", "seed", "param", "decay", "transforms",
                   "lr_warmup", "plateau", "plateau_window")
 # fields that make a render something else than a plain unit (an interactive job with any of them never hits)
 _OTHER_FIELDS = ("init_image", "judge", "exemplar_index", "atlas", "exclusive",  # exclusive: bitwise alone
-                 "prior_dataset")  # a learned prior: the set's statistics are not in the key
+                 "prior_dataset",  # a learned prior: the set's statistics are not in the key
+                 "generator")  # a generator's latents: not a unit
 
 
 def unit_job_id(atlas_id: str, index: int) -> str:

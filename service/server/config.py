@@ -83,6 +83,8 @@ class Limits:
     # learned priors (issue 25: JobSpec.prior_dataset, the prior:DATASET term): a set needs this many images
     # (featureviz.engine.priors.MIN_IMAGES is the engine's own floor; a server may ask for more, not fewer)
     min_prior_images: int = 8
+    # --- generator (issue 25): a generator's latent vector (JobSpec.generator), at most this long
+    max_latent_size: int = 4096
 
 
 @dataclass

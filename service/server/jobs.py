@@ -213,6 +213,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
             stored.judge.model = judge_sha
             if not stored.judge.HasField("preprocess") and judge.input_spec.HasField("preprocess"):
                 stored.judge.preprocess.CopyFrom(judge.input_spec.preprocess)
+        if spec.HasField("generator"):  # --- generator (issue 25): another of the tenant's models, a generator
+            stored.generator.model = self._generator(tenant, spec.generator.model)
         if kind == ATLAS:
             self._atlas_defaults(tenant, stored)
         # the datasets of prior_dataset and the prior:DATASET terms: the tenant holds each (NOT_FOUND), each is large
@@ -222,6 +224,29 @@ class JobServicer(pb_grpc.JobServiceServicer):
             dataset = next(iter(priors))  # DeleteDataset waits for the job (DATASET_IN_USE), as for an index job
         self._check_budget(tenant, stored)  # before the worker's admission work; again once the defaults are known
         return sha, kind, dataset, stored, model, priors
+
+    def _generator(self, tenant: str, name: str) -> str:
+        """The sha256 of the generator a job names: a model the tenant holds (NOT_FOUND), READY, a generator
+        (Model.generator set) whose latent is within max_latent_size (INVALID_ARGUMENT)."""
+        sha = parse_model_name(name, "spec.generator.model")
+        try:
+            generator = self.store.get_model(tenant, sha)
+        except NotFound:
+            raise NotFound(f"spec.generator.model: generator {sha} not found; upload it first (featureviz models "
+                           "upload GEN.onnx)", reason="MODEL_NOT_FOUND") from None
+        if generator.state != pb.MODEL_STATE_READY:
+            raise FailedPrecondition(f"generator model {sha} is {pb.ModelState.Name(generator.state)}, not READY",
+                                     reason="MODEL_NOT_READY")
+        if not generator.HasField("generator"):
+            raise InvalidSpec("spec.generator.model", f"model {sha} is not a generator: a generator's input is a "
+                                                      "latent vector (N, Z) or (N, Z, 1, 1) and its output an image",
+                              reason="NOT_A_GENERATOR")
+        limit = self.config.limits.max_latent_size
+        if generator.generator.latent_size > limit:
+            raise InvalidSpec("spec.generator.model", f"the generator's latent has {generator.generator.latent_size} "
+                                                      f"values, above max_latent_size = {limit}",
+                              reason="LATENT_TOO_LARGE")
+        return sha
 
     def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
                          model: pb.Model, admission) -> str:

@@ -301,6 +301,11 @@ def cli_command(spec: dict, *, model_file: str, server: str | None = None, tls: 
             args.append("--bgr")
     if spec.get("init_image"):
         args += ["--init", "INIT.png"]
+    generator = spec.get("generator")
+    if generator:  # --- generator (issue 25): the generator's file, as the model's, is the user's to name
+        args += ["--generator", "GENERATOR.onnx"]
+        if isinstance(generator, dict) and generator.get("latent_l2"):
+            args += ["--latent-l2", repr(float(generator["latent_l2"]))]
     if spec.get("batch", 1) > 1:
         args.append("--grid")
     args += ["--out", out]

@@ -7,19 +7,20 @@ from featureviz.codec import spec_from_proto
 from featureviz.errors import InvalidSpec
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["checked_spec", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE",
+__all__ = ["checked_spec", "generator_of", "rendered", "job_result", "judge_of", "judge_check", "judge_scores", "DEFAULT_PREVIEW_SIDE",
            "index_admission", "index_result", "atlas_admission"]
 
 DEFAULT_PREVIEW_SIDE = 128
 
 
 def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096,
-                 priors: dict | None = None, learned=None):
+                 priors: dict | None = None, learned=None, models=None):
     """pb.JobSpec -> the engine's RenderSpec checked against ``model``: the :class:`featureviz.engine.CheckedSpec`
     (objective built, transforms parsed) that the job's slot takes as it is (InvalidSpec with engine paths).
     ``priors`` (dataset id -> api.PriorSource, the server's) and ``learned`` (a :class:`featureviz.worker.priors.
     Priors`): ``spec.prior_dataset`` becomes the set's ImageStats (``RenderSpec.prior``), and ``prior:DATASET`` terms
-    resolve to its patch prior (``RenderSpec.patch_priors``), for the model's channel count."""
+    resolve to its patch prior (``RenderSpec.patch_priors``), for the model's channel count.
+    ``models(sha256)``: the imported model of another sha256 (the worker's cache), for ``spec.generator``."""
     from featureviz.engine import RenderSpec
     from featureviz.engine import validate
     from featureviz.engine.images import decode_image
@@ -28,6 +29,11 @@ def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side:
     kwargs = spec_from_proto(spec)
     kwargs.pop("exclusive", None)
     kwargs.pop("judge", None)
+    if getattr(model, "generator", None) is not None:  # a generator is a parameterization, not a model to render
+        raise InvalidSpec("spec.model", "this model is a generator (a latent vector in, an image out): render a "
+                                        "classifier, and name the generator as spec.generator with param generator")
+    if "generator" in kwargs:  # --- generator (issue 25): the uploaded generator from the worker's model cache
+        kwargs.update(generator_of(kwargs.pop("generator"), models))
     if "init_image" in kwargs:
         size = kwargs.get("size") or tuple(model.input_spec.default_size)
         kwargs["init_image"] = decode_image(kwargs["init_image"], size, field="spec.init_image",
@@ -64,6 +70,19 @@ def _priors(model, spec: pb.JobSpec, priors: dict, learned) -> dict:
         out["prior"] = learned.stats(source(spec.prior_dataset, "spec.prior_dataset"), channels)
     out["patch_priors"] = lambda name: learned.patch(source(name, "spec.objective.prior.dataset"), channels)
     return out
+
+
+def generator_of(value: dict, models) -> dict:
+    """``spec.generator`` ({model, latent_l2}) -> the RenderSpec's ``generator`` (the imported generator) and
+    ``latent_l2``; InvalidSpec when the model is not a generator (the server checked the tenant holds it)."""
+    sha = value["model"].removeprefix("models/")
+    if models is None:
+        raise InvalidSpec("spec.generator", "this worker cannot resolve a generator here")
+    imported = models(sha)
+    if getattr(imported, "generator", None) is None:
+        raise InvalidSpec("spec.generator.model", f"model {sha} is not a generator: a generator's input is a latent "
+                                                  "vector (N, Z) or (N, Z, 1, 1) and its output an image")
+    return {"generator": imported, "latent_l2": float(value.get("latent_l2", 0.0))}
 
 
 def rendered(index: int, image, *, max_side: int | None = None, start: float = 0.0,

@@ -59,6 +59,7 @@ import torch
 from featureviz.engine.batch import BatchEngine
 from featureviz.engine.batch import CheckedSpec
 from featureviz.engine.batch import Slot
+from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import job_error
 from featureviz.phases import phase
@@ -168,6 +169,10 @@ class LocalWorker(api.Worker):
     def admit(self, sha256: str, spec: bytes, priors: dict | None = None) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
+        if getattr(model, "generator", None) is not None:  # --- generator (issue 25): any kind of job
+            raise InvalidSpec("spec.model", "this model is a generator (a latent vector in, an image out): render a "
+                                            "classifier, and name the generator as spec.generator with param "
+                                            "generator")
         if job_spec.HasField("atlas"):  # resolved against the model: its units (each checked when it is submitted)
             admission = adapter.atlas_admission(model, job_spec, max_units=self.config.max_atlas_units)
             unit = pb.JobSpec()
@@ -175,14 +180,16 @@ class LocalWorker(api.Worker):
             unit.ClearField("atlas")
             unit.size.height, unit.size.width = admission.size
             unit.objective.channel.layer, unit.objective.channel.channel = admission.layers[0], 0
-            adapter.checked_spec(model, unit, str(self.torch_device), max_image_side=self.config.max_image_side)
+            adapter.checked_spec(model, unit, str(self.torch_device), max_image_side=self.config.max_image_side,
+                                 models=self.models.get)
             return admission
         if job_spec.HasField("exemplar_index"):  # resolved against the model before any compute; no ticket
             admission = adapter.index_admission(model, job_spec)
             self._check_index_memory(admission)
             return admission
         checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
-                                       max_image_side=self.config.max_image_side, priors=priors, learned=self.priors)
+                                       max_image_side=self.config.max_image_side, priors=priors, learned=self.priors,
+                                       models=self.models.get)
         judge = adapter.judge_of(job_spec)
         if judge is not None:
             adapter.judge_check(self.models.get(judge[0]), checked)
@@ -515,7 +522,7 @@ class LocalWorker(api.Worker):
             else:  # re-queued after a restart, or the ticket was dropped: check again
                 checked = adapter.checked_spec(model, spec, str(self.torch_device),
                                                max_image_side=self.config.max_image_side, priors=sub.priors,
-                                               learned=self.priors)
+                                               learned=self.priors, models=self.models.get)
             job = _Job(sub, spec, checked, None, ())
             slot = Slot(model, checked, device=self.torch_device, handle=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
@@ -569,8 +576,9 @@ class LocalWorker(api.Worker):
 
     @staticmethod
     def _memory_key(model, checked: CheckedSpec) -> tuple:
+        generator = getattr(checked.spec, "generator", None)  # a generator's own memory (issue 25)
         return (BatchEngine.model_key(model), checked.model_size, checked.image_size, checked.spec.param,
-                checked.layers)
+                checked.layers, getattr(generator, "key", None))
 
     def _estimate(self, model, checked: CheckedSpec) -> tuple[float, float] | None:
         """(fixed, per image) bytes of a job, measured once per memory key (device thread); None when the probe

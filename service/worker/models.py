@@ -120,5 +120,10 @@ def describe_model(imported, sha: str, size: int) -> tuple[pb.Model, pb.ListLaye
     ]
     model = pb.Model(name=f"models/{sha}", sha256=sha, size_bytes=size, state=pb.MODEL_STATE_READY,
                      input_spec=input_spec, layer_count=len(layers), logits_layer=imported.logits or "", check=report)
+    info = getattr(imported, "generator", None)
+    if info is not None:  # --- generator (issue 25): what the importer read of its graph
+        model.generator.CopyFrom(pb.GeneratorInfo(latent_size=info.latent, channels=info.channels, height=info.height,
+                                                  width=info.width, output_min=info.low, output_max=info.high,
+                                                  last_op=info.last_op))
     model.create_time.FromNanoseconds(int(time.time() * 1e9))
     return model, pb.ListLayersResponse(layers=layers, total_size=len(layers))

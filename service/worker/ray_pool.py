@@ -281,12 +281,12 @@ class RayPool(api.Worker):
         return ref
 
     def _extra(self, spec: bytes) -> dict:
-        """Refs of the other models a job reads besides its own: its judge (``JobSpec.judge``)."""
+        """Refs of the other models a job reads besides its own: its judge (``JobSpec.judge``) and its generator
+        (``JobSpec.generator``)."""
         job_spec = pb.JobSpec.FromString(spec)
-        if not job_spec.HasField("judge") or not job_spec.judge.model:
-            return {}
-        sha = job_spec.judge.model.removeprefix("models/")
-        return {sha: self._ref(sha)}
+        shas = [field.model.removeprefix("models/") for name in ("judge", "generator")
+                if job_spec.HasField(name) and (field := getattr(job_spec, name)).model]
+        return {sha: self._ref(sha) for sha in shas}
 
     def _call(self, sha256: str, method: str, *args):
         """A blocking call on the placed worker (another one if it is down); the actor's own error re-raised."""

@@ -19,12 +19,13 @@ from featureviz.v1 import featureviz_pb2 as pb
 
 # RenderSpec fields that are the engine's own (the Python API), not job options
 ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile", "memory_format", "prior",
-               "patch_priors"}
+               "patch_priors", "latent_l2"}  # latent_l2: a part of the generator option (JobSpec.generator.latent_l2)
 # a valid value of each option's type, for the round trip
 SAMPLES = {"int": 3, "float": 0.25, "bool": True, "size": (24, 32), "image": b"\x89PNG...",
            "preprocess": {"mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "judge": "b" * 64,
            "exemplar_index": {"dataset": "d" * 64, "layers": ["conv1"], "k": 3, "batch_size": 4},
-           "atlas": {"op_types": ["Conv"], "min_depth": 1, "channels": 2}, "dataset": "e" * 64}
+           "atlas": {"op_types": ["Conv"], "min_depth": 1, "channels": 2}, "dataset": "e" * 64,
+           "generator": {"model": "c" * 64, "latent_l2": 0.25}}
 
 
 def test_every_jobspec_field_is_declared_in_order_with_its_type():
@@ -96,10 +97,11 @@ def test_every_option_round_trips_through_the_codec():
     engine = {name: value for name, value in given.items() if opts.BY_NAME[name].engine}
     assert back == {"objective": {"tv": {}}, **engine, "preprocess": {**given["preprocess"]}}
     assert message.exclusive and message.preview_every == 3 and message.judge.model == "b" * 64
-    assert message.param == pb.PARAMETERIZATION_LAPLACIAN and message.lr_schedule == pb.LR_SCHEDULE_LINEAR
+    assert message.param == pb.PARAMETERIZATION_GENERATOR and message.lr_schedule == pb.LR_SCHEDULE_LINEAR
     assert message.exemplar_index == pb.ExemplarIndexSpec(dataset="d" * 64, layers=["conv1"], k=3, batch_size=4)
     assert message.atlas == pb.AtlasSpec(op_types=["Conv"], min_depth=1, channels=2)
     assert message.prior_dataset == "e" * 64
+    assert message.generator == pb.GeneratorSpec(model="c" * 64, latent_l2=0.25)
 
 
 @pytest.mark.parametrize("options, field, needle", [

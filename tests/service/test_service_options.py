@@ -31,7 +31,7 @@ def test_server_info_publishes_every_option_with_its_bounds(client):
     info = client.info()
     published = {option.name: option for option in info.job_options}
     assert list(published) == [option.name for option in opts.OPTIONS]
-    assert list(published["param"].choices) == ["fft", "pixel", "maco", "laplacian"]
+    assert list(published["param"].choices) == ["fft", "pixel", "maco", "laplacian", "generator"]
     assert list(published["lr_schedule"].choices) == ["constant", "cosine", "linear"]
     assert published["steps"].maximum == info.limits.max_steps and published["steps"].max_limit == "max_steps"
     assert (published["lr"].minimum, published["lr"].maximum) == (info.limits.min_lr, info.limits.max_lr)
@@ -62,7 +62,9 @@ def _every_option(tiny_model, prior_set) -> dict:
               "preview_every": 1, "preview_max_side": 16, "exclusive": True, "judge": tiny_model.sha256,
               "lr_schedule": "cosine", "lr_warmup": 1, "plateau": 0.5, "plateau_window": 4,
               "prior_dataset": f"datasets/{prior_set}"}
-    assert set(values) == {o.name for o in opts.OPTIONS if "render" in o.kinds}  # a new option gets a value here
+  ; generator goes with param generator, which starts from no init image: both
+    # clients submit it in tests/service/test_service_generator.py
+    assert set(values) | {"generator"} == {o.name for o in opts.OPTIONS if "render" in o.kinds}
     return values
 
 

@@ -25,7 +25,7 @@ def test_api_info_publishes_the_declared_options(http):
     status, info = http.json("GET", "api/info")
     assert status == 200
     assert list(info["options"]) == [option.name for option in opts.OPTIONS]
-    assert info["options"]["param"]["choices"] == ["fft", "pixel", "maco", "laplacian"]
+    assert info["options"]["param"]["choices"] == ["fft", "pixel", "maco", "laplacian", "generator"]
     assert info["options"]["steps"]["maximum"] == info["limits"]["max_steps"]
     assert "form" in info["options"]["lr_schedule"]["surfaces"]
 

@@ -69,6 +69,7 @@ const JOB_FLAGS = {
   'stop-at-plateau': ['plateau', number, 'GAIN'],
   'plateau-window': ['plateauWindow', integer, 'N'],
   prior: ['priorDataset', text, 'DATASET'],
+  generator: ['generator', text, 'GEN'], // with --param generator (and --latent-l2 X): a generator's sha256 or file
 };
 
 /** `[--param fft|pixel|...]` for each job flag, enum choices read from the loaded contract. */
@@ -104,6 +105,8 @@ ${lines.join('\n')}
                                           the objective gains less than GAIN (relative) over a window;
                                           --exclusive: never share a device step (bitwise repeatable);
                                           --prior: learn the colour matrix and spectrum decay from a dataset
+                                          --generator (with --param generator, --latent-l2 X): optimise the
+                                          latents of this uploaded generator instead of pixels
 
 MODEL is a sha256 or a path to an .onnx file (uploaded first).
 --server defaults to $FEATUREVIZ_SERVER or 127.0.0.1:50051; --token to $FEATUREVIZ_TOKEN.
@@ -122,6 +125,7 @@ const OPTIONS = {
   spatial: { type: 'boolean' },
   ...Object.fromEntries(Object.entries(JOB_FLAGS).map(([name, [, parse]]) =>
     [name, { type: parse === flag ? 'boolean' : 'string' }])),
+  'latent-l2': { type: 'string' }, // a part of --generator (JobSpec.generator.latent_l2)
   out: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 };
@@ -192,6 +196,13 @@ const COMMANDS = {
     if (options.exclusive === false) delete options.exclusive;
     const sha = await resolveModel(fv, model);
     if (options.judge !== undefined) options.judge = await resolveModel(fv, options.judge);
+    if (opts['latent-l2'] !== undefined && options.generator === undefined) {
+      throw new UsageError('--latent-l2 goes with --generator');
+    }
+    if (options.generator !== undefined) { // uploaded first when it is a file, like the model
+      options.generator = { model: await resolveModel(fv, options.generator) };
+      if (opts['latent-l2'] !== undefined) options.generator.latentL2 = number(opts['latent-l2'], 'latent-l2');
+    }
     const job = await fv.createJob({
       model: sha,
       objective: parsed.kind ? { [parsed.kind]: { index: parsed.index } } : { channel: { layer, channel } },

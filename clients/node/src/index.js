@@ -157,7 +157,9 @@ function enumName(table, value, field) {
  * `objective` the engine's JSON form, `size` a number, [height, width] or {height, width}, each enum field
  * (`param`, `transforms`, `lrSchedule`) its engine name ("fft", "composed", "cosine": the enum's values by the
  * naming rule) or the proto's, `judge` a Model, its sha256 or `{ model, preprocess }` (another classifier that
- * scores each class image: `result.images[i].judge` has its `rank` of the target class and its `probability`).
+ * scores each class image: `result.images[i].judge` has its `rank` of the target class and its `probability`),
+ * `generator` (with `param: 'generator'`) a Model, its sha256 or `{ model, latentL2 }` (an uploaded generator whose
+ * latents are optimised instead of pixels).
  * `plateau` and `plateauWindow` stop early once the objective stops rising (`result.stoppedAt`). An unknown key
  * is an INVALID_ARGUMENT naming the known ones.
  */
@@ -188,6 +190,12 @@ function toJobSpec(spec, contract = loadContract()) {
     const judge = typeof out.judge === 'object' && !out.judge.sha256 ? out.judge : { model: out.judge };
     out.judge = { model: modelRef(judge.model, 'spec.judge.model') };
     if (judge.preprocess) out.judge.preprocess = judge.preprocess;
+  }
+  if (out.generator !== undefined && out.generator !== null) { // a Model, its sha256 or { model, latentL2 }
+    const gen = typeof out.generator === 'object' && !out.generator.sha256 ? out.generator : { model: out.generator };
+    out.generator = { model: modelRef(gen.model, 'spec.generator.model') };
+    const l2 = gen.latentL2 ?? gen.latent_l2;
+    if (l2 !== undefined && l2 !== null) out.generator.latentL2 = l2;
   }
   if (out.initImage !== undefined && !Buffer.isBuffer(out.initImage)) {
     throw invalidArgument('spec.initImage', 'expected a Buffer of PNG or JPEG bytes');
