@@ -62,7 +62,7 @@ def _every_option(tiny_model, prior_set) -> dict:
               "preview_every": 1, "preview_max_side": 16, "exclusive": True, "judge": tiny_model.sha256,
               "lr_schedule": "cosine", "lr_warmup": 1, "plateau": 0.5, "plateau_window": 4,
               "prior_dataset": f"datasets/{prior_set}"}
-  ; generator goes with param generator, which starts from no init image: both
+    # a new option gets a value here; generator goes with param generator, which starts from no init image: both
     # clients submit it in tests/service/test_service_generator.py
     assert set(values) | {"generator"} == {o.name for o in opts.OPTIONS if "render" in o.kinds}
     return values
