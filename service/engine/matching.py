@@ -93,7 +93,7 @@ def feature_targets(model, images: torch.Tensor, layer: str, *, preprocess=None,
 
 def index_targets(model, index, read, *, layer: str, channel: int, k: int, match_layer: str,
                   size: tuple[int, int], preprocess=None, device=None, path: str = "objective.match",
-                  max_side: int = 4096) -> MatchTargets:
+                  max_side: int = 4096, index_name: str = "") -> MatchTargets:
     """Targets of unit ``layer:channel`` from a finished :class:`~featureviz.engine.exemplars.ExemplarIndex`:
     its top-``k`` images by spatial max (``read(i) -> bytes`` reads the set's image i), decoded at ``size`` (H, W).
     ``layer`` and ``match_layer`` are catalog names. InvalidSpec naming ``path``'s fields when the index does not
@@ -103,8 +103,8 @@ def index_targets(model, index, read, *, layer: str, channel: int, k: int, match
 
     if layer not in index.states:
         covered = ", ".join(index.layers[:20]) + (" ..." if len(index.layers) > 20 else "")
-        raise InvalidSpec(f"{path}.layer", f"layer {layer!r} is not in exemplar index {index.meta.get('index', '')}"
-                                           f"; it covers: {covered}".replace(" ;", ";"))
+        name = f" {index_name}" if index_name else ""
+        raise InvalidSpec(f"{path}.layer", f"layer {layer!r} is not in exemplar index{name}; it covers: {covered}")
     index_k = int(index.meta.get("k", 0))
     if k > index_k:
         raise InvalidSpec(f"{path}.k", f"k={k} is more than the {index_k} examples the exemplar index keeps per "

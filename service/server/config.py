@@ -80,6 +80,8 @@ class Limits:
     # atlases (the atlas job): units (layers x channels) of one atlas, and a tenant's unfinished atlases
     max_atlas_units: int = 50_000
     max_atlases_per_tenant: int = 4
+    # exemplar matching (the objective's match terms): examples per term at most
+    max_match_k: int = 16
 
 
 @dataclass

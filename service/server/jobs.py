@@ -157,8 +157,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if isinstance(found, str):
             return found
         sha, kind, dataset, stored, model = found
+        from featureviz.server.matching import match_sources  # exemplar matching: the tenant's indexes (NOT_FOUND)
+
+        matches = match_sources(self.store, tenant, sha, stored, self.config.limits.max_match_k)
         try:
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
+            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, matches)  # converted once, by the worker
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
         with phase("admission"):

@@ -13,9 +13,10 @@ __all__ = ["checked_spec", "rendered", "job_result", "judge_of", "judge_check", 
 DEFAULT_PREVIEW_SIDE = 128
 
 
-def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096):
+def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096, match_targets=None):
     """pb.JobSpec -> the engine's RenderSpec checked against ``model``: the :class:`featureviz.engine.CheckedSpec`
-    (objective built, transforms parsed) that the job's slot takes as it is (InvalidSpec with engine paths)."""
+    (objective built, transforms parsed) that the job's slot takes as it is (InvalidSpec with engine paths).
+    ``match_targets``: the resolver of the objective's ``match`` terms (``featureviz.worker.matching``)."""
     from featureviz.engine import RenderSpec
     from featureviz.engine import validate
     from featureviz.engine.images import decode_image
@@ -35,7 +36,7 @@ def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side:
                                               channel_order=p["channel_order"])
         except (TypeError, ValueError) as exc:
             raise InvalidSpec("spec.preprocess", str(exc)) from exc
-    result = RenderSpec(**kwargs, device=device)
+    result = RenderSpec(**kwargs, device=device, match_targets=match_targets)  # match: exemplar matching
     if spec.preview_every > 0:
         result.snapshot_steps = tuple(range(spec.preview_every, result.steps + 1, spec.preview_every))
     return validate(model, result)

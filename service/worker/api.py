@@ -81,6 +81,18 @@ class IndexWork:
 
 
 @dataclass
+class MatchSource:
+    """An exemplar index that a job's ``match`` terms read (exemplar matching), resolved by the server for the job's
+    tenant: the finished index file (``Store.index_path``) and its set's images in the set's order (names, and each
+    file at the store's ``image_path``: with Ray the store's folders are mounted at the same path)."""
+
+    index: str
+    index_path: str
+    names: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Submission:
     """A job for the worker. ``spec`` is the serialized ``featureviz.v1.JobSpec`` as stored (defaults filled in);
     ``ticket`` names the checked engine spec :meth:`Worker.admit` prepared (checked once; the job's slot takes it),
@@ -96,6 +108,8 @@ class Submission:
     index: IndexWork | None = None  # an exemplar index job (JobSpec.exemplar_index): what it reads and writes
     # an atlas unit: it takes only the room interactive jobs leave in a device step (parked as soon as one wants it)
     background: bool = False
+    # exemplar matching: index id -> MatchSource for the spec's match terms (a job checked again needs them)
+    matches: dict | None = None
 
 
 @dataclass
@@ -180,7 +194,8 @@ class Worker:
     def drop_model(self, sha256: str) -> None:
         raise NotImplementedError
 
-    def admit(self, sha256: str, spec: bytes) -> Admission:
+    def admit(self, sha256: str, spec: bytes, matches: dict | None = None) -> Admission:
+        """``matches``: index id -> :class:`MatchSource` for the spec's ``match`` terms (None: no such term)."""
         raise NotImplementedError
 
     def submit(self, submission: Submission) -> None:

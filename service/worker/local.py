@@ -67,6 +67,7 @@ from featureviz.worker import adapter
 from featureviz.worker import api
 from featureviz.worker import device as devices
 from featureviz.worker import planner
+from featureviz.worker.matching import MatchResolver
 from featureviz.worker.models import ModelCache
 from featureviz.worker.models import describe_model
 from featureviz.worker.queries import Queries
@@ -122,6 +123,8 @@ class LocalWorker(api.Worker):
                                  on_drop=self._forget)
         self.engine = BatchEngine(self.torch_device)
         self.queries = Queries(self.models, on_device=self._on_device)
+        self.matching = MatchResolver(self.queries, on_device=self._on_device, device=self.torch_device,
+                                      max_side=config.max_image_side)  # exemplar matching's targets
         self.memory_planner = devices.MemoryPlanner(self.torch_device)
         self._fault = devices.fault_hook()
         self._cv = threading.Condition()
@@ -163,7 +166,7 @@ class LocalWorker(api.Worker):
     def drop_model(self, sha256: str) -> None:
         self.models.drop(sha256)
 
-    def admit(self, sha256: str, spec: bytes) -> api.Admission:
+    def admit(self, sha256: str, spec: bytes, matches: dict | None = None) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
         if job_spec.HasField("atlas"):  # resolved against the model: its units (each checked when it is submitted)
@@ -180,7 +183,8 @@ class LocalWorker(api.Worker):
             self._check_index_memory(admission)
             return admission
         checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
-                                       max_image_side=self.config.max_image_side)
+                                       max_image_side=self.config.max_image_side,
+                                       match_targets=self.matching.for_job(sha256, model, matches))
         judge = adapter.judge_of(job_spec)
         if judge is not None:
             adapter.judge_check(self.models.get(judge[0]), checked)
@@ -512,7 +516,8 @@ class LocalWorker(api.Worker):
                 checked = ticket[1]
             else:  # re-queued after a restart, or the ticket was dropped: check again
                 checked = adapter.checked_spec(model, spec, str(self.torch_device),
-                                               max_image_side=self.config.max_image_side)
+                                               max_image_side=self.config.max_image_side,
+                                               match_targets=self.matching.for_job(sub.model, model, sub.matches))
             job = _Job(sub, spec, checked, None, ())
             slot = Slot(model, checked, device=self.torch_device, handle=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0
