@@ -18,8 +18,8 @@ Text syntax (objectives are maximised)::
     logit:K  prob:K    class K's logit / softmax probability
     diversity:LAYER  alignment:LAYER  l1  l2  tv  blur  bilateral   (regularizers; see the kinds below)
     prior:DATASET      the learned patch prior (EPLL) of an image set: its NLL, to subtract (- 0.1*prior:DATASET)
-    match:LAYER:C@INDEX  exemplar matching (VITAL): the distance of the sorted features at LAYER to those of unit
-                       LAYER:C's top-8 examples in exemplar index INDEX, to subtract (LAYER:C - 0.5*match:LAYER:C@IX)
+    match:LAYER:C@INDEX  exemplar matching (VITAL): the distance of the sorted features at LAYER to those of
+                       unit LAYER:C's top-8 examples in exemplar index INDEX, to subtract (- 0.5*match:LAYER:C@IX)
     -OBJ   2*OBJ   OBJ*0.5   OBJ / 4   A + B   A - 0.5*B   (A + B) * 2
     {...}              a whole JSON objective spec (for direction, interpolate, batch, ...)
 
@@ -27,8 +27,8 @@ Quoting rule for ONNX names. A bare layer name is a run of letters, digits and `
 starting with a digit or '-'. So ``/_blocks.9/Clip:12`` needs no quotes, and ``+``, ``-`` and ``/`` between
 objectives must be set off by spaces (``A - B``, ``A / 2``; ``A-B`` is one name). A name with any other
 character (``:``, ``@``, ``,``, spaces, ``*``, ``+``...), or a name that is a keyword (``logit``, ``prob``,
-``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``, ``match``), or that starts with
-a digit, goes in single or double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
+``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``, ``match``), or that
+starts with a digit, goes in single or double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
 ``"it's"`` or ``'it\\'s'``.
 """
 

@@ -161,7 +161,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
         matches = match_sources(self.store, tenant, sha, stored, self.config.limits.max_match_k)
         try:
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, matches)  # converted once, by the worker
+            # converted once, by the worker
+            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, matches)
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
         with phase("admission"):

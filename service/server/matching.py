@@ -13,45 +13,53 @@ from featureviz.errors import InvalidSpec
 from featureviz.errors import NotFound
 from featureviz.errors import echo
 from featureviz.spec import MATCH_DEFAULT_K
-from featureviz.spec import proto_path
-from featureviz.spec import walk_spec
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
 
-__all__ = ["match_sources", "has_match"]
+__all__ = ["match_sources", "match_terms"]
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def has_match(spec: pb.JobSpec) -> bool:
-    """Whether the job's objective has a ``match`` term (cheap: the serialized objective holds the field's tag)."""
-    return spec.HasField("objective") and b"\xa2\x01" in spec.objective.SerializeToString() and \
-        any(kind.name == "match" for kind, _, _ in _walk(spec))
-
-
-def _walk(spec: pb.JobSpec):
-    from featureviz.codec import objective_from_proto
-
-    return walk_spec(objective_from_proto(spec.objective), "objective")
+def match_terms(spec: pb.JobSpec):
+    """(proto field path, MatchObjective) of every ``match`` term of the job's objective, read from the message itself
+    (no conversion or normalization: the worker's admission does that once), parents before children."""
+    if not spec.HasField("objective"):
+        return
+    stack = [(spec.objective, "spec.objective")]
+    while stack:
+        node, path = stack.pop()
+        kind = node.WhichOneof("kind")
+        if kind is None:
+            continue
+        body = getattr(node, kind)
+        if kind == "match":
+            yield f"{path}.match", body
+            continue
+        children = []
+        for fd in body.DESCRIPTOR.fields:
+            if fd.message_type is not pb.Objective.DESCRIPTOR:
+                continue
+            value = getattr(body, fd.name)
+            if fd.is_repeated:
+                children += [(child, f"{path}.{kind}.{fd.name}[{i}]") for i, child in enumerate(value)]
+            elif body.HasField(fd.name):
+                children.append((value, f"{path}.{kind}.{fd.name}"))
+        stack.extend(reversed(children))
 
 
 def match_sources(store, tenant: str, model: str, spec: pb.JobSpec, max_k: int) -> dict[str, api.MatchSource]:
     """index id -> MatchSource for every ``match`` term of ``spec`` (empty when there is none)."""
-    if not has_match(spec):
-        return {}
     out: dict[str, api.MatchSource] = {}
-    for kind, body, here in _walk(spec):
-        if kind.name != "match":
-            continue
-        field = "spec." + proto_path(here)
-        k = body.get("k") or MATCH_DEFAULT_K
+    for field, body in match_terms(spec):
+        k = body.k if body.HasField("k") else MATCH_DEFAULT_K
         if k > max_k:
             raise InvalidSpec(f"{field}.k", f"k={k} is over the server's limit of {max_k} examples per match term "
                                             "(max_match_k)")
-        ident = body["index"]
+        ident = body.index
         found = store.tenant_index(tenant, ident) if _HEX.fullmatch(ident) else None
         if found is None:
-            raise NotFound(f"{field}.index: exemplar index {echo(body['index'])} not found; use the id of an index "
+            raise NotFound(f"{field}.index: exemplar index {echo(ident)} not found; use the id of an index "
                            "your exemplar index jobs made (ExemplarIndexResult.index)",
                            reason="EXEMPLAR_INDEX_NOT_FOUND")
         index_model, info = found

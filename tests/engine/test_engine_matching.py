@@ -145,7 +145,8 @@ def test_a_render_with_the_term_runs_and_resolution_is_checked(model, indexed):
         validate(model, RenderSpec(objective, steps=1, size=32))
     from featureviz.errors import NotFound
     with pytest.raises(NotFound, match="no exemplar index zz"):
-        validate(model, RenderSpec(specs.parse_objective(f"match:{UNIT}:3@zz"), steps=1, size=32, match_targets=resolver))
+        validate(model, RenderSpec(specs.parse_objective(f"match:{UNIT}:3@zz"), steps=1, size=32,
+                                   match_targets=resolver))
     with pytest.raises(InvalidSpec, match="covers: /Relu_1") as err:
         validate(model, RenderSpec(specs.parse_objective("match:/Relu:3@ix"), steps=1, size=32, match_targets=resolver))
     assert err.value.field == "objective.match.layer"
