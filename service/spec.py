@@ -28,8 +28,8 @@ starting with a digit or '-'. So ``/_blocks.9/Clip:12`` needs no quotes, and ``+
 objectives must be set off by spaces (``A - B``, ``A / 2``; ``A-B`` is one name). A name with any other
 character (``:``, ``@``, ``,``, spaces, ``*``, ``+``...), or a name that is a keyword (``logit``, ``prob``,
 ``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``, ``match``), or that
-starts with a digit, goes in single or double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
-``"it's"`` or ``'it\\'s'``.
+starts with a digit, goes in single or double quotes; inside quotes a backslash escapes the next character:
+``'conv1/Relu:0':5``, ``"it's"`` or ``'it\\'s'``.
 """
 
 from __future__ import annotations
