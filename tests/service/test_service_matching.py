@@ -89,3 +89,15 @@ def test_refusals_name_the_index_the_layer_and_k(setup):
         err = _refused(alice, setup, _match(setup, k=17))
         assert err.code == "INVALID_ARGUMENT" and "max_match_k" in err.message
         assert alice.info().limits.max_match_k == 16
+
+
+def test_a_job_checked_again_gets_its_index_from_the_store(setup, monkeypatch):
+    """A job whose admission ticket is gone (re-queued after a restart: Scheduler.submit without an admission) is
+    checked again by the worker at its grant; the scheduler resolves its match terms again for it."""
+    scheduler = setup["server"]._server.scheduler
+    enqueue = scheduler._enqueue
+    monkeypatch.setattr(scheduler, "_enqueue", lambda job_id, tenant, spec, ticket="": enqueue(job_id, tenant, spec))
+    objective = parse_objective(f"{UNIT}:3 - 0.5*match:{UNIT}:3@{setup['index']}")
+    with Client(setup["server"].address, token="token-a") as alice:
+        done = alice.wait(alice.submit(setup["model"], objective, steps=2, size=32, seed=7).id, timeout=120)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
