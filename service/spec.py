@@ -18,6 +18,8 @@ Text syntax (objectives are maximised)::
     logit:K  prob:K    class K's logit / softmax probability
     diversity:LAYER  alignment:LAYER  l1  l2  tv  blur  bilateral   (regularizers; see the kinds below)
     prior:DATASET      the learned patch prior (EPLL) of an image set: its NLL, to subtract (- 0.1*prior:DATASET)
+    match:LAYER:C@INDEX  exemplar matching (VITAL): the distance of the sorted features at LAYER to those of
+                       unit LAYER:C's top-8 examples in exemplar index INDEX, to subtract (- 0.5*match:LAYER:C@IX)
     -OBJ   2*OBJ   OBJ*0.5   OBJ / 4   A + B   A - 0.5*B   (A + B) * 2
     {...}              a whole JSON objective spec (for direction, interpolate, batch, ...)
 
@@ -25,9 +27,9 @@ Quoting rule for ONNX names. A bare layer name is a run of letters, digits and `
 starting with a digit or '-'. So ``/_blocks.9/Clip:12`` needs no quotes, and ``+``, ``-`` and ``/`` between
 objectives must be set off by spaces (``A - B``, ``A / 2``; ``A-B`` is one name). A name with any other
 character (``:``, ``@``, ``,``, spaces, ``*``, ``+``...), or a name that is a keyword (``logit``, ``prob``,
-``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``), or that starts with
-a digit, goes in single or double quotes; inside quotes a backslash escapes the next character: ``'conv1/Relu:0':5``,
-``"it's"`` or ``'it\\'s'``.
+``l1``, ``l2``, ``tv``, ``blur``, ``bilateral``, ``diversity``, ``alignment``, ``prior``, ``match``), or that
+starts with a digit, goes in single or double quotes; inside quotes a backslash escapes the next character:
+``'conv1/Relu:0':5``, ``"it's"`` or ``'it\\'s'``.
 """
 
 from __future__ import annotations
@@ -267,8 +269,39 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
 ]}
 
 
+# --- exemplar matching (VITAL; issue 25 item 4): ``match:LAYER:C@INDEX`` --------------------------------------------
+
+
+def _match_k(value, path):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidSpec(path, f"must be an integer >= 1 (examples to match), got {echo(value)}")
+    return value
+
+
+def _opt_layer(value, path):
+    return None if value is None else _layer(value, path)
+
+
+INDEX = Type("index", _dataset, "index", "INDEX")  # an exemplar index id (a key to look up, never a path)
+MATCH_K = Type("match_k", _match_k, None, "K")
+MATCH_LAYER = Type("match_layer", _opt_layer, "match_layer", "LAYER")
+MATCH_DEFAULT_K = 8
+
+
+def _text_match(body, fmt):
+    if body.get("k", MATCH_DEFAULT_K) != MATCH_DEFAULT_K or body.get("match_layer") is not None:
+        return None  # JSON
+    return f"match:{_quote(body['layer'])}:{body['channel']}@{body['index']}"
+
+
+KINDS["match"] = Kind("match", {"layer": Field(LAYER), "channel": Field(CHANNEL), "index": Field(INDEX),
+                                "k": Field(MATCH_K, MATCH_DEFAULT_K), "match_layer": Field(MATCH_LAYER, None)},
+                      "Match", _text_match)
+_TEXT_KEYWORDS = {"match"}  # kinds with their own text form, reserved like the Keyword kinds
+
+
 def _keywords() -> set[str]:
-    return {name for name, kind in KINDS.items() if isinstance(kind.text, Keyword)}
+    return _TEXT_KEYWORDS | {name for name, kind in KINDS.items() if isinstance(kind.text, Keyword)}
 
 
 def keyword_forms() -> list[str]:
@@ -529,6 +562,8 @@ class _Parser:
         name, quoted = self.name()
         # no whitespace is allowed inside an atom: 'a : 3' is an error, not two things
         has_colon = self.pos < len(self.text) and self.text[self.pos] == ":"
+        if not quoted and name == "match" and has_colon:
+            return self.match()
         if not quoted and name in _keywords():
             return self.keyword(KINDS[name], has_colon)
         if not has_colon:
@@ -546,6 +581,19 @@ class _Parser:
                 y = None
             return {"neuron": {"layer": name, "channel": channel, "x": x, "y": y}}
         return {"channel": {"layer": name, "channel": channel}}
+
+    def match(self) -> dict:
+        """``match:LAYER:C@INDEX`` (exemplar matching, k and the match layer at their defaults; else JSON)."""
+        self.pos += 1
+        layer, _ = self.name()
+        if self.pos >= len(self.text) or self.text[self.pos] != ":":
+            self.fail("expected ':C@INDEX' after match:LAYER (syntax match:LAYER:C@INDEX)")
+        self.pos += 1
+        channel = self.integer("a channel index")
+        if self.pos >= len(self.text) or self.text[self.pos] != "@":
+            self.fail("expected '@INDEX' (an exemplar index id) after match:LAYER:C")
+        self.pos += 1
+        return {"match": {"layer": layer, "channel": channel, "index": self.dataset_name()}}
 
     def keyword(self, kind: Kind, has_colon: bool) -> dict:
         """``KIND`` or ``KIND:ARG`` of a kind with a :class:`Keyword` text form."""

@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "decay replace ImageNet's in the parameterization, and 'prior:NAME' objective terms use "
                              "its patch prior (NAME: the folder's name unless given); both cached under the model "
                              "cache's priors/")
+    parser.add_argument("--match-images", default=None, metavar="[NAME=]DIR",  # exemplar matching
+                        help="'match:LAYER:C@NAME' objective terms (local renders) match the unit's top examples in "
+                             "this folder of images (NAME: the folder's name unless given); indexed once, cached "
+                             "under the model cache's exemplars/")
     parser.add_argument("--mean", type=parse_floats, default=None, metavar="R,G,B",
                         help=f"model preprocessing mean for images in [0, 1] (default ImageNet's "
                              f"{','.join(map(str, IMAGENET_MEAN))})")
@@ -137,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
                   "(featureviz datasets upload DIR) and give --prior DATASET (and prior:DATASET terms)",
                   file=sys.stderr)
             return 2
+        if getattr(args, "match_images", None):  # exemplar matching
+            print("featureviz render: --match-images applies to a local render; on a server a match term names "
+                  "an exemplar index id (featureviz exemplars ... --server)", file=sys.stderr)
+            return 2
         if args.threads is not None:
             print("featureviz render: --threads applies to a local render; a server sets its own "
                   "(featureviz serve --threads)", file=sys.stderr)
@@ -174,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
         options |= {"generator": import_model(args.generator), "latent_l2": args.latent_l2 or 0.0}
     if args.prior_images:
         options |= _priors(args.prior_images, model.input_spec.channels)
+    if args.match_images:  # exemplar matching: match:L:C@NAME terms resolve against the folder
+        from featureviz.cli.matching import local_match_targets
+
+        options["match_targets"] = local_match_targets(args.match_images, model)
     spec = RenderSpec(objective=objective, init_image=init, preprocess=model.input_spec.preprocess, device=args.device,
                       **options)
     checked = validate(model, spec)  # render takes the checked spec as it is (no second check)

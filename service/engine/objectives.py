@@ -48,6 +48,7 @@ __all__ = [
     "Blur",
     "Bilateral",
     "PatchPrior",
+    "Match",
     "Sum",
     "Scale",
     "Batch",
@@ -549,6 +550,44 @@ class PatchPrior(_ImageObjective):
             raise InvalidSpec("objective.prior.dataset", f"the prior of image set {self.dataset!r} was not resolved; "
                                                          "pass RenderSpec.patch_priors (--prior-images locally)")
         return self.prior.nll(acts.image)
+
+
+# --- exemplar matching (VITAL, ICCV 2025; issue 25 item 4) ------------------------------------------------------
+
+
+class Match(Objective):
+    """Exemplar matching (VITAL: "More Understandable Feature Visualization through Distribution Alignment", ICCV
+    2025): per image, the mean over channels and sorted positions of (sort(z_c) - target_c)^2, z the render's
+    features at ``match_layer`` (default ``layer``) and target_c the sorted features of unit ``layer:channel``'s
+    top-``k`` dataset examples (exemplar index ``index``), resampled to the render's count of positions: a 1-D
+    optimal transport (sorted matching) distance per channel, differentiable through the sort. Meant to be
+    subtracted: ``LAYER:C - 0.5*match:LAYER:C@INDEX``. The targets (:class:`featureviz.engine.matching.MatchTargets`)
+    are bound by :func:`featureviz.engine.validate` through ``RenderSpec.match_targets``."""
+
+    kind = "match"
+
+    def __init__(self, layer, channel, index, k=8, match_layer=None, targets=None):
+        self.layer, self.channel, self.index, self.k, self.match_layer = layer, channel, index, k, match_layer
+        self.targets = targets  # a featureviz.engine.matching.MatchTargets, bound at validation
+
+    @property
+    def read_layer(self):
+        return self.match_layer or self.layer
+
+    @property
+    def layers(self):
+        return (self.read_layer,)
+
+    def __call__(self, acts):
+        if self.targets is None:
+            from featureviz.errors import InvalidSpec
+            raise InvalidSpec("objective.match.index", f"the exemplar targets of index {self.index!r} were not "
+                                                       "resolved; pass RenderSpec.match_targets")
+        z = acts[self.read_layer]
+        z = _positions(_patches(z, acts.prefix(self.read_layer)) if z.dim() == 3 else z)  # (B, C, P)
+        ordered = z.sort(dim=-1).values
+        target = self.targets.at(ordered.shape[-1], device=ordered.device, dtype=ordered.dtype)
+        return (ordered - target).pow(2).flatten(1).mean(-1)
 
 
 class Sum(Objective):

@@ -97,6 +97,10 @@ class RenderSpec:
     # L2 penalty on its latents (the objective minus latent_l2 * |z|^2 per image)
     generator: object = None
     latent_l2: float = 0.0
+    # exemplar matching (issue 25 item 4): resolves the objective's ``match`` terms; a callable
+    # ``(term, layer=, match_layer=, size=, preprocess=) -> featureviz.engine.matching.MatchTargets`` (catalog
+    # names; size: the model input (H, W)), raising NotFound / InvalidSpec; terms bound in Python keep their targets
+    match_targets: object = None
 
 
 @dataclass
@@ -188,6 +192,7 @@ def validate(model, spec: RenderSpec) -> CheckedSpec:
     model_size = _model_size(model, image_size)
     _check_objective(model, objective_spec, "objective", spec.batch, model_size)
     _bind_priors(objective, objective_spec, spec.patch_priors)
+    _bind_matches(model, objective, objective_spec, spec, model_size)
     names: dict = {}
     for layer in objective.layers:
         names.setdefault(layer, model.layer(model.logits if layer is None else layer).name)
@@ -245,6 +250,30 @@ def _bind_priors(objective, objective_spec, resolver) -> None:
     for node in objs.walk(objective):
         if isinstance(node, objs.PatchPrior) and node.prior is None:
             node.prior = found[node.dataset]
+
+
+def _bind_matches(model, objective, objective_spec, spec, model_size) -> None:
+    """Give each ``match`` term its exemplar targets through ``spec.match_targets`` (exemplar matching): the match
+    layer must exist, and the targets must have one row per channel of it."""
+    terms = [node for node in objs.walk(objective) if isinstance(node, objs.Match)]
+    if not terms:
+        return
+    places = [here for kind, _, here in specs.walk_spec(objective_spec) if kind.name == "match"]
+    preprocess = spec.preprocess if spec.preprocess is not None else model.input_spec.preprocess
+    for node, here in zip(terms, places):
+        if node.match_layer is not None:
+            info = _layer_info(model, node.match_layer, f"{here}.match_layer")
+        else:
+            info = model.layer(node.layer)
+        if node.targets is None:
+            if spec.match_targets is None:
+                raise InvalidSpec(f"{here}.index", "no exemplar index is available to this render (on a server: an "
+                                                   "index id the tenant's jobs made; RenderSpec.match_targets)")
+            node.targets = spec.match_targets(node, layer=model.layer(node.layer).name, match_layer=info.name,
+                                              size=tuple(model_size), preprocess=preprocess, path=here)
+        if node.targets.channels != info.channels:
+            raise InvalidSpec(f"{here}.index", f"the targets have {node.targets.channels} channels, layer "
+                                               f"{info.name!r} has {info.channels}")
 
 
 def _layer_info(model, name, path):

@@ -139,6 +139,7 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
     scheduler = Scheduler(store, worker, loop=loop, finished_logs_kept=config.finished_logs_kept,
                           index_chunk_images=config.index_chunk_images,
                           max_indexes_per_tenant=config.limits.max_indexes_per_tenant)
+    scheduler.max_match_k = config.limits.max_match_k  # exemplar matching (re-queued jobs' match terms)
     metrics = None
     if config.metrics_port is not None:
         def worker_info():

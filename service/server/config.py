@@ -85,6 +85,8 @@ class Limits:
     min_prior_images: int = 8
     # --- generator (issue 25): a generator's latent vector (JobSpec.generator), at most this long
     max_latent_size: int = 4096
+    # exemplar matching (the objective's match terms): examples per term at most
+    max_match_k: int = 16
 
 
 @dataclass

@@ -159,8 +159,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if isinstance(found, str):
             return found
         sha, kind, dataset, stored, model, priors = found
+        from featureviz.server.matching import match_sources  # exemplar matching: the tenant's indexes (NOT_FOUND)
+
+        matches = match_sources(self.store, tenant, sha, stored, self.config.limits.max_match_k)
         try:  # converted once, by the worker (a prior's statistics and patch prior: learned there on first use)
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, priors)
+            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, priors, matches)
         except InvalidSpec as exc:
             raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
         with phase("admission"):

@@ -189,6 +189,7 @@ class Scheduler:
         self.store = store
         self.index_chunk_images = index_chunk_images
         self.max_indexes_per_tenant = max_indexes_per_tenant
+        self.max_match_k = 16  # Limits.max_match_k (exemplar matching; app.py sets it from the config)
         self.worker = worker
         self.max_step_images = max(1, int(worker.max_step_images))
         self._loop = loop
@@ -262,13 +263,15 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------- requests
 
-    def admit(self, model_sha: str, spec: pb.JobSpec, priors: dict | None = None) -> api.Admission:
+    def admit(self, model_sha: str, spec: pb.JobSpec, priors: dict | None = None,
+              matches: dict | None = None) -> api.Admission:
         """The worker converts and validates the spec before any compute (blocking; InvalidSpec with engine
         paths). The admission's ticket goes with the job to :meth:`submit`. ``priors``: the job's prior datasets
-        (``featureviz.server.priors.prior_sources``), learned by the worker on first use."""
+        (``featureviz.server.priors.prior_sources``), learned by the worker on first use. ``matches``: the
+        MatchSources of the objective's match terms (``featureviz.server.matching``)."""
         with phase("admission"):
-            if priors:
-                return self.worker.admit(model_sha, spec.SerializeToString(), priors)
+            if priors or matches:
+                return self.worker.admit(model_sha, spec.SerializeToString(), priors=priors, matches=matches)
             return self.worker.admit(model_sha, spec.SerializeToString())
 
     validate = admit
@@ -357,9 +360,32 @@ class Scheduler:
             priors = self._prior_sources(job_id, tenant, spec)
             if priors is None:  # its prior's set is gone: FAILED
                 continue
+            ticket = self._tickets.pop(job_id, "")
+            matches = None
+            if not ticket and work is None:  # checked again by the worker: a match term needs its sources again
+                matches = self._match_sources(job_id, tenant, row.model, spec)
+                if matches is False:
+                    continue
             self.worker.submit(api.Submission(job_id=job_id, tenant=tenant, model=row.model, spec=row.spec,
                                               images=images, exclusive=job_id in self._exclusive,
-                                              ticket=self._tickets.pop(job_id, ""), index=work, priors=priors))
+                                              ticket=ticket, index=work, priors=priors,
+                                              matches=matches or None))
+
+    def _match_sources(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec):
+        """Exemplar matching: the MatchSources of a re-queued job's match terms; False when its index or set is
+        gone (the job ends FAILED here, its grant released)."""
+        from featureviz.server.matching import match_sources
+
+        try:
+            return match_sources(self.store, tenant, model, spec, self.max_match_k)
+        except Exception as exc:  # the index or its set went: the job ends, the queue goes on
+            from featureviz.errors import job_error
+
+            log.warning("job %s cannot start: %s", job_id, exc)
+            self._release(job_id)
+            self.store.finish_job(job_id, pb.JOB_STATE_FAILED, error=job_error(exc))
+            self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+            return False
 
     # ------------------------------------------------------------------------------------------- atlases
 

@@ -559,6 +559,15 @@ class Store:
             return None
         return rows[0][0], pb.ExemplarIndexResult.FromString(rows[0][1])
 
+    def tenant_index(self, tenant: str, index_id: str) -> tuple[str, pb.ExemplarIndexResult] | None:
+        """(model sha256, info) of a finished index ``tenant``'s jobs made or reused, whose file is there; None
+        otherwise (exemplar matching: a job's ``match`` terms name indexes by id)."""
+        rows = self._run("SELECT i.model, i.info FROM tenant_indexes t JOIN exemplar_indexes i ON i.id = t.id "
+                         "WHERE t.tenant = ? AND t.id = ?", (tenant, index_id))
+        if not rows or not self.index_path(index_id).is_file():
+            return None
+        return rows[0][0], pb.ExemplarIndexResult.FromString(rows[0][1])
+
     def find_indexes(self, tenant: str, model: str, dataset: str) -> list[pb.ExemplarIndexResult]:
         """The tenant's finished indexes of ``model`` over ``dataset``, newest use first."""
         rows = self._run("SELECT i.info FROM tenant_indexes t JOIN exemplar_indexes i ON i.id = t.id "

@@ -14,13 +14,15 @@ DEFAULT_PREVIEW_SIDE = 128
 
 
 def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side: int = 4096,
-                 priors: dict | None = None, learned=None, models=None):
+                 priors: dict | None = None, learned=None, models=None,
+                 match_targets=None):
     """pb.JobSpec -> the engine's RenderSpec checked against ``model``: the :class:`featureviz.engine.CheckedSpec`
     (objective built, transforms parsed) that the job's slot takes as it is (InvalidSpec with engine paths).
     ``priors`` (dataset id -> api.PriorSource, the server's) and ``learned`` (a :class:`featureviz.worker.priors.
     Priors`): ``spec.prior_dataset`` becomes the set's ImageStats (``RenderSpec.prior``), and ``prior:DATASET`` terms
     resolve to its patch prior (``RenderSpec.patch_priors``), for the model's channel count.
-    ``models(sha256)``: the imported model of another sha256 (the worker's cache), for ``spec.generator``."""
+    ``models(sha256)``: the imported model of another sha256 (the worker's cache), for ``spec.generator``.
+    ``match_targets``: the resolver of the objective's ``match`` terms (``featureviz.worker.matching``)."""
     from featureviz.engine import RenderSpec
     from featureviz.engine import validate
     from featureviz.engine.images import decode_image
@@ -47,7 +49,7 @@ def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side:
             raise InvalidSpec("spec.preprocess", str(exc)) from exc
     if priors and learned is not None:
         kwargs |= _priors(model, spec, priors, learned)
-    result = RenderSpec(**kwargs, device=device)
+    result = RenderSpec(**kwargs, device=device, match_targets=match_targets)  # match: exemplar matching
     if spec.preview_every > 0:
         result.snapshot_steps = tuple(range(spec.preview_every, result.steps + 1, spec.preview_every))
     return validate(model, result)

@@ -95,6 +95,18 @@ class PriorSource:
 
 
 @dataclass
+class MatchSource:
+    """An exemplar index that a job's ``match`` terms read (exemplar matching), resolved by the server for the job's
+    tenant: the finished index file (``Store.index_path``) and its set's images in the set's order (names, and each
+    file at the store's ``image_path``: with Ray the store's folders are mounted at the same path)."""
+
+    index: str
+    index_path: str
+    names: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Submission:
     """A job for the worker. ``spec`` is the serialized ``featureviz.v1.JobSpec`` as stored (defaults filled in);
     ``ticket`` names the checked engine spec :meth:`Worker.admit` prepared (checked once; the job's slot takes it),
@@ -112,6 +124,8 @@ class Submission:
     background: bool = False
     # the datasets the job learns priors from (dataset id -> PriorSource): read when the spec is checked again
     priors: dict = field(default_factory=dict)
+    # exemplar matching: index id -> MatchSource for the spec's match terms (a job checked again needs them)
+    matches: dict | None = None
 
 
 @dataclass
@@ -196,10 +210,11 @@ class Worker:
     def drop_model(self, sha256: str) -> None:
         raise NotImplementedError
 
-    def admit(self, sha256: str, spec: bytes, priors: dict | None = None) -> Admission:
+    def admit(self, sha256: str, spec: bytes, priors: dict | None = None, matches: dict | None = None) -> Admission:
         """Check a job's spec before any compute. ``priors``: dataset id -> :class:`PriorSource`, every dataset the
         spec learns a prior from (checked by the server: the tenant holds each); their statistics and patch priors
-        are computed here on first use (in the caller's thread, not the device loop) and cached."""
+        are computed here on first use (in the caller's thread, not the device loop) and cached. ``matches``: index
+        id -> :class:`MatchSource` for the spec's ``match`` terms (None: no such term)."""
         raise NotImplementedError
 
     def submit(self, submission: Submission) -> None:

@@ -68,6 +68,7 @@ from featureviz.worker import adapter
 from featureviz.worker import api
 from featureviz.worker import device as devices
 from featureviz.worker import planner
+from featureviz.worker.matching import MatchResolver
 from featureviz.worker.models import ModelCache
 from featureviz.worker.priors import Priors
 from featureviz.worker.models import describe_model
@@ -125,6 +126,8 @@ class LocalWorker(api.Worker):
         self.engine = BatchEngine(self.torch_device)
         self.queries = Queries(self.models, on_device=self._on_device)
         self.priors = Priors()  # the datasets' learned priors, cached with each set
+        self.matching = MatchResolver(self.queries, on_device=self._on_device, device=self.torch_device,
+                                      max_side=config.max_image_side)  # exemplar matching's targets
         self.memory_planner = devices.MemoryPlanner(self.torch_device)
         self._fault = devices.fault_hook()
         self._cv = threading.Condition()
@@ -166,7 +169,8 @@ class LocalWorker(api.Worker):
     def drop_model(self, sha256: str) -> None:
         self.models.drop(sha256)
 
-    def admit(self, sha256: str, spec: bytes, priors: dict | None = None) -> api.Admission:
+    def admit(self, sha256: str, spec: bytes, priors: dict | None = None,
+              matches: dict | None = None) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         model = self.models.get(sha256)
         if getattr(model, "generator", None) is not None:  # --- generator (issue 25): any kind of job
@@ -189,7 +193,8 @@ class LocalWorker(api.Worker):
             return admission
         checked = adapter.checked_spec(model, job_spec, str(self.torch_device),
                                        max_image_side=self.config.max_image_side, priors=priors, learned=self.priors,
-                                       models=self.models.get)
+                                       models=self.models.get,
+                                       match_targets=self.matching.for_job(sha256, model, matches))
         judge = adapter.judge_of(job_spec)
         if judge is not None:
             adapter.judge_check(self.models.get(judge[0]), checked)
@@ -522,7 +527,8 @@ class LocalWorker(api.Worker):
             else:  # re-queued after a restart, or the ticket was dropped: check again
                 checked = adapter.checked_spec(model, spec, str(self.torch_device),
                                                max_image_side=self.config.max_image_side, priors=sub.priors,
-                                               learned=self.priors, models=self.models.get)
+                                               learned=self.priors, models=self.models.get,
+                                               match_targets=self.matching.for_job(sub.model, model, sub.matches))
             job = _Job(sub, spec, checked, None, ())
             slot = Slot(model, checked, device=self.torch_device, handle=sub.job_id, exclusive=sub.exclusive,
                         progress=self._progress_of(job), snapshot=self._snapshot_of(job) if spec.preview_every > 0

@@ -135,9 +135,9 @@ class WorkerHost:
         return self.worker.load_model(sha256, self._source(sha256), limits=limits)
 
     def admit(self, sha256: str, refs: list, spec: bytes, extra: dict | None = None,
-              priors: dict | None = None) -> api.Admission:
+              priors: dict | None = None, matches: dict | None = None) -> api.Admission:
         self._learn(sha256, refs, extra)
-        return self.worker.admit(sha256, spec, priors)
+        return self.worker.admit(sha256, spec, priors, matches)
 
     def submit(self, submission: api.Submission, refs: list, extra: dict | None = None) -> None:
         self._learn(submission.model, refs, extra)
@@ -326,9 +326,9 @@ class RayPool(api.Worker):
                 host.models.discard(sha256)
                 host.actor.drop_model.remote(sha256)
 
-    def admit(self, sha256: str, spec: bytes, priors: dict | None = None) -> api.Admission:
+    def admit(self, sha256: str, spec: bytes, priors: dict | None = None, matches: dict | None = None) -> api.Admission:
         ref = self._ref(sha256)
-        host, admission = self._call(sha256, "admit", sha256, [ref], spec, self._extra(spec), priors)
+        host, admission = self._call(sha256, "admit", sha256, [ref], spec, self._extra(spec), priors, matches)
         with self._lock:
             host.models.add(sha256)
             if admission.ticket:  # an exemplar index job has none: it is resolved, not checked into a spec

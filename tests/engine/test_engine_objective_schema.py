@@ -93,6 +93,7 @@ def test_the_proto_is_the_one_other_place(peak):
 _PROTO_TYPES = {"layer": "string", "channel": "int32", "class": "int32", "image": "int32",
                 "x": "int32", "y": "int32", "number": "double", "nonneg": "double", "positive": "double",
                 "vector": "repeated double", "dataset": "string", "objective": "Objective", "objectives": "repeated Objective"}
+_PROTO_TYPES.update({"index": "string", "match_k": "int32", "match_layer": "string"})  # exemplar matching
 
 
 def _proto_type(fd):

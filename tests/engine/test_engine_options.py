@@ -20,6 +20,7 @@ from featureviz.v1 import featureviz_pb2 as pb
 # RenderSpec fields that are the engine's own (the Python API), not job options
 ENGINE_ONLY = {"objective", "snapshot_steps", "device", "relu_warmup", "profile", "memory_format", "prior",
                "patch_priors", "latent_l2"}  # latent_l2: a part of the generator option (JobSpec.generator.latent_l2)
+ENGINE_ONLY |= {"match_targets"}  # exemplar matching: the resolver of the objective's match terms
 # a valid value of each option's type, for the round trip
 SAMPLES = {"int": 3, "float": 0.25, "bool": True, "size": (24, 32), "image": b"\x89PNG...",
            "preprocess": {"mean": [0.5], "std": [0.25], "channel_order": "BGR"}, "judge": "b" * 64,

@@ -50,6 +50,7 @@ ALL_KINDS = {"sum": [
     {"blur": {}},
     {"bilateral": {"sigma_space": 1.5, "sigma_color": 0.05}},
     {"prior": {"dataset": "3fa9c0-leaves"}},
+    {"match": {"layer": "conv2", "channel": 1, "index": "ab" * 32, "k": 4, "match_layer": "conv1"}},
     {"scale": {"factor": -0.25, "objective": {"tv": {}}}},
     {"batch": {"index": 1, "objective": {"layer": {"layer": "x"}}}},
 ]}

@@ -110,7 +110,7 @@ class FakeWorker(api.Worker):
     def drop_model(self, sha256: str) -> None:
         pass
 
-    def admit(self, sha256: str, spec: bytes, priors: dict | None = None) -> api.Admission:
+    def admit(self, sha256: str, spec: bytes, priors: dict | None = None, matches: dict | None = None) -> api.Admission:
         job_spec = pb.JobSpec.FromString(spec)
         with self._cv:
             self.admissions.append((sha256, job_spec))

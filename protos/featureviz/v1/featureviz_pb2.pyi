@@ -678,7 +678,7 @@ class DatasetImageData(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., name: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Objective(_message.Message):
-    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral", "prior")
+    __slots__ = ("neuron", "channel", "layer", "logit", "prob", "direction", "neuron_direction", "interpolate", "diversity", "alignment", "l1", "l2", "tv", "blur", "sum", "scale", "batch", "bilateral", "prior", "match")
     NEURON_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -698,6 +698,7 @@ class Objective(_message.Message):
     BATCH_FIELD_NUMBER: _ClassVar[int]
     BILATERAL_FIELD_NUMBER: _ClassVar[int]
     PRIOR_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
     neuron: NeuronObjective
     channel: ChannelObjective
     layer: LayerObjective
@@ -717,7 +718,8 @@ class Objective(_message.Message):
     batch: BatchObjective
     bilateral: BilateralObjective
     prior: PriorObjective
-    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ..., bilateral: _Optional[_Union[BilateralObjective, _Mapping]] = ..., prior: _Optional[_Union[PriorObjective, _Mapping]] = ...) -> None: ...
+    match: MatchObjective
+    def __init__(self, neuron: _Optional[_Union[NeuronObjective, _Mapping]] = ..., channel: _Optional[_Union[ChannelObjective, _Mapping]] = ..., layer: _Optional[_Union[LayerObjective, _Mapping]] = ..., logit: _Optional[_Union[ClassObjective, _Mapping]] = ..., prob: _Optional[_Union[ClassObjective, _Mapping]] = ..., direction: _Optional[_Union[DirectionObjective, _Mapping]] = ..., neuron_direction: _Optional[_Union[NeuronDirectionObjective, _Mapping]] = ..., interpolate: _Optional[_Union[InterpolateObjective, _Mapping]] = ..., diversity: _Optional[_Union[LayerObjective, _Mapping]] = ..., alignment: _Optional[_Union[AlignmentObjective, _Mapping]] = ..., l1: _Optional[_Union[ConstantObjective, _Mapping]] = ..., l2: _Optional[_Union[ConstantObjective, _Mapping]] = ..., tv: _Optional[_Union[TotalVariationObjective, _Mapping]] = ..., blur: _Optional[_Union[BlurObjective, _Mapping]] = ..., sum: _Optional[_Union[SumObjective, _Mapping]] = ..., scale: _Optional[_Union[ScaleObjective, _Mapping]] = ..., batch: _Optional[_Union[BatchObjective, _Mapping]] = ..., bilateral: _Optional[_Union[BilateralObjective, _Mapping]] = ..., prior: _Optional[_Union[PriorObjective, _Mapping]] = ..., match: _Optional[_Union[MatchObjective, _Mapping]] = ...) -> None: ...
 
 class NeuronObjective(_message.Message):
     __slots__ = ("layer", "channel", "x", "y")
@@ -818,6 +820,20 @@ class PriorObjective(_message.Message):
     DATASET_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     def __init__(self, dataset: _Optional[str] = ...) -> None: ...
+
+class MatchObjective(_message.Message):
+    __slots__ = ("layer", "channel", "index", "k", "match_layer")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    MATCH_LAYER_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    channel: int
+    index: str
+    k: int
+    match_layer: str
+    def __init__(self, layer: _Optional[str] = ..., channel: _Optional[int] = ..., index: _Optional[str] = ..., k: _Optional[int] = ..., match_layer: _Optional[str] = ...) -> None: ...
 
 class SumObjective(_message.Message):
     __slots__ = ("terms",)
@@ -1277,7 +1293,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant", "max_atlas_units", "max_atlases_per_tenant", "min_prior_images", "max_latent_size")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant", "max_atlas_units", "max_atlases_per_tenant", "min_prior_images", "max_latent_size", "max_match_k")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -1328,6 +1344,7 @@ class Limits(_message.Message):
     MAX_ATLASES_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
     MIN_PRIOR_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_LATENT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_MATCH_K_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -1378,7 +1395,8 @@ class Limits(_message.Message):
     max_atlases_per_tenant: int
     min_prior_images: int
     max_latent_size: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ..., max_atlas_units: _Optional[int] = ..., max_atlases_per_tenant: _Optional[int] = ..., min_prior_images: _Optional[int] = ..., max_latent_size: _Optional[int] = ...) -> None: ...
+    max_match_k: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ..., max_atlas_units: _Optional[int] = ..., max_atlases_per_tenant: _Optional[int] = ..., min_prior_images: _Optional[int] = ..., max_latent_size: _Optional[int] = ..., max_match_k: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")
