@@ -127,6 +127,8 @@ class JobLog:
         with self._lock:
             self._seq += 1
             event = pb.JobEvent(seq=self._seq, **fields)
+            if event.HasField("result"):  # the finished job as GetJob answers it from now on: this is its last seq
+                event.result.last_seq = self._seq
             event.time.GetCurrentTime()
             self._events.append(event)
             if event.HasField("result"):
