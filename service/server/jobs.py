@@ -157,12 +157,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if isinstance(found, str):
             return found
         sha, kind, dataset, stored, model = found
+        self.scheduler.admissions(1)  # in flight until submitted (or refused): the worker may hold a step for it
         try:
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
-        except InvalidSpec as exc:
-            raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
-        with phase("admission"):
-            return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission)
+            try:
+                admission = await asyncio.to_thread(self.scheduler.admit, sha, stored)  # converted once, by the worker
+            except InvalidSpec as exc:
+                raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+            with phase("admission"):
+                return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission)
+        finally:
+            self.scheduler.admissions(-1)
 
     def _before_admission(self, tenant: str, spec: pb.JobSpec, request_id: str):
         """The checks before the worker's admission: -> the job id of an idempotent retry, or (sha, kind, dataset,
