@@ -6,8 +6,8 @@ ticket is gone is checked again).
 
 Device thread, each round:
   0. calls queued for the device thread run first (admission's memory probes: they share the engine); then, while
-     the server admits more jobs (``admitting``) and new jobs wait to join, the round may wait for them
-     (:func:`featureviz.worker.planner.hold`: a burst starts as one step);
+     a burst of jobs arrives (the server admits more: ``admitting``; or submissions keep coming) and new jobs wait
+     to join, the round may wait for them (:func:`featureviz.worker.planner.hold`: a burst starts as one step);
   1. new submissions become slots (waiting to join), cancelled jobs leave (parked ones too);
   2. :func:`featureviz.worker.planner.schedule`, a pure function of a snapshot of the worker, plans the step:
      time slicing (:func:`featureviz.worker.slices.plan`: when the granted jobs hold more than
@@ -137,6 +137,7 @@ class LocalWorker(api.Worker):
         self._calls: list[tuple] = []  # (function, future) to run on the device thread
         self._admitting = 0  # admissions in flight on the server (admitting): a step may wait for them (planner.hold)
         self._last_step = 0.0  # seconds of the last device step
+        self._arrived_at = 0.0  # when the last submission came (perf_counter)
         self._device_done = False
         self._tick = 0  # rounds of planning: orders the waits
         self._served: dict[str, int] = {}  # tenant -> tick it last had a job activated
@@ -199,6 +200,7 @@ class LocalWorker(api.Worker):
 
     def submit(self, submission: api.Submission) -> None:
         with self._cv:
+            self._arrived_at = time.perf_counter()
             self._incoming.append(submission)
             self._cv.notify_all()
 
@@ -372,20 +374,33 @@ class LocalWorker(api.Worker):
         self._flush_stats(force=True)
 
     def _hold(self) -> None:
-        """Before a round takes the new submissions: wait (``planner.hold``) while the server admits more jobs, so a
-        burst starts as one step. Ends early when the admissions end, a call for the device thread or a cancel
-        comes, or the worker stops (call with ``_cv`` held)."""
-        if not self._admitting or not (self._incoming or self._waiting):
+        """Before a round takes the new submissions: wait (``planner.hold``) while a burst of jobs arrives (the server
+        admits more: ``admitting``; or, with none in flight, the next submission comes within
+        ``planner.HOLD_GAP_SECONDS``: a burst's requests reach the server one by one), so it starts as one step.
+        Ends early when a call for the device thread or a cancel comes, or the worker stops (call with ``_cv``
+        held)."""
+        if not (self._incoming or self._waiting):
             return
+        recent = time.perf_counter() - self._arrived_at < planner.HOLD_GAP_SECONDS
         stepping = sum(job.slot.batch for job in self._jobs.values() if job.active)
         joining = sum(sub.images for sub in self._incoming) + sum(job.slot.batch for job in self._waiting)
-        seconds = planner.hold(self._admitting, joining, stepping, self._last_step)
+        seconds = planner.hold(self._admitting + recent, joining, stepping, self._last_step)
         deadline = time.perf_counter() + seconds
-        while self._admitting and not (self._calls or self._cancels or self._stopping or self._shutdown):
+
+        def interrupted():
+            return self._calls or self._cancels or self._stopping or self._shutdown
+
+        while not interrupted():
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
-            self._cv.wait(left)
+            if self._admitting:
+                self._cv.wait(left)
+                continue
+            arrived = len(self._incoming)
+            if not self._cv.wait_for(lambda: self._admitting or len(self._incoming) > arrived or interrupted(),
+                                     min(left, planner.HOLD_GAP_SECONDS)):
+                return
 
     @staticmethod
     def _run_calls(calls) -> None:
