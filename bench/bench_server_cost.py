@@ -243,7 +243,8 @@ def main(argv=None) -> int:
                         help="torch CPU threads of the server's worker and of the engine here (default: 1 on a CPU, "
                              "which a loaded shared machine needs; torch's own on CUDA)")
     parser.add_argument("--label", default="", help="a word for the table's heading (before, after, ...)")
-    parser.add_argument("--serve-args", default="", help="more `featureviz serve` arguments, e.g. \"--progress-interval 1\"")
+    parser.add_argument("--serve-args", default="",
+                        help="more `featureviz serve` arguments, e.g. \"--progress-interval 1\"")
     args = parser.parse_args(argv)
     levels = [int(v) for v in args.levels.split(",")]
 
