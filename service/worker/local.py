@@ -200,7 +200,8 @@ class LocalWorker(api.Worker):
 
     def submit(self, submission: api.Submission) -> None:
         with self._cv:
-            self._arrived_at = time.perf_counter()
+            if not submission.background:  # an atlas's units come from the server's own grants, not a burst
+                self._arrived_at = time.perf_counter()
             self._incoming.append(submission)
             self._cv.notify_all()
 
@@ -375,8 +376,9 @@ class LocalWorker(api.Worker):
 
     def _hold(self) -> None:
         """Before a round takes the new submissions: wait (``planner.hold``) while a burst of jobs arrives (the server
-        admits more: ``admitting``; or, with none in flight, the next submission comes within
-        ``planner.HOLD_GAP_SECONDS``: a burst's requests reach the server one by one), so it starts as one step.
+        admits more: ``admitting``; or, with none in flight and two jobs or more waiting, the next submission comes
+        within ``planner.HOLD_GAP_SECONDS``: a burst's requests reach the server one by one), so it starts as one
+        step. An atlas's units (background) do not count as arrivals.
         Ends early when a call for the device thread or a cancel comes, or the worker stops (call with ``_cv``
         held)."""
         if not (self._incoming or self._waiting):
@@ -398,6 +400,8 @@ class LocalWorker(api.Worker):
                 self._cv.wait(left)
                 continue
             arrived = len(self._incoming)
+            if arrived + len(self._waiting) < 2:  # a lone job: no wait for the next arrival
+                return
             if not self._cv.wait_for(lambda: self._admitting or len(self._incoming) > arrived or interrupted(),
                                      min(left, planner.HOLD_GAP_SECONDS)):
                 return
