@@ -14,7 +14,10 @@ single-image jobs by default, a tiny model: one 3x3 conv, 32 px, 16 steps) and e
   (wall - the device steps' seconds, from ``featureviz_device_step_seconds``) / jobs; and per phase (self time of
   admission, dispatch, start, step bookkeeping, end, events, watch, store, PNG, the start and end forwards) in
   ms per job. The phases run on several threads (the event loop, the worker's device, output and PNG threads), so
-  they need not add up to the wall time; what the counters do not see is mostly gRPC and the event loop.
+  they need not add up to the wall time; what the counters do not see is mostly gRPC and the event loop;
+- the CPU seconds per job of the server process (all its threads, from /proc), of the engine (this process while
+  it runs) and of this process while the server runs, the client (on the same cores as the server: on a small
+  machine it slows the server down). CPU time moves much less than wall time with the load of a shared machine.
 
 Then the middle ground: 64 jobs of the demo model (EfficientNet-Lite0) at 64 px, with the same figures. Each
 figure is the median over the repeats; ratios are taken within a repeat (the same machine load).
@@ -129,7 +132,9 @@ def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int,
     from featureviz.client import pb
 
     before = server.counters()
+    cpu = _cpu_seconds(server.proc.pid), time.process_time()
     done = asyncio.run(_run_jobs(server.address, sha, objective, jobs, steps, size))
+    server_cpu, client_cpu = _cpu_seconds(server.proc.pid) - cpu[0], time.process_time() - cpu[1]
     after = server.counters()
     failed = [d for d in done if d.state != pb.JOB_STATE_SUCCEEDED]
     if failed:
@@ -148,11 +153,22 @@ def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int,
             "last_start": max(started) - min(created), "device_steps": delta("featureviz_device_step_seconds_count"),
             "images_per_step": (delta("featureviz_batch_images_sum") / delta("featureviz_batch_images_count")
                                 if delta("featureviz_batch_images_count") else 0.0),
-            "beyond_ms": 1000 * (wall - device) / jobs, "phases_ms": phases}
+            "beyond_ms": 1000 * (wall - device) / jobs, "phases_ms": phases,
+            "server_cpu_ms": 1000 * server_cpu / jobs, "client_cpu_ms": 1000 * client_cpu / jobs}
 
 
-def run_engine(model, layer: str, jobs: int, steps: int, size: int, device: str) -> float:
-    """Seconds of the in-process batched engine: make ``jobs`` single-image slots, join, ``steps`` steps, finish."""
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a process so far, from /proc (nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def run_engine(model, layer: str, jobs: int, steps: int, size: int, device: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the in-process batched engine: make ``jobs`` single-image slots, join,
+    ``steps`` steps, finish."""
     import torch
 
     from featureviz.engine import RenderSpec
@@ -175,7 +191,9 @@ def run_engine(model, layer: str, jobs: int, steps: int, size: int, device: str)
         return time.perf_counter() - began
 
     once(min(jobs, 4), 2)  # warm-up: kernels, the layout probe
-    return once(jobs, steps)
+    cpu = time.process_time()
+    wall = once(jobs, steps)
+    return wall, time.process_time() - cpu
 
 
 def device_name(device: str) -> str:
@@ -195,14 +213,16 @@ def device_name(device: str) -> str:
 
 def measure(label: str, server: Server, sha: str, model, layer: str, jobs: int, steps: int, size: int,
             device: str) -> dict:
-    engine = run_engine(model, layer, jobs, steps, size, device)  # first: the server is idle meanwhile
+    engine, engine_cpu = run_engine(model, layer, jobs, steps, size, device)  # first: the server is idle meanwhile
     served = run_server(server, sha, {"channel": {"layer": layer, "channel": 1}}, jobs, steps, size)
     served.update(engine=engine, ratio=served["wall"] / engine, label=label, jobs=jobs, size=size, steps=steps,
-                  beyond_engine_ms=1000 * (served["wall"] - engine) / jobs)
+                  beyond_engine_ms=1000 * (served["wall"] - engine) / jobs, engine_cpu_ms=1000 * engine_cpu / jobs,
+                  cpu_ratio=served["server_cpu_ms"] * jobs / 1000 / engine_cpu if engine_cpu else float("nan"))
     print(f"{label:>12s} {jobs:4d} jobs: server {served['wall']:.3f} s, engine {engine:.3f} s, ratio "
           f"{served['ratio']:.2f}x, beyond the device steps {served['beyond_ms']:.2f} ms/job, "
           f"{served['images_per_step']:.0f} images/step, created over {served['created_spread']:.2f} s, last start "
-          f"{served['last_start']:.2f} s; ms/job: "
+          f"{served['last_start']:.2f} s; CPU ms/job: server {served['server_cpu_ms']:.2f}, engine "
+          f"{served['engine_cpu_ms']:.2f} ({served['cpu_ratio']:.2f}x), client {served['client_cpu_ms']:.2f}; ms/job: "
           + ", ".join(f"{p} {v:.2f}" for p, v in served["phases_ms"].items()), flush=True)
     return served
 
@@ -223,6 +243,8 @@ def main(argv=None) -> int:
                         help="torch CPU threads of the server's worker and of the engine here (default: 1 on a CPU, "
                              "which a loaded shared machine needs; torch's own on CUDA)")
     parser.add_argument("--label", default="", help="a word for the table's heading (before, after, ...)")
+    parser.add_argument("--serve-args", default="",
+                        help="more `featureviz serve` arguments, e.g. \"--progress-interval 1\"")
     args = parser.parse_args(argv)
     levels = [int(v) for v in args.levels.split(",")]
 
@@ -253,7 +275,7 @@ def main(argv=None) -> int:
             demo_path = zoo.efficientnet_lite0()
             demo = import_model(demo_path, preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
         server = Server(Path(tmp) / "store", "--max-step-images", str(max(levels + [args.demo_jobs])),
-                        "--device", device, *(["--threads", str(threads)] if threads else []))
+                        "--device", device, *(["--threads", str(threads)] if threads else []), *args.serve_args.split())
         try:
             shas = {}
             for tenant in TENANTS:
@@ -301,8 +323,9 @@ def report(figures: dict) -> str:
              "steps' seconds) / jobs; per phase: ms of self time per job (several threads: they need not add up).",
              "",
              "| model | jobs | size, steps | server wall s | engine s | server / engine | beyond ms/job | images/step | created over s | "
+             "server CPU ms/job | engine CPU ms/job | server / engine CPU | client CPU ms/job | "
              + " | ".join(PHASE_ORDER) + " |",
-             "| --- " * (9 + len(PHASE_ORDER)) + "|"]
+             "| --- " * (13 + len(PHASE_ORDER)) + "|"]
     keys = []
     for run in figures["runs"]:
         if (run["label"], run["jobs"]) not in keys:
@@ -313,7 +336,11 @@ def report(figures: dict) -> str:
         lines.append(f"| {name} | {jobs} | {runs[0]['size']} px, {runs[0].get('steps', figures['steps'])} steps | {_median(runs, lambda r: r['wall']):.3f} | "
                      f"{_median(runs, lambda r: r['engine']):.3f} | {_median(runs, lambda r: r['ratio']):.2f}x | "
                      f"{_median(runs, lambda r: r['beyond_ms']):.2f} | {_median(runs, lambda r: r['images_per_step']):.0f}"
-                     f" | {_median(runs, lambda r: r.get('created_spread', 0.0)):.2f} | {phases} |")
+                     f" | {_median(runs, lambda r: r.get('created_spread', 0.0)):.2f}"
+                     f" | {_median(runs, lambda r: r.get('server_cpu_ms', float('nan'))):.2f}"
+                     f" | {_median(runs, lambda r: r.get('engine_cpu_ms', float('nan'))):.2f}"
+                     f" | {_median(runs, lambda r: r.get('cpu_ratio', float('nan'))):.2f}x"
+                     f" | {_median(runs, lambda r: r.get('client_cpu_ms', float('nan'))):.2f} | {phases} |")
     return "\n".join(lines) + "\n"
 
 

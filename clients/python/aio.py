@@ -242,12 +242,13 @@ class AsyncClient:
 
     async def wait(self, job: str, *, timeout: float | None = None,
                    on_event: Callable[[pb.JobEvent], None] | None = None) -> pb.Job:
-        """As :meth:`Client.wait`: watch until the job finishes; returns the finished job (with its PNG images)."""
+        """As :meth:`Client.wait`: watch until the job finishes; returns the finished job (with its PNG images): the
+        stream's result event."""
         async for event in self.watch(job, timeout=timeout):
             if on_event is not None:
                 on_event(event)
-            if event.HasField("result"):
-                return await self.job(job)
+            if event.HasField("result"):  # the finished job, as GetJob would answer (no second call)
+                return event.result
         raise FeaturevizClientError("UNAVAILABLE", f"the watch of job {job} ended without a result")
 
     async def create_and_watch(self, model: str, objective: dict | pb.Objective | None = None, *,

@@ -385,23 +385,23 @@ class BatchEngine:
     def join(self, slots: list[Slot]) -> None:
         """Measure the slots' starting objective (one no-grad forward; pads and resize, no random transforms)
         and take the step-0 snapshots. All slots must share a group key."""
-        values = self._evaluate(slots)
+        values, images = self._evaluate(slots)
         now = time.perf_counter()
-        for slot, v in zip(slots, values):
+        for slot, v, image in zip(slots, values, images):
             slot.objective_start = v
             slot.began = now
             if slot.snapshot is not None and 0 in slot.snapshots:
-                slot.snapshot(0, slot.images())
+                slot.snapshot(0, image)
 
     def finish(self, slots: list[Slot]) -> list[dict]:
         """End the slots: hand over their pending progress, measure their final objective, and return one
         dict per slot with RenderResult's fields (images on the CPU). The slots' tensors are released."""
         self._progress.flush(slots)
-        values = self._evaluate(slots)
+        values, images = self._evaluate(slots)
+        self._drop_params(slots)
         out = []
-        for slot, end in zip(slots, values):
-            self._drop_params(slot)
-            out.append(dict(images=slot.images(), objective_start=list(slot.objective_start), objective_end=end,
+        for slot, end, image in zip(slots, values, images):
+            out.append(dict(images=image, objective_start=list(slot.objective_start), objective_end=end,
                             seconds_per_step=slot.active_seconds / max(slot.steps_done, 1),
                             phase_seconds=dict(slot.phase_seconds) if self._clock_enabled() else {},
                             steps_done=slot.steps_done, cancelled=slot.cancelled, objective=str(slot.objective),
@@ -412,8 +412,8 @@ class BatchEngine:
     def drop(self, slots: list[Slot]) -> None:
         """Forget slots without a result (a failed job)."""
         self._progress.flush(slots)
+        self._drop_params(slots)
         for slot in slots:
-            self._drop_params(slot)
             slot.release()
 
     def flush(self) -> None:
@@ -422,27 +422,47 @@ class BatchEngine:
     def _clock_enabled(self) -> bool:
         return self.device.type != "cuda" or self.profile
 
-    def _evaluate(self, slots: list[Slot]) -> list[list[float]]:
+    def _evaluate(self, slots: list[Slot]) -> tuple[list[list[float]], list[torch.Tensor]]:
+        """The slots' objective values (per image) and images (clamped to [0, 1], on the CPU) under the pads and the
+        resize only: one no-grad forward. Batched as a step is: the parameterizations render per ``render_key``, the
+        centred views resample per ``resample_key``, one-channel objectives of one output are read by one gather
+        (:func:`_channel_values`), and the values and the images each come to the host in one copy, so the cost
+        of a join or an end grows with the kinds of slot, not with the slots (the same values as one forward per
+        slot: each row of the batch is computed on its own)."""
         if not slots:
-            return []
+            return [], []
         trunc, layout = self._prepare(slots)
         with torch.no_grad():
-            images = [s.image_fn() for s in slots]
-            model_rows = [(s, i) for s, i in zip(slots, images) if s.layers]
-            rows = {}
-            if model_rows:
-                x = torch.cat([s.plain(i) for s, i in model_rows])
+            images: list = [None] * len(slots)
+            for group in _groups(range(len(slots)), lambda i: _render_key(slots[i], i)):
+                image = render_group([slots[i].image_fn for i in group])
+                parts = image.split([slots[i].batch for i in group]) if len(group) > 1 else [image]
+                for i, rows in zip(group, parts):
+                    images[i] = rows
+            model_slots = [i for i, s in enumerate(slots) if s.layers]
+            order, xs = [], []
+            for group in _groups(model_slots, lambda i: slots[i].plain.resample_key):
+                first = slots[group[0]].plain
+                theta = first.maps(torch.cat([slots[i].plain.draw(slots[i].batch, None) for i in group]))
+                image = images[group[0]] if len(group) == 1 else torch.cat([images[i] for i in group])
+                xs.append(first.resample(image, theta))
+                order.extend(group)
+            out = {}
+            if order:
+                x = xs[0] if len(xs) == 1 else torch.cat(xs)
                 out = trunc.module(layouts.to_layout(x, layout))
-                rows = dict(zip([id(s) for s, _ in model_rows], _rows(out, [s.batch for s, _ in model_rows])))
-            values = []
-            for slot, image in zip(slots, images):
-                values.append(_penalized(slot, slot.objective(slot.activations(rows.get(id(slot), {}), image)).float()))
-            flat = torch.cat([v.reshape(-1) for v in values]).cpu().tolist()  # one host copy
+            own = dict(zip(order, _rows(out, [slots[i].batch for i in order]))) if order else {}
+            shared = _channel_values(slots, order, out)
+            values = [_penalized(slot, shared[i] if i in shared
+                                 else slot.objective(slot.activations(own.get(i, {}), images[i])).float())
+                      for i, slot in enumerate(slots)]  # less a generator's latent penalty, as a step reports it
+            flat = torch.cat([v.float().reshape(-1) for v in values]).cpu().tolist()  # one host copy
+            host = torch.cat(images).clamp(0, 1).cpu() if len(images) > 1 else images[0].clamp(0, 1).cpu()
         result, offset = [], 0
         for slot in slots:
             result.append(flat[offset: offset + slot.batch])
             offset += slot.batch
-        return result
+        return result, list(host.split([slot.batch for slot in slots]))
 
     def probe(self, model, spec, images: int) -> None:
         """A forward and backward of ``images`` images of ``spec`` (a :class:`CheckedSpec`, or a RenderSpec to
@@ -587,17 +607,23 @@ class BatchEngine:
         group.extend(p for p in params if id(p) not in known)
         return optimizer
 
-    def _drop_params(self, slot: Slot) -> None:
-        optimizer = self._optimizers.get(slot.optimizer_key)
-        if optimizer is None:
-            return
-        mine = {id(p) for p in slot.params}
-        group = optimizer.param_groups[0]
-        group["params"] = [p for p in group["params"] if id(p) not in mine]
-        for p in slot.params:
-            optimizer.state.pop(p, None)
-        if not group["params"]:
-            del self._optimizers[slot.optimizer_key]
+    def _drop_params(self, slots: list[Slot]) -> None:
+        """Take the slots' parameters (and their moments) out of their optimizers: one pass over each optimizer's
+        parameters for all the slots leaving at once (one pass per slot was quadratic in a step's slots)."""
+        by_key: dict = {}
+        for slot in slots:
+            by_key.setdefault(slot.optimizer_key, []).extend(slot.params)
+        for key, params in by_key.items():
+            optimizer = self._optimizers.get(key)
+            if optimizer is None:
+                continue
+            mine = {id(p) for p in params}
+            group = optimizer.param_groups[0]
+            group["params"] = [p for p in group["params"] if id(p) not in mine]
+            for p in params:
+                optimizer.state.pop(p, None)
+            if not group["params"]:
+                del self._optimizers[key]
 
     @staticmethod
     def _clear_grads(slots) -> None:

@@ -162,12 +162,16 @@ class JobServicer(pb_grpc.JobServiceServicer):
         from featureviz.server.matching import match_sources  # exemplar matching: the tenant's indexes (NOT_FOUND)
 
         matches = match_sources(self.store, tenant, sha, stored, self.config.limits.max_match_k)
-        try:  # converted once, by the worker (a prior's statistics and patch prior: learned there on first use)
-            admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, priors, matches)
-        except InvalidSpec as exc:
-            raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
-        with phase("admission"):
-            return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission)
+        self.scheduler.admissions(1)  # in flight until submitted (or refused): the worker may hold a step for it
+        try:
+            try:  # converted once, by the worker (a prior's statistics and patch prior: learned there on first use)
+                admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, priors, matches)
+            except InvalidSpec as exc:
+                raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+            with phase("admission"):
+                return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission)
+        finally:
+            self.scheduler.admissions(-1)
 
     def _before_admission(self, tenant: str, spec: pb.JobSpec, request_id: str):
         """The checks before the worker's admission: -> the job id of an idempotent retry, or (sha, kind, dataset,

@@ -127,6 +127,8 @@ class JobLog:
         with self._lock:
             self._seq += 1
             event = pb.JobEvent(seq=self._seq, **fields)
+            if event.HasField("result"):  # the finished job as GetJob answers it from now on: this is its last seq
+                event.result.last_seq = self._seq
             event.time.GetCurrentTime()
             self._events.append(event)
             if event.HasField("result"):
@@ -210,6 +212,7 @@ class Scheduler:
         self._progress: dict[str, tuple[int, int, list[float]]] = {}
         self._started: dict[str, float] = {}
         self._stopping = False
+        self._admitting = 0  # CreateJob admissions in flight (admissions)
         self._stopped = threading.Event()
         self.metrics = None  # a featureviz.server.metrics.Metrics, when the server exports metrics
         self._batch = threading.local()  # .logs: the logs a batch of worker events appended to (event thread)
@@ -275,6 +278,13 @@ class Scheduler:
             return self.worker.admit(model_sha, spec.SerializeToString())
 
     validate = admit
+
+    def admissions(self, delta: int) -> None:
+        """An admission began (+1) or ended (-1, after its submit): the worker learns how many are in flight (a step
+        may wait for them: :func:`featureviz.worker.planner.hold`)."""
+        with self._cv:
+            self._admitting = max(0, self._admitting + delta)
+            self.worker.admitting(self._admitting)
 
     def submit(self, job_id: str, tenant: str, admission: api.Admission | None = None, row=None) -> None:
         """Queue a stored job (``row``: its JobRow when the caller has it, saving a read)."""

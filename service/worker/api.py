@@ -250,6 +250,11 @@ class Worker:
             info.pid or os.getpid(), True
         return [info]
 
+    def admitting(self, count: int) -> None:
+        """``count`` admissions are in flight on the server (CreateJob calls between their checks and their submit):
+        jobs that arrive within moments. A worker may hold the start of a step for them (:class:`LocalWorker`: see
+        :func:`featureviz.worker.planner.hold`); by default this is ignored."""
+
     def stop(self, grace: float) -> None:
         """Let running jobs finish for ``grace`` seconds, then stop the rest (REQUEUED events); blocking."""
         raise NotImplementedError

@@ -5,7 +5,9 @@ transforms parsed) is kept with the ticket, and the job's slot takes that very o
 ticket is gone is checked again).
 
 Device thread, each round:
-  0. calls queued for the device thread run first (admission's memory probes: they share the engine);
+  0. calls queued for the device thread run first (admission's memory probes: they share the engine); then, while
+     a burst of jobs arrives (the server admits more: ``admitting``; or submissions keep coming) and new jobs wait
+     to join, the round may wait for them (:func:`featureviz.worker.planner.hold`: a burst starts as one step);
   1. new submissions become slots (waiting to join), cancelled jobs leave (parked ones too);
   2. :func:`featureviz.worker.planner.schedule`, a pure function of a snapshot of the worker, plans the step:
      time slicing (:func:`featureviz.worker.slices.plan`: when the granted jobs hold more than
@@ -139,6 +141,9 @@ class LocalWorker(api.Worker):
         self._waiting: list[_Job] = []  # prepared, waiting to join (their turn, or memory)
         self._indexes: dict[str, _IndexJob] = {}  # exemplar index jobs, stepped in turn (insertion order)
         self._calls: list[tuple] = []  # (function, future) to run on the device thread
+        self._admitting = 0  # admissions in flight on the server (admitting): a step may wait for them (planner.hold)
+        self._last_step = 0.0  # seconds of the last device step
+        self._arrived_at = 0.0  # when the last submission came (perf_counter)
         self._device_done = False
         self._tick = 0  # rounds of planning: orders the waits
         self._served: dict[str, int] = {}  # tenant -> tick it last had a job activated
@@ -209,8 +214,16 @@ class LocalWorker(api.Worker):
 
     def submit(self, submission: api.Submission) -> None:
         with self._cv:
+            if not submission.background:  # an atlas's units come from the server's own grants, not a burst
+                self._arrived_at = time.perf_counter()
             self._incoming.append(submission)
             self._cv.notify_all()
+
+    def admitting(self, count: int) -> None:
+        with self._cv:
+            self._admitting = max(0, int(count))
+            if not self._admitting:
+                self._cv.notify_all()
 
     def cancel(self, job_id: str) -> None:
         with self._cv:
@@ -346,6 +359,7 @@ class LocalWorker(api.Worker):
                 calls, self._calls = self._calls, []
             self._run_calls(calls)
             with self._cv:
+                self._hold()
                 if self._shutdown or (self._stopping and not self._jobs):
                     self._device_done = True  # from now on calls run on their caller's thread
                     calls, self._calls = self._calls, []
@@ -373,6 +387,38 @@ class LocalWorker(api.Worker):
             self._remove(job)
             self._emit(api.WorkerEvent(api.REQUEUED, job.sub.job_id))
         self._flush_stats(force=True)
+
+    def _hold(self) -> None:
+        """Before a round takes the new submissions: wait (``planner.hold``) while a burst of jobs arrives (the server
+        admits more: ``admitting``; or, with none in flight and two jobs or more waiting, the next submission comes
+        within ``planner.HOLD_GAP_SECONDS``: a burst's requests reach the server one by one), so it starts as one
+        step. An atlas's units (background) do not count as arrivals.
+        Ends early when a call for the device thread or a cancel comes, or the worker stops (call with ``_cv``
+        held)."""
+        if not (self._incoming or self._waiting):
+            return
+        recent = time.perf_counter() - self._arrived_at < planner.HOLD_GAP_SECONDS
+        stepping = sum(job.slot.batch for job in self._jobs.values() if job.active)
+        joining = sum(sub.images for sub in self._incoming) + sum(job.slot.batch for job in self._waiting)
+        seconds = planner.hold(self._admitting + recent, joining, stepping, self._last_step)
+        deadline = time.perf_counter() + seconds
+
+        def interrupted():
+            return self._calls or self._cancels or self._stopping or self._shutdown
+
+        while not interrupted():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            if self._admitting:
+                self._cv.wait(left)
+                continue
+            arrived = len(self._incoming)
+            if arrived + len(self._waiting) < 2:  # a lone job: no wait for the next arrival
+                return
+            if not self._cv.wait_for(lambda: self._admitting or len(self._incoming) > arrived or interrupted(),
+                                     min(left, planner.HOLD_GAP_SECONDS)):
+                return
 
     @staticmethod
     def _run_calls(calls) -> None:
@@ -668,7 +714,8 @@ class LocalWorker(api.Worker):
             for part in planner.halves(chunk):
                 self._step(key, part)
             return
-        self._stats.append((images, time.perf_counter() - began))
+        self._last_step = time.perf_counter() - began
+        self._stats.append((images, self._last_step))
 
     @contextlib.contextmanager
     def _deterministic(self, key: tuple):

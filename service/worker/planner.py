@@ -35,7 +35,12 @@ from dataclasses import field
 from featureviz.worker.slices import Entry
 from featureviz.worker.slices import plan
 
-__all__ = ["JobState", "WorkerState", "StepPlan", "schedule", "chunks", "shrink", "halves", "group_key"]
+__all__ = ["JobState", "WorkerState", "StepPlan", "schedule", "chunks", "shrink", "halves", "group_key", "hold",
+           "HOLD_MIN_SECONDS", "HOLD_MAX_SECONDS", "HOLD_GAP_SECONDS"]
+
+HOLD_MIN_SECONDS = 0.05  # a step held for admissions in flight waits at least this long (unless they end) ...
+HOLD_MAX_SECONDS = 1.0  # ... and at most this long
+HOLD_GAP_SECONDS = 0.02  # a burst's submissions may pause this long between two (the hold goes on)
 
 
 @dataclass(frozen=True)
@@ -207,3 +212,23 @@ def halves(chunk: Sequence) -> tuple[Sequence, Sequence]:
     """A failed chunk of several jobs, cut in two to retry each half."""
     half = len(chunk) // 2
     return chunk[:half], chunk[half:]
+
+
+def hold(admitting: int, joining: int, stepping: int, last_step: float) -> float:
+    """Seconds the device thread may wait, before it plans a step, for a burst of jobs arriving: ``admitting``
+    admissions in flight on the server (CreateJob calls between their checks and their submit), plus one when a
+    submission came within ``HOLD_GAP_SECONDS``. The worker stops waiting once none is in flight and none came within
+    ``HOLD_GAP_SECONDS`` (a burst's requests reach the server one by one). A burst of jobs then starts as one step
+    instead of a partial step and the rest round by round (more, smaller steps), and the admissions get the CPU and
+    the GIL meanwhile.
+
+    Only when jobs wait to join (``joining`` images) and, with the ones arriving, they are at least a quarter of the
+    images stepping now (``stepping``): a trickle of new jobs beside many running ones does not hold them. Nothing
+    stepping: up to ``HOLD_MAX_SECONDS`` (the device is idle anyway); else at most one step's time (``last_step``,
+    the last device step's seconds, within [HOLD_MIN_SECONDS, HOLD_MAX_SECONDS]), so running jobs keep at least half
+    their pace while a burst lasts."""
+    if admitting <= 0 or joining <= 0 or 4 * (admitting + joining) < stepping:
+        return 0.0
+    if stepping <= 0:
+        return HOLD_MAX_SECONDS
+    return min(HOLD_MAX_SECONDS, max(HOLD_MIN_SECONDS, last_step))

@@ -66,6 +66,8 @@ def test_same_seed_same_images(client, tiny_model):
     b = client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=6, size=32, seed=11).id, timeout=120)
     c = client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=6, size=32, seed=12).id, timeout=120)
     assert images(a) == images(b) != images(c)
+    # wait() returns the stream's result event: the finished job exactly as GetJob answers it (last_seq included)
+    assert a == client.job(a.id) and a.last_seq > 0
 
 
 def test_reattach_after_a_dropped_stream(client, tiny_model):

@@ -151,3 +151,20 @@ def test_an_interactive_job_never_waits_for_a_background_slice():
     units = [_job(f"u{i}", tenant=f"a{i % 2}", joined=True, background=True) for i in range(4)]  # ran 0: fresh slice
     step = schedule(_state([*units, _job("j", images=4)], capacity=4))
     assert step.members == ("j",) and all(not step.jobs[f"u{i}"].active for i in range(4))
+
+
+def test_a_step_waits_for_a_burst_of_admissions_at_most_one_step():
+    """While the server admits more jobs (CreateJob calls in flight), a step of new jobs may wait for them, so a
+    burst starts as one step: never without admissions in flight or without a job to join, never for a trickle of
+    new jobs beside more images running, up to HOLD_MAX_SECONDS on an idle device, else at most one step's time."""
+    from featureviz.worker.planner import HOLD_MAX_SECONDS
+    from featureviz.worker.planner import HOLD_MIN_SECONDS
+    from featureviz.worker.planner import hold
+
+    assert hold(admitting=0, joining=8, stepping=0, last_step=0.2) == 0.0  # nothing in flight: plan now
+    assert hold(admitting=5, joining=0, stepping=8, last_step=0.2) == 0.0  # nothing new to join: running jobs go on
+    assert hold(admitting=1, joining=2, stepping=64, last_step=0.2) == 0.0  # a trickle beside many running images
+    assert hold(admitting=200, joining=40, stepping=0, last_step=0.01) == HOLD_MAX_SECONDS  # an idle device waits
+    assert hold(admitting=200, joining=40, stepping=16, last_step=0.2) == 0.2  # one step's time
+    assert hold(admitting=200, joining=40, stepping=16, last_step=0.001) == HOLD_MIN_SECONDS
+    assert hold(admitting=200, joining=40, stepping=16, last_step=30.0) == HOLD_MAX_SECONDS
