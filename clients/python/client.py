@@ -234,6 +234,10 @@ class Client:
         """Every unit of the atlas (or of one ``layer``), in order, done or not."""
         return self._pages(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size), "units")
 
+    def atlas_page(self, job, *, layer: str = "", page_size: int = 0, page_token: str = "") -> pb.ListAtlasUnitsResponse:
+        """One page of ListAtlasUnits (its units, next_page_token and the progress)."""
+        return self._call(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size, page_token))
+
     def atlas_unit_image(self, job, index: int, *, variant: int = 0, image: int = 0) -> pb.AtlasUnitImage:
         """A finished unit with its PNG (``.png``); NOT_FOUND while it is not finished. ``variant``
         ``pb.ATLAS_VARIANT_NEGATIVE`` / ``DIVERSITY`` (with ``image``, the set's image) read the join's renders."""
