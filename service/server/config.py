@@ -80,6 +80,7 @@ class Limits:
     # atlases (the atlas job): units (layers x channels) of one atlas, and a tenant's unfinished atlases
     max_atlas_units: int = 50_000
     max_atlases_per_tenant: int = 4
+    max_atlas_diversity: int = 8  # AtlasSpec.diversity: images of one unit's diversity set (one batch render)
 
 
 @dataclass
