@@ -488,6 +488,7 @@ class Scheduler:
         todo: dict[str, list] = {}
         for idx, layer, channel, key in self.store.units_to_join(atlas_id, index_id):
             todo.setdefault(layer, []).append((channel, key))
+        joined = 0
         for layer, units in todo.items():
             for start in range(0, len(units), chunk):
                 part = [(channel, key, self.store.get_unit(key)) for channel, key in units[start:start + chunk]]
@@ -498,9 +499,17 @@ class Scheduler:
                     index_path=str(self.store.index_path(index_id)), model=model, layer=layer,
                     units=[(channel, png) for channel, _, png in part]))
                 self.store.put_scores(index_id, [(key, *values) for (_, key, _), values in zip(part, scores)])
+                joined += len(part)
+        # under the lock, a worker event's transaction is committed: what is left to join now is final
         with self._cv:
             run = self._atlases.get(atlas_id)
-            if run is not None and run.idle and not self.store.units_to_join(atlas_id, index_id):
+            if run is None:
+                return
+            if self.store.units_to_join(atlas_id, index_id):
+                if todo and not joined:  # done units without a stored render: they cannot be joined
+                    raise RuntimeError("units are done but their renders are not in the store")
+                self._want_join(atlas_id)  # units that finished during the pass (or committed after its read)
+            elif run.idle:
                 run.join_complete = True
                 self._progress[atlas_id] = self._atlas_progress(run)
                 self.log(atlas_id).append(progress=pb.Progress(step=run.done + run.variants_done,
