@@ -57,8 +57,8 @@ SURFACES = ("render", "evaluate", "node", "web", "form")
 RENDER, EXEMPLAR_INDEX, ATLAS = "render", "exemplar_index", "atlas"
 KINDS = (RENDER, EXEMPLAR_INDEX, ATLAS)
 # an atlas job's defaults where they differ from a render's, or where a render leaves them to the engine or the
-# model (size: the model's fixed input side wins); the server stores them in the job's spec, so every unit's key
-# names every option
+# model (size unset: the model's fixed input side, else this; a size given is rendered at, as a render's is, the
+# model seeing it resized); the server stores them in the job's spec, so every unit's key names every option
 ATLAS_DEFAULTS = {"size": 128, "steps": 256, "param": "fft", "transforms": "standard", "seed": 0}
 
 # value types: int, float, bool, choice (a proto enum), size (S or (H, W)), image (PNG/JPEG bytes),

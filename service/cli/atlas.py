@@ -32,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-depth", type=int, default=None, help="layers at this catalog depth or shallower")
     parser.add_argument("--channels", type=int, default=None, metavar="N", help="the first N channels of each layer "
                                                                                  "(default: all)")
-    parser.add_argument("--dataset", default=None, help="join a dataset's examples (not supported yet: refused)")
+    parser.add_argument("--dataset", default=None, metavar="D",
+                        help="join a dataset to every unit: a folder or archive of images (uploaded), or an uploaded "
+                             "set's id; its exemplar index over the atlas's layers is built or reused")
+    parser.add_argument("--negative", action="store_true", help="also render each unit's negative (channel minimised)")
+    parser.add_argument("--diversity", type=int, default=None, metavar="N",
+                        help="also render a diversity set of N images per unit")
     parser.add_argument("--size", type=int, default=None, metavar="S", help="image side (default 128, or the "
                                                                              "model's fixed input side)")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps (default 256)")
@@ -66,11 +71,6 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
-    from featureviz.errors import InvalidSpec
-
-    if args.dataset:
-        raise InvalidSpec("--dataset", "joining an atlas to a dataset's examples is not supported yet; run "
-                                       "featureviz exemplars beside it")
     out = Path(args.out)
     _check_out(out)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
@@ -111,8 +111,12 @@ def _run(args, address: str, out: Path, log) -> int:
             if not (len(name) == 64 and all(c in "0123456789abcdef" for c in name)):
                 raise InvalidSpec("MODEL", f"no such file, and not a model's sha256: {args.model[:100]!r}")
             model = fv.model(name)
+        dataset = None
+        if args.dataset:  # a folder or archive is uploaded (an embedded server holds nothing); else a set's id
+            dataset = fv.upload_dataset(args.dataset).id if os.path.exists(args.dataset) else args.dataset
         job = fv.atlas(model.sha256, layers=_names(args.layers), op_types=_names(args.op_types),
-                       min_depth=args.min_depth, max_depth=args.max_depth, channels=args.channels, **options)
+                       min_depth=args.min_depth, max_depth=args.max_depth, channels=args.channels, dataset=dataset,
+                       negative=args.negative, diversity=args.diversity, **options)
         log(f"atlas {job.id}: started")
         for event in fv.watch(job.id):
             if event.HasField("progress"):
@@ -128,6 +132,11 @@ def _run(args, address: str, out: Path, log) -> int:
         for unit in fv.atlas_units(job.id):
             entry = {"index": unit.index, "layer": unit.layer, "channel": unit.channel, "key": unit.key,
                      "done": unit.done, "cached": unit.cached}
+            if unit.exemplar_index:  # the dataset join
+                entry.update(exemplar_index=unit.exemplar_index, dataset_p50=unit.dataset_p50,
+                             dataset_p99=unit.dataset_p99, dataset_max=unit.dataset_max,
+                             render_score=unit.render_score, activation_ratio=unit.activation_ratio,
+                             selectivity=unit.selectivity, dead=unit.dead)
             if unit.done:
                 image = fv.atlas_unit_image(job.id, unit.index)
                 path = out / "units" / f"{unit.index}.png"

@@ -322,9 +322,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         for name, value in ATLAS_DEFAULTS.items():
             option = BY_NAME[name]
             if name == "size":
-                if not stored.HasField("size"):
-                    stored.size.height = stored.size.width = value
-            elif option.type == "choice":
+                continue  # the admission resolves it (the model's fixed side, else the default): _create_atlas
+            if option.type == "choice":
                 if not getattr(stored, name):
                     setattr(stored, name, option.enum_value(value))
             elif not stored.HasField(name):
