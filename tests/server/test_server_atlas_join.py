@@ -153,3 +153,45 @@ def test_an_unknown_dataset_or_too_large_a_diversity_set_is_refused(setup):
         fv.atlas(model, layers=[LAYER], diversity=4, **RENDER)
     assert err.value.code == "INVALID_ARGUMENT" and "max_atlas_diversity" in err.value.message
     assert fv.info().limits.max_atlas_diversity == 3
+
+
+def test_a_restart_part_way_resumes_the_variants_and_the_join_and_renders_nothing_twice(setup, tmp_path):
+    """A server stopped after two renders of an atlas with a negative and a join (the worker holds its device thread
+    from then on, so the stop meets the atlas part way by construction): the next server on the same store renders
+    only the rest and completes the join."""
+    store = tmp_path / "store"
+    folder = setup["root"] / "set"
+    worker = atlas_worker(store, max_step_images=1, hold_after_units=2)
+    server = serve_in_background(ServerConfig(store, progress_interval=0.0, heartbeat_seconds=0.5, grace_seconds=0.0,
+                                              max_step_images=1), worker=worker)
+    try:
+        with Client(server.address) as fv:
+            model = fv.upload(colour_net(), name="colour.onnx").sha256
+            dataset = fv.upload_dataset(folder).id
+            job = fv.atlas(model, layers=[LAYER], channels=2, negative=True, dataset=dataset, seed=9, **RENDER)
+            for event in fv.watch(job.id, timeout=300):  # two renders stored; the worker steps no more
+                if event.HasField("progress") and event.progress.step >= 2:
+                    break
+            stored = {f"{job.id}:{u.index}" for u in fv.atlas_units(job.id) if u.done}
+            stored |= {f"{job.id}:{u.index}:2" for u in fv.atlas_units(job.id) if u.negative_done}
+    finally:
+        server.stop()
+    assert len(stored) == 2
+    worker = atlas_worker(store, max_step_images=1)
+    server = serve_in_background(ServerConfig(store, progress_interval=0.0, heartbeat_seconds=0.5,
+                                              max_step_images=1), worker=worker)
+    try:
+        with Client(server.address) as fv:
+            done = fv.wait(job.id, timeout=300)
+            assert done.state == pb.JOB_STATE_SUCCEEDED, done.error
+            progress = fv.atlas_progress(job.id)
+            assert (progress.done, progress.variants_done, progress.joined) == (2, 2, 2)
+            units = list(fv.atlas_units(job.id))
+            assert all(u.negative_done and u.exemplar_index for u in units)
+            every = {f"{job.id}:{i}{v}" for i in range(2) for v in ("", ":2")}
+            assert sorted(worker.unit_submissions()) == sorted(every - stored)  # only what was not stored
+            store_ = server._server.store
+            keys = [u.key for u in units] + [key for _, _, _, key in store_.atlas_variants(job.id, 0, 1)]
+            assert {store_.get_unit(key)[6] for key in keys} == {1}  # nothing rendered twice
+    finally:
+        server.stop()
