@@ -228,7 +228,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
             index_spec.exemplar_index.layers[:] = admission.layers
             if stored.HasField("preprocess"):
                 index_spec.preprocess.CopyFrom(stored.preprocess)
-            index_admission = await asyncio.to_thread(self.scheduler.admit, sha, index_spec)
+            try:
+                index_admission = await asyncio.to_thread(self.scheduler.admit, sha, index_spec)
+            except InvalidSpec as exc:  # named as the atlas's: the index spec is the server's, not the caller's
+                raise InvalidSpec("spec.atlas.dataset", f"the join's exemplar index over the atlas's layers: "
+                                                        f"{exc.description}", reason=exc.reason) from exc
             joined = (index_spec, index_admission)
         with phase("admission"):
             return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission, joined)
