@@ -57,8 +57,8 @@ SURFACES = ("render", "evaluate", "node", "web", "form")
 RENDER, EXEMPLAR_INDEX, ATLAS = "render", "exemplar_index", "atlas"
 KINDS = (RENDER, EXEMPLAR_INDEX, ATLAS)
 # an atlas job's defaults where they differ from a render's, or where a render leaves them to the engine or the
-# model (size: the model's fixed input side wins); the server stores them in the job's spec, so every unit's key
-# names every option
+# model (size unset: the model's fixed input side, else this; a size given is rendered at, as a render's is, the
+# model seeing it resized); the server stores them in the job's spec, so every unit's key names every option
 ATLAS_DEFAULTS = {"size": 128, "steps": 256, "param": "fft", "transforms": "standard", "seed": 0}
 
 # value types: int, float, bool, choice (a proto enum), size (S or (H, W)), image (PNG/JPEG bytes),
@@ -210,11 +210,16 @@ OPTIONS: tuple[Option, ...] = (
                       max_limit="max_index_batch", engine=False, surfaces=(), kinds=(EXEMPLAR_INDEX,),
                       parent="exemplar_index"))),
     Option("atlas", "atlas", None, "render one image per unit (a channel of a layer) instead of one objective: "
-           "{layers, op_types, min_depth, max_depth, channels}; the layers by name, op type or depth range (default: "
-           "every layer with channels); the job has no objective and takes the render options (atlas defaults: size "
-           "128, 256 steps, fft, standard transforms, seed 0)", engine=False, surfaces=(), kinds=(ATLAS,), parts=(
+           "{layers, op_types, min_depth, max_depth, channels, dataset, negative, diversity}; the layers by name, op "
+           "type or depth range (default: every layer with channels); dataset: a dataset id whose exemplar index over "
+           "the atlas's layers is built or reused and joined to each unit; negative: also render each unit's "
+           "negative; diversity: also render a diversity set of N images per unit; the job has no objective and "
+           "takes the render options (atlas defaults: size 128, 256 steps, fft, standard transforms, seed 0)",
+           engine=False, surfaces=(), kinds=(ATLAS,), parts=(
                Option("channels", "int", 0, "the first N channels of each layer (0: all)", minimum=0, engine=False,
-                      surfaces=(), kinds=(ATLAS,), parent="atlas"),)),
+                      surfaces=(), kinds=(ATLAS,), parent="atlas"),
+               Option("diversity", "int", 0, "images of each unit's diversity set (0: none)", minimum=0,
+                      max_limit="max_atlas_diversity", engine=False, surfaces=(), kinds=(ATLAS,), parent="atlas"))),
     Option("prior_dataset", "dataset", None, "learn the image statistics from this dataset (its id): the "
            "parameterization uses its colour matrix instead of ImageNet's and, for fft and laplacian, its spectrum decay "
            "instead of 1/f (on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
@@ -335,13 +340,14 @@ def _index_value(value, path: str) -> dict:
 
 def _atlas_value(value, path: str) -> dict:
     """An atlas's spec as the caller gives it: ``{"layers": [...], "op_types": [...], "min_depth": int,
-    "max_depth": int, "channels": int}`` (every key optional; ``{}``: every layer, every channel)."""
+    "max_depth": int, "channels": int, "dataset": id, "negative": bool, "diversity": int}`` (every key optional;
+    ``{}``: every layer, every channel, no join, no variants)."""
     if value is True:
         value = {}
     if not isinstance(value, dict):
-        raise InvalidSpec(path, f"must be an object {{layers, op_types, min_depth, max_depth, channels}}, got "
-                                f"{echo(value)}")
-    known = ("layers", "op_types", "min_depth", "max_depth", "channels")
+        raise InvalidSpec(path, f"must be an object {{layers, op_types, min_depth, max_depth, channels, dataset, "
+                                f"negative, diversity}}, got {echo(value)}")
+    known = ("layers", "op_types", "min_depth", "max_depth", "channels", "dataset", "negative", "diversity")
     unknown = [key for key in value if key not in known]
     if unknown:
         raise InvalidSpec(path, f"unknown key {echo(unknown[0])}; known: {', '.join(known)}")
@@ -352,7 +358,15 @@ def _atlas_value(value, path: str) -> dict:
             raise InvalidSpec(f"{path}.{key}", f"must be a list of names, got {echo(names)}")
         if names:
             out[key] = list(names)
-    for key in ("min_depth", "max_depth", "channels"):
+    if value.get("dataset"):
+        if not isinstance(value["dataset"], str):
+            raise InvalidSpec(f"{path}.dataset", f"must be a dataset id, got {echo(value['dataset'])}")
+        out["dataset"] = value["dataset"]
+    if value.get("negative") is not None:
+        if not isinstance(value["negative"], bool):
+            raise InvalidSpec(f"{path}.negative", f"must be true or false, got {echo(value['negative'])}")
+        out["negative"] = value["negative"]
+    for key in ("min_depth", "max_depth", "channels", "diversity"):
         if value.get(key) is not None:
             number = value[key]
             if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 0:
@@ -384,9 +398,6 @@ def check_kind(spec: pb.JobSpec) -> str:
     if kind == ATLAS and spec.HasField("objective"):
         raise InvalidSpec("spec.objective", "an atlas job has no objective: each unit's is channel(layer, c); leave "
                                             "the objective unset, or leave atlas unset to render it")
-    if kind == ATLAS and spec.atlas.dataset:
-        raise InvalidSpec("spec.atlas.dataset", "joining an atlas to a dataset's examples is not supported yet; "
-                                                "leave it unset and run an exemplar_index job beside it")
     if kind == EXEMPLAR_INDEX and spec.HasField("objective"):
         raise InvalidSpec("spec.objective", "an exemplar_index job has no objective: it indexes a dataset's images; "
                                             "leave the objective unset, or leave exemplar_index unset to render")

@@ -166,10 +166,12 @@ class AsyncClient:
         return await self.wait(job.id, timeout=timeout) if wait else job
 
     async def atlas(self, model, *, layers=None, op_types=None, min_depth: int | None = None,
-                    max_depth: int | None = None, channels: int | None = None, request_id: str | None = None,
+                    max_depth: int | None = None, channels: int | None = None, dataset: str | None = None,
+                    negative: bool = False, diversity: int | None = None, request_id: str | None = None,
                     wait: bool = False, timeout: float | None = None, **options) -> pb.Job:
         spec = atlas_job_spec(model, layers=layers, op_types=op_types, min_depth=min_depth, max_depth=max_depth,
-                              channels=channels, **options)
+                              channels=channels, dataset=dataset, negative=negative, diversity=diversity,
+                              **options)
         job = await self._call(self._jobs.CreateJob,
                                pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
         return await self.wait(job.id, timeout=timeout) if wait else job
@@ -187,7 +189,7 @@ class AsyncClient:
         """One page of ListAtlasUnits (its units, next_page_token and the progress)."""
         return await self._call(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size, page_token))
 
-    async def atlas_unit_image(self, job, index: int, *, variant: int = 0, image: int = 0) -> pb.AtlasUnitImage:
+    async def atlas_unit_image(self, job, index: int, *, variant="render", image: int = 0) -> pb.AtlasUnitImage:
         return await self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index, variant, image))
 
     async def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,

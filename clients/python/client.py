@@ -212,7 +212,8 @@ class Client:
     # ------------------------------------------------------------------------------------------- atlases
 
     def atlas(self, model, *, layers=None, op_types=None, min_depth: int | None = None, max_depth: int | None = None,
-              channels: int | None = None, request_id: str | None = None, wait: bool = False,
+              channels: int | None = None, dataset: str | None = None, negative: bool = False,
+              diversity: int | None = None, request_id: str | None = None, wait: bool = False,
               timeout: float | None = None, **options) -> pb.Job:
         """Start an atlas (``JobSpec.atlas``): one image per channel of the selected layers (by name, op type, depth
         range; none: every layer with channels), the first ``channels`` of each (None: all), with the render
@@ -221,7 +222,8 @@ class Client:
         progress event per finished unit), stop it with :meth:`cancel` (what is done stays), read it with
         :meth:`atlas_units` and :meth:`atlas_unit_image`."""
         spec = atlas_job_spec(model, layers=layers, op_types=op_types, min_depth=min_depth, max_depth=max_depth,
-                              channels=channels, **options)
+                              channels=channels, dataset=dataset, negative=negative, diversity=diversity,
+                              **options)
         job = self._call(self._jobs.CreateJob,
                          pb.CreateJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex))
         return self.wait(job.id, timeout=timeout) if wait else job
@@ -234,13 +236,14 @@ class Client:
         """Every unit of the atlas (or of one ``layer``), in order, done or not."""
         return self._pages(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size), "units")
 
-    def atlas_page(self, job, *, layer: str = "", page_size: int = 0, page_token: str = "") -> pb.ListAtlasUnitsResponse:
+    def atlas_page(self, job, *, layer: str = "", page_size: int = 0,
+                   page_token: str = "") -> pb.ListAtlasUnitsResponse:
         """One page of ListAtlasUnits (its units, next_page_token and the progress)."""
         return self._call(self._jobs.ListAtlasUnits, atlas_units_request(job, layer, page_size, page_token))
 
-    def atlas_unit_image(self, job, index: int, *, variant: int = 0, image: int = 0) -> pb.AtlasUnitImage:
+    def atlas_unit_image(self, job, index: int, *, variant="render", image: int = 0) -> pb.AtlasUnitImage:
         """A finished unit with its PNG (``.png``); NOT_FOUND while it is not finished. ``variant``
-        ``pb.ATLAS_VARIANT_NEGATIVE`` / ``DIVERSITY`` (with ``image``, the set's image) read the join's renders."""
+        "negative" / "diversity" (or a ``pb.AtlasVariant``; with ``image``, the set's image) read the other renders."""
         return self._call(self._jobs.GetAtlasUnit, atlas_unit_request(job, index, variant, image))
 
     def exemplars(self, model: str, dataset: str, layer: str, channel: int, *, order: str = "max", k: int = 9,

@@ -38,7 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-depth", type=int, default=None, help="layers at this catalog depth or shallower")
     parser.add_argument("--channels", type=int, default=None, metavar="N", help="the first N channels of each layer "
                                                                                  "(default: all)")
-    parser.add_argument("--dataset", default=None, help="join a dataset's examples (not supported yet: refused)")
+    parser.add_argument("--dataset", default=None, metavar="D",
+                        help="join a dataset to every unit: a folder or archive of images (uploaded), or an uploaded "
+                             "set's id; its exemplar index over the atlas's layers is built or reused")
+    parser.add_argument("--negative", action="store_true", help="also render each unit's negative (channel minimised)")
+    parser.add_argument("--diversity", type=int, default=None, metavar="N",
+                        help="also render a diversity set of N images per unit")
     parser.add_argument("--size", type=int, default=None, metavar="S", help="image side (default 128, or the "
                                                                              "model's fixed input side)")
     parser.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps (default 256)")
@@ -64,11 +69,6 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
-    from featureviz.errors import InvalidSpec
-
-    if args.dataset:
-        raise InvalidSpec("--dataset", "joining an atlas to a dataset's examples is not supported yet; run "
-                                       "featureviz exemplars beside it")
     out = Path(args.out)
     if args.atlas is not None and args.model != "export":
         raise InvalidSpec("ATLAS", f"one MODEL only, or `export ATLAS`; got {args.atlas[:100]!r} after the model")
@@ -122,8 +122,12 @@ def _run(args, address: str, out: Path, log) -> int:
             if not (len(name) == 64 and all(c in "0123456789abcdef" for c in name)):
                 raise InvalidSpec("MODEL", f"no such file, and not a model's sha256: {args.model[:100]!r}")
             model = fv.model(name)
+        dataset = None
+        if args.dataset:  # a folder or archive is uploaded (an embedded server holds nothing); else a set's id
+            dataset = fv.upload_dataset(args.dataset).id if os.path.exists(args.dataset) else args.dataset
         job = fv.atlas(model.sha256, layers=_names(args.layers), op_types=_names(args.op_types),
-                       min_depth=args.min_depth, max_depth=args.max_depth, channels=args.channels, **options)
+                       min_depth=args.min_depth, max_depth=args.max_depth, channels=args.channels, dataset=dataset,
+                       negative=args.negative, diversity=args.diversity, **options)
         log(f"atlas {job.id}: started")
         for event in fv.watch(job.id):
             if event.HasField("progress"):

@@ -18,9 +18,14 @@ from featureviz.options import BY_NAME
 from featureviz.v1 import featureviz_pb2 as pb
 
 __all__ = ["unit_spec", "unit_key", "render_key", "progress", "UNIT_RENDERED", "UNIT_CACHED", "UNIT_FAILED",
-           "unit_job_id", "parse_unit_job_id"]
+           "unit_job_id", "parse_unit_job_id", "RENDER", "NEGATIVE", "DIVERSITY", "variant_spec", "variant_key",
+           "variants_of", "image_key", "DIVERSITY_WEIGHT"]
 
 UNIT_RENDERED, UNIT_CACHED, UNIT_FAILED = 1, 2, 3
+# a unit's renders (pb.AtlasVariant numbers): the render, its negative (the channel minimised), its diversity set
+RENDER, NEGATIVE, DIVERSITY = pb.ATLAS_VARIANT_RENDER, pb.ATLAS_VARIANT_NEGATIVE, pb.ATLAS_VARIANT_DIVERSITY
+# lucid's diversity weight (``channel - 1e2 * diversity``; featureviz's diversity term has the maximising sign)
+DIVERSITY_WEIGHT = 100.0
 
 # the JobSpec fields a unit's render reads besides its objective (the render options an atlas takes)
 _RENDER_FIELDS = ("steps", "lr", "size", "seed", "param", "decay", "transforms", "preprocess", "lr_schedule",
@@ -31,14 +36,61 @@ _OTHER_FIELDS = ("init_image", "judge", "exemplar_index", "atlas", "exclusive", 
                  "generator")  # a generator's latents: not a unit
 
 
-def unit_job_id(atlas_id: str, index: int) -> str:
-    """The id a unit's render has on the worker (never a job row)."""
-    return f"{atlas_id}:{index}"
+def unit_job_id(atlas_id: str, index: int, variant: int = RENDER) -> str:
+    """The id a unit's render (or variant render) has on the worker (never a job row)."""
+    return f"{atlas_id}:{index}" if variant == RENDER else f"{atlas_id}:{index}:{variant}"
 
 
 def parse_unit_job_id(job_id: str) -> tuple[str, int] | None:
     atlas_id, sep, index = job_id.partition(":")
+    index = index.partition(":")[0]
     return (atlas_id, int(index)) if sep and index.isdigit() else None
+
+
+def variants_of(atlas: pb.JobSpec) -> list[int]:
+    """The variant renders each unit of this atlas takes besides its render (AtlasSpec.negative, .diversity)."""
+    return ([NEGATIVE] if atlas.atlas.negative else []) + ([DIVERSITY] if atlas.atlas.diversity > 0 else [])
+
+
+def variant_spec(atlas: pb.JobSpec, layer: str, channel: int, variant: int) -> pb.JobSpec:
+    """The render of one of a unit's variants: the unit's spec with the objective -channel (NEGATIVE: scale -1), or
+    channel + DIVERSITY_WEIGHT * diversity(layer) over a batch of AtlasSpec.diversity images (DIVERSITY: lucid's
+    diversity set, the Gram-matrix term on the unit's own layer)."""
+    spec = unit_spec(atlas, layer, channel)
+    if variant == RENDER:
+        return spec
+    channel_objective = pb.Objective()
+    channel_objective.CopyFrom(spec.objective)
+    spec.ClearField("objective")
+    if variant == NEGATIVE:
+        spec.objective.scale.factor = -1.0
+        spec.objective.scale.objective.CopyFrom(channel_objective)
+    elif variant == DIVERSITY:
+        spec.batch = atlas.atlas.diversity
+        spec.objective.sum.terms.append(channel_objective)
+        term = spec.objective.sum.terms.add()
+        term.scale.factor = DIVERSITY_WEIGHT
+        term.scale.objective.diversity.layer = layer
+    else:
+        raise ValueError(f"unknown atlas variant {variant}")
+    return spec
+
+
+def variant_key(model: str, atlas: pb.JobSpec, layer: str, channel: int, variant: int) -> str:
+    """The content key of a unit's variant render: the unit's key material (every render option, seed) with the
+    variant (and the diversity set's size) added, so an identical variant of any atlas is the same key."""
+    if variant == RENDER:
+        return unit_key(model, atlas, layer, channel)
+    spec = unit_spec(atlas, layer, channel)
+    extra = {"variant": pb.AtlasVariant.Name(variant)}
+    if variant == DIVERSITY:
+        extra["images"], extra["weight"] = int(atlas.atlas.diversity), DIVERSITY_WEIGHT
+    return render_key(model, spec, (spec.size.height, spec.size.width), extra=extra)
+
+
+def image_key(key: str, image: int) -> str:
+    """The unit_renders key of image ``image`` of a diversity set stored under ``key``."""
+    return f"{key}/{image}"
 
 
 def unit_spec(atlas: pb.JobSpec, layer: str, channel: int) -> pb.JobSpec:
@@ -51,7 +103,7 @@ def unit_spec(atlas: pb.JobSpec, layer: str, channel: int) -> pb.JobSpec:
     return spec
 
 
-def render_key(model: str, spec: pb.JobSpec, default_size: tuple[int, int]) -> str | None:
+def render_key(model: str, spec: pb.JobSpec, default_size: tuple[int, int], extra: dict | None = None) -> str | None:
     """The content key of a batch-1 render of one channel: sha256 of (model, layer, channel, every render option
     with the declared defaults filled in, seed); None when the job is not such a render (another objective, a batch,
     an init image, a judge...). ``default_size``: the model's input size, for a spec that leaves size unset."""
@@ -77,6 +129,8 @@ def render_key(model: str, spec: pb.JobSpec, default_size: tuple[int, int]) -> s
             values[name] = getattr(spec, name)
     if not values["plateau"]:
         values["plateau"], values["plateau_window"] = 0.0, None  # the window means nothing without the stop
+    if extra:  # a unit's variant (variant_key): the same key material with the variant named
+        values.update(extra)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -112,5 +166,10 @@ def progress(store, job_id: str, *, start_time: float | None = None, finished: b
     left = out.units - out.done - out.failed
     if left > 0 and out.units_per_hour > 0 and not finished:
         out.eta_seconds = left / out.units_per_hour * 3600.0
+    out.variants_done = store.variant_counts(job_id)[1]
+    join = store.atlas_join(job_id)
+    if join is not None:
+        out.index_job = f"jobs/{join[1]}"
+        out.joined = store.joined_units(job_id, join[2])
     return out
 

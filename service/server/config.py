@@ -87,6 +87,7 @@ class Limits:
     max_latent_size: int = 4096
     # exemplar matching (the objective's match terms): examples per term at most
     max_match_k: int = 16
+    max_atlas_diversity: int = 8  # AtlasSpec.diversity: images of one unit's diversity set (one batch render)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 from featureviz.errors import FailedPrecondition
 from featureviz.errors import InvalidSpec
@@ -128,7 +129,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         query = f"atlas|{row.id}|{request.layer}"
         offset, limit = page_bounds(request.page_size, request.page_token, query,
                                     default=limits.default_page_size, maximum=limits.max_page_size)
-        units = [_unit(values) for values in self.store.atlas_units(row.id, request.layer, offset, limit)]
+        units = self._joined([_unit(values) for values in self.store.atlas_units(row.id, request.layer, offset,
+                                                                                 limit)], row)
         return pb.ListAtlasUnitsResponse(
             units=units, next_page_token=next_token(offset, limit, len(units), None, query),
             progress=progress(self.store, row.id, start_time=row.start_time, finished=row.state in TERMINAL_STATES))
@@ -139,11 +141,69 @@ class JobServicer(pb_grpc.JobServiceServicer):
         found = self.store.atlas_units(row.id, offset=request.index, limit=1) if request.index >= 0 else []
         if not found:
             raise NotFound(f"atlas {row.id} has no unit {request.index}", reason="UNIT_NOT_FOUND")
-        unit = _unit(found[0])
-        stored = self.store.get_unit(unit.key) if unit.done else None
+        from featureviz.server.atlas import DIVERSITY
+        from featureviz.server.atlas import NEGATIVE
+        from featureviz.server.atlas import image_key
+
+        unit = self._joined([_unit(found[0])], row)[0]
+        variant = request.variant or pb.ATLAS_VARIANT_RENDER
+        if variant == pb.ATLAS_VARIANT_RENDER:
+            stored = self.store.get_unit(unit.key) if unit.done else None
+            if stored is None:
+                raise NotFound(f"unit {request.index} of atlas {row.id} is not finished", reason="UNIT_NOT_FOUND")
+            return pb.AtlasUnitImage(unit=unit, png=stored[0])
+        if variant not in (NEGATIVE, DIVERSITY):
+            raise InvalidSpec("variant", f"unknown variant {variant}; RENDER, NEGATIVE or DIVERSITY")
+        name = pb.AtlasVariant.Name(variant).removeprefix("ATLAS_VARIANT_").lower()
+        rows = [r for r in self.store.atlas_variants(row.id, request.index, request.index) if r[1] == variant]
+        if not rows or rows[0][2] not in (1, 2):
+            raise NotFound(f"unit {request.index} of atlas {row.id} has no {name} render"
+                           + (" yet" if rows and rows[0][2] == 0 else ": the atlas does not render it" if not rows
+                              else ": its render failed"), reason="VARIANT_NOT_FOUND")
+        key = rows[0][3]
+        if variant == DIVERSITY:
+            images = pb.JobSpec.FromString(row.spec).atlas.diversity
+            if not 0 <= request.image < images:
+                raise NotFound(f"unit {request.index} of atlas {row.id} has no diversity image {request.image}; "
+                               f"its set has {images} (0 to {images - 1})", reason="VARIANT_NOT_FOUND")
+            key = image_key(key, request.image)
+        stored = self.store.get_unit(key)
         if stored is None:
-            raise NotFound(f"unit {request.index} of atlas {row.id} is not finished", reason="UNIT_NOT_FOUND")
+            raise NotFound(f"the {name} render of unit {request.index} of atlas {row.id} is not stored",
+                           reason="VARIANT_NOT_FOUND")
         return pb.AtlasUnitImage(unit=unit, png=stored[0])
+
+    def _joined(self, units: list[pb.AtlasUnit], row) -> list[pb.AtlasUnit]:
+        """The units with their variants' state and their dataset join (AtlasUnit 12-21) filled in."""
+        from featureviz.server.atlas import DIVERSITY
+        from featureviz.server.atlas import NEGATIVE
+
+        if not units:
+            return units
+        spec = pb.JobSpec.FromString(row.spec)
+        if spec.atlas.negative or spec.atlas.diversity:
+            by_index = {unit.index: unit for unit in units}
+            for idx, variant, state, _ in self.store.atlas_variants(row.id, units[0].index, units[-1].index):
+                unit = by_index.get(idx)
+                if unit is not None and state in (1, 2):
+                    if variant == NEGATIVE:
+                        unit.negative_done = True
+                    elif variant == DIVERSITY:
+                        unit.diversity_done = spec.atlas.diversity
+        join = self.store.atlas_join(row.id) if spec.atlas.dataset else None
+        if join is not None:
+            scores = self.store.unit_scores(join[2], [unit.key for unit in units if unit.done])
+            for unit in units:
+                found = scores.get(unit.key) if unit.done else None
+                if found is None:
+                    continue
+                p50, p99, top, score = found
+                unit.exemplar_index = join[2]
+                unit.dataset_p50, unit.dataset_p99, unit.dataset_max, unit.render_score = p50, p99, top, score
+                unit.activation_ratio = score / top if top > 0 and math.isfinite(score) else 0.0
+                unit.selectivity = p99 / p50 if p50 > 0 else 0.0
+                unit.dead = not top > 0
+        return units
 
     def _atlas_row(self, name: str, tenant: str):
         row = self.store.get_job(_job_id(name), tenant)  # NOT_FOUND for an unknown job or another tenant's
@@ -168,8 +228,21 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, priors, matches)
             except InvalidSpec as exc:
                 raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
+            joined = None
+            if kind == ATLAS and dataset:  # the join's exemplar index over the atlas's layers, admitted as its own job
+                index_spec = pb.JobSpec(model=sha)
+                index_spec.exemplar_index.dataset = dataset
+                index_spec.exemplar_index.layers[:] = admission.layers
+                if stored.HasField("preprocess"):
+                    index_spec.preprocess.CopyFrom(stored.preprocess)
+                try:
+                    index_admission = await asyncio.to_thread(self.scheduler.admit, sha, index_spec)
+                except InvalidSpec as exc:  # named as the atlas's: the index spec is the server's, not the caller's
+                    raise InvalidSpec("spec.atlas.dataset", f"the join's exemplar index over the atlas's layers: "
+                                                            f"{exc.description}", reason=exc.reason) from exc
+                joined = (index_spec, index_admission)
             with phase("admission"):
-                return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission)
+                return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission, joined)
         finally:
             self.scheduler.admissions(-1)
 
@@ -201,6 +274,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
             dataset = dataset_of(spec)
             self.store.get_dataset(tenant, dataset)
+        elif kind == ATLAS and spec.atlas.dataset:  # the atlas's join: the same
+            from featureviz.server.datasets import parse_dataset_name
+
+            dataset = parse_dataset_name(spec.atlas.dataset, "spec.atlas.dataset")
+            self.store.get_dataset(tenant, dataset)
         queued = self.store.count_jobs(tenant, (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
         limit = self.config.limits.max_queued_jobs_per_tenant
         if queued >= limit:
@@ -224,6 +302,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             stored.generator.model = self._generator(tenant, spec.generator.model)
         if kind == ATLAS:
             self._atlas_defaults(tenant, stored)
+            stored.atlas.dataset = dataset
         # the datasets of prior_dataset and the prior:DATASET terms: the tenant holds each (NOT_FOUND), each is large
         # enough (FAILED_PRECONDITION), before any compute; the stored spec names them by bare id
         priors = prior_sources(self.store, tenant, stored, self.config.limits.min_prior_images)
@@ -256,11 +335,11 @@ class JobServicer(pb_grpc.JobServiceServicer):
         return sha
 
     def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
-                         model: pb.Model, admission) -> str:
+                         model: pb.Model, admission, joined=None) -> str:
         if kind == EXEMPLAR_INDEX:
             return self._create_index(tenant, request_id, stored, sha, dataset, admission)
         if kind == ATLAS:
-            return self._create_atlas(tenant, request_id, stored, sha, admission)
+            return self._create_atlas(tenant, request_id, stored, sha, admission, joined)
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
             if not stored.HasField(key):
                 setattr(stored, key, getattr(admission, key))
@@ -286,18 +365,23 @@ class JobServicer(pb_grpc.JobServiceServicer):
         for name, value in ATLAS_DEFAULTS.items():
             option = BY_NAME[name]
             if name == "size":
-                if not stored.HasField("size"):
-                    stored.size.height = stored.size.width = value
-            elif option.type == "choice":
+                continue  # the admission resolves it (the model's fixed side, else the default): _create_atlas
+            if option.type == "choice":
                 if not getattr(stored, name):
                     setattr(stored, name, option.enum_value(value))
             elif not stored.HasField(name):
                 setattr(stored, name, value)
 
-    def _create_atlas(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, admission) -> str:
-        """An atlas job: the spec records its resolved size; its units (catalog order, then channel) are stored
-        with their keys, and the scheduler grants them in the room interactive jobs leave."""
+    def _create_atlas(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, admission,
+                      joined=None) -> str:
+        """An atlas job: the spec records its resolved size; its units (catalog order, then channel) and their
+        variant renders are stored with their keys, and the scheduler grants them in the room interactive jobs
+        leave. With a dataset (``joined``: the index job's spec and admission) its exemplar index job is made
+        (or ends at once, cached, when a finished index of that key exists) and recorded as the atlas's join."""
         from featureviz.server.atlas import unit_key
+        from featureviz.server.atlas import variant_key
+        from featureviz.server.atlas import variants_of
+        from featureviz.server.indexes import index_id
 
         limit = self.config.limits.max_atlas_units
         if admission.channels > limit:
@@ -312,6 +396,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
         row, created = self.store.create_job(tenant, request_id, stored, sha)
         if created:
             self.store.add_atlas_units(row.id, units)
+            self.store.add_atlas_variants(row.id, [(i, variant, variant_key(sha, stored, layer, channel, variant))
+                                                   for i, (layer, _, channel, _) in enumerate(units)
+                                                   for variant in variants_of(stored)])
+            if joined is not None:
+                index_spec, index_admission = joined
+                index_job = self._create_index(tenant, "", index_spec, sha, stored.atlas.dataset, index_admission)
+                self.store.put_atlas_join(row.id, stored.atlas.dataset, index_job, index_id(sha, index_spec))
             self.scheduler.submit_atlas(row.id, tenant)
         return row.id
 
@@ -337,6 +428,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 self.scheduler.finish_cached(row.id, tenant, sha, found[1])
             else:
                 self.scheduler.submit(row.id, tenant, admission)
+        return row.id
         return row.id
 
     def _check_budget(self, tenant: str, spec: pb.JobSpec) -> None:

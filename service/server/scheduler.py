@@ -51,12 +51,15 @@ import time
 
 from featureviz.errors import FailedPrecondition
 from featureviz.phases import phase
+from featureviz.server.atlas import DIVERSITY
+from featureviz.server.atlas import RENDER
 from featureviz.server.atlas import UNIT_CACHED
 from featureviz.server.atlas import UNIT_FAILED
 from featureviz.server.atlas import UNIT_RENDERED
 from featureviz.server.atlas import progress as atlas_progress
+from featureviz.server.atlas import image_key
 from featureviz.server.atlas import unit_job_id
-from featureviz.server.atlas import unit_spec
+from featureviz.server.atlas import variant_spec
 from featureviz.server.store import TERMINAL_STATES
 from featureviz.server.store import Store
 from featureviz.v1 import featureviz_pb2 as pb
@@ -171,18 +174,36 @@ class JobLog:
 
 
 class _AtlasRun:
-    """An unfinished atlas on the scheduler: its units not granted yet (``pending``: (idx, layer, channel, key)),
-    those in flight (idx -> key) and those waiting for another atlas's render of the same key."""
+    """An unfinished atlas on the scheduler: its renders not granted yet (``pending``: (idx, layer, channel, key,
+    variant): the units' renders and their variants), those in flight (unit job id -> key) and those waiting for
+    another atlas's render of the same key. ``join``: (dataset, index job, index id) of its dataset join, None
+    without one; ``join_state``: "waiting" (for the index job), "ready" (units are joined as they finish),
+    "failed" (the index job did not succeed: the atlas ends without the join); ``join_complete``: every unit
+    joined."""
 
     def __init__(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec, pending: list, total: int,
                  done: int, order: int):
         self.job_id, self.tenant, self.model, self.spec = job_id, tenant, model, spec
         self.pending: collections.deque = collections.deque(pending)
-        self.running: dict[int, str] = {}
+        self.running: dict[str, str] = {}
         self.deferred: dict[str, list] = {}
         self.total, self.done, self.order = total, done, order
+        self.variants_total = self.variants_done = 0
         self.cancelled = False
         self.started = False
+        self.join: tuple[str, str, str] | None = None
+        self.join_state = "waiting"
+        self.join_complete = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of it left to render."""
+        return not self.pending and not self.running and not self.deferred
+
+    @property
+    def settled(self) -> bool:
+        """Its dataset join is done (or there is none, or it failed, or the atlas is cancelled)."""
+        return self.join is None or self.cancelled or self.join_state == "failed" or self.join_complete
 
 
 class Scheduler:
@@ -225,6 +246,11 @@ class Scheduler:
         self._bg_held = 0
         self._bg_served: dict[str, int] = {}
         self._device_name = None
+        # the dataset joins (featureviz.server.atlas): atlases wanting a join pass, run by one thread
+        self._join_cv = threading.Condition()
+        self._join_wanted: set[str] = set()
+        self._join_stop = False
+        self._join_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -240,6 +266,8 @@ class Scheduler:
                 self._add_atlas(row.id, row.tenant, row.model, spec)
                 continue
             self._enqueue(row.id, row.tenant, spec)
+        self._join_thread = threading.Thread(target=self._join_loop, name="atlas-join", daemon=True)
+        self._join_thread.start()
         self.worker.start(self._on_event)
         with self._cv:
             self._dispatch()
@@ -252,6 +280,9 @@ class Scheduler:
     def stop(self, grace: float) -> None:
         """Blocking: running jobs may finish for ``grace`` seconds; then they are stopped and stay QUEUED."""
         self.stop_accepting()
+        with self._join_cv:
+            self._join_stop = True
+            self._join_cv.notify_all()
         self.worker.stop(grace)
         with self._cv:
             self._granted.clear()
@@ -413,14 +444,119 @@ class Scheduler:
             return sum(1 for run in self._atlases.values() if run.tenant == tenant)
 
     def _add_atlas(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec) -> None:
-        pending = self.store.pending_units(job_id)
+        units = [(*unit, RENDER) for unit in self.store.pending_units(job_id)]
+        variants = [tuple(v) for v in self.store.pending_variants(job_id)]
         total = self.store.atlas_unit_count(job_id)
         self._turn += 1
-        run = _AtlasRun(job_id, tenant, model, spec, pending, total, total - len(pending), self._turn)
+        run = _AtlasRun(job_id, tenant, model, spec, sorted(units + variants, key=lambda p: (p[0], p[4])), total,
+                        total - len(units), self._turn)
+        run.variants_total = self.store.variant_counts(job_id)[0]
+        run.variants_done = run.variants_total - len(variants)
+        run.join = self.store.atlas_join(job_id)
         self._atlases[job_id] = run
-        self._progress[job_id] = (run.done, run.total, [])
-        if not pending:
+        self._progress[job_id] = self._atlas_progress(run)
+        self._update_join(run)
+        self._maybe_finish(run)
+
+    @staticmethod
+    def _atlas_progress(run: _AtlasRun) -> tuple[int, int, list]:
+        """The atlas job's step/steps: its renders (units and variants) done, of all."""
+        return run.done + run.variants_done, run.total + run.variants_total, []
+
+    def _maybe_finish(self, run: _AtlasRun) -> None:
+        """Finish the atlas when nothing is left to render and its join is settled (call with the lock held)."""
+        if run.idle and run.settled and run.job_id in self._atlases:
             self._finish_atlas(run)
+
+    # ------------------------------------------------------------------------------------------- dataset joins
+
+    def _update_join(self, run: _AtlasRun) -> None:
+        """Read the state of the atlas's index job: ready (join the done units), failed, or still waiting (call
+        with the lock held)."""
+        if run.join is None or run.join_state != "waiting":
+            return
+        try:
+            state = self.store.get_job(run.join[1]).state
+        except Exception:  # the index job row is gone
+            state = pb.JOB_STATE_FAILED
+        if state == pb.JOB_STATE_SUCCEEDED:
+            run.join_state = "ready"
+            self._want_join(run.job_id)
+        elif state in TERMINAL_STATES:
+            run.join_state = "failed"
+            log.warning("atlas %s: its exemplar index job %s did not succeed; the atlas goes on without the dataset "
+                        "join", run.job_id, run.join[1])
+            self._maybe_finish(run)
+
+    def _index_job_ended(self, job_id: str) -> None:
+        """An exemplar index job ended: the atlases whose join waited for it go on (call with the lock held)."""
+        for atlas_id in self.store.atlases_joining(job_id):
+            run = self._atlases.get(atlas_id)
+            if run is not None:
+                self._update_join(run)
+
+    def _want_join(self, atlas_id: str) -> None:
+        with self._join_cv:
+            self._join_wanted.add(atlas_id)
+            self._join_cv.notify_all()
+
+    def _join_loop(self) -> None:
+        """The join thread: one pass at a time over an atlas's done units not joined yet."""
+        while True:
+            with self._join_cv:
+                while not self._join_wanted and not self._join_stop:
+                    self._join_cv.wait()
+                if self._join_stop:
+                    return
+                atlas_id = self._join_wanted.pop()
+            try:
+                self._join_pass(atlas_id)
+            except Exception as exc:  # the index file is gone or damaged, the worker failed: no join for this atlas
+                log.warning("atlas %s: the dataset join failed: %s", atlas_id, exc)
+                with self._cv:
+                    run = self._atlases.get(atlas_id)
+                    if run is not None:
+                        run.join_state = "failed"
+                        self._maybe_finish(run)
+
+    def _join_pass(self, atlas_id: str, chunk: int = 64) -> None:
+        """Join the atlas's done units not joined yet: per layer, the worker reads the channels' quantiles from the
+        index and scores the renders on the same measure (api.JoinQuery); stored per (index, render key)."""
+        join = self.store.atlas_join(atlas_id)
+        if join is None:
+            return
+        index_id = join[2]
+        model = self.store.get_job(atlas_id).model
+        todo: dict[str, list] = {}
+        for idx, layer, channel, key in self.store.units_to_join(atlas_id, index_id):
+            todo.setdefault(layer, []).append((channel, key))
+        joined = 0
+        for layer, units in todo.items():
+            for start in range(0, len(units), chunk):
+                part = [(channel, key, self.store.get_unit(key)) for channel, key in units[start:start + chunk]]
+                part = [(channel, key, found[0]) for channel, key, found in part if found is not None]
+                if not part:
+                    continue
+                scores = self.worker.join_scores(api.JoinQuery(
+                    index_path=str(self.store.index_path(index_id)), model=model, layer=layer,
+                    units=[(channel, png) for channel, _, png in part]))
+                self.store.put_scores(index_id, [(key, *values) for (_, key, _), values in zip(part, scores)])
+                joined += len(part)
+        # under the lock, a worker event's transaction is committed: what is left to join now is final
+        with self._cv:
+            run = self._atlases.get(atlas_id)
+            if run is None:
+                return
+            if self.store.units_to_join(atlas_id, index_id):
+                if todo and not joined:  # done units without a stored render: they cannot be joined
+                    raise RuntimeError("units are done but their renders are not in the store")
+                self._want_join(atlas_id)  # units that finished during the pass (or committed after its read)
+            elif run.idle:
+                run.join_complete = True
+                self._progress[atlas_id] = self._atlas_progress(run)
+                self.log(atlas_id).append(progress=pb.Progress(step=run.done + run.variants_done,
+                                                               steps=run.total + run.variants_total))
+                self._maybe_finish(run)
 
     def _dispatch_units(self) -> None:
         """Grant atlas units while the granted images stay below one device step (call with the lock held)."""
@@ -429,42 +565,56 @@ class Scheduler:
             if not runs:
                 return
             held: dict[str, int] = {}
-            for atlas_id, _, _ in self._units.values():
+            for atlas_id, *_ in self._units.values():
                 owner = self._atlases.get(atlas_id)
                 if owner is not None:
                     held[owner.tenant] = held.get(owner.tenant, 0) + 1
             run = min(runs, key=lambda r: (held.get(r.tenant, 0), self._bg_served.get(r.tenant, -1), r.order))
-            idx, layer, channel, key = run.pending.popleft()
-            if self.store.has_unit(key):  # rendered before (another atlas, an earlier run): served from the store
-                self._unit_done(run, idx, UNIT_CACHED)
+            item = run.pending.popleft()
+            idx, layer, channel, key, variant = item
+            # rendered before (another atlas, an earlier run): served from the store (a diversity set is stored
+            # whole in one transaction: its first image stands for the set)
+            if self.store.has_unit(image_key(key, 0) if variant == DIVERSITY else key):
+                self._unit_done(run, idx, UNIT_CACHED, variant)
                 continue
             if key in self._inflight:  # another atlas renders it now: this one takes it from the store after
-                run.deferred.setdefault(key, []).append((idx, layer, channel, key))
+                run.deferred.setdefault(key, []).append(item)
                 continue
-            unit = unit_job_id(run.job_id, idx)
-            self._units[unit] = (run.job_id, idx, key)
+            unit = unit_job_id(run.job_id, idx, variant)
+            images = run.spec.atlas.diversity if variant == DIVERSITY else 1
+            self._units[unit] = (run.job_id, idx, key, variant, images)
             self._inflight[key] = unit
-            run.running[idx] = key
-            self._bg_held += 1
+            run.running[unit] = key
+            self._bg_held += images
             self._turn += 1
             self._bg_served[run.tenant] = self._turn
             self.worker.submit(api.Submission(job_id=unit, tenant=run.tenant, model=run.model,
-                                              spec=unit_spec(run.spec, layer, channel).SerializeToString(),
-                                              images=1, background=True))
+                                              spec=variant_spec(run.spec, layer, channel, variant).SerializeToString(),
+                                              images=images, background=True))
 
-    def _unit_done(self, run: _AtlasRun, idx: int, state: int) -> None:
-        """A unit of ``run`` ended (rendered, served from the store or failed): recorded, progress logged, and
-        the atlas finished when it was the last (call with the lock held)."""
-        self.store.finish_unit(run.job_id, idx, state)
-        if state != UNIT_FAILED:
-            run.done += 1
+    def _unit_done(self, run: _AtlasRun, idx: int, state: int, variant: int = RENDER) -> None:
+        """A render of ``run`` ended (a unit's or one of its variants': rendered, served from the store or failed):
+        recorded, progress logged, the unit's join queued, and the atlas finished when it was the last (call with
+        the lock held)."""
+        if variant == RENDER:
+            self.store.finish_unit(run.job_id, idx, state)
+            if state != UNIT_FAILED:
+                run.done += 1
+        else:
+            self.store.finish_variant(run.job_id, idx, variant, state)
+            if state != UNIT_FAILED:
+                run.variants_done += 1
         if self.metrics is not None and state != UNIT_FAILED:
             self.metrics.atlas_units.labels("rendered" if state == UNIT_RENDERED else "cached").inc()
         self._atlas_running(run)
-        self._progress[run.job_id] = (run.done, run.total, [])
-        self.log(run.job_id).append(progress=pb.Progress(step=run.done, steps=run.total))
-        if not run.pending and not run.running and not run.deferred:
-            self._finish_atlas(run)
+        self._progress[run.job_id] = self._atlas_progress(run)
+        step, steps, _ = self._progress[run.job_id]
+        self.log(run.job_id).append(progress=pb.Progress(step=step, steps=steps))
+        if variant == RENDER and state != UNIT_FAILED and run.join_state == "ready":
+            self._want_join(run.job_id)
+        elif run.idle and run.join_state == "ready" and not run.join_complete:
+            self._want_join(run.job_id)  # the last render was a variant: the pass that completes the join
+        self._maybe_finish(run)
 
     def _atlas_running(self, run: _AtlasRun) -> None:
         if not run.started:
@@ -492,8 +642,8 @@ class Scheduler:
         run.cancelled = True
         run.pending.clear()
         run.deferred.clear()
-        for idx in list(run.running):
-            self.worker.cancel(unit_job_id(run.job_id, idx))
+        for unit in list(run.running):
+            self.worker.cancel(unit)
         if not run.running:
             self._finish_atlas(run)
 
@@ -515,17 +665,22 @@ class Scheduler:
             worker = self._unit_workers.pop(unit, "local")
             if found is None:
                 return
-            atlas_id, idx, key = found
-            self._bg_held -= 1
+            atlas_id, idx, key, variant, images = found
+            self._bg_held -= images
             self._inflight.pop(key, None)
             run = self._atlases.get(atlas_id)
             if run is not None:
-                run.running.pop(idx, None)
+                run.running.pop(unit, None)
         state = None
         if event.kind == api.FINISHED and event.state == pb.JOB_STATE_SUCCEEDED and event.result is not None \
                 and event.result.images and run is not None:
             seconds = event.result.steps_done * event.result.seconds_per_step
-            self.store.put_unit(key, run.model, event.result.images[0], seconds, f"{worker} ({self._device()})")
+            device = f"{worker} ({self._device()})"
+            if variant == DIVERSITY:  # the set's images, all at once
+                self.store.put_units([(image_key(key, i), image) for i, image in enumerate(event.result.images)],
+                                     run.model, seconds, device)
+            else:
+                self.store.put_unit(key, run.model, event.result.images[0], seconds, device)
             state = UNIT_RENDERED
         elif event.kind == api.FINISHED and event.state == pb.JOB_STATE_FAILED:
             log.warning("atlas %s: unit %d failed: %s", atlas_id, idx, event.error.message if event.error else "")
@@ -535,13 +690,13 @@ class Scheduler:
                 other.pending.extendleft(reversed(other.deferred.pop(key, [])))
             if run is not None:
                 if state is not None:
-                    self._unit_done(run, idx, state)
+                    self._unit_done(run, idx, state, variant)
                 elif run.cancelled:
                     if not run.running:
                         self._finish_atlas(run)
                 else:  # re-queued (stop), lost, or cancelled by no one of ours: it renders again
                     row = self.store.atlas_units(run.job_id, offset=idx, limit=1)[0]
-                    run.pending.appendleft((row[0], row[1], row[3], row[4]))
+                    run.pending.appendleft((row[0], row[1], row[3], key, variant))
             self._dispatch()
 
     def _device(self) -> str:
@@ -589,6 +744,7 @@ class Scheduler:
             self._release(job_id)
             self.store.finish_job(job_id, pb.JOB_STATE_FAILED, error=job_error(exc))
             self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+            self._index_job_ended(job_id)
             return None
 
     def _prior_sources(self, job_id: str, tenant: str, spec: pb.JobSpec) -> dict | None:
@@ -621,6 +777,8 @@ class Scheduler:
         self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
         if self.metrics is not None:
             self.metrics.jobs.labels("succeeded").inc()
+        with self._cv:
+            self._index_job_ended(job_id)
 
     def _release(self, job_id: str) -> None:
         if self._granted.pop(job_id, None) is not None:
@@ -655,6 +813,7 @@ class Scheduler:
                 self._release(job_id)
                 self.store.finish_job(job_id, pb.JOB_STATE_CANCELLED)
                 self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
+                self._index_job_ended(job_id)
                 if self.metrics is not None:
                     self.metrics.jobs.labels("cancelled").inc()
             elif row.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED):
@@ -779,7 +938,10 @@ class Scheduler:
         log.info("job %s %s%s", job_id, outcome, f" in {time.perf_counter() - started:.1f} s" if started else "")
         self.log(job_id).append(result=self.store.get_job(job_id).to_proto())
         with self._cv:
+            indexing = job_id in self._indexing
             self._release(job_id)
+            if indexing:
+                self._index_job_ended(job_id)
             self._dispatch()
 
     def _on_requeued(self, event: api.WorkerEvent) -> None:

@@ -13,7 +13,10 @@ Layout under the store directory::
     featureviz.sqlite3            tables ``models`` (tenant, sha256 -> Model, catalog), ``jobs``, ``datasets``
                                   (tenant, id -> Dataset, image list) and ``dataset_images`` (id -> image sha256),
                                   ``atlas_units`` (an atlas job's units and their state) and ``unit_renders``
-                                  (finished unit renders by content key: PNG, objective, device seconds)
+                                  (finished unit renders by content key: PNG, objective, device seconds),
+                                  ``atlas_variants`` (a unit's negative and diversity renders), ``atlas_joins``
+                                  (an atlas's dataset and exemplar index) and ``unit_scores`` (a render joined to
+                                  an index: the channel's p50/p99/max over the set and the render's score)
 
 Model rows and job rows hold their protos serialized, so the metadata is exactly what the API returns.
 One connection serves the event loop and the scheduler thread behind a lock; every call is a short
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import math
 import os
 import shutil
 import sqlite3
@@ -122,6 +126,30 @@ CREATE TABLE IF NOT EXISTS unit_renders (      -- finished unit renders (atlas u
     create_time REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS unit_renders_model ON unit_renders (model);
+CREATE TABLE IF NOT EXISTS atlas_variants (    -- an atlas unit's variant renders (AtlasSpec.negative, .diversity)
+    job TEXT NOT NULL,
+    idx INTEGER NOT NULL,         -- the unit's idx in atlas_units
+    variant INTEGER NOT NULL,     -- featureviz.v1.AtlasVariant (NEGATIVE, DIVERSITY)
+    key TEXT NOT NULL,            -- its unit_renders key (a diversity set: image i under key/i)
+    state INTEGER NOT NULL DEFAULT 0,   -- as atlas_units.state
+    done_time REAL,
+    PRIMARY KEY (job, idx, variant)
+);
+CREATE TABLE IF NOT EXISTS atlas_joins (       -- an atlas's dataset join (AtlasSpec.dataset)
+    job TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    index_job TEXT NOT NULL,      -- the exemplar index job that builds (or reused) the index
+    index_id TEXT NOT NULL        -- the exemplar_indexes id it makes
+);
+CREATE TABLE IF NOT EXISTS unit_scores (       -- a unit render joined to an exemplar index (content-addressed)
+    index_id TEXT NOT NULL,
+    key TEXT NOT NULL,            -- the unit_renders key
+    p50 REAL NOT NULL,            -- the channel's spatial max over the index's images: p50, p99, max
+    p99 REAL NOT NULL,
+    max REAL NOT NULL,
+    render_score REAL NOT NULL,   -- the render's spatial max on the same measure
+    PRIMARY KEY (index_id, key)
+);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
 """
@@ -717,6 +745,90 @@ class Store:
 
     def has_unit(self, key: str) -> bool:
         return bool(self._run("SELECT 1 FROM unit_renders WHERE key = ?", (key,)))
+
+    def put_units(self, renders: list[tuple[str, pb.RenderedImage]], model: str, device_seconds: float,
+                  device: str) -> None:
+        """Several renders at once, in one transaction (a diversity set's images: all stored, or none)."""
+        with self.transaction():
+            for key, image in renders:
+                self.put_unit(key, model, image, device_seconds, device)
+
+    # ------------------------------------------------------------------------------------------- atlas variants
+
+    def add_atlas_variants(self, job_id: str, variants: list[tuple[int, int, str]]) -> None:
+        """An atlas's variant renders ``(idx, variant, key)`` (once, when the job is made)."""
+        with self._lock, _disk_full(), self._tx():
+            self._db.executemany("INSERT OR IGNORE INTO atlas_variants (job, idx, variant, key) VALUES (?, ?, ?, ?)",
+                                 [(job_id, *v) for v in variants])
+
+    def pending_variants(self, job_id: str) -> list[tuple[int, str, int, str, int]]:
+        """``(idx, layer, channel, key, variant)`` of the variant renders not done yet."""
+        return self._run("SELECT v.idx, a.layer, a.channel, v.key, v.variant FROM atlas_variants v JOIN atlas_units a "
+                         "ON a.job = v.job AND a.idx = v.idx WHERE v.job = ? AND v.state = 0 ORDER BY v.idx, v.variant",
+                         (job_id,))
+
+    def finish_variant(self, job_id: str, idx: int, variant: int, state: int) -> None:
+        self._run("UPDATE atlas_variants SET state = ?, done_time = ? WHERE job = ? AND idx = ? AND variant = ? AND "
+                  "state = 0", (state, time.time(), job_id, idx, variant))
+
+    def atlas_variants(self, job_id: str, first: int, last: int) -> list[tuple[int, int, int, str]]:
+        """``(idx, variant, state, key)`` of the variants of units ``first..last``."""
+        return self._run("SELECT idx, variant, state, key FROM atlas_variants WHERE job = ? AND idx BETWEEN ? AND ?",
+                         (job_id, first, last))
+
+    def variant_counts(self, job_id: str) -> tuple[int, int, int]:
+        """(variant renders, done (rendered or served from the store), failed) of an atlas."""
+        row = self._run("SELECT COUNT(*), SUM(state IN (1, 2)), SUM(state = 3) FROM atlas_variants WHERE job = ?",
+                        (job_id,))[0]
+        return int(row[0]), int(row[1] or 0), int(row[2] or 0)
+
+    # ------------------------------------------------------------------------------------------- atlas joins
+
+    def put_atlas_join(self, job_id: str, dataset: str, index_job: str, index_id: str) -> None:
+        self._run("INSERT OR REPLACE INTO atlas_joins (job, dataset, index_job, index_id) VALUES (?, ?, ?, ?)",
+                  (job_id, dataset, index_job, index_id))
+
+    def atlas_join(self, job_id: str) -> tuple[str, str, str] | None:
+        """``(dataset, index job, index id)`` of an atlas joined to a dataset, else None."""
+        rows = self._run("SELECT dataset, index_job, index_id FROM atlas_joins WHERE job = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def atlases_joining(self, index_job: str) -> list[str]:
+        """The atlases whose join waits for this index job."""
+        return [row[0] for row in self._run("SELECT job FROM atlas_joins WHERE index_job = ?", (index_job,))]
+
+    def units_to_join(self, job_id: str, index_id: str) -> list[tuple[int, str, int, str]]:
+        """``(idx, layer, channel, key)`` of the atlas's done units with no score for the index yet."""
+        return self._run("SELECT a.idx, a.layer, a.channel, a.key FROM atlas_units a LEFT JOIN unit_scores s ON "
+                         "s.index_id = ? AND s.key = a.key WHERE a.job = ? AND a.state IN (1, 2) AND s.key IS NULL "
+                         "ORDER BY a.idx", (index_id, job_id))
+
+    def joined_units(self, job_id: str, index_id: str) -> int:
+        return self._run("SELECT COUNT(*) FROM atlas_units a JOIN unit_scores s ON s.index_id = ? AND s.key = a.key "
+                         "WHERE a.job = ?", (index_id, job_id))[0][0]
+
+    def put_scores(self, index_id: str, scores: list[tuple[str, float, float, float, float]]) -> None:
+        """``(key, p50, p99, max, render_score)`` of unit renders joined to an index."""
+        with self._lock, _disk_full(), self._tx():
+            self._db.executemany("INSERT OR REPLACE INTO unit_scores (index_id, key, p50, p99, max, render_score) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", [(index_id, key, *(_real(v) for v in values))
+                                                                for key, *values in scores])
+
+    def unit_scores(self, index_id: str, keys: list[str]) -> dict[str, tuple[float, float, float, float]]:
+        """key -> (p50, p99, max, render_score) for those of ``keys`` joined to the index."""
+        out = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            rows = self._run(f"SELECT key, p50, p99, max, render_score FROM unit_scores WHERE index_id = ? AND key IN "
+                             f"({','.join('?' * len(part))})", (index_id, *part))
+            out.update({row[0]: row[1:] for row in rows})
+        return out
+
+
+def _real(value: float) -> float:
+    """A score for SQLite (NaN, which it stores as NULL, counts as -inf: never active)."""
+    value = float(value)
+    return -math.inf if value != value else value
 
 
 def resume_offset(partial: Path, size: int, *, drop: bool = False) -> int:

@@ -252,8 +252,8 @@ def index_result(index, work) -> pb.JobResult:
 def atlas_admission(model, spec: pb.JobSpec, *, max_units: int | None = None):
     """An atlas job's spec resolved against ``model`` before any compute: the selected layers (catalog order; by
     names, op types and a depth range, all of them applying; none given: every catalog layer with channels), the
-    units per layer (its channels, or the first ``spec.atlas.channels``) and the render size (the model's fixed
-    input side, else ``spec.size``). A selection matching nothing, or more units than ``max_units``, is
+    units per layer (its channels, or the first ``spec.atlas.channels``) and the render size (``spec.size`` as a
+    render takes it; unset: the model's fixed input side, else the atlas default 128). A selection matching nothing, or more units than ``max_units``, is
     InvalidSpec naming it; a unit's render spec is checked once here (its size, preprocessing, options)."""
     from featureviz.engine.exemplars import index_layers
     from featureviz.errors import NotFound
@@ -296,7 +296,11 @@ def atlas_admission(model, spec: pb.JobSpec, *, max_units: int | None = None):
         raise InvalidSpec("spec.atlas", f"{total} units ({len(infos)} layers); the limit is max_atlas_units = "
                                         f"{max_units}: select fewer layers or set channels", reason="TOO_MANY_UNITS")
     inputs = model.input_spec
-    size = (spec.size.height, spec.size.width) if spec.HasField("size") else tuple(inputs.default_size)
-    size = (inputs.height or size[0], inputs.width or size[1])
+    if spec.HasField("size"):  # as a render's: a fixed-size model sees the image resized to its input
+        size = (spec.size.height, spec.size.width)
+    else:  # the atlas default, or the model's fixed input side
+        from featureviz.options import ATLAS_DEFAULTS
+
+        size = (inputs.height or ATLAS_DEFAULTS["size"], inputs.width or ATLAS_DEFAULTS["size"])
     return Admission(ticket="", kind="atlas", layers=[info.name for info in infos], size=(int(size[0]), int(size[1])),
                      units=units, depths=[int(info.depth) for info in infos], channels=total)

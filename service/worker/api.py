@@ -13,6 +13,7 @@ the device and everything torch. They talk through :class:`Worker`:
     worker.cancel(job_id)               # it leaves at the next step (a FINISHED event, CANCELLED)
     worker.exemplars(ExemplarQuery(...))   # one channel's ranked examples from a finished index file
     worker.dataset_image(ImageQuery(...))  # one stored image (or a crop of it) as PNG bytes
+    worker.join_scores(JoinQuery(...))  # an atlas's dataset join: units' quantiles and their renders' scores
     worker.info() / worker.stop(grace)
 
 Every argument and event is picklable plain data, so a worker can live in another process or on another
@@ -26,8 +27,8 @@ from dataclasses import field
 
 from featureviz.v1 import featureviz_pb2 as pb
 
-__all__ = ["Submission", "Admission", "IndexWork", "PriorSource", "ExemplarQuery", "ImageQuery", "WorkerEvent",
-           "WorkerConfig",
+__all__ = ["Submission", "Admission", "IndexWork", "PriorSource", "ExemplarQuery", "ImageQuery", "JoinQuery",
+           "WorkerEvent", "WorkerConfig",
            "Worker", "STARTED", "PROGRESS", "PREVIEW", "FINISHED", "REQUEUED", "STEPS", "LOST"]
 
 STARTED, PROGRESS, PREVIEW, FINISHED, REQUEUED, STEPS = "started", "progress", "preview", "finished", "requeued", \
@@ -178,6 +179,19 @@ class ImageQuery:
 
 
 @dataclass
+class JoinQuery:
+    """An atlas's dataset join for the worker: a finished index file, the model it was built with, one layer
+    (catalog name, in the index) and its units as ``(channel, render PNG)``. The answer
+    (:meth:`Worker.join_scores`): per unit ``(p50, p99, max, render_score)``: the channel's quantiles of the
+    spatial max over the set, and the render's spatial max put through the model as a set's image is."""
+
+    index_path: str
+    model: str
+    layer: str
+    units: list[tuple[int, bytes]]
+
+
+@dataclass
 class WorkerEvent:
     """One event of a job (or, for ``kind == STEPS``, of the device). ``state`` is a ``pb.JobState`` for FINISHED
     (SUCCEEDED, FAILED, CANCELLED) with ``result`` and/or ``error``; ``steps`` holds (images, seconds) per device
@@ -232,6 +246,11 @@ class Worker:
     def dataset_image(self, query: ImageQuery) -> pb.DatasetImageData:
         """The image (or the crop of ``query.box``) decoded and downscaled to ``query.max_side``, as PNG bytes
         with its width and height (``featureviz.worker.queries.dataset_image``)."""
+        raise NotImplementedError
+
+    def join_scores(self, query: JoinQuery) -> list[tuple[float, float, float, float]]:
+        """An atlas's dataset join (``featureviz.worker.queries.Queries.join_scores``): per unit of the query
+        ``(p50, p99, max, render_score)``."""
         raise NotImplementedError
 
     def device(self) -> pb.Device:

@@ -236,6 +236,9 @@ class LocalWorker(api.Worker):
     def dataset_image(self, query: api.ImageQuery) -> pb.DatasetImageData:
         return dataset_image(query)
 
+    def join_scores(self, query: api.JoinQuery) -> list[tuple[float, float, float, float]]:
+        return self.queries.join_scores(query)  # the forward on the device thread
+
     def device(self) -> pb.Device:
         return self._device_pb
 

@@ -92,6 +92,23 @@ class Queries:
                 item.image_box.CopyFrom(_box(example.image_box))
         return out
 
+    def join_scores(self, query) -> list[tuple[float, float, float, float]]:
+        """An atlas's dataset join: per ``(channel, png)`` of ``query.units`` the channel's (p50, p99, max) over the
+        index's images and the render's score on the same measure (``score_images``: the render through the
+        model as a set's image, on the device thread)."""
+        from featureviz.engine.exemplars import score_images
+
+        index = self._index(query.index_path)
+        if not index.complete:
+            raise FailedPrecondition("the exemplar index is not finished; wait for its job", reason="INDEX_UNFINISHED")
+        if index.meta.get("model") != query.model:
+            raise FailedPrecondition("the exemplar index was built with another model", reason="INDEX_MISMATCH")
+        quantiles = index.quantiles(query.layer)
+        model = self.models.get(query.model)
+        scores = self._on_device(lambda: score_images(model, index, query.layer, query.units))
+        return [(quantiles["p50"][channel], quantiles["p99"][channel], quantiles["max"][channel], score)
+                for (channel, _), score in zip(query.units, scores)]
+
     def _index(self, path: str):
         from featureviz.engine.exemplars import ExemplarIndex
 

@@ -156,6 +156,10 @@ class WorkerHost:
     def dataset_image(self, query: api.ImageQuery) -> pb.DatasetImageData:
         return self.worker.dataset_image(query)
 
+    def join_scores(self, sha256: str, refs: list, query: api.JoinQuery) -> list:
+        self._learn(sha256, refs)
+        return self.worker.join_scores(query)
+
     def drop_model(self, sha256: str) -> None:
         self._refs.pop(sha256, None)
         self.worker.drop_model(sha256)
@@ -342,6 +346,15 @@ class RayPool(api.Worker):
         is the server's store: the actors must see the same store folder (one machine, or a shared volume)."""
         ref = self._ref(query.model)
         host, result = self._call(query.model, "exemplars", query.model, [ref], query)
+        with self._lock:
+            host.models.add(query.model)
+        return result
+
+    def join_scores(self, query: api.JoinQuery) -> list:
+        """On the worker that holds the model (an atlas's dataset join: the index file by path, as for
+        :meth:`exemplars`)."""
+        ref = self._ref(query.model)
+        host, result = self._call(query.model, "join_scores", query.model, [ref], query)
         with self._lock:
             host.models.add(query.model)
         return result

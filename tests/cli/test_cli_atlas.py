@@ -54,10 +54,19 @@ def test_an_atlas_through_a_server_writes_every_unit_and_the_manifest(model, tmp
 
 
 def test_the_embedded_server_and_the_refusals(model, tmp_path):
+    from support.images import noisy_png
+
+    folder = tmp_path / "set"  # --dataset FOLDER: uploaded to the embedded server and joined to every unit
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"n{i}.png").write_bytes(noisy_png(16, i))
     out = tmp_path / "local"
-    done = _run(model, "--layers", "/Relu", "--channels", 1, "--size", 32, "--steps", 4, "--out", out, "--quiet")
+    done = _run(model, "--layers", "/Relu", "--channels", 1, "--size", 32, "--steps", 4, "--dataset", folder,
+                "--negative", "--out", out, "--quiet")
     assert done.returncode == 0, done.stderr
-    assert json.loads((out / "atlas.json").read_text())["progress"]["done"] == 1
+    manifest = json.loads((out / "atlas.json").read_text())
+    assert manifest["progress"]["done"] == 1
+    assert len(manifest["units"][0]["exemplar_index"]) == 64 and "dataset_max" in manifest["units"][0]
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

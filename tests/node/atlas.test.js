@@ -29,7 +29,9 @@ describe('atlas', () => {
   });
 
   it('starts, watches, lists and fetches an atlas', async () => {
-    const job = await fv.createAtlas(model, { layers: ['/Relu'], channels: 2, size: 32, steps: 4, seed: 7 });
+    const job = await fv.createAtlas(model, {
+      layers: ['/Relu'], channels: 2, size: 32, steps: 4, seed: 7, negative: true,
+    });
     const done = await fv.waitJob(job);
     assert.equal(done.state, 'JOB_STATE_SUCCEEDED');
     assert.equal(done.result.atlas.units, 2);
@@ -40,6 +42,12 @@ describe('atlas', () => {
     assert.ok(image.png.subarray(0, 8).equals(PNG_SIGNATURE));
     const progress = await fv.atlasProgress(job);
     assert.equal(progress.done, 2);
+    assert.equal(progress.variantsDone, 2);
+    assert.ok(units.every((u) => u.negativeDone));
+    const negative = await fv.getAtlasUnit(job, 1, { variant: 'negative' });
+    assert.ok(negative.png.subarray(0, 8).equals(PNG_SIGNATURE) && !negative.png.equals(image.png));
+    await assert.rejects(fv.getAtlasUnit(job, 1, { variant: 'diversity' }),
+      (err) => err.codeName === 'NOT_FOUND' && /no diversity render/.test(err.message));
   });
 
   it('cancels an atlas and keeps what is done', async () => {

@@ -211,6 +211,30 @@ def test_an_index_job_its_examples_and_crops_on_the_actors(cluster, tmp_path):
         assert crop[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_atlas_spreads_its_units_over_the_actors_renders_none_twice_and_joins_on_them(cluster, tmp_path):
+    """An atlas's units are background slots on both actors (the pool places them by load), each stored once; its
+    dataset join (the index job, then the units' scores: api.JoinQuery) runs on the actors too."""
+    from support.images import noisy_png
+
+    folder = tmp_path / "atlas-set"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"a{i}.png").write_bytes(noisy_png(16, 10 + i))
+    with Client(cluster.address, token="tok-a", timeout=120) as fv:
+        dataset = fv.upload_dataset(folder)
+        job = fv.atlas(cluster.sha, layers=["/Relu_1"], channels=8, dataset=dataset.id, size=16, steps=6, seed=61,
+                       wait=True, timeout=600)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        units = list(fv.atlas_units(job.id))
+        progress = fv.atlas_progress(job.id)
+    assert (job.result.atlas.units, job.result.atlas.rendered, progress.joined) == (8, 8, 8)
+    workers = {unit.device.split(" ")[0] for unit in units}
+    assert workers == {"ray-0", "ray-1"}, workers  # 4 granted at once, 2 per actor
+    store = cluster._server.store
+    assert {store.get_unit(unit.key)[6] for unit in units} == {1}  # nothing rendered twice
+    assert all(unit.exemplar_index and unit.dataset_max >= unit.dataset_p99 >= unit.dataset_p50 for unit in units)
+
+
 def test_a_job_that_kills_its_worker_every_time_ends_worker_lost(cluster):
     with Client(cluster.address, token="tok-a", timeout=120) as fv:
         job = fv.submit(cluster.sha, CHANNEL, steps=10, size=16, seed=CRASH_SEED)

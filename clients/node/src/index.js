@@ -526,15 +526,22 @@ class Client {
    * none: every layer with channels), the first `channels` of each (unset: all), with render options (size, steps,
    * seed, lr, param, transforms, ...; unset: the atlas defaults 128 px, 256 steps, fft, standard, seed 0). Returns
    * the QUEUED or RUNNING Job at once: watch it with watchJob (a progress event per finished unit), stop it with
-   * cancelJob (what is done stays), read it with listAtlasUnits and getAtlasUnit.
+   * cancelJob (what is done stays), read it with listAtlasUnits and getAtlasUnit. `dataset`: a dataset id joined to
+   * every unit (its exemplar index over the atlas's layers, built or reused: AtlasUnit datasetP50/P99/Max,
+   * renderScore, activationRatio, selectivity, dead); `negative`: also render each unit's negative; `diversity`:
+   * also a diversity set of N images per unit.
    */
-  async createAtlas(model, { layers, opTypes, minDepth, maxDepth, channels, requestId = '', ...options } = {}) {
+  async createAtlas(model, { layers, opTypes, minDepth, maxDepth, channels, dataset, negative, diversity,
+    requestId = '', ...options } = {}) {
     const atlas = {};
     if (layers) atlas.layers = [].concat(layers);
     if (opTypes) atlas.opTypes = [].concat(opTypes);
     if (minDepth !== undefined) atlas.minDepth = minDepth;
     if (maxDepth !== undefined) atlas.maxDepth = maxDepth;
     if (channels !== undefined) atlas.channels = channels;
+    if (dataset) atlas.dataset = String(dataset).replace(/^datasets\//, '');
+    if (negative) atlas.negative = true;
+    if (diversity) atlas.diversity = diversity;
     const spec = toJobSpec({ model, objective: { tv: {} }, ...options }, this._contract);
     delete spec.objective;
     spec.atlas = atlas;
@@ -556,9 +563,14 @@ class Client {
     } while (pageToken);
   }
 
-  /** A finished unit and its PNG: {unit, png} (NOT_FOUND while it is not finished). */
-  async getAtlasUnit(job, index) {
-    return this._unary(this._jobs, 'getAtlasUnit', { job: jobRef(job), index });
+  /**
+   * A finished unit and its PNG: {unit, png} (NOT_FOUND while it is not finished). `variant`: 'render',
+   * 'negative' or 'diversity' (with `image`, the diversity set's image): NOT_FOUND naming a variant not rendered.
+   */
+  async getAtlasUnit(job, index, { variant = 'render', image = 0 } = {}) {
+    return this._unary(this._jobs, 'getAtlasUnit', {
+      job: jobRef(job), index, variant: `ATLAS_VARIANT_${String(variant).toUpperCase()}`, image,
+    });
   }
 
   // --------------------------------------------------------------------------------------------- helpers

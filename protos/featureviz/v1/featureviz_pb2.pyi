@@ -890,7 +890,7 @@ class AtlasLayerProgress(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., depth: _Optional[int] = ..., units: _Optional[int] = ..., done: _Optional[int] = ...) -> None: ...
 
 class AtlasResult(_message.Message):
-    __slots__ = ("units", "done", "rendered", "cached", "device_seconds", "layers", "units_per_hour", "eta_seconds", "failed")
+    __slots__ = ("units", "done", "rendered", "cached", "device_seconds", "layers", "units_per_hour", "eta_seconds", "failed", "index_job", "joined", "variants_done")
     UNITS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     RENDERED_FIELD_NUMBER: _ClassVar[int]
@@ -900,6 +900,9 @@ class AtlasResult(_message.Message):
     UNITS_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_JOB_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_DONE_FIELD_NUMBER: _ClassVar[int]
     units: int
     done: int
     rendered: int
@@ -909,7 +912,10 @@ class AtlasResult(_message.Message):
     units_per_hour: float
     eta_seconds: float
     failed: int
-    def __init__(self, units: _Optional[int] = ..., done: _Optional[int] = ..., rendered: _Optional[int] = ..., cached: _Optional[int] = ..., device_seconds: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[AtlasLayerProgress, _Mapping]]] = ..., units_per_hour: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., failed: _Optional[int] = ...) -> None: ...
+    index_job: str
+    joined: int
+    variants_done: int
+    def __init__(self, units: _Optional[int] = ..., done: _Optional[int] = ..., rendered: _Optional[int] = ..., cached: _Optional[int] = ..., device_seconds: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[AtlasLayerProgress, _Mapping]]] = ..., units_per_hour: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., failed: _Optional[int] = ..., index_job: _Optional[str] = ..., joined: _Optional[int] = ..., variants_done: _Optional[int] = ...) -> None: ...
 
 class AtlasUnit(_message.Message):
     __slots__ = ("index", "layer", "channel", "key", "done", "cached", "objective", "device_seconds", "device", "width", "height", "exemplar_index", "dataset_p50", "dataset_p99", "dataset_max", "render_score", "activation_ratio", "selectivity", "dead", "negative_done", "diversity_done")
@@ -1293,7 +1299,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant", "max_atlas_units", "max_atlases_per_tenant", "min_prior_images", "max_latent_size", "max_match_k")
+    __slots__ = ("max_upload_bytes", "max_chunk_bytes", "max_image_side", "max_steps", "max_batch", "max_queued_jobs_per_tenant", "max_message_bytes", "max_objective_nodes", "max_objective_depth", "max_partial_upload_bytes", "partial_upload_ttl_seconds", "upload_idle_timeout_seconds", "min_image_side", "max_model_nodes", "max_activation_bytes", "max_image_steps_per_tenant", "time_slice_steps", "max_models_per_tenant", "max_model_bytes_per_tenant", "max_watches_per_tenant", "min_lr", "max_lr", "max_failed_auth_per_minute", "max_concurrent_uploads_per_tenant", "http_header_timeout_seconds", "max_http_connections_per_client", "http_body_idle_timeout_seconds", "session_ttl_seconds", "max_job_memory_bytes", "max_reply_bytes", "max_page_size", "default_page_size", "import_timeout_seconds", "import_memory_bytes", "max_model_name_chars", "max_images_per_job", "max_dataset_images", "max_dataset_bytes", "max_dataset_image_side", "max_dataset_image_bytes", "max_archive_members", "max_compression_ratio", "max_datasets_per_tenant", "max_exemplar_k", "max_index_batch", "max_indexes_per_tenant", "max_atlas_units", "max_atlases_per_tenant", "min_prior_images", "max_latent_size", "max_match_k", "max_atlas_diversity")
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
@@ -1345,6 +1351,7 @@ class Limits(_message.Message):
     MIN_PRIOR_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_LATENT_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MATCH_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATLAS_DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     max_upload_bytes: int
     max_chunk_bytes: int
     max_image_side: int
@@ -1396,7 +1403,8 @@ class Limits(_message.Message):
     min_prior_images: int
     max_latent_size: int
     max_match_k: int
-    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ..., max_atlas_units: _Optional[int] = ..., max_atlases_per_tenant: _Optional[int] = ..., min_prior_images: _Optional[int] = ..., max_latent_size: _Optional[int] = ..., max_match_k: _Optional[int] = ...) -> None: ...
+    max_atlas_diversity: int
+    def __init__(self, max_upload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queued_jobs_per_tenant: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_objective_nodes: _Optional[int] = ..., max_objective_depth: _Optional[int] = ..., max_partial_upload_bytes: _Optional[int] = ..., partial_upload_ttl_seconds: _Optional[int] = ..., upload_idle_timeout_seconds: _Optional[float] = ..., min_image_side: _Optional[int] = ..., max_model_nodes: _Optional[int] = ..., max_activation_bytes: _Optional[int] = ..., max_image_steps_per_tenant: _Optional[int] = ..., time_slice_steps: _Optional[int] = ..., max_models_per_tenant: _Optional[int] = ..., max_model_bytes_per_tenant: _Optional[int] = ..., max_watches_per_tenant: _Optional[int] = ..., min_lr: _Optional[float] = ..., max_lr: _Optional[float] = ..., max_failed_auth_per_minute: _Optional[int] = ..., max_concurrent_uploads_per_tenant: _Optional[int] = ..., http_header_timeout_seconds: _Optional[float] = ..., max_http_connections_per_client: _Optional[int] = ..., http_body_idle_timeout_seconds: _Optional[float] = ..., session_ttl_seconds: _Optional[int] = ..., max_job_memory_bytes: _Optional[int] = ..., max_reply_bytes: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ..., import_timeout_seconds: _Optional[float] = ..., import_memory_bytes: _Optional[int] = ..., max_model_name_chars: _Optional[int] = ..., max_images_per_job: _Optional[int] = ..., max_dataset_images: _Optional[int] = ..., max_dataset_bytes: _Optional[int] = ..., max_dataset_image_side: _Optional[int] = ..., max_dataset_image_bytes: _Optional[int] = ..., max_archive_members: _Optional[int] = ..., max_compression_ratio: _Optional[int] = ..., max_datasets_per_tenant: _Optional[int] = ..., max_exemplar_k: _Optional[int] = ..., max_index_batch: _Optional[int] = ..., max_indexes_per_tenant: _Optional[int] = ..., max_atlas_units: _Optional[int] = ..., max_atlases_per_tenant: _Optional[int] = ..., min_prior_images: _Optional[int] = ..., max_latent_size: _Optional[int] = ..., max_match_k: _Optional[int] = ..., max_atlas_diversity: _Optional[int] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "kernels")

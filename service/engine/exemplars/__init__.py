@@ -15,11 +15,12 @@ from .index import ImageSource
 from .index import IndexPass
 from .index import build_index
 from .index import index_layers
+from .index import score_images
 from .state import SKETCH_ERROR
 from .state import LayerState
 from .state import reduce_activation
 
 __all__ = ["ReceptiveField", "positive_copy", "receptive_field", "DEFAULT_K", "MAX_K", "ORDERS", "Exemplar",
-           "ExemplarIndex", "ImageFiles", "ImageFolder", "ImageSource", "IndexPass", "build_index", "index_layers",
+           "ExemplarIndex", "ImageFiles", "ImageFolder", "ImageSource", "IndexPass", "build_index", "index_layers", "score_images",
            "SKETCH_ERROR",
            "LayerState", "reduce_activation"]

@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import threading
+import types
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .state import LayerState
 from .state import reduce_activation
 
 __all__ = ["ImageSource", "ImageFolder", "ImageFiles", "ExemplarIndex", "Exemplar", "IndexPass", "build_index",
-           "index_layers", "DEFAULT_K", "MAX_K", "ORDERS", "FORMAT", "SKIP_CAUSES", "MAX_FILE_BYTES"]
+           "index_layers", "score_images", "DEFAULT_K", "MAX_K", "ORDERS", "FORMAT", "SKIP_CAUSES", "MAX_FILE_BYTES"]
 
 FORMAT = 1
 DEFAULT_K = 16
@@ -524,3 +525,36 @@ def _forward(index, truncated, infos, good, matrix, bias, device, size) -> None:
                     index.meta["maps"][name] = None
             index.states[name].update(best, mean, where, ids)
     index.meta["indexed"] += len(good)
+
+
+def score_images(model, index: ExemplarIndex, layer: str, images: Sequence[tuple[int, bytes]], *,
+                 max_side: int = 4096, device=None) -> list[float]:
+    """Each ``(channel, PNG/JPEG bytes)`` image's score on the index's measure (the atlas's dataset join): the
+    image goes through the model exactly as a set's image does in the pass (decoded, resized to the index's input
+    size, the index's preprocess) and its score is the channel's spatial max at ``layer``
+    (:func:`.state.reduce_activation`), the value the index ranks and quantiles. NaN counts as -inf."""
+    from featureviz.engine.images import decode_image
+    from featureviz.engine.transforms import preprocess_map
+
+    if not images:
+        return []
+    if index.meta.get("model") != model.sha256:
+        raise InvalidSpec("model", "this index was built with another model")
+    index.state(layer)  # InvalidSpec naming the layer when the index does not hold it
+    size = tuple(int(v) for v in index.input_size)
+    p = index.meta["preprocess"]
+    preprocess = types.SimpleNamespace(mean=tuple(p["mean"]), std=tuple(p["std"]), channel_order=p["channel_order"])
+    matrix, bias = preprocess_map(preprocess, model.input_spec.channels, device=device)
+    truncated = model.truncate([layer])
+    if device is not None:
+        truncated = truncated.to(device)
+    info = model.layer(layer)
+    batch = torch.stack([decode_image(data, size, max_side=max_side, field="image", formats=IMAGE_FORMATS)
+                         for _, data in images])
+    if device is not None:
+        batch = batch.to(device)
+    x = torch.einsum("oc,nchw->nohw", matrix, batch) + bias.view(1, -1, 1, 1)
+    with torch.inference_mode():
+        best, _, _ = reduce_activation(truncated(x)[layer], info.prefix_tokens)
+    best = best.double().cpu()
+    return [float(best[i, channel]) for i, (channel, _) in enumerate(images)]
