@@ -69,8 +69,10 @@ def http(web_server) -> Http:
 # ------------------------------------------------------------------------------------------------- the browser
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """One chromium per test module: sync Playwright keeps an event loop running in this thread while it is open, so
+    it must close before tests outside tests/web that call asyncio.run (whatever order the run takes)."""
     reason = browser_missing()
     if reason:
         pytest.skip(reason)
