@@ -23,13 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featureviz import zoo  # noqa: E402
 from featureviz.engine import RenderSpec  # noqa: E402
 from featureviz.engine import render  # noqa: E402
 from featureviz.engine import save_images  # noqa: E402
-from featureviz.importer import Preprocess  # noqa: E402
 from featureviz.importer import import_model  # noqa: E402
 from featureviz.spec import parse_objective  # noqa: E402
+from step_cost import add_timing_options, apply_threads, demo_model, print_threads, step_costs  # noqa: E402
 
 
 def main() -> int:
@@ -43,16 +42,12 @@ def main() -> int:
     parser.add_argument("--gen-lr", type=float, default=0.05, help="the generator's learning rate (latents)")
     parser.add_argument("--latent-l2", type=float, default=0.0)
     parser.add_argument("--time-size", type=int, default=224)
-    parser.add_argument("--time-steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="/tmp/featureviz_generator.png")
-    parser.add_argument("--threads", type=int, default=None)
+    add_timing_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
-    model = import_model(zoo.efficientnet_lite0(dynamic_size=True),
-                         preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
+    model = demo_model()
     generator = import_model(args.generator)
     info = generator.generator
     print(f"generator {Path(args.generator).name}: latent {info.latent}, {info.channels}x{info.height}x{info.width}, "
@@ -66,22 +61,15 @@ def main() -> int:
     for name, kw in variants.items():
         result = render(model, RenderSpec(objective=unit, steps=args.steps, size=args.size, batch=args.batch, **kw))
         rows.append(result.images)
-        print(f"| {name} | {statistics.mean(result.objective_start):.3g} | {statistics.mean(result.objective_end):.3g} |")
+        start, end = statistics.mean(result.objective_start), statistics.mean(result.objective_end)
+        print(f"| {name} | {start:.3g} | {end:.3g} |")
     files = save_images(torch.cat(rows), args.out, as_grid=True)
     print(f"\nwrote {files[0]} (rows of {args.batch}: fft, then the generator)")
 
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, kw in variants.items():
-            result = render(model, RenderSpec(objective=unit, steps=args.time_steps, size=args.time_size, batch=1,
-                                              **kw))
-            times[name].append(result.seconds_per_step)
-    base = statistics.median(times["fft"])
-    print(f"\n| {args.time_size} px, batch 1, median of {args.rounds} | s/step | vs fft |\n| --- | --- | --- |")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {median / base:.2f}x |")
-    print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}")
+    step_costs(lambda name, kw: render(model, RenderSpec(objective=unit, steps=args.time_steps, size=args.time_size,
+                                                         batch=1, **kw)),
+               variants, rounds=args.rounds, heading=f"{args.time_size} px, batch 1")
+    print_threads()
     return 0
 
 

@@ -32,7 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featureviz import zoo  # noqa: E402
 from featureviz.demo.images import write_dataset  # noqa: E402
 from featureviz.engine import RenderSpec  # noqa: E402
 from featureviz.engine import render  # noqa: E402
@@ -41,9 +40,8 @@ from featureviz.engine.exemplars import ImageFolder  # noqa: E402
 from featureviz.engine.exemplars import build_index  # noqa: E402
 from featureviz.engine.images import decode_image  # noqa: E402
 from featureviz.engine.matching import index_targets  # noqa: E402
-from featureviz.importer import Preprocess  # noqa: E402
-from featureviz.importer import import_model  # noqa: E402
 from featureviz.spec import parse_objective  # noqa: E402
+from step_cost import add_timing_options, apply_threads, demo_model, print_threads, step_costs  # noqa: E402
 
 
 def _stats(values) -> str:
@@ -61,16 +59,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--weights", default="1,10", help="the match term's weights, comma separated")
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--time-steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="/tmp/featureviz_matching.png")
-    parser.add_argument("--threads", type=int, default=None)
+    add_timing_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
-    model = import_model(zoo.efficientnet_lite0(dynamic_size=True), verify=False,
-                         preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
+    model = demo_model(verify=False)
     layer = model.layer(args.layer).name
     size = (args.size, args.size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,18 +117,10 @@ def main() -> int:
     files = save_images(torch.cat(rows), args.out, as_grid=True)
     print(f"\nwrote {files[0]} (rows of {args.seeds}: top exemplars, {', '.join(variants)})")
 
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, text in variants.items():
-            result = render(model, RenderSpec(objective=parse_objective(text), steps=args.time_steps, size=args.size,
-                                              batch=1, match_targets=resolver))
-            times[name].append(result.seconds_per_step)
-    base = statistics.median(times["plain"])
-    print(f"\n| {args.size} px, batch 1, median of {args.rounds} | s/step | vs plain |\n| --- | --- | --- |")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {median / base:.2f}x |")
-    print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}")
+    step_costs(lambda name, text: render(model, RenderSpec(objective=parse_objective(text), steps=args.time_steps,
+                                                           size=args.size, batch=1, match_targets=resolver)),
+               variants, rounds=args.rounds, heading=f"{args.size} px, batch 1")
+    print_threads()
     return 0
 
 

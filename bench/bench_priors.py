@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featureviz import zoo  # noqa: E402
 from featureviz.engine import RenderSpec  # noqa: E402
 from featureviz.engine import render  # noqa: E402
 from featureviz.engine import save_images  # noqa: E402
@@ -36,9 +35,8 @@ from featureviz.engine.exemplars import ImageFolder  # noqa: E402
 from featureviz.engine.priors import fit_patch_prior  # noqa: E402
 from featureviz.engine.priors import image_statistics  # noqa: E402
 from featureviz.engine.priors import spectrum_decay  # noqa: E402
-from featureviz.importer import Preprocess  # noqa: E402
-from featureviz.importer import import_model  # noqa: E402
 from featureviz.spec import parse_objective  # noqa: E402
+from step_cost import add_timing_options, apply_threads, demo_model, print_threads, step_costs  # noqa: E402
 from tests.support.natural import dead_leaves  # noqa: E402
 from tests.support.natural import write_pngs  # noqa: E402
 
@@ -60,16 +58,12 @@ def main() -> int:
     parser.add_argument("--weight", type=float, default=0.5)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--time-size", type=int, default=224)
-    parser.add_argument("--time-steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="/tmp/featureviz_priors.png")
-    parser.add_argument("--threads", type=int, default=None)
+    add_timing_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
 
-    model = import_model(zoo.efficientnet_lite0(dynamic_size=True),
-                         preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
+    model = demo_model()
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_pngs(Path(tmp), [dead_leaves(160, seed) for seed in range(args.images)])
         start = time.perf_counter()
@@ -111,17 +105,9 @@ def main() -> int:
     files = save_images(torch.cat(rows), args.out, as_grid=True)
     print(f"\nwrote {files[0]} (rows of 2: prior alone, then {', '.join(variants)})")
 
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, kw in variants.items():
-            result = render(model, RenderSpec(steps=args.time_steps, size=args.time_size, batch=1, **kw))
-            times[name].append(result.seconds_per_step)
-    base = statistics.median(times["default"])
-    print(f"\n| {args.time_size} px, batch 1, median of {args.rounds} | s/step | vs default |\n| --- | --- | --- |")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {median / base:.2f}x |")
-    print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}")
+    step_costs(lambda name, kw: render(model, RenderSpec(steps=args.time_steps, size=args.time_size, batch=1, **kw)),
+               variants, rounds=args.rounds, heading=f"{args.time_size} px, batch 1")
+    print_threads()
     return 0
 
 

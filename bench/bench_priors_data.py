@@ -52,6 +52,7 @@ from featureviz.engine.priors import spectrum_decay  # noqa: E402
 from featureviz.importer import Preprocess  # noqa: E402
 from featureviz.importer import import_model  # noqa: E402
 from featureviz.spec import parse_objective  # noqa: E402
+from step_cost import add_timing_options, apply_threads, print_threads, step_costs  # noqa: E402
 
 WORDS = ("the of and to in is that for it as with was on be by at this from or have an are which not but all were "
          "when we there can more if no out so said what up its about than into them only other new some time could "
@@ -187,19 +188,13 @@ def run(which: str, args) -> None:
                                               seed=0, size=size, prior=kw.get("prior"), patch_priors={"set": prior}))
             images.append(result.images)
         print(row(name, measures(torch.cat(images), prior, channels), channels))
-    times = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, kw in variants.items():
-            text = f"{units[0]} - {weight}*prior:set" if kw.get("term") else units[0]
-            result = render(model, RenderSpec(objective=parse_objective(text), steps=args.time_steps, batch=1,
-                                              size=size, prior=kw.get("prior"), patch_priors={"set": prior}))
-            times[name].append(result.seconds_per_step)
-    base = statistics.median(times[next(iter(variants))])
-    print(f"\n| cost per step ({size[0]}x{size[1]}, batch 1, {args.time_steps} steps, median of {args.rounds}) | "
-          "s/step | vs default |\n| --- | --- | --- |")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.4f} | {median / base:.2f}x |")
+    def timed(name, kw):
+        text = f"{units[0]} - {weight}*prior:set" if kw.get("term") else units[0]
+        return render(model, RenderSpec(objective=parse_objective(text), steps=args.time_steps, batch=1, size=size,
+                                        prior=kw.get("prior"), patch_priors={"set": prior}))
+
+    step_costs(timed, variants, rounds=args.rounds, digits=4,
+               heading=f"cost per step ({size[0]}x{size[1]}, batch 1, {args.time_steps} steps)")
 
 
 def main() -> int:
@@ -210,15 +205,12 @@ def main() -> int:
     parser.add_argument("--units", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--weight", type=float, default=0.1)
-    parser.add_argument("--time-steps", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
+    add_timing_options(parser, time_steps=16)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     for which in args.which:
         run(which, args)
-    print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print_threads()
     return 0
 
 
