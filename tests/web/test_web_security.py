@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import io
 import json
 import logging
+import random
 import socket
 import sqlite3
 import urllib.parse
 
 import pytest
+from PIL import Image
 from web_support import upload_path
 
 from featureviz.client import Client
@@ -355,11 +358,16 @@ def _sse_events(raw: bytes) -> list[tuple[str | None, str, dict]]:
 
 def test_a_slow_page_gets_the_latest_preview_not_a_backlog(web_server, net_onnx):
     """The page reads nothing until the job is over: the stream then holds fewer previews than the job sent
-    (the unsent older ones were replaced), the last one among them, and the result."""
+    (the unsent older ones were replaced), the last one among them, and the result. The job starts from noise at a
+    tiny learning rate, so each preview stays about a megabyte whatever PNG makes of it: even when the gRPC
+    watcher below gets only a dozen of them (a busy machine thins a slow watcher's previews too), they are more than
+    the sockets' buffers hold, and the page must lose some."""
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (256, 256), random.Random(7).randbytes(256 * 256 * 3)).save(noise, "PNG")
     with Client(web_server.address) as fv:
         sha = fv.upload(net_onnx).sha256
         job = fv.submit(sha, {"channel": {"layer": "/conv1/Conv", "channel": 0}}, steps=50, size=256, batch=4,
-                        preview_every=1, preview_max_side=256, param="pixel")
+                        preview_every=1, preview_max_side=256, param="pixel", init_image=noise.getvalue(), lr=1e-4)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a page that reads slowly: a small window
         sock.settimeout(WAIT)
