@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {units} single jobs | --max-step-images 1 | {single_seconds:.1f} | {units / single_seconds * 3600:.0f} |",
         "",
         f"Speed-up of the atlas: **{ratio:.2f}x** (goal >= 1.3x). Device seconds the atlas recorded for its units "
-        f"(each unit counts the steps it shared): {info['device_seconds']:.1f}.",
+        f"(each unit its share of the steps it took part in): {info['device_seconds']:.1f}.",
         "",
     ]
     text = "\n".join(lines)

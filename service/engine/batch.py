@@ -160,6 +160,7 @@ class Slot:
         self.objective_start: list[float] = []
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)
         self.began = 0.0
+        self.device_share = 0.0  # each step's seconds x its images / the step's images, summed
         self.active_seconds = 0.0  # wall time from the first step to the last (waits between steps included)
 
     @property
@@ -405,7 +406,8 @@ class BatchEngine:
                             seconds_per_step=slot.active_seconds / max(slot.steps_done, 1),
                             phase_seconds=dict(slot.phase_seconds) if self._clock_enabled() else {},
                             steps_done=slot.steps_done, cancelled=slot.cancelled, objective=str(slot.objective),
-                            memory_format=slot.layout, stopped_at=slot.stopped_at))
+                            memory_format=slot.layout, stopped_at=slot.stopped_at,
+                            device_seconds=slot.device_share))
             slot.release()
         return out
 
@@ -484,6 +486,7 @@ class BatchEngine:
         worker's fault hook). On an exception no slot has advanced and their gradients are cleared.
         """
         clock = _Clock(self.device, self.profile)
+        started = time.perf_counter()
         clock.start()
         trunc, layout = self._prepare(slots)
         try:
@@ -501,6 +504,7 @@ class BatchEngine:
         self._clear_grads(slots)
         clock.lap("optimizer")
         now = time.perf_counter()
+        share = (now - started) / max(sum(slot.batch for slot in slots), 1)  # per image of this step
         stepped = []
         for slot in slots:
             if slot.error is not None and not self._progress.lag:
@@ -509,6 +513,7 @@ class BatchEngine:
             slot.steps_done += 1
             slot.layout = layout
             slot.active_seconds = now - slot.began
+            slot.device_share += share * slot.batch
             for phase, seconds in clock.totals.items():
                 slot.phase_seconds[phase] += seconds
         if self._progress.lag:  # checked one step late

@@ -115,6 +115,9 @@ class RenderResult:
     objective: str = ""  # description
     memory_format: str = "contiguous"  # the layout the model ran in: channels_last or contiguous
     stopped_at: int = 0  # the step after which the plateau stop ended the render (0: it ran its steps)
+    # its share of the device steps it took part in: each step's seconds x its images / the step's images (alone:
+    # every step's whole time), so the shares of the renders that shared steps add up to the steps' time
+    device_seconds: float = 0.0
 
 
 _size = image_size

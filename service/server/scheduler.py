@@ -674,7 +674,8 @@ class Scheduler:
         state = None
         if event.kind == api.FINISHED and event.state == pb.JOB_STATE_SUCCEEDED and event.result is not None \
                 and event.result.images and run is not None:
-            seconds = event.result.steps_done * event.result.seconds_per_step
+            # its share of the steps (a worker before JobResult.device_seconds: the steps' whole time)
+            seconds = event.result.device_seconds or event.result.steps_done * event.result.seconds_per_step
             device = f"{worker} ({self._device()})"
             if variant == DIVERSITY:  # the set's images, all at once
                 self.store.put_units([(image_key(key, i), image) for i, image in enumerate(event.result.images)],

@@ -163,7 +163,8 @@ def job_result(result: dict) -> pb.JobResult:
     out = pb.JobResult(images=images, steps_done=int(result["steps_done"]),
                        seconds_per_step=float(result["seconds_per_step"]),
                        objective_description=str(result.get("objective", "") or ""),
-                       stopped_at=int(result.get("stopped_at", 0) or 0))
+                       stopped_at=int(result.get("stopped_at", 0) or 0),
+                       device_seconds=float(result.get("device_seconds", 0.0) or 0.0))
     for key, value in (result.get("phase_seconds") or {}).items():
         out.phase_seconds[key] = float(value)
     return out

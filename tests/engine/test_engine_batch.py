@@ -143,6 +143,21 @@ def test_slots_join_and_leave_between_steps(lite0):
     assert not engine._optimizers  # every slot's Adam state left with it
 
 
+def test_each_slot_is_charged_its_share_of_the_steps_it_shared(lite0):
+    """A step's time is split by images: a slot of 3 images beside one of 1 for the same steps is charged exactly 3
+    times as much, and the shares of one step add up to its time (an atlas's units add up to the atlas's cost)."""
+    engine = BatchEngine(CPU)
+    one = _slot(lite0, objective=chan(MID, 5), steps=2, seed=1)
+    three = _slot(lite0, objective=chan(MID, 6), steps=2, seed=2, batch=3)
+    engine.join([one, three])
+    for _ in range(2):
+        engine.step([one, three])
+    a, b = engine.finish([one, three])
+    assert a["device_seconds"] > 0
+    assert b["device_seconds"] == pytest.approx(3 * a["device_seconds"], rel=1e-9)
+    assert a["device_seconds"] + b["device_seconds"] <= 2 * max(a["seconds_per_step"], b["seconds_per_step"]) * 1.000001
+
+
 def _full_batch_tensors(engine, slots, shape) -> int:
     """How many tensors of ``shape`` (the whole step's activation of one layer) one device step creates."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -1114,7 +1114,7 @@ class RenderedImage(_message.Message):
     def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., objective_start: _Optional[float] = ..., objective_end: _Optional[float] = ..., judge: _Optional[_Union[JudgeScore, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description", "stopped_at", "exemplar_index", "atlas")
+    __slots__ = ("images", "steps_done", "seconds_per_step", "phase_seconds", "objective_description", "stopped_at", "exemplar_index", "atlas", "device_seconds")
     class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -1130,6 +1130,7 @@ class JobResult(_message.Message):
     STOPPED_AT_FIELD_NUMBER: _ClassVar[int]
     EXEMPLAR_INDEX_FIELD_NUMBER: _ClassVar[int]
     ATLAS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[RenderedImage]
     steps_done: int
     seconds_per_step: float
@@ -1138,7 +1139,8 @@ class JobResult(_message.Message):
     stopped_at: int
     exemplar_index: ExemplarIndexResult
     atlas: AtlasResult
-    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ..., stopped_at: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexResult, _Mapping]] = ..., atlas: _Optional[_Union[AtlasResult, _Mapping]] = ...) -> None: ...
+    device_seconds: float
+    def __init__(self, images: _Optional[_Iterable[_Union[RenderedImage, _Mapping]]] = ..., steps_done: _Optional[int] = ..., seconds_per_step: _Optional[float] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., objective_description: _Optional[str] = ..., stopped_at: _Optional[int] = ..., exemplar_index: _Optional[_Union[ExemplarIndexResult, _Mapping]] = ..., atlas: _Optional[_Union[AtlasResult, _Mapping]] = ..., device_seconds: _Optional[float] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "reason", "message", "field")
