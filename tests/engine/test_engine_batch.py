@@ -97,7 +97,10 @@ def test_channel_slots_reading_one_layer_are_evaluated_together_as_each_alone(li
     assert calls == [EARLY, EARLY]
     for (v_solo, g_solo), (v_batch, g_batch), spec in zip(solo, batched, specs):
         torch.testing.assert_close(v_batch, v_solo, rtol=1e-4, atol=1e-5, msg=str(spec))
-        close_in_norm(g_batch, g_solo, 1e-3)
+        # 1e-2, not 1e-3: channel 200 of MID (a ReLU6 clip) sits on the clamp at a few positions, so the batched
+        # and the solo forward's last-bit differences flip a few mask entries in the contiguous layout (0.24% of the
+        # gradient's norm; 1e-7 in channels_last and for the other slots); a wrong row or channel is O(1)
+        close_in_norm(g_batch, g_solo, 1e-2)
 
 
 def test_the_relu_warm_up_is_gated_per_row(lite0, monkeypatch, close_in_norm):
