@@ -95,6 +95,7 @@ if [ $DRY = 1 ]; then
   VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
   EXEMPLARS=(--images 8 --batch 4 --skip-memory)
   COST=(--levels 2 --steps 2 --repeats 1 --demo-jobs 0)
+  ATLAS=(--model resnet18 --channels 1 --size 32 --steps 2 --device cpu)
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
   # auto: what a render uses; standard: the engine's default stack (a resample per random step)
@@ -104,6 +105,7 @@ else
   VARIANTS=(--levels 1,64 --size 224 --steps 16)
   EXEMPLARS=(--images 512 --batch 64 --skip-memory --device cuda)
   COST=(--levels 64,256 --steps 16 --repeats 2 --demo-jobs 64 --demo-size 64)
+  ATLAS=(--model resnet50 --channels 10 --size 128 --steps 32 --goal-steps 512 --device cuda)
 fi
 
 # 2. the GPU tests (the whole suite's gpu-marked tests)
@@ -125,6 +127,10 @@ stage "bench_exemplars.py" 90 "$WORK/exemplars.md" "$PY" bench/bench_exemplars.p
 #    in-process engine, < 2 ms per job beyond the device steps); its output joins summary.md (8 files at most)
 stage "bench_server_cost.py" 120 "$WORK/cost.md" "$PY" bench/bench_server_cost.py "${COST[@]}"
 grep -q '^### bench_server_cost' "$WORK/cost.md" || tail -n 20 "$WORK/cost.md" >> "$SUMMARY"
+# 9. the atlas's unit rate on ResNet-50 through a real server, 530 units over every Conv layer timed for 32 steps,
+#    given at 512 steps, and the projected time of every Conv channel (issue 24: under 30 minutes)
+stage "bench_atlas_gpu.py" 75 "$WORK/atlas.md" "$PY" bench/bench_atlas_gpu.py "${ATLAS[@]}"
+grep -q '^### Atlas unit rate' "$WORK/atlas.md" || tail -n 20 "$WORK/atlas.md" >> "$SUMMARY"
 
 {
   echo
@@ -143,6 +149,8 @@ grep -q '^### bench_server_cost' "$WORK/cost.md" || tail -n 20 "$WORK/cost.md" >
   grep '^|' "$WORK/exemplars.md" || tail -n 5 "$WORK/exemplars.md"
   echo
   sed -n '/^### bench_server_cost/,$p' "$WORK/cost.md"
+  echo
+  sed -n '/^### Atlas unit rate/,$p' "$WORK/atlas.md"
   echo "total: $(( $(date +%s) - STARTED )) s"
 } >> "$SUMMARY"
 cat "$SUMMARY"

@@ -26,7 +26,7 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert len(names) <= 8  # what a device run can bring back
     summary = (tmp_path / "summary.md").read_text()
     stages = [line for line in summary.splitlines() if line.startswith("- ")]
-    assert len(stages) == 7 and all(": exit 0 in " in line for line in stages), summary
+    assert len(stages) == 8 and all(": exit 0 in " in line for line in stages), summary
     assert "DRY RUN" in summary
     env_txt = (tmp_path / "env.txt").read_text()
     assert "/pkg/featureviz/__init__.py" in env_txt  # featureviz came from the folder of links
@@ -40,3 +40,6 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     exemplars = summary.split("### bench_exemplars.py", 1)[1]
     assert "| 8 | 4 | cpu |" in exemplars and "plain / index" in exemplars
     assert "### bench_server_cost.py" in summary and "| tiny | 2 |" in summary  # the server cost table
+    # the atlas's unit rate through a real server (ResNet-18's 20 Conv layers, one channel each, in the dry run)
+    atlas = summary.split("### Atlas unit rate", 1)[1]
+    assert "| 20 | 32 | 2 |" in atlas and "every Conv channel (4800 units)" in atlas
