@@ -43,14 +43,19 @@ TENANTS = ("t0", "t1", "t2", "t3")
 
 
 class Server:
-    """``featureviz serve`` in a subprocess, on a free port, with metrics."""
+    """``featureviz serve`` in a subprocess, on a free port, with metrics (also bench_server_cost's server).
+    ``tenants``: the tokens it accepts (jobs spread over tenants: 64 exceed one tenant's queue); ``env``: more
+    environment variables; ``progress_interval``: ``--progress-interval 1`` (a progress event every second)."""
 
-    def __init__(self, store: Path, *args: str):
+    def __init__(self, store: Path, *args: str, tenants=TENANTS, env: dict | None = None,
+                 progress_interval: bool = True):
         cmd = [sys.executable, "-m", "featureviz", "serve", "--port", "0", "--metrics-port", "0", "--store",
-               str(store), "--log-level", "WARNING", "--progress-interval", "1", *args]
-        tokens = ",".join(f"{t}={t}" for t in TENANTS)  # jobs spread over tenants: 64 exceed one tenant's queue
+               str(store), "--log-level", "WARNING", *(("--progress-interval", "1") if progress_interval else ()),
+               *args]
+        tokens = ",".join(f"{t}={t}" for t in tenants)
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1", FEATUREVIZ_TOKENS=tokens))
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", FEATUREVIZ_TOKENS=tokens,
+                                              **(env or {})))
         self.lines: list[str] = []
         self.address = self.metrics = None
         ready = threading.Event()

@@ -34,15 +34,15 @@ import datetime
 import io
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import bench_batching  # the serve subprocess harness (this folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 TENANTS = tuple(f"t{i}" for i in range(8))  # 256 jobs: 32 queued per tenant at most (max_queued_jobs_per_tenant)
@@ -51,36 +51,12 @@ PHASE_ORDER = ("admission", "dispatch", "start", "step bookkeeping", "end", "eve
                "start forward", "end forward")
 
 
-class Server:
-    """``featureviz serve`` in a subprocess, on a free port, with metrics and the cost counters on."""
+class Server(bench_batching.Server):
+    """``featureviz serve`` in a subprocess (bench_batching's), on a free port, with metrics and the cost counters
+    on (FEATUREVIZ_PHASES=1), no periodic progress events."""
 
     def __init__(self, store: Path, *args: str):
-        cmd = [sys.executable, "-m", "featureviz", "serve", "--port", "0", "--metrics-port", "0", "--store",
-               str(store), "--log-level", "WARNING", *args]
-        tokens = ",".join(f"{t}={t}" for t in TENANTS)
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1", FEATUREVIZ_TOKENS=tokens,
-                                              FEATUREVIZ_PHASES="1"))
-        self.lines: list[str] = []
-        self.address = self.metrics = None
-        ready = threading.Event()
-
-        def drain():
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                found = re.search(r"listening on (\S+:\d+)", line)
-                if found:
-                    self.address = found.group(1)
-                metrics = re.search(r"metrics on (http://\S+/metrics)", line)
-                if metrics:
-                    self.metrics = metrics.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        if not ready.wait(600) or self.address is None or self.metrics is None:
-            self.proc.kill()
-            raise RuntimeError("featureviz serve did not start:\n" + "".join(self.lines[-40:]))
+        super().__init__(store, *args, tenants=TENANTS, env={"FEATUREVIZ_PHASES": "1"}, progress_interval=False)
 
     def counters(self) -> dict[str, float]:
         """Every featureviz_ sample of the metrics endpoint, by its name and labels."""
@@ -91,13 +67,6 @@ class Server:
                 name, _, value = line.rpartition(" ")
                 values[name] = float(value)
         return values
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def tiny_model() -> bytes:
