@@ -106,3 +106,26 @@ export function breadcrumbs(...items) {
   });
   return h("nav.crumbs", parts);
 }
+
+/** A page of the tenant's uploads (Models, Datasets): a head, the page's uploader, and the list of cards, loaded by
+ *  ``load()`` (-> the items) and refreshed after each upload or delete. ``uploader(refresh)`` makes the drop zone,
+ *  ``card(item, refresh)`` a card; ``empty`` is said when there are none. */
+export async function uploadsPage(root, { title, lead, listId, noun, empty, load, uploader, card }) {
+  const list = h(`div.cards#${listId}`, h("p.muted", `Loading ${noun}…`));
+  root.append(h("div.page-head", h("h1", title), h("p.lead", lead)), uploader(() => refresh()),
+    h("h2.section", `Your ${noun}`), list);
+
+  async function refresh() {
+    const items = await load();
+    if (!items.length) {
+      clear(list, h("div.empty.small", h("p", empty)));
+      return;
+    }
+    clear(list, items.map((item) => card(item, refresh)));
+  }
+  try {
+    await refresh();
+  } catch (error) {
+    if (error.status !== 401) clear(list, errorBox(error));
+  }
+}

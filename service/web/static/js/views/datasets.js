@@ -1,7 +1,7 @@
 // Datasets: image sets for the dataset examples. Drop a folder (its files go one by one, by relative name), image
 // files, or a zip or tar archive, with a progress bar; the tenant's sets with their reports; delete.
 import { api, archiveKind, uploadDataset } from "../api.js";
-import { ago, bytes, clear, errorBox, h, shortSha } from "../dom.js";
+import { ago, bytes, clear, errorBox, h, shortSha, uploadsPage } from "../dom.js";
 
 const CAUSES = {
   not_an_image: "not an image", corrupt: "corrupt or truncated", too_large: "too large",
@@ -9,27 +9,12 @@ const CAUSES = {
 };
 
 export async function datasetsPage(root, _params, state) {
-  const list = h("div.cards#dataset-list", h("p.muted", "Loading datasets…"));
-  root.append(
-    h("div.page-head", h("h1", "Datasets"),
-      h("p.lead", "Upload a set of images; an exemplar index then finds each unit's strongest images in it.")),
-    uploader(state, () => refresh()),
-    h("h2.section", "Your datasets"),
-    list);
-
-  async function refresh() {
-    const { datasets } = await api.get("api/datasets");
-    if (!datasets.length) {
-      clear(list, h("div.empty.small", h("p", "No datasets yet: drop a folder of images or a zip above.")));
-      return;
-    }
-    clear(list, datasets.map((d) => datasetCard(d, refresh)));
-  }
-  try {
-    await refresh();
-  } catch (error) {
-    if (error.status !== 401) clear(list, errorBox(error));
-  }
+  await uploadsPage(root, {
+    title: "Datasets", lead: "Upload a set of images; an exemplar index then finds each unit's strongest images in it.",
+    listId: "dataset-list", noun: "datasets", empty: "No datasets yet: drop a folder of images or a zip above.",
+    load: async () => (await api.get("api/datasets")).datasets, uploader: (done) => uploader(state, done),
+    card: datasetCard,
+  });
 }
 
 /** What a drop holds: {archive} for one zip or tar, else {files: [{name, file}]} (folders walked, by relative name;

@@ -1,29 +1,13 @@
 // Models: drag-and-drop upload with a progress bar, the tenant's models, delete.
 import { api, uploadModel } from "../api.js";
-import { ago, bytes, clear, errorBox, h, route, shortSha } from "../dom.js";
+import { ago, bytes, clear, errorBox, h, route, shortSha, uploadsPage } from "../dom.js";
 
 export async function modelsPage(root, _params, state) {
-  const list = h("div.cards#model-list", h("p.muted", "Loading models…"));
-  root.append(
-    h("div.page-head", h("h1", "Models"),
-      h("p.lead", "Upload an ONNX vision model, then browse its layers and watch its features appear.")),
-    uploader(state, () => refresh()),
-    h("h2.section", "Your models"),
-    list);
-
-  async function refresh() {
-    const { models } = await api.get("api/models");
-    if (!models.length) {
-      clear(list, h("div.empty.small", h("p", "No models yet: drop an .onnx file above.")));
-      return;
-    }
-    clear(list, models.map((m) => modelCard(m, refresh)));
-  }
-  try {
-    await refresh();
-  } catch (error) {
-    if (error.status !== 401) clear(list, errorBox(error));
-  }
+  await uploadsPage(root, {
+    title: "Models", lead: "Upload an ONNX vision model, then browse its layers and watch its features appear.",
+    listId: "model-list", noun: "models", empty: "No models yet: drop an .onnx file above.",
+    load: async () => (await api.get("api/models")).models, uploader: (done) => uploader(state, done), card: modelCard,
+  });
 }
 
 function uploader(state, done) {
