@@ -43,11 +43,11 @@ from featureviz.server.models import ModelServicer
 from featureviz.server.models import _discard
 from featureviz.server.models import disk_full_discards
 from featureviz.server.models import parse_model_name
+from featureviz.server.models import receive_upload
 from featureviz.server.paging import next_token
 from featureviz.server.paging import page_bounds
 from featureviz.server.priors import dataset_priors
 from featureviz.server.store import Store
-from featureviz.server.store import file_sha256
 from featureviz.server.store import resume_offset
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
@@ -176,7 +176,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
             self.models._make_room(tenant, sha, header.size_bytes, own=partial)
             self.models.receiving[partial] = (tenant, header.size_bytes)
             try:
-                await self._receive(header, partial, requests)
+                await self._receive(header, sha, partial, requests)
             finally:
                 self.models.receiving.pop(partial, None)
             try:
@@ -186,46 +186,12 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         finally:
             self._uploading.discard((tenant, sha))
 
-    async def _receive(self, header: pb.DatasetUploadHeader, partial, requests) -> None:
+    async def _receive(self, header: pb.DatasetUploadHeader, sha: str, partial, requests) -> None:
         """The stream into ``partial`` (appended from what it holds), checked against the declared size and sha256.
         A broken stream keeps the prefix; a bad one (or a full disk) leaves nothing."""
-        committed = resume_offset(partial, header.size_bytes, drop=True)
-        max_chunk = self.config.limits.max_chunk_bytes
-        finished = False
-        with disk_full_discards(partial), open(partial, "ab") as out:
-            while (message := await self.models._next(requests, committed)) is not None:
-                if not message.HasField("chunk"):
-                    _discard(partial)
-                    raise InvalidSpec("header", "only the first message of an upload may be a header")
-                chunk = message.chunk
-                if chunk.write_offset != committed:
-                    raise FailedPrecondition(f"write_offset {chunk.write_offset} but the server holds {committed} "
-                                             f"bytes; resume from {committed}", reason="WRITE_OFFSET_MISMATCH")
-                if len(chunk.data) > max_chunk:
-                    _discard(partial)
-                    raise InvalidSpec("chunk.data", f"{len(chunk.data)} bytes; chunks are at most {max_chunk} bytes")
-                if committed + len(chunk.data) > header.size_bytes:
-                    _discard(partial)
-                    raise InvalidSpec("header.size_bytes", f"received more than the declared {header.size_bytes} "
-                                                           "bytes", reason="SIZE_MISMATCH")
-                out.write(chunk.data)
-                out.flush()
-                committed += len(chunk.data)
-                if chunk.finish_write:
-                    finished = True
-                    break
-        if not finished and committed < header.size_bytes:
-            raise FailedPrecondition(f"the stream ended after {committed} of {header.size_bytes} bytes without "
-                                     f"finish_write; resume from {committed}", reason="UPLOAD_INCOMPLETE")
-        if committed != header.size_bytes:
-            _discard(partial)
-            raise InvalidSpec("header.size_bytes", f"declared {header.size_bytes} bytes but the stream ended after "
-                                                   f"{committed}", reason="SIZE_MISMATCH")
-        digest = await asyncio.to_thread(file_sha256, partial)
-        if digest != parse_model_name(header.sha256):
-            _discard(partial)
-            raise InvalidSpec("header.sha256", f"the bytes hash to {digest}, not the declared "
-                                               f"{echo(header.sha256)}", reason="DIGEST_MISMATCH")
+        await receive_upload(lambda committed: self.models._next(requests, committed), partial,
+                             size_bytes=header.size_bytes, sha256=sha,
+                             max_chunk=self.config.limits.max_chunk_bytes)
 
     async def _store(self, tenant: str, header: pb.DatasetUploadHeader, sha: str, partial) -> pb.Dataset:
         staging = self.store.staging_dir()

@@ -8,7 +8,6 @@ import errno
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 import grpc
@@ -179,44 +178,9 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
     async def _receive(self, tenant: str, header: pb.UploadHeader, sha: str, request_iterator,
                        context: grpc.aio.ServicerContext) -> pb.Model:
         partial = self.store.upload_path(sha, tenant)
-        committed = resume_offset(partial, header.size_bytes, drop=True)
-        max_chunk = self.config.limits.max_chunk_bytes
-        finished = False
         # a broken stream leaves `partial` for GetUpload + resume; a bad upload (or a full disk) leaves nothing
-        with disk_full_discards(partial), open(partial, "ab") as out:
-            while (message := await self._next(request_iterator, committed)) is not None:
-                if not message.HasField("chunk"):
-                    _discard(partial)
-                    raise InvalidSpec("header", "only the first message of an upload may be a header")
-                chunk = message.chunk
-                if chunk.write_offset != committed:
-                    raise FailedPrecondition(f"write_offset {chunk.write_offset} but the server holds {committed} "
-                                             f"bytes; resume from {committed}", reason="WRITE_OFFSET_MISMATCH")
-                if len(chunk.data) > max_chunk:
-                    _discard(partial)
-                    raise InvalidSpec("chunk.data", f"{len(chunk.data)} bytes; chunks are at most {max_chunk} bytes")
-                if committed + len(chunk.data) > header.size_bytes:
-                    _discard(partial)
-                    raise InvalidSpec("header.size_bytes", f"received more than the declared {header.size_bytes} "
-                                                           "bytes", reason="SIZE_MISMATCH")
-                out.write(chunk.data)
-                out.flush()  # what GetUpload reports is on disk
-                committed += len(chunk.data)
-                if chunk.finish_write:
-                    finished = True
-                    break
-        if not finished and committed < header.size_bytes:  # the stream broke: keep the prefix for resuming
-            raise FailedPrecondition(f"the stream ended after {committed} of {header.size_bytes} bytes without "
-                                     f"finish_write; resume from {committed}", reason="UPLOAD_INCOMPLETE")
-        if committed != header.size_bytes:
-            _discard(partial)
-            raise InvalidSpec("header.size_bytes", f"declared {header.size_bytes} bytes but the stream ended after "
-                                                   f"{committed}", reason="SIZE_MISMATCH")
-        digest = await asyncio.to_thread(file_sha256, partial)
-        if digest != sha:
-            _discard(partial)
-            raise InvalidSpec("header.sha256", f"the bytes hash to {digest}, not the declared {sha}",
-                              reason="DIGEST_MISMATCH")
+        await receive_upload(lambda committed: self._next(request_iterator, committed), partial,
+                             size_bytes=header.size_bytes, sha256=sha, max_chunk=self.config.limits.max_chunk_bytes)
         known = self.store.any_model(sha)  # the same bytes, uploaded by another tenant: imported already
         if known is not None:
             model, layers = known
@@ -316,6 +280,50 @@ def import_limits(limits) -> dict:
     return dict(max_image_side=limits.max_image_side, max_nodes=limits.max_model_nodes,
                 max_activation_bytes=limits.max_activation_bytes,
                 import_timeout_seconds=limits.import_timeout_seconds, import_memory_bytes=limits.import_memory_bytes)
+
+
+async def receive_upload(next_message, partial: Path, *, size_bytes: int, sha256: str, max_chunk: int) -> None:
+    """Append a chunked upload stream to ``partial`` (resumed from what it holds) and check it against the declared
+    size and sha256 (hex). ``next_message(committed)`` awaits the stream's next message (None at its end). A broken
+    stream keeps the prefix for a resume (FAILED_PRECONDITION, UPLOAD_INCOMPLETE); a bad one (a second header, a
+    chunk at the wrong offset or too large, more or fewer bytes than declared, another digest) or a full disk
+    leaves nothing. Models and datasets are uploaded the same way."""
+    committed = resume_offset(partial, size_bytes, drop=True)
+    finished = False
+    with disk_full_discards(partial), open(partial, "ab") as out:
+        while (message := await next_message(committed)) is not None:
+            if not message.HasField("chunk"):
+                _discard(partial)
+                raise InvalidSpec("header", "only the first message of an upload may be a header")
+            chunk = message.chunk
+            if chunk.write_offset != committed:
+                raise FailedPrecondition(f"write_offset {chunk.write_offset} but the server holds {committed} "
+                                         f"bytes; resume from {committed}", reason="WRITE_OFFSET_MISMATCH")
+            if len(chunk.data) > max_chunk:
+                _discard(partial)
+                raise InvalidSpec("chunk.data", f"{len(chunk.data)} bytes; chunks are at most {max_chunk} bytes")
+            if committed + len(chunk.data) > size_bytes:
+                _discard(partial)
+                raise InvalidSpec("header.size_bytes", f"received more than the declared {size_bytes} bytes",
+                                  reason="SIZE_MISMATCH")
+            out.write(chunk.data)
+            out.flush()  # what GetUpload reports is on disk
+            committed += len(chunk.data)
+            if chunk.finish_write:
+                finished = True
+                break
+    if not finished and committed < size_bytes:  # the stream broke: keep the prefix for resuming
+        raise FailedPrecondition(f"the stream ended after {committed} of {size_bytes} bytes without finish_write; "
+                                 f"resume from {committed}", reason="UPLOAD_INCOMPLETE")
+    if committed != size_bytes:
+        _discard(partial)
+        raise InvalidSpec("header.size_bytes", f"declared {size_bytes} bytes but the stream ended after {committed}",
+                          reason="SIZE_MISMATCH")
+    digest = await asyncio.to_thread(file_sha256, partial)
+    if digest != sha256:
+        _discard(partial)
+        raise InvalidSpec("header.sha256", f"the bytes hash to {digest}, not the declared {sha256}",
+                          reason="DIGEST_MISMATCH")
 
 
 def _discard(path: Path) -> None:
