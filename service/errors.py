@@ -81,6 +81,19 @@ class FeaturevizError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
 
+    def __reduce__(self):
+        # pickled as its args and fields, rebuilt without calling __init__ (whose signature differs per class:
+        # InvalidSpec(field, description) would not take back its one formatted arg). A worker in another process
+        # (a Ray actor) raises these across the boundary.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    err = cls.__new__(cls, *args)
+    err.args = args
+    err.__dict__.update(state)
+    return err
+
 
 class InvalidSpec(FeaturevizError):
     """A field of a request is invalid. ``field`` is a dotted path such as ``objective.terms[1].channel``."""

@@ -307,7 +307,13 @@ class RayPool(api.Worker):
                 except ray.exceptions.RayTaskError as exc:
                     cause = getattr(exc, "cause", None)
                     raise cause if isinstance(cause, BaseException) else exc
+                except ray.exceptions.UnserializableException as exc:  # a bug (its error did not pickle), not a
+                    # dead actor: retrying elsewhere would fail the same way
+                    raise RuntimeError(f"worker {host.id}: {method} raised an error that could not be sent back: "
+                                       f"{str(exc)[:300]}") from None
                 except ray.exceptions.RayError as exc:  # the actor died or is restarting: try the next one
+                    log.warning("worker %s: %s failed (%s: %s); trying another", host.id, method,
+                                type(exc).__name__, str(exc)[:300])
                     last = exc
             with self._up:  # every actor is restarting: wait for one to come back
                 left = deadline - time.monotonic()

@@ -235,6 +235,41 @@ def test_an_atlas_spreads_its_units_over_the_actors_renders_none_twice_and_joins
     assert all(unit.exemplar_index and unit.dataset_max >= unit.dataset_p99 >= unit.dataset_p50 for unit in units)
 
 
+def test_learned_priors_and_exemplar_matching_run_on_the_actors(cluster, tmp_path):
+    """Issue 25's options through the pool: ``prior_dataset`` and the ``prior:SET`` term (the set's statistics and
+    patch prior fitted on an actor from the store's files, reported by GetDataset), and ``match:LAYER:C@INDEX``
+    (the targets from the index's top crops, computed on an actor)."""
+    import numpy as np
+
+    from featureviz.spec import parse_objective
+    from support.natural import power_law_image
+    from support.natural import write_pngs
+
+    folder = write_pngs(tmp_path / "prior-set", [power_law_image(32, 1.6, np.diag([0.12, 0.10, 0.08]), 70 + s)
+                                                 for s in range(8)])
+    with Client(cluster.address, token="tok-a", timeout=120) as fv:
+        ident = fv.upload_dataset(folder).id
+        job = fv.wait(fv.submit(cluster.sha, parse_objective(f"/Relu_1:3 - 0.1*prior:{ident}"), steps=3, size=16,
+                                batch=2, seed=71, prior_dataset=ident).id, timeout=600)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        assert job.spec.prior_dataset == ident and len(job.result.images) == 2
+        (prior,) = [p for p in fv.dataset(ident).priors if p.channels == 3 and p.patch_prior]
+        assert np.isfinite(prior.held_out_log_likelihood) and prior.images == 8 and prior.decay > 1.2
+        index = fv.index_exemplars(cluster.sha, ident, ["/Relu_1"], k=8, size=16, wait=True, timeout=300)
+        assert index.state == pb.JOB_STATE_SUCCEEDED, index.error
+        index_id = index.result.exemplar_index.index
+        matched = fv.wait(fv.submit(cluster.sha, parse_objective(f"/Relu_1:3 - 0.5*match:/Relu_1:3@{index_id}"),
+                                    steps=3, size=16, seed=72).id, timeout=600)
+        assert matched.state == pb.JOB_STATE_SUCCEEDED, matched.error
+        assert matched.spec.objective.sum.terms[1].scale.objective.match.index == index_id
+        # an actor's refusal comes back as itself, at once: InvalidSpec once failed to unpickle, and the pool took
+        # the unreadable error for a dead actor and retried for minutes
+        with pytest.raises(FeaturevizClientError) as err:
+            fv.submit(cluster.sha, {"match": {"layer": "/Relu_1", "channel": 3, "index": index_id, "k": 16}}, steps=3,
+                      size=16)
+        assert err.value.code == "INVALID_ARGUMENT" and "more than the 8 examples" in str(err.value), err.value
+
+
 def test_a_job_that_kills_its_worker_every_time_ends_worker_lost(cluster):
     with Client(cluster.address, token="tok-a", timeout=120) as fv:
         job = fv.submit(cluster.sha, CHANNEL, steps=10, size=16, seed=CRASH_SEED)
