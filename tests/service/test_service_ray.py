@@ -2,7 +2,7 @@
 slowly) with 2 CPU worker actors: jobs spread over both workers (model affinity first), an exclusive job gives the
 same images as the embedded worker, killing one actor's process mid-job still ends the job SUCCEEDED and loses
 nothing else, a job with a judge gets the judge's bytes on its actor, a cancel reaches the actor, tenants stay isolated,
-an index job with its examples and crops runs on the actors, ServerInfo lists the workers and metrics carry
+an index job with its examples and crops runs on the actors, learned priors, exemplar matching and a generator job run on the actors (and an actor's refusal comes back at once, as itself), ServerInfo lists the workers and metrics carry
 their labels, and a job that kills its worker every time ends FAILED (WORKER_LOST) after a bounded number of
 attempts (it crashes both actors). Then the real ``featureviz serve --ray --workers 2`` command (its own Ray),
 and the message naming the extra when Ray is missing."""
@@ -268,6 +268,22 @@ def test_learned_priors_and_exemplar_matching_run_on_the_actors(cluster, tmp_pat
             fv.submit(cluster.sha, {"match": {"layer": "/Relu_1", "channel": 3, "index": index_id, "k": 16}}, steps=3,
                       size=16)
         assert err.value.code == "INVALID_ARGUMENT" and "more than the 8 examples" in str(err.value), err.value
+
+
+def test_a_generator_job_gets_the_generator_s_bytes_on_its_actor(cluster):
+    """``param generator`` through the pool: the generator is another model the job reads (JobSpec.generator), so
+    its bytes travel with the job as a judge's do."""
+    from support.generators import TinyGenerator
+    from support.generators import export_generator
+
+    torch.manual_seed(0)
+    with Client(cluster.address, token="tok-a", timeout=120) as fv:
+        generator = fv.upload(export_generator(TinyGenerator()), name="gen.onnx").sha256
+        job = fv.wait(fv.submit(cluster.sha, CHANNEL, steps=4, lr=0.5, size=16, batch=2, seed=81, param="generator",
+                                generator=generator).id, timeout=600)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert job.spec.param == pb.PARAMETERIZATION_GENERATOR and len(job.result.images) == 2
+    assert job.worker in ("ray-0", "ray-1"), job.worker
 
 
 def test_a_job_that_kills_its_worker_every_time_ends_worker_lost(cluster):
