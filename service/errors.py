@@ -81,6 +81,22 @@ class FeaturevizError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
 
+    def __reduce__(self):
+        # pickled as (class, args, attributes), not rebuilt by calling the class: the subclasses' constructors take
+        # other arguments (InvalidSpec(field, description), Diverged(step, what, lr)); a worker in another process
+        # (featureviz.worker.process, Ray) raises the same class with the same message, reason and field here
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls, args: tuple, state: dict) -> "FeaturevizError":
+    """The unpickling of a :class:`FeaturevizError` (its ``__reduce__``): only a FeaturevizError class."""
+    if not (isinstance(cls, type) and issubclass(cls, FeaturevizError)):
+        raise TypeError(f"not a featureviz error class: {cls!r}")
+    exc = cls.__new__(cls)
+    exc.args = tuple(args)
+    exc.__dict__.update(state)
+    return exc
+
 
 class InvalidSpec(FeaturevizError):
     """A field of a request is invalid. ``field`` is a dotted path such as ``objective.terms[1].channel``."""
