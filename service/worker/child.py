@@ -26,7 +26,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("featureviz.worker.child")
 
-_CALLS = ("load_model", "admit", "exemplars", "dataset_image", "join_scores", "info", "stop")
+_CALLS = ("load_model", "admit", "exemplars", "dataset_image", "join_scores", "info", "stop", "phases")
 _POSTS = ("submit", "cancel", "drop_model", "admitting")
 _CALL_THREADS = 16  # calls run at once (admissions, imports, queries); more wait for a thread
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -82,7 +82,11 @@ class _Host:
         from featureviz.worker.process import encode_error
 
         try:
-            if method == "info":
+            if method == "phases":  # the cost counters (featureviz.phases), added to the server's
+                from featureviz import phases
+
+                value = phases.snapshot()
+            elif method == "info":
                 value = self.worker.info()
                 value.id, value.pid, value.up = value.id or "local", os.getpid(), True
             else:

@@ -45,6 +45,7 @@ import time
 from multiprocessing.connection import Connection
 
 from featureviz import errors
+from featureviz import phases
 from featureviz.errors import Unavailable
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
@@ -439,6 +440,14 @@ class ProcessWorker(api.Worker):
     def start(self, sink) -> None:
         self._sink = sink
         self._out.start()
+        if phases.enabled:  # the child's cost counters (PNG, the start and end forwards) count with the server's
+            phases.add_source(self._phases)
+
+    def _phases(self) -> dict:
+        with self._lock:
+            if self._child is None:
+                return {}
+        return self._call("phases")
 
     def load_model(self, sha256: str, source, limits: dict | None = None) -> tuple[pb.Model, pb.ListLayersResponse]:
         if not isinstance(source, (bytes, bytearray)):
@@ -534,6 +543,7 @@ class ProcessWorker(api.Worker):
             except subprocess.TimeoutExpired:
                 _signal(child.proc, signal.SIGKILL)  # the host thread reads EOF and reaps it
         self._host.join(STOP_WAIT_SECONDS + 35)
+        phases.remove_source(self._phases)
         self._flush()
         self._events.put(None)
         if self._out.is_alive():
