@@ -514,6 +514,12 @@ class ProcessWorker(api.Worker):
                 pass
         return pb.WorkerInfo(device=self._device, max_step_images=self.max_step_images, id="local", up=False)
 
+    def workers(self) -> list[pb.WorkerInfo]:
+        """One: the child (id ``local``, this machine, its pid; ``up`` false while it restarts)."""
+        info = self.info()
+        info.id, info.node = info.id or "local", info.node or socket.gethostname()
+        return [info]
+
     @property
     def pid(self) -> int:
         """The child's process id (0 while it restarts)."""
