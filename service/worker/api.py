@@ -56,10 +56,6 @@ class WorkerConfig:
     time_slice_steps: int = 64  # when jobs wait, a running job yields its place after this many steps
     max_job_memory_bytes: int | None = None  # a job whose measured memory exceeds this is refused at admission
     max_atlas_units: int | None = None  # an atlas with more units is refused at admission (Limits of that name)
-    # hold the start of a step while a burst of jobs arrives (planner.hold); None: yes, except a worker in its own
-    # process on a CPU (featureviz.worker.child), whose device loop shares no GIL with the admissions and whose step
-    # costs in proportion to its images: it steps the first jobs of a burst while the rest are admitted
-    burst_hold: bool | None = None
 
 
 @dataclass

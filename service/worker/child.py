@@ -146,12 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from featureviz.worker.local import LocalWorker
 
-        if config.burst_hold is None:  # WorkerConfig.burst_hold: none on a CPU, where this process has its own GIL
-            import dataclasses
-
-            from featureviz.worker.device import resolve_device
-
-            config = dataclasses.replace(config, burst_hold=resolve_device(config.device).type != "cpu")
         host.worker = LocalWorker(config, model_source=host.model_source)
     except BaseException as exc:  # noqa: BLE001 - e.g. --device cuda without one: the server says why
         host.send(("failed", encode_error(exc)))

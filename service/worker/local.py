@@ -122,7 +122,6 @@ class LocalWorker(api.Worker):
         self.max_step_images = config.max_step_images or devices.default_step_images(self.torch_device)
         self.slice_steps = max(1, int(config.time_slice_steps))
         self.interval = max(0.0, float(config.progress_interval))
-        self.burst_hold = config.burst_hold is not False  # planner.hold before a round (WorkerConfig.burst_hold)
         self._device_pb = devices.describe_device(self.torch_device)
         self.models = ModelCache(model_source, size=config.models_kept, cache_dir=config.cache_dir,
                                  on_drop=self._forget)
@@ -399,7 +398,7 @@ class LocalWorker(api.Worker):
         step. An atlas's units (background) do not count as arrivals.
         Ends early when a call for the device thread or a cancel comes, or the worker stops (call with ``_cv``
         held)."""
-        if not (self.burst_hold and (self._incoming or self._waiting)):
+        if not (self._incoming or self._waiting):
             return
         recent = time.perf_counter() - self._arrived_at < planner.HOLD_GAP_SECONDS
         stepping = sum(job.slot.batch for job in self._jobs.values() if job.active)
