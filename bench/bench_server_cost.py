@@ -271,8 +271,8 @@ def main(argv=None) -> int:
             demo = import_model(demo_path, preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
         common = ["--max-step-images", str(max(levels + [args.demo_jobs])), "--device", device,
                   *(["--threads", str(threads)] if threads else []), *args.serve_args.split()]
-        variants = {"": []} if not (args.both or args.worker_process) else \
-            {" process": ["--worker-process"]} if not args.both else {" in-process": [], " process": ["--worker-process"]}
+        variants = {" in-process": [], " process": ["--worker-process"]} if args.both else \
+            {" process": ["--worker-process"]} if args.worker_process else {"": []}
         servers: dict[str, Server] = {}
         try:
             for name, extra in variants.items():
@@ -327,7 +327,8 @@ def report(figures: dict) -> str:
              "steps' seconds) / jobs; per phase: ms of self time per job (several threads: they need not add up).",
              "",
              "| model | jobs | size, steps | server wall s | engine s | server / engine | beyond ms/job | images/step | created over s | "
-             "server CPU ms/job | of it the server process | engine CPU ms/job | server / engine CPU | client CPU ms/job | "
+             "server CPU ms/job | of it the server process | engine CPU ms/job | server / engine CPU | "
+             "client CPU ms/job | "
              + " | ".join(PHASE_ORDER) + " |",
              "| --- " * (14 + len(PHASE_ORDER)) + "|"]
     keys = []

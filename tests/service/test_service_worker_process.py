@@ -185,8 +185,9 @@ def test_errors_cross_with_their_class_reason_and_field():
     from featureviz.worker.process import raise_error
 
     for exc in (errors.InvalidSpec("spec.size", "too big", reason="SIZE"), errors.Diverged(3, "the loss", 0.5),
-                errors.SignInThrottled("slow down", retry_seconds=2.0), errors.ModelImportError("bad", reason="NOT_ONNX"),
-                KeyError("k"), type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory")):
+                errors.SignInThrottled("slow down", retry_seconds=2.0),
+                errors.ModelImportError("bad", reason="NOT_ONNX"), KeyError("k"),
+                type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory")):
         sent = load_reply(pickle.dumps(("reply", 1, False, encode_error(exc))))[3]
         with pytest.raises(BaseException) as raised:
             raise_error(sent)
