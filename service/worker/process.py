@@ -274,11 +274,9 @@ class ProcessWorker(api.Worker):
             self._read(child)
             with self._lock:
                 quitting = self._quitting
-            if quitting:  # stop: the child exits after its stop call (else it is killed)
-                child.conn.close()
-                _end(child.proc, STOP_WAIT_SECONDS)
+            self._died(child, quitting)
+            if quitting:  # stop: the child exits after its stop call (else it is killed); no other starts
                 return
-            self._died(child)
             young = young + 1 if time.monotonic() - child.started < YOUNG_SECONDS else 0
             if young and self._wait_closing(min(30.0, 0.5 * 2.0 ** young)):
                 return
@@ -333,19 +331,22 @@ class ProcessWorker(api.Worker):
         except OSError:
             pass  # it died meanwhile
 
-    def _died(self, child: _Child) -> None:
-        """The child is gone: fail its calls in flight, send its jobs back to the queue, reap it."""
-        code = _end(child.proc, 5.0)
+    def _died(self, child: _Child, stopping: bool = False) -> None:
+        """The child is gone (``stopping``: after its stop call, or during it): fail its calls in flight, send its
+        jobs back to the queue, reap it."""
+        code = _end(child.proc, STOP_WAIT_SECONDS if stopping else 5.0)
         how = _exit_text(code)
         child.conn.close()
         with self._lock:
             self._child = None
-            self.restarts += 1
+            self.restarts += 0 if stopping else 1
             calls, self._calls = self._calls, {}
             held, self._held = list(self._held), {}
             events = self._losses.lost(held, f"the worker process, pid {child.pid}, {how}")
-        log.warning("the worker process (pid %d) died (%s): %d job(s) go back to the queue, %d call(s) fail; "
-                    "starting another", child.pid, how, len(held), len(calls))
+            self._lock.notify_all()
+        if not stopping or calls or held:
+            log.warning("the worker process (pid %d) died (%s): %d job(s) go back to the queue, %d call(s) fail%s",
+                        child.pid, how, len(held), len(calls), "" if stopping else "; starting another")
         for future, method in calls.values():
             future.set_exception(Unavailable(f"the worker process died ({how}) during {method}; try again",
                                              reason="WORKER_UNAVAILABLE"))
@@ -370,7 +371,7 @@ class ProcessWorker(api.Worker):
         deadline = time.monotonic() + UP_WAIT_SECONDS
         while self._child is None:
             left = deadline - time.monotonic()
-            if self._closing or left <= 0:
+            if self._closing or self._quitting or left <= 0:
                 raise Unavailable(f"the worker process is not running ({method}); try again",
                                   reason="WORKER_UNAVAILABLE")
             self._lock.wait(left)

@@ -16,6 +16,7 @@ import pickle
 import re
 import select
 import signal
+import time
 import urllib.request
 
 import pytest
@@ -196,3 +197,28 @@ def test_errors_cross_with_their_class_reason_and_field():
         assert errors.code_name(got) == errors.code_name(exc) and errors.job_error(got) == errors.job_error(exc)
         assert getattr(got, "reason", None) == getattr(exc, "reason", None)
         assert getattr(got, "field", None) == getattr(exc, "field", None)
+
+
+def test_a_child_that_dies_during_stop_does_not_hang_it():
+    """The stop call is in flight to a frozen child (SIGSTOP), which is then killed: stop fails the call and
+    returns (it does not wait for a reply that never comes, nor start another child)."""
+    import threading
+
+    from featureviz.worker.api import WorkerConfig
+    from featureviz.worker.process import ProcessWorker
+
+    worker = ProcessWorker(WorkerConfig(device="cpu", threads=1), model_source=lambda sha: None)
+    worker.start(lambda events: None)
+    child = worker.pid
+    os.kill(child, signal.SIGSTOP)
+    stopper = threading.Thread(target=worker.stop, args=(0.0,), daemon=True)
+    stopper.start()
+    with worker._lock:  # until the stop call is registered (sent to the frozen child): polled, with a deadline
+        deadline = time.monotonic() + 60
+        while not worker._calls and time.monotonic() < deadline:
+            worker._lock.wait(0.01)
+        assert worker._calls
+    os.kill(child, signal.SIGKILL)
+    stopper.join(120)
+    assert not stopper.is_alive(), "stop waits for a dead child"
+    assert _wait_exit(child, 60) and worker.pid == 0 and worker.restarts == 0
