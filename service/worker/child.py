@@ -101,7 +101,8 @@ class _Host:
         except Exception as exc:  # noqa: BLE001 - e.g. a value that does not pickle: the caller must not hang
             self.send(("reply", ident, False, encode_error(exc)))
         if method == "stop":
-            os._exit(0)  # its events went before the reply; the server reads EOF
+            with self.send_lock:  # no message of another thread is cut short
+                os._exit(0)  # its events went before the reply; the server reads EOF
 
     def serve(self) -> None:
         conn = self.conn
