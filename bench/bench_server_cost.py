@@ -15,7 +15,8 @@ single-image jobs by default, a tiny model: one 3x3 conv, 32 px, 16 steps) and e
   admission, dispatch, start, step bookkeeping, end, events, watch, store, PNG, the start and end forwards) in
   ms per job. The phases run on several threads (the event loop, the worker's device, output and PNG threads), so
   they need not add up to the wall time; what the counters do not see is mostly gRPC and the event loop;
-- the CPU seconds per job of the server process (all its threads, from /proc), of the engine (this process while
+- the CPU seconds per job of the server process (all its threads, from /proc; with ``--worker-process`` plus its
+  child, the worker process, and the server process alone in its own column), of the engine (this process while
   it runs) and of this process while the server runs, the client (on the same cores as the server: on a small
   machine it slows the server down). CPU time moves much less than wall time with the load of a shared machine.
 
@@ -24,6 +25,7 @@ figure is the median over the repeats; ratios are taken within a repeat (the sam
 
     .venv/bin/python bench/bench_server_cost.py [--results bench/RESULTS.md] [--json out.json]
     .venv/bin/python bench/bench_server_cost.py --levels 4 --steps 2 --repeats 1 --demo-jobs 0   # a smoke run
+    .venv/bin/python bench/bench_server_cost.py --both     # in-process and --worker-process servers, alternately
 """
 
 from __future__ import annotations
@@ -101,9 +103,11 @@ def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int,
     from featureviz.client import pb
 
     before = server.counters()
-    cpu = _cpu_seconds(server.proc.pid), time.process_time()
+    pid = server.proc.pid
+    cpu = _cpu_seconds(pid), time.process_time(), _cpu_seconds(pid, False)
     done = asyncio.run(_run_jobs(server.address, sha, objective, jobs, steps, size))
-    server_cpu, client_cpu = _cpu_seconds(server.proc.pid) - cpu[0], time.process_time() - cpu[1]
+    server_cpu, client_cpu = _cpu_seconds(pid) - cpu[0], time.process_time() - cpu[1]
+    front_cpu = _cpu_seconds(pid, False) - cpu[2]  # the server process alone (gRPC, store, events)
     after = server.counters()
     failed = [d for d in done if d.state != pb.JOB_STATE_SUCCEEDED]
     if failed:
@@ -123,16 +127,31 @@ def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int,
             "images_per_step": (delta("featureviz_batch_images_sum") / delta("featureviz_batch_images_count")
                                 if delta("featureviz_batch_images_count") else 0.0),
             "beyond_ms": 1000 * (wall - device) / jobs, "phases_ms": phases,
-            "server_cpu_ms": 1000 * server_cpu / jobs, "client_cpu_ms": 1000 * client_cpu / jobs}
+            "server_cpu_ms": 1000 * server_cpu / jobs, "client_cpu_ms": 1000 * client_cpu / jobs,
+            "front_cpu_ms": 1000 * front_cpu / jobs}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system, all threads) of a process so far, from /proc (nan elsewhere)."""
+def _cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system, all threads) of a process so far, from /proc (nan elsewhere); ``children``: plus
+    its live child processes' (``--worker-process``: the worker process is the server's child)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+    if children:
+        total += sum(_cpu_seconds(child, False) for child in _children(pid))
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return found
 
 
 def run_engine(model, layer: str, jobs: int, steps: int, size: int, device: str) -> tuple[float, float]:
@@ -191,7 +210,8 @@ def measure(label: str, server: Server, sha: str, model, layer: str, jobs: int, 
           f"{served['ratio']:.2f}x, beyond the device steps {served['beyond_ms']:.2f} ms/job, "
           f"{served['images_per_step']:.0f} images/step, created over {served['created_spread']:.2f} s, last start "
           f"{served['last_start']:.2f} s; CPU ms/job: server {served['server_cpu_ms']:.2f}, engine "
-          f"{served['engine_cpu_ms']:.2f} ({served['cpu_ratio']:.2f}x), client {served['client_cpu_ms']:.2f}; ms/job: "
+          f"{served['engine_cpu_ms']:.2f} ({served['cpu_ratio']:.2f}x), of the server the server process alone "
+          f"{served['front_cpu_ms']:.2f}, client {served['client_cpu_ms']:.2f}; ms/job: "
           + ", ".join(f"{p} {v:.2f}" for p, v in served["phases_ms"].items()), flush=True)
     return served
 
@@ -214,6 +234,12 @@ def main(argv=None) -> int:
     parser.add_argument("--label", default="", help="a word for the table's heading (before, after, ...)")
     parser.add_argument("--serve-args", default="",
                         help="more `featureviz serve` arguments, e.g. \"--progress-interval 1\"")
+    parser.add_argument("--worker-process", action="store_true",
+                        help="serve with --worker-process (the worker in a child process; its CPU counts in the "
+                             "server's)")
+    parser.add_argument("--both", action="store_true",
+                        help="two servers, in-process and --worker-process, run alternately level by level (one "
+                             "table; the label says which)")
     args = parser.parse_args(argv)
     levels = [int(v) for v in args.levels.split(",")]
 
@@ -243,31 +269,40 @@ def main(argv=None) -> int:
         if args.demo_jobs:
             demo_path = zoo.efficientnet_lite0()
             demo = import_model(demo_path, preprocess=Preprocess(**zoo.EFFICIENTNET_LITE0_PREPROCESS))
-        server = Server(Path(tmp) / "store", "--max-step-images", str(max(levels + [args.demo_jobs])),
-                        "--device", device, *(["--threads", str(threads)] if threads else []), *args.serve_args.split())
+        common = ["--max-step-images", str(max(levels + [args.demo_jobs])), "--device", device,
+                  *(["--threads", str(threads)] if threads else []), *args.serve_args.split()]
+        variants = {" in-process": [], " process": ["--worker-process"]} if args.both else \
+            {" process": ["--worker-process"]} if args.worker_process else {"": []}
+        servers: dict[str, Server] = {}
         try:
+            for name, extra in variants.items():
+                servers[name] = Server(Path(tmp) / f"store{len(servers)}", *common, *extra)
             shas = {}
-            for tenant in TENANTS:
-                with Client(server.address, timeout=3600, token=tenant) as fv:
-                    shas["tiny"] = fv.upload(tiny_path).sha256
-                    if demo_path is not None:
-                        shas["demo"] = fv.upload(demo_path).sha256
-            # warm-up: the import, the layout and row-independence probes, a shared step's kernels
-            run_server(server, shas["tiny"], {"channel": {"layer": tiny_layer, "channel": 1}}, 8, 2, args.size)
-            if demo_path is not None:
-                run_server(server, shas["demo"], {"channel": {"layer": DEMO_LAYER, "channel": 1}}, 4, 2,
-                           args.demo_size)
+            for server in servers.values():
+                for tenant in TENANTS:
+                    with Client(server.address, timeout=3600, token=tenant) as fv:
+                        shas["tiny"] = fv.upload(tiny_path).sha256
+                        if demo_path is not None:
+                            shas["demo"] = fv.upload(demo_path).sha256
+                # warm-up: the import, the layout and row-independence probes, a shared step's kernels
+                run_server(server, shas["tiny"], {"channel": {"layer": tiny_layer, "channel": 1}}, 8, 2, args.size)
+                if demo_path is not None:
+                    run_server(server, shas["demo"], {"channel": {"layer": DEMO_LAYER, "channel": 1}}, 4, 2,
+                               args.demo_size)
             for repeat in range(args.repeats):
                 for jobs in levels:
-                    figures["runs"].append(dict(measure("tiny", server, shas["tiny"], tiny, tiny_layer, jobs,
-                                                        args.steps, args.size, device), repeat=repeat))
+                    for name, server in servers.items():  # alternately: the same load for both
+                        figures["runs"].append(dict(measure("tiny" + name, server, shas["tiny"], tiny, tiny_layer,
+                                                            jobs, args.steps, args.size, device), repeat=repeat))
                 if demo is not None:
-                    figures["runs"].append(dict(measure("demo", server, shas["demo"], demo, DEMO_LAYER,
-                                                        args.demo_jobs, args.demo_steps or args.steps,
-                                                        args.demo_size, device),
-                                                repeat=repeat))
+                    for name, server in servers.items():
+                        figures["runs"].append(dict(measure("demo" + name, server, shas["demo"], demo, DEMO_LAYER,
+                                                            args.demo_jobs, args.demo_steps or args.steps,
+                                                            args.demo_size, device),
+                                                    repeat=repeat))
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
     text = report(figures)
     print(text)
     if args.results:
@@ -292,9 +327,10 @@ def report(figures: dict) -> str:
              "steps' seconds) / jobs; per phase: ms of self time per job (several threads: they need not add up).",
              "",
              "| model | jobs | size, steps | server wall s | engine s | server / engine | beyond ms/job | images/step | created over s | "
-             "server CPU ms/job | engine CPU ms/job | server / engine CPU | client CPU ms/job | "
+             "server CPU ms/job | of it the server process | engine CPU ms/job | server / engine CPU | "
+             "client CPU ms/job | "
              + " | ".join(PHASE_ORDER) + " |",
-             "| --- " * (13 + len(PHASE_ORDER)) + "|"]
+             "| --- " * (14 + len(PHASE_ORDER)) + "|"]
     keys = []
     for run in figures["runs"]:
         if (run["label"], run["jobs"]) not in keys:
@@ -307,6 +343,7 @@ def report(figures: dict) -> str:
                      f"{_median(runs, lambda r: r['beyond_ms']):.2f} | {_median(runs, lambda r: r['images_per_step']):.0f}"
                      f" | {_median(runs, lambda r: r.get('created_spread', 0.0)):.2f}"
                      f" | {_median(runs, lambda r: r.get('server_cpu_ms', float('nan'))):.2f}"
+                     f" | {_median(runs, lambda r: r.get('front_cpu_ms', float('nan'))):.2f}"
                      f" | {_median(runs, lambda r: r.get('engine_cpu_ms', float('nan'))):.2f}"
                      f" | {_median(runs, lambda r: r.get('cpu_ratio', float('nan'))):.2f}x"
                      f" | {_median(runs, lambda r: r.get('client_cpu_ms', float('nan'))):.2f} | {phases} |")

@@ -94,7 +94,7 @@ if [ $DRY = 1 ]; then
   PYTEST=(-q -m gpu tests/kernels tests/engine/test_engine_render.py)
   VARIANTS=(--levels 1,2 --size 16 --steps 1 --variants default)
   EXEMPLARS=(--images 8 --batch 4 --skip-memory)
-  COST=(--levels 2 --steps 2 --repeats 1 --demo-jobs 0)
+  COST=(--levels 2 --steps 2 --repeats 1 --demo-jobs 0 --both)
   ATLAS=(--model resnet18 --channels 1 --size 32 --steps 2 --device cpu)
 else
   KERNELS=(--batches 1,4,16,64 --sizes 224)
@@ -104,7 +104,7 @@ else
   PYTEST=(-q -m gpu -p no:cacheprovider --continue-on-collection-errors -rs)
   VARIANTS=(--levels 1,64 --size 224 --steps 16)
   EXEMPLARS=(--images 512 --batch 64 --skip-memory --device cuda)
-  COST=(--levels 64,256 --steps 16 --repeats 2 --demo-jobs 64 --demo-size 64)
+  COST=(--levels 64,256 --steps 16 --repeats 1 --demo-jobs 64 --demo-size 64 --both)
   ATLAS=(--model resnet50 --channels 10 --size 128 --steps 32 --goal-steps 512 --device cuda)
 fi
 
@@ -124,8 +124,9 @@ stage "bench_engine_variants.py" 90 "$RESULTS/variants.md" "$PY" bench/bench_eng
 #    same truncated model over the same images, batch 64, 224 px (issue 23)
 stage "bench_exemplars.py" 90 "$WORK/exemplars.md" "$PY" bench/bench_exemplars.py "${EXEMPLARS[@]}"
 # 8. the server's cost per job beyond the device steps, per phase (issue 26: 256 tiny jobs within 1.25x of the
-#    in-process engine, < 2 ms per job beyond the device steps); its output joins summary.md (8 files at most)
-stage "bench_server_cost.py" 120 "$WORK/cost.md" "$PY" bench/bench_server_cost.py "${COST[@]}"
+#    in-process engine, < 2 ms per job beyond the device steps), the worker in the server's process and in a child
+#    process (--worker-process), alternately; its output joins summary.md (8 files at most)
+stage "bench_server_cost.py" 150 "$WORK/cost.md" "$PY" bench/bench_server_cost.py "${COST[@]}"
 grep -q '^### bench_server_cost' "$WORK/cost.md" || tail -n 20 "$WORK/cost.md" >> "$SUMMARY"
 # 9. the atlas's unit rate on ResNet-50 through a real server, 530 units over every Conv layer timed for 32 steps,
 #    given at 512 steps, and the projected time of every Conv channel (issue 24: under 30 minutes)

@@ -82,17 +82,20 @@ class FeaturevizError(Exception):
         return str(self.args[0]) if self.args else ""
 
     def __reduce__(self):
-        # pickled as its args and fields, rebuilt without calling __init__ (whose signature differs per class:
-        # InvalidSpec(field, description) would not take back its one formatted arg). A worker in another process
-        # (a Ray actor) raises these across the boundary.
+        # pickled as (class, args, attributes), not rebuilt by calling the class: the subclasses' constructors take
+        # other arguments (InvalidSpec(field, description), Diverged(step, what, lr)); a worker in another process
+        # (featureviz.worker.process, Ray) raises the same class with the same message, reason and field here
         return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
-def _rebuild(cls, args, state):
-    err = cls.__new__(cls, *args)
-    err.args = args
-    err.__dict__.update(state)
-    return err
+def _rebuild(cls, args: tuple, state: dict) -> "FeaturevizError":
+    """The unpickling of a :class:`FeaturevizError` (its ``__reduce__``): only a FeaturevizError class."""
+    if not (isinstance(cls, type) and issubclass(cls, FeaturevizError)):
+        raise TypeError(f"not a featureviz error class: {cls!r}")
+    exc = cls.__new__(cls)
+    exc.args = tuple(args)
+    exc.__dict__.update(state)
+    return exc
 
 
 class InvalidSpec(FeaturevizError):

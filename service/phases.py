@@ -18,7 +18,7 @@ import os
 import threading
 import time
 
-__all__ = ["phase", "snapshot", "enabled", "PHASES"]
+__all__ = ["phase", "snapshot", "enabled", "PHASES", "add_source", "remove_source"]
 
 # the phases the server and the in-process worker record (a name outside this list is refused)
 PHASES = ("admission", "dispatch", "start", "step bookkeeping", "end", "events", "watch", "store", "png",
@@ -77,6 +77,33 @@ def phase(name: str):
 
 
 def snapshot() -> dict[str, tuple[float, int]]:
-    """phase -> (seconds, entries) so far (all zero when off)."""
+    """phase -> (seconds, entries) so far (all zero when off), this process's plus its sources' (a worker in a
+    child process: :func:`add_source`)."""
     with _lock:
-        return {name: (total[0], total[1]) for name, total in _totals.items()}
+        found = {name: [total[0], total[1]] for name, total in _totals.items()}
+        sources = list(_sources)
+    for source in sources:
+        try:
+            more = source()
+        except Exception:  # noqa: BLE001 - e.g. the worker process is restarting: its counters are left out
+            continue
+        for name, (secs, count) in more.items():
+            if name in found:
+                found[name][0] += float(secs)
+                found[name][1] += int(count)
+    return {name: (secs, count) for name, (secs, count) in found.items()}
+
+
+_sources: list = []
+
+
+def add_source(source) -> None:
+    """Add ``source()`` (another process's :func:`snapshot`) to this process's snapshots."""
+    with _lock:
+        _sources.append(source)
+
+
+def remove_source(source) -> None:
+    with _lock:
+        if source in _sources:
+            _sources.remove(source)

@@ -42,6 +42,10 @@ def register(subparsers) -> None:
                         "%(default)s)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="with --ray: N CPU worker actors (default: one per GPU of the cluster, else 1)")
+    p.add_argument("--worker-process", action="store_true",
+                   help="run the worker (the device loop, everything torch) in a child process: the server's "
+                        "gRPC, store and events do not share its GIL; a child that dies is started again and its "
+                        "jobs run again (default: in the server's process)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the compute worker (default: torch's, one per core)")
     p.add_argument("--max-step-images", type=int, default=None, metavar="N",
@@ -78,7 +82,7 @@ def _config(args: argparse.Namespace):
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
         threads=args.threads, max_step_images=args.max_step_images, progress_interval=args.progress_interval,
         http_port=args.http_port, http_host=args.http_host, ray=args.ray, workers=args.workers,
-        ray_timeout_seconds=args.ray_timeout,
+        ray_timeout_seconds=args.ray_timeout, worker_process=args.worker_process,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
 
@@ -165,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
     if args.progress_interval < 0:
         print(f"featureviz serve: --progress-interval must be >= 0, got {args.progress_interval}", file=sys.stderr)
         return 2
+    if args.worker_process and args.ray is not None:
+        print("featureviz serve: --worker-process and --ray exclude each other (the workers are either Ray actors "
+              "or one child process)", file=sys.stderr)
+        return 2
     if args.workers is not None and args.ray is None:
         print("featureviz serve: --workers needs --ray", file=sys.stderr)
         return 2
@@ -211,6 +219,8 @@ async def _serve(config) -> int:
         workers = server.scheduler.worker.workers()
         print(f"featureviz serve: {len(workers)} Ray worker(s): " + ", ".join(
             f"{w.id} ({w.device.kind}, pid {w.pid} on {w.node})" for w in workers), file=sys.stderr, flush=True)
+    if config.worker_process:
+        print(f"featureviz serve: worker process pid {server.scheduler.worker.pid}", file=sys.stderr, flush=True)
     if server.metrics_port is not None:
         print(f"featureviz serve: metrics on http://{config.host}:{server.metrics_port}/metrics", file=sys.stderr,
               flush=True)

@@ -118,7 +118,8 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
     """Build the server and bind ``config.host:config.port`` (0: a free port). Call inside a running loop.
 
     ``worker``: a ``featureviz.worker.api.Worker``; by default an in-process one (``featureviz.worker.local``,
-    which imports torch) on ``config.device`` with ``config.max_step_images``."""
+    which imports torch) on ``config.device`` with ``config.max_step_images``, or the same in a child process with
+    ``config.worker_process`` (``featureviz.worker.process``), or Ray actors with ``config.ray``."""
     loop = asyncio.get_running_loop()
     store = Store(config.store_dir)
     if worker is None and config.ray is not None:  # workers as Ray actors (featureviz[ray])
@@ -131,11 +132,16 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
                           model_source=store.read_model_file, workers=config.workers,
                           max_attempts=config.ray_max_attempts, timeout=config.ray_timeout_seconds)
     if worker is None:
-        worker = local_worker(WorkerConfig(device=config.device, max_step_images=config.max_step_images,
-                                           progress_interval=config.progress_interval, threads=config.threads,
-                                           cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
-                                           **_worker_limits(config)),
-                              model_source=store.read_model_file)  # bytes checked against their sha256
+        local = WorkerConfig(device=config.device, max_step_images=config.max_step_images,
+                             progress_interval=config.progress_interval, threads=config.threads,
+                             cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
+                             **_worker_limits(config))
+        if config.worker_process:  # the same worker in a child process (imports no torch here)
+            from featureviz.worker.process import ProcessWorker
+
+            worker = ProcessWorker(local, model_source=store.read_model_file, max_attempts=config.ray_max_attempts)
+        else:
+            worker = local_worker(local, model_source=store.read_model_file)  # bytes checked against their sha256
     scheduler = Scheduler(store, worker, loop=loop, finished_logs_kept=config.finished_logs_kept,
                           index_chunk_images=config.index_chunk_images,
                           max_indexes_per_tenant=config.limits.max_indexes_per_tenant)

@@ -121,7 +121,10 @@ class ServerConfig:
     http_host: str | None = None  # its address (None: the same as host)
     ray: str | None = None  # workers as Ray actors: "auto" (a local Ray on loopback) or a cluster ADDRESS; None: embedded
     workers: int | None = None  # with ray: that many CPU worker actors (None: one per GPU of the cluster)
-    ray_max_attempts: int = 3  # with ray: a job whose worker dies this many times ends FAILED (WORKER_LOST)
+    ray_max_attempts: int = 3  # with ray or worker_process: a job whose worker dies this many times ends FAILED
+    # (WORKER_LOST)
+    worker_process: bool = False  # the local worker in a child process (featureviz.worker.process): the device loop
+    # off the server's GIL; False: in the server's process
     ray_timeout_seconds: float = 30.0  # with ray ADDRESS: joining the cluster takes at most this long, else error
     index_chunk_images: int = 256  # an index pass saves its state after every so many images (rounded up to a
     # multiple of its batch): what a killed pass resumes from
@@ -136,6 +139,9 @@ class ServerConfig:
             raise InvalidSpec("tls_key", "give both the TLS certificate and its private key, or neither")
         if not self.ray_timeout_seconds > 0:
             raise InvalidSpec("ray_timeout", f"must be > 0 seconds, got {self.ray_timeout_seconds}")
+        if self.worker_process and self.ray is not None:
+            raise InvalidSpec("worker_process", "the workers are either Ray actors (ray) or one child process "
+                                                "(worker_process), not both")
         if not self.index_chunk_images >= 1:
             raise InvalidSpec("index_chunk_images", f"must be >= 1, got {self.index_chunk_images}")
         if not self.upload_idle_timeout_seconds > 0:

@@ -31,6 +31,7 @@ from featureviz.errors import FeaturevizError
 from featureviz.errors import Unavailable
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.worker import api
+from featureviz.worker.losses import Losses
 
 __all__ = ["RayPool", "WorkerHost", "ray_pool", "import_ray", "RAY_MISSING", "init_local_ray", "connect_ray",
            "RayUnreachable", "RAY_CONNECT_SECONDS"]
@@ -214,7 +215,6 @@ class RayPool(api.Worker):
         ray = import_ray()
         self._ray = ray
         self._source = model_source
-        self._max_attempts = max(1, int(max_attempts))
         self._owns_ray = owns_ray
         self._lock = threading.RLock()
         self._up = threading.Condition()  # notified when an actor is back
@@ -225,8 +225,7 @@ class RayPool(api.Worker):
         self._job_host: dict[str, _Host] = {}
         self._job_model: dict[str, str] = {}
         self._pending: list[api.Submission] = []  # submitted while no actor was up
-        self._lost: dict[str, int] = {}
-        self._cancelled: set[str] = set()
+        self._losses = Losses(max_attempts)  # jobs lost with their actor: LOST, or FAILED after max_attempts
         self._tickets: dict[str, int] = {}  # admission ticket -> host index
         self._turn = 0
         options = {"num_cpus": num_cpus}
@@ -404,7 +403,7 @@ class RayPool(api.Worker):
                     return
             host = self._job_host.get(job_id)
             if host is not None:
-                self._cancelled.add(job_id)
+                self._losses.cancelling(job_id)
                 host.actor.cancel.remote(job_id)
 
     def device(self) -> pb.Device:
@@ -501,8 +500,7 @@ class RayPool(api.Worker):
                     host.jobs.pop(event.job_id, None)
                     self._job_host.pop(event.job_id, None)
                     self._job_model.pop(event.job_id, None)
-                    self._lost.pop(event.job_id, None)
-                    self._cancelled.discard(event.job_id)
+                    self._losses.forget(event.job_id)
             self._emit(event)
 
     def _emit(self, event: api.WorkerEvent) -> None:
@@ -516,7 +514,6 @@ class RayPool(api.Worker):
 
     def _host_lost(self, host: _Host) -> None:
         """The actor died: each of its jobs is queued again (LOST), or FAILED after max_attempts losses."""
-        events = []
         with self._lock:
             host.up = False
             host.info = None
@@ -525,20 +522,7 @@ class RayPool(api.Worker):
             for job_id in lost:
                 self._job_host.pop(job_id, None)
                 self._job_model.pop(job_id, None)
-                if job_id in self._cancelled:
-                    self._cancelled.discard(job_id)
-                    self._lost.pop(job_id, None)
-                    events.append(api.WorkerEvent(api.FINISHED, job_id, state=pb.JOB_STATE_CANCELLED))
-                    continue
-                count = self._lost[job_id] = self._lost.get(job_id, 0) + 1
-                if count >= self._max_attempts:
-                    self._lost.pop(job_id, None)
-                    events.append(api.WorkerEvent(api.FINISHED, job_id, state=pb.JOB_STATE_FAILED, error=pb.JobError(
-                        code="ABORTED", reason="WORKER_LOST",
-                        message=f"the worker running this job died {count} times (last: {host.id} on {host.node}); "
-                                "the job is not run again")))
-                else:
-                    events.append(api.WorkerEvent(api.LOST, job_id))
+            events = self._losses.lost(lost, f"{host.id} on {host.node}")
         for event in events:
             log.warning("job %s: worker %s lost (%s)", event.job_id, host.id,
                         "failed" if event.kind == api.FINISHED else "queued again")

@@ -89,7 +89,7 @@ def test_the_server_package_imports_without_torch(tmp_path):
             "        if name.split('.')[0] in ('torch', 'numpy', 'PIL'):\n"
             "            raise ImportError('blocked ' + name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import featureviz.server, featureviz.server.scheduler, featureviz.worker.api\n"
+            "import featureviz.server, featureviz.server.scheduler, featureviz.worker.api, featureviz.worker.process\n"
             "print('ok', 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -39,7 +39,9 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     # the exemplar index pass: images per second against a plain forward, in the summary (no file of its own)
     exemplars = summary.split("### bench_exemplars.py", 1)[1]
     assert "| 8 | 4 | cpu |" in exemplars and "plain / index" in exemplars
-    assert "### bench_server_cost.py" in summary and "| tiny | 2 |" in summary  # the server cost table
+    # the server cost table: the worker in the server's process and in a child process (--worker-process)
+    assert "### bench_server_cost.py" in summary and "| tiny in-process | 2 |" in summary
+    assert "| tiny process | 2 |" in summary
     # the atlas's unit rate through a real server (ResNet-18's 20 Conv layers, one channel each, in the dry run)
     atlas = summary.split("### Atlas unit rate", 1)[1]
     assert "| 20 | 32 | 2 |" in atlas and "every Conv channel (4800 units)" in atlas
