@@ -482,7 +482,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write every record here")
     parser.add_argument("--baseline", default="default")
     parser.add_argument("--keys", default=None, help="print only these measures' rows (e.g. lite1_views_p,slope)")
-    parser.add_argument("--only", default=None, help="measure only these variants (their folder names, comma-separated)")
+    parser.add_argument("--only", default=None, help="measure only these variants (folder names, comma-separated)")
     args = parser.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v] if "engine:" not in args.variants else \
         [args.variants]
