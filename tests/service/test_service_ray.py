@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -68,6 +69,18 @@ def _wait_for_step(fv: Client, job_id: str, step: int) -> None:
 
 def _workers(fv: Client) -> dict[str, pb.WorkerInfo]:
     return {w.id: w for w in fv.info().workers}
+
+
+def _all_up(fv: Client, seconds: float = 300) -> dict[str, pb.WorkerInfo]:
+    """The workers once every one is up (a killed actor is back: Ray restarts it, which takes a while on a loaded
+    machine), polling the server's own view with a deadline."""
+    deadline = time.monotonic() + seconds
+    while True:
+        workers = _workers(fv)
+        if all(w.up for w in workers.values()):
+            return workers
+        assert time.monotonic() < deadline, {w.id: w.up for w in workers.values()}
+        time.sleep(0.1)
 
 
 def test_server_info_lists_both_workers(cluster):
@@ -133,7 +146,7 @@ def test_killing_a_worker_mid_job_reruns_its_job_and_loses_nothing_else(cluster)
         os.kill(_workers(fv)[victim].pid, signal.SIGKILL)
         events = list(fv.watch(a.id, timeout=600))
         done_a, done_b = fv.wait(a.id, timeout=600), fv.wait(b.id, timeout=600)
-        after = _workers(fv)
+        after = _all_up(fv)  # the later tests place work on both
     assert done_a.state == pb.JOB_STATE_SUCCEEDED and done_a.result.steps_done == 400, done_a.error
     assert done_a.attempts == 2 and done_a.spec.seed == 11
     assert done_b.state == pb.JOB_STATE_SUCCEEDED and done_b.attempts == 1  # nothing else was lost
@@ -222,6 +235,7 @@ def test_an_atlas_spreads_its_units_over_the_actors_renders_none_twice_and_joins
         (folder / f"a{i}.png").write_bytes(noisy_png(16, 10 + i))
     with Client(cluster.address, token="tok-a", timeout=120) as fv:
         dataset = fv.upload_dataset(folder)
+        _all_up(fv)  # both take units (an actor still restarting from an earlier test would take none)
         job = fv.atlas(cluster.sha, layers=["/Relu_1"], channels=8, dataset=dataset.id, size=16, steps=6, seed=61,
                        wait=True, timeout=600)
         assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
