@@ -150,12 +150,21 @@ CREATE TABLE IF NOT EXISTS unit_scores (       -- a unit render joined to an exe
     render_score REAL NOT NULL,   -- the render's spatial max on the same measure
     PRIMARY KEY (index_id, key)
 );
+-- Every query of a request's path searches an index, never scans a table that grows with use
+-- (tests/service/test_service_store_plans.py). A partial index serves only queries that repeat its WHERE.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (tenant, request_id) WHERE request_id != '';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs (tenant);                   -- ListJobs: newest first (ord)
+CREATE INDEX IF NOT EXISTS jobs_tenant_state ON jobs (tenant, state);      -- the queue limit, ListJobs by state
+CREATE INDEX IF NOT EXISTS models_sha ON models (sha256);                  -- a model's file, whoever holds it
+CREATE INDEX IF NOT EXISTS datasets_id ON datasets (id);
+CREATE INDEX IF NOT EXISTS atlas_joins_index ON atlas_joins (index_job);
 """
 
 _JOB_COLUMNS = "id, tenant, request_id, model, state, spec, result, error, create_time, start_time, end_time, " \
                "attempts, last_seq, worker"
+# the partial index jobs_request serves this only with its own WHERE repeated (else: a scan of every job stored)
+_BY_REQUEST = "tenant = ? AND request_id = ? AND request_id != ''"
 
 
 class JobRow:
@@ -270,6 +279,13 @@ class Store:
                 continue
             found.append((stat.st_mtime, partial, stat.st_size))
         return [(path, size) for _, path, size in sorted(found)]
+
+    def trace(self, callback) -> None:
+        """``callback(sql)`` with every statement either connection runs, its parameters inlined (None: stop). A
+        diagnostic: the query-plan tests read what a request's path asks of SQLite."""
+        with self._lock, self._read_lock:
+            self._db.set_trace_callback(callback)
+            self._reader.set_trace_callback(callback)
 
     def close(self) -> None:
         with self._lock, self._read_lock:
@@ -628,7 +644,7 @@ class Store:
         """Insert a QUEUED job; with a request id already used by this tenant return that job. -> (row, created)."""
         with phase("store"), self._lock, _disk_full():
             if request_id:
-                row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?",
+                row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {_BY_REQUEST}",
                                        (tenant, request_id)).fetchone()
                 if row:
                     return JobRow(*row), False
@@ -649,7 +665,7 @@ class Store:
         return JobRow(*rows[0])
 
     def job_by_request(self, tenant: str, request_id: str) -> JobRow | None:
-        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?", (tenant, request_id))
+        rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {_BY_REQUEST}", (tenant, request_id))
         return JobRow(*rows[0]) if rows else None
 
     def list_jobs(self, tenant: str, state: int, offset: int, limit: int) -> list[JobRow]:
