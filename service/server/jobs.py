@@ -30,6 +30,7 @@ from featureviz.server.scheduler import Scheduler
 from featureviz.server.scheduler import job_cost
 from featureviz.server.slots import TenantSlots
 from featureviz.server.store import TERMINAL_STATES
+from featureviz.server.store import JobRow
 from featureviz.spec import proto_path
 from featureviz.v1 import featureviz_pb2 as pb
 from featureviz.v1 import featureviz_pb2_grpc as pb_grpc
@@ -80,15 +81,15 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     @rpc_errors
     async def CreateJob(self, request: pb.CreateJobRequest, context) -> pb.Job:
-        job_id = await self._create(self.auth.tenant(context), request.spec, request.request_id)
-        return self.scheduler.job(job_id, None)
+        job_id, row = await self._create(self.auth.tenant(context), request.spec, request.request_id)
+        return self.scheduler.job(job_id, None, row=row)
 
     @rpc_errors
     async def CreateAndWatchJob(self, request: pb.CreateAndWatchJobRequest, context):
         tenant = self.auth.tenant(context)
         with self._watch_slot(tenant):  # refused before the job is made
-            job_id = await self._create(tenant, request.spec, request.request_id)
-            async for event in self._watch(job_id, tenant, 0, request.include_previews):
+            job_id, row = await self._create(tenant, request.spec, request.request_id)
+            async for event in self._watch(job_id, tenant, 0, request.include_previews, row=row):
                 yield event
 
     @rpc_errors
@@ -213,11 +214,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     # ------------------------------------------------------------------------------------------- helpers
 
-    async def _create(self, tenant: str, spec: pb.JobSpec, request_id: str) -> str:
+    async def _create(self, tenant: str, spec: pb.JobSpec, request_id: str) -> tuple[str, JobRow | None]:
+        """-> (the job's id, its row as just stored when it was queued now: the reply needs no read; else None)."""
         with phase("admission"):  # the synchronous parts only (the worker's admission counts on its thread)
             found = self._before_admission(tenant, spec, request_id)
         if isinstance(found, str):
-            return found
+            return found, None
         sha, kind, dataset, stored, model, priors = found
         from featureviz.server.matching import match_sources  # exemplar matching: the tenant's indexes (NOT_FOUND)
 
@@ -242,7 +244,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
                                                             f"{exc.description}", reason=exc.reason) from exc
                 joined = (index_spec, index_admission)
             with phase("admission"):
-                return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission, joined)
+                made = self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission, joined)
+                return made if isinstance(made, tuple) else (made, None)
         finally:
             self.scheduler.admissions(-1)
 
@@ -351,6 +354,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         row, created = self.store.create_job(tenant, request_id, stored, sha, dataset=dataset)
         if created and not (key and self.scheduler.finish_from_store(row.id, tenant, key)):
             self.scheduler.submit(row.id, tenant, admission, row)
+            return row.id, row  # QUEUED as stored (what a reply reads of it; the rest is the scheduler's)
         return row.id
 
     def _atlas_defaults(self, tenant: str, stored: pb.JobSpec) -> None:
@@ -466,21 +470,21 @@ class JobServicer(pb_grpc.JobServiceServicer):
         """One of the tenant's ``max_watches_per_tenant`` open watch streams, held until the stream ends."""
         return self._watches.hold(tenant, self.config.limits.max_watches_per_tenant)
 
-    async def _watch(self, job_id: str, tenant: str, from_seq: int, previews: bool):
+    async def _watch(self, job_id: str, tenant: str, from_seq: int, previews: bool, row: JobRow | None = None):
         self._watching += 1
         self._idle.clear()
         try:
-            async for event in self._events(job_id, tenant, from_seq, previews):
+            async for event in self._events(job_id, tenant, from_seq, previews, row):
                 yield event
         finally:
             self._watching -= 1
             if not self._watching:
                 self._idle.set()
 
-    async def _events(self, job_id: str, tenant: str, from_seq: int, previews: bool):
+    async def _events(self, job_id: str, tenant: str, from_seq: int, previews: bool, row: JobRow | None = None):
         with phase("watch"):
-            snapshot = self.scheduler.job(job_id, tenant)  # NOT_FOUND for someone else's job
-            events = self.scheduler.log(job_id)
+            snapshot = self.scheduler.job(job_id, tenant, row=row)  # NOT_FOUND for someone else's job
+            events = self.scheduler.log(job_id, row=row)
         seq = min(from_seq, max(snapshot.last_seq, events.last_seq))  # a from_seq past the end: from the end
         attached = events.last_seq  # previews logged before the watch are replayed; later ones coalesce
         yield pb.JobEvent(seq=seq, time=_now(), snapshot=snapshot)

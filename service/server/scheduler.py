@@ -228,8 +228,13 @@ class Scheduler:
         self._turn = 0
         self._granted: dict[str, str] = {}  # job -> tenant: held by the worker, until its end is logged
         self._held = 0  # images the worker holds
+        # per tenant, kept with the maps above (each CreateJob and grant reads them: no walk over every job)
+        self._held_of: collections.Counter[str] = collections.Counter()  # images its granted jobs hold
+        self._cost_by_tenant: collections.Counter[str] = collections.Counter()  # its queued and granted cost
+        self._fresh: dict[str, object] = {}  # job -> the JobRow its submit holds, for a grant in the same call
         self._logs: collections.OrderedDict[str, JobLog] = collections.OrderedDict()
         self._finished_logs_kept = finished_logs_kept
+        self._evict_at = 0  # _evict_logs walks the logs when there are this many
         self._progress: dict[str, tuple[int, int, list[float]]] = {}
         self._started: dict[str, float] = {}
         self._stopping = False
@@ -287,6 +292,7 @@ class Scheduler:
         with self._cv:
             self._granted.clear()
             self._held = 0
+            self._held_of.clear()
             self._units.clear()
             self._inflight.clear()
             self._bg_held = 0
@@ -326,7 +332,11 @@ class Scheduler:
         with self._cv:
             self._enqueue(job_id, tenant, pb.JobSpec.FromString(row.spec),
                           admission.ticket if admission is not None else "")
-            self._dispatch()
+            self._fresh[job_id] = row  # read just now, under the lock a cancel takes too: no second read
+            try:
+                self._dispatch()
+            finally:
+                self._fresh.clear()
 
     def _enqueue(self, job_id: str, tenant: str, spec: pb.JobSpec, ticket: str = "") -> None:
         self._queue.append(job_id)
@@ -335,19 +345,23 @@ class Scheduler:
         self._images_of[job_id] = 0 if spec.HasField("exemplar_index") else spec.batch if spec.HasField("batch") else 1
         if spec.HasField("exemplar_index"):
             self._indexing[job_id] = _index_key(spec)
-        self._cost_of[job_id] = job_cost(spec)
+        before = self._cost_of.get(job_id)
+        if before is not None:  # queued again without a release: counted once
+            self._cost_by_tenant[self._tenant_of.get(job_id, tenant)] -= before
+        self._cost_of[job_id] = cost = job_cost(spec)
+        self._cost_by_tenant[tenant] += cost
         if ticket:
             self._tickets[job_id] = ticket
         if spec.exclusive:
             self._exclusive.add(job_id)
 
     def _held_by(self, tenant: str) -> int:
-        return sum(self._images_of.get(j, 1) for j, t in self._granted.items() if t == tenant)
+        return self._held_of[tenant]
 
     def image_steps(self, tenant: str) -> int:
         """The tenant's queued and granted (running or parked) work: the sum of its jobs' images x steps."""
         with self._cv:
-            return sum(self._cost_of.get(j, 0) for j, t in self._tenant_of.items() if t == tenant)
+            return self._cost_by_tenant[tenant]
 
     def _below_share(self, tenant: str, queued_tenants) -> bool:
         """Whether the tenant holds less than its share of one device step while other tenants hold or want
@@ -388,7 +402,8 @@ class Scheduler:
             self._served[tenant] = self._turn
             self._granted[job_id] = tenant
             self._held += images
-            row = self.store.get_job(job_id)
+            self._held_of[tenant] += images
+            row = self._fresh.pop(job_id, None) or self.store.get_job(job_id)
             if row.state in TERMINAL_STATES:  # finished meanwhile (a cancel raced the grant)
                 self._release(job_id)
                 continue
@@ -782,11 +797,20 @@ class Scheduler:
             self._index_job_ended(job_id)
 
     def _release(self, job_id: str) -> None:
-        if self._granted.pop(job_id, None) is not None:
-            self._held -= self._images_of.get(job_id, 1)
-        self._tenant_of.pop(job_id, None)
+        granted = self._granted.pop(job_id, None)
+        if granted is not None:
+            images = self._images_of.get(job_id, 1)
+            self._held -= images
+            self._held_of[granted] -= images
+            if self._held_of[granted] <= 0:
+                del self._held_of[granted]
+        tenant = self._tenant_of.pop(job_id, None)
         self._images_of.pop(job_id, None)
-        self._cost_of.pop(job_id, None)
+        cost = self._cost_of.pop(job_id, None)
+        if tenant is not None and cost is not None:
+            self._cost_by_tenant[tenant] -= cost
+            if self._cost_by_tenant[tenant] <= 0:
+                del self._cost_by_tenant[tenant]
         self._tickets.pop(job_id, None)
         self._exclusive.discard(job_id)
         self._indexing.pop(job_id, None)
@@ -822,11 +846,14 @@ class Scheduler:
                                          "nothing to cancel", reason="JOB_FINISHED")
         return self.job(job_id, tenant)
 
-    def job(self, job_id: str, tenant: str | None, *, with_images: bool = True) -> pb.Job:
-        """The stored job with the live progress of a running one and the queue position of a queued one."""
+    def job(self, job_id: str, tenant: str | None, *, with_images: bool = True, row=None) -> pb.Job:
+        """The stored job with the live progress of a running one and the queue position of a queued one.
+        ``row``: the JobRow its creation just stored (CreateJob's reply, CreateAndWatchJob's first snapshot), read
+        from nowhere else; what changed since (its start) comes from the log."""
         with self._cv:  # progress before the row: a job that ends in between reads as finished, not as step 0
             progress = self._progress.get(job_id)
-        row = self.store.get_job(job_id, tenant)
+        if row is None:
+            row = self.store.get_job(job_id, tenant)
         job = row.to_proto(with_images=with_images)
         with self._cv:
             if job.state == pb.JOB_STATE_QUEUED and job_id in self._queue:
@@ -839,11 +866,12 @@ class Scheduler:
             job.last_seq = max(job.last_seq, log_.last_seq)
         return job
 
-    def log(self, job_id: str) -> JobLog:
+    def log(self, job_id: str, row=None) -> JobLog:
+        """The job's event log in memory (made from its stored last_seq when absent; ``row``: as for :meth:`job`)."""
         with self._cv:
             found = self._logs.get(job_id)
             if found is None:
-                row = self.store.get_job(job_id)
+                row = row if row is not None else self.store.get_job(job_id)
                 found = JobLog(self._loop, row.last_seq, on_seq=None)
                 found._on_seq = lambda seq, found=found: self._logged(job_id, found, seq)
                 self._logs[job_id] = found
@@ -851,9 +879,14 @@ class Scheduler:
             return found
 
     def _evict_logs(self) -> None:
+        """Keep the newest ``finished_logs_kept`` logs of finished jobs. A walk over every log, so at most once per
+        a quarter of that many new logs (a burst of jobs made no walk per job); up to that many more are kept."""
+        if len(self._logs) < self._evict_at:
+            return
         finished = [job_id for job_id, lg in self._logs.items() if lg.finished]
         for job_id in finished[: max(0, len(finished) - self._finished_logs_kept)]:
             del self._logs[job_id]
+        self._evict_at = len(self._logs) + max(1, self._finished_logs_kept // 4)
 
     def _logged(self, job_id: str, log_: JobLog, seq: int) -> bool:
         """A JobLog's event got ``seq``: store it (in the batch's transaction on the event thread, then published

@@ -649,14 +649,15 @@ class Store:
                 if row:
                     return JobRow(*row), False
             job_id = uuid.uuid4().hex[:16]
+            # the row as inserted (the columns' defaults: attempts 0, last_seq 0, worker ''): no read back
+            row = JobRow(job_id, tenant, request_id, model_sha, pb.JOB_STATE_QUEUED, spec.SerializeToString(), None,
+                         None, time.time(), None, None, 0, 0, "")
             self._db.execute(
                 "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time, dataset) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, tenant, request_id, model_sha, pb.JOB_STATE_QUEUED, spec.SerializeToString(), time.time(),
-                 dataset),
+                (row.id, tenant, request_id, model_sha, row.state, row.spec, row.create_time, dataset),
             )
-            row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return JobRow(*row), True
+        return row, True
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRow:
         rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))

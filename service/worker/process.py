@@ -184,6 +184,7 @@ class ProcessWorker(api.Worker):
         self._quitting = False  # stopping: the child's end is not a death (no restart)
         self._failed: BaseException | None = None  # the first child could not start
         self._admitting = 0
+        self._admitting_posted = 0  # the count the child last got
         self.restarts = 0
         self._sink = None
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -267,6 +268,7 @@ class ProcessWorker(api.Worker):
                 self._lock.notify_all()
             if child.generation > 1:
                 log.warning("worker process started again (pid %d, restart %d)", child.pid, self.restarts)
+            self._admitting_posted = self._admitting
             if self._admitting:
                 self._post(child, "admitting", self._admitting)
             for submission in pending:
@@ -487,10 +489,17 @@ class ProcessWorker(api.Worker):
             self._post(child, "cancel", job_id)
 
     def admitting(self, count: int) -> None:
-        self._admitting = max(0, int(count))
+        """Posted when the count reaches or leaves zero, or halves or doubles since the last post: the hold reads
+        whether admissions are in flight and roughly how many (planner.hold), and a burst moves the count by one per
+        CreateJob, twice (a message each would be two sends per job on the server's event loop)."""
+        self._admitting = count = max(0, int(count))
+        posted = self._admitting_posted
+        if (count == 0) == (posted == 0) and posted // 2 < count < 2 * posted:
+            return
         child = self._child
         if child is not None:
-            self._post(child, "admitting", self._admitting)
+            self._admitting_posted = count
+            self._post(child, "admitting", count)
 
     def exemplars(self, query: api.ExemplarQuery) -> pb.GetExemplarsResponse:
         return self._call("exemplars", query)

@@ -126,3 +126,15 @@ def test_creating_a_job_does_not_grow_with_the_jobs_stored(tmp_path):
     assert fresh > 0
     # a scan of the 3000 rows would cost tens of thousands of steps; a search of an index a few more than before
     assert full <= fresh * 1.5, (fresh, full)
+
+
+def test_a_created_row_is_the_row_stored(tmp_path):
+    """create_job answers the row it inserted without reading it back: it must be what a read finds."""
+    store = Store(tmp_path / "store")
+    spec = pb.JobSpec(model="1" * 64, steps=3, seed=7)
+    made, created = store.create_job("alice", "req", spec, "1" * 64, dataset="d" * 64)
+    read = store.get_job(made.id, "alice")
+    store.close()
+    assert created
+    assert {k: getattr(made, k) for k in made.__slots__} == {k: getattr(read, k) for k in read.__slots__}
+    assert made.to_proto() == read.to_proto()
