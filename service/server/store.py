@@ -643,20 +643,22 @@ class Store:
                    dataset: str = "") -> tuple[JobRow, bool]:
         """Insert a QUEUED job; with a request id already used by this tenant return that job. -> (row, created)."""
         with phase("store"), self._lock, _disk_full():
-            if request_id:
-                row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {_BY_REQUEST}",
-                                       (tenant, request_id)).fetchone()
-                if row:
-                    return JobRow(*row), False
             job_id = uuid.uuid4().hex[:16]
             # the row as inserted (the columns' defaults: attempts 0, last_seq 0, worker ''): no read back
             row = JobRow(job_id, tenant, request_id, model_sha, pb.JOB_STATE_QUEUED, spec.SerializeToString(), None,
                          None, time.time(), None, None, 0, 0, "")
-            self._db.execute(
-                "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time, dataset) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (row.id, tenant, request_id, model_sha, row.state, row.spec, row.create_time, dataset),
-            )
+            try:  # a request id used before breaks jobs_request's uniqueness: then that job is the answer
+                self._db.execute(
+                    "INSERT INTO jobs (id, tenant, request_id, model, state, spec, create_time, dataset) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.id, tenant, request_id, model_sha, row.state, row.spec, row.create_time, dataset),
+                )
+            except sqlite3.IntegrityError:
+                found = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {_BY_REQUEST}",
+                                         (tenant, request_id)).fetchone() if request_id else None
+                if found is None:
+                    raise
+                return JobRow(*found), False
         return row, True
 
     def get_job(self, job_id: str, tenant: str | None = None) -> JobRow:

@@ -138,3 +138,20 @@ def test_a_created_row_is_the_row_stored(tmp_path):
     assert created
     assert {k: getattr(made, k) for k in made.__slots__} == {k: getattr(read, k) for k in read.__slots__}
     assert made.to_proto() == read.to_proto()
+
+
+def test_a_request_id_used_before_answers_its_job(tmp_path):
+    """create_job inserts first; the request id's uniqueness (per tenant) finds a retry's job."""
+    store = Store(tmp_path / "store")
+    spec = pb.JobSpec(model="1" * 64, steps=3)
+    first, created = store.create_job("alice", "req", spec, "1" * 64)
+    again, created_again = store.create_job("alice", "req", pb.JobSpec(model="1" * 64, steps=9), "1" * 64)
+    other, created_other = store.create_job("bob", "req", spec, "1" * 64)  # another tenant's id is its own
+    plain = [store.create_job("alice", "", spec, "1" * 64) for _ in range(2)]  # no request id: always new
+    stored = store.count_jobs("alice", (pb.JOB_STATE_QUEUED,))
+    store.close()
+    assert (created, created_again, created_other) == (True, False, True)
+    assert again.id == first.id and pb.JobSpec.FromString(again.spec).steps == 3
+    assert other.id != first.id
+    assert all(made for _, made in plain) and plain[0][0].id != plain[1][0].id
+    assert stored == 3

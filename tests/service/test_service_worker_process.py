@@ -104,6 +104,22 @@ def test_jobs_run_in_the_child_and_the_server_process_holds_no_torch(served):
     assert "libtorch" in _maps(child)  # the check is real: the child that ran them has it
 
 
+def test_a_job_cancelled_during_a_burst_ends_cancelled_and_the_rest_run(served):
+    """A cancel during a burst (held while its admissions arrive, or already started) ends that job alone."""
+    steps = 40
+    with Client(served.address, timeout=120) as fv:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            jobs = list(pool.map(lambda i: fv.submit(served.sha, CHANNEL, steps=steps, size=32, seed=20 + i),
+                                 range(6)))
+            cancelled = fv.cancel(jobs[2].id)
+            done = list(pool.map(lambda j: fv.wait(j.id, timeout=240), jobs))
+    assert cancelled.id == jobs[2].id
+    assert done[2].state == pb.JOB_STATE_CANCELLED and done[2].result.steps_done < steps
+    others = [d for i, d in enumerate(done) if i != 2]
+    assert all(d.state == pb.JOB_STATE_SUCCEEDED and d.result.steps_done == steps for d in others), \
+        [pb.JobState.Name(d.state) for d in others]
+
+
 def test_a_bad_upload_and_a_bad_spec_fail_as_with_the_in_process_worker(served, tmp_path):
     bad = b"\x08\x07" + b"not an onnx model" * 8
     spec = {"channel": {"layer": "/Relu_1", "channel": 99}}
