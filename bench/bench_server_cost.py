@@ -124,6 +124,9 @@ def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int,
     phases = {p: 1000 * delta(f'featureviz_phase_seconds_total{{phase="{p}"}}') / jobs for p in PHASE_ORDER}
     return {"wall": wall, "device": device, "created_spread": max(created) - min(created),
             "last_start": max(started) - min(created), "device_steps": delta("featureviz_device_step_seconds_count"),
+            # the timeline: the last creation to the first start, the last start to the first end, the ends' spread
+            "start_gap": min(started) - max(created), "running": min(ended) - max(started),
+            "ended_spread": max(ended) - min(ended),
             "images_per_step": (delta("featureviz_batch_images_sum") / delta("featureviz_batch_images_count")
                                 if delta("featureviz_batch_images_count") else 0.0),
             "beyond_ms": 1000 * (wall - device) / jobs, "phases_ms": phases,
@@ -209,7 +212,9 @@ def measure(label: str, server: Server, sha: str, model, layer: str, jobs: int, 
     print(f"{label:>12s} {jobs:4d} jobs: server {served['wall']:.3f} s, engine {engine:.3f} s, ratio "
           f"{served['ratio']:.2f}x, beyond the device steps {served['beyond_ms']:.2f} ms/job, "
           f"{served['images_per_step']:.0f} images/step, created over {served['created_spread']:.2f} s, last start "
-          f"{served['last_start']:.2f} s; CPU ms/job: server {served['server_cpu_ms']:.2f}, engine "
+          f"{served['last_start']:.2f} s (then the first start {served['start_gap']:.3f} s after the last creation, "
+          f"the first end {served['running']:.2f} s after the last start, the ends over {served['ended_spread']:.3f} s); "
+          f"CPU ms/job: server {served['server_cpu_ms']:.2f}, engine "
           f"{served['engine_cpu_ms']:.2f} ({served['cpu_ratio']:.2f}x), of the server the server process alone "
           f"{served['front_cpu_ms']:.2f}, client {served['client_cpu_ms']:.2f}; ms/job: "
           + ", ".join(f"{p} {v:.2f}" for p, v in served["phases_ms"].items()), flush=True)
@@ -327,10 +332,10 @@ def report(figures: dict) -> str:
              "steps' seconds) / jobs; per phase: ms of self time per job (several threads: they need not add up).",
              "",
              "| model | jobs | size, steps | server wall s | engine s | server / engine | beyond ms/job | images/step | created over s | "
-             "server CPU ms/job | of it the server process | engine CPU ms/job | server / engine CPU | "
+             "last creation -> first start s | last start -> first end s | ends over s | server CPU ms/job | of it the server process | engine CPU ms/job | server / engine CPU | "
              "client CPU ms/job | "
              + " | ".join(PHASE_ORDER) + " |",
-             "| --- " * (14 + len(PHASE_ORDER)) + "|"]
+             "| --- " * (17 + len(PHASE_ORDER)) + "|"]
     keys = []
     for run in figures["runs"]:
         if (run["label"], run["jobs"]) not in keys:
@@ -342,6 +347,9 @@ def report(figures: dict) -> str:
                      f"{_median(runs, lambda r: r['engine']):.3f} | {_median(runs, lambda r: r['ratio']):.2f}x | "
                      f"{_median(runs, lambda r: r['beyond_ms']):.2f} | {_median(runs, lambda r: r['images_per_step']):.0f}"
                      f" | {_median(runs, lambda r: r.get('created_spread', 0.0)):.2f}"
+                     f" | {_median(runs, lambda r: r.get('start_gap', float('nan'))):.3f}"
+                     f" | {_median(runs, lambda r: r.get('running', float('nan'))):.2f}"
+                     f" | {_median(runs, lambda r: r.get('ended_spread', float('nan'))):.3f}"
                      f" | {_median(runs, lambda r: r.get('server_cpu_ms', float('nan'))):.2f}"
                      f" | {_median(runs, lambda r: r.get('front_cpu_ms', float('nan'))):.2f}"
                      f" | {_median(runs, lambda r: r.get('engine_cpu_ms', float('nan'))):.2f}"
