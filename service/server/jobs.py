@@ -244,8 +244,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                                                             f"{exc.description}", reason=exc.reason) from exc
                 joined = (index_spec, index_admission)
             with phase("admission"):
-                made = self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission, joined)
-                return made if isinstance(made, tuple) else (made, None)
+                return self._after_admission(tenant, request_id, sha, kind, dataset, stored, model, admission, joined)
         finally:
             self.scheduler.admissions(-1)
 
@@ -338,11 +337,12 @@ class JobServicer(pb_grpc.JobServiceServicer):
         return sha
 
     def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
-                         model: pb.Model, admission, joined=None) -> str:
+                         model: pb.Model, admission, joined=None) -> tuple[str, JobRow | None]:
+        """-> (the job's id, its row when it was queued now: as for ``_create``)."""
         if kind == EXEMPLAR_INDEX:
-            return self._create_index(tenant, request_id, stored, sha, dataset, admission)
+            return self._create_index(tenant, request_id, stored, sha, dataset, admission), None
         if kind == ATLAS:
-            return self._create_atlas(tenant, request_id, stored, sha, admission, joined)
+            return self._create_atlas(tenant, request_id, stored, sha, admission, joined), None
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
             if not stored.HasField(key):
                 setattr(stored, key, getattr(admission, key))
@@ -355,7 +355,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if created and not (key and self.scheduler.finish_from_store(row.id, tenant, key)):
             self.scheduler.submit(row.id, tenant, admission, row)
             return row.id, row  # QUEUED as stored (what a reply reads of it; the rest is the scheduler's)
-        return row.id
+        return row.id, None
 
     def _atlas_defaults(self, tenant: str, stored: pb.JobSpec) -> None:
         """Before admission: the atlas's defaults written into its spec (so each unit's key names every option),

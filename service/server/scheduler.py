@@ -347,7 +347,7 @@ class Scheduler:
             self._indexing[job_id] = _index_key(spec)
         before = self._cost_of.get(job_id)
         if before is not None:  # queued again without a release: counted once
-            self._cost_by_tenant[self._tenant_of.get(job_id, tenant)] -= before
+            self._cost_by_tenant[tenant] -= before
         self._cost_of[job_id] = cost = job_cost(spec)
         self._cost_by_tenant[tenant] += cost
         if ticket:
