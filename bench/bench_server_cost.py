@@ -12,9 +12,10 @@ single-image jobs by default, a tiny model: one 3x3 conv, 32 px, 16 steps) and e
   finished (the final objective and images), timed in this process;
 - the ratio server wall / engine time, and the server's time per job beyond the device steps:
   (wall - the device steps' seconds, from ``featureviz_device_step_seconds``) / jobs; and per phase (self time of
-  admission, dispatch, start, step bookkeeping, end, events, watch, store, PNG, the start and end forwards) in
-  ms per job. The phases run on several threads (the event loop, the worker's device, output and PNG threads), so
-  they need not add up to the wall time; what the counters do not see is mostly gRPC and the event loop;
+  admission, dispatch, start, step bookkeeping, end, events, watch, store, PNG, the start and end forwards; and
+  gc, the pauses of full garbage collections in the server's processes, inside the other phases) in ms per job.
+  The phases run on several threads (the event loop, the worker's device, output and PNG threads), so they need
+  not add up to the wall time; what the counters do not see is mostly gRPC and the event loop;
 - the CPU seconds per job of the server process (all its threads, from /proc; with ``--worker-process`` plus its
   child, the worker process, and the server process alone in its own column), of the engine (this process while
   it runs) and of this process while the server runs, the client (on the same cores as the server: on a small
@@ -50,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TENANTS = tuple(f"t{i}" for i in range(8))  # 256 jobs: 32 queued per tenant at most (max_queued_jobs_per_tenant)
 DEMO_LAYER = "/_blocks.4/_swish/Clip"
 PHASE_ORDER = ("admission", "dispatch", "start", "step bookkeeping", "end", "events", "watch", "store", "png",
-               "start forward", "end forward")
+               "start forward", "end forward", "gc")
 
 
 class Server(bench_batching.Server):

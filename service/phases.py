@@ -9,11 +9,16 @@ Read them with :func:`snapshot` (phase -> (seconds, entries)); the server export
 ``featureviz_phase_seconds_total`` and ``featureviz_phase_entries_total`` (label ``phase``) on its metrics port
 (``bench/bench_server_cost.py`` reads them). Only synchronous blocks may be wrapped: on the event loop, a block
 that awaits would count the other coroutines' time too.
+
+``gc`` is not a block of code: it is the pauses of Python's full (generation 2) garbage collections, in every
+process that records (a collection stops every thread of its process: it holds the GIL). Its seconds are also
+inside whichever phase the collection interrupted (:mod:`featureviz.heap` keeps them short).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -22,7 +27,7 @@ __all__ = ["phase", "snapshot", "enabled", "PHASES", "add_source", "remove_sourc
 
 # the phases the server and the in-process worker record (a name outside this list is refused)
 PHASES = ("admission", "dispatch", "start", "step bookkeeping", "end", "events", "watch", "store", "png",
-          "start forward", "end forward")
+          "start forward", "end forward", "gc")
 
 enabled = os.environ.get("FEATUREVIZ_PHASES", "") not in ("", "0")
 _totals = {name: [0.0, 0] for name in PHASES}
@@ -74,6 +79,26 @@ def phase(name: str):
     if name not in _totals:
         raise ValueError(f"unknown phase {name!r}; one of {', '.join(PHASES)}")
     return _Phase(name)
+
+
+_gc_began = [0.0]
+
+
+def _on_gc(event: str, info: dict) -> None:
+    """gc.callbacks: a full collection's pause. No lock (a collection may start while this thread holds one); the
+    collector never runs twice at once."""
+    if info.get("generation") != 2:
+        return
+    if event == "start":
+        _gc_began[0] = time.perf_counter()
+    else:
+        total = _totals["gc"]
+        total[0] += time.perf_counter() - _gc_began[0]
+        total[1] += 1
+
+
+if enabled:
+    gc.callbacks.append(_on_gc)
 
 
 def snapshot() -> dict[str, tuple[float, int]]:

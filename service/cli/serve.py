@@ -209,8 +209,13 @@ async def _serve(config) -> int:
 
     from featureviz.server import create_server
 
+    from featureviz.heap import WORKER_PRELOAD
+    from featureviz.heap import settle
+
     server, port = create_server(config)
     await server.start()
+    # this process's heap frozen before any call (featureviz.heap); the in-process worker's imports first
+    settle(() if config.worker_process or config.ray is not None else WORKER_PRELOAD)
     tls = "mTLS" if config.tls_client_ca else ("TLS" if config.tls_cert else "plaintext")
     print(f"featureviz serve: listening on {config.host}:{port} ({tls}, store {config.store_dir}, "
           f"token auth {'on' if config.tokens else 'off'}, images per step {server.scheduler.max_step_images})",

@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         host.send(("failed", encode_error(exc)))
         return 1
     host.worker.start(host.sink)
+    from featureviz.heap import WORKER_PRELOAD
+    from featureviz.heap import settle
+
+    settle(WORKER_PRELOAD)  # before any model: no full collection walks torch's objects in the middle of a step
     host.send(("hello", {"pid": os.getpid(), "max_step_images": host.worker.max_step_images,
                          "device": host.worker.device().SerializeToString()}))
     host.serve()

@@ -101,6 +101,10 @@ class WorkerHost:
         self._crash_seed = os.environ.get(FAULT_CRASH_SEED)
         self.worker = LocalWorker(config, model_source=self._source)
         self.worker.start(self._sink)
+        from featureviz.heap import WORKER_PRELOAD
+        from featureviz.heap import settle
+
+        settle(WORKER_PRELOAD)  # the actor's process: frozen before any model (featureviz.heap)
 
     def _source(self, sha256: str):
         import ray
