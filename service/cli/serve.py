@@ -56,6 +56,10 @@ def register(subparsers) -> None:
     p.add_argument("--progress-interval", type=float, default=0.25,
                    help="at most one progress event per job every so many seconds, plus the last step "
                         "(0: every step; default: %(default)s)")
+    p.add_argument("--max-progress-rate", type=float, default=256.0, metavar="N",
+                   help="at most N progress events a second from a worker over all its jobs: with many jobs running, "
+                        "each job's interval grows to jobs / N seconds (0: no bound; not with --progress-interval 0, "
+                        "every step; default: %(default)s)")
     p.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats on idle watch streams")
     p.add_argument("--grace", type=float, default=5.0, help="seconds a running job may finish on shutdown")
     p.add_argument("--max-upload-mb", type=int, default=1024, help="largest model upload (default: %(default)s)")
@@ -81,7 +85,7 @@ def _config(args: argparse.Namespace):
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
         threads=args.threads, max_step_images=args.max_step_images, progress_interval=args.progress_interval,
-        http_port=args.http_port, http_host=args.http_host, ray=args.ray, workers=args.workers,
+        max_progress_rate=args.max_progress_rate, http_port=args.http_port, http_host=args.http_host, ray=args.ray, workers=args.workers,
         ray_timeout_seconds=args.ray_timeout, worker_process=args.worker_process,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )
@@ -168,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.progress_interval < 0:
         print(f"featureviz serve: --progress-interval must be >= 0, got {args.progress_interval}", file=sys.stderr)
+        return 2
+    if not args.max_progress_rate >= 0:  # NaN too
+        print(f"featureviz serve: --max-progress-rate must be >= 0, got {args.max_progress_rate}", file=sys.stderr)
         return 2
     if args.worker_process and args.ray is not None:
         print("featureviz serve: --worker-process and --ray exclude each other (the workers are either Ray actors "

@@ -126,15 +126,16 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
         from featureviz.worker.ray_pool import ray_pool
 
         worker = ray_pool(config.ray, WorkerConfig(device=config.device, max_step_images=config.max_step_images,
-                                                   progress_interval=config.progress_interval, threads=config.threads,
+                                                   progress_interval=config.progress_interval,
+                                                   max_progress_rate=config.max_progress_rate, threads=config.threads,
                                                    models_kept=config.model_cache_size,
                                                    **_worker_limits(config)),
                           model_source=store.read_model_file, workers=config.workers,
                           max_attempts=config.ray_max_attempts, timeout=config.ray_timeout_seconds)
     if worker is None:
         local = WorkerConfig(device=config.device, max_step_images=config.max_step_images,
-                             progress_interval=config.progress_interval, threads=config.threads,
-                             cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
+                             progress_interval=config.progress_interval, max_progress_rate=config.max_progress_rate,
+                             threads=config.threads, cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
                              **_worker_limits(config))
         if config.worker_process:  # the same worker in a child process (imports no torch here)
             from featureviz.worker.process import ProcessWorker

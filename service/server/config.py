@@ -108,6 +108,7 @@ class ServerConfig:
     max_step_images: int | None = None  # most images in one device step (None: the device's default; 1: one job
     # at a time)
     progress_interval: float = 0.25  # at most one progress event per job every so many seconds, plus the last step
+    max_progress_rate: float = 256.0  # ... and at most so many a second from a worker over all its jobs (0: no bound)
     threads: int | None = None  # torch CPU threads of the worker (None: torch's default)
     grace_seconds: float = 5.0  # on stop: how long a running job may finish before it is re-queued
     tls_cert: str | os.PathLike | None = None  # PEM certificate chain: serve TLS instead of plaintext

@@ -51,6 +51,7 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
             max_step_images=worker.max_step_images,
             max_batch=worker.max_step_images,  # deprecated: the same value, for clients that read the old name
             progress_interval_seconds=config.progress_interval,
+            max_progress_rate=config.max_progress_rate,
             auth_required=auth.required,
             objective_kinds=list(OBJECTIVE_KINDS),
             job_options=job_options(config.limits),  # every JobSpec option with this server's bounds

@@ -40,13 +40,15 @@ LOST = "lost"  # the worker running the job died (a Ray actor): the server queue
 class WorkerConfig:
     """``device``: cuda, cuda:N, cpu or None (cuda when available). ``max_step_images``: the most images in one
     device step (None: the device's default, :func:`featureviz.worker.device.default_step_images`).
-    ``progress_interval``: at most one progress event per job every so many seconds, plus the last step.
+    ``progress_interval``: at most one progress event per job every so many seconds, plus the last step;
+    ``max_progress_rate``: at most so many a second over all the jobs (each job's interval grows with the jobs).
     ``threads``: torch CPU threads. ``cache_dir``: the importer's cache. ``models_kept``: imported models held in
     memory. ``time_slice_steps`` and ``max_job_memory_bytes``: the server's Limits of those names."""
 
     device: str | None = None
     max_step_images: int | None = None
     progress_interval: float = 0.25
+    max_progress_rate: float = 256.0  # progress events a second over all the worker's jobs (0: no bound)
     threads: int | None = None
     cache_dir: str | None = None
     models_kept: int = 4

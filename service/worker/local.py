@@ -38,7 +38,10 @@ Memory (featureviz.worker.device): admission measures a job's memory with a prob
 above ``max_job_memory_bytes`` or the device's usable memory (RESOURCE_EXHAUSTED, JOB_TOO_LARGE).
 
 Progress is coalesced per job: at most one PROGRESS event every ``progress_interval`` seconds, plus the last
-step. PNG encoding never runs on the device thread: a small pool encodes (Pillow and torch release the GIL, so
+step; and at most ``max_progress_rate`` a second over all the jobs: with more jobs than the rate x the interval, each
+job's interval is jobs / rate seconds (256 tiny jobs in one step sent 9 progress events each in 2.3 s, and each cost
+the server, the network and every watcher ~0.3 ms of CPU: bench/RESULTS.md). ``progress_interval`` 0 (every step)
+is never bounded. PNG encoding never runs on the device thread: a small pool encodes (Pillow and torch release the GIL, so
 the images of the jobs that end in one round encode side by side instead of one after another), and the output
 thread emits the events in their order, each once its PNGs are ready. A result that cannot be encoded ends its
 job FAILED instead of losing its FINISHED event.
@@ -122,6 +125,7 @@ class LocalWorker(api.Worker):
         self.max_step_images = config.max_step_images or devices.default_step_images(self.torch_device)
         self.slice_steps = max(1, int(config.time_slice_steps))
         self.interval = max(0.0, float(config.progress_interval))
+        self.rate = max(0.0, float(config.max_progress_rate))
         self._device_pb = devices.describe_device(self.torch_device)
         self.models = ModelCache(model_source, size=config.models_kept, cache_dir=config.cache_dir,
                                  on_drop=self._forget)
@@ -321,9 +325,16 @@ class LocalWorker(api.Worker):
         def progress(step: int, total: int, values) -> None:
             job.last = (step, values)
             now = time.perf_counter()
-            if step >= total or now - job.emitted_at >= self.interval:
+            if step >= total or now - job.emitted_at >= self._progress_interval():
                 self._send_progress(job, now)
         return progress
+
+    def _progress_interval(self) -> float:
+        """A job's progress interval now: ``progress_interval``, longer while more jobs than ``max_progress_rate`` x
+        that interval are held (device thread)."""
+        if not self.interval or not self.rate:
+            return self.interval
+        return max(self.interval, len(self._jobs) / self.rate)
 
     def _send_progress(self, job: _Job, now: float | None = None) -> None:
         if job.last is None or job.last[0] <= job.emitted:

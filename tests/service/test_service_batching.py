@@ -227,6 +227,32 @@ def test_progress_is_coalesced_per_job_plus_the_last_step(tmp_path, tiny_onnx):
             assert progress == [20]  # one event at most per hour, and the last step's
 
 
+def test_progress_over_all_jobs_is_bounded_by_the_rate(tmp_path, tiny_onnx):
+    """max_progress_rate bounds a worker's progress events a second over all its jobs: with more jobs than rate x
+    interval, each job's interval grows to jobs / rate seconds (here 4 jobs at a rate of one event in 10 days: only
+    each job's last step), and 0 leaves the per-job interval alone (here a nanosecond: every step). Deterministic:
+    no step is that slow or that fast."""
+    steps = 6
+    for rate, expected in ((1e-6, [steps]), (0.0, list(range(1, steps + 1)))):
+        config = ServerConfig(tmp_path / f"store-{rate}", max_step_images=16, progress_interval=1e-9,
+                              max_progress_rate=rate)
+        with serve_in_background(config) as running, Client(running.address, timeout=60) as fv:
+            assert fv.info().max_progress_rate == rate
+            sha = fv.upload(tiny_onnx).sha256
+            jobs = [fv.submit(sha, CHANNEL, steps=steps, size=16, seed=i) for i in range(4)]
+            for job in jobs:
+                assert fv.wait(job.id, timeout=120).state == pb.JOB_STATE_SUCCEEDED
+                assert [e.progress.step for e in fv.watch(job.id) if e.HasField("progress")] == expected, rate
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_serve_refuses_a_negative_progress_rate(tmp_path, capsys, value):
+    from featureviz.cli import main
+
+    assert main(["serve", "--store", str(tmp_path), "--max-progress-rate", value]) == 2
+    assert f"--max-progress-rate must be >= 0, got {value}" in capsys.readouterr().err
+
+
 def test_an_exclusive_job_is_bitwise_repeatable(batched):
     spec = dict(steps=10, size=32, seed=21, exclusive=True)
     with Client(batched.address, timeout=60) as fv:

@@ -1449,7 +1449,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, device: _Optional[_Union[Device, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ..., active_slots: _Optional[int] = ..., active_images: _Optional[int] = ..., max_batch: _Optional[int] = ..., memory_allocated_bytes: _Optional[int] = ..., id: _Optional[str] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., up: _Optional[bool] = ..., parked_slots: _Optional[int] = ..., max_step_images: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds", "workers", "job_options", "max_step_images")
+    __slots__ = ("version", "api_version", "limits", "device", "auth_required", "tenant", "objective_kinds", "max_batch", "worker", "progress_interval_seconds", "workers", "job_options", "max_step_images", "max_progress_rate")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -1463,6 +1463,7 @@ class ServerInfo(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     JOB_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROGRESS_RATE_FIELD_NUMBER: _ClassVar[int]
     version: str
     api_version: str
     limits: Limits
@@ -1476,7 +1477,8 @@ class ServerInfo(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     job_options: _containers.RepeatedCompositeFieldContainer[JobOption]
     max_step_images: int
-    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., job_options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ..., max_step_images: _Optional[int] = ...) -> None: ...
+    max_progress_rate: float
+    def __init__(self, version: _Optional[str] = ..., api_version: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., auth_required: _Optional[bool] = ..., tenant: _Optional[str] = ..., objective_kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., progress_interval_seconds: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., job_options: _Optional[_Iterable[_Union[JobOption, _Mapping]]] = ..., max_step_images: _Optional[int] = ..., max_progress_rate: _Optional[float] = ...) -> None: ...
 
 class JobOption(_message.Message):
     __slots__ = ("name", "type", "default", "choices", "minimum", "maximum", "below", "min_limit", "max_limit", "help", "flag", "surfaces", "engine", "kinds")
