@@ -223,7 +223,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("prior_dataset", "dataset", None, "learn the image statistics from this dataset (its id): the "
            "parameterization uses its colour matrix instead of ImageNet's and, for fft and laplacian, its spectrum decay "
            "instead of 1/f (on a server; locally: --prior-images DIR)", flags=("--prior",), metavar="DATASET", engine=False,
-           surfaces=("render", "node", "web")),
+           surfaces=("render", "node", "web"), kinds=_RA),
     # --- generator (issue 25): param generator's model; its part latent_l2 is the RenderSpec's own keyword
     Option("generator", "generator", None, "with param generator: an uploaded generator (a latent vector in, an "
            "image of the model's channels out) whose latents are optimised instead of pixels: its sha256 or "

@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", default=None, metavar="D",
                         help="join a dataset to every unit: a folder or archive of images (uploaded), or an uploaded "
                              "set's id; its exemplar index over the atlas's layers is built or reused")
+    parser.add_argument("--prior", default=None, metavar="D",
+                        help="learn the image statistics from a dataset (a folder or archive of images, uploaded, or "
+                             "an uploaded set's id): every unit's parameterization uses its colour matrix and spectrum "
+                             "decay instead of ImageNet's and 1/f")
     parser.add_argument("--negative", action="store_true", help="also render each unit's negative (channel minimised)")
     parser.add_argument("--diversity", type=int, default=None, metavar="N",
                         help="also render a diversity set of N images per unit")
@@ -125,6 +129,8 @@ def _run(args, address: str, out: Path, log) -> int:
         dataset = None
         if args.dataset:  # a folder or archive is uploaded (an embedded server holds nothing); else a set's id
             dataset = fv.upload_dataset(args.dataset).id if os.path.exists(args.dataset) else args.dataset
+        if args.prior:  # the same
+            options["prior_dataset"] = fv.upload_dataset(args.prior).id if os.path.exists(args.prior) else args.prior
         job = fv.atlas(model.sha256, layers=_names(args.layers), op_types=_names(args.op_types),
                        min_depth=args.min_depth, max_depth=args.max_depth, channels=args.channels, dataset=dataset,
                        negative=args.negative, diversity=args.diversity, **options)

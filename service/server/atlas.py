@@ -32,7 +32,6 @@ _RENDER_FIELDS = ("steps", "lr", "size", "seed", "param", "decay", "transforms",
                   "lr_warmup", "plateau", "plateau_window")
 # fields that make a render something else than a plain unit (an interactive job with any of them never hits)
 _OTHER_FIELDS = ("init_image", "judge", "exemplar_index", "atlas", "exclusive",  # exclusive: bitwise alone
-                 "prior_dataset",  # a learned prior: the set's statistics are not in the key
                  "generator")  # a generator's latents: not a unit
 
 
@@ -129,6 +128,8 @@ def render_key(model: str, spec: pb.JobSpec, default_size: tuple[int, int], extr
             values[name] = getattr(spec, name)
     if not values["plateau"]:
         values["plateau"], values["plateau_window"] = 0.0, None  # the window means nothing without the stop
+    if spec.prior_dataset:  # a learned prior: its dataset's id (a set's images never change; a key without a prior
+        values["prior_dataset"] = spec.prior_dataset  # has no such entry, as before priors existed)
     if extra:  # a unit's variant (variant_key): the same key material with the variant named
         values.update(extra)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))

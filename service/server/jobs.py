@@ -397,7 +397,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         units = [(layer, depth, channel, unit_key(sha, stored, layer, channel))
                  for layer, depth, count in zip(admission.layers, admission.depths, admission.units)
                  for channel in range(count)]
-        row, created = self.store.create_job(tenant, request_id, stored, sha)
+        # its prior's set (prior_dataset, a bare id by now): DeleteDataset waits for the atlas (DATASET_IN_USE)
+        row, created = self.store.create_job(tenant, request_id, stored, sha, dataset=stored.prior_dataset)
         if created:
             self.store.add_atlas_units(row.id, units)
             self.store.add_atlas_variants(row.id, [(i, variant, variant_key(sha, stored, layer, channel, variant))
@@ -432,7 +433,6 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 self.scheduler.finish_cached(row.id, tenant, sha, found[1])
             else:
                 self.scheduler.submit(row.id, tenant, admission)
-        return row.id
         return row.id
 
     def _check_budget(self, tenant: str, spec: pb.JobSpec) -> None:

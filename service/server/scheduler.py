@@ -194,6 +194,7 @@ class _AtlasRun:
         self.join: tuple[str, str, str] | None = None
         self.join_state = "waiting"
         self.join_complete = False
+        self.priors: dict | None = None  # its prior_dataset's PriorSource for the units (read at the first grant)
 
     @property
     def idle(self) -> bool:
@@ -605,7 +606,22 @@ class Scheduler:
             self._bg_served[run.tenant] = self._turn
             self.worker.submit(api.Submission(job_id=unit, tenant=run.tenant, model=run.model,
                                               spec=variant_spec(run.spec, layer, channel, variant).SerializeToString(),
-                                              images=images, background=True))
+                                              images=images, background=True, priors=self._unit_priors(run)))
+
+    def _unit_priors(self, run: _AtlasRun) -> dict:
+        """The PriorSource of an atlas's prior_dataset for its units' submissions (empty without one). A set that is
+        gone (it cannot be deleted while the atlas runs: a restart after a store was edited) leaves it empty: each unit
+        then fails at the worker's check, naming the dataset."""
+        if run.priors is None:
+            from featureviz.server.priors import prior_sources
+
+            run.priors = {}
+            if run.spec.prior_dataset:
+                try:
+                    run.priors = prior_sources(self.store, run.tenant, run.spec, 0)
+                except Exception as exc:  # noqa: BLE001 - NotFound: logged, the units fail one by one
+                    log.warning("atlas %s: its prior's dataset: %s", run.job_id, exc)
+        return run.priors
 
     def _unit_done(self, run: _AtlasRun, idx: int, state: int, variant: int = RENDER) -> None:
         """A render of ``run`` ended (a unit's or one of its variants': rendered, served from the store or failed):

@@ -193,8 +193,9 @@ class LocalWorker(api.Worker):
             unit.ClearField("atlas")
             unit.size.height, unit.size.width = admission.size
             unit.objective.channel.layer, unit.objective.channel.channel = admission.layers[0], 0
+            # a prior_dataset is learned here, on this call's thread, not by the first unit on the device thread
             adapter.checked_spec(model, unit, str(self.torch_device), max_image_side=self.config.max_image_side,
-                                 models=self.models.get)
+                                 priors=priors, learned=self.priors, models=self.models.get)
             return admission
         if job_spec.HasField("exemplar_index"):  # resolved against the model before any compute; no ticket
             admission = adapter.index_admission(model, job_spec)

@@ -52,7 +52,8 @@ def setup(tmp_path_factory, tiny_onnx):
         model = alice.upload(tiny_onnx, name="tiny.onnx").sha256
         bob.upload(tiny_onnx, name="tiny.onnx")
         sets = {name: alice.upload_dataset(folder).id for name, folder in folders.items()}
-        yield {"server": server, "model": model, "sets": sets, "worker": server._server.scheduler.worker}
+        yield {"server": server, "model": model, "sets": sets, "worker": server._server.scheduler.worker,
+               "tiny_onnx": tiny_onnx}
     server.stop()
 
 
@@ -241,3 +242,70 @@ def test_the_cache_lives_with_the_set_and_goes_with_it(setup, alice, tmp_path):
     assert alice.wait(long.id, timeout=120).state == pb.JOB_STATE_CANCELLED
     alice.delete_dataset(ident)
     assert not cache.exists()
+
+
+def _unit_statistics(fv, job, units) -> tuple[float, float]:
+    """(mean channel correlation, mean fitted spectrum decay) of an atlas's unit renders."""
+    from featureviz.engine.priors import spectrum_decay
+
+    corr, decay = [], []
+    for unit in units:
+        png = fv.atlas_unit_image(job.id, unit.index).png
+        image = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64) / 255)
+        image = image.permute(2, 0, 1)
+        c = torch.corrcoef(image.reshape(3, -1))
+        corr.append(float((c[0, 1] + c[0, 2] + c[1, 2]) / 3))
+        decay.append(spectrum_decay(image))
+    return float(np.mean(corr)), float(np.mean(decay))
+
+
+def test_an_atlas_learns_its_units_prior_from_a_set(setup, alice, bob, tmp_path, capsys):
+    """``prior_dataset`` on an atlas: every unit's fft parameterization takes the set's statistics (one step, as in
+    the render test: the units' images move toward the steep set's); the units' keys name the set (the same atlas
+    without the prior renders its own units, the same prior again is served from the store); the set cannot be
+    deleted while the atlas runs; another tenant's set is NOT_FOUND; ``featureviz atlas --prior`` sends it."""
+    from featureviz.cli import main
+
+    model, sets = setup["model"], setup["sets"]
+    common = dict(layers=["/Relu_1"], channels=3, steps=1, lr=0.5, size=SIDE, seed=0, param="fft",
+                  transforms="none")
+
+    def finished(**options):
+        job = alice.atlas(model, wait=True, timeout=120, **common, **options)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        units = list(alice.atlas_units(job.id))
+        assert len(units) == 3 and all(unit.done for unit in units)
+        return job, units
+
+    plain, plain_units = finished()
+    steep, steep_units = finished(prior_dataset=sets["steep"])
+    assert steep.spec.prior_dataset == sets["steep"]
+    assert not any(unit.cached for unit in steep_units)  # not the plain atlas's renders
+    assert not {u.key for u in plain_units} & {u.key for u in steep_units}
+    default_stats, steep_stats = _unit_statistics(alice, plain, plain_units), _unit_statistics(alice, steep,
+                                                                                              steep_units)
+    assert steep_stats[0] < default_stats[0] - CORRELATION_MARGIN, (steep_stats, default_stats)
+    assert steep_stats[1] > default_stats[1] + DECAY_MARGIN, (steep_stats, default_stats)
+    again, again_units = finished(prior_dataset=sets["steep"])
+    assert all(unit.cached for unit in again_units) and [u.key for u in again_units] == [u.key for u in steep_units]
+
+    long = alice.atlas(model, **{**common, "steps": 10_000}, prior_dataset=sets["flat"])
+    with pytest.raises(FeaturevizClientError) as err:
+        alice.delete_dataset(sets["flat"])
+    assert err.value.code == "FAILED_PRECONDITION" and err.value.reason == "DATASET_IN_USE", err.value
+    assert long.id in err.value.message
+    alice.cancel(long.id)
+    assert alice.wait(long.id, timeout=120).state == pb.JOB_STATE_CANCELLED
+
+    with pytest.raises(FeaturevizClientError) as err:
+        bob.atlas(model, **common, prior_dataset=sets["steep"])
+    assert err.value.code == "NOT_FOUND" and err.value.reason == "DATASET_NOT_FOUND", err.value
+
+    model_file = tmp_path / "tiny.onnx"
+    model_file.write_bytes(setup["tiny_onnx"])
+    out = tmp_path / "site"
+    assert main(["atlas", str(model_file), "--layers", "/Relu_1", "--channels", "1", "--steps", "1", "--size", "32",
+                 "--server", setup["server"].address, "--token", "token-a", "--prior", sets["steep"], "--quiet",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    newest = next(job for job in alice.jobs() if job.spec.HasField("atlas"))
+    assert newest.spec.prior_dataset == sets["steep"] and newest.state == pb.JOB_STATE_SUCCEEDED
