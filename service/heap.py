@@ -4,7 +4,7 @@ A full (generation 2) collection walks every object the collector tracks, and it
 to allocate, holding the GIL. A worker that has imported torch, onnx and onnx2torch tracks about 190,000 objects
 before its first job (some 2,400 modules), so each full collection paused the device thread for 0.07-0.27 s on
 the 2-core benchmark machine: a burst of 256 tiny jobs started 0.35-0.5 s late whenever one fell between the last
-admission and the first step (bench/bench_server_cost.py; bench/RESULTS.md, "Garbage collection").
+admission and the first step (bench/bench_server_cost.py; bench/RESULTS.md, "Fifth pass").
 
 :func:`settle` imports what a job would import on first use, collects once, and moves every object alive then
 to the collector's permanent generation (``gc.freeze``): modules, classes and functions that live as long as the

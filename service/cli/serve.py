@@ -85,7 +85,8 @@ def _config(args: argparse.Namespace):
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
         heartbeat_seconds=args.heartbeat, grace_seconds=args.grace, upload_idle_timeout_seconds=args.upload_idle_timeout,
         threads=args.threads, max_step_images=args.max_step_images, progress_interval=args.progress_interval,
-        max_progress_rate=args.max_progress_rate, http_port=args.http_port, http_host=args.http_host, ray=args.ray, workers=args.workers,
+        max_progress_rate=args.max_progress_rate, http_port=args.http_port, http_host=args.http_host, ray=args.ray,
+        workers=args.workers,
         ray_timeout_seconds=args.ray_timeout, worker_process=args.worker_process,
         limits=Limits(max_upload_bytes=args.max_upload_mb << 20),
     )

@@ -135,7 +135,8 @@ def create_server(config: ServerConfig, worker=None) -> tuple[FeaturevizServer, 
     if worker is None:
         local = WorkerConfig(device=config.device, max_step_images=config.max_step_images,
                              progress_interval=config.progress_interval, max_progress_rate=config.max_progress_rate,
-                             threads=config.threads, cache_dir=str(store.root / "cache"), models_kept=config.model_cache_size,
+                             threads=config.threads, cache_dir=str(store.root / "cache"),
+                             models_kept=config.model_cache_size,
                              **_worker_limits(config))
         if config.worker_process:  # the same worker in a child process (imports no torch here)
             from featureviz.worker.process import ProcessWorker

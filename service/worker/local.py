@@ -41,7 +41,9 @@ Progress is coalesced per job: at most one PROGRESS event every ``progress_inter
 step; and at most ``max_progress_rate`` a second over all the jobs: with more jobs than the rate x the interval, each
 job's interval is jobs / rate seconds (256 tiny jobs in one step sent 9 progress events each in 2.3 s, and each cost
 the server, the network and every watcher ~0.3 ms of CPU: bench/RESULTS.md). ``progress_interval`` 0 (every step)
-is never bounded. PNG encoding never runs on the device thread: a small pool encodes (Pillow and torch release the GIL, so
+is never bounded.
+
+PNG encoding never runs on the device thread: a small pool encodes (Pillow and torch release the GIL, so
 the images of the jobs that end in one round encode side by side instead of one after another), and the output
 thread emits the events in their order, each once its PNGs are ready. A result that cannot be encoded ends its
 job FAILED instead of losing its FINISHED event.

@@ -1,6 +1,6 @@
 """featureviz.heap: a server process collects once at start and freezes what it holds, so later full garbage
 collections walk only what came after (a full collection paused a worker's device thread 0.07-0.27 s in a burst
-of 256 tiny jobs: bench/RESULTS.md, "Garbage collection"); and the ``gc`` cost counter of featureviz.phases.
+of 256 tiny jobs: bench/RESULTS.md, "Fifth pass"); and the ``gc`` cost counter of featureviz.phases.
 
 Each check runs in a fresh interpreter: a frozen heap cannot be thawed into the state before, and pytest's own
 heap would blur the counts. Counted in objects and collections, never in seconds.
