@@ -228,9 +228,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("generator", "generator", None, "with param generator: an uploaded generator (a latent vector in, an "
            "image of the model's channels out) whose latents are optimised instead of pixels: its sha256 or "
            "{model, latent_l2}; the command line: --generator GEN.onnx (uploaded with --server)",
-           flags=("--generator", "--latent-l2"), metavar="GEN.onnx", surfaces=("render", "node", "web"), parts=(
-               Option("latent_l2", "float", 0.0, "the objective minus latent_l2 * |z|^2 per image", minimum=0,
-                      metavar="X", surfaces=("render", "node", "web"), parent="generator"),)),
+           flags=("--generator", "--latent-l2"), metavar="GEN.onnx", surfaces=("render", "node", "web"), kinds=_RA,
+           parts=(Option("latent_l2", "float", 0.0, "the objective minus latent_l2 * |z|^2 per image", minimum=0,
+                         metavar="X", surfaces=("render", "node", "web"), kinds=_RA, parent="generator"),)),
 )
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

@@ -45,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="learn the image statistics from a dataset (a folder or archive of images, uploaded, or "
                              "an uploaded set's id): every unit's parameterization uses its colour matrix and spectrum "
                              "decay instead of ImageNet's and 1/f")
+    parser.add_argument("--generator", default=None, metavar="GEN",
+                        help="with --param generator: a generator (GEN.onnx, uploaded, or an uploaded model's sha256) "
+                             "whose latents are optimised for every unit instead of pixels")
+    parser.add_argument("--latent-l2", type=float, default=None, metavar="X",
+                        help="with --generator: each unit's objective minus X * |z|^2")
     parser.add_argument("--negative", action="store_true", help="also render each unit's negative (channel minimised)")
     parser.add_argument("--diversity", type=int, default=None, metavar="N",
                         help="also render a diversity set of N images per unit")
@@ -73,12 +78,16 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
+    from featureviz.errors import InvalidSpec
+
     out = Path(args.out)
     if args.atlas is not None and args.model != "export":
         raise InvalidSpec("ATLAS", f"one MODEL only, or `export ATLAS`; got {args.atlas[:100]!r} after the model")
     exporting = args.model == "export" and args.atlas is not None
     if exporting and not args.server:
         raise InvalidSpec("--server", "export reads an atlas from a server: give --server (or FEATUREVIZ_SERVER)")
+    if args.latent_l2 is not None and not args.generator:
+        raise InvalidSpec("--latent-l2", "applies to a generator: add --param generator --generator GEN")
     _check_out(out)
     log = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
 
@@ -131,6 +140,10 @@ def _run(args, address: str, out: Path, log) -> int:
             dataset = fv.upload_dataset(args.dataset).id if os.path.exists(args.dataset) else args.dataset
         if args.prior:  # the same
             options["prior_dataset"] = fv.upload_dataset(args.prior).id if os.path.exists(args.prior) else args.prior
+        if args.generator:  # a file is uploaded; else an uploaded model's sha256
+            generator = fv.upload(args.generator).sha256 if os.path.isfile(args.generator) else args.generator
+            options["generator"] = {"model": generator, **({"latent_l2": args.latent_l2}
+                                                           if args.latent_l2 is not None else {})}
         job = fv.atlas(model.sha256, layers=_names(args.layers), op_types=_names(args.op_types),
                        min_depth=args.min_depth, max_depth=args.max_depth, channels=args.channels, dataset=dataset,
                        negative=args.negative, diversity=args.diversity, **options)

@@ -31,8 +31,7 @@ DIVERSITY_WEIGHT = 100.0
 _RENDER_FIELDS = ("steps", "lr", "size", "seed", "param", "decay", "transforms", "preprocess", "lr_schedule",
                   "lr_warmup", "plateau", "plateau_window")
 # fields that make a render something else than a plain unit (an interactive job with any of them never hits)
-_OTHER_FIELDS = ("init_image", "judge", "exemplar_index", "atlas", "exclusive",  # exclusive: bitwise alone
-                 "generator")  # a generator's latents: not a unit
+_OTHER_FIELDS = ("init_image", "judge", "exemplar_index", "atlas", "exclusive")  # exclusive: bitwise alone
 
 
 def unit_job_id(atlas_id: str, index: int, variant: int = RENDER) -> str:
@@ -128,8 +127,13 @@ def render_key(model: str, spec: pb.JobSpec, default_size: tuple[int, int], extr
             values[name] = getattr(spec, name)
     if not values["plateau"]:
         values["plateau"], values["plateau_window"] = 0.0, None  # the window means nothing without the stop
-    if spec.prior_dataset:  # a learned prior: its dataset's id (a set's images never change; a key without a prior
-        values["prior_dataset"] = spec.prior_dataset  # has no such entry, as before priors existed)
+    # a learned prior's dataset id (a set's images never change) and a generator's sha256 with its latent penalty; a
+    # key without them has no such entries, as before they existed
+    if spec.prior_dataset:
+        values["prior_dataset"] = spec.prior_dataset
+    if spec.HasField("generator"):
+        values["generator"] = {"model": spec.generator.model.removeprefix("models/"),
+                               "latent_l2": spec.generator.latent_l2 if spec.generator.HasField("latent_l2") else 0.0}
     if extra:  # a unit's variant (variant_key): the same key material with the variant named
         values.update(extra)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 
 import pytest
 
@@ -136,3 +137,48 @@ def test_the_render_command_takes_a_generator_locally_and_through_the_server(ser
     code = main(["render", str(model_file), "/Relu:1", "--generator", str(gen_file), "--steps", "1", "--size", "16"])
     _, err = capsys.readouterr()
     assert code != 0 and "set param generator" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_atlas_optimises_each_units_latents(client, server, generator, tiny_model, tmp_path, tiny_onnx, capsys):
+    """param generator on an atlas: every unit is a render through the generator (16 px images; that it raises the
+    objective is the render test's); the generator and its latent penalty are part of each unit's key (the same atlas with fft, or with
+    another penalty, renders its own units; the same again is served from the store); ``featureviz atlas
+    --generator`` sends it, and --latent-l2 without a generator is refused with one line."""
+    from featureviz.cli import main
+
+    common = dict(layers=["/Relu"], channels=2, steps=10, lr=0.5, size=16, seed=0)
+
+    def finished(**options):
+        job = client.atlas(tiny_model.sha256, wait=True, timeout=300, **common, **options)
+        assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+        units = list(client.atlas_units(job.id))
+        assert len(units) == 2 and all(unit.done for unit in units)
+        return job, units
+
+    job, units = finished(param="generator", generator=generator.sha256)
+    assert job.spec.generator.model == generator.sha256 and not any(unit.cached for unit in units)
+    for unit in units:
+        assert math.isfinite(unit.objective) and (unit.width, unit.height) == (16, 16), unit
+        assert Image.open(io.BytesIO(client.atlas_unit_image(job.id, unit.index).png)).size == (16, 16)
+    _, fft_units = finished(param="fft")
+    _, penalised = finished(param="generator", generator={"model": generator.sha256, "latent_l2": 0.001})
+    keys = [u.key for u in units]
+    assert not set(keys) & {u.key for u in fft_units} and not set(keys) & {u.key for u in penalised}
+    _, again = finished(param="generator", generator=generator.sha256)
+    assert all(unit.cached for unit in again) and [u.key for u in again] == keys
+
+    model_file, gen_file = tmp_path / "tiny.onnx", tmp_path / "gen.onnx"
+    model_file.write_bytes(tiny_onnx)
+    gen_file.write_bytes(_gen())
+    common_cli = ["atlas", str(model_file), "--layers", "/Relu", "--channels", "1", "--steps", "2", "--size", "16",
+                  "--server", server.address, "--quiet"]
+    assert main([*common_cli, "--param", "generator", "--generator", str(gen_file), "--latent-l2", "0.01",
+                 "--out", str(tmp_path / "site")]) == 0, capsys.readouterr().err
+    newest = next(j for j in client.jobs() if j.spec.HasField("atlas"))
+    assert newest.spec.generator == pb.GeneratorSpec(model=generator.sha256, latent_l2=0.01)
+    assert newest.state == pb.JOB_STATE_SUCCEEDED
+    for argv, needle in ((common_cli + ["--latent-l2", "0.01"], "--latent-l2"),
+                         (common_cli[:2] + ["extra"] + common_cli[2:], "one MODEL only")):
+        assert main([*argv, "--out", str(tmp_path / "other")]) != 0
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
