@@ -445,12 +445,14 @@ class Store:
 
     def delete_model(self, tenant: str, sha256: str) -> None:
         """Drop the tenant's row; the file goes when no tenant and no unfinished job references it. Refused
-        (FAILED_PRECONDITION, MODEL_IN_USE, naming the jobs) while the tenant has queued or running jobs on it."""
+        (FAILED_PRECONDITION, MODEL_IN_USE, naming the jobs) while the tenant has queued or running jobs on it, or
+        that read it as their judge or generator (an atlas reads its generator for every unit)."""
         self.get_model(tenant, sha256)
         with self._lock, _disk_full():
-            mine = [row[0] for row in self._db.execute(
-                "SELECT id FROM jobs WHERE tenant = ? AND model = ? AND state IN (?, ?) ORDER BY ord",
-                (tenant, sha256, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))]
+            mine = [job_id for job_id, model, spec in self._db.execute(
+                "SELECT id, model, spec FROM jobs WHERE tenant = ? AND state IN (?, ?) ORDER BY ord",
+                (tenant, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
+                if model == sha256 or sha256 in _models_read(spec)]
             if mine:
                 named = ", ".join(f"jobs/{job_id}" for job_id in mine[:5]) + (f" and {len(mine) - 5} more"
                                                                              if len(mine) > 5 else "")
@@ -883,6 +885,12 @@ def _hex(digest: str) -> str:
 
 def _tenant_key(tenant: str) -> str:
     return hashlib.sha256(tenant.encode()).hexdigest()[:16]  # tenant names never reach the file system
+
+
+def _models_read(spec: bytes) -> tuple[str, str]:
+    """The other models a stored job spec reads: its judge's and its generator's sha256 (empty when unset)."""
+    parsed = pb.JobSpec.FromString(spec)
+    return parsed.judge.model, parsed.generator.model
 
 
 @contextlib.contextmanager

@@ -182,3 +182,22 @@ def test_an_atlas_optimises_each_units_latents(client, server, generator, tiny_m
         assert main([*argv, "--out", str(tmp_path / "other")]) != 0
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_generator_in_use_is_not_deleted(client, generator, tiny_model):
+    """DeleteModel refuses a generator that a queued or running job reads (MODEL_IN_USE, naming the jobs): a render
+    and an atlas, which reads it for every unit; once they end it can go (here: the refusal only, the module's
+    generator stays)."""
+    options = dict(steps=10_000, lr=0.5, size=16, param="generator", generator=generator.sha256)
+    render = client.submit(tiny_model.sha256, OBJECTIVE, seed=5, **options)
+    atlas = client.atlas(tiny_model.sha256, layers=["/Relu"], channels=1, **options)
+    try:
+        with pytest.raises(FeaturevizClientError) as err:
+            client.delete_model(generator.sha256)
+        assert (err.value.code, err.value.reason) == ("FAILED_PRECONDITION", "MODEL_IN_USE"), err.value
+        assert render.id in str(err.value) and atlas.id in str(err.value) and "\n" not in str(err.value)
+    finally:
+        for job in (render, atlas):
+            client.cancel(job.id)
+    assert all(client.wait(job.id, timeout=120).state == pb.JOB_STATE_CANCELLED for job in (render, atlas))
+    assert client.model(generator.sha256).sha256 == generator.sha256
