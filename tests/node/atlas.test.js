@@ -5,6 +5,7 @@
  */
 
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
 const { after, before, describe, it } = require('node:test');
 
 const { Client } = require('../../clients/node/src');
@@ -14,9 +15,10 @@ describe('atlas', () => {
   let server;
   let fv;
   let model;
+  let work;
 
   before(async () => {
-    const work = tempDir('atlas');
+    work = tempDir('atlas');
     let paths;
     [server, paths] = await Promise.all([startServer(), exportTinyOnnx(work, 1)]);
     fv = new Client(server.address);
@@ -26,6 +28,7 @@ describe('atlas', () => {
   after(async () => {
     if (fv) fv.close();
     if (server) await server.stop();
+    if (work) fs.rmSync(work, { recursive: true, force: true });
   });
 
   it('starts, watches, lists and fetches an atlas', async () => {
