@@ -152,9 +152,11 @@ def test_every_option_declares_its_job_kinds():
     assert opts.BY_NAME["exemplar_index"].kinds == ("exemplar_index",) and opts.BY_NAME["atlas"].kinds == ("atlas",)
     assert opts.BY_NAME["steps"].kinds == ("render", "atlas")
     assert opts.BY_NAME["transforms"].kinds == ("render", "atlas")
-    atlas = {o.name for o in opts.OPTIONS if "atlas" in o.kinds}  # the render options a unit takes; no objective,
+    # the render options a unit takes (a learned prior and a generator too); no objective, batch, init image,
+    # previews, judge, plateau or exclusive
+    atlas = {o.name for o in opts.OPTIONS if "atlas" in o.kinds}
     assert atlas == {"steps", "lr", "size", "seed", "param", "decay", "transforms", "preprocess", "lr_schedule",
-                     "lr_warmup", "atlas"}  # batch, init image, previews, judge, plateau or exclusive
+                     "lr_warmup", "prior_dataset", "generator", "atlas"}
     assert set(opts.ATLAS_DEFAULTS) <= atlas
     parts = opts.BY_NAME["exemplar_index"].parts
     assert [(p.name, p.max_limit, p.path) for p in parts] == [("k", "max_exemplar_k", "spec.exemplar_index.k"), (
