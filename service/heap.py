@@ -19,6 +19,7 @@ worker call it once. ``FEATUREVIZ_GC_FREEZE=0`` turns it off (to measure what it
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import os
@@ -44,10 +45,8 @@ def settle(preload: tuple[str, ...] = ()) -> int:
             return 0
         _settled = True
         for name in preload:
-            try:
+            with contextlib.suppress(ImportError):  # not installed: nothing of it to freeze
                 importlib.import_module(name)
-            except ImportError:
-                pass
         gc.collect()
         gc.freeze()
         return gc.get_freeze_count()

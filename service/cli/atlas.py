@@ -119,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, address, out, log)
 
 
+def _dataset_id(fv, given: str | None) -> str | None:
+    """--dataset and --prior: a folder or archive (uploaded: its id), or an uploaded set's id."""
+    if not given:
+        return None
+    return fv.upload_dataset(given).id if os.path.exists(given) else given
+
+
 def _run(args, address: str, out: Path, log) -> int:
     from featureviz.client import Client
     from featureviz.client import pb
@@ -135,11 +142,10 @@ def _run(args, address: str, out: Path, log) -> int:
             if not (len(name) == 64 and all(c in "0123456789abcdef" for c in name)):
                 raise InvalidSpec("MODEL", f"no such file, and not a model's sha256: {args.model[:100]!r}")
             model = fv.model(name)
-        dataset = None
-        if args.dataset:  # a folder or archive is uploaded (an embedded server holds nothing); else a set's id
-            dataset = fv.upload_dataset(args.dataset).id if os.path.exists(args.dataset) else args.dataset
-        if args.prior:  # the same
-            options["prior_dataset"] = fv.upload_dataset(args.prior).id if os.path.exists(args.prior) else args.prior
+        # a folder or archive is uploaded (an embedded server holds nothing); else a set's id
+        dataset = _dataset_id(fv, args.dataset)
+        if args.prior:
+            options["prior_dataset"] = _dataset_id(fv, args.prior)
         if args.generator:  # a file is uploaded; else an uploaded model's sha256
             generator = fv.upload(args.generator).sha256 if os.path.isfile(args.generator) else args.generator
             options["generator"] = {"model": generator, **({"latent_l2": args.latent_l2}

@@ -611,7 +611,7 @@ class Scheduler:
     def _unit_priors(self, run: _AtlasRun) -> dict:
         """The PriorSource of an atlas's prior_dataset for its units' submissions (empty without one). A set that is
         gone (it cannot be deleted while the atlas runs: a restart after a store was edited) leaves it empty: each unit
-        then fails at the worker's check, naming the dataset."""
+        then fails at the worker's check (``adapter.checked_spec``: NOT_FOUND naming the dataset)."""
         if run.priors is None:
             from featureviz.server.priors import prior_sources
 

@@ -47,8 +47,8 @@ def checked_spec(model, spec: pb.JobSpec, device: str | None, *, max_image_side:
                                               channel_order=p["channel_order"])
         except (TypeError, ValueError) as exc:
             raise InvalidSpec("spec.preprocess", str(exc)) from exc
-    if priors and learned is not None:
-        kwargs |= _priors(model, spec, priors, learned)
+    if learned is not None and (priors or spec.prior_dataset):  # a prior_dataset without its source is NOT_FOUND,
+        kwargs |= _priors(model, spec, priors or {}, learned)  # never a render with ImageNet's statistics
     result = RenderSpec(**kwargs, device=device, match_targets=match_targets)  # match: exemplar matching
     if spec.preview_every > 0:
         result.snapshot_steps = tuple(range(spec.preview_every, result.steps + 1, spec.preview_every))

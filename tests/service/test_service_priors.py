@@ -309,3 +309,21 @@ def test_an_atlas_learns_its_units_prior_from_a_set(setup, alice, bob, tmp_path,
                  "--out", str(out)]) == 0, capsys.readouterr().err
     newest = next(job for job in alice.jobs() if job.spec.HasField("atlas"))
     assert newest.spec.prior_dataset == sets["steep"] and newest.state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_a_prior_without_its_source_is_not_found_never_imagenets(setup, tiny_onnx, tmp_path):
+    """The worker's check of a spec naming a prior_dataset whose PriorSource it was not given (an atlas unit after
+    its set went): NOT_FOUND naming the set, not a render with ImageNet's statistics under a key that names it."""
+    from featureviz.errors import NotFound
+    from featureviz.importer import import_model
+    from featureviz.worker import adapter
+    from featureviz.worker.priors import Priors
+
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(tiny_onnx)
+    spec = pb.JobSpec(steps=1, size=pb.ImageSize(height=32, width=32), prior_dataset="ab" * 32)
+    spec.objective.channel.layer, spec.objective.channel.channel = "/Relu_1", 0
+    for priors in ({}, None):
+        with pytest.raises(NotFound) as err:
+            adapter.checked_spec(import_model(path), spec, "cpu", priors=priors, learned=Priors())
+        assert "spec.prior_dataset" in str(err.value) and "abab" in str(err.value)
