@@ -6,6 +6,7 @@ import asyncio
 import math
 
 from featureviz.errors import FailedPrecondition
+from featureviz.errors import FeaturevizError
 from featureviz.errors import InvalidSpec
 from featureviz.errors import ResourceExhausted
 from featureviz.errors import echo
@@ -215,19 +216,49 @@ class JobServicer(pb_grpc.JobServiceServicer):
     # ------------------------------------------------------------------------------------------- helpers
 
     async def _create(self, tenant: str, spec: pb.JobSpec, request_id: str) -> tuple[str, JobRow | None]:
-        """-> (the job's id, its row as just stored when it was queued now: the reply needs no read; else None)."""
+        """-> (the job's id, its row as just stored when it was queued now: the reply needs no read; else None).
+        An idempotent retry (a request id this tenant used before) answers with that job: looked up when the
+        insert finds the id taken, or when a check refuses the request (the queue may be full by now, or the
+        model deleted), so a first request pays no lookup."""
+        if self.scheduler.stopping:
+            raise Unavailable("the server is shutting down; retry on another replica or after the restart")
+        try:
+            job_id, row, created = await self._admit_and_store(tenant, spec, request_id)
+        except FeaturevizError:
+            existing = self._retried(tenant, spec, request_id) if request_id else None
+            if existing is None:
+                raise
+            return existing, None
+        if not created:  # the request id was taken: that job answers (its spec must match)
+            self._retried(tenant, spec, request_id)
+        return job_id, row
+
+    def _retried(self, tenant: str, spec: pb.JobSpec, request_id: str) -> str | None:
+        """The job an earlier request with this id made (None: none); INVALID_ARGUMENT when it had another objective
+        or dataset."""
+        existing = self.store.job_by_request(tenant, request_id)
+        if existing is None:
+            return None
+        before = pb.JobSpec.FromString(existing.spec)
+        if before.objective != spec.objective or before.exemplar_index.dataset.removeprefix("datasets/") \
+                != spec.exemplar_index.dataset.removeprefix("datasets/").strip().lower():
+            raise InvalidSpec("request_id", f"{echo(request_id)} was used for a job with another objective "
+                                            "or dataset; use a new request id for a new job")
+        return existing.id
+
+    async def _admit_and_store(self, tenant: str, spec: pb.JobSpec,
+                               request_id: str) -> tuple[str, JobRow | None, bool]:
+        """-> (the job's id, its row when it was queued now, whether it was made now: False when the request id
+        was taken)."""
         with phase("admission"):  # the synchronous parts only (the worker's admission counts on its thread)
-            found = self._before_admission(tenant, spec, request_id)
-        if isinstance(found, str):
-            return found, None
-        sha, kind, dataset, stored, model, priors = found
+            sha, kind, dataset, stored, model, priors = self._before_admission(tenant, spec)
         from featureviz.server.matching import match_sources  # exemplar matching: the tenant's indexes (NOT_FOUND)
 
         matches = match_sources(self.store, tenant, sha, stored, self.config.limits.max_match_k)
         self.scheduler.admissions(1)  # in flight until submitted (or refused): the worker may hold a step for it
         try:
             try:  # converted once, by the worker (a prior's statistics and patch prior: learned there on first use)
-                admission = await asyncio.to_thread(self.scheduler.admit, sha, stored, priors, matches)
+                admission = await self.scheduler.admit_async(sha, stored, priors, matches)
             except InvalidSpec as exc:
                 raise InvalidSpec(engine_field(exc.field), exc.description, reason=exc.reason) from exc
             joined = None
@@ -238,7 +269,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 if stored.HasField("preprocess"):
                     index_spec.preprocess.CopyFrom(stored.preprocess)
                 try:
-                    index_admission = await asyncio.to_thread(self.scheduler.admit, sha, index_spec)
+                    index_admission = await self.scheduler.admit_async(sha, index_spec)
                 except InvalidSpec as exc:  # named as the atlas's: the index spec is the server's, not the caller's
                     raise InvalidSpec("spec.atlas.dataset", f"the join's exemplar index over the atlas's layers: "
                                                             f"{exc.description}", reason=exc.reason) from exc
@@ -248,20 +279,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
         finally:
             self.scheduler.admissions(-1)
 
-    def _before_admission(self, tenant: str, spec: pb.JobSpec, request_id: str):
-        """The checks before the worker's admission: -> the job id of an idempotent retry, or (sha, kind, dataset,
-        the spec to store, the model)."""
-        if self.scheduler.stopping:
-            raise Unavailable("the server is shutting down; retry on another replica or after the restart")
-        if request_id:  # idempotent retry: the job this request id already made
-            existing = self.store.job_by_request(tenant, request_id)
-            if existing is not None:
-                before = pb.JobSpec.FromString(existing.spec)
-                if before.objective != spec.objective or before.exemplar_index.dataset.removeprefix("datasets/") \
-                        != spec.exemplar_index.dataset.removeprefix("datasets/").strip().lower():
-                    raise InvalidSpec("request_id", f"{echo(request_id)} was used for a job with another objective "
-                                                    "or dataset; use a new request id for a new job")
-                return existing.id
+    def _before_admission(self, tenant: str, spec: pb.JobSpec):
+        """The checks before the worker's admission: -> (sha, kind, dataset, the spec to store, the model, its prior
+        sources)."""
         sha = parse_model_name(spec.model, "spec.model")
         model = self.store.get_model(tenant, sha)
         if model.state == pb.MODEL_STATE_FAILED and model.failure_reason:  # its file is missing or corrupt
@@ -337,25 +357,28 @@ class JobServicer(pb_grpc.JobServiceServicer):
         return sha
 
     def _after_admission(self, tenant: str, request_id: str, sha: str, kind: str, dataset: str, stored: pb.JobSpec,
-                         model: pb.Model, admission, joined=None) -> tuple[str, JobRow | None]:
-        """-> (the job's id, its row when it was queued now: as for ``_create``)."""
+                         model: pb.Model, admission, joined=None) -> tuple[str, JobRow | None, bool]:
+        """-> as for ``_admit_and_store``."""
         if kind == EXEMPLAR_INDEX:
-            return self._create_index(tenant, request_id, stored, sha, dataset, admission), None
+            job_id, created = self._create_index(tenant, request_id, stored, sha, dataset, admission)
+            return job_id, None, created
         if kind == ATLAS:
-            return self._create_atlas(tenant, request_id, stored, sha, admission, joined), None
+            job_id, created = self._create_atlas(tenant, request_id, stored, sha, admission, joined)
+            return job_id, None, created
         for key in ("steps", "batch", "seed"):  # the job records the engine defaults it runs with
             if not stored.HasField(key):
                 setattr(stored, key, getattr(admission, key))
         self._check_budget(tenant, stored)  # no await from here to submit: concurrent requests see each other
         from featureviz.server.atlas import render_key
 
-        inputs = model.input_spec
-        key = render_key(sha, stored, (inputs.default_height, inputs.default_width))
+        inputs = model.input_spec  # an atlas's unit render of this very spec ends it at once (none stored: no key)
+        key = render_key(sha, stored, (inputs.default_height, inputs.default_width)) \
+            if self.store.has_renders(sha) else None
         row, created = self.store.create_job(tenant, request_id, stored, sha, dataset=dataset)
         if created and not (key and self.scheduler.finish_from_store(row.id, tenant, key)):
             self.scheduler.submit(row.id, tenant, admission, row)
-            return row.id, row  # QUEUED as stored (what a reply reads of it; the rest is the scheduler's)
-        return row.id, None
+            return row.id, row, True  # QUEUED as stored (what a reply reads of it; the rest is the scheduler's)
+        return row.id, None, created
 
     def _atlas_defaults(self, tenant: str, stored: pb.JobSpec) -> None:
         """Before admission: the atlas's defaults written into its spec (so each unit's key names every option),
@@ -377,8 +400,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 setattr(stored, name, value)
 
     def _create_atlas(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, admission,
-                      joined=None) -> str:
-        """An atlas job: the spec records its resolved size; its units (catalog order, then channel) and their
+                      joined=None) -> tuple[str, bool]:
+        """-> (its id, whether it was made now). An atlas job: the spec records its resolved size; its units (catalog order, then channel) and their
         variant renders are stored with their keys, and the scheduler grants them in the room interactive jobs
         leave. With a dataset (``joined``: the index job's spec and admission) its exemplar index job is made
         (or ends at once, cached, when a finished index of that key exists) and recorded as the atlas's join."""
@@ -406,14 +429,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
                                                    for variant in variants_of(stored)])
             if joined is not None:
                 index_spec, index_admission = joined
-                index_job = self._create_index(tenant, "", index_spec, sha, stored.atlas.dataset, index_admission)
+                index_job, _ = self._create_index(tenant, "", index_spec, sha, stored.atlas.dataset, index_admission)
                 self.store.put_atlas_join(row.id, stored.atlas.dataset, index_job, index_id(sha, index_spec))
             self.scheduler.submit_atlas(row.id, tenant)
-        return row.id
+        return row.id, created
 
     def _create_index(self, tenant: str, request_id: str, stored: pb.JobSpec, sha: str, dataset: str,
-                      admission) -> str:
-        """An exemplar index job: the spec records what admission resolved (its index key: layers, size,
+                      admission) -> tuple[str, bool]:
+        """-> (its id, whether it was made now). An exemplar index job: the spec records what admission resolved (its index key: layers, size,
         preprocess, k; and batch_size); a finished index of that key, any tenant's (this one holds the model and
         the set), ends the job at once, cached; otherwise it is queued like a render."""
         from featureviz.server.indexes import index_id
@@ -433,7 +456,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
                 self.scheduler.finish_cached(row.id, tenant, sha, found[1])
             else:
                 self.scheduler.submit(row.id, tenant, admission)
-        return row.id
+        return row.id, created
 
     def _check_budget(self, tenant: str, spec: pb.JobSpec) -> None:
         """The tenant's queued and running images x steps plus this job's stay within max_image_steps_per_tenant."""
@@ -502,10 +525,10 @@ class JobServicer(pb_grpc.JobServiceServicer):
                     return
             # The worker stores the end of a job before it appends the result event: while it is between the
             # two, the event is on its way (the waiter wakes us), and making one up here would repeat a seq. A job
-            # the worker holds is not finished: no read of its row (the row first, then the checks).
+            # queued here or held by the worker is not finished: no read of its row (the row first, then the checks).
             with phase("watch"):
-                row = None if self.scheduler.is_running(job_id) else self.store.get_job(job_id)
-            if row is not None and row.state in TERMINAL_STATES and not self.scheduler.is_running(job_id) \
+                row = None if self.scheduler.is_unfinished(job_id) else self.store.get_job(job_id)
+            if row is not None and row.state in TERMINAL_STATES and not self.scheduler.is_unfinished(job_id) \
                     and not events.pending:
                 if events.since(seq, previews=previews):
                     waiter.cancel()

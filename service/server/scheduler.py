@@ -232,7 +232,9 @@ class Scheduler:
         # per tenant, kept with the maps above (each CreateJob and grant reads them: no walk over every job)
         self._held_of: collections.Counter[str] = collections.Counter()  # images its granted jobs hold
         self._cost_by_tenant: collections.Counter[str] = collections.Counter()  # its queued and granted cost
-        self._fresh: dict[str, object] = {}  # job -> the JobRow its submit holds, for a grant in the same call
+        # job -> its JobRow as read at its submit (CreateJob's insert: no read), kept until it starts or ends: its
+        # grant, first watch and start read no row (nothing writes the row meanwhile but a cancel, which drops it)
+        self._rows: dict[str, object] = {}
         self._logs: collections.OrderedDict[str, JobLog] = collections.OrderedDict()
         self._finished_logs_kept = finished_logs_kept
         self._evict_at = 0  # _evict_logs walks the logs when there are this many
@@ -317,6 +319,15 @@ class Scheduler:
 
     validate = admit
 
+    async def admit_async(self, model_sha: str, spec: pb.JobSpec, priors: dict | None = None,
+                          matches: dict | None = None) -> api.Admission:
+        """:meth:`admit`, awaited: a worker that answers by message (``Worker.admit_future``: the worker process)
+        holds no thread while the admission is in flight; any other admits in a thread of the loop's executor."""
+        future = self.worker.admit_future(model_sha, spec.SerializeToString(), priors or None, matches or None)
+        if future is None:
+            return await asyncio.to_thread(self.admit, model_sha, spec, priors, matches)
+        return await asyncio.wrap_future(future)
+
     def admissions(self, delta: int) -> None:
         """An admission began (+1) or ended (-1, after its submit): the worker learns how many are in flight (a step
         may wait for them: :func:`featureviz.worker.planner.hold`)."""
@@ -333,11 +344,8 @@ class Scheduler:
         with self._cv:
             self._enqueue(job_id, tenant, pb.JobSpec.FromString(row.spec),
                           admission.ticket if admission is not None else "")
-            self._fresh[job_id] = row  # read just now, under the lock a cancel takes too: no second read
-            try:
-                self._dispatch()
-            finally:
-                self._fresh.clear()
+            self._rows[job_id] = row  # read just now, under the lock a cancel takes too: no second read
+            self._dispatch()
 
     def _enqueue(self, job_id: str, tenant: str, spec: pb.JobSpec, ticket: str = "") -> None:
         self._queue.append(job_id)
@@ -404,7 +412,7 @@ class Scheduler:
             self._granted[job_id] = tenant
             self._held += images
             self._held_of[tenant] += images
-            row = self._fresh.pop(job_id, None) or self.store.get_job(job_id)
+            row = self._rows.get(job_id) or self.store.get_job(job_id)
             if row.state in TERMINAL_STATES:  # finished meanwhile (a cancel raced the grant)
                 self._release(job_id)
                 continue
@@ -832,11 +840,18 @@ class Scheduler:
         self._indexing.pop(job_id, None)
         self._progress.pop(job_id, None)
         self._started.pop(job_id, None)
+        self._rows.pop(job_id, None)
 
     def is_running(self, job_id: str) -> bool:
         """Whether the worker holds this job (from the grant until its end is in the log)."""
         with self._cv:
             return job_id in self._granted
+
+    def is_unfinished(self, job_id: str) -> bool:
+        """Whether the job is queued here or held by the worker: its end is not stored, and when it comes its
+        result event follows in the log."""
+        with self._cv:
+            return job_id in self._granted or job_id in self._tenant_of
 
     def queued(self) -> int:
         with self._cv:
@@ -868,8 +883,9 @@ class Scheduler:
         from nowhere else; what changed since (its start) comes from the log."""
         with self._cv:  # progress before the row: a job that ends in between reads as finished, not as step 0
             progress = self._progress.get(job_id)
-        if row is None:
-            row = self.store.get_job(job_id, tenant)
+            row = row or self._rows.get(job_id)
+        if row is None or (tenant is not None and row.tenant != tenant):
+            row = self.store.get_job(job_id, tenant)  # NOT_FOUND for another tenant's job
         job = row.to_proto(with_images=with_images)
         with self._cv:
             if job.state == pb.JOB_STATE_QUEUED and job_id in self._queue:
@@ -887,7 +903,7 @@ class Scheduler:
         with self._cv:
             found = self._logs.get(job_id)
             if found is None:
-                row = row if row is not None else self.store.get_job(job_id)
+                row = row or self._rows.get(job_id) or self.store.get_job(job_id)
                 found = JobLog(self._loop, row.last_seq, on_seq=None)
                 found._on_seq = lambda seq, found=found: self._logged(job_id, found, seq)
                 self._logs[job_id] = found
@@ -945,7 +961,8 @@ class Scheduler:
 
     def _on_started(self, event: api.WorkerEvent) -> None:
         job_id = event.job_id
-        row = self.store.get_job(job_id)
+        with self._cv:
+            row = self._rows.pop(job_id, None) or self.store.get_job(job_id)
         self.store.mark_running(job_id, event.worker or "local")
         with self._cv:
             self._started[job_id] = time.perf_counter()

@@ -253,6 +253,9 @@ class Store:
         self._reader = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._read_lock = threading.Lock()
         self._tx_owner: int | None = None
+        # the models with a stored unit render (renders are never deleted; put_unit adds): a render of any other
+        # model cannot end from the store, and its CreateJob computes no key and reads nothing for it
+        self._rendered = {row[0] for row in self._db.execute("SELECT DISTINCT model FROM unit_renders")}
         self._purge_stale_uploads()
 
     def _purge_stale_uploads(self) -> None:
@@ -751,6 +754,7 @@ class Store:
 
     def put_unit(self, key: str, model: str, image: pb.RenderedImage, device_seconds: float, device: str) -> None:
         """A finished unit render, stored under its key (a second render of a key counts in ``renders``)."""
+        self._rendered.add(model)  # before the row: a render may be looked up once it is committed
         with self._lock, _disk_full():
             self._db.execute(
                 "INSERT INTO unit_renders (key, model, png, width, height, objective, device_seconds, device, "
@@ -763,6 +767,10 @@ class Store:
         rows = self._run("SELECT png, width, height, objective, device_seconds, device, renders FROM unit_renders "
                          "WHERE key = ?", (key,))
         return rows[0] if rows else None
+
+    def has_renders(self, model: str) -> bool:
+        """Whether any unit render of this model is stored (from memory)."""
+        return model in self._rendered
 
     def has_unit(self, key: str) -> bool:
         return bool(self._run("SELECT 1 FROM unit_renders WHERE key = ?", (key,)))

@@ -22,6 +22,8 @@ machine (issue 12 hosts workers on Ray). This module imports neither torch nor t
 
 from __future__ import annotations
 
+import concurrent.futures
+
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -232,6 +234,13 @@ class Worker:
         are computed here on first use (in the caller's thread, not the device loop) and cached. ``matches``: index
         id -> :class:`MatchSource` for the spec's ``match`` terms (None: no such term)."""
         raise NotImplementedError
+
+    def admit_future(self, sha256: str, spec: bytes, priors: dict | None = None,
+                     matches: dict | None = None) -> concurrent.futures.Future | None:
+        """As :meth:`admit`, started without blocking: -> a future of its Admission (or of its error), or None where
+        the worker answers only in the caller's thread (the caller then calls :meth:`admit` in a thread). The worker
+        process answers by message, so a burst of CreateJobs holds no thread per admission in flight."""
+        return None
 
     def submit(self, submission: Submission) -> None:
         raise NotImplementedError

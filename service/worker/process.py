@@ -380,16 +380,23 @@ class ProcessWorker(api.Worker):
         return self._child
 
     def _call(self, method: str, *args):
-        future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             child = self._up(method)
+        return self._start(child, method, args).result()
+
+    def _start(self, child: _Child, method: str, args: tuple) -> concurrent.futures.Future:
+        """Send a call; -> its future (set by the reader thread; failed by ``_died`` when the child dies). The
+        future cannot be cancelled: the reply sets it whoever still waits."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
             ident = next(self._ids)
             self._calls[ident] = (future, method)
         try:
             self._send(child, ("call", ident, method, args))
         except OSError:
             pass  # the child died: the host thread fails the call
-        return future.result()
+        return future
 
     # ------------------------------------------------------------------------------------------- events
 
@@ -465,6 +472,14 @@ class ProcessWorker(api.Worker):
 
     def admit(self, sha256: str, spec: bytes, priors: dict | None = None, matches: dict | None = None) -> api.Admission:
         return self._call("admit", sha256, spec, priors, matches)
+
+    def admit_future(self, sha256: str, spec: bytes, priors: dict | None = None,
+                     matches: dict | None = None) -> concurrent.futures.Future | None:
+        with self._lock:
+            child = self._child
+        if child is None:  # starting: admit() waits for it
+            return None
+        return self._start(child, "admit", (sha256, spec, priors, matches))
 
     def submit(self, submission: api.Submission) -> None:
         with self._lock:

@@ -143,6 +143,28 @@ def test_a_read_only_token_reads_its_tenant_and_changes_nothing(secured, tiny_on
         assert [j.id for j in alice.jobs()].count(job.id) == 1 and len(list(alice.jobs())) == len(list(viewer.jobs()))
 
 
+def test_a_retry_gets_its_job_even_when_the_queue_is_full_since(secured, tiny_onnx):
+    """CreateJob looks a request id up only when the insert finds it taken or a check refuses the request: a retry
+    once the tenant's queue is full (max_queued_jobs_per_tenant = 2 here) still answers with its job, a new request
+    is refused, and the id with another objective is INVALID_ARGUMENT naming request_id."""
+    with Client(secured.address, token="tok-bob") as bob:
+        model = bob.upload(tiny_onnx)
+        jobs = [bob.submit(model.sha256, CHANNEL, steps=10_000, size=32, request_id=f"full-{i}") for i in range(2)]
+        try:
+            with pytest.raises(FeaturevizClientError) as err:
+                bob.submit(model.sha256, CHANNEL, steps=2, size=32, request_id="full-2")
+            assert err.value.code == "RESOURCE_EXHAUSTED" and err.value.reason == "QUEUE_FULL"
+            again = bob.submit(model.sha256, CHANNEL, steps=10_000, size=32, request_id="full-0")
+            assert again.id == jobs[0].id and len(list(bob.jobs())) == 2
+            with pytest.raises(FeaturevizClientError) as err:
+                bob.submit(model.sha256, {"layer": {"layer": "/Relu"}}, request_id="full-1")
+            assert err.value.code == "INVALID_ARGUMENT" and err.value.field_violations[0][0] == "request_id"
+        finally:
+            for job in jobs:
+                bob.cancel(job.id)
+        assert {bob.wait(job.id, timeout=120).state for job in jobs} == {pb.JOB_STATE_CANCELLED}
+
+
 def test_token_table_syntax():
     from featureviz.errors import InvalidSpec
     from featureviz.server import parse_tokens

@@ -107,7 +107,7 @@ def test_creating_a_job_does_not_grow_with_the_jobs_stored(tmp_path):
 
     def create_path(tenant: str) -> None:  # what CreateJob asks of the store (JobServicer._create)
         i = next(made)
-        store.job_by_request(tenant, f"req-{i}")
+        store.has_renders("0" * 64)
         store.count_jobs(tenant, (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
         row, created = store.create_job(tenant, f"req-{i}", spec, "0" * 64)
         assert created
@@ -155,3 +155,20 @@ def test_a_request_id_used_before_answers_its_job(tmp_path):
     assert other.id != first.id
     assert all(made for _, made in plain) and plain[0][0].id != plain[1][0].id
     assert stored == 3
+
+
+def test_the_models_with_unit_renders_are_known_after_a_restart(tmp_path):
+    """CreateJob computes a render's key only for a model with a stored unit render (``has_renders``, from memory):
+    a stored render must be known again when the store reopens, and one stored now at once."""
+    store = Store(tmp_path / "store")
+    image = pb.RenderedImage(index=0, png=b"png", width=1, height=1, objective_end=1.0)
+    assert not store.has_renders("a" * 64)
+    store.put_unit("k" * 64, "a" * 64, image, 0.1, "cpu")
+    assert store.has_renders("a" * 64) and not store.has_renders("b" * 64)
+    store.close()
+    reopened = Store(tmp_path / "store")
+    try:
+        assert reopened.has_renders("a" * 64) and not reopened.has_renders("b" * 64)
+        assert reopened.get_unit("k" * 64)[0] == b"png"
+    finally:
+        reopened.close()
