@@ -301,7 +301,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
             dataset = parse_dataset_name(spec.atlas.dataset, "spec.atlas.dataset")
             self.store.get_dataset(tenant, dataset)
-        queued = self.store.count_jobs(tenant, (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING))
+        queued = self.scheduler.unfinished(tenant)  # the store's count of its QUEUED and RUNNING rows, in memory
         limit = self.config.limits.max_queued_jobs_per_tenant
         if queued >= limit:
             raise ResourceExhausted(f"{queued} jobs queued or running, the limit per tenant is {limit}; "

@@ -232,6 +232,7 @@ class Scheduler:
         # per tenant, kept with the maps above (each CreateJob and grant reads them: no walk over every job)
         self._held_of: collections.Counter[str] = collections.Counter()  # images its granted jobs hold
         self._cost_by_tenant: collections.Counter[str] = collections.Counter()  # its queued and granted cost
+        self._jobs_of: collections.Counter[str] = collections.Counter()  # its jobs queued or granted (_tenant_of)
         # job -> its JobRow as read at its submit (CreateJob's insert: no read), kept until it starts or ends: its
         # grant, first watch and start read no row (nothing writes the row meanwhile but a cancel, which drops it)
         self._rows: dict[str, object] = {}
@@ -349,6 +350,8 @@ class Scheduler:
 
     def _enqueue(self, job_id: str, tenant: str, spec: pb.JobSpec, ticket: str = "") -> None:
         self._queue.append(job_id)
+        if self._tenant_of.get(job_id) != tenant:
+            self._jobs_of[tenant] += 1
         self._tenant_of[job_id] = tenant
         # an index job takes no room in the device steps (the worker runs one index batch per round beside them)
         self._images_of[job_id] = 0 if spec.HasField("exemplar_index") else spec.batch if spec.HasField("batch") else 1
@@ -466,6 +469,13 @@ class Scheduler:
         """The tenant's unfinished atlases."""
         with self._cv:
             return sum(1 for run in self._atlases.values() if run.tenant == tenant)
+
+    def unfinished(self, tenant: str) -> int:
+        """The tenant's jobs stored QUEUED or RUNNING, counted in memory (CreateJob's queue limit): its queued and
+        granted jobs, and its atlases. Each job row a CreateJob stores unfinished is submitted here in the same
+        step of the event loop, and every end releases it, so this equals the store's count (the tests compare)."""
+        with self._cv:
+            return self._jobs_of[tenant] + sum(1 for run in self._atlases.values() if run.tenant == tenant)
 
     def _add_atlas(self, job_id: str, tenant: str, model: str, spec: pb.JobSpec) -> None:
         units = [(*unit, RENDER) for unit in self.store.pending_units(job_id)]
@@ -829,6 +839,10 @@ class Scheduler:
             if self._held_of[granted] <= 0:
                 del self._held_of[granted]
         tenant = self._tenant_of.pop(job_id, None)
+        if tenant is not None:
+            self._jobs_of[tenant] -= 1
+            if self._jobs_of[tenant] <= 0:
+                del self._jobs_of[tenant]
         self._images_of.pop(job_id, None)
         cost = self._cost_of.pop(job_id, None)
         if tenant is not None and cost is not None:

@@ -256,6 +256,11 @@ class Store:
         # the models with a stored unit render (renders are never deleted; put_unit adds): a render of any other
         # model cannot end from the store, and its CreateJob computes no key and reads nothing for it
         self._rendered = {row[0] for row in self._db.execute("SELECT DISTINCT model FROM unit_renders")}
+        # (tenant, sha256) -> its models row's Model bytes, as last read (every CreateJob reads its model): a write
+        # to models and every commit of a transaction bump the generation and empty it; a read stores what it found
+        # only when the generation did not move meanwhile and no transaction is open, so it never keeps a stale row
+        self._model_rows: dict[tuple[str, str], bytes] = {}
+        self._model_gen = 0
         self._purge_stale_uploads()
 
     def _purge_stale_uploads(self) -> None:
@@ -319,8 +324,10 @@ class Store:
         except BaseException:
             if self._db.in_transaction:
                 self._db.rollback()
+            self._models_changed()
             raise
         self._db.commit()
+        self._models_changed()  # whatever it wrote is visible now
 
     def _run(self, sql: str, params=()) -> list[tuple]:
         if sql.startswith("SELECT") and self._tx_owner != threading.get_ident():
@@ -398,8 +405,12 @@ class Store:
         """The file of ``sha256`` is back (an upload of the same bytes): every tenant's row is READY again."""
         self._set_state(sha256, pb.MODEL_STATE_READY, "", "")
 
+    def _models_changed(self) -> None:
+        self._model_gen += 1
+        self._model_rows.clear()
+
     def _set_state(self, sha256: str, state: int, reason: str, message: str) -> None:
-        with self._lock, _disk_full():
+        with self._lock, _disk_full(), _then(self._models_changed):
             rows = self._db.execute("SELECT tenant, model FROM models WHERE sha256 = ?", (sha256,)).fetchall()
             for tenant, blob in rows:
                 model = pb.Model.FromString(blob)
@@ -412,15 +423,23 @@ class Store:
     # ------------------------------------------------------------------------------------------- models
 
     def put_model(self, tenant: str, model: pb.Model, layers: pb.ListLayersResponse) -> None:
-        self._run("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
-                  (tenant, model.sha256, model.SerializeToString(), layers.SerializeToString(), time.time()))
+        with _then(self._models_changed):
+            self._run("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?)",
+                      (tenant, model.sha256, model.SerializeToString(), layers.SerializeToString(), time.time()))
 
     def get_model(self, tenant: str, sha256: str) -> pb.Model:
-        rows = self._run("SELECT model FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
-        if not rows:
-            raise NotFound(f"model {echo(sha256)} not found; upload it first (featureviz models upload FILE.onnx)",
-                           reason="MODEL_NOT_FOUND")
-        return pb.Model.FromString(rows[0][0])
+        key = (tenant, sha256)
+        blob = self._model_rows.get(key)
+        if blob is None:
+            generation = self._model_gen
+            rows = self._run("SELECT model FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
+            if not rows:
+                raise NotFound(f"model {echo(sha256)} not found; upload it first (featureviz models upload "
+                               "FILE.onnx)", reason="MODEL_NOT_FOUND")
+            blob = rows[0][0]
+            if generation == self._model_gen and not self._db.in_transaction:
+                self._model_rows[key] = blob
+        return pb.Model.FromString(blob)
 
     def any_model(self, sha256: str) -> tuple[pb.Model, pb.ListLayersResponse] | None:
         """Metadata of these bytes as imported for any tenant (dedup: identical bytes are imported once)."""
@@ -462,6 +481,7 @@ class Store:
                 raise FailedPrecondition(f"model {sha256} has {len(mine)} queued or running job(s): {named}; cancel "
                                          "them or let them finish, then delete the model", reason="MODEL_IN_USE")
             self._db.execute("DELETE FROM models WHERE tenant = ? AND sha256 = ?", (tenant, sha256))
+            self._models_changed()
             users = self._db.execute("SELECT COUNT(*) FROM models WHERE sha256 = ?", (sha256,)).fetchone()[0]
             pending = self._db.execute("SELECT COUNT(*) FROM jobs WHERE model = ? AND state IN (?, ?)",
                                        (sha256, pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)).fetchone()[0]
@@ -899,6 +919,15 @@ def _models_read(spec: bytes) -> tuple[str, str]:
     """The other models a stored job spec reads: its judge's and its generator's sha256 (empty when unset)."""
     parsed = pb.JobSpec.FromString(spec)
     return parsed.judge.model, parsed.generator.model
+
+
+@contextlib.contextmanager
+def _then(action):
+    """Run ``action`` after the block, whether it raised or not."""
+    try:
+        yield
+    finally:
+        action()
 
 
 @contextlib.contextmanager

@@ -31,3 +31,17 @@ def serve(tmp_path):
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture()
+def unfinished():
+    """``unfinished(server, tenant) -> (in memory, stored)``: the queue limit's count of the tenant's unfinished jobs
+    (``Scheduler.unfinished``) and the store's QUEUED and RUNNING rows of it, which it must equal."""
+    from featureviz.v1 import featureviz_pb2 as pb
+
+    def counts(server, tenant: str) -> tuple[int, int]:
+        inner = server._server
+        return (inner.scheduler.unfinished(tenant),
+                inner.store.count_jobs(tenant, (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING)))
+
+    return counts

@@ -12,7 +12,7 @@ MODEL = b"any bytes: the fake worker imports nothing"
 CHANNEL = {"channel": {"layer": "conv", "channel": 3}}
 
 
-def test_units_fill_the_free_room_interactive_jobs_go_first_and_tenants_take_turns(serve):
+def test_units_fill_the_free_room_interactive_jobs_go_first_and_tenants_take_turns(serve, unfinished):
     fake = FakeWorker(max_step_images=2)
     server = serve(fake)
     flood, calm = Client(server.address, token="tok-flood"), Client(server.address, token="tok-calm")
@@ -35,11 +35,13 @@ def test_units_fill_the_free_room_interactive_jobs_go_first_and_tenants_take_tur
     assert fake.granted()[3:] == [f"{b.id}:0", f"{a.id}:2", f"{b.id}:1", f"{a.id}:3"]
     running = flood.job(a.id)
     assert (running.state, running.step, running.steps) == (pb.JOB_STATE_RUNNING, 3, 4)
+    assert [unfinished(server, t) for t in ("flood", "calm")] == [(1, 1), (1, 1)]  # the atlases (units: no rows)
     flood.cancel(a.id)  # its unit in flight is cancelled; what is done stays
     fake.wait_cancel(f"{a.id}:3")
     fake.finish(f"{a.id}:3", pb.JOB_STATE_CANCELLED)
     done = flood.job(a.id)
     assert done.state == pb.JOB_STATE_CANCELLED and (done.result.atlas.done, done.result.atlas.units) == (3, 4)
+    assert unfinished(server, "flood") == (0, 0)
     assert [u.done for u in flood.atlas_units(a.id)] == [True, True, True, False]
     fake.finish(f"{b.id}:1")
     assert fake.granted()[-1] == f"{b.id}:3" and fake.granted()[-2] == f"{b.id}:2"

@@ -12,6 +12,7 @@ from featureviz.client import Client
 from featureviz.client import FeaturevizClientError
 from featureviz.client import pb
 from featureviz.errors import InvalidSpec
+from featureviz.server import Limits
 from support.fake_worker import CANCELLED
 from support.fake_worker import FakeWorker
 
@@ -224,6 +225,47 @@ def test_a_cancelled_queued_job_never_reaches_the_worker(serve):
         assert fv.cancel(queued).state == pb.JOB_STATE_CANCELLED  # the server's own: no worker involved
         fake.run(running)
         assert fake.granted() == [running] and fake.cancels == []
+
+
+# ------------------------------------------------------------------------------------------- the queue limit
+
+
+def test_the_queue_limit_counts_in_memory_what_the_store_holds_unfinished(serve, unfinished):
+    """CreateJob's queue limit (max_queued_jobs_per_tenant) counts the tenant's unfinished jobs in memory, not with
+    a query: through queueing, grants, a loss, a failure, cancels (queued and granted), ends and a restart the
+    count equals the store's QUEUED and RUNNING rows, and a full queue is refused."""
+    fake = FakeWorker(max_step_images=1)
+    server = serve(fake, limits=Limits(max_queued_jobs_per_tenant=4))
+    with Client(server.address, token="tok-flood") as fv, Client(server.address, token="tok-calm") as calm:
+        sha = fv.upload(MODEL).sha256
+        calm.upload(MODEL)
+        jobs = [fv.submit(sha, CHANNEL, steps=3).id for _ in range(4)]
+        other = calm.submit(sha, CHANNEL, steps=3).id
+        assert unfinished(server, "flood") == (4, 4) and unfinished(server, "calm") == (1, 1)
+        with pytest.raises(FeaturevizClientError) as err:
+            fv.submit(sha, CHANNEL, steps=3)
+        assert (err.value.code, err.value.reason) == ("RESOURCE_EXHAUSTED", "QUEUE_FULL")
+        fake.start_job(jobs[0])
+        fake.lose(jobs[0])  # queued again at the head
+        assert unfinished(server, "flood") == (4, 4)
+        fake.wait_granted(jobs[0], 2)
+        fake.start_job(jobs[0])
+        fake.fail(jobs[0], code="ABORTED", reason="WORKER_LOST", message="lost")
+        assert fv.job(jobs[0]).state == pb.JOB_STATE_FAILED and unfinished(server, "flood") == (3, 3)
+        assert fv.cancel(jobs[3]).state == pb.JOB_STATE_CANCELLED  # queued: the server's own
+        assert unfinished(server, "flood") == (2, 2)
+        granted = fake.granted()[-1]
+        fv.cancel(granted)  # granted: the worker ends it
+        fake.finish(granted, CANCELLED)
+        assert fv.job(granted).state == pb.JOB_STATE_CANCELLED
+        assert unfinished(server, "flood") == (1, 1)
+        left = next(j for j in jobs[1:3] if j != granted)
+        fake.wait_granted(left)
+        fake.start_job(left)
+    server.stop()  # the running job stays unfinished in the store: the restarted server counts it again
+    again = serve(FakeWorker(max_step_images=1))
+    assert unfinished(again, "flood") == (1, 1) and unfinished(again, "calm") == (1, 1)
+    assert (left, other) and unfinished(again, "third") == (0, 0)
 
 
 # ------------------------------------------------------------------------------------------- admission

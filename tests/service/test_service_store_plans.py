@@ -13,8 +13,11 @@ import re
 import sqlite3
 import threading
 
+import pytest
+
 from featureviz.client import Client
 from featureviz.client import pb
+from featureviz.errors import NotFound
 from featureviz.server import ServerConfig
 from featureviz.server import serve_in_background
 from featureviz.server.store import Store
@@ -172,3 +175,34 @@ def test_the_models_with_unit_renders_are_known_after_a_restart(tmp_path):
         assert reopened.get_unit("k" * 64)[0] == b"png"
     finally:
         reopened.close()
+
+
+def test_a_model_read_from_memory_is_never_stale(tmp_path):
+    """get_model keeps the rows it read (every CreateJob reads its model): a second read runs no statement, and
+    every write to models (an upload, a file found missing, inside a transaction or not, a delete) is seen by
+    the next read."""
+    store = Store(tmp_path / "store")
+    sha = "a" * 64
+    statements = []
+    store._reader.set_trace_callback(statements.append)
+    try:
+        store.put_model("alice", pb.Model(sha256=sha, state=pb.MODEL_STATE_READY, name="one"),
+                        pb.ListLayersResponse())
+        assert store.get_model("alice", sha).name == "one"
+        read = len(statements)
+        assert store.get_model("alice", sha).name == "one" and len(statements) == read  # from memory
+        store.put_model("alice", pb.Model(sha256=sha, state=pb.MODEL_STATE_READY, name="two"),
+                        pb.ListLayersResponse())
+        assert store.get_model("alice", sha).name == "two"
+        with store.transaction():  # the file went missing, found inside a batch: seen once committed
+            assert store.get_model("alice", sha).state == pb.MODEL_STATE_READY
+            store._set_state(sha, pb.MODEL_STATE_FAILED, "MODEL_FILE_MISSING", "gone")
+        failed = store.get_model("alice", sha)
+        assert (failed.state, failed.failure_reason) == (pb.MODEL_STATE_FAILED, "MODEL_FILE_MISSING")
+        store.restore_model(sha)
+        assert store.get_model("alice", sha).state == pb.MODEL_STATE_READY
+        store.delete_model("alice", sha)
+        with pytest.raises(NotFound):
+            store.get_model("alice", sha)
+    finally:
+        store.close()
