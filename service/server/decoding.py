@@ -31,12 +31,25 @@ class _Undecodable:
 class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, max_objective_depth: int):
         self._depth = max_objective_depth
+        # method -> (the handler the services answered, its guarded handler): made once per method, not per call
+        # (the services answer the same handler object for a method every time; another object is guarded anew)
+        self._made: dict[str, tuple[object, object]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _guarded(handler, handler_call_details.method.rsplit("/", 1)[-1], self._depth)
+        method = handler_call_details.method
+        made = self._made.get(method)
+        if made is not None and made[0] is handler:
+            return made[1]
+        guarded = _guarded(handler, method.rsplit("/", 1)[-1], self._depth)
+        if len(self._made) < _METHODS_KEPT:  # the services' methods: a fixed, small set
+            self._made[method] = (handler, guarded)
+        return guarded
+
+
+_METHODS_KEPT = 256
 
 
 def _guarded(handler, method: str, depth: int):
