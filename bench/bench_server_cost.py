@@ -6,7 +6,8 @@ step; ``FEATUREVIZ_PHASES=1``: the cost counters of :mod:`featureviz.phases` on,
 in this process, :class:`featureviz.engine.batch.BatchEngine` on the same device. For each level (64 and 256
 single-image jobs by default, a tiny model: one 3x3 conv, 32 px, 16 steps) and each repeat:
 
-- server: the jobs are created at once from 8 tenants (asyncio clients: CreateJob, WatchJob to the end, GetJob)
+- server: the jobs are created at once from 8 tenants (asyncio clients: CreateJob, then WatchJob to the result
+  event; with ``--one-call`` the client's ``run``, one CreateAndWatchJob per job)
   and the wall time runs from the first job's creation to the last job's end (server timestamps);
 - engine: the same number of slots made, joined (the starting objective), stepped ``steps`` times as one group, and
   finished (the final objective and images), timed in this process;
@@ -84,13 +85,16 @@ def tiny_model() -> bytes:
     return buffer.getvalue()
 
 
-async def _run_jobs(address: str, sha: str, objective: dict, jobs: int, steps: int, size: int) -> list:
+async def _run_jobs(address: str, sha: str, objective: dict, jobs: int, steps: int, size: int,
+                    one_call: bool = False) -> list:
     from featureviz.client import AsyncClient
 
     clients = [AsyncClient(address, token=t, timeout=3600) for t in TENANTS]
     try:
         async def one(i: int):
             fv = clients[i % len(clients)]
+            if one_call:
+                return await fv.run(sha, objective, steps=steps, size=size, seed=i, timeout=3600)
             job = await fv.submit(sha, objective, steps=steps, size=size, seed=i)
             return await fv.wait(job.id, timeout=3600)
 
@@ -100,13 +104,14 @@ async def _run_jobs(address: str, sha: str, objective: dict, jobs: int, steps: i
             await fv.close()
 
 
-def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int, size: int) -> dict:
+def run_server(server: Server, sha: str, objective: dict, jobs: int, steps: int, size: int,
+               one_call: bool = False) -> dict:
     from featureviz.client import pb
 
     before = server.counters()
     pid = server.proc.pid
     cpu = _cpu_seconds(pid), time.process_time(), _cpu_seconds(pid, False)
-    done = asyncio.run(_run_jobs(server.address, sha, objective, jobs, steps, size))
+    done = asyncio.run(_run_jobs(server.address, sha, objective, jobs, steps, size, one_call))
     server_cpu, client_cpu = _cpu_seconds(pid) - cpu[0], time.process_time() - cpu[1]
     front_cpu = _cpu_seconds(pid, False) - cpu[2]  # the server process alone (gRPC, store, events)
     after = server.counters()
@@ -204,9 +209,9 @@ def device_name(device: str) -> str:
 
 
 def measure(label: str, server: Server, sha: str, model, layer: str, jobs: int, steps: int, size: int,
-            device: str) -> dict:
+            device: str, one_call: bool = False) -> dict:
     engine, engine_cpu = run_engine(model, layer, jobs, steps, size, device)  # first: the server is idle meanwhile
-    served = run_server(server, sha, {"channel": {"layer": layer, "channel": 1}}, jobs, steps, size)
+    served = run_server(server, sha, {"channel": {"layer": layer, "channel": 1}}, jobs, steps, size, one_call)
     served.update(engine=engine, ratio=served["wall"] / engine, label=label, jobs=jobs, size=size, steps=steps,
                   beyond_engine_ms=1000 * (served["wall"] - engine) / jobs, engine_cpu_ms=1000 * engine_cpu / jobs,
                   cpu_ratio=served["server_cpu_ms"] * jobs / 1000 / engine_cpu if engine_cpu else float("nan"))
@@ -243,6 +248,8 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-process", action="store_true",
                         help="serve with --worker-process (the worker in a child process; its CPU counts in the "
                              "server's)")
+    parser.add_argument("--one-call", action="store_true",
+                        help="each job as the client's run(): one CreateAndWatchJob (default: submit, then wait)")
     parser.add_argument("--both", action="store_true",
                         help="two servers, in-process and --worker-process, run alternately level by level (one "
                              "table; the label says which)")
@@ -264,7 +271,7 @@ def main(argv=None) -> int:
                             text=True).stdout.strip() or "?"
     figures: dict = {"device": device_name(device), "commit": commit, "steps": args.steps, "size": args.size,
                      "threads": args.threads or (1 if device == "cpu" else 0),
-                     "repeats": args.repeats, "label": args.label,
+                     "repeats": args.repeats, "label": args.label, "one_call": args.one_call,
                      "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tiny_path = Path(tmp) / "tiny.onnx"
@@ -299,12 +306,13 @@ def main(argv=None) -> int:
                 for jobs in levels:
                     for name, server in servers.items():  # alternately: the same load for both
                         figures["runs"].append(dict(measure("tiny" + name, server, shas["tiny"], tiny, tiny_layer,
-                                                            jobs, args.steps, args.size, device), repeat=repeat))
+                                                            jobs, args.steps, args.size, device, args.one_call),
+                                                    repeat=repeat))
                 if demo is not None:
                     for name, server in servers.items():
                         figures["runs"].append(dict(measure("demo" + name, server, shas["demo"], demo, DEMO_LAYER,
                                                             args.demo_jobs, args.demo_steps or args.steps,
-                                                            args.demo_size, device),
+                                                            args.demo_size, device, args.one_call),
                                                     repeat=repeat))
         finally:
             for server in servers.values():
@@ -327,7 +335,9 @@ def report(figures: dict) -> str:
     label = f" ({figures['label']})" if figures.get("label") else ""
     lines = [f"### bench_server_cost.py{label}: {figures['device']}, {figures['date']}, commit {figures['commit']}",
              "",
-             f"Single-image jobs, {figures['steps']} steps; tiny = one 3x3 conv at {figures['size']} px, demo = "
+             f"Single-image jobs, {figures['steps']} steps, each "
+             + ("one call (the client's run: CreateAndWatchJob)" if figures.get("one_call") else
+                "two calls (CreateJob, then WatchJob to its result)") + f"; tiny = one 3x3 conv at {figures['size']} px, demo = "
              f"EfficientNet-Lite0 `{DEMO_LAYER}`; one server with `--max-step-images` the largest level. Medians of "
              f"{figures['repeats']} run(s); torch threads {figures.get('threads') or 'default'}; each ratio is taken within a run. beyond = (server wall - the device "
              "steps' seconds) / jobs; per phase: ms of self time per job (several threads: they need not add up).",

@@ -255,21 +255,42 @@ class AsyncClient:
 
     async def create_and_watch(self, model: str, objective: dict | pb.Objective | None = None, *,
                                spec: pb.JobSpec | None = None, request_id: str | None = None, previews: bool = False,
-                               timeout: float | None = None, **options) -> AsyncIterator[pb.JobEvent]:
-        """As :meth:`Client.create_and_watch`: one call that queues the job and streams its events (no
-        re-attach)."""
+                               timeout: float | None = None, reconnects: int = 5,
+                               **options) -> AsyncIterator[pb.JobEvent]:
+        """As :meth:`Client.create_and_watch`: one call that queues the job and streams its events, re-attached
+        when the stream drops."""
         if spec is None:
             spec = spec_to_proto(model, objective, **options)
-        request = pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
-                                              include_previews=previews)
-        call = self._jobs.CreateAndWatchJob(request, timeout=timeout, metadata=self._metadata)
-        try:
-            async for event in call:
-                yield event
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        finally:
-            call.cancel()
+        state = Reattach("", previews=previews, timeout=timeout, reconnects=reconnects,
+                         create=pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
+                                                            include_previews=previews))
+        while True:
+            if state.creating():
+                call = self._jobs.CreateAndWatchJob(state.create, timeout=state.remaining(), metadata=self._metadata)
+            else:
+                call = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
+            try:
+                async for event in call:
+                    done = state.seen(event)
+                    yield event
+                    if done:
+                        return
+            except grpc.RpcError as err:
+                await asyncio.sleep(state.broken(err))
+            finally:
+                call.cancel()
+
+    async def run(self, model: str, objective: dict | pb.Objective | None = None, *, spec: pb.JobSpec | None = None,
+                  request_id: str | None = None, timeout: float | None = None,
+                  on_event: Callable[[pb.JobEvent], None] | None = None, **options) -> pb.Job:
+        """As :meth:`Client.run`: queue a job and wait for it in one call; -> the finished job."""
+        async for event in self.create_and_watch(model, objective, spec=spec, request_id=request_id,
+                                                 timeout=timeout, **options):
+            if on_event is not None:
+                on_event(event)
+            if event.HasField("result"):
+                return event.result
+        raise FeaturevizClientError("UNAVAILABLE", "the job's watch ended without a result")
 
 
 async def _aiter(iterable):

@@ -327,16 +327,42 @@ class Client:
 
     def create_and_watch(self, model: str, objective: dict | pb.Objective | None = None, *,
                          spec: pb.JobSpec | None = None, request_id: str | None = None, previews: bool = False,
-                         timeout: float | None = None, **options) -> Iterator[pb.JobEvent]:
-        """CreateAndWatchJob: one call that queues the job and streams its events (no re-attach)."""
+                         timeout: float | None = None, reconnects: int = 5, **options) -> Iterator[pb.JobEvent]:
+        """CreateAndWatchJob: one call that queues the job and streams its events (the snapshot first, whose
+        ``id`` names the job). A dropped stream is re-attached as :meth:`watch` does; one that drops before the
+        snapshot sends the call again with the same request id (one job either way). ``timeout``: for the
+        whole watch."""
         if spec is None:
             spec = spec_to_proto(model, objective, **options)
-        request = pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
-                                              include_previews=previews)
-        stream = self._jobs.CreateAndWatchJob(request, timeout=timeout, metadata=self._metadata)
-        try:
-            yield from stream
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        finally:
-            stream.cancel()
+        state = Reattach("", previews=previews, timeout=timeout, reconnects=reconnects,
+                         create=pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
+                                                            include_previews=previews))
+        while True:
+            if state.creating():
+                stream = self._jobs.CreateAndWatchJob(state.create, timeout=state.remaining(),
+                                                      metadata=self._metadata)
+            else:
+                stream = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
+            try:
+                for event in stream:
+                    done = state.seen(event)
+                    yield event
+                    if done:
+                        return
+            except grpc.RpcError as err:
+                time.sleep(state.broken(err))
+            finally:
+                stream.cancel()
+
+    def run(self, model: str, objective: dict | pb.Objective | None = None, *, spec: pb.JobSpec | None = None,
+            request_id: str | None = None, timeout: float | None = None,
+            on_event: Callable[[pb.JobEvent], None] | None = None, **options) -> pb.Job:
+        """Queue a job and wait for it: :meth:`submit` then :meth:`wait` in one call (CreateAndWatchJob, re-attached
+        as :meth:`create_and_watch`). -> the finished job with its PNG images."""
+        for event in self.create_and_watch(model, objective, spec=spec, request_id=request_id, timeout=timeout,
+                                           **options):
+            if on_event is not None:
+                on_event(event)
+            if event.HasField("result"):
+                return event.result
+        raise FeaturevizClientError("UNAVAILABLE", "the job's watch ended without a result")

@@ -18,13 +18,22 @@ __all__ = ["Reattach"]
 
 
 class Reattach:
-    """State of one watch: the next request, the time left, what an event or a broken stream means."""
+    """State of one watch: the next request, the time left, what an event or a broken stream means.
+
+    ``create``: the watch begins with CreateAndWatchJob (``job`` empty). Until its snapshot names the job, a broken
+    stream sends that request again (its request id makes it idempotent: one job); after, it re-attaches by
+    WatchJob from the last seq, as any watch."""
 
     def __init__(self, job: str, *, from_seq: int = 0, previews: bool = False, timeout: float | None = None,
-                 reconnects: int = 5):
+                 reconnects: int = 5, create: pb.CreateAndWatchJobRequest | None = None):
         self.job, self.seq, self.previews, self.reconnects = job, from_seq, previews, reconnects
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.failures = 0
+        self.create = create
+
+    def creating(self) -> bool:
+        """Whether the next stream is the CreateAndWatchJob call (the job is not known yet)."""
+        return self.create is not None and not self.job
 
     def request(self) -> pb.WatchJobRequest:
         return pb.WatchJobRequest(job=self.job, from_seq=self.seq, include_previews=self.previews)
@@ -37,6 +46,8 @@ class Reattach:
         """Record an event; True when it is the result (the watch ends after handing it over)."""
         self.failures = 0
         self.seq = max(self.seq, event.seq)
+        if not self.job and event.HasField("snapshot"):
+            self.job = event.snapshot.id
         return event.HasField("result")
 
     def broken(self, err: grpc.RpcError) -> float:

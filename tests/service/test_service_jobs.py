@@ -231,6 +231,38 @@ def test_create_and_watch(client, tiny_model):
     assert len(events[-1].result.result.images) == 1 and events[-1].result.result.images[0].png
 
 
+def test_create_and_watch_reattaches_across_broken_connections_and_makes_one_job(server, tiny_model):
+    """Through a loopback proxy: the first connection is refused (the call never reaches the server: it is sent
+    again with its request id), and every connection is cut once the job has run 3 steps; the stream re-attaches
+    by WatchJob from the last seq. One job, every logged event once and in order, and ``run`` returns the same
+    finished job in one call."""
+    from support.proxy import Proxy
+
+    proxy = Proxy(server.address)
+    try:
+        with Client(proxy.address, timeout=60) as fv:
+            before = len(list(fv.jobs()))
+            proxy.refuse(1)
+            events, cut = [], False
+            for event in fv.create_and_watch(tiny_model.sha256, CHANNEL, steps=40, size=32, timeout=120):
+                events.append(event)
+                if not cut and event.HasField("progress") and event.progress.step >= 3:
+                    cut = True
+                    proxy.cut()
+            assert cut and proxy.accepted >= 3  # refused, the first stream, the re-attached one
+            snapshots = [e for e in events if e.HasField("snapshot")]
+            assert len(snapshots) == 2 and snapshots[0].snapshot.id == snapshots[1].snapshot.id
+            logged = [e for e in events if not e.HasField("snapshot") and not e.HasField("heartbeat")]
+            assert [e.seq for e in logged] == list(range(1, len(logged) + 1))  # nothing lost or repeated
+            assert [e.progress.step for e in logged if e.HasField("progress")] == list(range(1, 41))
+            assert events[-1].result.state == pb.JOB_STATE_SUCCEEDED and events[-1].result.id == snapshots[0].snapshot.id
+            done = fv.run(tiny_model.sha256, CHANNEL, steps=2, size=32, timeout=120)
+            assert done.state == pb.JOB_STATE_SUCCEEDED and len(done.result.images) == 1
+            assert len(list(fv.jobs())) == before + 2
+    finally:
+        proxy.close()
+
+
 def test_list_jobs_pages_and_filters(client, tiny_model):
     for _ in range(3):
         client.wait(client.submit(tiny_model.sha256, CHANNEL, steps=1, size=32).id, timeout=120)
