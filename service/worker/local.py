@@ -407,9 +407,9 @@ class LocalWorker(api.Worker):
 
     def _hold(self) -> None:
         """Before a round takes the new submissions: wait (``planner.hold``) while a burst of jobs arrives (the server
-        admits more: ``admitting``; or, with none in flight and two jobs or more waiting, the next submission comes
-        within ``planner.HOLD_GAP_SECONDS``: a burst's requests reach the server one by one), so it starts as one
-        step. An atlas's units (background) do not count as arrivals.
+        admits more: ``admitting``; or, with none in flight, the next submission comes within
+        ``planner.HOLD_GAP_SECONDS``: a burst's requests reach the server one by one), so it starts as one step. A
+        lone job waits that long once for a second one. An atlas's units (background) do not count as arrivals.
         Ends early when a call for the device thread or a cancel comes, or the worker stops (call with ``_cv``
         held)."""
         if not (self._incoming or self._waiting):
@@ -430,9 +430,10 @@ class LocalWorker(api.Worker):
             if self._admitting:
                 self._cv.wait(left)
                 continue
+            # none in flight: wait for the next arrival, up to HOLD_GAP_SECONDS. A lone job too: a burst's first
+            # CreateJob often ends before the second's admission begins, and starting it alone made the burst's first
+            # steps partial while the rest were still being created (in-process, beside them on the GIL)
             arrived = len(self._incoming)
-            if arrived + len(self._waiting) < 2:  # a lone job: no wait for the next arrival
-                return
             if not self._cv.wait_for(lambda: self._admitting or len(self._incoming) > arrived or interrupted(),
                                      min(left, planner.HOLD_GAP_SECONDS)):
                 return
