@@ -257,10 +257,12 @@ class Store:
         # model cannot end from the store, and its CreateJob computes no key and reads nothing for it
         self._rendered = {row[0] for row in self._db.execute("SELECT DISTINCT model FROM unit_renders")}
         # (tenant, sha256) -> its models row's Model bytes, as last read (every CreateJob reads its model): a write
-        # to models and every commit of a transaction bump the generation and empty it; a read stores what it found
-        # only when the generation did not move meanwhile and no transaction is open, so it never keeps a stale row
+        # to models bumps the generation and empties it, and so does the end of the transaction it was in; a read
+        # keeps what it found only when the generation did not move meanwhile and no transaction is open, so it
+        # never keeps a stale row
         self._model_rows: dict[tuple[str, str], bytes] = {}
         self._model_gen = 0
+        self._models_in_tx = False  # the open transaction wrote models
         self._purge_stale_uploads()
 
     def _purge_stale_uploads(self) -> None:
@@ -324,10 +326,10 @@ class Store:
         except BaseException:
             if self._db.in_transaction:
                 self._db.rollback()
-            self._models_changed()
+            self._models_ended()
             raise
         self._db.commit()
-        self._models_changed()  # whatever it wrote is visible now
+        self._models_ended()  # what it wrote to models is visible now
 
     def _run(self, sql: str, params=()) -> list[tuple]:
         if sql.startswith("SELECT") and self._tx_owner != threading.get_ident():
@@ -406,8 +408,15 @@ class Store:
         self._set_state(sha256, pb.MODEL_STATE_READY, "", "")
 
     def _models_changed(self) -> None:
+        """A write to models (call after it): the rows read before are gone, again at the end of its transaction."""
+        self._models_in_tx = self._models_in_tx or self._db.in_transaction
         self._model_gen += 1
         self._model_rows.clear()
+
+    def _models_ended(self) -> None:
+        if self._models_in_tx:
+            self._models_in_tx = False
+            self._models_changed()
 
     def _set_state(self, sha256: str, state: int, reason: str, message: str) -> None:
         with self._lock, _disk_full(), _then(self._models_changed):
