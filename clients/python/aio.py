@@ -225,12 +225,19 @@ class AsyncClient:
     async def cancel(self, job: str) -> pb.Job:
         return await self._call(self._jobs.CancelJob, pb.CancelJobRequest(job=job))
 
-    async def watch(self, job: str, *, from_seq: int = 0, previews: bool = False, timeout: float | None = None,
-                    reconnects: int = 5) -> AsyncIterator[pb.JobEvent]:
+    def watch(self, job: str, *, from_seq: int = 0, previews: bool = False, timeout: float | None = None,
+              reconnects: int = 5) -> AsyncIterator[pb.JobEvent]:
         """As :meth:`Client.watch`: re-attaches from the last seq after a dropped stream."""
-        state = Reattach(job, from_seq=from_seq, previews=previews, timeout=timeout, reconnects=reconnects)
+        return self._follow(Reattach(job, from_seq=from_seq, previews=previews, timeout=timeout,
+                                     reconnects=reconnects))
+
+    async def _follow(self, state: Reattach) -> AsyncIterator[pb.JobEvent]:
+        """As :meth:`Client._follow`."""
         while True:
-            call = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
+            if state.creating():
+                call = self._jobs.CreateAndWatchJob(state.create, timeout=state.remaining(), metadata=self._metadata)
+            else:
+                call = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
             try:
                 async for event in call:
                     done = state.seen(event)
@@ -253,32 +260,17 @@ class AsyncClient:
                 return event.result
         raise FeaturevizClientError("UNAVAILABLE", f"the watch of job {job} ended without a result")
 
-    async def create_and_watch(self, model: str, objective: dict | pb.Objective | None = None, *,
-                               spec: pb.JobSpec | None = None, request_id: str | None = None, previews: bool = False,
-                               timeout: float | None = None, reconnects: int = 5,
-                               **options) -> AsyncIterator[pb.JobEvent]:
+    def create_and_watch(self, model: str, objective: dict | pb.Objective | None = None, *,
+                         spec: pb.JobSpec | None = None, request_id: str | None = None, previews: bool = False,
+                         timeout: float | None = None, reconnects: int = 5, **options) -> AsyncIterator[pb.JobEvent]:
         """As :meth:`Client.create_and_watch`: one call that queues the job and streams its events, re-attached
         when the stream drops."""
         if spec is None:
             spec = spec_to_proto(model, objective, **options)
-        state = Reattach("", previews=previews, timeout=timeout, reconnects=reconnects,
-                         create=pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
-                                                            include_previews=previews))
-        while True:
-            if state.creating():
-                call = self._jobs.CreateAndWatchJob(state.create, timeout=state.remaining(), metadata=self._metadata)
-            else:
-                call = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
-            try:
-                async for event in call:
-                    done = state.seen(event)
-                    yield event
-                    if done:
-                        return
-            except grpc.RpcError as err:
-                await asyncio.sleep(state.broken(err))
-            finally:
-                call.cancel()
+        return self._follow(Reattach("", previews=previews, timeout=timeout, reconnects=reconnects,
+                                     create=pb.CreateAndWatchJobRequest(spec=spec,
+                                                                        request_id=request_id or uuid.uuid4().hex,
+                                                                        include_previews=previews)))
 
     async def run(self, model: str, objective: dict | pb.Objective | None = None, *, spec: pb.JobSpec | None = None,
                   request_id: str | None = None, timeout: float | None = None,

@@ -301,9 +301,17 @@ class Client:
         """Events of a job until its result event: a snapshot first, then progress, previews (if asked),
         heartbeats. A dropped stream is re-attached from the last seq seen, up to ``reconnects`` times in a
         row. ``timeout``: deadline in seconds for the whole watch (DEADLINE_EXCEEDED after it)."""
-        state = Reattach(job, from_seq=from_seq, previews=previews, timeout=timeout, reconnects=reconnects)
+        return self._follow(Reattach(job, from_seq=from_seq, previews=previews, timeout=timeout,
+                                     reconnects=reconnects))
+
+    def _follow(self, state: Reattach) -> Iterator[pb.JobEvent]:
+        """The streams of one watch (CreateAndWatchJob first when ``state`` creates the job), until the result."""
         while True:
-            stream = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
+            if state.creating():
+                stream = self._jobs.CreateAndWatchJob(state.create, timeout=state.remaining(),
+                                                      metadata=self._metadata)
+            else:
+                stream = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
             try:
                 for event in stream:
                     done = state.seen(event)
@@ -334,25 +342,10 @@ class Client:
         whole watch."""
         if spec is None:
             spec = spec_to_proto(model, objective, **options)
-        state = Reattach("", previews=previews, timeout=timeout, reconnects=reconnects,
-                         create=pb.CreateAndWatchJobRequest(spec=spec, request_id=request_id or uuid.uuid4().hex,
-                                                            include_previews=previews))
-        while True:
-            if state.creating():
-                stream = self._jobs.CreateAndWatchJob(state.create, timeout=state.remaining(),
-                                                      metadata=self._metadata)
-            else:
-                stream = self._jobs.WatchJob(state.request(), timeout=state.remaining(), metadata=self._metadata)
-            try:
-                for event in stream:
-                    done = state.seen(event)
-                    yield event
-                    if done:
-                        return
-            except grpc.RpcError as err:
-                time.sleep(state.broken(err))
-            finally:
-                stream.cancel()
+        return self._follow(Reattach("", previews=previews, timeout=timeout, reconnects=reconnects,
+                                     create=pb.CreateAndWatchJobRequest(spec=spec,
+                                                                        request_id=request_id or uuid.uuid4().hex,
+                                                                        include_previews=previews)))
 
     def run(self, model: str, objective: dict | pb.Objective | None = None, *, spec: pb.JobSpec | None = None,
             request_id: str | None = None, timeout: float | None = None,
