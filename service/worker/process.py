@@ -382,21 +382,25 @@ class ProcessWorker(api.Worker):
     def _call(self, method: str, *args):
         with self._lock:
             child = self._up(method)
-        return self._start(child, method, args).result()
+            ident, future = self._register(method)
+        self._send_call(child, ident, method, args)
+        return future.result()
 
-    def _start(self, child: _Child, method: str, args: tuple) -> concurrent.futures.Future:
-        """Send a call; -> its future (set by the reader thread; failed by ``_died`` when the child dies). The
-        future cannot be cancelled: the reply sets it whoever still waits."""
+    def _register(self, method: str) -> tuple[int, concurrent.futures.Future]:
+        """A call's id and future, in ``_calls`` (call with the lock held, in the same hold that found the child:
+        ``_died`` then either came before, and no child was found, or fails this future). The future cannot be
+        cancelled: the reply sets it whoever still waits."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-        with self._lock:
-            ident = next(self._ids)
-            self._calls[ident] = (future, method)
+        ident = next(self._ids)
+        self._calls[ident] = (future, method)
+        return ident, future
+
+    def _send_call(self, child: _Child, ident: int, method: str, args: tuple) -> None:
         try:
             self._send(child, ("call", ident, method, args))
         except OSError:
             pass  # the child died: the host thread fails the call
-        return future
 
     # ------------------------------------------------------------------------------------------- events
 
@@ -477,9 +481,11 @@ class ProcessWorker(api.Worker):
                      matches: dict | None = None) -> concurrent.futures.Future | None:
         with self._lock:
             child = self._child
-        if child is None:  # starting: admit() waits for it
-            return None
-        return self._start(child, "admit", (sha256, spec, priors, matches))
+            if child is None:  # starting: admit() waits for it
+                return None
+            ident, future = self._register("admit")
+        self._send_call(child, ident, "admit", (sha256, spec, priors, matches))
+        return future
 
     def submit(self, submission: api.Submission) -> None:
         with self._lock:
