@@ -197,8 +197,10 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"featureviz serve: error: {problem}", file=sys.stderr)
         return 1
+    from featureviz.server.loop import run
+
     try:
-        code = asyncio.run(_serve(config))
+        code = run(_serve(config))  # on uvloop's loop where it is installed (featureviz.server.loop)
     except FeaturevizError as err:  # e.g. --ray ADDRESS did not answer: a thread may still wait in ray.init
         print(f"featureviz serve: error: {err}", file=sys.stderr, flush=True)
         code = 1
@@ -216,6 +218,7 @@ async def _serve(config) -> int:
     import signal
 
     from featureviz.server import create_server
+    from featureviz.server.loop import loop_name
 
     from featureviz.heap import WORKER_PRELOAD
     from featureviz.heap import settle
@@ -226,7 +229,8 @@ async def _serve(config) -> int:
     settle(() if config.worker_process or config.ray is not None else WORKER_PRELOAD)
     tls = "mTLS" if config.tls_client_ca else ("TLS" if config.tls_cert else "plaintext")
     print(f"featureviz serve: listening on {config.host}:{port} ({tls}, store {config.store_dir}, "
-          f"token auth {'on' if config.tokens else 'off'}, images per step {server.scheduler.max_step_images})",
+          f"token auth {'on' if config.tokens else 'off'}, images per step {server.scheduler.max_step_images}, "
+          f"event loop {loop_name(asyncio.get_running_loop())})",
           file=sys.stderr, flush=True)
     if config.ray is not None:
         workers = server.scheduler.worker.workers()

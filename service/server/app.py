@@ -27,6 +27,7 @@ from featureviz.server.decoding import DecodeGuardInterceptor
 from featureviz.server.info import InfoServicer
 from featureviz.server.metrics import Metrics
 from featureviz.server.jobs import JobServicer
+from featureviz.server.loop import new_event_loop
 from featureviz.server.models import ModelServicer
 from featureviz.server.reflection import enable_reflection
 from featureviz.server.scheduler import Scheduler
@@ -200,7 +201,7 @@ class BackgroundServer:
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()  # uvloop's where installed, as featureviz serve's
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._server: FeaturevizServer | None = None

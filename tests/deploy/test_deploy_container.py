@@ -223,8 +223,9 @@ def _name(built: Built, what: str) -> str:
     return f"{what}-{built.tag.split('featureviz-test-')[1].split(':')[0]}"
 
 
-def _wait_listening(built: Built, name: str, timeout: float = 600) -> None:
-    """Follow the container's log until the server says it listens (or the container ends: fail with its log)."""
+def _wait_listening(built: Built, name: str, timeout: float = 600) -> str:
+    """Follow the container's log until the server says it listens (or the container ends: fail with its log);
+    -> that line."""
     follow = subprocess.Popen(["podman", "logs", "-f", name], env=built.podman.env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     timer = threading.Timer(timeout, follow.kill)
@@ -234,7 +235,7 @@ def _wait_listening(built: Built, name: str, timeout: float = 600) -> None:
         for line in follow.stdout:
             lines.append(line)
             if "featureviz serve: listening on" in line:
-                return
+                return line
         raise AssertionError(f"the server in {name} did not start:\n" + "".join(lines[-40:]))
     finally:
         timer.cancel()
@@ -294,7 +295,8 @@ def test_image_serves_persists_across_a_restart_and_runs_as_non_root(image, tmp_
                "-v", f"{volume}:{STORE}", "-v", f"{tokens}:{SECRET}:ro",
                "-e", f"FEATUREVIZ_SERVER=127.0.0.1:{port}", image.tag,
                "serve", "--host", "0.0.0.0", "--port", str(port), "--token-file", SECRET, "--grace", "30")
-        _wait_listening(image, name)
+        line = _wait_listening(image, name)
+        assert "event loop uvloop)" in line, line  # the image has the server extra's uvloop, and serve uses it
         image.timings.setdefault("start_s", time.monotonic() - t)
 
     def stop(name: str) -> str:

@@ -102,6 +102,7 @@ def test_jobs_run_in_the_child_and_the_server_process_holds_no_torch(served):
     assert images == 4 * steps and steps_run < 4 * steps  # the 4 jobs shared device steps
     assert "libtorch" not in _maps(served.proc.pid)  # the server process: gRPC, the store, no torch
     assert "libtorch" in _maps(child)  # the check is real: the child that ran them has it
+    assert any("listening on" in line and "event loop uvloop)" in line for line in served.lines)  # the server extra's
 
 
 def test_a_job_cancelled_during_a_burst_ends_cancelled_and_the_rest_run(served):

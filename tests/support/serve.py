@@ -91,10 +91,12 @@ class ServeProcess:
             self.proc.wait(60)
 
 
-def serve_failure(store, *extra: str, timeout: float = 240) -> tuple[int, str]:
+def serve_failure(store, *extra: str, timeout: float = 240, env: dict | None = None) -> tuple[int, str]:
     """Run ``featureviz serve --port 0 --store STORE *extra`` that should refuse to start: (exit code, stderr). One
-    that starts listening anyway is killed at once (its stderr then says ``listening on``)."""
-    proc = subprocess.Popen(_command(store, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    that starts listening anyway is killed at once (its stderr then says ``listening on``). ``env``: its
+    environment (default: this one's)."""
+    proc = subprocess.Popen(_command(store, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     lines = []
