@@ -148,8 +148,8 @@ class Slot:
                                                 latent_l2=getattr(spec, "latent_l2", 0.0))
         # alignment compares images position by position: they must see the same transform (one draw per slot)
         shared = any(isinstance(node, objs.Alignment) for node in objs.walk(self.objective))
-        self.transforms = Transforms(self.checked.transforms, self.image_size, self.model_size, preprocess,
-                                     model.input_spec.channels, device=device, shared=shared)
+        self.transforms = Transforms.of(self.checked.transforms, self.image_size, self.model_size, preprocess,
+                                        model.input_spec.channels, device=device, shared=shared)
         self.plain = self.transforms.centred()
         self.progress, self.snapshot, self.cancel = progress, snapshot, cancel
         self.snapshots = set(spec.snapshot_steps)

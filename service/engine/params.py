@@ -89,6 +89,22 @@ def fft_scale(height: int, width: int, decay: float = 1.0, *, gain: float = FFT_
     return gain / torch.clamp(freqs, min=1.0 / max(height, width)) ** decay
 
 
+_SHARED: dict = {}  # _shared: constant tensors by what made them
+_SHARED_KEPT = 256
+
+
+def _shared(key: tuple, make):
+    """``make()``, computed once per ``key`` and shared by the parameterizations that take it (read only: nothing
+    writes to a colour matrix or a spectrum scale once made); a burst of jobs of one size makes them once."""
+    value = _SHARED.get(key)
+    if value is None:
+        value = make()
+        if len(_SHARED) >= _SHARED_KEPT:
+            _SHARED.clear()
+        _SHARED[key] = value
+    return value
+
+
 def _check(batch: int, size: tuple[int, int]):
     if batch < 1:
         raise InvalidSpec("batch", f"must be >= 1, got {batch}")
@@ -248,7 +264,8 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
                                 latent_l2=float(latent_l2 or 0.0))
     height, width = size
     learned = prior.rgb_color(device=device) if prior is not None and decorrelate else None
-    color = learned if learned is not None else color_matrix(device=device) if decorrelate else None
+    color = learned if learned is not None else \
+        _shared(("color", str(device)), lambda: color_matrix(device=device)) if decorrelate else None
     learned_decay = prior is not None and kind in ("fft", "laplacian") and decay is None
     if learned_decay:
         decay = prior.decay
@@ -272,7 +289,9 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         return [pixels], ImageFn(lambda p: _to_rgb(p, color, sigmoid), [pixels], render_key)
 
     if kind == "fft":
-        scale = fft_scale(height, width, 1.0 if decay is None else decay, device=device)
+        exponent = 1.0 if decay is None else float(decay)
+        scale = _shared(("fft", height, width, exponent, str(device)),
+                        lambda: fft_scale(height, width, exponent, device=device))
         if learned_decay:  # the set's spectral shape at lucid's level: the RMS over the bins of the 1/f scale
             scale = scale * (fft_scale(height, width, 1.0, device=device).norm() / scale.norm())
         if init is None:

@@ -277,6 +277,10 @@ def _view(canvas: int, image: int, model: int) -> int:
     return max(model, image)
 
 
+_BUILT: dict = {}  # Transforms.of: the stacks built, by their arguments
+_BUILT_KEPT = 256
+
+
 class Transforms:
     """The transform stack of one render: image (B, 3, H, W) in [0, 1] -> model input (B, Co, Ho, Wo).
 
@@ -363,11 +367,28 @@ class Transforms:
         # bmm, not matmul: a (B, 3, 3) @ (3, 3) matmul folds into one tall mm that took ~20 ms on a CPU (MKL)
         return torch.bmm(inv, out_to_canvas)[:, :2, :]
 
+    @classmethod
+    def of(cls, steps, image_size: tuple[int, int], model_size: tuple[int, int], preprocess, channels: int = 3, *,
+           device=None, shared: bool = False) -> "Transforms":
+        """``Transforms(...)``, built once per distinct stack and shared: a stack never changes once built (its
+        random draws come from the caller's generator), and a burst of jobs of one model and size would otherwise
+        build the same small tensors again for each job (kept: the last ``_BUILT_KEPT`` distinct stacks)."""
+        device = torch.device(device or "cpu")
+        key = (tuple(steps), tuple(image_size), tuple(model_size), tuple(preprocess.mean), tuple(preprocess.std),
+               preprocess.channel_order, channels, str(device), shared)
+        built = _BUILT.get(key)
+        if built is None:
+            built = cls(steps, image_size, model_size, preprocess, channels, device=device, shared=shared)
+            if len(_BUILT) >= _BUILT_KEPT:
+                _BUILT.clear()
+            _BUILT[key] = built
+        return built
+
     def centred(self) -> "Transforms":
         """The deterministic part of this stack: the pads and the resize, without random steps (the geometry the
         model sees on average; used to measure objectives before and after a render)."""
-        return Transforms([s for s in self.steps if isinstance(s, Pad)], self.image_size, self.model_size,
-                          self._preprocess, self._channels, device=self.device)
+        return Transforms.of([s for s in self.steps if isinstance(s, Pad)], self.image_size, self.model_size,
+                             self._preprocess, self._channels, device=self.device)
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.resample(image, self.theta(image.shape[0], generator))

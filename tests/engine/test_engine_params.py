@@ -121,3 +121,21 @@ def test_bad_arguments():
     with pytest.raises(InvalidSpec) as err:
         make_param("fft", 2, (8, 8), generator=torch.Generator(), init=torch.rand(3, 9, 8))
     assert err.value.field == "init_image"
+
+
+def test_params_share_their_constants_per_size_and_decay_and_the_public_ones_stay_fresh():
+    from featureviz.kernels import spectrum_to_image
+
+    size = (12, 20)
+    color_matrix().mul_(0.0)  # the public functions give fresh tensors: writing to one changes no render
+    fft_scale(*size, 1.0).mul_(0.0)
+    made = {}
+    for decay in (1.0, 1.5, None, 2.0):
+        params, image_fn = make_param("fft", 1, size, generator=torch.Generator().manual_seed(1), decay=decay)
+        with torch.no_grad():
+            ours = image_fn()
+            want = spectrum_to_image(params[0], fft_scale(*size, 1.0 if decay is None else decay), color_matrix(),
+                                     size, sigmoid=True)
+        torch.testing.assert_close(ours, want, rtol=0, atol=0)  # each decay its own scale
+        made[decay] = ours
+    assert torch.equal(made[1.0], made[None]) and not torch.equal(made[1.0], made[1.5])

@@ -259,3 +259,26 @@ def test_the_named_stacks_are_the_ones_the_clients_can_send():
     from featureviz.options import BY_NAME  # the command line's choices, the form's and the clients' come from it
 
     assert sorted(TRANSFORMS) == sorted(TRANSFORM_NAMES.values()) == sorted(BY_NAME["transforms"].choices)
+
+
+def test_a_stack_is_built_once_per_distinct_arguments_and_each_differs_where_they_do():
+    steps = parse_transforms("standard")
+    bgr = Preprocess(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), channel_order="BGR")
+    first = Transforms.of(steps, (32, 32), (32, 32), bgr)
+    assert Transforms.of(list(steps), [32, 32], (32, 32), Preprocess(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3),
+                                                                     channel_order="BGR")) is first
+    assert first.centred() is first.centred() and first.centred() is not first
+    others = [Transforms.of(steps, (32, 32), (32, 32), IDENTITY), Transforms.of(steps, (48, 48), (32, 32), bgr),
+              Transforms.of(steps, (32, 32), (24, 24), bgr), Transforms.of(steps, (32, 32), (32, 32), bgr, 1),
+              Transforms.of(steps, (32, 32), (32, 32), bgr, shared=True),
+              Transforms.of([Pad(4)], (32, 32), (32, 32), bgr),
+              Transforms.of(steps, (32, 32), (32, 32), Preprocess(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)))]
+    assert len({id(t) for t in [first, *others]}) == 8
+    for built in [first, *others]:  # each is what the constructor builds from its arguments
+        fresh = Transforms(built.steps, built.image_size, built.model_size, built._preprocess, built._channels,
+                           device=built.device, shared=built.shared)
+        assert fresh.resample_key == built.resample_key
+        torch.testing.assert_close(built.matrix, fresh.matrix, rtol=0, atol=0)
+        img = image(b=2, h=built.image_size[0], w=built.image_size[1], seed=3)
+        torch.testing.assert_close(built(img, torch.Generator().manual_seed(5)),
+                                   fresh(img, torch.Generator().manual_seed(5)), rtol=0, atol=0)
