@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from featureviz.outputs import GRID_PAD
 from featureviz.outputs import grid_layout
 from featureviz.outputs import output_paths
 
-__all__ = ["to_uint8", "png_bytes", "grid", "save_images", "load_image", "decode_image", "image_size",
+__all__ = ["to_uint8", "png_bytes", "encode_png", "grid", "save_images", "load_image", "decode_image", "image_size",
            "MAX_DECODE_SIDE"]
 
 
@@ -27,14 +29,42 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def png_bytes(image: torch.Tensor, *, max_side: int | None = None) -> bytes:
     """PNG file bytes of one (C, H, W) image in [0, 1], downscaled (Lanczos) to fit ``max_side`` if given."""
-    from PIL import Image
+    array = to_uint8(image)
+    if max_side and max(array.shape[:2]) > max_side:
+        from PIL import Image
 
-    pil = Image.fromarray(to_uint8(image))
-    if max_side and max(pil.size) > max_side:
+        pil = Image.fromarray(array)
         pil.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return buffer.getvalue()
+        array = np.asarray(pil)
+    return encode_png(array)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encode_png(array: np.ndarray, *, level: int = 6) -> bytes:
+    """An (H, W, 3) or (H, W) uint8 array -> the bytes of an 8-bit RGB or grey PNG (no interlace, no metadata).
+
+    Every row is stored with the Up filter (the row above subtracted, in whole numpy arrays) and deflated at
+    zlib ``level`` in one call: about half of Pillow's encoding time at every size (its per-row adaptive
+    filtering and Python plumbing dominate small images), files about 1% larger (bench/RESULTS.md, issue 26,
+    "Seventh pass"). Any PNG decoder reads it."""
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) \
+            or 0 in array.shape:
+        raise ValueError(f"expected an (H, W, 3) or (H, W) uint8 array, got {array.dtype} {array.shape}")
+    height, width = array.shape[:2]
+    rows = np.ascontiguousarray(array).reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = 2  # Up; the first row's "above" is zeros: the row itself
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as the filter is defined
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if array.ndim == 3 else 0, 0, 0, 0)
+    return b"".join((_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", zlib.compress(filtered, level)),
+                     _chunk(b"IEND", b"")))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def grid(images: torch.Tensor, *, columns: int | None = None, pad: int = GRID_PAD, value: float = 1.0) -> torch.Tensor:
