@@ -7,6 +7,7 @@ const assert = require('node:assert/strict');
 const { execFile } = require('node:child_process');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
+const net = require('node:net');
 const path = require('node:path');
 const { after, before, describe, it } = require('node:test');
 
@@ -41,6 +42,47 @@ async function codeOf(promise) {
     return err.codeName;
   }
   return 'OK';
+}
+
+/**
+ * A TCP proxy on loopback in front of `upstream`, for broken connections: cut() closes every connection it
+ * carries, refuse(n) closes the next n as soon as they are accepted (before a byte reaches the server).
+ */
+async function tcpProxy(upstream) {
+  const colon = upstream.lastIndexOf(':');
+  const [host, port] = [upstream.slice(0, colon), Number(upstream.slice(colon + 1))];
+  const open = new Set();
+  const state = { accepted: 0, refusing: 0 };
+  const listener = net.createServer((client) => {
+    state.accepted += 1;
+    if (state.refusing > 0) {
+      state.refusing -= 1;
+      client.destroy();
+      return;
+    }
+    const server = net.connect(port, host);
+    const drop = () => {
+      for (const socket of [client, server]) {
+        socket.destroy();
+        open.delete(socket);
+      }
+    };
+    for (const socket of [client, server]) {
+      open.add(socket);
+      socket.on('error', drop);
+      socket.on('close', drop);
+    }
+    client.pipe(server);
+    server.pipe(client);
+  });
+  await new Promise((resolve) => listener.listen(0, '127.0.0.1', resolve));
+  return {
+    address: `127.0.0.1:${listener.address().port}`,
+    get accepted() { return state.accepted; },
+    refuse(n = 1) { state.refusing = n; },
+    cut() { for (const socket of [...open]) socket.destroy(); },
+    close() { this.cut(); listener.close(); },
+  };
 }
 
 async function drain(iterator) {
@@ -259,6 +301,46 @@ describe('featureviz Node client against a real server', () => {
     assert.equal(done.state, 'JOB_STATE_SUCCEEDED');
     assert.equal(done.step, 12);
   });
+
+  it('creates and watches a job in one call, re-attached across broken connections: one job, every event once',
+    TIMEOUT, async () => {
+      const proxy = await tcpProxy(server.address);
+      const through = client({ token: 'tok-alice' });
+      const other = new Client(proxy.address, { token: 'tok-alice', timeoutMs: 120_000 });
+      try {
+        const before = (await drain(through.listJobs())).length;
+        proxy.refuse(1); // the first call never reaches the server: it is sent again with its request id
+        const events = [];
+        let cut = false;
+        const spec = { model, objective: { channel: { layer: spatialLayer, channel: 2 } }, steps: 150, size: 48 };
+        for await (const event of other.createAndWatchJob(spec)) {
+          events.push(event);
+          if (!cut && event.event === 'state' && event.state === 'JOB_STATE_RUNNING') {
+            cut = true; // the job has 150 steps to go: its result cannot be in flight yet
+            proxy.cut();
+          }
+        }
+        assert.ok(cut && proxy.accepted >= 3, `accepted ${proxy.accepted}`); // refused, the first, the re-attached
+        const snapshots = events.filter((e) => e.event === 'snapshot');
+        assert.equal(snapshots.length, 2);
+        assert.equal(snapshots[1].snapshot.id, snapshots[0].snapshot.id);
+        const logged = events.filter((e) => e.event !== 'snapshot' && e.event !== 'heartbeat');
+        assert.deepEqual(logged.map((e) => e.seq), logged.map((_, i) => i + 1)); // nothing lost or repeated
+        assert.equal(logged.at(-1).event, 'result');
+        assert.equal(logged.at(-1).result.state, 'JOB_STATE_SUCCEEDED');
+        assert.equal(logged.at(-1).result.id, snapshots[0].snapshot.id);
+        // runJob: one call, the finished job; the same request id again is the same job
+        const done = await other.runJob({ ...spec, steps: 3, size: 32 }, { requestId: 'node-run-once' });
+        assert.equal(done.state, 'JOB_STATE_SUCCEEDED');
+        assert.ok(done.result.images[0].png.subarray(0, 8).equals(PNG_SIGNATURE));
+        const again = await other.runJob({ ...spec, steps: 3, size: 32 }, { requestId: 'node-run-once' });
+        assert.equal(again.id, done.id);
+        assert.equal((await drain(through.listJobs())).length, before + 2);
+      } finally {
+        other.close();
+        proxy.close();
+      }
+    });
 
   it('cancels a running job and keeps its partial image', TIMEOUT, async () => {
     const info = await fv.serverInfo();

@@ -466,23 +466,63 @@ class Client {
    * @param {{fromSeq?: number, includePreviews?: boolean, reconnectMs?: number}} [options]
    */
   async *watchJob(job, { fromSeq = 0, includePreviews = false, reconnectMs = DEFAULT_RECONNECT_MS } = {}) {
-    const request = { job: jobRef(job), fromSeq, includePreviews };
+    yield* this._follow({ watch: { job: jobRef(job), fromSeq, includePreviews }, reconnectMs });
+  }
+
+  /**
+   * Queue a render and stream its events in one call (CreateAndWatchJob): the snapshot first (it names the job),
+   * then as watchJob. A stream that drops is re-attached as watchJob's: by WatchJob from the last seq once the
+   * snapshot named the job, before that by the same call again with the same request id (the server answers with
+   * the job the first one made, if it made one: one job either way). Leaving the loop early cancels the watch,
+   * never the job.
+   * @param {object} spec  as for createJob
+   * @param {{requestId?: string, includePreviews?: boolean, reconnectMs?: number}} [options]
+   */
+  async *createAndWatchJob(spec, { requestId = '', includePreviews = false, reconnectMs = DEFAULT_RECONNECT_MS }
+    = {}) {
+    const create = { spec: toJobSpec(spec, this._contract), requestId: requestId || crypto.randomUUID(),
+      includePreviews };
+    yield* this._follow({ create, watch: null, reconnectMs });
+  }
+
+  /** Queue a render and wait for it in one call (createAndWatchJob); resolves with the finished Job. */
+  async runJob(spec, { onEvent, requestId = '', includePreviews = false, reconnectMs = DEFAULT_RECONNECT_MS } = {}) {
+    for await (const event of this.createAndWatchJob(spec, { requestId, includePreviews, reconnectMs })) {
+      if (onEvent) onEvent(event);
+      if (event.event === 'result') return event.result;
+    }
+    throw new FeaturevizError(grpc.status.UNKNOWN, 'UNKNOWN', 'the job\'s watch ended without a result event', {});
+  }
+
+  /**
+   * The events of one watch (`state.watch`: a WatchJobRequest; or `state.create`: a CreateAndWatchJobRequest,
+   * until its snapshot names the job), re-attached after an UNAVAILABLE drop with backoff for up to
+   * `state.reconnectMs` after it.
+   */
+  async *_follow(state) {
     let droppedAt = null;
     let delay = 0;
     for (;;) {
-      const call = this._jobs.watchJob(request, this._metadata());
+      const call = state.watch ? this._jobs.watchJob(state.watch, this._metadata())
+        : this._jobs.createAndWatchJob(state.create, this._metadata());
       try {
         for await (const event of call) {
           droppedAt = null;
           delay = 0;
-          if (event.event !== 'snapshot' && event.event !== 'heartbeat') request.fromSeq = event.seq;
+          if (!state.watch && event.event === 'snapshot') {
+            state.watch = { job: event.snapshot.id, fromSeq: 0, includePreviews: state.create.includePreviews };
+          } else if (event.event !== 'snapshot' && event.event !== 'heartbeat') {
+            state.watch.fromSeq = event.seq;
+          }
           yield event;
           if (event.event === 'result') return;
         }
         return;
       } catch (err) {
         droppedAt = droppedAt ?? Date.now();
-        if (err.code !== grpc.status.UNAVAILABLE || Date.now() - droppedAt >= reconnectMs) throw fromGrpcError(err);
+        if (err.code !== grpc.status.UNAVAILABLE || Date.now() - droppedAt >= state.reconnectMs) {
+          throw fromGrpcError(err);
+        }
         delay = Math.min(Math.max(2 * delay, RECONNECT_FIRST_MS), RECONNECT_MAX_MS);
         await sleep(delay);
       } finally {
