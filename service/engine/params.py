@@ -32,6 +32,7 @@ phase is taken from the image; the magnitude stays the template).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -89,20 +90,18 @@ def fft_scale(height: int, width: int, decay: float = 1.0, *, gain: float = FFT_
     return gain / torch.clamp(freqs, min=1.0 / max(height, width)) ** decay
 
 
-_SHARED: dict = {}  # _shared: constant tensors by what made them
-_SHARED_KEPT = 256
+@functools.lru_cache(maxsize=64)
+def _shared_color(device: str) -> torch.Tensor:
+    """:func:`color_matrix` on ``device``, made once and shared by the parameterizations (read only: nothing
+    writes to it; the public function gives a fresh tensor)."""
+    return color_matrix(device=device)
 
 
-def _shared(key: tuple, make):
-    """``make()``, computed once per ``key`` and shared by the parameterizations that take it (read only: nothing
-    writes to a colour matrix or a spectrum scale once made); a burst of jobs of one size makes them once."""
-    value = _SHARED.get(key)
-    if value is None:
-        value = make()
-        if len(_SHARED) >= _SHARED_KEPT:
-            _SHARED.clear()
-        _SHARED[key] = value
-    return value
+@functools.lru_cache(maxsize=256)
+def _shared_scale(height: int, width: int, decay: float, device: str) -> torch.Tensor:
+    """:func:`fft_scale` at lucid's gain, made once per size, decay and device and shared as ``_shared_color``: a
+    burst of jobs of one size makes it once."""
+    return fft_scale(height, width, decay, device=device)
 
 
 def _check(batch: int, size: tuple[int, int]):
@@ -264,8 +263,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
                                 latent_l2=float(latent_l2 or 0.0))
     height, width = size
     learned = prior.rgb_color(device=device) if prior is not None and decorrelate else None
-    color = learned if learned is not None else \
-        _shared(("color", str(device)), lambda: color_matrix(device=device)) if decorrelate else None
+    color = learned if learned is not None else _shared_color(str(device)) if decorrelate else None
     learned_decay = prior is not None and kind in ("fft", "laplacian") and decay is None
     if learned_decay:
         decay = prior.decay
@@ -289,9 +287,7 @@ def make_param(kind: str, batch: int, size: tuple[int, int], *, generator: torch
         return [pixels], ImageFn(lambda p: _to_rgb(p, color, sigmoid), [pixels], render_key)
 
     if kind == "fft":
-        exponent = 1.0 if decay is None else float(decay)
-        scale = _shared(("fft", height, width, exponent, str(device)),
-                        lambda: fft_scale(height, width, exponent, device=device))
+        scale = _shared_scale(height, width, 1.0 if decay is None else float(decay), str(device))
         if learned_decay:  # the set's spectral shape at lucid's level: the RMS over the bins of the 1/f scale
             scale = scale * (fft_scale(height, width, 1.0, device=device).norm() / scale.norm())
         if init is None:

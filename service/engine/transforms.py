@@ -25,7 +25,9 @@ shrunk while the image fits: the input then shows the image at its own pixels (s
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -277,10 +279,6 @@ def _view(canvas: int, image: int, model: int) -> int:
     return max(model, image)
 
 
-_BUILT: dict = {}  # Transforms.of: the stacks built, by their arguments
-_BUILT_KEPT = 256
-
-
 class Transforms:
     """The transform stack of one render: image (B, 3, H, W) in [0, 1] -> model input (B, Co, Ho, Wo).
 
@@ -367,22 +365,14 @@ class Transforms:
         # bmm, not matmul: a (B, 3, 3) @ (3, 3) matmul folds into one tall mm that took ~20 ms on a CPU (MKL)
         return torch.bmm(inv, out_to_canvas)[:, :2, :]
 
-    @classmethod
-    def of(cls, steps, image_size: tuple[int, int], model_size: tuple[int, int], preprocess, channels: int = 3, *,
+    @staticmethod
+    def of(steps, image_size: tuple[int, int], model_size: tuple[int, int], preprocess, channels: int = 3, *,
            device=None, shared: bool = False) -> "Transforms":
         """``Transforms(...)``, built once per distinct stack and shared: a stack never changes once built (its
         random draws come from the caller's generator), and a burst of jobs of one model and size would otherwise
-        build the same small tensors again for each job (kept: the last ``_BUILT_KEPT`` distinct stacks)."""
-        device = torch.device(device or "cpu")
-        key = (tuple(steps), tuple(image_size), tuple(model_size), tuple(preprocess.mean), tuple(preprocess.std),
-               preprocess.channel_order, channels, str(device), shared)
-        built = _BUILT.get(key)
-        if built is None:
-            built = cls(steps, image_size, model_size, preprocess, channels, device=device, shared=shared)
-            if len(_BUILT) >= _BUILT_KEPT:
-                _BUILT.clear()
-            _BUILT[key] = built
-        return built
+        build the same small tensors again for each job (``_built``: the last 256 distinct stacks)."""
+        return _built(tuple(steps), tuple(image_size), tuple(model_size), tuple(preprocess.mean),
+                      tuple(preprocess.std), preprocess.channel_order, channels, torch.device(device or "cpu"), shared)
 
     def centred(self) -> "Transforms":
         """The deterministic part of this stack: the pads and the resize, without random steps (the geometry the
@@ -411,3 +401,11 @@ class Transforms:
                                         bias=self.bias)
         return affine_resample(image, theta, self.model_size, border=self.border, matrix=self.matrix,
                                bias=self.bias)
+
+
+@functools.lru_cache(maxsize=256)
+def _built(steps: tuple, image_size: tuple, model_size: tuple, mean: tuple, std: tuple, channel_order: str,
+           channels: int, device: torch.device, shared: bool) -> Transforms:
+    """:meth:`Transforms.of`'s stacks, by their arguments (the preprocessing by its values)."""
+    preprocess = types.SimpleNamespace(mean=mean, std=std, channel_order=channel_order)
+    return Transforms(steps, image_size, model_size, preprocess, channels, device=device, shared=shared)
