@@ -197,10 +197,10 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"featureviz serve: error: {problem}", file=sys.stderr)
         return 1
-    from featureviz.server.loop import run
+    from featureviz.server.loop import run as run_loop
 
     try:
-        code = run(_serve(config))  # on uvloop's loop where it is installed (featureviz.server.loop)
+        code = run_loop(_serve(config))  # on uvloop's loop where it is installed (featureviz.server.loop)
     except FeaturevizError as err:  # e.g. --ray ADDRESS did not answer: a thread may still wait in ray.init
         print(f"featureviz serve: error: {err}", file=sys.stderr, flush=True)
         code = 1
