@@ -157,7 +157,6 @@ def store_problem(path: str | os.PathLike) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
     from featureviz.errors import FeaturevizError
