@@ -4,6 +4,7 @@ closes the next ``n`` connections as soon as they are accepted (before a byte re
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -60,18 +61,15 @@ class Proxy:
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
     try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # a side cut or closed: the other is closed too
+            while data := source.recv(65536):
+                sink.sendall(data)
     finally:
         _close(source)
         _close(sink)
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # already closed or never connected
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()
