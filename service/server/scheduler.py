@@ -323,10 +323,14 @@ class Scheduler:
     async def admit_async(self, model_sha: str, spec: pb.JobSpec, priors: dict | None = None,
                           matches: dict | None = None) -> api.Admission:
         """:meth:`admit`, awaited: a worker that answers by message (``Worker.admit_future``: the worker process)
-        holds no thread while the admission is in flight; any other admits in a thread of the loop's executor."""
-        future = self.worker.admit_future(model_sha, spec.SerializeToString(), priors or None, matches or None)
+        holds no thread while the admission is in flight, and one that answers at once (the in-process worker, for an
+        admission that waits for nothing) none at all; any other admits in a thread of the loop's executor."""
+        with phase("admission"):
+            future = self.worker.admit_future(model_sha, spec.SerializeToString(), priors or None, matches or None)
         if future is None:
             return await asyncio.to_thread(self.admit, model_sha, spec, priors, matches)
+        if future.done():  # answered at once (the in-process worker): no round trip through the loop
+            return future.result()
         return await asyncio.wrap_future(future)
 
     def admissions(self, delta: int) -> None:

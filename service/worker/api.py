@@ -239,7 +239,8 @@ class Worker:
                      matches: dict | None = None) -> concurrent.futures.Future | None:
         """As :meth:`admit`, started without blocking: -> a future of its Admission (or of its error), or None where
         the worker answers only in the caller's thread (the caller then calls :meth:`admit` in a thread). The worker
-        process answers by message, so a burst of CreateJobs holds no thread per admission in flight."""
+        process answers by message, so a burst of CreateJobs holds no thread per admission in flight; the in-process
+        worker answers an admission that waits for nothing at once (a done future)."""
         return None
 
     def submit(self, submission: Submission) -> None:

@@ -96,13 +96,38 @@ class _Host:
             if not isinstance(exc, Exception):
                 log.exception("call %s", method)
             reply = ("reply", ident, False, encode_error(exc))
-        try:
-            self.send(reply)
-        except Exception as exc:  # noqa: BLE001 - e.g. a value that does not pickle: the caller must not hang
-            self.send(("reply", ident, False, encode_error(exc)))
+        self.reply(reply)
         if method == "stop":
             with self.send_lock:  # no message of another thread is cut short
                 os._exit(0)  # its events went before the reply; the server reads EOF
+
+    def admit_now(self, ident: int, args: tuple) -> bool:
+        """A render's admission that imports nothing (``LocalWorker.admit_future``) is checked on this thread: a hop
+        to the call pool and back would cost more than the check. The reply goes when its future is done (at once,
+        or after a memory probe). False: the pool takes it."""
+        from featureviz.worker.process import encode_error
+
+        try:
+            future = self.worker.admit_future(*args)
+        except Exception:  # noqa: BLE001 - the pool's admit() answers it, error and all
+            return False
+        if future is None:
+            return False
+
+        def answer(done) -> None:
+            error = done.exception()
+            self.reply(("reply", ident, False, encode_error(error)) if error is not None else
+                       ("reply", ident, True, done.result()))
+        future.add_done_callback(answer)
+        return True
+
+    def reply(self, reply: tuple) -> None:
+        from featureviz.worker.process import encode_error
+
+        try:
+            self.send(reply)
+        except Exception as exc:  # noqa: BLE001 - e.g. a value that does not pickle: the caller must not hang
+            self.send(("reply", reply[1], False, encode_error(exc)))
 
     def serve(self) -> None:
         conn = self.conn
@@ -113,6 +138,8 @@ class _Host:
                 os._exit(0)  # the server is gone (or closed the connection)
             kind = message[0]
             if kind == "call" and message[2] in _CALLS:
+                if message[2] == "admit" and self.admit_now(message[1], message[3]):
+                    continue
                 self.pool.submit(self.call, message[1], message[2], message[3])
             elif kind == "post" and message[1] in _POSTS:
                 try:

@@ -81,6 +81,14 @@ class ModelCache:
             self.put(sha256, model)
             return model
 
+    def held_model(self, sha256: str):
+        """The imported model when the cache holds it (as recently used), else None: never imports."""
+        with self._lock:
+            model = self._models.get(sha256)
+            if model is not None:
+                self._models.move_to_end(sha256)
+            return model
+
     def held(self) -> list[str]:
         with self._lock:
             return list(self._models)
